@@ -1,0 +1,116 @@
+"""Length-prefixed msgpack frames carrying msgspec ``Struct`` messages (sans-I/O).
+
+Frame layout: ``u32 big-endian length`` of what follows, then ``u8 version``, then the
+msgpack body. Invariants:
+
+* No frame larger than ``max_frame_bytes`` is ever produced or buffered: the decoder checks the
+  announced length before it waits for the body.
+* Decoding yields either a fully validated message of the expected type or a
+  :class:`~lattica.errors.RemoteProtocolError` subclass -- never a half-built object, never
+  anything unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from lattica.errors import (
+    FrameTooLargeError,
+    LocalProtocolError,
+    MalformedMessageError,
+    TruncatedFrameError,
+    UnsupportedVersionError,
+)
+
+WIRE_VERSION = 1
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+_HEADER = struct.Struct(">IB")
+HEADER_BYTES = _HEADER.size
+
+T = TypeVar("T")
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_frame(message: Any, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """Encode one message as a frame.
+
+    Raises :class:`LocalProtocolError` when the encoded frame would exceed ``max_frame_bytes``.
+    """
+    body = _encoder.encode(message)
+    if len(body) + 1 > max_frame_bytes:
+        raise LocalProtocolError(
+            f"message of {len(body)} bytes exceeds the {max_frame_bytes}-byte frame limit"
+        )
+    return _HEADER.pack(len(body) + 1, WIRE_VERSION) + body
+
+
+class FrameDecoder(Generic[T]):
+    """Turns a byte stream into validated messages of one type (a Struct or a tagged union).
+
+    Feed bytes as they arrive with :meth:`feed`; take messages with :meth:`next_message`;
+    call :meth:`end_of_stream` when the stream closes to detect a truncated frame.
+    """
+
+    def __init__(self, message_type: type[T], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)
+        self._buffer = bytearray()
+        self.max_frame_bytes = max_frame_bytes
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes. Raises :class:`FrameTooLargeError` as soon as a header
+        announces an oversize frame, so a peer cannot make us buffer it."""
+        self._buffer += data
+        self._check_header()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet returned as a message."""
+        return len(self._buffer)
+
+    def _check_header(self) -> int | None:
+        if len(self._buffer) < HEADER_BYTES:
+            return None
+        length, version = _HEADER.unpack_from(self._buffer)
+        if length > self.max_frame_bytes:
+            raise FrameTooLargeError(
+                f"peer announced a {length}-byte frame; the limit is {self.max_frame_bytes}"
+            )
+        if length < 1:
+            raise MalformedMessageError("zero-length frame")
+        if version != WIRE_VERSION:
+            raise UnsupportedVersionError(f"wire version {version} (this node speaks {WIRE_VERSION})")
+        return int(length)
+
+    def next_message(self) -> T | None:
+        """The next complete message, or ``None`` if more bytes are needed."""
+        length = self._check_header()
+        if length is None or len(self._buffer) < 4 + length:
+            return None
+        body = bytes(self._buffer[HEADER_BYTES : 4 + length])
+        del self._buffer[: 4 + length]
+        try:
+            return self._decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise MalformedMessageError(str(exc)) from exc
+
+    def end_of_stream(self) -> None:
+        """Declare that no more bytes will come; raises :class:`TruncatedFrameError` if a
+        partial frame is buffered."""
+        if self._buffer:
+            raise TruncatedFrameError(f"stream ended inside a frame ({len(self._buffer)} bytes)")
+
+
+def decode_frame(data: bytes, message_type: type[T], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> T:
+    """Decode exactly one whole frame; trailing or missing bytes are errors."""
+    decoder = FrameDecoder(message_type, max_frame_bytes=max_frame_bytes)
+    decoder.feed(data)
+    message = decoder.next_message()
+    if message is None:
+        raise TruncatedFrameError(f"incomplete frame ({len(data)} bytes)")
+    if decoder.buffered_bytes:
+        raise MalformedMessageError(f"{decoder.buffered_bytes} bytes after the frame")
+    return message
