@@ -22,15 +22,19 @@ def parse_host_port(text: str) -> Address:
         if end < 0 or text[end + 1 : end + 2] != ":":
             raise InvalidAddressError(f"expected [IPV6]:PORT, got {text!r}")
         host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InvalidAddressError(f"expected an IPv6 address in brackets, got {text!r}") from None
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host or ":" in host:
             raise InvalidAddressError(f"expected HOST:PORT, got {text!r}")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise InvalidAddressError(f"bad port in {text!r}") from None
-    if not 0 <= port <= 65535:
+    # int() would also accept "+80", "8_0", " 80" and non-ASCII digits; a port is ASCII digits.
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise InvalidAddressError(f"bad port in {text!r}")
+    port = int(port_text)
+    if port > 65535:
         raise InvalidAddressError(f"port out of range in {text!r}")
     return host, port
 

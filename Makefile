@@ -1,0 +1,35 @@
+# One command each: `make run` (daemon on the default home) and `make test` (lint + types + suite).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: run test lint typecheck bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/lattica daemon $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check lattica sim_net cli tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict lattica sim_net cli
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/transport.py
+	$(BIN)/python bench/dht.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,198 @@
+"""Benchmark plumbing shared by the ``bench/`` scripts: child processes, samples, result files.
+
+Rules every benchmark built on this module keeps:
+
+* Each side of a measurement runs in its own OS process, started with :class:`Child`, so the two
+  never share an interpreter, a GIL or an event loop.
+* A child talks to the parent only through JSON lines on its stdout (one object per line); its
+  stderr goes to a file that the parent reads when something fails.
+* Every child dies with the parent: on Linux the kernel kills it if the parent dies (parent-death
+  signal), and :meth:`Child.kill` is called in a ``finally`` for every other exit path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+_PR_SET_PDEATHSIG = 1
+_MAX_MESSAGE_BYTES = 1 << 20
+
+
+class ChildFailed(Exception):
+    """A child process exited, or said something other than the JSON line it owed us."""
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGKILL us if the parent dies,
+    # so a killed benchmark never leaves senders flooding loopback.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+class Child:
+    """One child process that reports JSON lines on stdout; kill it with :meth:`kill`."""
+
+    def __init__(self, process: trio.Process, stderr_file: IO[bytes], argv: Sequence[str]) -> None:
+        self._process = process
+        self._stderr_file = stderr_file
+        self._buffer = bytearray()
+        self.argv = list(argv)
+
+    @classmethod
+    async def start(cls, argv: Sequence[str]) -> Child:
+        """Start ``argv`` with stdout piped to us; raises ``OSError`` if it cannot start."""
+        stderr_file = tempfile.TemporaryFile()
+        env = dict(os.environ)
+        # Children import ``lattica`` from this work tree even when it is not installed.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        try:
+            process = await trio.lowlevel.open_process(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr_file,
+                env=env,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        except BaseException:
+            stderr_file.close()
+            raise
+        return cls(process, stderr_file, argv)
+
+    async def read_message(self) -> dict[str, Any]:
+        """The next JSON object the child prints; raises :class:`ChildFailed` at EOF."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await stdout.receive_some(65536)
+            if not chunk:
+                await self._process.wait()
+                raise ChildFailed(self.failure_text())
+            self._buffer += chunk
+            if len(self._buffer) > _MAX_MESSAGE_BYTES:
+                raise ChildFailed("child printed an over-long line on stdout")
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise ChildFailed(f"child printed non-JSON on stdout: {line[:200]!r}") from None
+        if not isinstance(message, dict):
+            raise ChildFailed(f"child printed {message!r}, not a JSON object")
+        return message
+
+    def failure_text(self) -> str:
+        """Why the child failed: exit status and the last line of its stderr."""
+        self._stderr_file.seek(0)
+        lines = [ln.strip() for ln in self._stderr_file.read().decode(errors="replace").splitlines()]
+        last = next((ln for ln in reversed(lines) if ln), "")
+        status = self._process.returncode
+        prefix = "child still running" if status is None else f"child exited with status {status}"
+        return f"{prefix}: {last}" if last else prefix
+
+    async def kill(self) -> None:
+        """Kill the child (if still running) and reap it. Safe to call more than once."""
+        if self._process.returncode is None:
+            self._process.kill()
+        with trio.CancelScope(shield=True):
+            await self._process.wait()
+            await self._process.aclose()
+        self._stderr_file.close()
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median, minimum and maximum of some samples."""
+
+    median: float
+    minimum: float
+    maximum: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread | None:
+        """The spread of ``values``, or ``None`` when there are none."""
+        if not values:
+            return None
+        return cls(statistics.median(values), min(values), max(values))
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    # Read-only: which commit these numbers belong to.
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_info(packages: Sequence[str]) -> dict[str, Any]:
+    """What the numbers were measured on: OS, CPUs, Python and the given packages' versions."""
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "packages": {name: _package_version(name) for name in packages},
+        "git_commit": _git_commit(),
+    }
+
+
+def utc_now() -> dt.datetime:
+    """The current time in UTC."""
+    return dt.datetime.now(dt.UTC)
+
+
+def write_results(name: str, started_at: dt.datetime, document: dict[str, Any]) -> Path:
+    """Write ``document`` to ``bench/results/<name>-<UTC timestamp>.json``; returns the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def report(message: dict[str, Any]) -> None:
+    """Child side: send one JSON line to the parent."""
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()

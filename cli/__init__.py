@@ -1,0 +1,1 @@
+"""The ``lattica`` command line: a thin client of the daemon's control socket."""

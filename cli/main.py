@@ -1,0 +1,184 @@
+"""The ``lattica`` command: ``init``, ``daemon``, and client commands that talk to the daemon.
+
+Exit codes: 0 ok, 1 the operation failed, 2 usage error. Expected failures print one line;
+``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import trio
+import typer
+
+from cli.output import console, fail, print_json, print_table
+from lattica import __version__
+from lattica.config import CONTROL_SOCKET, ConfigError, default_home
+from lattica.control import ControlError, DaemonNotRunningError, call
+from lattica.errors import InsecureKeyFileError, LatticaError
+from lattica.home import init_home
+
+app = typer.Typer(
+    name="lattica",
+    help="Lattica: a peer-to-peer node for distributed AI work.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option("--home", help="Node home directory [default: $LATTICA_HOME or ~/.local/share/lattica]"),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+_debug = False
+T = TypeVar("T")
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for failures.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+    if version:
+        console.print(__version__)
+        raise typer.Exit(0)
+
+
+def _home(home: Path | None) -> Path:
+    return (home or default_home()).expanduser().resolve()
+
+
+def _guard(action: Callable[[], T]) -> T:
+    """Run ``action`` turning expected failures into one line and exit code 1."""
+    try:
+        return action()
+    except typer.Exit:
+        raise
+    except DaemonNotRunningError as exc:
+        fail(str(exc), hint="start one with `lattica daemon` (same --home)")
+    except (ControlError, ConfigError, InsecureKeyFileError, LatticaError, OSError, ValueError) as exc:
+        if _debug:
+            traceback.print_exc()
+        fail(str(exc))
+
+
+def _call(home: Path | None, method: str, params: dict[str, Any] | None = None, *, timeout_s: float = 60.0) -> Any:
+    return _guard(lambda: call(_home(home) / CONTROL_SOCKET, method, params, timeout_s=timeout_s))
+
+
+@app.command()
+def init(home: HomeOption = None, json: JsonOption = False) -> None:
+    """Create the node's identity and config.toml (keeps existing ones); print the peer id."""
+    path = _home(home)
+    identity, created = _guard(lambda: init_home(path))
+    if json:
+        print_json({"peer_id": str(identity.peer_id), "home": str(path), "created": created})
+        return
+    verb = "created" if created else "already initialised"
+    console.print(f"{path}: {verb}", highlight=False)
+    console.print(str(identity.peer_id), highlight=False)
+
+
+@app.command()
+def daemon(
+    home: HomeOption = None,
+    listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT to listen on (UDP).")] = None,
+    bootstrap: Annotated[
+        list[str] | None, typer.Option("--bootstrap", help="PEERID@HOST:PORT to join through (repeatable).")
+    ] = None,
+) -> None:
+    """Run the node until SIGINT/SIGTERM."""
+    # Imported here so client commands don't pay for the node's imports.
+    from lattica.daemon import run_daemon
+
+    path = _home(home)
+
+    def ready(node: Any) -> None:
+        console.print(f"lattica {__version__} peer {node.peer_id}", highlight=False)
+        for addr in node.dial_strings():
+            console.print(f"listening on {addr}", highlight=False)
+        console.file.flush()
+
+    _guard(lambda: trio.run(lambda: run_daemon(path, listen=listen, bootstrap=bootstrap, on_ready=ready)))
+
+
+@app.command("id")
+def identify(home: HomeOption = None, json: JsonOption = False) -> None:
+    """Print this node's peer id and dialable addresses."""
+    result = _call(home, "id")
+    if json:
+        print_json(result)
+        return
+    console.print(result["peer_id"], highlight=False)
+    for addr in result["addrs"]:
+        console.print(f"  {addr}", highlight=False)
+
+
+@app.command()
+def status(home: HomeOption = None, json: JsonOption = False) -> None:
+    """Uptime, listen addresses, connected peers, version."""
+    result = _call(home, "status")
+    if json:
+        print_json(result)
+        return
+    print_table(
+        None,
+        ["", ""],
+        [
+            ["peer id", result["peer_id"]],
+            ["version", result["version"]],
+            ["uptime", f"{result['uptime_s']:.0f} s"],
+            ["connected peers", result["connected_peers"]],
+            *[["listening", a] for a in result["listen_addrs"]],
+        ],
+    )
+
+
+@app.command()
+def peers(home: HomeOption = None, json: JsonOption = False) -> None:
+    """One row per open connection."""
+    result = _call(home, "peers")
+    if json:
+        print_json(result)
+        return
+    print_table(
+        f"{len(result)} connection(s)",
+        ["peer id", "remote address", "rtt (ms)", "direction"],
+        [[r["peer_id"], r["remote_addr"], r["rtt_ms"], r["direction"]] for r in result],
+    )
+
+
+@app.command()
+def ping(
+    addr: Annotated[str, typer.Argument(help='"PEERID@HOST:PORT" (peer id checked) or "HOST:PORT"')],
+    count: Annotated[int, typer.Option("--count", "-c", min=1, max=10_000, help="Pings to send.")] = 4,
+    home: HomeOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Measure round-trip time to a peer through the daemon."""
+    results = []
+    for _ in range(count):
+        result = _call(home, "ping", {"addr": addr})
+        results.append(result)
+        if not json:
+            console.print(f"pong from {result['peer_id'][:12]}… rtt={result['rtt_ms']:.3f} ms", highlight=False)
+    if json:
+        print_json({"peer_id": results[-1]["peer_id"], "rtt_ms": [r["rtt_ms"] for r in results]})
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

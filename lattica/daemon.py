@@ -1,0 +1,167 @@
+"""The long-running daemon: a :class:`Node` on a UDP socket plus the control API.
+
+Start-up order: take the home's lock (one daemon per home), load or create the identity, bind
+the socket the user asked for, start the node, then open ``control.sock`` -- so a CLI call that
+gets an answer always talks to a node that is already serving. SIGINT/SIGTERM cancel everything;
+the socket file is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lattica import __version__
+from lattica.config import CONFIG_FILE, CONTROL_SOCKET, load_config
+from lattica.home import init_home
+from lattica.control import ControlError, ControlServer
+from lattica.errors import LatticaError
+from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, parse_host_port
+from lattica.net.datagram import UdpSocket
+from lattica.node import Node
+
+log = logging.getLogger("lattica.daemon")
+
+
+class DaemonError(LatticaError):
+    """The daemon cannot start (home locked, port taken, bad config)."""
+
+
+class _KeyValueFormatter(logging.Formatter):
+    """``ts level logger msg`` lines: greppable, one event per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} {record.levelname.lower():7s} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(home: Path, level: str) -> None:
+    """Log to stderr and to ``logs/lattica.log`` (rotated at 10 MB, 5 kept)."""
+    root = logging.getLogger("lattica")
+    root.setLevel(level.upper())
+    formatter = _KeyValueFormatter()
+    for handler in (
+        logging.StreamHandler(sys.stderr),
+        logging.handlers.RotatingFileHandler(home / "logs" / "lattica.log", maxBytes=10_000_000, backupCount=5),
+    ):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+def _lock_home(home: Path) -> int:
+    fd = os.open(home / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonError(f"another daemon is already running for {home}") from None
+    return fd
+
+
+def register_node_methods(server: ControlServer, node: Node) -> None:
+    """Expose the node's basic operations to the CLI."""
+
+    async def identify(_: dict[str, Any]) -> dict[str, Any]:
+        return {"peer_id": str(node.peer_id), "addrs": node.dial_strings()}
+
+    async def status(_: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "peer_id": str(node.peer_id),
+            "version": __version__,
+            "uptime_s": round(node.uptime_s(), 3),
+            "listen_addrs": node.dial_strings(),
+            "connected_peers": len({c.peer_id for c in node.connections.connections()}),
+        }
+
+    async def peers(_: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {
+                "peer_id": str(c.peer_id),
+                "remote_addr": format_host_port(c.remote_address),
+                "rtt_ms": None if c.rtt_s is None else round(c.rtt_s * 1000, 3),
+                "direction": c.direction,
+            }
+            for c in node.connections.connections()
+        ]
+
+    async def ping(params: dict[str, Any]) -> dict[str, Any]:
+        target = _peer_addr_param(params)
+        timeout_s = float(params.get("timeout_s", 10.0))
+        with trio.move_on_after(timeout_s) as scope:
+            connection = await node.connect(target)
+            rtt_s = await node.rpc.ping(connection.peer_id)
+        if scope.cancelled_caught:
+            raise ControlError("timeout", f"no answer from {params.get('addr')} within {timeout_s:g} s")
+        return {"peer_id": str(connection.peer_id), "rtt_ms": round(rtt_s * 1000, 3)}
+
+    async def connect(params: dict[str, Any]) -> dict[str, Any]:
+        connection = await node.connect(_peer_addr_param(params))
+        return {"peer_id": str(connection.peer_id), "remote_addr": format_host_port(connection.remote_address)}
+
+    for name, handler in (
+        ("id", identify),
+        ("status", status),
+        ("peers", peers),
+        ("ping", ping),
+        ("connect", connect),
+    ):
+        server.add_method(name, handler)
+
+
+def _peer_addr_param(params: dict[str, Any]) -> PeerAddr:
+    text = params.get("addr")
+    if not isinstance(text, str):
+        raise ControlError("bad-request", "missing 'addr'")
+    try:
+        return PeerAddr.parse(text)
+    except InvalidAddressError as exc:
+        raise ControlError("bad-request", str(exc)) from None
+
+
+async def run_daemon(
+    home: Path,
+    *,
+    listen: str | None = None,
+    bootstrap: list[str] | None = None,
+    on_ready: Callable[[Node], None] | None = None,
+) -> None:
+    """Run a node for ``home`` until SIGINT/SIGTERM. Raises :class:`DaemonError` on bad start."""
+    identity, _ = init_home(home)
+    config = load_config(home / CONFIG_FILE)
+    config = config.with_overrides(listen=listen, bootstrap=tuple(config.bootstrap) + tuple(bootstrap or ()))
+    setup_logging(home, config.log_level)
+    lock_fd = _lock_home(home)
+    try:
+        try:
+            host, port = parse_host_port(config.listen)
+        except InvalidAddressError as exc:
+            raise DaemonError(f"bad listen address: {exc}") from None
+        try:
+            sock = UdpSocket.bind(host, port)
+        except OSError as exc:
+            raise DaemonError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery, Node(identity, sock, config) as node:
+                server = ControlServer(home / CONTROL_SOCKET)
+                register_node_methods(server, node)
+                await nursery.start(server.serve)
+                if on_ready is not None:
+                    on_ready(node)
+                async for signum in signals:
+                    log.info("received %s; shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        os.close(lock_fd)
+
