@@ -21,6 +21,7 @@ from lattica.config import CONTROL_SOCKET, ConfigError, default_home
 from lattica.control import ControlError, DaemonNotRunningError, call
 from lattica.errors import InsecureKeyFileError, LatticaError
 from lattica.home import init_home
+from lattica.net.address import InvalidAddressError, PeerAddr
 
 app = typer.Typer(
     name="lattica",
@@ -164,6 +165,10 @@ def ping(
     json: JsonOption = False,
 ) -> None:
     """Measure round-trip time to a peer through the daemon."""
+    try:
+        PeerAddr.parse(addr)
+    except InvalidAddressError as exc:
+        raise typer.BadParameter(str(exc), param_hint="ADDR") from None
     results = []
     for _ in range(count):
         result = _call(home, "ping", {"addr": addr})

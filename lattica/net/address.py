@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from lattica.errors import InvalidPeerIdError
@@ -12,6 +13,10 @@ from lattica.net.datagram import Address
 
 class InvalidAddressError(ValueError):
     """A dial string could not be parsed."""
+
+
+# An unbracketed host is an IPv4 address or a DNS name (IDNs in their ASCII "xn--" form).
+_HOST_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def parse_host_port(text: str) -> Address:
@@ -25,10 +30,10 @@ def parse_host_port(text: str) -> Address:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise InvalidAddressError(f"expected an IPv6 address in brackets, got {text!r}") from None
+            raise InvalidAddressError(f"expected [IPV6]:PORT, got {text!r}") from None
     else:
         host, sep, port_text = text.rpartition(":")
-        if not sep or not host or ":" in host:
+        if not sep or not _HOST_CHARS.fullmatch(host):
             raise InvalidAddressError(f"expected HOST:PORT, got {text!r}")
     # int() would also accept "+80", "8_0", " 80" and non-ASCII digits; a port is ASCII digits.
     if not (port_text.isascii() and port_text.isdigit()):

@@ -1,0 +1,105 @@
+"""Two real daemons on loopback, started and queried only through the ``lattica`` CLI."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lattica.identity import Identity
+from lattica.net.address import PeerAddr
+
+from .conftest import lattica, lattica_json
+
+pytestmark = pytest.mark.system
+
+
+def test_ping_and_peers_between_two_daemons(start_daemon: Any) -> None:
+    a = start_daemon("a")
+    b = start_daemon("b")
+
+    result = lattica("ping", b.addr, "--count", "3", home=a.home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("rtt=") == 3
+
+    peers_a = lattica_json("peers", home=a.home)
+    peers_b = lattica_json("peers", home=b.home)
+    assert [(p["peer_id"], p["direction"]) for p in peers_a] == [(b.peer_id, "outbound")]
+    assert [(p["peer_id"], p["direction"]) for p in peers_b] == [(a.peer_id, "inbound")]
+    assert peers_a[0]["rtt_ms"] is not None and peers_a[0]["rtt_ms"] > 0
+
+    status = lattica_json("status", home=a.home)
+    assert status["connected_peers"] == 1
+    assert status["peer_id"] == a.peer_id
+
+
+def test_id_reports_dialable_addresses(start_daemon: Any) -> None:
+    a = start_daemon("a")
+    ident = lattica_json("id", home=a.home)
+    assert ident["peer_id"] == a.peer_id
+    parsed = [PeerAddr.parse(s) for s in ident["addrs"]]
+    assert parsed and all(str(p.peer_id) == a.peer_id for p in parsed)
+    assert ("127.0.0.1", parsed[0].address[1]) in [p.address for p in parsed]
+
+
+def test_ping_with_wrong_peer_id_fails_clearly(start_daemon: Any) -> None:
+    a = start_daemon("a")
+    b = start_daemon("b")
+    impostor = Identity.from_seed(b"\x07" * 32).peer_id
+    port = PeerAddr.parse(b.addr).address[1]
+    result = lattica("ping", f"{impostor}@127.0.0.1:{port}", "--count", "1", home=a.home)
+    assert result.returncode == 1
+    assert "peer id" in result.stderr.lower() or "mismatch" in result.stderr.lower()
+    assert b.peer_id[:12] in result.stderr.replace("\n", "")
+
+
+def test_ping_by_host_port_learns_the_peer_id(start_daemon: Any) -> None:
+    a = start_daemon("a")
+    b = start_daemon("b")
+    host_port = b.addr.split("@", 1)[1]
+    out = lattica_json("ping", host_port, "--count", "1", home=a.home)
+    assert out["peer_id"] == b.peer_id
+
+
+def test_sigterm_shuts_down_within_two_seconds(start_daemon: Any) -> None:
+    a = start_daemon("a")
+    b = start_daemon("b")
+    assert lattica("ping", b.addr, "--count", "1", home=a.home).returncode == 0
+    began = time.monotonic()
+    code = a.stop(signal.SIGTERM, timeout_s=10)
+    elapsed = time.monotonic() - began
+    assert code == 0
+    assert elapsed < 2.0, f"shutdown took {elapsed:.2f} s"
+    assert not (a.home / "control.sock").exists()
+
+
+def test_client_commands_say_when_no_daemon_runs(tmp_path: Path) -> None:
+    for command in (["id"], ["status"], ["peers"], ["ping", "127.0.0.1:9"]):
+        result = lattica(*command, home=tmp_path / "nothing")
+        assert result.returncode == 1
+        assert "no daemon is running" in result.stderr
+
+
+def test_second_daemon_on_same_home_is_refused(start_daemon: Any) -> None:
+    a = start_daemon("a")
+    result = lattica("daemon", "--listen", "127.0.0.1:0", home=a.home, timeout_s=30)
+    assert result.returncode == 1
+    assert "already running" in result.stderr
+    # The first daemon is unharmed.
+    assert lattica_json("status", home=a.home)["peer_id"] == a.peer_id
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert lattica("ping", home=tmp_path).returncode == 2
+    assert lattica("ping", "not-an-address", home=tmp_path).returncode == 2
+    assert lattica("ping", "127.0.0.1:9", "--count", "0", home=tmp_path).returncode == 2
+    assert lattica("no-such-command").returncode == 2
+
+
+def test_control_socket_and_key_are_private(start_daemon: Any) -> None:
+    a = start_daemon("a")
+    assert (a.home / "control.sock").stat().st_mode & 0o777 == 0o600
+    assert (a.home / "identity.key").stat().st_mode & 0o777 == 0o600
