@@ -7,19 +7,15 @@ Exit codes: 0 ok, 1 the operation failed, 2 usage error. Expected failures print
 from __future__ import annotations
 
 import os
-import traceback
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import trio
 import typer
 
-from cli.output import console, fail, print_json, print_table
+from cli import dht_commands
+from cli.daemon_client import HomeOption, JsonOption, call_daemon, flags, guard, resolve_home
+from cli.output import console, print_json, print_table
 from lattica import __version__
-from lattica.config import CONTROL_SOCKET, ConfigError, default_home
-from lattica.control import ControlError, DaemonNotRunningError, call
-from lattica.errors import InsecureKeyFileError, LatticaError
 from lattica.home import init_home
 from lattica.net.address import InvalidAddressError, PeerAddr
 
@@ -31,55 +27,25 @@ app = typer.Typer(
     add_completion=False,
 )
 
-HomeOption = Annotated[
-    Path | None,
-    typer.Option("--home", help="Node home directory [default: $LATTICA_HOME or ~/.local/share/lattica]"),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-
-_debug = False
-T = TypeVar("T")
-
-
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for failures.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
-    global _debug
-    _debug = debug
+    flags.debug = debug
     if version:
         console.print(__version__)
         raise typer.Exit(0)
 
 
-def _home(home: Path | None) -> Path:
-    return (home or default_home()).expanduser().resolve()
-
-
-def _guard(action: Callable[[], T]) -> T:
-    """Run ``action`` turning expected failures into one line and exit code 1."""
-    try:
-        return action()
-    except typer.Exit:
-        raise
-    except DaemonNotRunningError as exc:
-        fail(str(exc), hint="start one with `lattica daemon` (same --home)")
-    except (ControlError, ConfigError, InsecureKeyFileError, LatticaError, OSError, ValueError) as exc:
-        if _debug:
-            traceback.print_exc()
-        fail(str(exc))
-
-
-def _call(home: Path | None, method: str, params: dict[str, Any] | None = None, *, timeout_s: float = 60.0) -> Any:
-    return _guard(lambda: call(_home(home) / CONTROL_SOCKET, method, params, timeout_s=timeout_s))
+app.add_typer(dht_commands.app, name="dht")
 
 
 @app.command()
 def init(home: HomeOption = None, json: JsonOption = False) -> None:
     """Create the node's identity and config.toml (keeps existing ones); print the peer id."""
-    path = _home(home)
-    identity, created = _guard(lambda: init_home(path))
+    path = resolve_home(home)
+    identity, created = guard(lambda: init_home(path))
     if json:
         print_json({"peer_id": str(identity.peer_id), "home": str(path), "created": created})
         return
@@ -100,7 +66,7 @@ def daemon(
     # Imported here so client commands don't pay for the node's imports.
     from lattica.daemon import run_daemon
 
-    path = _home(home)
+    path = resolve_home(home)
 
     def ready(node: Any) -> None:
         console.print(f"lattica {__version__} peer {node.peer_id}", highlight=False)
@@ -108,13 +74,13 @@ def daemon(
             console.print(f"listening on {addr}", highlight=False)
         console.file.flush()
 
-    _guard(lambda: trio.run(lambda: run_daemon(path, listen=listen, bootstrap=bootstrap, on_ready=ready)))
+    guard(lambda: trio.run(lambda: run_daemon(path, listen=listen, bootstrap=bootstrap, on_ready=ready)))
 
 
 @app.command("id")
 def identify(home: HomeOption = None, json: JsonOption = False) -> None:
     """Print this node's peer id and dialable addresses."""
-    result = _call(home, "id")
+    result = call_daemon(home, "id")
     if json:
         print_json(result)
         return
@@ -126,7 +92,7 @@ def identify(home: HomeOption = None, json: JsonOption = False) -> None:
 @app.command()
 def status(home: HomeOption = None, json: JsonOption = False) -> None:
     """Uptime, listen addresses, connected peers, version."""
-    result = _call(home, "status")
+    result = call_daemon(home, "status")
     if json:
         print_json(result)
         return
@@ -146,7 +112,7 @@ def status(home: HomeOption = None, json: JsonOption = False) -> None:
 @app.command()
 def peers(home: HomeOption = None, json: JsonOption = False) -> None:
     """One row per open connection."""
-    result = _call(home, "peers")
+    result = call_daemon(home, "peers")
     if json:
         print_json(result)
         return
@@ -171,7 +137,7 @@ def ping(
         raise typer.BadParameter(str(exc), param_hint="ADDR") from None
     results = []
     for _ in range(count):
-        result = _call(home, "ping", {"addr": addr})
+        result = call_daemon(home, "ping", {"addr": addr})
         results.append(result)
         if not json:
             console.print(f"pong from {result['peer_id'][:12]}… rtt={result['rtt_ms']:.3f} ms", highlight=False)

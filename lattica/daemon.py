@@ -22,9 +22,9 @@ import trio
 
 from lattica import __version__
 from lattica.config import CONFIG_FILE, CONTROL_SOCKET, load_config
-from lattica.home import init_home
 from lattica.control import ControlError, ControlServer
 from lattica.errors import LatticaError
+from lattica.home import init_home
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, parse_host_port
 from lattica.net.datagram import UdpSocket
 from lattica.node import Node
@@ -40,7 +40,8 @@ class _KeyValueFormatter(logging.Formatter):
     """``ts level logger msg`` lines: greppable, one event per line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} {record.levelname.lower():7s} {record.name}: {record.getMessage()}"
+        when = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+        text = f"{when} {record.levelname.lower():7s} {record.name}: {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

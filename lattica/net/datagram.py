@@ -15,6 +15,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from typing import Protocol, runtime_checkable
@@ -77,10 +78,8 @@ class UdpSocket:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
+                with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
-                except OSError:
-                    pass
             sock.bind((host, port))
         except BaseException:
             sock.close()
