@@ -129,5 +129,8 @@ class UdpSocket:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self._sock)
+            try:
+                trio.lowlevel.notify_closing(self._sock)
+            except RuntimeError:
+                pass  # outside a trio run nobody can be waiting on it
             self._sock.close()

@@ -38,9 +38,13 @@ _encoder = msgspec.msgpack.Encoder()
 def encode_frame(message: Any, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
     """Encode one message as a frame.
 
-    Raises :class:`LocalProtocolError` when the encoded frame would exceed ``max_frame_bytes``.
+    Raises :class:`LocalProtocolError` when the message cannot be encoded or the encoded frame
+    would exceed ``max_frame_bytes``.
     """
-    body = _encoder.encode(message)
+    try:
+        body = _encoder.encode(message)
+    except (TypeError, OverflowError, ValueError) as exc:
+        raise LocalProtocolError(f"cannot encode {type(message).__name__}: {exc}") from exc
     if len(body) + 1 > max_frame_bytes:
         raise LocalProtocolError(
             f"message of {len(body)} bytes exceeds the {max_frame_bytes}-byte frame limit"

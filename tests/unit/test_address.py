@@ -83,6 +83,9 @@ def test_a_missing_port_is_rejected(text: str) -> None:
         "[127.0.0.1]:4001",
         "[example.org]:4001",
         "[::1]x:4001",
+        "user@example.org:4001",
+        "exa mple.org:4001",
+        "example.org/path:4001",
     ],
 )
 def test_a_bad_host_is_rejected(text: str) -> None:

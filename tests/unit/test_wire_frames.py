@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -99,7 +100,7 @@ def chunked(draw: st.DrawFn, data: bytes) -> list[bytes]:
     """``data`` cut at arbitrary points (empty chunks included)."""
     cuts = sorted(draw(st.lists(st.integers(min_value=0, max_value=len(data)), max_size=12)))
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 # --- Round trips ------------------------------------------------------------------------------
