@@ -6,16 +6,18 @@ Rules every benchmark built on this module keeps:
   never share an interpreter, a GIL or an event loop.
 * A child talks to the parent only through JSON lines on its stdout (one object per line); its
   stderr goes to a file that the parent reads when something fails.
-* Every child dies with the parent: on Linux the kernel kills it if the parent dies (parent-death
-  signal), and :meth:`Child.kill` is called in a ``finally`` for every other exit path.
+* No child outlives its run: the parent calls :meth:`Child.kill` in a ``finally`` on every exit
+  path (SIGTERM included), and a child arms :func:`die_after` so that even a SIGKILLed parent
+  leaves nothing running for long. (Not ``PR_SET_PDEATHSIG``: trio spawns from a worker thread,
+  and that signal fires when the *thread* exits, which trio's thread cache does after 10 s idle.)
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import signal
@@ -34,22 +36,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 
-_PR_SET_PDEATHSIG = 1
 _MAX_MESSAGE_BYTES = 1 << 20
 
 
 class ChildFailed(Exception):
     """A child process exited, or said something other than the JSON line it owed us."""
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGKILL us if the parent dies,
-    # so a killed benchmark never leaves senders flooding loopback.
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 class Child:
@@ -64,12 +55,11 @@ class Child:
     @classmethod
     async def start(cls, argv: Sequence[str]) -> Child:
         """Start ``argv`` with stdout piped to us; raises ``OSError`` if it cannot start."""
-        stderr_file = tempfile.TemporaryFile()
+        # Held open for the child's lifetime and closed by kill(), not by a with-block.
+        stderr_file = tempfile.TemporaryFile()  # noqa: SIM115
         env = dict(os.environ)
         # Children import ``lattica`` from this work tree even when it is not installed.
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         try:
             process = await trio.lowlevel.open_process(
                 list(argv),
@@ -77,7 +67,6 @@ class Child:
                 stdout=subprocess.PIPE,
                 stderr=stderr_file,
                 env=env,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         except BaseException:
             stderr_file.close()
@@ -106,14 +95,18 @@ class Child:
             raise ChildFailed(f"child printed {message!r}, not a JSON object")
         return message
 
+    def stderr_tail(self) -> str:
+        """The last non-blank line the child wrote to stderr ('' if none)."""
+        self._stderr_file.seek(0)
+        text = self._stderr_file.read().decode(errors="replace")
+        return next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+
     def failure_text(self) -> str:
         """Why the child failed: exit status and the last line of its stderr."""
-        self._stderr_file.seek(0)
-        lines = [ln.strip() for ln in self._stderr_file.read().decode(errors="replace").splitlines()]
-        last = next((ln for ln in reversed(lines) if ln), "")
         status = self._process.returncode
-        prefix = "child still running" if status is None else f"child exited with status {status}"
-        return f"{prefix}: {last}" if last else prefix
+        prefix = "still running" if status is None else f"exited with status {status}"
+        tail = self.stderr_tail()
+        return f"{prefix}: {tail}" if tail else prefix
 
     async def kill(self) -> None:
         """Kill the child (if still running) and reap it. Safe to call more than once."""
@@ -121,7 +114,8 @@ class Child:
             self._process.kill()
         with trio.CancelScope(shield=True):
             await self._process.wait()
-            await self._process.aclose()
+            if self._process.stdout is not None:
+                await self._process.stdout.aclose()
         self._stderr_file.close()
 
 
@@ -190,6 +184,11 @@ def write_results(name: str, started_at: dt.datetime, document: dict[str, Any]) 
     path = RESULTS_DIR / f"{name}-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
+
+
+def die_after(seconds: float) -> None:
+    """Child side: have the kernel end this process after ``seconds`` (SIGALRM), come what may."""
+    signal.alarm(max(1, math.ceil(seconds)))
 
 
 def report(message: dict[str, Any]) -> None:

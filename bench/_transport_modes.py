@@ -22,13 +22,21 @@ import datetime as dt
 import os
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import trio
-
 from _harness import report
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
+from aioquic.asyncio.server import serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.stream import QuicStreamSender
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
 
 LOOPBACK = "127.0.0.1"
 ACK = b"\x01"
@@ -147,9 +155,7 @@ async def tcp_sender(port: int, transfer: Transfer) -> None:
 # --- aioquic's own asyncio API ---------------------------------------------------------------
 
 
-def _quic_configuration(*, is_client: bool) -> Any:
-    from aioquic.quic.configuration import QuicConfiguration
-
+def _quic_configuration(*, is_client: bool) -> QuicConfiguration:
     return QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
@@ -159,12 +165,8 @@ def _quic_configuration(*, is_client: bool) -> Any:
     )
 
 
-def _self_signed_certificate() -> tuple[Any, Any]:
+def _self_signed_certificate() -> tuple[Ed25519PrivateKey, x509.Certificate]:
     """An Ed25519 key and a self-signed certificate for it, made in-process."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.x509.oid import NameOID
-
     key = Ed25519PrivateKey.generate()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lattica-bench")])
     now = dt.datetime.now(dt.UTC)
@@ -181,8 +183,9 @@ def _self_signed_certificate() -> tuple[Any, Any]:
     return key, certificate
 
 
-async def _asyncio_receive(tally: _ReceiveTally, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter, done: asyncio.Event) -> None:
+async def _asyncio_receive(
+    tally: _ReceiveTally, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, done: asyncio.Event
+) -> None:
     while data := await reader.read(RECEIVE_BYTES):
         tally.add(data)
     writer.write(ACK)
@@ -193,8 +196,6 @@ async def _asyncio_receive(tally: _ReceiveTally, reader: asyncio.StreamReader,
 
 async def asyncio_receiver(port: int) -> None:
     """Serve one aioquic stream on loopback, count bytes to EOF, acknowledge, report."""
-    from aioquic.asyncio import serve
-
     configuration = _quic_configuration(is_client=False)
     configuration.private_key, configuration.certificate = _self_signed_certificate()
     done = asyncio.Event()
@@ -209,53 +210,44 @@ async def asyncio_receiver(port: int) -> None:
     server = await serve(LOOPBACK, port, configuration=configuration, stream_handler=on_stream)
     try:
         assert server._transport is not None  # serve() returns the bound endpoint
-        report({"event": "ready", "port": server._transport.get_extra_info("sockname")[1],
-                "peer": None})
+        report({"event": "ready", "port": server._transport.get_extra_info("sockname")[1], "peer": None})
         await done.wait()
         await asyncio.sleep(LINGER_S)
     finally:
         server.close()
 
 
-def _progress_protocol() -> Callable[..., Any]:
-    """A QuicConnectionProtocol that sets ``progress`` on every datagram (ACKs included)."""
-    from aioquic.asyncio import QuicConnectionProtocol
+class _ProgressProtocol(QuicConnectionProtocol):
+    """aioquic's protocol, plus ``progress``: set on every datagram received (ACKs included)."""
 
-    class ProgressProtocol(QuicConnectionProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.progress = asyncio.Event()
+    def __init__(self, quic: QuicConnection, stream_handler: QuicStreamHandler | None = None):
+        super().__init__(quic, stream_handler)
+        self.progress = asyncio.Event()
 
-        def datagram_received(self, data: bytes | str, addr: Any) -> None:
-            super().datagram_received(data, addr)
-            self.progress.set()
-
-    return ProgressProtocol
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        super().datagram_received(data, addr)
+        self.progress.set()
 
 
 async def asyncio_sender(port: int, transfer: Transfer) -> None:
     """Send ``transfer`` on one aioquic stream to the loopback receiver and report."""
-    from aioquic.asyncio import connect
-
     async with connect(
         LOOPBACK,
         port,
         configuration=_quic_configuration(is_client=True),
-        create_protocol=_progress_protocol(),
-    ) as protocol:
+        create_protocol=_ProgressProtocol,
+    ) as connection:
+        protocol = cast(_ProgressProtocol, connection)
         reader, writer = await protocol.create_stream()
         stream_id = writer.get_extra_info("stream_id")
         clock = _Clock()
-        stream_sender: Any = None
+        stream_sender: QuicStreamSender | None = None
         for chunk in transfer.chunks():
             writer.write(chunk)
             if stream_sender is None:  # aioquic creates the stream on its first write
                 stream_sender = protocol._quic._streams[stream_id].sender
             # Private fields: aioquic has no public "send buffer low" signal (FIELD-NOTES).
-            while (
-                stream_sender._buffer_stop - stream_sender._buffer_start
-                > ASYNCIO_SEND_BUFFER_BYTES
-            ):
+            while stream_sender._buffer_stop - stream_sender._buffer_start > ASYNCIO_SEND_BUFFER_BYTES:
                 protocol.progress.clear()
                 await protocol.progress.wait()
         writer.write_eof()
@@ -295,8 +287,7 @@ async def lattica_receiver(port: int) -> None:
 
         endpoint.set_connection_handler(on_connection)
         await nursery.start(endpoint.run)
-        report({"event": "ready", "port": endpoint.local_address[1],
-                "peer": str(identity.peer_id)})
+        report({"event": "ready", "port": endpoint.local_address[1], "peer": str(identity.peer_id)})
         await done.wait()
         await trio.sleep(LINGER_S)
         nursery.cancel_scope.cancel()
@@ -321,6 +312,19 @@ async def lattica_sender(port: int, peer: str, transfer: Transfer) -> None:
             _check_ack(await stream.receive_some(1))
             _report_sent(transfer, clock)
         nursery.cancel_scope.cancel()
+
+
+def lattica_configuration() -> dict[str, Any]:
+    """The endpoint configuration the ``lattica`` mode runs with (defaults), for the results."""
+    import dataclasses
+
+    from lattica.net import config
+
+    described: dict[str, Any] = dataclasses.asdict(config.EndpointConfig())
+    for name in ("ALPN_PROTOCOL", "STREAM_SEND_BUFFER_BYTES"):
+        if hasattr(config, name):
+            described[name.lower()] = getattr(config, name)
+    return described
 
 
 def lattica_unavailable_reason() -> str | None:
