@@ -1,0 +1,35 @@
+"""QUIC transport: one UDP socket per node carrying authenticated connections, streams and RPC.
+
+Layers inside this package, bottom up: ``datagram`` (socket interface), ``tls_identity`` and
+``quic_internals`` (aioquic adapters), ``stream``, ``connection``, ``endpoint``, ``manager``
+(one connection per peer), ``rpc_messages`` and ``rpc`` (protocol ids, request/response).
+"""
+
+from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, parse_host_port
+from lattica.net.config import ALPN_PROTOCOL, EndpointConfig
+from lattica.net.connection import Connection
+from lattica.net.datagram import Address, DatagramSocket, UdpSocket
+from lattica.net.endpoint import Endpoint, EndpointStats
+from lattica.net.manager import ConnectionManager
+from lattica.net.rpc import ERROR_CODES, PING_PROTOCOL, Rpc
+from lattica.net.stream import QuicStream
+
+__all__ = [
+    "ALPN_PROTOCOL",
+    "ERROR_CODES",
+    "PING_PROTOCOL",
+    "Address",
+    "Connection",
+    "ConnectionManager",
+    "DatagramSocket",
+    "Endpoint",
+    "EndpointConfig",
+    "EndpointStats",
+    "InvalidAddressError",
+    "PeerAddr",
+    "QuicStream",
+    "Rpc",
+    "UdpSocket",
+    "format_host_port",
+    "parse_host_port",
+]

@@ -1,0 +1,306 @@
+"""Request/response and stream protocols over authenticated connections.
+
+Every RPC stream starts with a :class:`~lattica.net.rpc_messages.StreamHeader` frame naming the
+protocol id. Request/response: the caller sends one ``Request`` frame and EOF; the callee answers
+with one ``Response`` or ``Error`` frame and EOF. Stream protocols get the stream right after the
+header and own it until their handler returns.
+
+Invariants:
+
+* Every frame is read with its length checked first (``lattica.wire`` framing), exactly to its
+  end: an oversize request is refused with ``Error("too-large")`` before its body is read, and
+  the stream is then stopped, so a peer cannot make us buffer it.
+* A caller always gets an :class:`~lattica.errors.RpcError` with a code from :data:`ERROR_CODES`
+  (or :class:`~lattica.errors.PeerIdMismatchError` when the peer at the address is someone else).
+* At most ``max_concurrent_inbound_per_peer`` calls per peer run at once; more get ``busy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+
+from lattica.errors import (
+    ConnectError,
+    PeerIdMismatchError,
+    RemoteProtocolError,
+    RpcError,
+)
+from lattica.identity import PeerId
+from lattica.net.address import PeerAddr
+from lattica.net.manager import ConnectionManager
+from lattica.net.rpc_messages import Error, Request, Response, RpcMessage, StreamHeader
+from lattica.net.stream import QuicStream
+from lattica.wire import decode_frame, encode_frame
+
+logger = logging.getLogger("lattica.net.rpc")
+
+PING_PROTOCOL: Final = "/lattica/ping/1"
+
+ERROR_CODES: Final = frozenset(
+    {
+        "timeout",
+        "unknown-protocol",
+        "handler-error",
+        "too-large",
+        "busy",
+        "connection-lost",
+        "connect-failed",
+        "protocol-error",
+    }
+)
+
+RequestHandler = Callable[[PeerId, bytes], Awaitable[bytes]]
+StreamProtocolHandler = Callable[[QuicStream, PeerId], Awaitable[None]]
+
+_MAX_HEADER_FRAME_BYTES = 1024
+_FRAME_OVERHEAD_BYTES = 64  # msgpack map, tag and length prefix around a payload
+_UNBOUNDED_FRAME_BYTES = (1 << 32) - 1
+_LENGTH = struct.Struct(">I")
+
+
+class _FrameTooLarge(Exception):
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+
+async def _receive_exactly(stream: QuicStream, n_bytes: int) -> bytes:
+    parts: list[bytes] = []
+    missing = n_bytes
+    while missing:
+        data = await stream.receive_some(missing)
+        if not data:
+            raise RemoteProtocolError(f"stream ended {missing} bytes into a frame")
+        parts.append(data)
+        missing -= len(data)
+    return b"".join(parts)
+
+
+async def _receive_message(stream: QuicStream, max_frame_bytes: int) -> RpcMessage:
+    """Read exactly one frame. Raises ``_FrameTooLarge`` before reading an oversize body,
+    ``RemoteProtocolError`` on a malformed or truncated frame."""
+    prefix = await _receive_exactly(stream, 4)
+    (length,) = _LENGTH.unpack(prefix)
+    if length > max_frame_bytes:
+        raise _FrameTooLarge(length)
+    body = await _receive_exactly(stream, length)
+    return decode_frame(prefix + body, RpcMessage, max_frame_bytes=max_frame_bytes)  # type: ignore[arg-type]
+
+
+def _frame(message: RpcMessage) -> bytes:
+    return encode_frame(message, max_frame_bytes=_UNBOUNDED_FRAME_BYTES)
+
+
+class Rpc:
+    """Request/response and stream protocols over connections; each stream starts with a protocol id."""
+
+    def __init__(
+        self,
+        manager: ConnectionManager,
+        *,
+        max_concurrent_inbound_per_peer: int = 64,
+        max_request_bytes: int = 1 << 20,
+        max_response_bytes: int = 16 << 20,
+        header_timeout_s: float = 10.0,
+    ) -> None:
+        self.manager = manager
+        self.max_concurrent_inbound_per_peer = max_concurrent_inbound_per_peer
+        self.max_request_bytes = max_request_bytes
+        self.max_response_bytes = max_response_bytes
+        self.header_timeout_s = header_timeout_s
+        self._handlers: dict[str, RequestHandler] = {}
+        self._stream_handlers: dict[str, StreamProtocolHandler] = {}
+        self._inbound_per_peer: dict[PeerId, int] = {}
+        manager.set_stream_handler(self._serve_stream)
+        self.add_handler(PING_PROTOCOL, _echo)
+
+    def add_handler(self, protocol_id: str, handler: RequestHandler) -> None:
+        """Answer requests for ``protocol_id`` with ``handler(peer, payload) -> reply``.
+
+        The handler may raise :class:`RpcError` to send that code and message; any other
+        exception is logged and reaches the caller as ``handler-error``."""
+        self._check_protocol_id(protocol_id)
+        self._handlers[protocol_id] = handler
+
+    def add_stream_handler(self, protocol_id: str, handler: StreamProtocolHandler) -> None:
+        """Hand streams for ``protocol_id`` to ``handler(stream, peer)``; the stream is closed
+        when the handler returns."""
+        self._check_protocol_id(protocol_id)
+        self._stream_handlers[protocol_id] = handler
+
+    @staticmethod
+    def _check_protocol_id(protocol_id: str) -> None:
+        if not 1 <= len(protocol_id) <= 256:
+            raise ValueError("a protocol id is 1 to 256 characters")
+
+    # -- calling --------------------------------------------------------------------------
+
+    async def request(
+        self, peer: PeerId | PeerAddr, protocol_id: str, payload: bytes, *, timeout_s: float = 10.0
+    ) -> bytes:
+        """Call ``protocol_id`` on ``peer`` and return its reply.
+
+        Raises :class:`RpcError` (``code`` in :data:`ERROR_CODES`) or
+        :class:`~lattica.errors.PeerIdMismatchError`.
+        """
+        self._check_protocol_id(protocol_id)
+        try:
+            with trio.fail_after(timeout_s):
+                stream = await self._open(peer, protocol_id)
+                async with stream:
+                    return await self._exchange(stream, payload)
+        except trio.TooSlowError:
+            raise RpcError(
+                "timeout", f"no answer to {protocol_id} within {timeout_s:g} s"
+            ) from None
+
+    async def open_stream(self, peer: PeerId | PeerAddr, protocol_id: str) -> QuicStream:
+        """Open a stream speaking ``protocol_id`` (its header already sent) to ``peer``.
+
+        Raises :class:`RpcError` (``connect-failed``, ``connection-lost``) or
+        :class:`~lattica.errors.PeerIdMismatchError`."""
+        self._check_protocol_id(protocol_id)
+        return await self._open(peer, protocol_id)
+
+    async def ping(self, peer: PeerId | PeerAddr, *, timeout_s: float = 10.0) -> float:
+        """Round-trip time of one ``/lattica/ping/1`` echo in seconds (``trio.current_time()``),
+        including the dial if there was no connection yet."""
+        nonce = os.urandom(16)
+        start = trio.current_time()
+        reply = await self.request(peer, PING_PROTOCOL, nonce, timeout_s=timeout_s)
+        if reply != nonce:
+            raise RpcError("protocol-error", "ping reply does not echo the request")
+        return trio.current_time() - start
+
+    async def _open(self, peer: PeerId | PeerAddr, protocol_id: str) -> QuicStream:
+        try:
+            connection = await self.manager.connect(peer)
+        except PeerIdMismatchError:
+            raise
+        except ConnectError as exc:
+            raise RpcError("connect-failed", str(exc)) from exc
+        try:
+            stream = await connection.open_stream()
+            try:
+                await stream.send_all(_frame(StreamHeader(protocol_id)))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise RpcError("connection-lost", str(exc)) from exc
+        return stream
+
+    async def _exchange(self, stream: QuicStream, payload: bytes) -> bytes:
+        try:
+            try:
+                await stream.send_all(_frame(Request(payload)))
+                await stream.send_eof()
+            except trio.BrokenResourceError:
+                # The callee may have refused early (too-large, busy) and stopped reading;
+                # its answer is what the caller needs.
+                pass
+            reply = await _receive_message(stream, self.max_response_bytes)
+        except _FrameTooLarge as exc:
+            raise RpcError(
+                "too-large", f"reply of {exc.length} bytes exceeds {self.max_response_bytes}"
+            ) from None
+        except RemoteProtocolError as exc:
+            raise RpcError("protocol-error", str(exc)) from exc
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise RpcError("connection-lost", str(exc)) from exc
+        if isinstance(reply, Response):
+            return reply.payload
+        if isinstance(reply, Error):
+            raise RpcError(reply.code, reply.message)
+        raise RpcError("protocol-error", f"unexpected {type(reply).__name__} frame")
+
+    # -- serving --------------------------------------------------------------------------
+
+    async def _serve_stream(self, stream: QuicStream) -> None:
+        peer = stream.connection.peer_id
+        try:
+            with trio.fail_after(self.header_timeout_s):
+                header = await _receive_message(stream, _MAX_HEADER_FRAME_BYTES)
+        except (trio.TooSlowError, _FrameTooLarge, RemoteProtocolError) as exc:
+            logger.debug("dropping a stream from %s without a valid header: %r", peer, exc)
+            return
+        if not isinstance(header, StreamHeader):
+            await self._refuse(stream, "protocol-error", "a stream must start with a header")
+            return
+        protocol_id = header.protocol
+        handler = self._handlers.get(protocol_id)
+        stream_handler = self._stream_handlers.get(protocol_id)
+        if handler is None and stream_handler is None:
+            await self._refuse(stream, "unknown-protocol", f"no handler for {protocol_id}")
+            return
+        running = self._inbound_per_peer.get(peer, 0)
+        if running >= self.max_concurrent_inbound_per_peer:
+            await self._refuse(
+                stream, "busy", f"{running} calls from you are running; try again later"
+            )
+            return
+        self._inbound_per_peer[peer] = running + 1
+        try:
+            if stream_handler is not None:
+                await stream_handler(stream, peer)
+            else:
+                assert handler is not None
+                await self._serve_request(stream, peer, protocol_id, handler)
+        finally:
+            remaining = self._inbound_per_peer[peer] - 1
+            if remaining:
+                self._inbound_per_peer[peer] = remaining
+            else:
+                del self._inbound_per_peer[peer]
+
+    async def _serve_request(
+        self, stream: QuicStream, peer: PeerId, protocol_id: str, handler: RequestHandler
+    ) -> None:
+        try:
+            request = await _receive_message(
+                stream, self.max_request_bytes + _FRAME_OVERHEAD_BYTES
+            )
+        except _FrameTooLarge as exc:
+            await self._refuse(
+                stream,
+                "too-large",
+                f"request frame of {exc.length} bytes; the limit is {self.max_request_bytes}",
+            )
+            return
+        except RemoteProtocolError as exc:
+            await self._refuse(stream, "protocol-error", str(exc))
+            return
+        if not isinstance(request, Request):
+            await self._refuse(stream, "protocol-error", "expected a request frame")
+            return
+        if len(request.payload) > self.max_request_bytes:
+            await self._refuse(stream, "too-large", f"request exceeds {self.max_request_bytes}")
+            return
+        try:
+            reply = await handler(peer, request.payload)
+        except RpcError as exc:
+            await self._refuse(stream, exc.code[:64], exc.message[:1024])
+            return
+        except Exception as exc:
+            logger.exception("handler for %s failed on a request from %s", protocol_id, peer)
+            await self._refuse(stream, "handler-error", type(exc).__name__)
+            return
+        await stream.send_all(_frame(Response(reply)))
+        await stream.send_eof()
+
+    async def _refuse(self, stream: QuicStream, code: str, message: str) -> None:
+        # The stream is closed by the manager afterwards; unread request bytes make that a
+        # STOP_SENDING, which is what stops a peer still sending an oversize request.
+        await stream.send_all(_frame(Error(code, message)))
+        await stream.send_eof()
+
+
+async def _echo(peer: PeerId, payload: bytes) -> bytes:
+    return payload

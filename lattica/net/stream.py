@@ -1,0 +1,233 @@
+"""One bidirectional QUIC stream as a trio ``HalfCloseableStream``.
+
+Invariants:
+
+* Sending is bounded: ``send_all`` hands data to QUIC only while the stream holds fewer than
+  ``STREAM_SEND_BUFFER_BYTES`` unacknowledged bytes, and waits otherwise. Receiving is bounded by
+  the receive window, which only grows as our reader consumes (see ``quic_internals``). So a
+  stalled reader stalls the writer on the other side; nothing buffers without limit.
+* Errors say whose fault it is: ``trio.ClosedResourceError`` after *we* closed the stream or its
+  connection; ``trio.BrokenResourceError`` when the peer reset the stream, asked us to stop
+  sending, closed the connection, or the connection timed out.
+* ``aclose`` on a stream that did not finish cleanly resets our side and asks the peer to stop
+  sending, so neither side waits forever.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from lattica.net.config import STREAM_SEND_BUFFER_BYTES
+
+if TYPE_CHECKING:
+    from lattica.net.connection import Connection
+
+# Application error code on RESET_STREAM / STOP_SENDING when a stream is abandoned.
+STREAM_CANCELLED = 0x1
+
+
+class QuicStream(trio.abc.HalfCloseableStream):
+    """A bidirectional stream of a :class:`~lattica.net.connection.Connection`."""
+
+    def __init__(self, connection: Connection, stream_id: int) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._eof_received = False
+        self._reset_code: int | None = None
+        self._stop_sending_code: int | None = None
+        self._eof_sent = False
+        self._closed = False
+        self._readable = trio.Event()
+        self._sending = False
+        self._receiving = False
+
+    def __repr__(self) -> str:
+        return f"<QuicStream {self.stream_id} of {self.connection!r}>"
+
+    # -- called by the connection driver --------------------------------------------------
+
+    def _on_data(self, data: bytes, end_stream: bool) -> None:
+        if self._closed:
+            # We stopped reading; credit the bytes so the peer is not stuck on flow control
+            # before our STOP_SENDING reaches it.
+            self.connection._quic.stream_consumed(self.stream_id, len(data))
+            return
+        if data:
+            self._chunks.append(data)
+        if end_stream:
+            self._eof_received = True
+        self._wake_reader()
+
+    def _on_reset(self, error_code: int) -> None:
+        self._reset_code = error_code
+        self._chunks.clear()
+        self._wake_reader()
+
+    def _on_stop_sending(self, error_code: int) -> None:
+        self._stop_sending_code = error_code
+
+    def _on_connection_closed(self) -> None:
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        self._readable.set()
+        self._readable = trio.Event()
+
+    def _unreceive(self, data: bytes) -> None:
+        """Put bytes back in front of the receive buffer (a protocol header reader read too far).
+
+        They were already credited to the peer; un-crediting keeps the window exact."""
+        if data:
+            self._chunks.appendleft(data)
+            self.connection._quic.stream_consumed(self.stream_id, -len(data))
+
+    @property
+    def _receive_finished(self) -> bool:
+        return self._eof_received or self._reset_code is not None
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _check_can_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was already called on this stream")
+        error = self.connection._closed_error()
+        if error is not None:
+            raise error
+        if self._stop_sending_code is not None:
+            raise trio.BrokenResourceError(
+                f"peer stopped reading stream {self.stream_id} (code {self._stop_sending_code})"
+            )
+
+    def _send_room(self) -> int:
+        return STREAM_SEND_BUFFER_BYTES - self.connection._quic.stream_send_buffered(self.stream_id)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``; returns once it is within the bounded send buffer.
+
+        Raises ``trio.ClosedResourceError`` if we closed the stream (or its connection) or
+        already sent EOF, ``trio.BrokenResourceError`` if the peer stopped reading or the
+        connection was lost, ``trio.BusyResourceError`` on concurrent sends.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            view = memoryview(data).cast("B")
+            offset = 0
+            while True:
+                self._check_can_send()
+                if offset >= len(view):
+                    break
+                room = self._send_room()
+                if room <= 0:
+                    await self.connection._wait_progress()
+                    continue
+                chunk = bytes(view[offset : offset + room])
+                self.connection._quic.send_stream_data(self.stream_id, chunk)
+                offset += len(chunk)
+                await self.connection._flush()
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the send buffer has room (or sending would fail at once)."""
+        while True:
+            try:
+                self._check_can_send()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                await trio.lowlevel.checkpoint()
+                raise
+            if self._send_room() > 0:
+                await trio.lowlevel.checkpoint()
+                return
+            await self.connection._wait_progress()
+
+    async def send_eof(self) -> None:
+        """Finish our direction (QUIC FIN); the peer reads ``b""`` after the data. Idempotent."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._eof_sent and not self._closed:
+            return
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._check_can_send()
+        self._eof_sent = True
+        self.connection._quic.send_stream_data(self.stream_id, b"", end_stream=True)
+        await self.connection._flush()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Bytes the peer sent, at most ``max_bytes``; ``b""`` once the peer sent EOF.
+
+        Raises ``trio.BrokenResourceError`` if the peer reset the stream or the connection was
+        lost, ``trio.ClosedResourceError`` if we closed the stream or its connection.
+        """
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._reset_code is not None:
+                    raise trio.BrokenResourceError(
+                        f"peer reset stream {self.stream_id} (code {self._reset_code})"
+                    )
+                if self._chunks:
+                    data = self._take(max_bytes)
+                    if self.connection._quic.stream_consumed(self.stream_id, len(data)):
+                        await self.connection._flush()
+                    else:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
+                if self._eof_received:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return b""
+                error = self.connection._closed_error()
+                if error is not None:
+                    raise error
+                await self._readable.wait()
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        first = self._chunks.popleft()
+        if max_bytes is None or len(first) <= max_bytes:
+            return first
+        self._chunks.appendleft(first[max_bytes:])
+        return first[:max_bytes]
+
+    # -- closing --------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the stream. A direction that did not finish cleanly is reset (ours) or asked to
+        stop (the peer's). Idempotent; later calls on the stream raise ClosedResourceError."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._chunks.clear()
+        self._wake_reader()
+        connection = self.connection
+        quic = connection._quic
+        if connection._closed_error() is None and quic.has_stream(self.stream_id):
+            if not self._eof_sent and self._stop_sending_code is None:
+                quic.reset_stream(self.stream_id, STREAM_CANCELLED)
+            if not self._receive_finished:
+                quic.stop_stream(self.stream_id, STREAM_CANCELLED)
+            connection._forget_stream(self)
+            await connection._flush()
+        else:
+            connection._forget_stream(self)
+        await trio.lowlevel.checkpoint()

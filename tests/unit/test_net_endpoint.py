@@ -1,0 +1,286 @@
+"""Endpoint: authenticated dialling, demultiplexing, bad input, timers (real UDP on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import trio
+import trio.testing
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from lattica.errors import ConnectError, PeerIdMismatchError
+from lattica.identity import Identity
+from lattica.net import ALPN_PROTOCOL, Connection, EndpointConfig, UdpSocket
+
+from .conftest import MakeEndpoint
+
+
+async def test_two_endpoints_prove_their_identities_both_ways(make_endpoint: MakeEndpoint) -> None:
+    alice, bob = await make_endpoint(), await make_endpoint()
+    inbound: list[Connection] = []
+    bob.set_connection_handler(inbound.append)
+    outbound: list[Connection] = []
+    alice.set_connection_handler(outbound.append)
+
+    conn = await alice.connect(bob.local_address, expected_peer=bob.peer_id)
+
+    assert conn.peer_id == bob.peer_id
+    assert conn.direction == "outbound"
+    assert outbound == [conn]
+    stream = await conn.open_stream()
+    await stream.send_all(b"hi")
+    await stream.send_eof()
+    assert [c.peer_id for c in inbound] == [alice.peer_id]
+    assert inbound[0].direction == "inbound"
+    assert inbound[0].remote_address == alice.local_address
+    assert alice.connections() == [conn]
+    assert conn.rtt_s is not None and conn.rtt_s > 0
+
+
+async def test_dialling_without_expected_peer_learns_the_peer_id(make_endpoint: MakeEndpoint) -> None:
+    alice, bob = await make_endpoint(), await make_endpoint()
+    conn = await alice.connect(bob.local_address)
+    assert conn.peer_id == bob.peer_id
+
+
+async def test_wrong_expected_peer_raises_mismatch_naming_both_ids(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    alice, bob = await make_endpoint(), await make_endpoint()
+    inbound: list[Connection] = []
+    bob.set_connection_handler(inbound.append)
+    impostor_id = Identity.generate().peer_id
+
+    with pytest.raises(PeerIdMismatchError) as info:
+        await alice.connect(bob.local_address, expected_peer=impostor_id)
+
+    assert str(impostor_id) in str(info.value) and str(bob.peer_id) in str(info.value)
+    assert alice.connections() == []
+    # The rejected handshake never reached bob's application; a proper dial does.
+    await alice.connect(bob.local_address, expected_peer=bob.peer_id)
+    assert [c.peer_id for c in inbound] == [alice.peer_id]
+
+
+async def _raw_client_until_closed(quic: QuicConnection, address: tuple[str, int]) -> str:
+    """Drive a bare aioquic client until the server closes it; return the close reason."""
+    sock = UdpSocket.bind("127.0.0.1", 0)
+    try:
+        quic.connect(address, now=trio.current_time())
+        while True:
+            for data, addr in quic.datagrams_to_send(trio.current_time()):
+                await sock.send_to(data, addr)
+            with trio.move_on_at(quic.get_timer() or trio.current_time() + 5):
+                for data, addr in await sock.receive_batch():
+                    quic.receive_datagram(data, addr, trio.current_time())
+                continue
+            quic.handle_timer(trio.current_time())
+            while (event := quic.next_event()) is not None:
+                if isinstance(event, events.ConnectionTerminated):
+                    return event.reason_phrase
+            if quic._close_event is not None:
+                return quic._close_event.reason_phrase
+    finally:
+        sock.close()
+
+
+async def test_client_without_certificate_is_rejected(make_endpoint: MakeEndpoint) -> None:
+    server = await make_endpoint()
+    inbound: list[Connection] = []
+    server.set_connection_handler(inbound.append)
+    quic = QuicConnection(
+        configuration=QuicConfiguration(
+            is_client=True, alpn_protocols=[ALPN_PROTOCOL], verify_mode=ssl.CERT_NONE
+        )
+    )
+    with trio.fail_after(10):
+        reason = await _raw_client_until_closed(quic, server.local_address)
+    assert reason == "client certificate required"
+    assert server.stats.handshakes_failed == 1
+    assert inbound == [] and server.connections() == []
+
+
+async def test_malformed_datagrams_are_dropped_and_counted(make_endpoint: MakeEndpoint) -> None:
+    server, good = await make_endpoint(), await make_endpoint()
+    junk_socket = UdpSocket.bind("127.0.0.1", 0)
+    # A real Initial, truncated: its length field points past the end of the datagram.
+    initial = QuicConnection(
+        configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL])
+    )
+    initial.connect(server.local_address, now=trio.current_time())
+    first_datagram = initial.datagrams_to_send(trio.current_time())[0][0]
+    malformed = [
+        b"",
+        b"\xff",  # long header, nothing after the first byte
+        b"\x40\x01\x02",  # short header shorter than a connection id
+        first_datagram[:100],
+        b"\xc0" + b"\x00\x00\x00\x01" + b"\xff" * 50,  # connection id length 255
+    ]
+    unknown = [b"\x40" + b"\x99" * 8 + b"\x00" * 40]  # well-formed 1-RTT header, nobody's id
+    for data in malformed + unknown:
+        await junk_socket.send_to(data, server.local_address)
+    junk_socket.close()
+
+    # Loopback delivers in order, so by the time this handshake completes the junk was handled.
+    conn = await good.connect(server.local_address, expected_peer=server.peer_id)
+
+    assert server.stats.malformed_dropped == len(malformed)
+    assert server.stats.unknown_connection_dropped == len(unknown)
+    stream = await conn.open_stream()
+    await stream.send_all(b"still serving")
+    await stream.send_eof()
+    (inbound,) = server.connections()
+    served = await inbound.accept_stream()
+    assert await served.receive_some() == b"still serving"
+
+
+async def test_raw_packets_without_the_quic_fixed_bit_reach_the_raw_handler(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    endpoint = await make_endpoint()
+    received: list[tuple[bytes, tuple[str, int]]] = []
+    arrived = trio.Event()
+
+    def on_raw(data: bytes, source: tuple[str, int]) -> None:
+        received.append((data, source))
+        arrived.set()
+
+    endpoint.set_raw_packet_handler(on_raw)
+    peer = UdpSocket.bind("127.0.0.1", 0)
+    await peer.send_to(b"\x00\x01stun-ish", endpoint.local_address)
+    await arrived.wait()
+    assert received == [(b"\x00\x01stun-ish", peer.local_address)]
+    assert endpoint.stats.raw_packets_received == 1
+
+    await endpoint.send_raw(b"\x01punch", peer.local_address)
+    assert await peer.receive_batch() == [(b"\x01punch", endpoint.local_address)]
+    with pytest.raises(ValueError):
+        await endpoint.send_raw(b"\x40not raw", peer.local_address)
+    peer.close()
+
+
+async def test_half_open_handshake_is_dropped_after_the_handshake_timeout(
+    make_endpoint: MakeEndpoint, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await make_endpoint(config=EndpointConfig(handshake_timeout_s=5.0))
+    quic = QuicConnection(
+        configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL])
+    )
+    sock = UdpSocket.bind("127.0.0.1", 0)
+    start = trio.current_time()
+    quic.connect(server.local_address, now=start)
+    for data, addr in quic.datagrams_to_send(start):
+        await sock.send_to(data, addr)
+    sock.close()  # and the client disappears
+
+    await trio.sleep(4.9)
+    assert server.live_connection_count == 1
+    await trio.sleep(0.2)
+    assert server.live_connection_count == 0
+    assert server.stats.handshakes_failed == 1
+
+
+async def test_dial_to_nobody_times_out_with_connect_error(
+    make_endpoint: MakeEndpoint, autojump_clock: trio.testing.MockClock
+) -> None:
+    alice = await make_endpoint()
+    silent = UdpSocket.bind("127.0.0.1", 0)  # bound, never answers
+    start = trio.current_time()
+    with pytest.raises(ConnectError, match="timed out"):
+        await alice.connect(silent.local_address, timeout_s=3.0)
+    assert trio.current_time() - start == pytest.approx(3.0)
+    assert alice.live_connection_count == 0
+    silent.close()
+
+
+async def test_inbound_connections_beyond_max_connections_are_refused(
+    make_endpoint: MakeEndpoint, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await make_endpoint(config=EndpointConfig(max_connections=1))
+    first, second = await make_endpoint(), await make_endpoint()
+    await first.connect(server.local_address)
+    with pytest.raises(ConnectError):
+        await second.connect(server.local_address, timeout_s=2.0)
+    assert server.stats.connections_refused >= 1
+    assert len(server.connections()) == 1
+
+
+async def test_keepalive_holds_an_idle_connection_open(
+    make_endpoint: MakeEndpoint, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = EndpointConfig(idle_timeout_s=5.0, keepalive_interval_s=2.0)
+    alice, bob = await make_endpoint(config=config), await make_endpoint(config=config)
+    conn = await alice.connect(bob.local_address)
+    await trio.sleep(60)
+    assert not conn.is_closed
+
+
+async def test_idle_timeout_closes_a_silent_connection(
+    make_endpoint: MakeEndpoint, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = EndpointConfig(idle_timeout_s=5.0, keepalive_interval_s=1000.0)
+    alice, bob = await make_endpoint(config=config), await make_endpoint(config=config)
+    conn = await alice.connect(bob.local_address)
+    start = trio.current_time()
+    await conn.wait_closed()
+    assert 5.0 <= trio.current_time() - start <= 6.0
+    stream_error = None
+    try:
+        await conn.open_stream()
+    except trio.BrokenResourceError as exc:
+        stream_error = exc
+    assert stream_error is not None
+
+
+async def test_closing_a_connection_tells_the_peer_the_reason(make_endpoint: MakeEndpoint) -> None:
+    alice, bob = await make_endpoint(), await make_endpoint()
+    inbound: list[Connection] = []
+    bob.set_connection_handler(inbound.append)
+    conn = await alice.connect(bob.local_address)
+    stream = await conn.open_stream()
+    await stream.send_all(b"x")
+    (peer_side,) = inbound
+    peer_stream = await peer_side.accept_stream()
+    assert await peer_stream.receive_some() == b"x"
+
+    await conn.aclose("done here")
+
+    await peer_side.wait_closed()
+    assert peer_side.close_reason == "done here"
+    assert conn.is_closed and conn.close_reason == "done here"
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_all(b"more")
+    with pytest.raises(trio.BrokenResourceError):
+        await peer_stream.receive_some()
+    with pytest.raises(trio.BrokenResourceError):
+        await peer_side.accept_stream()
+
+
+async def test_peer_exceeding_its_stream_limit_is_disconnected_and_others_are_served(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    server = await make_endpoint(config=EndpointConfig(max_incoming_streams=16))
+    attacker, honest = await make_endpoint(), await make_endpoint()
+    inbound: list[Connection] = []
+    server.set_connection_handler(inbound.append)
+    conn = await attacker.connect(server.local_address)
+    # Misbehave below the API: pretend the server granted 10,000 streams and open them all.
+    quic = conn._quic
+    quic._remote_max_streams_bidi = 10_000
+    for _ in range(10_000):
+        quic.send_stream_data(quic.get_next_available_stream_id(), b"x")
+    await conn._flush()
+
+    await conn.wait_closed()
+    assert conn.close_reason == "Too many streams open"
+    assert inbound[0].is_closed
+    assert len(inbound[0]._streams) <= 16
+
+    good = await honest.connect(server.local_address)
+    stream = await good.open_stream()
+    await stream.send_all(b"ok")
+    await stream.send_eof()
+    served = await inbound[-1].accept_stream()
+    assert await served.receive_some() == b"ok"

@@ -1,0 +1,191 @@
+"""RPC over QUIC streams: echo, every error code a caller can see, the per-peer cap, stream protocols."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from lattica.errors import RpcError
+from lattica.identity import Identity, PeerId
+from lattica.net import ConnectionManager, Endpoint, PeerAddr, QuicStream, Rpc
+
+from .conftest import MakeEndpoint
+
+
+async def _rpc_node(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery, **rpc_options: int
+) -> tuple[Endpoint, Rpc]:
+    endpoint = await make_endpoint()
+    manager = ConnectionManager(endpoint, idle_close_s=None)
+    await nursery.start(manager.run)
+    return endpoint, Rpc(manager, **rpc_options)
+
+
+async def _pair(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery, **server_options: int
+) -> tuple[Rpc, Rpc, PeerAddr]:
+    _, client = await _rpc_node(make_endpoint, nursery)
+    server_endpoint, server = await _rpc_node(make_endpoint, nursery, **server_options)
+    return client, server, PeerAddr(server_endpoint.local_address, server_endpoint.peer_id)
+
+
+async def test_request_returns_the_handler_reply(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    client, server, target = await _pair(make_endpoint, nursery)
+    seen: list[PeerId] = []
+
+    async def shout(peer: PeerId, payload: bytes) -> bytes:
+        seen.append(peer)
+        return payload.upper()
+
+    server.add_handler("/test/shout/1", shout)
+    assert await client.request(target, "/test/shout/1", b"hello") == b"HELLO"
+    assert await client.request(target.peer_id, "/test/shout/1", b"") == b""  # type: ignore[arg-type]
+    assert seen == [client.manager.endpoint.peer_id] * 2
+
+
+async def test_builtin_ping_echoes_and_measures_rtt(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    client, _server, target = await _pair(make_endpoint, nursery)
+    rtt = await client.ping(target)
+    assert 0 < rtt < 10
+
+
+async def test_unknown_protocol_is_an_rpc_error(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    client, _server, target = await _pair(make_endpoint, nursery)
+    with pytest.raises(RpcError) as info:
+        await client.request(target, "/nobody/home/1", b"x")
+    assert info.value.code == "unknown-protocol"
+
+
+async def test_handler_exception_is_reported_as_handler_error(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    client, server, target = await _pair(make_endpoint, nursery)
+
+    async def broken(peer: PeerId, payload: bytes) -> bytes:
+        raise KeyError("secret internals")
+
+    async def refusing(peer: PeerId, payload: bytes) -> bytes:
+        raise RpcError("not-found", "no such key")
+
+    server.add_handler("/test/broken/1", broken)
+    server.add_handler("/test/refusing/1", refusing)
+    with pytest.raises(RpcError) as info:
+        await client.request(target, "/test/broken/1", b"x")
+    assert info.value.code == "handler-error"
+    assert "secret" not in info.value.message
+    with pytest.raises(RpcError) as info:
+        await client.request(target, "/test/refusing/1", b"x")
+    assert (info.value.code, info.value.message) == ("not-found", "no such key")
+    # The connection survives handler failures.
+    assert await client.request(target, "/lattica/ping/1", b"ok") == b"ok"
+
+
+async def test_slow_handler_makes_the_caller_time_out(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    client, server, target = await _pair(make_endpoint, nursery)
+
+    async def never(peer: PeerId, payload: bytes) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    server.add_handler("/test/never/1", never)
+    await client.ping(target)  # connect first: the timeout below is the call alone
+    start = trio.current_time()
+    with pytest.raises(RpcError) as info:
+        await client.request(target, "/test/never/1", b"x", timeout_s=2.5)
+    assert info.value.code == "timeout"
+    assert trio.current_time() - start == pytest.approx(2.5)
+
+
+async def test_oversize_request_is_refused_as_too_large(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    client, server, target = await _pair(make_endpoint, nursery, max_request_bytes=1000)
+    calls: list[bytes] = []
+
+    async def record(peer: PeerId, payload: bytes) -> bytes:
+        calls.append(payload)
+        return b"ok"
+
+    server.add_handler("/test/record/1", record)
+    with pytest.raises(RpcError) as info:
+        await client.request(target, "/test/record/1", b"x" * 3_000_000)
+    assert info.value.code == "too-large"
+    assert calls == []
+    assert await client.request(target, "/test/record/1", b"x" * 1000) == b"ok"
+
+
+async def test_calls_beyond_the_per_peer_cap_are_refused_as_busy(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    client, server, target = await _pair(
+        make_endpoint, nursery, max_concurrent_inbound_per_peer=2
+    )
+    release = trio.Event()
+    entered: list[int] = []
+    both_running = trio.Event()
+
+    async def hold(peer: PeerId, payload: bytes) -> bytes:
+        entered.append(1)
+        if len(entered) == 2:
+            both_running.set()
+        await release.wait()
+        return b"done"
+
+    server.add_handler("/test/hold/1", hold)
+    replies: list[bytes] = []
+
+    async def call() -> None:
+        replies.append(await client.request(target, "/test/hold/1", b""))
+
+    async with trio.open_nursery() as calls:
+        calls.start_soon(call)
+        calls.start_soon(call)
+        await both_running.wait()
+        with pytest.raises(RpcError) as info:
+            await client.request(target, "/test/hold/1", b"")
+        assert info.value.code == "busy"
+        release.set()
+    assert replies == [b"done", b"done"]
+    assert await client.request(target, "/test/hold/1", b"") == b"done"  # cap freed again
+
+
+async def test_unreachable_peer_is_connect_failed(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    _, client = await _rpc_node(make_endpoint, nursery)
+    with pytest.raises(RpcError) as info:
+        await client.request(Identity.generate().peer_id, "/lattica/ping/1", b"")
+    assert info.value.code == "connect-failed"
+
+
+async def test_stream_protocol_gets_the_stream_after_the_header(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    client, server, target = await _pair(make_endpoint, nursery)
+
+    async def count_bytes(stream: QuicStream, peer: PeerId) -> None:
+        total = 0
+        while data := await stream.receive_some():
+            total += len(data)
+        await stream.send_all(str(total).encode())
+        await stream.send_eof()
+
+    server.add_stream_handler("/test/count/1", count_bytes)
+    stream = await client.open_stream(target, "/test/count/1")
+    async with stream:
+        for _ in range(10):
+            await stream.send_all(b"y" * 100_000)
+        await stream.send_eof()
+        reply = b""
+        while data := await stream.receive_some():
+            reply += data
+    assert reply == b"1000000"
