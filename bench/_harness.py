@@ -158,6 +158,14 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (other work on the machine skews the numbers)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info(packages: Sequence[str]) -> dict[str, Any]:
     """What the numbers were measured on: OS, CPUs, Python and the given packages' versions."""
     return {
@@ -168,6 +176,7 @@ def machine_info(packages: Sequence[str]) -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "python": sys.version.split()[0],
         "python_implementation": platform.python_implementation(),
+        "load_average": load_average(),
         "packages": {name: _package_version(name) for name in packages},
         "git_commit": _git_commit(),
     }

@@ -5,8 +5,8 @@ Each side runs in its own process (see ``_harness``) and speaks this protocol on
 * The sender connects (handshake not timed), then starts its clock, writes ``total_bytes`` in
   ``chunk_bytes`` writes, half-closes, and stops its clock when it reads the receiver's one-byte
   acknowledgement. That interval is the measurement.
-* The receiver counts bytes until EOF, then writes the acknowledgement. It also times first
-  byte to EOF, as a cross-check.
+* The receiver counts bytes until EOF, reports, then writes the acknowledgement. It also times
+  first byte to EOF, as a cross-check.
 * Both report CPU seconds spent in that interval (``time.process_time``): QUIC in Python is
   CPU-bound, so CPU per byte explains most differences.
 * Only ``127.0.0.1`` is ever bound or dialled.
@@ -18,6 +18,7 @@ still be retransmitted; the parent kills it as soon as the sender has reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import ssl
@@ -136,8 +137,8 @@ async def tcp_receiver(port: int) -> None:
         tally = _ReceiveTally()
         while data := await stream.receive_some(RECEIVE_BYTES):
             tally.add(data)
-        await stream.send_all(ACK)
         tally.report()
+        await stream.send_all(ACK)
 
 
 async def tcp_sender(port: int, transfer: Transfer) -> None:
@@ -188,9 +189,9 @@ async def _asyncio_receive(
 ) -> None:
     while data := await reader.read(RECEIVE_BYTES):
         tally.add(data)
+    tally.report()
     writer.write(ACK)
     writer.write_eof()
-    tally.report()
     done.set()
 
 
@@ -263,9 +264,11 @@ async def _lattica_receive(conn: Any, tally: _ReceiveTally, done: trio.Event) ->
     async with stream:
         while data := await stream.receive_some(RECEIVE_BYTES):
             tally.add(data)
-        await stream.send_all(ACK)
-        await stream.send_eof()
         tally.report()
+        await stream.send_all(ACK)
+        # The sender may tear the connection down as soon as it has the acknowledgement.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_eof()
         done.set()
         await trio.sleep(LINGER_S)
 
