@@ -41,11 +41,12 @@ def put(
 def get(
     key: Annotated[str, typer.Argument(help="Record key.")],
     peer: Annotated[str | None, typer.Option("--peer", help="Writer's peer id [default: this node].")] = None,
+    local: Annotated[bool, typer.Option("--local", help="Only look in this node's own store.")] = False,
     home: HomeOption = None,
     json: JsonOption = False,
 ) -> None:
     """Fetch the newest valid record; exit 1 with 'not found' when there is none."""
-    params: dict[str, str] = {"key": key}
+    params: dict[str, str | bool] = {"key": key, "local": local}
     if peer:
         params["peer"] = peer
     result = call_daemon(home, "dht.get", params)
@@ -106,3 +107,20 @@ def routing(home: HomeOption = None, json: JsonOption = False) -> None:
     ]
     title = f"{len(rows)} peer(s) in {len(result['buckets'])} bucket(s)"
     print_table(title, ["bucket", "peer id", "addresses", "last seen"], rows)
+
+
+@app.command()
+def bootstrap(
+    peer: Annotated[
+        list[str] | None, typer.Argument(help="PEERID@HOST:PORT to join through [default: configured peers].")
+    ] = None,
+    home: HomeOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Join the DHT now (through the given or configured peers); waits until the lookup of
+    this node's own id finishes and reports how many peers the routing table holds."""
+    result = call_daemon(home, "dht.bootstrap", {"peers": peer or []})
+    if json:
+        print_json(result)
+        return
+    console.print(f"routing table holds {result['peers']} peer(s)", highlight=False)

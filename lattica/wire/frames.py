@@ -98,7 +98,8 @@ class FrameDecoder(Generic[T]):
         del self._buffer[: 4 + length]
         try:
             return self._decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # msgspec raises UnicodeDecodeError (a ValueError) for bad UTF-8 inside some containers.
+        except (msgspec.DecodeError, ValueError) as exc:
             raise MalformedMessageError(str(exc)) from exc
 
     def end_of_stream(self) -> None:

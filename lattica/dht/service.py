@@ -1,0 +1,784 @@
+"""The ``Dht`` trio service: drives the sans-I/O pieces over an :class:`RpcTransport`.
+
+Everything protocol-shaped lives elsewhere (routing rules in ``routing``, lookups in ``lookup``,
+validation in ``records``, persistence in ``store``); this module only sends requests, feeds
+answers to the state machines, serves incoming requests and runs the periodic maintenance.
+
+Invariants:
+
+* Only peers that talked to us themselves (authenticated by the transport) enter the routing
+  table, never peers merely mentioned by others, and never peers in client mode.
+* Nothing is stored, returned or forwarded before it validated (signature, key, expiry).
+* ``put``/``provide`` return the number of remote nodes that acknowledged and raise
+  :class:`QuorumError` when that is below the quorum; there is no false success.
+* Record expiry uses ``wall_clock`` (unix seconds, shared meaning across nodes); timeouts use
+  trio's clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import trio
+
+from lattica.dht.errors import (
+    BootstrapError,
+    InvalidRecordError,
+    QuorumError,
+    RecordTooLargeError,
+    StaleRecordError,
+    StoreFullError,
+)
+from lattica.dht.keys import bucket_index, provider_key, random_key_between, record_key
+from lattica.dht.lookup import Lookup
+from lattica.dht.messages import (
+    MAX_CLOSER_PEERS,
+    MAX_PROVIDERS,
+    PROTOCOL_ID,
+    Ack,
+    AddProvider,
+    Error,
+    FindNode,
+    GetProviders,
+    GetValue,
+    Nodes,
+    PeerInfo,
+    Ping,
+    Pong,
+    Providers,
+    PutValue,
+    Request,
+    Response,
+    Value,
+    decode_request,
+    decode_response,
+    encode_message,
+)
+from lattica.dht.records import (
+    MAX_VALUE_BYTES,
+    ProviderRecord,
+    SignedRecord,
+    sign_provider_record,
+    sign_record,
+    validate_provider_record,
+    validate_record,
+)
+from lattica.dht.routing import DhtNode, RoutingTable
+from lattica.dht.store import DhtStore, StoredPeer
+from lattica.dht.transport import RememberAddresses, RpcTransport
+from lattica.errors import LatticaError, LocalProtocolError, RemoteProtocolError
+from lattica.identity import Identity, PeerId
+from lattica.net.address import PeerAddr
+from lattica.net.datagram import Address
+
+log = logging.getLogger(__name__)
+
+V = TypeVar("V")
+R = TypeVar("R", bound=Response)
+
+HOUR_S = 3600.0
+CLOCK_SKEW_ALLOWANCE_S = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DhtConfig:
+    """Tunables of the DHT. Times are seconds; the defaults follow libp2p where it has one.
+
+    Raises :class:`LocalProtocolError` for values that cannot work (e.g. ``k`` above the
+    message limit of 32 closer peers).
+    """
+
+    k: int = 20
+    """Bucket size and replication factor."""
+    alpha: int = 3
+    """Parallel queries per lookup path."""
+    disjoint_paths: int = 1
+    """S/Kademlia disjoint lookup paths (1 = plain Kademlia)."""
+    query_timeout_s: float = 10.0
+    """Deadline of one request to one peer."""
+    lookup_timeout_s: float = 60.0
+    """Deadline of a whole iterative lookup (partial results are used after it)."""
+    put_quorum: int = 1
+    """Remote acknowledgements ``put`` needs to succeed."""
+    provide_quorum: int = 1
+    """Remote acknowledgements ``provide`` needs to succeed."""
+    get_value_count: int = 3
+    """A ``get`` stops its lookup after this many valid records were returned."""
+    client_mode: bool = False
+    """Not publicly reachable: ask others not to add us to their routing tables."""
+    max_peers_per_subnet: int = 2
+    """Per bucket, at most this many peers from one /24 (IPv4) or /48 (IPv6); 0 = no limit."""
+    diversity_applies_to_private: bool = False
+    """Apply the subnet limit to non-global addresses too (loopback/LAN are exempt by default)."""
+    max_failures: int = 2
+    """Consecutive failed requests after which a peer is evicted from the routing table."""
+    default_record_ttl_s: float = 24 * HOUR_S
+    """Record lifetime when ``put`` is given no ``ttl_s``."""
+    max_record_ttl_s: float = 7 * 24 * HOUR_S
+    """Longest record lifetime accepted (ours and others')."""
+    provider_ttl_s: float = 48 * HOUR_S
+    """Lifetime of a provider record (libp2p: 48 h)."""
+    provider_republish_interval_s: float = 22 * HOUR_S
+    """How often our provider records are re-signed and re-announced (libp2p: 22 h)."""
+    record_republish_interval_s: float = 1 * HOUR_S
+    """How often our own unexpired records are pushed again to the current closest peers."""
+    bucket_refresh_interval_s: float = 1 * HOUR_S
+    """A bucket with no lookup for this long is refreshed with a lookup of a random id in it."""
+    maintenance_interval_s: float = 60.0
+    """How often ``run`` checks for refresh, republish, expiry, re-bootstrap and persistence."""
+    bootstrap_peers: tuple[PeerAddr, ...] = ()
+    """Peers to (re-)bootstrap from, in addition to those given to ``bootstrap``."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= MAX_CLOSER_PEERS:
+            raise LocalProtocolError(f"k must be in 1..{MAX_CLOSER_PEERS}")
+        if self.alpha < 1 or self.disjoint_paths < 1:
+            raise LocalProtocolError("alpha and disjoint_paths must be at least 1")
+        if self.put_quorum < 0 or self.provide_quorum < 0 or self.get_value_count < 1:
+            raise LocalProtocolError("quorums must be >= 0 and get_value_count >= 1")
+
+
+@dataclass(frozen=True)
+class RoutingEntry:
+    """One row of ``lattica dht routing``: a peer in bucket ``bucket`` (log2 of its distance)."""
+
+    bucket: int
+    peer_id: PeerId
+    addresses: list[Address]
+    first_seen: float
+    last_seen: float
+
+
+class _QueryFailed(Exception):
+    pass
+
+
+@dataclass
+class _Outcome(Generic[V]):
+    closer: list[PeerInfo] = field(default_factory=list)
+    value: V | None = None
+
+
+class Dht:
+    """A Kademlia DHT node (see the package docstring for the API contract).
+
+    ``transport`` carries requests; ``remember_addresses(peer, addrs)`` tells the transport's
+    address book where a peer lives; ``own_addresses()`` returns our current dialable
+    addresses; ``wall_clock()`` returns unix seconds (records' expiry); ``rng`` picks refresh
+    ids. The constructor registers the request handler for :data:`PROTOCOL_ID` and loads the
+    persisted routing table. Liveness checks of full buckets, read repair and maintenance need
+    :meth:`run` to be running.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        transport: RpcTransport,
+        store: DhtStore,
+        *,
+        remember_addresses: RememberAddresses,
+        own_addresses: Callable[[], list[Address]],
+        config: DhtConfig | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.own_key = self.peer_id.dht_key()
+        self.config = config or DhtConfig()
+        self._transport = transport
+        self._store = store
+        self._remember = remember_addresses
+        self._own_addresses = own_addresses
+        self._wall_clock = wall_clock
+        self._rng = rng or random.Random()
+        self.routing_table = RoutingTable(
+            self.own_key,
+            k=self.config.k,
+            max_peers_per_subnet=self.config.max_peers_per_subnet,
+            diversity_applies_to_private=self.config.diversity_applies_to_private,
+            now=wall_clock(),
+        )
+        self._liveness_checks: set[bytes] = set()
+        self._nursery: trio.Nursery | None = None
+        self._bootstrap_addrs: list[PeerAddr] = list(self.config.bootstrap_peers)
+        self._record_published_at: dict[bytes, float] = {}
+        self._load_routing_table()
+        transport.add_handler(PROTOCOL_ID, self._handle_request)
+
+    # == public API ============================================================================
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve liveness checks and run maintenance until cancelled.
+
+        Every ``maintenance_interval_s``: re-bootstrap when the routing table is empty, refresh
+        stale buckets, republish own records and provider records that are due, purge expired
+        entries, and persist the routing table (also on exit).
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    await self.maintain()
+                    await trio.sleep(self.config.maintenance_interval_s)
+        finally:
+            self._nursery = None
+            self.persist_routing_table()
+
+    async def bootstrap(self, addrs: list[PeerAddr] | None = None) -> int:
+        """Join the DHT through ``addrs`` (plus configured and remembered bootstrap peers).
+
+        Asks each for peers near our own id, then looks up our own id to fill the routing table.
+        Returns how many bootstrap peers answered; raises :class:`BootstrapError` when none did.
+        """
+        for addr in addrs or ():
+            if addr not in self._bootstrap_addrs:
+                self._bootstrap_addrs.append(addr)
+        targets = list(addrs) if addrs else list(self._bootstrap_addrs)
+        if not targets:
+            raise BootstrapError("no bootstrap peers given; pass PEERID@HOST:PORT of a DHT node")
+        seeds: list[PeerId] = []
+        answered = 0
+
+        async def contact(addr: PeerAddr) -> None:
+            nonlocal answered
+            if addr.peer_id is not None:
+                self._remember(addr.peer_id, [addr.address])
+            try:
+                reply = await self._request(addr.peer_id or addr, self._find_node(self.own_key), Nodes)
+            except _QueryFailed:
+                return
+            answered += 1
+            claimed = PeerId(reply.sender.peer_id)
+            if addr.peer_id is None and claimed != self.peer_id:
+                # An unverified claim: remember where it answered, verify by querying it by id.
+                self._remember(claimed, [addr.address, *reply.sender.address_list()])
+            seeds.append(claimed)
+            seeds.extend(self._learn(reply.closer))
+
+        async with trio.open_nursery() as nursery:
+            for addr in targets:
+                nursery.start_soon(contact, addr)
+        if not answered:
+            shown = ", ".join(str(a) for a in targets[:3])
+            raise BootstrapError(
+                f"none of the {len(targets)} bootstrap peer(s) answered ({shown}); "
+                "check the addresses and that they are running"
+            )
+        await self._find_closest(self.own_key, seeds=seeds)
+        return answered
+
+    async def put(self, key: bytes, value: bytes, ttl_s: float | None = None, *, quorum: int | None = None) -> int:
+        """Sign ``value`` under ``key`` in our namespace and store it on the k closest nodes.
+
+        ``ttl_s`` defaults to ``config.default_record_ttl_s``. The sequence number is the larger
+        of (last one we used for ``key``) + 1 and the current unix time in milliseconds. The
+        record is kept locally and republished while it lives. Returns the number of remote
+        nodes that acknowledged. Raises :class:`RecordTooLargeError` for a value above 64 KiB,
+        :class:`LocalProtocolError` for a bad ``ttl_s``, :class:`QuorumError` when fewer than
+        ``quorum`` (default ``config.put_quorum``) nodes acknowledged.
+        """
+        if len(value) > MAX_VALUE_BYTES:
+            raise RecordTooLargeError(
+                f"value is {len(value)} bytes; the DHT limit is {MAX_VALUE_BYTES} bytes "
+                "(publish large data as content and put its id in the DHT)"
+            )
+        ttl = self.config.default_record_ttl_s if ttl_s is None else ttl_s
+        if not 0 < ttl <= self.config.max_record_ttl_s:
+            raise LocalProtocolError(f"ttl_s must be in (0, {self.config.max_record_ttl_s:.0f}] seconds, got {ttl}")
+        now = self._wall_clock()
+        dht_key = record_key(self.peer_id, key)
+        held = self._store.get_record(dht_key, now=-math.inf)
+        seq = max(held.seq + 1 if held else 0, int(now * 1000))
+        record = sign_record(self.identity, key, value, seq=seq, expires_at=int(now + ttl))
+        self._store.put_record(record, own=True)
+        acks = await self._replicate_record(record)
+        self._record_published_at[dht_key] = now
+        needed = self.config.put_quorum if quorum is None else quorum
+        if acks < needed:
+            raise QuorumError("put", acks, needed)
+        return acks
+
+    async def get(self, key: bytes, writer: PeerId | None = None) -> SignedRecord | None:
+        """The newest valid record ``key`` in ``writer``'s namespace (default: ours), or None.
+
+        Looks the key up in the DHT and compares what comes back with a local copy; peers that
+        returned an older version are sent the newest one.
+        """
+        writer = writer or self.peer_id
+        dht_key = record_key(writer, key)
+        best = self._store.get_record(dht_key, now=self._wall_clock())
+
+        def extract(peer: PeerId, reply: Value) -> _Outcome[SignedRecord]:
+            found = reply.record
+            if found is not None:
+                try:
+                    validate_record(
+                        found,
+                        now=self._wall_clock(),
+                        max_ttl_s=self.config.max_record_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
+                        expected_dht_key=dht_key,
+                    )
+                except InvalidRecordError as exc:
+                    log.info("dropping invalid record from %s: %s", peer.short(), exc)
+                    found = None
+            return _Outcome(reply.closer, found)
+
+        lookup = await self._lookup(
+            dht_key,
+            GetValue(sender=self._me(), client=self.config.client_mode, key=dht_key),
+            Value,
+            extract,
+            stop_when=lambda lk: len(lk.values) >= self.config.get_value_count,
+        )
+        for _peer, found in lookup.values:
+            if best is None or found.supersedes(best):
+                best = found
+        if best is not None:
+            outdated = [p for p, found in lookup.values if best.supersedes(found)]
+            if outdated and self._nursery is not None:
+                self._nursery.start_soon(self._send_records, outdated, best)
+        return best
+
+    async def provide(self, cid: bytes) -> int:
+        """Announce that we serve ``cid`` at our current addresses; republished every 22 h.
+
+        Returns the number of remote nodes that stored the provider record; raises
+        :class:`QuorumError` below ``config.provide_quorum``.
+        """
+        now = self._wall_clock()
+        record = sign_provider_record(
+            self.identity, cid, self._own_addresses(), expires_at=int(now + self.config.provider_ttl_s)
+        )
+        self._store.add_provided(cid)
+        try:
+            self._store.add_provider(record)
+        except StoreFullError as exc:
+            log.warning("not keeping our own provider record locally: %s", exc)
+        lookup = await self._find_closest(record.dht_key)
+        message = AddProvider(sender=self._me(), client=self.config.client_mode, record=record)
+        acks = await self._count_acks(lookup.result(), message)
+        if acks < self.config.provide_quorum:
+            raise QuorumError("provide", acks, self.config.provide_quorum)
+        return acks
+
+    def stop_providing(self, cid: bytes) -> None:
+        """Stop republishing ``cid`` (existing provider records expire on their own)."""
+        self._store.remove_provided(cid)
+
+    async def find_providers(self, cid: bytes, count: int = 20) -> list[ProviderRecord]:
+        """Up to ``count`` valid provider records for ``cid``, longest-lived first.
+
+        The providers' addresses are handed to ``remember_addresses`` so they can be dialled.
+        """
+        dht_key = provider_key(cid)
+        now = self._wall_clock()
+        found: dict[bytes, ProviderRecord] = {
+            r.provider: r for r in self._store.get_providers(dht_key, now=now, limit=count)
+        }
+
+        def extract(peer: PeerId, reply: Providers) -> _Outcome[list[ProviderRecord]]:
+            valid = []
+            for record in reply.providers:
+                try:
+                    validate_provider_record(
+                        record,
+                        now=self._wall_clock(),
+                        max_ttl_s=self.config.provider_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
+                        expected_dht_key=dht_key,
+                    )
+                except InvalidRecordError as exc:
+                    log.info("dropping invalid provider record from %s: %s", peer.short(), exc)
+                    continue
+                if record.cid != cid:
+                    continue
+                held = found.get(record.provider)
+                if held is None or record.expires_at > held.expires_at:
+                    found[record.provider] = record
+                valid.append(record)
+            return _Outcome(reply.closer, valid or None)
+
+        if len(found) < count:
+            await self._lookup(
+                dht_key,
+                GetProviders(sender=self._me(), client=self.config.client_mode, key=dht_key),
+                Providers,
+                extract,
+                stop_when=lambda _lk: len(found) >= count,
+            )
+        records = sorted(found.values(), key=lambda r: r.expires_at, reverse=True)[:count]
+        for record in records:
+            if record.provider != self.peer_id.key and record.addresses:
+                self._remember(record.provider_id, record.address_list())
+        return records
+
+    async def find_peer(self, peer_id: PeerId) -> list[Address] | None:
+        """Where ``peer_id`` can be dialled: from the routing table, else by a DHT lookup.
+
+        Returns None when no node on the path knows the peer.
+        """
+        if peer_id == self.peer_id:
+            return self._own_addresses()
+        node = self.routing_table.get(peer_id)
+        if node is not None and node.addresses:
+            return list(node.addresses)
+        found: list[Address] | None = None
+
+        def extract(peer: PeerId, reply: Nodes) -> _Outcome[None]:
+            nonlocal found
+            if peer == peer_id:
+                found = reply.sender.address_list()
+            for info in reply.closer:
+                if info.peer_id == peer_id.key and found is None:
+                    found = info.address_list()
+            return _Outcome(reply.closer, None)
+
+        target = peer_id.dht_key()
+        await self._lookup(target, self._find_node(target), Nodes, extract, stop_when=lambda _lk: found is not None)
+        return found
+
+    async def refresh(self, *, all_buckets: bool = False) -> int:
+        """Look up a random id in each stale bucket (or every bucket); returns lookups run."""
+        now = self._wall_clock()
+        max_age = -math.inf if all_buckets else self.config.bucket_refresh_interval_s
+        ranges = self.routing_table.stale_buckets(now, max_age)
+        for low, high in ranges:
+            await self._find_closest(random_key_between(low, high, self._rng))
+        return len(ranges)
+
+    async def maintain(self) -> None:
+        """One maintenance round (what :meth:`run` does every ``maintenance_interval_s``)."""
+        now = self._wall_clock()
+        purged = self._store.purge_expired(now=now)
+        if purged:
+            log.debug("purged %d expired DHT entries", purged)
+        if len(self.routing_table) == 0:
+            await self._rebootstrap()
+        if len(self.routing_table) == 0:
+            return
+        await self.refresh()
+        await self._republish(now)
+        self.persist_routing_table()
+
+    def routing_table_snapshot(self) -> list[RoutingEntry]:
+        """The routing table, farthest bucket first, least recently seen first within one."""
+        entries = [
+            RoutingEntry(
+                bucket=bucket_index(self.own_key, node.key),
+                peer_id=node.peer_id,
+                addresses=list(node.addresses),
+                first_seen=node.first_seen,
+                last_seen=node.last_seen,
+            )
+            for node in self.routing_table.peers()
+        ]
+        entries.sort(key=lambda e: -e.bucket)
+        return entries
+
+    def persist_routing_table(self) -> None:
+        """Write the routing table (peer ids, addresses, last seen) to the store."""
+        self._store.save_peers(
+            [StoredPeer(n.peer_id, list(n.addresses), n.last_seen) for n in self.routing_table.peers()]
+        )
+
+    # == serving ==============================================================================
+
+    async def _handle_request(self, peer: PeerId, payload: bytes) -> bytes:
+        try:
+            request = decode_request(payload)
+        except RemoteProtocolError as exc:
+            return self._error("malformed", str(exc))
+        if request.sender.peer_id != peer.key:
+            return self._error("bad-sender", "sender peer id differs from the connection's")
+        self._on_peer_seen(peer, request.sender.address_list(), client=request.client)
+        return encode_message(self._serve(peer, request))
+
+    def _serve(self, peer: PeerId, request: Request) -> Response:
+        me, client = self._me(), self.config.client_mode
+        now = self._wall_clock()
+        match request:
+            case Ping():
+                return Pong(sender=me, client=client)
+            case FindNode(target=target):
+                return Nodes(sender=me, client=client, closer=self._closer(target, peer))
+            case GetValue(key=key):
+                return Value(
+                    sender=me,
+                    client=client,
+                    record=self._store.get_record(key, now=now),
+                    closer=self._closer(key, peer),
+                )
+            case PutValue(record=record):
+                stored, reason = self._accept_record(record)
+                return Ack(sender=me, client=client, stored=stored, reason=reason)
+            case AddProvider(record=provider_record):
+                stored, reason = self._accept_provider(peer, provider_record)
+                return Ack(sender=me, client=client, stored=stored, reason=reason)
+            case GetProviders(key=key):
+                return Providers(
+                    sender=me,
+                    client=client,
+                    providers=self._store.get_providers(key, now=now, limit=MAX_PROVIDERS),
+                    closer=self._closer(key, peer),
+                )
+        raise AssertionError(f"unhandled request {type(request).__name__}")  # pragma: no cover
+
+    def _accept_record(self, record: SignedRecord) -> tuple[bool, str]:
+        try:
+            validate_record(
+                record,
+                now=self._wall_clock(),
+                max_ttl_s=self.config.max_record_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
+            )
+            own = record.writer == self.peer_id.key
+            self._store.put_record(record, own=own)
+        except StaleRecordError as exc:
+            return False, f"stale: {exc}"[:200]
+        except InvalidRecordError as exc:
+            return False, f"invalid: {exc}"[:200]
+        except StoreFullError:
+            return False, "store full"
+        return True, ""
+
+    def _accept_provider(self, peer: PeerId, record: ProviderRecord) -> tuple[bool, str]:
+        if record.provider != peer.key:
+            return False, "invalid: a provider record must be announced by its provider"
+        try:
+            validate_provider_record(
+                record,
+                now=self._wall_clock(),
+                max_ttl_s=self.config.provider_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
+            )
+            self._store.add_provider(record)
+        except InvalidRecordError as exc:
+            return False, f"invalid: {exc}"[:200]
+        except StoreFullError:
+            return False, "store full"
+        return True, ""
+
+    def _closer(self, target: bytes, requester: PeerId) -> list[PeerInfo]:
+        nodes = self.routing_table.closest(target, self.config.k, exclude=(requester.dht_key(),))
+        return [PeerInfo.of(n.peer_id, n.addresses) for n in nodes]
+
+    def _error(self, code: str, reason: str) -> bytes:
+        return encode_message(Error(sender=self._me(), client=self.config.client_mode, code=code, reason=reason[:200]))
+
+    # == peers =================================================================================
+
+    def _me(self) -> PeerInfo:
+        return PeerInfo.of(self.peer_id, self._own_addresses())
+
+    def _find_node(self, target: bytes) -> FindNode:
+        return FindNode(sender=self._me(), client=self.config.client_mode, target=target)
+
+    def _on_peer_seen(self, peer: PeerId, addresses: list[Address], *, client: bool) -> None:
+        if peer == self.peer_id:
+            return
+        if addresses:
+            self._remember(peer, addresses)
+        if client:
+            return
+        result = self.routing_table.add_contact(DhtNode(peer, addresses), now=self._wall_clock())
+        if result.outcome == "full" and result.check is not None:
+            self._start_liveness_check(result.check)
+
+    def _start_liveness_check(self, node: DhtNode) -> None:
+        if node.key in self._liveness_checks or self._nursery is None:
+            return
+        self._liveness_checks.add(node.key)
+        self._nursery.start_soon(self._check_liveness, node)
+
+    async def _check_liveness(self, node: DhtNode) -> None:
+        try:
+            await self._request(node.peer_id, Ping(sender=self._me(), client=self.config.client_mode), Pong)
+        except _QueryFailed:
+            log.debug("evicting unresponsive peer %s", node.peer_id.short())
+            self.routing_table.remove(node.peer_id)
+        else:
+            self.routing_table.mark_alive(node.peer_id, self._wall_clock())
+        finally:
+            self._liveness_checks.discard(node.key)
+
+    def _learn(self, closer: list[PeerInfo]) -> list[PeerId]:
+        peers = []
+        for info in closer:
+            peer = PeerId(info.peer_id)
+            if peer == self.peer_id:
+                continue
+            addresses = info.address_list()
+            if addresses and peer not in self.routing_table:
+                self._remember(peer, addresses)
+            peers.append(peer)
+        return peers
+
+    def _load_routing_table(self) -> None:
+        for stored in self._store.load_peers():
+            if stored.peer_id == self.peer_id:
+                continue
+            if stored.addresses:
+                self._remember(stored.peer_id, stored.addresses)
+            node = DhtNode(
+                stored.peer_id,
+                stored.addresses,
+                first_seen=stored.last_seen,
+                last_seen=stored.last_seen,
+            )
+            self.routing_table.add_contact(node, now=stored.last_seen)
+
+    # == requests and lookups =================================================================
+
+    async def _request(self, peer: PeerId | PeerAddr, message: Request, expect: type[R]) -> R:
+        """One request; raises ``_QueryFailed`` on any failure (and counts it against ``peer``)."""
+        expected = peer if isinstance(peer, PeerId) else peer.peer_id
+        timeout_s = self.config.query_timeout_s
+        reply: Response | None = None
+        with trio.move_on_after(timeout_s * 1.5):  # in case the transport ignores timeout_s
+            try:
+                raw = await self._transport.request(peer, PROTOCOL_ID, encode_message(message), timeout_s=timeout_s)
+                reply = decode_response(raw)
+            except (LatticaError, trio.BrokenResourceError, OSError) as exc:
+                log.debug("DHT request to %s failed: %s", peer, exc)
+        if reply is None or (expected is not None and reply.sender.peer_id != expected.key):
+            if isinstance(peer, PeerId):
+                self.routing_table.record_failure(peer, max_failures=self.config.max_failures)
+            raise _QueryFailed(str(peer))
+        if expected is not None:
+            self._on_peer_seen(expected, reply.sender.address_list(), client=reply.client)
+        if not isinstance(reply, expect):
+            raise _QueryFailed(f"{peer} answered {type(reply).__name__}")
+        return reply
+
+    async def _query_into(
+        self,
+        peer: PeerId,
+        message: Request,
+        expect: type[R],
+        results: trio.MemorySendChannel[tuple[PeerId, R | None]],
+    ) -> None:
+        try:
+            reply: R | None = await self._request(peer, message, expect)
+        except _QueryFailed:
+            reply = None
+        await results.send((peer, reply))
+
+    async def _lookup(
+        self,
+        target: bytes,
+        message: Request,
+        expect: type[R],
+        extract: Callable[[PeerId, R], _Outcome[V]],
+        *,
+        stop_when: Callable[[Lookup[V]], bool] | None = None,
+        seeds: list[PeerId] | None = None,
+    ) -> Lookup[V]:
+        """Drive a :class:`Lookup` to completion with up to alpha*paths requests in flight."""
+        config = self.config
+        if not seeds:
+            seeds = [n.peer_id for n in self.routing_table.closest(target, config.k * config.disjoint_paths)]
+        deadline = trio.current_time() + config.lookup_timeout_s
+        lookup: Lookup[V] = Lookup(
+            target,
+            seeds,
+            k=config.k,
+            alpha=config.alpha,
+            disjoint_paths=config.disjoint_paths,
+            own_id=self.own_key,
+            deadline=deadline,
+        )
+        self.routing_table.touch_bucket(target, self._wall_clock())
+        send, receive = trio.open_memory_channel[tuple[PeerId, R | None]](math.inf)
+        async with trio.open_nursery() as nursery:
+            while True:
+                for peer in lookup.next_queries(trio.current_time()):
+                    nursery.start_soon(self._query_into, peer, message, expect, send)
+                if lookup.done or lookup.in_flight == 0:
+                    break
+                with trio.move_on_at(deadline):
+                    peer, reply = await receive.receive()
+                    if reply is None:
+                        lookup.on_failure(peer)
+                    else:
+                        outcome = extract(peer, reply)
+                        lookup.on_response(peer, self._learn(outcome.closer), outcome.value)
+                        if stop_when is not None and stop_when(lookup):
+                            lookup.stop()
+            nursery.cancel_scope.cancel()
+        return lookup
+
+    async def _find_closest(self, target: bytes, *, seeds: list[PeerId] | None = None) -> Lookup[None]:
+        def extract(_peer: PeerId, reply: Nodes) -> _Outcome[None]:
+            return _Outcome(reply.closer, None)
+
+        return await self._lookup(target, self._find_node(target), Nodes, extract, seeds=seeds)
+
+    async def _count_acks(self, peers: list[PeerId], message: PutValue | AddProvider) -> int:
+        acks = 0
+
+        async def send_one(peer: PeerId) -> None:
+            nonlocal acks
+            try:
+                ack = await self._request(peer, message, Ack)
+            except _QueryFailed:
+                return
+            if ack.stored:
+                acks += 1
+            else:
+                log.info("%s refused a record: %s", peer.short(), ack.reason)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(send_one, peer)
+        return acks
+
+    async def _replicate_record(self, record: SignedRecord) -> int:
+        lookup = await self._find_closest(record.dht_key)
+        return await self._send_records(lookup.result(), record)
+
+    async def _send_records(self, peers: list[PeerId], record: SignedRecord) -> int:
+        message = PutValue(sender=self._me(), client=self.config.client_mode, record=record)
+        return await self._count_acks(peers, message)
+
+    # == maintenance ==========================================================================
+
+    async def _rebootstrap(self) -> None:
+        addrs = list(self._bootstrap_addrs)
+        for stored in self._store.load_peers():
+            for address in stored.addresses[:1]:
+                addrs.append(PeerAddr(address, stored.peer_id))
+        if not addrs:
+            return
+        try:
+            await self.bootstrap(addrs)
+        except BootstrapError as exc:
+            log.warning("re-bootstrap failed: %s", exc)
+
+    async def _republish(self, now: float) -> None:
+        interval = self.config.record_republish_interval_s
+        for record in self._store.own_records(now=now):
+            if record.writer != self.peer_id.key:
+                continue
+            if self._record_published_at.get(record.dht_key, -math.inf) + interval > now:
+                continue
+            acks = await self._replicate_record(record)
+            if acks:
+                self._record_published_at[record.dht_key] = now
+        due_after = self.config.provider_ttl_s - self.config.provider_republish_interval_s
+        for cid in self._store.provided():
+            ours = [
+                r
+                for r in self._store.get_providers(provider_key(cid), now=now, limit=MAX_PROVIDERS)
+                if r.provider == self.peer_id.key
+            ]
+            if ours and max(r.expires_at for r in ours) - now > due_after:
+                continue
+            try:
+                await self.provide(cid)
+            except QuorumError as exc:
+                log.warning("republishing provider record failed: %s", exc)

@@ -1,0 +1,117 @@
+"""DHT wire messages: round trips, bounds, and hostile bytes at the request handler."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import msgspec
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lattica.dht import Dht, DhtConfig, DhtStore
+from lattica.dht.messages import (
+    MAX_CLOSER_PEERS,
+    MAX_MESSAGE_BYTES,
+    Error,
+    FindNode,
+    Nodes,
+    PeerInfo,
+    Ping,
+    Pong,
+    Value,
+    decode_request,
+    decode_response,
+    encode_message,
+)
+from lattica.dht.records import MAX_ADDRESSES_PER_PEER, sign_record
+from lattica.dht.testing import MemoryNetwork
+from lattica.errors import FrameTooLargeError, MalformedMessageError, RemoteProtocolError
+from lattica.identity import Identity
+
+ME = Identity.from_seed(bytes([1]) * 32)
+INFO = PeerInfo.of(ME.peer_id, [("198.51.100.1", 4001)])
+
+
+def test_round_trips() -> None:
+    record = sign_record(ME, b"k", b"v", seq=1, expires_at=2_000_000_000)
+    for message in (
+        Ping(sender=INFO),
+        FindNode(sender=INFO, client=True, target=bytes(32)),
+    ):
+        assert decode_request(encode_message(message)) == message
+    for reply in (
+        Pong(sender=INFO),
+        Nodes(sender=INFO, closer=[INFO]),
+        Value(sender=INFO, record=record),
+        Error(sender=INFO, code="malformed"),
+    ):
+        assert decode_response(encode_message(reply)) == reply
+
+
+def test_requests_are_not_responses() -> None:
+    with pytest.raises(MalformedMessageError):
+        decode_response(encode_message(Ping(sender=INFO)))
+    with pytest.raises(MalformedMessageError):
+        decode_request(encode_message(Pong(sender=INFO)))
+
+
+def test_bounds_are_enforced() -> None:
+    too_many = Nodes(sender=INFO, closer=[INFO] * (MAX_CLOSER_PEERS + 1))
+    with pytest.raises(MalformedMessageError):
+        decode_response(encode_message(too_many))
+    many_addresses = msgspec.structs.replace(
+        INFO, addresses=[("198.51.100.1", p) for p in range(MAX_ADDRESSES_PER_PEER + 1)]
+    )
+    with pytest.raises(MalformedMessageError):
+        decode_request(encode_message(Ping(sender=many_addresses)))
+    with pytest.raises(MalformedMessageError):
+        decode_request(encode_message(FindNode(sender=INFO, target=bytes(20))))
+    with pytest.raises(FrameTooLargeError):
+        decode_request(b"\x00" * (MAX_MESSAGE_BYTES + 1))
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_decode_to_typed_error_or_message(data: bytes) -> None:
+    for decode in (decode_request, decode_response):
+        with contextlib.suppress(RemoteProtocolError):
+            decode(data)
+
+
+_VALID_REQUEST = encode_message(FindNode(sender=INFO, target=bytes(32)))
+
+
+@settings(max_examples=500)
+@given(st.data())
+def test_mutated_requests_decode_to_typed_error_or_message(data: st.DataObject) -> None:
+    buf = bytearray(_VALID_REQUEST)
+    for _ in range(data.draw(st.integers(1, 3))):
+        buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(RemoteProtocolError):
+        decode_request(bytes(buf))
+
+
+async def test_handler_answers_garbage_and_impostors_with_errors() -> None:
+    net = MemoryNetwork()
+    transport = net.transport(ME.peer_id, [("198.51.100.1", 4001)])
+    dht = Dht(
+        ME,
+        transport,
+        DhtStore(":memory:", own_key=ME.peer_id.dht_key()),
+        remember_addresses=transport.add_addresses,
+        own_addresses=lambda: [("198.51.100.1", 4001)],
+        config=DhtConfig(),
+        rng=random.Random(0),
+    )
+    handler = transport.handlers["/lattica/kad/1.0.0"]
+    other = Identity.from_seed(bytes([2]) * 32).peer_id
+    reply = decode_response(await handler(other, b"\xc1garbage"))
+    assert isinstance(reply, Error) and reply.code == "malformed"
+    # The sender claims to be someone other than the authenticated connection peer.
+    reply = decode_response(await handler(other, encode_message(Ping(sender=INFO))))
+    assert isinstance(reply, Error) and reply.code == "bad-sender"
+    assert len(dht.routing_table) == 0
+    await trio.lowlevel.checkpoint()

@@ -1,0 +1,310 @@
+"""The DHT service on a 50-node in-memory network (deterministic seeds, virtual time)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from lattica.dht import (
+    BootstrapError,
+    Dht,
+    DhtConfig,
+    DhtStore,
+    QuorumError,
+    RecordTooLargeError,
+    bucket_index,
+    record_key,
+    sign_record,
+)
+from lattica.dht.messages import PROTOCOL_ID, Ack, PeerInfo, Ping, PutValue, decode_response, encode_message
+from lattica.dht.testing import MemoryNetwork, MemoryTransport
+from lattica.identity import Identity
+from lattica.net.address import PeerAddr
+from lattica.net.datagram import Address
+
+WALL_EPOCH = 1_750_000_000.0
+
+
+def wall_clock() -> float:
+    return WALL_EPOCH + trio.current_time()
+
+
+@dataclass
+class SimNode:
+    identity: Identity
+    address: Address
+    transport: MemoryTransport
+    store: DhtStore
+    dht: Dht
+
+    @property
+    def peer_addr(self) -> PeerAddr:
+        return PeerAddr(self.address, self.identity.peer_id)
+
+
+def make_node(
+    net: MemoryNetwork, index: int, config: DhtConfig | None = None, store: DhtStore | None = None
+) -> SimNode:
+    identity = Identity.from_seed(bytes([index + 1]) * 32)
+    address = (f"198.18.{index // 200}.{index % 200 + 1}", 4000)
+    transport = net.transport(identity.peer_id, [address])
+    store = store or DhtStore(":memory:", own_key=identity.peer_id.dht_key())
+    dht = Dht(
+        identity,
+        transport,
+        store,
+        remember_addresses=transport.add_addresses,
+        own_addresses=lambda: [address],
+        config=config or DhtConfig(),
+        wall_clock=wall_clock,
+        rng=random.Random(index),
+    )
+    return SimNode(identity, address, transport, store, dht)
+
+
+async def start_network(
+    nursery: trio.Nursery, size: int, config: DhtConfig | None = None
+) -> tuple[MemoryNetwork, list[SimNode]]:
+    net = MemoryNetwork()
+    nodes = [make_node(net, i, config) for i in range(size)]
+    for node in nodes:
+        await nursery.start(node.dht.run)
+    for node in nodes[1:]:
+        await node.dht.bootstrap([nodes[0].peer_addr])
+    return net, nodes
+
+
+async def test_fifty_nodes_put_get_provide_find(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        _net, nodes = await start_network(nursery, 50)
+        assert all(len(n.dht.routing_table) >= 10 for n in nodes)
+
+        acks = await nodes[7].dht.put(b"model/latest", b"shard-map-v1", ttl_s=3600)
+        assert acks >= 15
+        record = await nodes[42].dht.get(b"model/latest", writer=nodes[7].identity.peer_id)
+        assert record is not None and record.value == b"shard-map-v1"
+        assert await nodes[42].dht.get(b"model/latest") is None  # node 42's own namespace
+
+        await nodes[7].dht.put(b"model/latest", b"shard-map-v2", ttl_s=3600)
+        for reader in (nodes[3], nodes[29], nodes[49]):
+            record = await reader.dht.get(b"model/latest", writer=nodes[7].identity.peer_id)
+            assert record is not None and record.value == b"shard-map-v2"
+
+        cid = b"\x12\x20" + bytes(range(32))
+        assert await nodes[11].dht.provide(cid) >= 15
+        assert await nodes[23].dht.provide(cid) >= 15
+        providers = await nodes[35].dht.find_providers(cid)
+        assert {p.provider_id for p in providers} == {
+            nodes[11].identity.peer_id,
+            nodes[23].identity.peer_id,
+        }
+        assert providers[0].address_list() in ([nodes[11].address], [nodes[23].address])
+        # The finder's transport now knows where the providers are.
+        assert nodes[35].transport.address_book[nodes[11].identity.peer_id] == [nodes[11].address]
+
+        assert await nodes[2].dht.find_peer(nodes[48].identity.peer_id) == [nodes[48].address]
+        nursery.cancel_scope.cancel()
+
+
+async def test_put_fails_without_quorum_and_never_truncates(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 6)
+        with pytest.raises(RecordTooLargeError):
+            await nodes[1].dht.put(b"big", b"x" * (64 * 1024 + 1))
+        assert await nodes[2].dht.get(b"big", writer=nodes[1].identity.peer_id) is None
+        assert await nodes[1].dht.put(b"exact", b"x" * (64 * 1024)) == 5
+
+        for node in nodes[2:]:
+            net.dead.add(node.identity.peer_id)
+        with pytest.raises(QuorumError) as info:
+            await nodes[1].dht.put(b"k", b"v", quorum=3)
+        assert info.value.acks == 1 and info.value.quorum == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_lone_node_put_raises_quorum_error(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    node = make_node(net, 0)
+    with pytest.raises(QuorumError):
+        await node.dht.put(b"k", b"v")
+    # ...but the record is kept locally (and republished once peers appear).
+    assert node.store.get_record(record_key(node.identity.peer_id, b"k"), now=0) is not None
+
+
+async def test_forged_and_stale_records_are_refused_and_do_not_spread(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        _net, nodes = await start_network(nursery, 12)
+        writer = nodes[4]
+        await writer.dht.put(b"cfg", b"good", ttl_s=3600)
+        held = await nodes[9].dht.get(b"cfg", writer=writer.identity.peer_id)
+        assert held is not None
+
+        attacker = nodes[5]
+        me = PeerInfo.of(attacker.identity.peer_id, [attacker.address])
+        # Forged: the attacker signs a record claiming the writer's namespace.
+        forged = sign_record(attacker.identity, b"cfg", b"evil", seq=held.seq + 1, expires_at=held.expires_at)
+        forged = type(forged)(
+            writer=writer.identity.peer_id.key,
+            key=forged.key,
+            value=forged.value,
+            seq=forged.seq,
+            expires_at=forged.expires_at,
+            signature=forged.signature,
+        )
+        stale = sign_record(writer.identity, b"cfg", b"old", seq=held.seq - 1, expires_at=held.expires_at)
+        for victim in nodes:
+            if victim is attacker:
+                continue
+            for bad, reason in ((forged, "invalid"), (stale, "stale")):
+                raw = await attacker.transport.request(
+                    victim.identity.peer_id
+                    if victim.identity.peer_id in attacker.transport.address_book
+                    else victim.peer_addr,
+                    PROTOCOL_ID,
+                    encode_message(PutValue(sender=me, record=bad)),
+                )
+                ack = decode_response(raw)
+                assert isinstance(ack, Ack) and not ack.stored and ack.reason.startswith(reason)
+        for reader in nodes:
+            record = await reader.dht.get(b"cfg", writer=writer.identity.peer_id)
+            assert record is not None and record.value == b"good"
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_mode_node_is_not_added_to_tables(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 8)
+        client = make_node(net, 100, DhtConfig(client_mode=True))
+        await nursery.start(client.dht.run)
+        await client.dht.bootstrap([nodes[0].peer_addr])
+        assert len(client.dht.routing_table) == 8
+        assert all(client.identity.peer_id not in n.dht.routing_table for n in nodes)
+        assert await client.dht.put(b"k", b"from a client") >= 1
+        found = await nodes[3].dht.get(b"k", writer=client.identity.peer_id)
+        assert found is not None and found.value == b"from a client"
+        nursery.cancel_scope.cancel()
+
+
+async def test_bootstrap_with_no_reachable_peer_raises(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    node = make_node(net, 0)
+    with pytest.raises(BootstrapError, match="none of the 1 bootstrap"):
+        await node.dht.bootstrap([PeerAddr(("198.18.9.9", 1))])
+
+
+async def test_bootstrap_by_address_only_learns_and_verifies_the_peer_id(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    a, b = make_node(net, 0), make_node(net, 1)
+    assert await b.dht.bootstrap([PeerAddr(a.address)]) == 1
+    assert a.identity.peer_id in b.dht.routing_table
+    assert b.identity.peer_id in a.dht.routing_table
+
+
+async def test_dead_peers_are_evicted_and_table_rebootstraps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = DhtConfig(maintenance_interval_s=60, max_failures=1)
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 5, config)
+        lonely = nodes[4]
+        for node in nodes[:4]:
+            net.dead.add(node.identity.peer_id)
+        await lonely.dht.refresh(all_buckets=True)
+        await lonely.dht.find_peer(nodes[0].identity.peer_id)
+        assert len(lonely.dht.routing_table) == 0
+        net.dead.clear()
+        await trio.sleep(61)  # one maintenance round re-bootstraps from remembered peers
+        assert len(lonely.dht.routing_table) == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_provider_records_are_republished_before_they_expire(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = DhtConfig(maintenance_interval_s=600)
+    async with trio.open_nursery() as nursery:
+        _net, nodes = await start_network(nursery, 10, config)
+        cid = b"cid-1"
+        await nodes[1].dht.provide(cid)
+        await trio.sleep(47 * 3600)
+        providers = await nodes[8].dht.find_providers(cid)
+        assert [p.provider_id for p in providers] == [nodes[1].identity.peer_id]
+        assert providers[0].expires_at > wall_clock() + 20 * 3600  # re-signed at ~22 h and ~44 h
+        nodes[1].dht.stop_providing(cid)
+        await trio.sleep(49 * 3600)
+        assert await nodes[8].dht.find_providers(cid) == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_routing_table_survives_restart(autojump_clock: trio.testing.MockClock, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path / "lattica.db"
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 6)
+        identity = nodes[5].identity
+        store = DhtStore(db, own_key=identity.peer_id.dht_key())
+        net2 = net
+        restarted = make_node(net2, 5, store=store)
+        await restarted.dht.bootstrap([nodes[0].peer_addr])
+        await restarted.dht.put(b"k", b"persisted")
+        restarted.dht.persist_routing_table()
+        snapshot = {e.peer_id for e in restarted.dht.routing_table_snapshot()}
+        store.close()
+
+        again = make_node(net2, 5, store=DhtStore(db, own_key=identity.peer_id.dht_key()))
+        assert {e.peer_id for e in again.dht.routing_table_snapshot()} == snapshot
+        record = await again.dht.get(b"k")
+        assert record is not None and record.value == b"persisted"
+        again.store.close()
+        nursery.cancel_scope.cancel()
+
+
+def far_pair(net: MemoryNetwork, config: DhtConfig) -> tuple[SimNode, SimNode, SimNode]:
+    """Node A plus two nodes that fall in the same (far) bucket of A."""
+    a = make_node(net, 0, config)
+    same_bucket = []
+    for i in range(1, 200):
+        identity = Identity.from_seed(bytes([i + 1]) * 32)
+        if bucket_index(a.identity.peer_id.dht_key(), identity.peer_id.dht_key()) == 255:
+            same_bucket.append(i)
+        if len(same_bucket) == 2:
+            break
+    return a, make_node(net, same_bucket[0], config), make_node(net, same_bucket[1], config)
+
+
+async def ping(src: SimNode, dst: SimNode) -> None:
+    me = PeerInfo.of(src.identity.peer_id, [src.address])
+    await src.transport.request(dst.peer_addr, PROTOCOL_ID, encode_message(Ping(sender=me)))
+
+
+@pytest.mark.parametrize("old_peer_alive", [True, False])
+async def test_full_bucket_keeps_live_old_peer_and_evicts_dead_one(
+    autojump_clock: trio.testing.MockClock, old_peer_alive: bool
+) -> None:
+    net = MemoryNetwork()
+    a, old, newcomer = far_pair(net, DhtConfig(k=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.dht.run)
+        await ping(old, a)
+        assert old.identity.peer_id in a.dht.routing_table
+        if not old_peer_alive:
+            net.dead.add(old.identity.peer_id)
+        await ping(newcomer, a)
+        await trio.sleep(30)  # the liveness check runs (and times out) in the background
+        table = a.dht.routing_table
+        assert (old.identity.peer_id in table) == old_peer_alive
+        assert (newcomer.identity.peer_id in table) == (not old_peer_alive)
+        nursery.cancel_scope.cancel()
