@@ -12,7 +12,10 @@ block cancels them all and closes the socket.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Self
@@ -21,6 +24,7 @@ import trio
 
 from lattica import __version__
 from lattica.config import NodeConfig
+from lattica.dht import BootstrapError, Dht, DhtConfig, DhtStore
 from lattica.identity import Identity, PeerId
 from lattica.net import Connection, ConnectionManager, Endpoint, EndpointConfig, Rpc
 from lattica.net.address import PeerAddr, format_host_port
@@ -40,6 +44,10 @@ class Node:
         config: NodeConfig | None = None,
         *,
         advertise_hosts: Sequence[str] | None = None,
+        database: Path | None = None,
+        dht_config: DhtConfig | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         self.identity = identity
         self.config = config or NodeConfig()
@@ -57,6 +65,24 @@ class Node:
         )
         self.connections = ConnectionManager(self.endpoint)
         self.rpc = Rpc(self.connections)
+        self.dht_store = DhtStore(database or ":memory:", own_key=identity.peer_id.dht_key())
+        self.dht = Dht(
+            identity,
+            self.rpc,
+            self.dht_store,
+            remember_addresses=self.connections.add_addresses,
+            own_addresses=self.listen_addresses,
+            config=dht_config
+            or DhtConfig(
+                k=self.config.dht_k,
+                alpha=self.config.dht_alpha,
+                client_mode=self.config.dht_client_mode,
+                bootstrap_peers=tuple(PeerAddr.parse(entry) for entry in self.config.bootstrap),
+            ),
+            wall_clock=wall_clock,
+            rng=rng,
+        )
+        self.joined_dht = trio.Event()
         self._advertise_hosts = list(advertise_hosts) if advertise_hosts else None
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -88,10 +114,13 @@ class Node:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
+            # Registered first so it runs last: the DHT persists its table as it stops.
+            stack.callback(self.dht_store.close)
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             await nursery.start(self.endpoint.run)
             await nursery.start(self.connections.run)
+            await nursery.start(self.dht.run)
             self._nursery = nursery
             self.started_at = trio.current_time()
         except BaseException as exc:
@@ -99,8 +128,8 @@ class Node:
             raise
         self._stack = stack
         log.info("node %s started on %s (version %s)", self.peer_id, self.dial_strings(), __version__)
-        for entry in self.config.bootstrap:
-            nursery.start_soon(self._bootstrap_one, entry)
+        if self.dht.config.bootstrap_peers:
+            nursery.start_soon(self._join_dht)
         return self
 
     async def __aexit__(
@@ -115,11 +144,21 @@ class Node:
             return None
         return await stack.__aexit__(exc_type, exc, tb)
 
-    async def _bootstrap_one(self, entry: str) -> None:
-        try:
-            await self.connect(PeerAddr.parse(entry))
-        except Exception as exc:  # one unreachable bootstrap peer must not stop the node
-            log.warning("bootstrap peer %s unreachable: %s", entry, exc)
+    async def _join_dht(self) -> None:
+        """Bootstrap until it works: an unreachable bootstrap peer is retried with backoff
+        (1 s doubling to 5 min) and reported once per attempt, never fatal."""
+        delay_s = 1.0
+        while True:
+            try:
+                answered = await self.dht.bootstrap()
+            except BootstrapError as exc:
+                log.warning("DHT bootstrap failed (%s); retrying in %.0f s", exc, delay_s)
+                await trio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 300.0)
+                continue
+            log.info("joined the DHT through %d bootstrap peer(s); %d peers known", answered, len(self.dht.routing_table))
+            self.joined_dht.set()
+            return
 
     async def connect(self, peer: PeerAddr | PeerId, *, timeout_s: float | None = None) -> Connection:
         """A connection to ``peer``, reusing an open one; see :class:`ConnectionManager`."""

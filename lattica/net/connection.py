@@ -53,11 +53,14 @@ CERTIFICATE_REQUIRED_ERROR = 0x100 + 116
 # Application-level "this is not the peer you dialled".
 PEER_MISMATCH_ERROR = 0x100 + 42  # TLS bad_certificate
 
+_TIMER_SLACK_S = 1e-6
+
+
 
 class ConnectionOwner(Protocol):
     """What a connection needs from the endpoint that carries it."""
 
-    async def _send_datagram(self, data: bytes, address: Address) -> None: ...
+    async def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None: ...
     def _register_cid(self, cid: bytes, connection: Connection) -> None: ...
     def _unregister_cid(self, cid: bytes, connection: Connection) -> None: ...
     def _connection_authenticated(self, connection: Connection) -> None: ...
@@ -258,8 +261,7 @@ class Connection:
                         break
                     datagrams = self._quic.datagrams_to_send(trio.current_time())
                     self._rearm()
-                    for data, address in datagrams:
-                        await self._owner._send_datagram(data, address)
+                    await self._owner._send_datagrams(datagrams)
                     if not self._flush_again:
                         break
         finally:
@@ -310,7 +312,11 @@ class Connection:
             return
         timer = self._quic.get_timer()
         if timer is not None and now >= timer:
-            self._quic.handle_timer(now)
+            # aioquic's loss detection compares `now - loss_delay` with `sent_time`; when the
+            # timer fires at exactly `sent_time + loss_delay`, float rounding can leave the packet
+            # "not yet lost" and the timer unchanged, so a timer task woken at that instant spins
+            # forever under a mock clock. A microsecond past the deadline always makes progress.
+            self._quic.handle_timer(max(now, timer) + _TIMER_SLACK_S)
         if self._authenticated and not self.is_closed and now >= self._keepalive_at:
             interval = self._config.keepalive_interval_s
             if now - self._last_received_at >= interval:
@@ -336,8 +342,7 @@ class Connection:
         except Exception:  # a connection that never got keys cannot even say goodbye
             datagrams = []
         with trio.CancelScope(shield=True):
-            for data, address in datagrams:
-                await self._owner._send_datagram(data, address)
+            await self._owner._send_datagrams(datagrams)
         self._terminate()
 
     def _terminate(self) -> None:
