@@ -21,8 +21,9 @@ from typing import Any
 import trio
 
 from lattica import __version__
-from lattica.config import CONFIG_FILE, CONTROL_SOCKET, load_config
+from lattica.config import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, load_config
 from lattica.control import ControlError, ControlServer
+from lattica.dht_control import register_dht_methods
 from lattica.errors import LatticaError
 from lattica.home import init_home
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, parse_host_port
@@ -153,9 +154,11 @@ async def run_daemon(
         except OSError as exc:
             raise DaemonError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery, Node(identity, sock, config) as node:
+            node = Node(identity, sock, config, database=home / DATABASE_FILE)
+            async with trio.open_nursery() as nursery, node:
                 server = ControlServer(home / CONTROL_SOCKET)
                 register_node_methods(server, node)
+                register_dht_methods(server, node)
                 await nursery.start(server.serve)
                 if on_ready is not None:
                     on_ready(node)

@@ -8,6 +8,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ class Daemon:
     """A running daemon process and what it printed at start-up."""
 
     home: Path
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
     peer_id: str = ""
     addrs: list[str] = field(default_factory=list)
 
@@ -62,30 +63,31 @@ class Daemon:
         return self.process.wait(timeout=timeout_s)
 
 
-def _read_until_ready(process: subprocess.Popen[str], timeout_s: float) -> list[str]:
-    """Lines the daemon prints up to its first 'listening on' line (an event, not a sleep)."""
+def _read_until_ready(process: subprocess.Popen[bytes], timeout_s: float) -> list[str]:
+    """Lines the daemon prints up to its last 'listening on' line (an event, not a sleep).
+
+    Reads the raw pipe: a buffered text reader would swallow lines the selector never sees.
+    """
     assert process.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    lines: list[str] = []
-    try:
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout_s
+    buffer = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
         while True:
-            if not selector.select(timeout_s):
+            lines = buffer.decode().splitlines()
+            # The daemon prints its peer line, then one line per address, then nothing more:
+            # once a 'listening on' line is complete and no more bytes are pending, it is ready.
+            if buffer.endswith(b"\n") and any(line.startswith("listening on") for line in lines):
+                if not selector.select(0.2):
+                    return lines
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
                 raise TimeoutError(f"daemon not ready within {timeout_s} s: {lines}")
-            line = process.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 raise RuntimeError(f"daemon exited early ({process.wait()}): {lines}")
-            lines.append(line.rstrip("\n"))
-            if line.startswith("listening on"):
-                # Read the other address lines already printed in the same flush.
-                while selector.select(0.5):
-                    more = process.stdout.readline()
-                    if not more.startswith("listening on"):
-                        break
-                    lines.append(more.rstrip("\n"))
-                return lines
-    finally:
-        selector.close()
+            buffer += chunk
 
 
 @pytest.fixture
@@ -99,7 +101,6 @@ def start_daemon(tmp_path: Path) -> Iterator[Any]:
             [sys.executable, "-m", "cli.main", "daemon", "--home", str(home), "--listen", "127.0.0.1:0", *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            text=True,
             env=_env(),
         )
         daemon = Daemon(home, process)
