@@ -16,6 +16,7 @@ from cli import dht_commands
 from cli.daemon_client import HomeOption, JsonOption, call_daemon, flags, guard, resolve_home
 from cli.output import console, print_json, print_table
 from lattica import __version__
+from lattica.config import CONTROL_SOCKET
 from lattica.home import init_home
 from lattica.net.address import InvalidAddressError, PeerAddr
 
@@ -72,6 +73,8 @@ def daemon(
         console.print(f"lattica {__version__} peer {node.peer_id}", highlight=False)
         for addr in node.dial_strings():
             console.print(f"listening on {addr}", highlight=False)
+        # Printed last: scripts wait for this line to know the CLI can talk to the daemon.
+        console.print(f"control socket {path / CONTROL_SOCKET}", highlight=False)
         console.file.flush()
 
     guard(lambda: trio.run(lambda: run_daemon(path, listen=listen, bootstrap=bootstrap, on_ready=ready)))

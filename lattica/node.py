@@ -15,8 +15,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from contextlib import AsyncExitStack
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -156,7 +156,8 @@ class Node:
                 await trio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 300.0)
                 continue
-            log.info("joined the DHT through %d bootstrap peer(s); %d peers known", answered, len(self.dht.routing_table))
+            known = len(self.dht.routing_table)
+            log.info("joined the DHT through %d bootstrap peer(s); %d peers known", answered, known)
             self.joined_dht.set()
             return
 

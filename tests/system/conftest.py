@@ -64,7 +64,7 @@ class Daemon:
 
 
 def _read_until_ready(process: subprocess.Popen[bytes], timeout_s: float) -> list[str]:
-    """Lines the daemon prints up to its last 'listening on' line (an event, not a sleep).
+    """Lines the daemon prints up to its 'control socket' line, which it prints once ready.
 
     Reads the raw pipe: a buffered text reader would swallow lines the selector never sees.
     """
@@ -76,11 +76,8 @@ def _read_until_ready(process: subprocess.Popen[bytes], timeout_s: float) -> lis
         selector.register(fd, selectors.EVENT_READ)
         while True:
             lines = buffer.decode().splitlines()
-            # The daemon prints its peer line, then one line per address, then nothing more:
-            # once a 'listening on' line is complete and no more bytes are pending, it is ready.
-            if buffer.endswith(b"\n") and any(line.startswith("listening on") for line in lines):
-                if not selector.select(0.2):
-                    return lines
+            if buffer.endswith(b"\n") and lines and lines[-1].startswith("control socket "):
+                return lines
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not selector.select(remaining):
                 raise TimeoutError(f"daemon not ready within {timeout_s} s: {lines}")
