@@ -14,7 +14,7 @@ import typer
 
 from cli import dht_commands
 from cli.daemon_client import HomeOption, JsonOption, call_daemon, flags, guard, resolve_home
-from cli.output import console, print_json, print_table
+from cli.output import console, print_fields, print_json, print_table
 from lattica import __version__
 from lattica.config import CONTROL_SOCKET
 from lattica.home import init_home
@@ -99,16 +99,14 @@ def status(home: HomeOption = None, json: JsonOption = False) -> None:
     if json:
         print_json(result)
         return
-    print_table(
-        None,
-        ["", ""],
+    print_fields(
         [
-            ["peer id", result["peer_id"]],
-            ["version", result["version"]],
-            ["uptime", f"{result['uptime_s']:.0f} s"],
-            ["connected peers", result["connected_peers"]],
-            *[["listening", a] for a in result["listen_addrs"]],
-        ],
+            ("peer id", result["peer_id"]),
+            ("version", result["version"]),
+            ("uptime", f"{result['uptime_s']:.0f} s"),
+            ("connected peers", result["connected_peers"]),
+            *[("listening", a) for a in result["listen_addrs"]],
+        ]
     )
 
 

@@ -22,10 +22,10 @@ def print_json(data: Any) -> None:
 
 
 def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """A rich table for people."""
+    """A rich table for people; long values (peer ids, addresses) wrap, never get cut."""
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*("-" if v is None else str(v) for v in row))
     console.print(table)
@@ -37,3 +37,13 @@ def fail(message: str, *, hint: str | None = None, code: int = 1) -> NoReturn:
     if hint:
         err_console.print(f"  {hint}", highlight=False)
     raise typer.Exit(code)
+
+
+def print_fields(rows: Sequence[tuple[str, Any]]) -> None:
+    """Name/value pairs for people, one per line, values never cut."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in rows:
+        table.add_row(name, "-" if value is None else str(value))
+    console.print(table)

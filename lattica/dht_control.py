@@ -69,7 +69,7 @@ def register_dht_methods(server: ControlServer, node: Node) -> None:
         try:
             acks = await dht.put(key.encode(), value.encode(), None if ttl_s is None else float(ttl_s))
         except QuorumError as exc:
-            raise ControlError("quorum", f"{exc}; is the node connected? (`lattica dht bootstrap`)") from None
+            raise ControlError("quorum", str(exc)) from None
         stored = node.dht_store.get_record(record_key(node.peer_id, key.encode()), now=time.time())
         return {"key": key, "acks": acks, "seq": stored.seq if stored else None}
 
@@ -87,7 +87,7 @@ def register_dht_methods(server: ControlServer, node: Node) -> None:
         try:
             acks = await dht.provide(cid.encode())
         except QuorumError as exc:
-            raise ControlError("quorum", f"{exc}; is the node connected? (`lattica dht bootstrap`)") from None
+            raise ControlError("quorum", str(exc)) from None
         return {"cid": cid, "acks": acks}
 
     async def providers(params: dict[str, Any]) -> list[dict[str, Any]]:
