@@ -4,7 +4,8 @@
 imports nothing from lattica):
 
 * ``send_to`` hands the datagram to the network and returns after one trio checkpoint; it never
-  waits for the network, which drops what it cannot carry, as UDP does.
+  waits for the network, which drops what it cannot carry, as UDP does. ``send_batch`` does the
+  same for a list of datagrams, in order, with one checkpoint for the whole list.
 * ``receive_batch`` waits for at least one datagram, then returns every queued one (up to
   ``max_datagrams``) without waiting again.
 * After ``close()`` both raise ``trio.ClosedResourceError``, including calls already waiting.
@@ -16,7 +17,7 @@ imports nothing from lattica):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -73,6 +74,20 @@ class SimSocket:
         if not isinstance(host, str) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"bad address {address!r}: expected (str, port in 0..65535)")
         self._send(self, bytes(data), (host, port))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_batch(self, datagrams: Sequence[tuple[bytes, Address]]) -> None:
+        """Send each ``(data, address)`` in order, as :meth:`send_to` would, with one checkpoint
+        for the whole batch. Raises like :meth:`send_to`; an address error stops the batch
+        there (the datagrams before it were sent)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        for data, address in datagrams:
+            if self._closed:
+                raise trio.ClosedResourceError("socket closed")
+            host, port = address
+            if not isinstance(host, str) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ValueError(f"bad address {address!r}: expected (str, port in 0..65535)")
+            self._send(self, bytes(data), (host, port))
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_batch(self, max_datagrams: int = 64) -> list[tuple[bytes, Address]]:

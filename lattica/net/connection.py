@@ -10,7 +10,8 @@ Driver rules (FIELD-NOTES, "aioquic 1.7 driven from trio"):
   earliest of aioquic's ``get_timer()``, the handshake deadline and the keepalive time; whoever
   changes the connection state re-arms it (:meth:`_rearm`). No polling.
 * ``_flush`` never runs twice at once: a second caller marks "flush again" and returns, so
-  datagrams leave in packet-number order.
+  datagrams leave in packet-number order. What one ``datagrams_to_send`` returns leaves in one
+  ``send_batch`` (one checkpoint, and one segmentation-offload syscall per run of full packets).
 
 Authentication: a connection is handed to the application only when the peer's certificate
 named an Ed25519 key (its peer id) and, for outbound connections, the expected peer id, and the

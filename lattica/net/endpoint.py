@@ -35,6 +35,7 @@ from lattica.net.tls_identity import CONNECTION_ID_LENGTH, quic_configuration
 logger = logging.getLogger("lattica.net.endpoint")
 
 _QUIC_FIXED_BIT = 0x40
+_QUIC_LONG_HEADER_BIT = 0x80
 _MIN_INITIAL_DATAGRAM_BYTES = 1200  # RFC 9000 section 14.1
 _SHUTDOWN_GRACE_S = 1.0
 
@@ -171,7 +172,7 @@ class Endpoint:
         if data and data[0] & _QUIC_FIXED_BIT:
             raise ValueError("a raw packet must have the QUIC fixed bit (0x40) clear")
         self.stats.raw_packets_sent += 1
-        await self._send_datagram(data, address)
+        await self._send_datagrams([(data, address)])
 
     @property
     def live_connection_count(self) -> int:
@@ -196,6 +197,11 @@ class Endpoint:
                 connection = self._route(data, address, now)
                 if connection is not None:
                     touched[connection] = None
+            # Events first, for every connection, before anything awaits: a task that runs during
+            # a flush must not act on state aioquic already changed (a stream it reset on
+            # STOP_SENDING) before we were told.
+            for connection in touched:
+                connection._process_events()
             # Once per connection per batch: this is what makes the driver fast.
             for connection in touched:
                 await connection._flush()
@@ -211,6 +217,18 @@ class Endpoint:
             stats.raw_packets_received += 1
             self._deliver_raw(data, address)
             return None
+        if not data[0] & _QUIC_LONG_HEADER_BIT:
+            # Short header (1-RTT, the bulk of the traffic): the destination id is bytes 1..8.
+            # Slicing it here saves parsing every header twice (aioquic parses it again).
+            if len(data) < 1 + CONNECTION_ID_LENGTH:
+                stats.malformed_dropped += 1
+                return None
+            connection = self._by_cid.get(data[1 : 1 + CONNECTION_ID_LENGTH])
+            if connection is None:
+                stats.unknown_connection_dropped += 1
+                return None
+            connection._datagram_received(data, address, now)
+            return connection
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
         except ValueError:
@@ -275,14 +293,17 @@ class Endpoint:
 
     # -- ConnectionOwner ------------------------------------------------------------------
 
-    async def _send_datagram(self, data: bytes, address: Address) -> None:
+    async def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        if not datagrams:
+            return
         try:
-            await self._socket.send_to(data, address)
+            await self._socket.send_batch(datagrams)
         except (trio.ClosedResourceError, OSError) as exc:
+            address = datagrams[0][1]
             self._log_once.warning(("send", type(exc)), "send to %s failed: %r", address, exc)
             return
-        self.stats.datagrams_sent += 1
-        self.stats.bytes_sent += len(data)
+        self.stats.datagrams_sent += len(datagrams)
+        self.stats.bytes_sent += sum(len(data) for data, _ in datagrams)
 
     def _register_cid(self, cid: bytes, connection: Connection) -> None:
         self._by_cid[cid] = connection

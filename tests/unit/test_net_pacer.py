@@ -57,3 +57,22 @@ def test_every_connection_gets_the_clamped_pacer() -> None:
         stream_receive_window_bytes=1 << 16,
     )
     assert isinstance(quic._loss._pacer, ClampedPacer)
+
+
+def test_fast_paths_may_burst_sixty_four_datagrams() -> None:
+    # 80 MB/s (a fast LAN, or loopback once RTT includes processing): 64 datagrams are ~1 ms.
+    pacer = ClampedPacer(max_datagram_size=MSS)
+    pacer.update_rate(congestion_window=800_000, smoothed_rtt=0.01)
+    assert pacer.packet_time is not None
+    assert pacer.bucket_max >= 64 * pacer.packet_time
+    assert _burst_after_idle(ClampedPacer(max_datagram_size=MSS)) >= 64
+
+
+def test_bursts_stay_within_a_millisecond_of_the_pacing_rate() -> None:
+    # 24 MB/s: 64 datagrams would take 3.2 ms, so the burst is capped at 1 ms (20 datagrams).
+    plain, clamped = QuicPacketPacer(max_datagram_size=MSS), ClampedPacer(max_datagram_size=MSS)
+    for pacer in (plain, clamped):
+        pacer.update_rate(congestion_window=240_000, smoothed_rtt=0.01)
+    assert plain.packet_time is not None
+    assert clamped.bucket_max == max(plain.bucket_max, 1e-3)
+    assert clamped.bucket_max < 64 * plain.packet_time
