@@ -14,9 +14,14 @@ Driver rules (FIELD-NOTES, "aioquic 1.7 driven from trio"):
   ``send_batch`` (one checkpoint, and one segmentation-offload syscall per run of full packets).
 
 Authentication: a connection is handed to the application only when the peer's certificate
-named an Ed25519 key (its peer id) and, for outbound connections, the expected peer id, and the
-handshake is *confirmed*: a client sees ``HandshakeCompleted`` before the server has checked the
-client's certificate, so it waits for the server's HANDSHAKE_DONE.
+named an Ed25519 key (its peer id) and, for outbound connections, the expected peer id. A client
+sees ``HandshakeCompleted`` after one round trip, when the server's CertificateVerify has proven
+the server's identity; it may send at once (its first stream data leaves with its Finished).
+The server checks the client's certificate on that Finished and closes the connection if it
+refuses it, so a refused client learns it from its first request (``BrokenResourceError`` /
+``RpcError("connection-lost")``), never by talking to an unproven server. Waiting for the
+server's HANDSHAKE_DONE instead would cost every new connection one more round trip (measured:
+a DHT step to a new peer took 3 RTT instead of 2).
 """
 
 from __future__ import annotations
@@ -412,13 +417,6 @@ class Connection:
         close_event = quic.close_event
         if close_event is not None and not self.is_closed:
             self._mark_closed(_describe_close(close_event), by_us=self._close_requested)
-        if (
-            not self._auth_done.is_set()
-            and self._peer_id is not None
-            and self.direction == "outbound"
-            and quic.handshake_confirmed
-        ):
-            self._authenticate()
 
     def _on_handshake_completed(self) -> None:
         if self._auth_done.is_set():
@@ -444,10 +442,10 @@ class Connection:
             )
             return
         self._peer_id = peer
-        if self.direction == "inbound":
-            # The server's handshake completes on the client's Finished, after the client's
-            # CertificateVerify: the client's identity is proven here.
-            self._authenticate()
+        # Server side: the handshake completes on the client's Finished, after the client's
+        # CertificateVerify. Client side: after the server's CertificateVerify. Either way the
+        # peer's identity is proven here.
+        self._authenticate()
 
     def _authenticate(self) -> None:
         now = trio.current_time()

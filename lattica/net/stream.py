@@ -135,12 +135,21 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     await self.connection._wait_progress()
                     continue
                 chunk = bytes(view[offset : offset + room])
-                self.connection._quic.send_stream_data(self.stream_id, chunk)
+                self._send_stream_data(chunk, end_stream=False)
                 offset += len(chunk)
                 await self.connection._flush()
         finally:
             self._sending = False
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _send_stream_data(self, data: bytes, *, end_stream: bool) -> None:
+        try:
+            self.connection._quic.send_stream_data(self.stream_id, data, end_stream=end_stream)
+        except RuntimeError as exc:
+            # aioquic resets the send side the moment STOP_SENDING arrives, before we have
+            # processed that event; FIN-after-FIN cannot happen (send_eof guards it), so this
+            # is the peer having stopped reading.
+            raise trio.BrokenResourceError(f"peer stopped reading stream {self.stream_id}: {exc}") from exc
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the send buffer has room (or sending would fail at once)."""
@@ -164,7 +173,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is sending on this stream")
         self._check_can_send()
         self._eof_sent = True
-        self.connection._quic.send_stream_data(self.stream_id, b"", end_stream=True)
+        self._send_stream_data(b"", end_stream=True)
         await self.connection._flush()
 
     # -- receiving ------------------------------------------------------------------------

@@ -152,3 +152,18 @@ async def test_stalled_reader_bounds_what_the_writer_can_buffer(autojump_clock: 
                 await done.wait()
             assert extra_chunks_after_release == 4
             assert len(received) == accepted
+
+
+async def test_first_request_to_a_new_peer_takes_two_round_trips(autojump_clock: trio.testing.MockClock) -> None:
+    # One round trip for the handshake (the server's identity is proven by then), one for the
+    # request, which leaves with the client's Finished.
+    async with Network(seed=5) as net:
+        hosts = [net.add_host(f"198.51.100.{i + 1}", LinkConfig(latency_s=0.025)) for i in range(2)]
+        async with started_nodes(hosts) as (a, b):
+            rtt = 0.1
+            began = trio.current_time()
+            assert await a.rpc.request(addr(b), ECHO, b"hello") == b"olleh"
+            assert trio.current_time() - began == pytest.approx(2 * rtt, abs=0.005)
+            began = trio.current_time()
+            assert await a.rpc.request(b.peer_id, ECHO, b"again") == b"niaga"
+            assert trio.current_time() - began == pytest.approx(rtt, abs=0.005)

@@ -50,8 +50,8 @@ async def test_wrong_expected_peer_raises_mismatch_naming_both_ids(
     make_endpoint: MakeEndpoint,
 ) -> None:
     alice, bob = await make_endpoint(), await make_endpoint()
-    inbound: list[Connection] = []
-    bob.set_connection_handler(inbound.append)
+    inbound_send, inbound = trio.open_memory_channel[Connection](16)
+    bob.set_connection_handler(inbound_send.send_nowait)
     impostor_id = Identity.generate().peer_id
 
     with pytest.raises(PeerIdMismatchError) as info:
@@ -59,9 +59,13 @@ async def test_wrong_expected_peer_raises_mismatch_naming_both_ids(
 
     assert str(impostor_id) in str(info.value) and str(bob.peer_id) in str(info.value)
     assert alice.connections() == []
-    # The rejected handshake never reached bob's application; a proper dial does.
+    # Alice gave up on the connection she refused; a proper dial gives both sides one live one.
     await alice.connect(bob.local_address, expected_peer=bob.peer_id)
-    assert [c.peer_id for c in inbound] == [alice.peer_id]
+    with trio.fail_after(10):
+        while (arrived := await inbound.receive()).is_closed:
+            pass
+    assert arrived.peer_id == alice.peer_id
+    assert [c.peer_id for c in alice.connections()] == [bob.peer_id]
 
 
 async def _raw_client_until_closed(quic: QuicConnection, address: tuple[str, int]) -> str:
