@@ -25,6 +25,7 @@ Service API (:class:`Dht`)::
     await dht.find_peer(peer_id: PeerId) -> list[Address] | None
     await dht.refresh(*, all_buckets: bool = False) -> int
     await dht.maintain() -> None              # one maintenance round
+    dht.last_lookup_stats -> LookupStats | None   # queries, hops, ... of the last lookup
     dht.routing_table_snapshot() -> list[RoutingEntry]
     dht.persist_routing_table() -> None
 
@@ -51,7 +52,7 @@ from lattica.dht.keys import (
     record_key,
     xor_distance,
 )
-from lattica.dht.lookup import Lookup
+from lattica.dht.lookup import Lookup, LookupStats
 from lattica.dht.messages import PROTOCOL_ID
 from lattica.dht.records import (
     MAX_VALUE_BYTES,
@@ -78,6 +79,7 @@ __all__ = [
     "DhtStore",
     "InvalidRecordError",
     "Lookup",
+    "LookupStats",
     "ProviderRecord",
     "QuorumError",
     "RecordTooLargeError",

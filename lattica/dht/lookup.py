@@ -19,11 +19,15 @@ Rules (Kademlia paper section 2.3; disjoint paths from S/Kademlia section 4.4):
 * :meth:`Lookup.stop` finishes the lookup early (e.g. enough values were found). A lookup past
   its deadline is finished and ``timed_out`` is set; its partial result stays available.
 * Our own id is never a candidate; a peer that failed is never queried again by this lookup.
+* Hops: a seed is 1 hop away; a peer first heard of from a peer ``h`` hops away is ``h + 1``
+  hops away (the shortest such chain counts). :meth:`Lookup.stats` reports the largest hop
+  count among peers that answered: the number of sequential query rounds the lookup needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from kademlia.node import Node, NodeHeap
@@ -39,6 +43,24 @@ class _Candidate(Node):  # type: ignore[misc]
     def __init__(self, peer: PeerId) -> None:
         super().__init__(peer.dht_key())
         self.peer = peer
+
+
+@dataclass(frozen=True)
+class LookupStats:
+    """What one lookup cost, for diagnostics and benchmarks (see the module docstring for hops)."""
+
+    queries: int
+    """Requests sent."""
+    responses: int
+    """Requests answered."""
+    failures: int
+    """Requests that failed or timed out."""
+    hops: int
+    """Largest hop count of a peer that answered (0 when none did)."""
+    first_value_hops: int | None
+    """Hop count of the first peer that returned a value (None when none did)."""
+    timed_out: bool
+    """The whole-lookup deadline passed."""
 
 
 class _Path:
@@ -90,9 +112,13 @@ class Lookup(Generic[V]):
         self.stopped = False
         self.timed_out = False
         self.queries_sent = 0
+        self._hops: dict[bytes, int] = {}
+        self._responses = 0
+        self._max_hops = 0
+        self._first_value_hops: int | None = None
         seed_list = [p for p in dict.fromkeys(seeds) if p.dht_key() != own_id]
         for index, peer in enumerate(seed_list):
-            self._offer(self._paths[index % len(self._paths)], peer)
+            self._offer(self._paths[index % len(self._paths)], peer, hops=1)
 
     # -- driver interface --------------------------------------------------------------------
 
@@ -133,10 +159,15 @@ class Lookup(Generic[V]):
         key = peer.dht_key()
         path.in_flight.discard(key)
         path.responded.add(key)
+        hops = self._hops[key]
+        self._responses += 1
+        self._max_hops = max(self._max_hops, hops)
         if value is not None:
             self.values.append((peer, value))
+            if self._first_value_hops is None:
+                self._first_value_hops = hops
         for other in closer:
-            self._offer(path, other)
+            self._offer(path, other, hops=hops + 1)
 
     def on_failure(self, peer: PeerId) -> None:
         """The query to ``peer`` failed or timed out; it is dropped from this lookup."""
@@ -149,6 +180,17 @@ class Lookup(Generic[V]):
     def stop(self) -> None:
         """Finish early (the driver has what it wanted)."""
         self.stopped = True
+
+    def stats(self) -> LookupStats:
+        """Queries, answers, failures and hops so far."""
+        return LookupStats(
+            queries=self.queries_sent,
+            responses=self._responses,
+            failures=len(self._failed),
+            hops=self._max_hops,
+            first_value_hops=self._first_value_hops,
+            timed_out=self.timed_out,
+        )
 
     def result(self) -> list[PeerId]:
         """Up to ``k`` peers that answered, closest to the target first (all paths merged)."""
@@ -165,7 +207,7 @@ class Lookup(Generic[V]):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _offer(self, path: _Path, peer: PeerId) -> None:
+    def _offer(self, path: _Path, peer: PeerId, *, hops: int) -> None:
         key = peer.dht_key()
         if key == self._own_id or key in self._failed:
             return
@@ -173,6 +215,8 @@ class Lookup(Generic[V]):
         if owner is not None and self._paths[owner] is not path:
             return
         self._peers.setdefault(key, peer)
+        if hops < self._hops.get(key, hops + 1):
+            self._hops[key] = hops
         path.heap.push(_Candidate(peer))
 
     def _drop_claimed_by_others(self, index: int, path: _Path) -> None:

@@ -36,7 +36,7 @@ from lattica.dht.errors import (
     StoreFullError,
 )
 from lattica.dht.keys import bucket_index, provider_key, random_key_between, record_key
-from lattica.dht.lookup import Lookup
+from lattica.dht.lookup import Lookup, LookupStats
 from lattica.dht.messages import (
     MAX_CLOSER_PEERS,
     MAX_PROVIDERS,
@@ -209,6 +209,13 @@ class Dht:
         self._nursery: trio.Nursery | None = None
         self._bootstrap_addrs: list[PeerAddr] = list(self.config.bootstrap_peers)
         self._record_published_at: dict[bytes, float] = {}
+        self.last_lookup_stats: LookupStats | None = None
+        """Statistics of the most recently finished iterative lookup (any kind), or None.
+
+        Set as a lookup finishes, with no checkpoint before ``get``/``find_providers``/
+        ``find_peer`` return: read right after awaiting one of them, it describes that call's
+        lookup, unless the call answered from the local store without one (then it is unchanged).
+        """
         self._load_routing_table()
         transport.add_handler(PROTOCOL_ID, self._handle_request)
 
@@ -710,6 +717,7 @@ class Dht:
                         if stop_when is not None and stop_when(lookup):
                             lookup.stop()
             nursery.cancel_scope.cancel()
+        self.last_lookup_stats = lookup.stats()
         return lookup
 
     async def _find_closest(self, target: bytes, *, seeds: list[PeerId] | None = None) -> Lookup[None]:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from lattica.dht.keys import xor_distance
-from lattica.dht.lookup import Lookup
+from lattica.dht.lookup import Lookup, LookupStats
 from lattica.errors import LocalProtocolError
 from lattica.identity import Identity, PeerId
 
@@ -106,6 +106,35 @@ def test_stop_and_values() -> None:
     assert lookup.values == [(batch[0], "found")]
     lookup.stop()
     assert lookup.done and lookup.next_queries() == []
+
+
+def test_stats_count_hops_along_the_chain_of_referrals() -> None:
+    a, b, c, d = WORLD[:4]
+    lookup: Lookup[str] = Lookup(TARGET, [a], k=20, alpha=1)
+    assert lookup.stats() == LookupStats(
+        queries=0, responses=0, failures=0, hops=0, first_value_hops=None, timed_out=False
+    )
+    assert lookup.next_queries() == [a]
+    lookup.on_response(a, [b, d])  # a is a seed: 1 hop; b and d are 2 hops
+    [first] = lookup.next_queries()
+    second = d if first == b else b
+    lookup.on_failure(first)
+    assert lookup.next_queries() == [second]
+    lookup.on_response(second, [c], value="found")  # c is 3 hops
+    assert lookup.next_queries() == [c]
+    lookup.on_response(c, [a], value="again")  # a seed heard of again stays 1 hop away
+    assert lookup.stats() == LookupStats(
+        queries=4, responses=3, failures=1, hops=3, first_value_hops=2, timed_out=False
+    )
+
+
+def test_stats_of_a_converged_lookup() -> None:
+    lookup: Lookup[str] = Lookup(TARGET, random.Random(1).sample(WORLD, 3), k=20, alpha=3)
+    queried = run(lookup)
+    stats = lookup.stats()
+    assert stats.queries == stats.responses == len(queried)
+    # Homing in on 20 of 300 peers known 40 at a time takes a few rounds, not one and not dozens.
+    assert 2 <= stats.hops <= 8
 
 
 def test_misuse_is_a_local_protocol_error() -> None:
