@@ -145,10 +145,11 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def _send_stream_data(self, data: bytes, *, end_stream: bool) -> None:
         try:
             self.connection._quic.send_stream_data(self.stream_id, data, end_stream=end_stream)
-        except RuntimeError as exc:
-            # aioquic resets the send side the moment STOP_SENDING arrives, before we have
-            # processed that event; FIN-after-FIN cannot happen (send_eof guards it), so this
-            # is the peer having stopped reading.
+        except (RuntimeError, ValueError) as exc:
+            # aioquic resets the send side the moment STOP_SENDING arrives (RuntimeError), and
+            # discards a stream once both directions ended (ValueError), before we processed
+            # those events; FIN-after-FIN cannot happen (send_eof guards it) and peers cannot
+            # open unidirectional streams, so either way the peer has stopped reading.
             raise trio.BrokenResourceError(f"peer stopped reading stream {self.stream_id}: {exc}") from exc
 
     async def wait_send_all_might_not_block(self) -> None:
