@@ -325,12 +325,15 @@ class Connection:
             self._quic.handle_timer(max(now, timer) + _TIMER_SLACK_S)
         if self._authenticated and not self.is_closed and now >= self._keepalive_at:
             interval = self._config.keepalive_interval_s
-            if now - self._last_received_at >= interval:
+            # Compare with the same sum the timer was armed with: `now - last >= interval` can be
+            # false at `now == last + interval` by float rounding, re-arming the timer to `now`.
+            due = self._last_received_at + interval
+            if now >= due:
                 self._ping_uid += 1
                 self._quic.send_ping(self._ping_uid)
                 self._keepalive_at = now + interval
             else:
-                self._keepalive_at = self._last_received_at + interval
+                self._keepalive_at = due
         await self._flush()
 
     async def _abort(self, error: LatticaError, *, reason: str) -> None:
