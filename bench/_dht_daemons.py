@@ -18,7 +18,6 @@ to show what a user waits for end to end.
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -32,8 +31,8 @@ from typing import Any
 
 from _harness import REPO_ROOT
 
-from lattica.config import CONTROL_SOCKET
 from lattica.control import ControlError, call
+from lattica.daemon_process import DaemonProcess, start_daemon_process
 
 DAEMONS = 5
 LOOPBACK = "127.0.0.1"
@@ -64,18 +63,6 @@ class DaemonsResult:
     error: str | None = None
 
 
-@dataclass
-class _Daemon:
-    home: Path
-    process: subprocess.Popen[bytes]
-    peer_id: str = ""
-    addr: str = ""
-
-    @property
-    def control(self) -> Path:
-        return self.home / CONTROL_SOCKET
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("LATTICA_HOME", None)
@@ -84,47 +71,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _read_until_ready(process: subprocess.Popen[bytes], timeout_s: float) -> list[str]:
-    """The daemon's start-up lines: its peer line, then one 'listening on' line per address."""
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    deadline = time.monotonic() + timeout_s
-    buffer = b""
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            lines = buffer.decode().splitlines()
-            ready = buffer.endswith(b"\n") and any(line.startswith("listening on") for line in lines)
-            if ready and not selector.select(0.2):
-                return lines
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not selector.select(remaining):
-                raise TimeoutError(f"daemon not ready within {timeout_s:g} s: {lines}")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise RuntimeError(f"daemon exited early (status {process.wait()}): {lines}")
-            buffer += chunk
-
-
-def _start(home: Path, *extra: str) -> _Daemon:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "daemon", "--home", str(home), "--listen", f"{LOOPBACK}:0", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        env=_env(),
-        cwd=REPO_ROOT,
+def _start(home: Path, *extra: str) -> DaemonProcess:
+    return start_daemon_process(
+        home, "--listen", f"{LOOPBACK}:0", *extra, env=_env(), cwd=REPO_ROOT, timeout_s=START_TIMEOUT_S
     )
-    daemon = _Daemon(home, process)
-    lines = _read_until_ready(process, START_TIMEOUT_S)
-    daemon.peer_id = lines[0].split()[-1]
-    daemon.addr = next(
-        line.split()[-1] for line in lines if line.startswith("listening on") and f"@{LOOPBACK}:" in line
-    )
-    return daemon
 
 
-def _stop(daemon: _Daemon) -> None:
+def _stop(daemon: DaemonProcess) -> None:
     if daemon.process.poll() is None:
         daemon.process.send_signal(signal.SIGTERM)
         try:
@@ -145,7 +98,7 @@ def _timed(kind: str, path: str, action: Callable[[], bool]) -> CallSample:
     return CallSample(kind, path, ok, time.perf_counter() - started, None if ok else "wrong or missing result")
 
 
-def _cli(daemon: _Daemon, *args: str) -> bool:
+def _cli(daemon: DaemonProcess, *args: str) -> bool:
     completed = subprocess.run(
         [sys.executable, "-m", "cli.main", *args, "--home", str(daemon.home), "--json"],
         capture_output=True,
@@ -160,19 +113,19 @@ def _cli(daemon: _Daemon, *args: str) -> bool:
 def run_daemons(rounds: int, cli_calls: int, progress: Callable[[str], None]) -> DaemonsResult:
     """Start the daemons, measure, stop them (also on failure); never raises for a bad run."""
     result = DaemonsResult(DAEMONS, rounds, cli_calls)
-    daemons: list[_Daemon] = []
+    daemons: list[DaemonProcess] = []
     with tempfile.TemporaryDirectory(prefix="lattica-bench-dht-") as tmp:
         try:
             setup_started = time.perf_counter()
             daemons.append(_start(Path(tmp) / "d0"))
             for i in range(1, DAEMONS):
-                daemons.append(_start(Path(tmp) / f"d{i}", "--bootstrap", daemons[0].addr))
+                daemons.append(_start(Path(tmp) / f"d{i}", "--bootstrap", daemons[0].addr_on(LOOPBACK)))
             for daemon in daemons[1:]:
-                call(daemon.control, "dht.bootstrap", {}, timeout_s=CALL_TIMEOUT_S)
+                call(daemon.control_socket, "dht.bootstrap", {}, timeout_s=CALL_TIMEOUT_S)
             keys = {d.peer_id: f"bench/{d.peer_id[:8]}" for d in daemons}
             for daemon in daemons:
                 call(
-                    daemon.control,
+                    daemon.control_socket,
                     "dht.put",
                     {"key": keys[daemon.peer_id], "value": "v" * 100},
                     timeout_s=CALL_TIMEOUT_S,
@@ -180,17 +133,18 @@ def run_daemons(rounds: int, cli_calls: int, progress: Callable[[str], None]) ->
             result.setup_s = time.perf_counter() - setup_started
             progress(f"  {DAEMONS} daemons up, joined, one put each in {result.setup_s:.1f} s")
 
-            def get(reader: _Daemon, writer: _Daemon) -> bool:
+            def get(reader: DaemonProcess, writer: DaemonProcess) -> bool:
                 got = call(
-                    reader.control,
+                    reader.control_socket,
                     "dht.get",
                     {"key": keys[writer.peer_id], "peer": writer.peer_id},
                     timeout_s=CALL_TIMEOUT_S,
                 )
                 return isinstance(got, dict) and got.get("writer") == writer.peer_id
 
-            def ping(reader: _Daemon, writer: _Daemon) -> bool:
-                answer: Any = call(reader.control, "ping", {"addr": writer.addr}, timeout_s=CALL_TIMEOUT_S)
+            def ping(reader: DaemonProcess, writer: DaemonProcess) -> bool:
+                params = {"addr": writer.addr_on(LOOPBACK)}
+                answer: Any = call(reader.control_socket, "ping", params, timeout_s=CALL_TIMEOUT_S)
                 return isinstance(answer, dict) and answer.get("peer_id") == writer.peer_id
 
             pairs = [(r, w) for r in daemons for w in daemons if r is not w]
@@ -204,7 +158,8 @@ def run_daemons(rounds: int, cli_calls: int, progress: Callable[[str], None]) ->
             progress(f"  {len(result.samples)} control-socket calls done")
             for n in range(cli_calls):
                 reader, writer = pairs[n % len(pairs)]
-                result.samples.append(_timed("ping", "cli", partial(_cli, reader, "ping", writer.addr, "-c", "1")))
+                ping_args = ("ping", writer.addr_on(LOOPBACK), "-c", "1")
+                result.samples.append(_timed("ping", "cli", partial(_cli, reader, *ping_args)))
                 get_args = ("dht", "get", keys[writer.peer_id], "--peer", writer.peer_id)
                 result.samples.append(_timed("get", "cli", partial(_cli, reader, *get_args)))
         except (ControlError, OSError, TimeoutError, RuntimeError, StopIteration) as exc:
