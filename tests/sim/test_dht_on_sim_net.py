@@ -102,7 +102,7 @@ def is_genuine(record: SignedRecord | None, writer: int) -> bool:
     reason=(
         "known DHT bug, open: after a mass join some routing tables keep empty buckets over a "
         "key's region, so 10 of 100 gets converge on 20 nodes that do not hold the record "
-        "(docs/benchmarks.md, closing note of issue 3)"
+        "(docs/status.md, issue 3)"
     ),
     strict=False,
 )
