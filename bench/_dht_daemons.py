@@ -1,11 +1,13 @@
 """The real-process half of ``bench/dht.py``: five ``lattica daemon`` processes on 127.0.0.1.
 
 Daemon 0 starts alone; daemons 1-4 start with ``--bootstrap`` pointing at it and are joined
-(``dht.bootstrap`` blocks until they are). Each daemon puts one record. (No
-``find_providers`` here: with 5 nodes and k=20 every node stores every provider record, so it is
-answered from the local store without a lookup; ``get`` always runs its lookup.)
-Then, for ``rounds`` rounds, every daemon reads every other daemon's record (``dht.get``) and
-pings it (``ping``), interleaved, each call timed
+(``dht.bootstrap`` blocks until they are). Each daemon puts one record. With 5 nodes and k=20
+every node stores every record and provider record, so a default ``get`` (quorum 1) answers
+from the local copy and looks up in the background; ``get q=4`` waits for the newest of 4
+copies, the local one and 3 from a lookup over open connections, which is the lookup's cost.
+(No ``find_providers``: it is answered locally without a lookup.)
+Then, for ``rounds`` rounds, every daemon reads every other daemon's record both ways
+(``dht.get``) and pings it (``ping``), interleaved, each call timed
 from the benchmark process through the daemon's control socket (``lattica.control.call``: the
 same JSON line the CLI sends, without the CLI's ~0.3 s of interpreter start-up). The ping over
 an already-open connection is the baseline: one RPC round trip through the same control path,
@@ -42,7 +44,7 @@ CALL_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True)
 class CallSample:
-    """One timed call: ``kind`` is get or ping, ``path`` control or cli."""
+    """One timed call: ``kind`` is ping, get or "get q=4", ``path`` control or cli."""
 
     kind: str
     path: str
@@ -133,13 +135,11 @@ def run_daemons(rounds: int, cli_calls: int, progress: Callable[[str], None]) ->
             result.setup_s = time.perf_counter() - setup_started
             progress(f"  {DAEMONS} daemons up, joined, one put each in {result.setup_s:.1f} s")
 
-            def get(reader: DaemonProcess, writer: DaemonProcess) -> bool:
-                got = call(
-                    reader.control_socket,
-                    "dht.get",
-                    {"key": keys[writer.peer_id], "peer": writer.peer_id},
-                    timeout_s=CALL_TIMEOUT_S,
-                )
+            def get(reader: DaemonProcess, writer: DaemonProcess, quorum: int | None = None) -> bool:
+                params: dict[str, Any] = {"key": keys[writer.peer_id], "peer": writer.peer_id}
+                if quorum is not None:
+                    params["quorum"] = quorum
+                got = call(reader.control_socket, "dht.get", params, timeout_s=CALL_TIMEOUT_S)
                 return isinstance(got, dict) and got.get("writer") == writer.peer_id
 
             def ping(reader: DaemonProcess, writer: DaemonProcess) -> bool:
@@ -153,7 +153,7 @@ def run_daemons(rounds: int, cli_calls: int, progress: Callable[[str], None]) ->
                 ping(reader, writer)
             for _ in range(rounds):
                 for reader, writer in pairs:
-                    for kind, action in (("ping", ping), ("get", get)):
+                    for kind, action in (("ping", ping), ("get", get), ("get q=4", partial(get, quorum=4))):
                         result.samples.append(_timed(kind, "control", partial(action, reader, writer)))
             progress(f"  {len(result.samples)} control-socket calls done")
             for n in range(cli_calls):

@@ -15,8 +15,9 @@ Baselines run in the same invocation, on the same network and records:
   step dials.
 
 Part 2, ``daemons`` (see ``_dht_daemons.py``): 5 ``lattica daemon`` processes on 127.0.0.1; ``get``
-through the control socket, against ``ping`` through the same path as the
-baseline (ratio = what the lookup adds to one request), plus a few calls through the CLI.
+(quorum 1: the local copy) and ``get q=4`` (the newest of 4 copies: a lookup) through the control
+socket, against ``ping`` through the same path as the baseline (ratio = what the lookup adds to
+one request), plus a few calls through the CLI.
 
 Usage::
 
@@ -169,7 +170,7 @@ def render_daemons(result: DaemonsResult) -> tuple[str, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     for path in ("control", "cli"):
         ping_p50 = percentile([s.seconds for s in result.samples if s.kind == "ping" and s.path == path and s.ok], 0.5)
-        for kind in ("ping", "get"):
+        for kind in ("ping", "get", "get q=4"):
             chosen: list[CallSample] = [s for s in result.samples if s.kind == kind and s.path == path]
             if not chosen:
                 continue

@@ -42,13 +42,24 @@ def get(
     key: Annotated[str, typer.Argument(help="Record key.")],
     peer: Annotated[str | None, typer.Option("--peer", help="Writer's peer id [default: this node].")] = None,
     local: Annotated[bool, typer.Option("--local", help="Only look in this node's own store.")] = False,
+    quorum: Annotated[
+        int | None,
+        typer.Option(
+            "--quorum",
+            min=1,
+            max=32,
+            help="Answer with the newest of this many copies (more is fresher, slower) [default: 1].",
+        ),
+    ] = None,
     home: HomeOption = None,
     json: JsonOption = False,
 ) -> None:
     """Fetch the newest valid record; exit 1 with 'not found' when there is none."""
-    params: dict[str, str | bool] = {"key": key, "local": local}
+    params: dict[str, str | bool | int] = {"key": key, "local": local}
     if peer:
         params["peer"] = peer
+    if quorum is not None:
+        params["quorum"] = quorum
     result = call_daemon(home, "dht.get", params)
     if result is None:
         fail(f"not found: {key!r}" + (f" from {peer}" if peer else ""))

@@ -79,7 +79,11 @@ def register_dht_methods(server: ControlServer, node: Node) -> None:
         if params.get("local"):
             record = node.dht_store.get_record(record_key(writer, key), now=time.time())
         else:
-            record = await dht.get(key, writer)
+            quorum = params.get("quorum")
+            valid = isinstance(quorum, int) and not isinstance(quorum, bool) and 1 <= quorum <= 32
+            if quorum is not None and not valid:
+                raise ControlError("bad-request", "quorum must be an integer from 1 to 32")
+            record = await dht.get(key, writer, quorum=quorum)
         return None if record is None else record_json(record)
 
     async def provide(params: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,8 @@ Service API (:class:`Dht`)::
                                               #   BootstrapError if none
     await dht.put(key: bytes, value: bytes, ttl_s: float | None = None, *,
                   quorum: int | None = None) -> int   # acks; QuorumError, RecordTooLargeError
-    await dht.get(key: bytes, writer: PeerId | None = None) -> SignedRecord | None
+    await dht.get(key: bytes, writer: PeerId | None = None, *,
+                  quorum: int | None = None) -> SignedRecord | None   # newest of quorum copies
     await dht.provide(cid: bytes) -> int      # acks; QuorumError
     dht.stop_providing(cid: bytes) -> None
     await dht.find_providers(cid: bytes, count: int = 20) -> list[ProviderRecord]

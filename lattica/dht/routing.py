@@ -312,3 +312,25 @@ class RoutingTable(_KadRoutingTable):  # type: ignore[misc]
     def stale_buckets(self, now: float, max_age_s: float) -> list[tuple[int, int]]:
         """Inclusive id ranges of buckets not looked up for ``max_age_s`` (refresh these)."""
         return [b.range for b in self.buckets if b.last_updated <= now - max_age_s]
+
+    def empty_far_buckets(self) -> list[tuple[int, int]]:
+        """Inclusive id ranges of the empty buckets that do not hold our own id.
+
+        Lookups rely on the Kademlia invariant that a bucket is empty only when no node exists
+        in its range; these are the buckets where that may not hold yet.
+        """
+        return [b.range for b in self.buckets if len(b) == 0 and not b.has_in_range(self.node)]
+
+    def wider_view(self, low: int, high: int, count: int) -> list[DhtNode]:
+        """Up to ``count`` peers from the nearest non-empty bucket farther from us than ``[low, high]``.
+
+        Such a peer keeps the range and our own id in one of its buckets, so it is the best
+        placed of our peers to know nodes in a range where our table has none. Most recently
+        seen first.
+        """
+        own = self.node.long_id
+        span = (low ^ own).bit_length()
+        for bucket in sorted(self.buckets, key=lambda b: (b.range[0] ^ own).bit_length()):
+            if (bucket.range[0] ^ own).bit_length() > span and len(bucket):
+                return list(reversed(bucket.peers()))[:count]
+        return []

@@ -108,8 +108,11 @@ class DhtConfig:
     """Remote acknowledgements ``put`` needs to succeed."""
     provide_quorum: int = 1
     """Remote acknowledgements ``provide`` needs to succeed."""
+    get_quorum: int = 1
+    """Valid records (a local copy counts) after which ``get`` answers with the newest so far."""
     get_value_count: int = 3
-    """A ``get`` stops its lookup after this many valid records were returned."""
+    """Valid records after which a ``get``'s lookup stops. Between ``get_quorum`` and this, it
+    goes on in the background, so holders of an older version are still found and repaired."""
     client_mode: bool = False
     """Not publicly reachable: ask others not to add us to their routing tables."""
     max_peers_per_subnet: int = 2
@@ -140,8 +143,8 @@ class DhtConfig:
             raise LocalProtocolError(f"k must be in 1..{MAX_CLOSER_PEERS}")
         if self.alpha < 1 or self.disjoint_paths < 1:
             raise LocalProtocolError("alpha and disjoint_paths must be at least 1")
-        if self.put_quorum < 0 or self.provide_quorum < 0 or self.get_value_count < 1:
-            raise LocalProtocolError("quorums must be >= 0 and get_value_count >= 1")
+        if self.put_quorum < 0 or self.provide_quorum < 0 or min(self.get_quorum, self.get_value_count) < 1:
+            raise LocalProtocolError("put/provide quorums must be >= 0, get_quorum and get_value_count >= 1")
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,14 @@ class _QueryFailed(Exception):
 class _Outcome(Generic[V]):
     closer: list[PeerInfo] = field(default_factory=list)
     value: V | None = None
+
+
+def _newest(found: list[tuple[PeerId, SignedRecord]]) -> SignedRecord | None:
+    best: SignedRecord | None = None
+    for _peer, record in found:
+        if best is None or record.supersedes(best):
+            best = record
+    return best
 
 
 class Dht:
@@ -209,14 +220,18 @@ class Dht:
         self._nursery: trio.Nursery | None = None
         self._bootstrap_addrs: list[PeerAddr] = list(self.config.bootstrap_peers)
         self._record_published_at: dict[bytes, float] = {}
+        self._fill_retry: dict[tuple[int, int], tuple[float, float]] = {}
+        """Empty far bucket range -> (next fill attempt, current retry interval), wall clock."""
         self.last_lookup_stats: LookupStats | None = None
-        """Statistics of the most recently finished iterative lookup (any kind), or None.
+        """Statistics of the most recent lookup a call answered from, or None.
 
-        Set as a lookup finishes, with no checkpoint before ``get``/``find_providers``/
-        ``find_peer`` return: read right after awaiting one of them, it describes that call's
-        lookup, unless the call answered from the local store without one (then it is unchanged).
+        Set with no checkpoint before ``get``/``find_providers``/``find_peer`` return: read
+        right after awaiting one of them, it describes that call's lookup as of its answer (a
+        ``get`` may answer before its lookup ends), unless the call answered from the local
+        store (then it is unchanged).
         """
         self._load_routing_table()
+        self._had_peers = len(self.routing_table) > 0
         transport.add_handler(PROTOCOL_ID, self._handle_request)
 
     # == public API ============================================================================
@@ -224,7 +239,7 @@ class Dht:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve liveness checks and run maintenance until cancelled.
 
-        Every ``maintenance_interval_s``: re-bootstrap when the routing table is empty, refresh
+        Every ``maintenance_interval_s``: re-bootstrap when the routing table lost every peer, refresh
         stale buckets, republish own records and provider records that are due, purge expired
         entries, and persist the routing table (also on exit).
         """
@@ -251,6 +266,7 @@ class Dht:
         targets = list(addrs) if addrs else list(self._bootstrap_addrs)
         if not targets:
             raise BootstrapError("no bootstrap peers given; pass PEERID@HOST:PORT of a DHT node")
+        helpers: list[PeerId] = []
         seeds: list[PeerId] = []
         answered = 0
 
@@ -267,7 +283,7 @@ class Dht:
             if addr.peer_id is None and claimed != self.peer_id:
                 # An unverified claim: remember where it answered, verify by querying it by id.
                 self._remember(claimed, [addr.address, *reply.sender.address_list()])
-            seeds.append(claimed)
+            helpers.append(claimed)
             seeds.extend(self._learn(reply.closer))
 
         async with trio.open_nursery() as nursery:
@@ -279,7 +295,15 @@ class Dht:
                 f"none of the {len(targets)} bootstrap peer(s) answered ({shown}); "
                 "check the addresses and that they are running"
             )
-        await self._find_closest(self.own_key, seeds=seeds)
+        await self._find_closest(self.own_key, seeds=helpers + seeds)
+        # Kademlia's join ends by refreshing the buckets beyond our closest neighbour. Only the
+        # empty ones need it, and their lookups must start outside our own table: when many
+        # nodes join at once, two neighbouring groups of ids can each fill their own lookups
+        # (k nodes) without ever meeting, and a lookup seeded from our table stays in our group.
+        await self._fill_empty_buckets(helpers)
+        self._had_peers = True
+        # A node killed right after joining still knows its peers when it comes back.
+        self.persist_routing_table()
         return answered
 
     async def put(self, key: bytes, value: bytes, ttl_s: float | None = None, *, quorum: int | None = None) -> int:
@@ -313,46 +337,83 @@ class Dht:
             raise QuorumError("put", acks, needed)
         return acks
 
-    async def get(self, key: bytes, writer: PeerId | None = None) -> SignedRecord | None:
+    async def get(self, key: bytes, writer: PeerId | None = None, *, quorum: int | None = None) -> SignedRecord | None:
         """The newest valid record ``key`` in ``writer``'s namespace (default: ours), or None.
 
-        Looks the key up in the DHT and compares what comes back with a local copy; peers that
-        returned an older version are sent the newest one.
+        Answers with the newest of the first ``quorum`` (default ``config.get_quorum``) valid
+        records, counting a local copy, or with the newest found when the lookup ends with
+        fewer. While :meth:`run` is running, the lookup then goes on in the background up to
+        ``config.get_value_count`` records, and every holder of an older version (us included)
+        is sent the newest one. A larger ``quorum`` trades latency for freshness.
         """
+        need = self.config.get_quorum if quorum is None else quorum
+        if need < 1:
+            raise LocalProtocolError("quorum must be at least 1")
         writer = writer or self.peer_id
         dht_key = record_key(writer, key)
-        best = self._store.get_record(dht_key, now=self._wall_clock())
+        local = self._store.get_record(dht_key, now=self._wall_clock())
+        found: list[tuple[PeerId, SignedRecord]] = [(self.peer_id, local)] if local is not None else []
+        answered = trio.Event()
+        stats: list[LookupStats] = []
 
         def extract(peer: PeerId, reply: Value) -> _Outcome[SignedRecord]:
-            found = reply.record
-            if found is not None:
+            record = reply.record
+            if record is not None:
                 try:
                     validate_record(
-                        found,
+                        record,
                         now=self._wall_clock(),
                         max_ttl_s=self.config.max_record_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
                         expected_dht_key=dht_key,
                     )
                 except InvalidRecordError as exc:
                     log.info("dropping invalid record from %s: %s", peer.short(), exc)
-                    found = None
-            return _Outcome(reply.closer, found)
+                    record = None
+                else:
+                    found.append((peer, record))
+            return _Outcome(reply.closer, record)
 
-        lookup = await self._lookup(
-            dht_key,
-            GetValue(sender=self._me(), client=self.config.client_mode, key=dht_key),
-            Value,
-            extract,
-            stop_when=lambda lk: len(lk.values) >= self.config.get_value_count,
-        )
-        for _peer, found in lookup.values:
-            if best is None or found.supersedes(best):
-                best = found
-        if best is not None:
-            outdated = [p for p, found in lookup.values if best.supersedes(found)]
-            if outdated and self._nursery is not None:
-                self._nursery.start_soon(self._send_records, outdated, best)
-        return best
+        def stop_when(lookup: Lookup[SignedRecord]) -> bool:
+            if len(found) >= need and not answered.is_set():
+                stats.append(lookup.stats())
+                answered.set()
+            return len(found) >= max(need, self.config.get_value_count)
+
+        async def look_up_and_repair() -> None:
+            lookup = await self._lookup(
+                dht_key,
+                GetValue(sender=self._me(), client=self.config.client_mode, key=dht_key),
+                Value,
+                extract,
+                stop_when=stop_when,
+            )
+            if not answered.is_set():
+                stats.append(lookup.stats())
+                answered.set()
+            await self._repair(dht_key, found)
+
+        if self._nursery is None:
+            await look_up_and_repair()
+        else:
+            if len(found) >= need:
+                answered.set()
+            self._nursery.start_soon(look_up_and_repair)
+            await answered.wait()
+        if stats:
+            self.last_lookup_stats = stats[0]
+        return _newest(found)
+
+    async def _repair(self, dht_key: bytes, found: list[tuple[PeerId, SignedRecord]]) -> None:
+        """Send the newest of ``found`` to every peer in it that returned an older version."""
+        best = _newest(found)
+        if best is None:
+            return
+        outdated = list(dict.fromkeys(p for p, record in found if best.supersedes(record)))
+        if self.peer_id in outdated:
+            outdated.remove(self.peer_id)
+            self._accept_record(best)
+        if outdated:
+            await self._send_records(outdated, best)
 
     async def provide(self, cid: bytes) -> int:
         """Announce that we serve ``cid`` at our current addresses; republished every 22 h.
@@ -413,13 +474,14 @@ class Dht:
             return _Outcome(reply.closer, valid or None)
 
         if len(found) < count:
-            await self._lookup(
+            lookup = await self._lookup(
                 dht_key,
                 GetProviders(sender=self._me(), client=self.config.client_mode, key=dht_key),
                 Providers,
                 extract,
                 stop_when=lambda _lk: len(found) >= count,
             )
+            self.last_lookup_stats = lookup.stats()
         records = sorted(found.values(), key=lambda r: r.expires_at, reverse=True)[:count]
         for record in records:
             if record.provider != self.peer_id.key and record.addresses:
@@ -448,16 +510,27 @@ class Dht:
             return _Outcome(reply.closer, None)
 
         target = peer_id.dht_key()
-        await self._lookup(target, self._find_node(target), Nodes, extract, stop_when=lambda _lk: found is not None)
+        lookup = await self._lookup(
+            target, self._find_node(target), Nodes, extract, stop_when=lambda _lk: found is not None
+        )
+        self.last_lookup_stats = lookup.stats()
         return found
 
     async def refresh(self, *, all_buckets: bool = False) -> int:
-        """Look up a random id in each stale bucket (or every bucket); returns lookups run."""
+        """Look up a random id in each stale bucket (or every bucket); returns lookups run.
+
+        An empty bucket's lookup starts from what peers with a wider view know (see
+        :meth:`_fill_range`), since our own table has nobody near its range.
+        """
         now = self._wall_clock()
         max_age = -math.inf if all_buckets else self.config.bucket_refresh_interval_s
         ranges = self.routing_table.stale_buckets(now, max_age)
+        empty = set(self.routing_table.empty_far_buckets())
         for low, high in ranges:
-            await self._find_closest(random_key_between(low, high, self._rng))
+            if (low, high) in empty:
+                await self._fill_range(low, high, helpers=[])
+            else:
+                await self._find_closest(random_key_between(low, high, self._rng))
         return len(ranges)
 
     async def maintain(self) -> None:
@@ -466,10 +539,14 @@ class Dht:
         purged = self._store.purge_expired(now=now)
         if purged:
             log.debug("purged %d expired DHT entries", purged)
-        if len(self.routing_table) == 0:
+        if len(self.routing_table) == 0 and self._had_peers:
+            # Lost every peer. (A node that never joined is joining through ``bootstrap``, with
+            # its own retries; a second bootstrap alongside would only double the work.)
             await self._rebootstrap()
         if len(self.routing_table) == 0:
             return
+        self._had_peers = True
+        await self._fill_empty_buckets([], only_due=True)
         await self.refresh()
         await self._republish(now)
         self.persist_routing_table()
@@ -717,14 +794,59 @@ class Dht:
                         if stop_when is not None and stop_when(lookup):
                             lookup.stop()
             nursery.cancel_scope.cancel()
-        self.last_lookup_stats = lookup.stats()
         return lookup
 
     async def _find_closest(self, target: bytes, *, seeds: list[PeerId] | None = None) -> Lookup[None]:
         def extract(_peer: PeerId, reply: Nodes) -> _Outcome[None]:
             return _Outcome(reply.closer, None)
 
-        return await self._lookup(target, self._find_node(target), Nodes, extract, seeds=seeds)
+        lookup = await self._lookup(target, self._find_node(target), Nodes, extract, seeds=seeds)
+        self.last_lookup_stats = lookup.stats()
+        return lookup
+
+    async def _fill_empty_buckets(self, helpers: list[PeerId], *, only_due: bool = False) -> int:
+        """Look up a random id in every empty far bucket (``only_due``: those whose retry is
+        due); returns how many lookups ran.
+
+        A bucket that stays empty is tried again after one maintenance interval, then after
+        twice that, and so on up to the bucket refresh interval: nodes that joined at the same
+        time as we did may not have been known to anyone on the first try, while a range that
+        really holds nobody costs only a few lookups before the hourly refresh takes over.
+        """
+        now = self._wall_clock()
+        ranges = self.routing_table.empty_far_buckets()
+        self._fill_retry = {r: self._fill_retry[r] for r in ranges if r in self._fill_retry}
+        ran = 0
+        for low, high in ranges:
+            due_at, interval = self._fill_retry.get((low, high), (now, 0.0))
+            if only_due and due_at > now:
+                continue
+            interval = min(max(2 * interval, self.config.maintenance_interval_s), self.config.bucket_refresh_interval_s)
+            self._fill_retry[(low, high)] = (now + interval, interval)
+            await self._fill_range(low, high, helpers=helpers)
+            ran += 1
+        return ran
+
+    async def _fill_range(self, low: int, high: int, *, helpers: list[PeerId]) -> None:
+        """Look up a random id in ``[low, high]``, seeded by what ``helpers`` (plus up to alpha
+        peers from our nearest farther bucket) know near it, and by our own closest peers."""
+        target = random_key_between(low, high, self._rng)
+        wide = [n.peer_id for n in self.routing_table.wider_view(low, high, self.config.alpha)]
+        asked = list(dict.fromkeys(helpers + wide))
+        seeds: list[PeerId] = []
+
+        async def ask(peer: PeerId) -> None:
+            try:
+                reply = await self._request(peer, self._find_node(target), Nodes)
+            except _QueryFailed:
+                return
+            seeds.extend(self._learn(reply.closer))
+
+        async with trio.open_nursery() as nursery:
+            for peer in asked:
+                nursery.start_soon(ask, peer)
+        own = [n.peer_id for n in self.routing_table.closest(target, self.config.k)]
+        await self._find_closest(target, seeds=list(dict.fromkeys(seeds + own)))
 
     async def _count_acks(self, peers: list[PeerId], message: PutValue | AddProvider) -> int:
         acks = 0

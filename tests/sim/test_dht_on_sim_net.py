@@ -98,14 +98,6 @@ def is_genuine(record: SignedRecord | None, writer: int) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    reason=(
-        "known DHT bug, open: after a mass join some routing tables keep empty buckets over a "
-        "key's region, so 10 of 100 gets converge on 20 nodes that do not hold the record "
-        "(docs/status.md, issue 3)"
-    ),
-    strict=False,
-)
 async def test_two_hundred_nodes_every_get_finds_the_right_value(autojump_clock: trio.testing.MockClock) -> None:
     rng = random.Random(101)
     async with Network(seed=101) as net, trio.open_nursery() as nursery:

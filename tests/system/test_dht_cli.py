@@ -40,10 +40,13 @@ def test_put_on_one_get_on_another_and_survive_kill_9(start_daemon: Any) -> None
     assert missing.returncode == 1
     assert "not found" in missing.stderr
 
-    # Newer sequence wins.
+    # Newer sequence wins, also when the answer waits for the newest of four copies.
     lattica_json("dht", "put", "model/latest", "sha256:def", home=writer.home)
     got = lattica_json("dht", "get", "model/latest", "--peer", writer.peer_id, home=reader.home)
     assert got["value"] == "sha256:def"
+    got = lattica_json("dht", "get", "model/latest", "--peer", writer.peer_id, "--quorum", "4", home=reader.home)
+    assert got["value"] == "sha256:def"
+    assert lattica("dht", "get", "model/latest", "--quorum", "0", home=reader.home).returncode == 2
 
     # kill -9 a node that holds the record, restart it on the same home: its records are back.
     holder = daemons[2]

@@ -19,9 +19,11 @@ from lattica.dht import (
     bucket_index,
     record_key,
     sign_record,
+    xor_distance,
 )
 from lattica.dht.messages import PROTOCOL_ID, Ack, PeerInfo, Ping, PutValue, decode_response, encode_message
 from lattica.dht.testing import MemoryNetwork, MemoryTransport
+from lattica.errors import LocalProtocolError
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
 from lattica.net.datagram import Address
@@ -307,4 +309,86 @@ async def test_full_bucket_keeps_live_old_peer_and_evicts_dead_one(
         table = a.dht.routing_table
         assert (old.identity.peer_id in table) == old_peer_alive
         assert (newcomer.identity.peer_id in table) == (not old_peer_alive)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_mass_join_leaves_no_bucket_empty_where_nodes_exist(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Everyone joins at once through three seeds, with k small enough that groups of ids fill
+    # their own lookups: without the join's empty-bucket fill, such groups stay strangers.
+    config = DhtConfig(k=4, alpha=2, maintenance_interval_s=60)
+    net = MemoryNetwork(latency_s=0.05)
+    nodes = [make_node(net, i, config) for i in range(150)]
+    keys = [int.from_bytes(n.identity.peer_id.dht_key(), "big") for n in nodes]
+
+    def holes() -> list[tuple[str, int]]:
+        """(node, live nodes in the range) for every empty bucket whose range is not empty."""
+        found = []
+        for node in nodes:
+            for low, high in node.dht.routing_table.empty_far_buckets():
+                living = sum(1 for k in keys if low <= k <= high)
+                if living:
+                    found.append((node.identity.peer_id.short(), living))
+        return found
+
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            await nursery.start(node.dht.run)
+        seeds = [n.peer_addr for n in nodes[:3]]
+        for node in nodes[1:3]:
+            await node.dht.bootstrap(seeds[:1])
+        async with trio.open_nursery() as joins:
+            for node in nodes[3:]:
+                joins.start_soon(node.dht.bootstrap, seeds)
+        # The scenario does what it is meant to: some groups missed each other while joining.
+        assert holes() != []
+        # Buckets still empty are retried 60 s after the join, then 120 s later, ...; the groups
+        # that missed each other are all connected within two maintenance rounds.
+        await trio.sleep(2 * 60 + 1)
+        assert holes() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_get_answers_at_its_quorum_and_repairs_older_copies_in_the_background(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Dead peers stay in routing tables (no eviction), so the reads below ask the stale holders.
+    config = DhtConfig(get_value_count=30, max_failures=1000)
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 30, config)
+        writer = nodes[3]
+        key = record_key(writer.identity.peer_id, b"cfg")
+
+        def value_at(node: SimNode) -> bytes | None:
+            record = node.store.get_record(key, now=wall_clock())
+            return None if record is None else record.value
+
+        await writer.dht.put(b"cfg", b"v1", ttl_s=3600)
+        holders = [n for n in nodes if n is not writer and value_at(n) == b"v1"]
+        reader = next(n for n in nodes if n is not writer and value_at(n) is None)
+        # The five holders closest to the key miss the update (down while it is put): they keep v1.
+        stale = sorted(holders, key=lambda n: xor_distance(n.identity.peer_id.dht_key(), key))[:5]
+        net.dead.update(n.identity.peer_id for n in stale)
+        await writer.dht.put(b"cfg", b"v2", ttl_s=3600)
+        net.dead.clear()
+        assert [value_at(n) for n in stale] == [b"v1"] * 5
+
+        # Quorum 1 answers at the first record; the lookup goes on after the answer.
+        first = await reader.dht.get(b"cfg", writer=writer.identity.peer_id, quorum=1)
+        assert first is not None and first.value in (b"v1", b"v2")
+        stats = reader.dht.last_lookup_stats
+        assert stats is not None and stats.responses >= 1
+        requests_at_answer = net.requests
+        await trio.testing.wait_all_tasks_blocked()
+        assert net.requests > requests_at_answer
+
+        # A quorum as large as the holder set sees the newest version, whatever answers first...
+        newest = await reader.dht.get(b"cfg", writer=writer.identity.peer_id, quorum=len(holders))
+        assert newest is not None and newest.value == b"v2"
+        await trio.testing.wait_all_tasks_blocked()
+        # ... and every holder that answered with v1 has been sent v2.
+        assert [value_at(n) for n in stale] == [b"v2"] * 5
+        with pytest.raises(LocalProtocolError):
+            await reader.dht.get(b"cfg", quorum=0)
         nursery.cancel_scope.cancel()

@@ -144,3 +144,25 @@ def test_stale_buckets_use_the_given_clock() -> None:
     assert len(table.stale_buckets(now=100.0 + 3600, max_age_s=3600)) == len(table.buckets)
     table.touch_bucket(peer(3).dht_key(), now=3700.0)
     assert len(table.stale_buckets(now=100.0 + 3600, max_age_s=3600)) == len(table.buckets) - 1
+
+
+def test_empty_far_buckets_and_the_wider_view() -> None:
+    table = RoutingTable(ME.dht_key(), k=2)
+    far = peers_in_bucket(ME, 255, 2)
+    middle = peers_in_bucket(ME, 254, 2)
+    near = peers_in_bucket(ME, 253, 2)
+    for i, p in enumerate(far + middle + near):
+        table.add_contact(DhtNode(p, public(i)), now=float(i))
+    # The table now has buckets at distances 255, 254, 253 and one holding our own id.
+    assert table.empty_far_buckets() == []
+    for p in middle:
+        table.remove(p)
+    (empty,) = table.empty_far_buckets()
+    own = int.from_bytes(ME.dht_key(), "big")
+    assert {(empty[0] ^ own).bit_length(), (empty[1] ^ own).bit_length()} == {255}
+    # The nearest farther bucket is the one at distance 255; most recently seen first.
+    assert [n.peer_id for n in table.wider_view(*empty, count=5)] == list(reversed(far))
+    assert [n.peer_id for n in table.wider_view(*empty, count=1)] == [far[1]]
+    # Nothing is farther than the farthest bucket.
+    far_range = next(b.range for b in table.buckets if far[0] in {n.peer_id for n in b.peers()})
+    assert table.wider_view(*far_range, count=3) == []
