@@ -314,12 +314,22 @@ class RoutingTable(_KadRoutingTable):  # type: ignore[misc]
         return [b.range for b in self.buckets if b.last_updated <= now - max_age_s]
 
     def empty_far_buckets(self) -> list[tuple[int, int]]:
-        """Inclusive id ranges of the empty buckets that do not hold our own id.
+        """Inclusive id ranges of the empty buckets that hold neither our own id nor ids closer
+        to us than our ``k``-th closest peer.
 
         Lookups rely on the Kademlia invariant that a bucket is empty only when no node exists
-        in its range; these are the buckets where that may not hold yet.
+        in its range; these are the buckets where that may not hold yet. (A node closer to us
+        than our k-th closest peer would have been found by our own self-lookup, so empty buckets
+        nearer than that are empty because the network is.)
         """
-        return [b.range for b in self.buckets if len(b) == 0 and not b.has_in_range(self.node)]
+        own = self.node.long_id
+        nearest = self.closest(self.own_id, self.ksize)
+        horizon = (nearest[-1].long_id ^ own).bit_length() if len(nearest) == self.ksize else 0
+        return [
+            b.range
+            for b in self.buckets
+            if len(b) == 0 and not b.has_in_range(self.node) and (b.range[0] ^ own).bit_length() > horizon
+        ]
 
     def wider_view(self, low: int, high: int, count: int) -> list[DhtNode]:
         """Up to ``count`` peers from the nearest non-empty bucket farther from us than ``[low, high]``.

@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -220,6 +220,8 @@ class Dht:
         self._nursery: trio.Nursery | None = None
         self._bootstrap_addrs: list[PeerAddr] = list(self.config.bootstrap_peers)
         self._record_published_at: dict[bytes, float] = {}
+        self._background = 0
+        self._background_idle = trio.Event()
         self._fill_retry: dict[tuple[int, int], tuple[float, float]] = {}
         """Empty far bucket range -> (next fill attempt, current retry interval), wall clock."""
         self.last_lookup_stats: LookupStats | None = None
@@ -397,11 +399,26 @@ class Dht:
         else:
             if len(found) >= need:
                 answered.set()
-            self._nursery.start_soon(look_up_and_repair)
+            self._background += 1  # counted before it starts, so background_done() sees it
+            self._nursery.start_soon(self._in_background, look_up_and_repair)
             await answered.wait()
         if stats:
             self.last_lookup_stats = stats[0]
         return _newest(found)
+
+    async def background_done(self) -> None:
+        """Wait until the work calls left running (a ``get``'s lookup and repairs) has ended."""
+        while self._background:
+            await self._background_idle.wait()
+
+    async def _in_background(self, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+        finally:
+            self._background -= 1
+            if not self._background:
+                self._background_idle.set()
+                self._background_idle = trio.Event()
 
     async def _repair(self, dht_key: bytes, found: list[tuple[PeerId, SignedRecord]]) -> None:
         """Send the newest of ``found`` to every peer in it that returned an older version."""

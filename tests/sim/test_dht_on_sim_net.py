@@ -254,13 +254,14 @@ class Forger:
         return encode_message(self.answer(request))
 
 
+@pytest.mark.parametrize("paths", [1, 3], ids=["plain", "disjoint-paths"])
 async def test_forged_values_and_lying_closer_peers_do_not_break_lookups(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, paths: int
 ) -> None:
     size, forger_index, writer = 30, 2, 25
     target = record_key(identity(writer).peer_id, KEY)
     async with Network(seed=303) as net, trio.open_nursery() as nursery:
-        cluster = DhtCluster(net, nursery, size)
+        cluster = DhtCluster(net, nursery, size, dht_config=DhtConfig(**{**vars(FAST_DHT), "disjoint_paths": paths}))
         await cluster.start(0)
         forger_node = await cluster.start(forger_index)
         await cluster.start_all([1], seeds=[0])
@@ -291,7 +292,8 @@ async def test_forged_values_and_lying_closer_peers_do_not_break_lookups(
             found[reader] = await honest[reader].dht.get(KEY, identity(writer).peer_id)
 
         await run_all(*[(push, i) for i in honest], *[(get, r) for r in honest if r != writer])
-        await trio.sleep(10)  # read repair, if any, has landed
+        for node in honest.values():
+            await node.dht.background_done()  # the gets' lookups and read repairs have ended
 
         assert forger.served.get("GetValue", 0) > 0  # the lies were told
         assert len(found) == size - 2 and all(record == genuine for record in found.values())

@@ -364,31 +364,42 @@ async def test_get_answers_at_its_quorum_and_repairs_older_copies_in_the_backgro
             record = node.store.get_record(key, now=wall_clock())
             return None if record is None else record.value
 
+        async def put_missing(value: bytes, missed_by: list[SimNode]) -> None:
+            net.dead.update(n.identity.peer_id for n in missed_by)
+            await writer.dht.put(b"cfg", value, ttl_s=3600)
+            net.dead.clear()
+
+        async def get(reader: SimNode, quorum: int | None = None) -> bytes | None:
+            record = await reader.dht.get(b"cfg", writer=writer.identity.peer_id, quorum=quorum)
+            return None if record is None else record.value
+
         await writer.dht.put(b"cfg", b"v1", ttl_s=3600)
         holders = [n for n in nodes if n is not writer and value_at(n) == b"v1"]
-        reader = next(n for n in nodes if n is not writer and value_at(n) is None)
-        # The five holders closest to the key miss the update (down while it is put): they keep v1.
+        # The five holders closest to the key (asked first by every lookup) miss the update.
         stale = sorted(holders, key=lambda n: xor_distance(n.identity.peer_id.dht_key(), key))[:5]
-        net.dead.update(n.identity.peer_id for n in stale)
-        await writer.dht.put(b"cfg", b"v2", ttl_s=3600)
-        net.dead.clear()
+        await put_missing(b"v2", stale)
         assert [value_at(n) for n in stale] == [b"v1"] * 5
-
-        # Quorum 1 answers at the first record; the lookup goes on after the answer.
-        first = await reader.dht.get(b"cfg", writer=writer.identity.peer_id, quorum=1)
-        assert first is not None and first.value in (b"v1", b"v2")
-        stats = reader.dht.last_lookup_stats
-        assert stats is not None and stats.responses >= 1
-        requests_at_answer = net.requests
-        await trio.testing.wait_all_tasks_blocked()
-        assert net.requests > requests_at_answer
+        readers = [n for n in nodes if n is not writer and value_at(n) is None]
 
         # A quorum as large as the holder set sees the newest version, whatever answers first...
-        newest = await reader.dht.get(b"cfg", writer=writer.identity.peer_id, quorum=len(holders))
-        assert newest is not None and newest.value == b"v2"
-        await trio.testing.wait_all_tasks_blocked()
+        assert await get(readers[0], quorum=len(holders)) == b"v2"
+        await readers[0].dht.background_done()
         # ... and every holder that answered with v1 has been sent v2.
         assert [value_at(n) for n in stale] == [b"v2"] * 5
+
+        # A holder answers from its own copy at once, stale or not, and then updates it.
+        await put_missing(b"v3", stale)
+        assert await get(stale[0]) == b"v2"
+        await stale[0].dht.background_done()
+        assert [value_at(n) for n in stale] == [b"v3"] * 5
+
+        # Quorum 1 answers at the first record; the lookup goes on after the answer.
+        net.latency_s = 0.05
+        assert await get(readers[1], quorum=1) == b"v3"
+        requests_at_answer = net.requests
+        await readers[1].dht.background_done()
+        assert net.requests > requests_at_answer
+
         with pytest.raises(LocalProtocolError):
-            await reader.dht.get(b"cfg", quorum=0)
+            await get(readers[1], quorum=0)
         nursery.cancel_scope.cancel()

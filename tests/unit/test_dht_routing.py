@@ -166,3 +166,21 @@ def test_empty_far_buckets_and_the_wider_view() -> None:
     # Nothing is farther than the farthest bucket.
     far_range = next(b.range for b in table.buckets if far[0] in {n.peer_id for n in b.peers()})
     assert table.wider_view(*far_range, count=3) == []
+
+
+def test_empty_buckets_nearer_than_the_kth_closest_peer_are_not_reported() -> None:
+    table = RoutingTable(ME.dht_key(), k=2)
+    peers = peers_in_bucket(ME, 255, 2) + peers_in_bucket(ME, 254, 2) + peers_in_bucket(ME, 252, 1)
+    nearest = peers_in_bucket(ME, 249, 2)  # only there to make the table split down to them
+    peers += peers_in_bucket(ME, 250, 1) + nearest
+    for i, p in enumerate(peers):
+        table.add_contact(DhtNode(p, public(i)), now=0.0)
+    for p in nearest:
+        table.remove(p)
+    own = int.from_bytes(ME.dht_key(), "big")
+    empty_indices = {(b.range[0] ^ own).bit_length() - 1 for b in table.buckets if len(b) == 0}
+    # Bucket 253 lies beyond the 2nd closest peer (in bucket 252): nodes there may exist unseen.
+    # Bucket 251 lies between our two closest peers: a self-lookup would have found its nodes.
+    assert {253, 251} <= empty_indices
+    reported = {(low ^ own).bit_length() - 1 for low, _high in table.empty_far_buckets()}
+    assert reported == {253}
