@@ -55,6 +55,9 @@ from _harness import load_average, machine_info, utc_now, write_results  # noqa:
 PARTS = ("sim", "daemons")
 TARGET_P50_RTT = 3.0
 TARGET_P99_RTT = 6.0
+# Virtual times are sums of fixed link latencies, so 3 RTT can come out as 3.0000000000000004:
+# the tolerance absorbs float rounding only (a microsecond of a 100 ms RTT).
+RTT_EPSILON = 1e-5
 READS = ("get", "find_providers")
 
 
@@ -143,8 +146,8 @@ def render_sim(result: SimResult) -> tuple[str, list[dict[str, Any]], dict[str, 
             continue
         meets = {
             "success_100": main["success_rate"] == 1.0,
-            "p50_le_3_rtt": main["time_p50_rtt"] is not None and main["time_p50_rtt"] <= TARGET_P50_RTT,
-            "p99_le_6_rtt": main["time_p99_rtt"] is not None and main["time_p99_rtt"] <= TARGET_P99_RTT,
+            "p50_le_3_rtt": main["time_p50_rtt"] is not None and main["time_p50_rtt"] <= TARGET_P50_RTT + RTT_EPSILON,
+            "p99_le_6_rtt": main["time_p99_rtt"] is not None and main["time_p99_rtt"] <= TARGET_P99_RTT + RTT_EPSILON,
         }
         ratio = (
             main["time_p50_ms"] / base["time_p50_ms"]

@@ -382,16 +382,18 @@ class Dht:
             return len(found) >= max(need, self.config.get_value_count)
 
         async def look_up_and_repair() -> None:
-            lookup = await self._lookup(
-                dht_key,
-                GetValue(sender=self._me(), client=self.config.client_mode, key=dht_key),
-                Value,
-                extract,
-                stop_when=stop_when,
-            )
-            if not answered.is_set():
-                stats.append(lookup.stats())
-                answered.set()
+            try:
+                lookup = await self._lookup(
+                    dht_key,
+                    GetValue(sender=self._me(), client=self.config.client_mode, key=dht_key),
+                    Value,
+                    extract,
+                    stop_when=stop_when,
+                )
+                if not answered.is_set():
+                    stats.append(lookup.stats())
+            finally:
+                answered.set()  # also when the DHT shuts down under us: answer with what we have
             await self._repair(dht_key, found)
 
         if self._nursery is None:
