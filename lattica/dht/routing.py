@@ -313,6 +313,10 @@ class RoutingTable(_KadRoutingTable):  # type: ignore[misc]
         """Inclusive id ranges of buckets not looked up for ``max_age_s`` (refresh these)."""
         return [b.range for b in self.buckets if b.last_updated <= now - max_age_s]
 
+    def bucket_population(self, key: bytes) -> int:
+        """How many peers the bucket covering ``key`` holds."""
+        return len(self.buckets[self.get_bucket_for(Node(key))])
+
     def empty_far_buckets(self) -> list[tuple[int, int]]:
         """Inclusive id ranges of the empty buckets that hold neither our own id nor ids closer
         to us than our ``k``-th closest peer.

@@ -848,7 +848,13 @@ class Dht:
 
     async def _fill_range(self, low: int, high: int, *, helpers: list[PeerId]) -> None:
         """Look up a random id in ``[low, high]``, seeded by what ``helpers`` (plus up to alpha
-        peers from our nearest farther bucket) know near it, and by our own closest peers."""
+        peers from our nearest farther bucket) know near it, and by our own closest peers.
+
+        The lookup stops once alpha peers of the range have answered (and so joined the
+        bucket): lookups need one live peer per non-empty range, and traffic fills the bucket
+        further. Running it to convergence costs about three times the requests, most of them
+        to peers not yet connected.
+        """
         target = random_key_between(low, high, self._rng)
         wide = [n.peer_id for n in self.routing_table.wider_view(low, high, self.config.alpha)]
         asked = list(dict.fromkeys(helpers + wide))
@@ -865,7 +871,19 @@ class Dht:
             for peer in asked:
                 nursery.start_soon(ask, peer)
         own = [n.peer_id for n in self.routing_table.closest(target, self.config.k)]
-        await self._find_closest(target, seeds=list(dict.fromkeys(seeds + own)))
+
+        def extract(_peer: PeerId, reply: Nodes) -> _Outcome[None]:
+            return _Outcome(reply.closer, None)
+
+        enough = self.config.alpha
+        await self._lookup(
+            target,
+            self._find_node(target),
+            Nodes,
+            extract,
+            seeds=list(dict.fromkeys(seeds + own)),
+            stop_when=lambda _lk: self.routing_table.bucket_population(target) >= enough,
+        )
 
     async def _count_acks(self, peers: list[PeerId], message: PutValue | AddProvider) -> int:
         acks = 0
