@@ -142,11 +142,11 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    # Read-only: which commit these numbers belong to.
+def _git(*args: str) -> str | None:
+    # Read-only queries: which code these numbers belong to.
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -155,7 +155,17 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip()
+
+
+def _git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (the numbers then belong to no commit)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def load_average() -> list[float] | None:
@@ -179,6 +189,7 @@ def machine_info(packages: Sequence[str]) -> dict[str, Any]:
         "load_average": load_average(),
         "packages": {name: _package_version(name) for name in packages},
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
     }
 
 
@@ -188,11 +199,20 @@ def utc_now() -> dt.datetime:
 
 
 def write_results(name: str, started_at: dt.datetime, document: dict[str, Any]) -> Path:
-    """Write ``document`` to ``bench/results/<name>-<UTC timestamp>.json``; returns the path."""
+    """Write ``document`` to ``bench/results/<name>-<UTC timestamp>.json`` (``-2``, ``-3``, ...
+    appended when two runs started in the same second); returns the path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    return path
+    stem = f"{name}-{started_at.strftime('%Y%m%dT%H%M%SZ')}"
+    text = json.dumps(document, indent=2) + "\n"
+    for attempt in range(1, 100):
+        path = RESULTS_DIR / (f"{stem}.json" if attempt == 1 else f"{stem}-{attempt}.json")
+        try:
+            with path.open("x") as file:  # never overwrite another run's results
+                file.write(text)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{RESULTS_DIR}/{stem}*.json: 99 runs started in one second")
 
 
 def die_after(seconds: float) -> None:
