@@ -135,6 +135,9 @@ class DhtConfig:
     """A bucket with no lookup for this long is refreshed with a lookup of a random id in it."""
     maintenance_interval_s: float = 60.0
     """How often ``run`` checks for refresh, republish, expiry, re-bootstrap and persistence."""
+    table_save_delay_s: float = 5.0
+    """After the routing table gained or lost a peer, it is saved this much later (changes in
+    between are saved together); last-seen times are saved every maintenance round."""
     bootstrap_peers: tuple[PeerAddr, ...] = ()
     """Peers to (re-)bootstrap from, in addition to those given to ``bootstrap``."""
 
@@ -222,6 +225,7 @@ class Dht:
         self._record_published_at: dict[bytes, float] = {}
         self._background = 0
         self._background_idle = trio.Event()
+        self._table_changed = trio.Event()
         self._fill_retry: dict[tuple[int, int], tuple[float, float]] = {}
         """Empty far bucket range -> (next fill attempt, current retry interval), wall clock."""
         self.last_lookup_stats: LookupStats | None = None
@@ -243,11 +247,13 @@ class Dht:
 
         Every ``maintenance_interval_s``: re-bootstrap when the routing table lost every peer, refresh
         stale buckets, republish own records and provider records that are due, purge expired
-        entries, and persist the routing table (also on exit).
+        entries, and persist the routing table (also on exit, and ``table_save_delay_s`` after
+        it gains or loses a peer).
         """
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._save_table_when_changed)
                 task_status.started()
                 while True:
                     await self.maintain()
@@ -689,7 +695,9 @@ class Dht:
         if client:
             return
         result = self.routing_table.add_contact(DhtNode(peer, addresses), now=self._wall_clock())
-        if result.outcome == "full" and result.check is not None:
+        if result.outcome == "added":
+            self._table_changed.set()
+        elif result.outcome == "full" and result.check is not None:
             self._start_liveness_check(result.check)
 
     def _start_liveness_check(self, node: DhtNode) -> None:
@@ -704,6 +712,7 @@ class Dht:
         except _QueryFailed:
             log.debug("evicting unresponsive peer %s", node.peer_id.short())
             self.routing_table.remove(node.peer_id)
+            self._table_changed.set()
         else:
             self.routing_table.mark_alive(node.peer_id, self._wall_clock())
         finally:
@@ -749,8 +758,10 @@ class Dht:
             except (LatticaError, trio.BrokenResourceError, OSError) as exc:
                 log.debug("DHT request to %s failed: %s", peer, exc)
         if reply is None or (expected is not None and reply.sender.peer_id != expected.key):
-            if isinstance(peer, PeerId):
-                self.routing_table.record_failure(peer, max_failures=self.config.max_failures)
+            if isinstance(peer, PeerId) and self.routing_table.record_failure(
+                peer, max_failures=self.config.max_failures
+            ):
+                self._table_changed.set()
             raise _QueryFailed(str(peer))
         if expected is not None:
             self._on_peer_seen(expected, reply.sender.address_list(), client=reply.client)
@@ -913,6 +924,13 @@ class Dht:
         return await self._count_acks(peers, message)
 
     # == maintenance ==========================================================================
+
+    async def _save_table_when_changed(self) -> None:
+        while True:
+            await self._table_changed.wait()
+            await trio.sleep(self.config.table_save_delay_s)
+            self._table_changed = trio.Event()
+            self.persist_routing_table()
 
     async def _rebootstrap(self) -> None:
         addrs = list(self._bootstrap_addrs)

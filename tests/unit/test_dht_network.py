@@ -403,3 +403,32 @@ async def test_get_answers_at_its_quorum_and_repairs_older_copies_in_the_backgro
         with pytest.raises(LocalProtocolError):
             await get(readers[1], quorum=0)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_new_peer_is_on_disk_seconds_after_it_joined_the_table(
+    autojump_clock: trio.testing.MockClock, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    db = tmp_path / "lattica.db"
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 3)
+        own_key = Identity.from_seed(bytes([10 + 1]) * 32).peer_id.dht_key()  # make_node's identity
+        node = make_node(net, 10, store=DhtStore(db, own_key=own_key))
+        await nursery.start(node.dht.run)
+        await node.dht.bootstrap([nodes[0].peer_addr])  # the join itself saves the table
+        newcomer = make_node(net, 11)
+        await nursery.start(newcomer.dht.run)
+        await newcomer.dht.bootstrap([node.peer_addr])
+        assert newcomer.identity.peer_id in node.dht.routing_table
+
+        def on_disk() -> set[object]:
+            # What a restart after kill -9 would load: a second connection reads the file.
+            reader = DhtStore(db, own_key=own_key)
+            try:
+                return {p.peer_id for p in reader.load_peers()}
+            finally:
+                reader.close()
+
+        assert newcomer.identity.peer_id not in on_disk()
+        await trio.sleep(DhtConfig().table_save_delay_s + 0.1)  # well before a maintenance round
+        assert newcomer.identity.peer_id in on_disk()
+        nursery.cancel_scope.cancel()
