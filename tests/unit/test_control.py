@@ -40,7 +40,15 @@ def _raw(path: Path, data: bytes) -> bytes:
         except BrokenPipeError:
             pass  # the server may refuse and close before reading everything; its reply is queued
         chunks = []
-        while chunk := s.recv(65536):
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                # A server that closes with part of our request unread makes Linux reset the
+                # connection; what it sent before closing is still read first, so this is the end.
+                break
+            if not chunk:
+                break
             chunks.append(chunk)
     return b"".join(chunks)
 
