@@ -826,11 +826,19 @@ class Dht:
             nursery.cancel_scope.cancel()
         return lookup
 
-    async def _find_closest(self, target: bytes, *, seeds: list[PeerId] | None = None) -> Lookup[None]:
+    async def _find_closest(
+        self,
+        target: bytes,
+        *,
+        seeds: list[PeerId] | None = None,
+        stop_when: Callable[[Lookup[None]], bool] | None = None,
+    ) -> Lookup[None]:
         def extract(_peer: PeerId, reply: Nodes) -> _Outcome[None]:
             return _Outcome(reply.closer, None)
 
-        lookup = await self._lookup(target, self._find_node(target), Nodes, extract, seeds=seeds)
+        lookup = await self._lookup(
+            target, self._find_node(target), Nodes, extract, seeds=seeds, stop_when=stop_when
+        )
         self.last_lookup_stats = lookup.stats()
         return lookup
 
@@ -882,16 +890,9 @@ class Dht:
             for peer in asked:
                 nursery.start_soon(ask, peer)
         own = [n.peer_id for n in self.routing_table.closest(target, self.config.k)]
-
-        def extract(_peer: PeerId, reply: Nodes) -> _Outcome[None]:
-            return _Outcome(reply.closer, None)
-
         enough = self.config.alpha
-        await self._lookup(
+        await self._find_closest(
             target,
-            self._find_node(target),
-            Nodes,
-            extract,
             seeds=list(dict.fromkeys(seeds + own)),
             stop_when=lambda _lk: self.routing_table.bucket_population(target) >= enough,
         )
