@@ -148,6 +148,8 @@ def config_from_mapping(raw: dict[str, Any], *, source: str) -> NodeConfig:
         raise ConfigError(f"{source}: {key or 'top level'}: {message}") from None
     except LatticaError as exc:  # a section's own consistency check (__post_init__)
         raise ConfigError(f"{source}: {exc}") from None
+    except RecursionError:  # a value nested hundreds of levels deep
+        raise ConfigError(f"{source}: a value is nested too deeply") from None
     try:
         parse_host_port(config.listen)
     except InvalidAddressError as exc:

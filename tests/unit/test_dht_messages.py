@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lattica.dht import Dht, DhtConfig, DhtStore
+from lattica.dht.errors import InvalidRecordError
 from lattica.dht.messages import (
     MAX_CLOSER_PEERS,
     MAX_MESSAGE_BYTES,
@@ -26,7 +27,7 @@ from lattica.dht.messages import (
     decode_response,
     encode_message,
 )
-from lattica.dht.records import MAX_ADDRESSES_PER_PEER, sign_record
+from lattica.dht.records import MAX_ADDRESSES_PER_PEER, decode_provider_record, decode_record, sign_record
 from lattica.dht.testing import MemoryNetwork
 from lattica.errors import FrameTooLargeError, MalformedMessageError, RemoteProtocolError
 from lattica.identity import Identity
@@ -115,3 +116,43 @@ async def test_handler_answers_garbage_and_impostors_with_errors() -> None:
     assert isinstance(reply, Error) and reply.code == "bad-sender"
     assert len(dht.routing_table) == 0
     await trio.lowlevel.checkpoint()
+
+
+def _request_with_nested_unknown_field(depth: int) -> bytes:
+    """A valid FindNode request map plus an unknown field nested ``depth`` lists deep."""
+    fields = msgspec.msgpack.decode(_VALID_REQUEST)
+    assert isinstance(fields, dict) and len(fields) < 15
+    body = b"".join(msgspec.msgpack.encode(k) + msgspec.msgpack.encode(v) for k, v in fields.items())
+    return bytes([0x80 | (len(fields) + 1)]) + body + msgspec.msgpack.encode("zz") + b"\x91" * depth + b"\xc0"
+
+
+def test_a_request_nested_5000_levels_deep_is_malformed() -> None:
+    assert decode_request(_request_with_nested_unknown_field(3)) == decode_request(_VALID_REQUEST)
+    with pytest.raises(MalformedMessageError):
+        decode_request(_request_with_nested_unknown_field(5000))
+    with pytest.raises(MalformedMessageError):
+        decode_response(_request_with_nested_unknown_field(5000))
+
+
+async def test_handler_answers_a_too_deep_request_with_malformed() -> None:
+    net = MemoryNetwork()
+    transport = net.transport(ME.peer_id, [("198.51.100.1", 4001)])
+    Dht(
+        ME,
+        transport,
+        DhtStore(":memory:", own_key=ME.peer_id.dht_key()),
+        remember_addresses=transport.add_addresses,
+        own_addresses=lambda: [("198.51.100.1", 4001)],
+        config=DhtConfig(),
+        rng=random.Random(0),
+    )
+    handler = transport.handlers["/lattica/kad/1.0.0"]
+    reply = decode_response(await handler(ME.peer_id, _request_with_nested_unknown_field(5000)))
+    assert isinstance(reply, Error) and reply.code == "malformed"
+
+
+def test_a_stored_record_nested_5000_levels_deep_is_invalid() -> None:
+    deep = b"\x81" + msgspec.msgpack.encode("zz") + b"\x91" * 5000 + b"\xc0"
+    for decode in (decode_record, decode_provider_record):
+        with pytest.raises(InvalidRecordError):
+            decode(deep)
