@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import pytest
@@ -16,12 +17,18 @@ from lattica.dht.errors import InvalidRecordError
 from lattica.dht.messages import (
     MAX_CLOSER_PEERS,
     MAX_MESSAGE_BYTES,
+    Ack,
+    AddProvider,
     Error,
     FindNode,
+    GetProviders,
+    GetValue,
     Nodes,
     PeerInfo,
     Ping,
     Pong,
+    Providers,
+    PutValue,
     Value,
     decode_request,
     decode_response,
@@ -74,12 +81,36 @@ def test_bounds_are_enforced() -> None:
         decode_request(b"\x00" * (MAX_MESSAGE_BYTES + 1))
 
 
+REQUEST_TYPES = (Ping, FindNode, GetValue, PutValue, AddProvider, GetProviders)
+RESPONSE_TYPES = (Pong, Nodes, Value, Providers, Ack, Error)
+
+
+def assert_valid_message(message: Any, types: tuple[type, ...], decode: Callable[[bytes], Any]) -> None:
+    """A decoded message is one of ``types``, its peer ids and keys are 32 bytes, its lists are
+    within their bounds, and it is a fixed point of encode/decode (so every Meta bound holds)."""
+    assert type(message) in types
+    infos = [message.sender, *(message.closer if isinstance(message, Nodes | Value | Providers) else [])]
+    for info in infos:
+        assert len(info.peer_id) == 32
+        assert len(info.addresses) <= MAX_ADDRESSES_PER_PEER
+    if isinstance(message, FindNode):
+        assert len(message.target) == 32
+    if isinstance(message, GetValue | GetProviders):
+        assert len(message.key) == 32
+    if isinstance(message, Nodes | Value | Providers):
+        assert len(message.closer) <= MAX_CLOSER_PEERS
+    assert decode(encode_message(message)) == message
+
+
 @settings(max_examples=500)
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_decode_to_typed_error_or_message(data: bytes) -> None:
-    for decode in (decode_request, decode_response):
-        with contextlib.suppress(RemoteProtocolError):
-            decode(data)
+    for decode, types in ((decode_request, REQUEST_TYPES), (decode_response, RESPONSE_TYPES)):
+        try:
+            message = decode(data)
+        except RemoteProtocolError:
+            continue
+        assert_valid_message(message, types, decode)
 
 
 _VALID_REQUEST = encode_message(FindNode(sender=INFO, target=bytes(32)))
@@ -91,8 +122,11 @@ def test_mutated_requests_decode_to_typed_error_or_message(data: st.DataObject) 
     buf = bytearray(_VALID_REQUEST)
     for _ in range(data.draw(st.integers(1, 3))):
         buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
-    with contextlib.suppress(RemoteProtocolError):
-        decode_request(bytes(buf))
+    try:
+        message = decode_request(bytes(buf))
+    except RemoteProtocolError:
+        return
+    assert_valid_message(message, REQUEST_TYPES, decode_request)
 
 
 async def test_handler_answers_garbage_and_impostors_with_errors() -> None:

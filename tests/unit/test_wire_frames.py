@@ -431,6 +431,7 @@ def test_decoder_yields_valid_messages_or_a_remote_protocol_error(
                 assert isinstance(message.nonce, int)
                 if isinstance(message, Pong):
                     assert isinstance(message.payload, bytes)
+                assert decode_frame(encode_frame(message), Message) == message  # type: ignore[arg-type]
         decoder.end_of_stream()
     except RemoteProtocolError:
         pass
@@ -447,6 +448,7 @@ def test_decode_frame_returns_a_valid_message_or_a_remote_protocol_error(stream:
     assert isinstance(message.peer, str)
     assert isinstance(message.port, int)
     assert all(isinstance(p, str) for p in message.protocols)
+    assert decode_frame(encode_frame(message), Hello) == message
 
 
 # --- Nesting depth (issue 8 A3) ---------------------------------------------------------------
