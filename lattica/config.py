@@ -134,8 +134,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str) -> NodeConfig:
     unknown = unknown_keys(raw, NodeConfig, excluded=FILE_EXCLUDED_KEYS)
     if unknown:
         key = unknown[0]
-        hint = " (list bootstrap peers in the top-level `bootstrap`)" if key in FILE_EXCLUDED_KEYS else ""
-        raise ConfigError(f"{source}: {key}: unknown setting{hint}; see docs/config.md")
+        raise ConfigError(f"{source}: {key}: unknown setting{_unknown_key_hint(key)}; see docs/config.md")
     try:
         config = msgspec.convert(raw, NodeConfig)
     except msgspec.ValidationError as exc:
@@ -159,6 +158,19 @@ def config_from_mapping(raw: dict[str, Any], *, source: str) -> NodeConfig:
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _unknown_key_hint(key: str) -> str:
+    """What the user probably meant by an unknown dotted ``key``, as a parenthesised hint."""
+    if key in FILE_EXCLUDED_KEYS:
+        return " (list bootstrap peers in the top-level `bootstrap`)"
+    name = key.rpartition(".")[2]
+    known = [s.key for s in iter_settings(NodeConfig, excluded=FILE_EXCLUDED_KEYS)]
+    meant = LEGACY_FLAT_KEYS.get(name) or next((k for k in known if k.rpartition(".")[2] == name), None)
+    if meant is None or meant == key:
+        return ""
+    where = "after a [table] header, keys belong to that table; " if "." in key else ""
+    return f" ({where}did you mean `{meant}`?)"
 
 
 def _move_legacy_keys(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, str]]:

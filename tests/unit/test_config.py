@@ -124,6 +124,19 @@ def test_old_flat_file_loads_into_the_tree_with_a_warning_per_key(
     assert "write it as `k = ...` under [dht]" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("text", "meant"),
+    [
+        ("[dht]\nk = 8\ndht_k = 16\n", "dht.k"),  # a flat key appended below a table
+        ("[dht]\nidle_timeout_s = 5\n", "net.idle_timeout_s"),
+        ("[net]\nlisten = \"127.0.0.1:1\"\n", "listen"),
+    ],
+)
+def test_a_key_in_the_wrong_table_gets_a_hint(tmp_path: Path, text: str, meant: str) -> None:
+    with pytest.raises(ConfigError, match=f"did you mean `{meant}`"):
+        load_config(write(tmp_path, text))
+
+
 def test_old_and_new_spelling_of_one_setting_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "dht_k = 16\n[dht]\nk = 8\n")
     with pytest.raises(ConfigError, match=r"dht_k: also given as dht.k"):
