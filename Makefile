@@ -25,11 +25,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict lattica sim_net cli
 
 test: lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/dht.py
+	$(BIN)/python bench/daemon.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

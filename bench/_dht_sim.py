@@ -50,7 +50,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -61,6 +61,7 @@ from lattica.dht import BootstrapError, DhtConfig
 from lattica.errors import LatticaError
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
+from lattica.net.config import NetConfig
 from lattica.node import Node
 from sim_net import LinkConfig, Network
 
@@ -70,7 +71,7 @@ PORT = 4001
 EPOCH_S = 1_800_000_000
 FIRST_ADDRESS = ipaddress.IPv4Address("198.18.0.0")
 JOIN_ATTEMPTS = 3
-NODE_CONFIG = NodeConfig(idle_timeout_s=400.0, keepalive_interval_s=24 * 3600.0)
+NODE_CONFIG = NodeConfig(net=NetConfig(idle_timeout_s=400.0, keepalive_interval_s=24 * 3600.0))
 VALUE_BYTES = 100
 
 
@@ -193,8 +194,7 @@ async def simulate(params: SimParams, progress: Callable[[str], None]) -> SimRes
                 node = Node(
                     node_identity(params.seed, i),
                     host.bind(PORT),
-                    NODE_CONFIG,
-                    dht_config=DhtConfig(alpha=params.alpha),
+                    replace(NODE_CONFIG, dht=DhtConfig(alpha=params.alpha)),
                     wall_clock=_wall_clock,
                     rng=random.Random(f"{params.seed}/{i}"),
                 )

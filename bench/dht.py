@@ -310,7 +310,7 @@ def main(argv: Sequence[str]) -> int:
             **dataclasses.asdict(params),
             "access_link": {"latency_s": 0.025, "loss": 0.005},
             "path": "two access links: 50 ms one way, 100 ms RTT, 1 - 0.995**2 = ~1% loss per direction",
-            "node_config": {"idle_timeout_s": 400.0, "keepalive_interval_s": 24 * 3600.0},
+            "node_config": {"net": {"idle_timeout_s": 400.0, "keepalive_interval_s": 24 * 3600.0}},
             "find_providers_count": 1,
         }
         document["sim"] = {

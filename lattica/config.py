@@ -1,19 +1,37 @@
-"""Node configuration: ``config.toml`` in the node's home, overridden by command-line flags.
+"""Node configuration: one tree of settings, read from ``config.toml`` and overridden by flags.
 
-The file is written by ``lattica init`` with every setting spelled out, so a user sees what the
-node listens on before it starts. Unknown keys are an error (a typo must not silently fall back
-to a default).
+``NodeConfig`` has a few top-level settings (``listen``, ``bootstrap``, ``log_level``) and one
+section per layer: ``net`` (:class:`~lattica.net.config.NetConfig`) and ``dht``
+(:class:`~lattica.dht.config.DhtConfig`); ``content``, ``nat`` and ``crdt`` will join them.
+Each setting has exactly one default, in its section's class. In ``config.toml`` a section is a
+TOML table (``[net]``, ``[dht]``). ``docs/config.md`` is generated from these classes
+(``python -m lattica.config_docs``).
+
+Loading (:func:`load_config`) is strict: an unknown key, a wrong type, a value out of bounds
+(``nan`` and ``inf`` included) or an unparsable address is a :class:`ConfigError` that names the
+file and the dotted key. Old flat files (``lattica init`` before the tree: ``idle_timeout_s``,
+``dht_k``, ... at top level) still load: each old key is read into its new place with a
+deprecation warning naming the new key; giving both spellings is an error.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
+
+from lattica.config_schema import iter_settings, toml_value, unknown_keys
+from lattica.dht.config import DhtConfig
 from lattica.errors import LatticaError
+from lattica.net.address import InvalidAddressError, PeerAddr, parse_host_port
+from lattica.net.config import NetConfig
+
+log = logging.getLogger("lattica.config")
 
 DEFAULT_PORT = 4001
 CONFIG_FILE = "config.toml"
@@ -21,9 +39,27 @@ IDENTITY_FILE = "identity.key"
 CONTROL_SOCKET = "control.sock"
 DATABASE_FILE = "lattica.db"
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+FILE_EXCLUDED_KEYS = frozenset({"dht.bootstrap_peers"})
+"""Settings that exist in code but not in the file: ``bootstrap`` is the file's single list of
+bootstrap peers (``Node`` appends it to ``dht.bootstrap_peers``)."""
+
+LEGACY_FLAT_KEYS: dict[str, str] = {
+    "idle_timeout_s": "net.idle_timeout_s",
+    "keepalive_interval_s": "net.keepalive_interval_s",
+    "handshake_timeout_s": "net.handshake_timeout_s",
+    "max_connections": "net.max_connections",
+    "max_incoming_streams": "net.max_incoming_streams",
+    "dht_client_mode": "dht.client_mode",
+    "dht_k": "dht.k",
+    "dht_alpha": "dht.alpha",
+}
+"""Top-level keys written by ``lattica init`` before the config tree, and where they moved."""
+
 
 class ConfigError(LatticaError):
-    """``config.toml`` is unreadable or holds an invalid setting."""
+    """``config.toml`` is unreadable or holds an invalid setting (the message names the key)."""
 
 
 def default_home() -> Path:
@@ -34,82 +70,189 @@ def default_home() -> Path:
     return Path.home() / ".local" / "share" / "lattica"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NodeConfig:
-    """Everything a node needs besides its identity and socket. Times are in seconds."""
+    """Everything a node needs besides its identity and socket: a tree with one section per
+    layer. Times are in seconds, sizes in bytes."""
 
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    """UDP address the node listens on, HOST:PORT (QUIC and NAT traversal share it)."""
     bootstrap: tuple[str, ...] = ()
-    idle_timeout_s: float = 60.0
-    keepalive_interval_s: float = 15.0
-    handshake_timeout_s: float = 10.0
-    max_connections: int = 1024
-    max_incoming_streams: int = 128
-    dht_client_mode: bool = False
-    dht_k: int = 20
-    dht_alpha: int = 3
-    log_level: str = "info"
+    """Peers to join the DHT through, as "PEERID@HOST:PORT" (or "HOST:PORT")."""
+    log_level: LogLevel = "info"
+    """Least severe log messages written to stderr and logs/lattica.log."""
+    net: NetConfig = field(default_factory=NetConfig)
+    """Transport, connection and RPC settings."""
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    """DHT settings."""
 
     def with_overrides(self, **overrides: Any) -> NodeConfig:
-        """A copy with the given non-``None`` settings replaced (CLI flags win over the file)."""
+        """A copy with the given non-``None`` top-level settings replaced (CLI flags win over
+        the file)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def bootstrap_peers(self) -> tuple[PeerAddr, ...]:
+        """``dht.bootstrap_peers`` followed by the parsed ``bootstrap`` entries.
 
-_SETTINGS = {f.name: f for f in fields(NodeConfig)}
+        Raises :class:`ConfigError` naming the entry that does not parse."""
+        parsed = []
+        for index, entry in enumerate(self.bootstrap):
+            try:
+                parsed.append(PeerAddr.parse(entry))
+            except InvalidAddressError as exc:
+                raise ConfigError(f"bootstrap[{index}]: {exc}") from None
+        return self.dht.bootstrap_peers + tuple(parsed)
 
 
 def load_config(path: Path) -> NodeConfig:
-    """Read ``config.toml``; a missing file gives the defaults. Raises :class:`ConfigError`."""
+    """Read and validate ``config.toml``; a missing file gives the defaults.
+
+    Raises :class:`ConfigError` whose message starts with the file and the dotted key.
+    """
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return NodeConfig()
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in _SETTINGS:
-            raise ConfigError(f"{path}: unknown setting {key!r}")
-        default = getattr(NodeConfig(), key)
-        if isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{path}: {key} must be a list of strings")
-            value = tuple(value)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{path}: {key} must be true or false")
-        elif isinstance(default, float):
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{path}: {key} must be a positive number")
-            value = float(value)
-        elif isinstance(default, int):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{path}: {key} must be a positive integer")
-        elif not isinstance(value, type(default)):
-            raise ConfigError(f"{path}: {key} must be a {type(default).__name__}")
-        values[key] = value
-    return NodeConfig(**values)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
+    return config_from_mapping(raw, source=str(path))
+
+
+def config_from_mapping(raw: dict[str, Any], *, source: str) -> NodeConfig:
+    """Validate parsed TOML (``raw``) into a :class:`NodeConfig`; errors start with ``source``.
+
+    Raises :class:`ConfigError`.
+    """
+    raw, moved = _move_legacy_keys(raw, source)
+    unknown = unknown_keys(raw, NodeConfig, excluded=FILE_EXCLUDED_KEYS)
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(f"{source}: {key}: unknown setting{_unknown_key_hint(key)}; see docs/config.md")
+    try:
+        config = msgspec.convert(raw, NodeConfig)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).rpartition(" - at `$")
+        key = where.rstrip("`").lstrip(".") if message else ""
+        if not message:
+            message = str(exc)
+        if key in moved:
+            key = f"{key} (written as top-level `{moved[key]}`)"
+        raise ConfigError(f"{source}: {key or 'top level'}: {message}") from None
+    except LatticaError as exc:  # a section's own consistency check (__post_init__)
+        raise ConfigError(f"{source}: {exc}") from None
+    except RecursionError:  # a value nested hundreds of levels deep
+        raise ConfigError(f"{source}: a value is nested too deeply") from None
+    try:
+        parse_host_port(config.listen)
+    except InvalidAddressError as exc:
+        raise ConfigError(f"{source}: listen: {exc}") from None
+    try:
+        config.bootstrap_peers()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def _unknown_key_hint(key: str) -> str:
+    """What the user probably meant by an unknown dotted ``key``, as a parenthesised hint."""
+    if key in FILE_EXCLUDED_KEYS:
+        return " (list bootstrap peers in the top-level `bootstrap`)"
+    name = key.rpartition(".")[2]
+    known = [s.key for s in iter_settings(NodeConfig, excluded=FILE_EXCLUDED_KEYS)]
+    meant = LEGACY_FLAT_KEYS.get(name) or next((k for k in known if k.rpartition(".")[2] == name), None)
+    if meant is None or meant == key:
+        return ""
+    where = "after a [table] header, keys belong to that table; " if "." in key else ""
+    return f" ({where}did you mean `{meant}`?)"
+
+
+def _move_legacy_keys(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read old flat keys into their sections; returns the new mapping and {new: old} keys."""
+    if not any(key in raw for key in LEGACY_FLAT_KEYS):
+        return raw, {}
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    moved: dict[str, str] = {}
+    for old, new in LEGACY_FLAT_KEYS.items():
+        if old not in raw:
+            continue
+        section, name = new.split(".")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue  # msgspec reports the section's type
+        if name in table:
+            raise ConfigError(f"{source}: {old}: also given as {new}; delete the top-level `{old}`")
+        table[name] = raw.pop(old)
+        moved[new] = old
+        log.warning(
+            "%s: top-level `%s` is deprecated; write it as `%s = ...` under [%s] (read as %s)",
+            source,
+            old,
+            name,
+            section,
+            new,
+        )
+    return raw, moved
 
 
 def render_config(config: NodeConfig) -> str:
-    """The TOML text of ``config`` with a comment per setting, as ``lattica init`` writes it."""
-    comments = {
-        "listen": "UDP address the node listens on (QUIC and NAT traversal share it)",
-        "bootstrap": 'peers to join through, as "PEERID@HOST:PORT"',
-        "dht_client_mode": "true keeps this node out of other nodes' routing tables",
-    }
-    lines = ["# Lattica node configuration. Command-line flags override these.", ""]
-    for name in _SETTINGS:
-        value = getattr(config, name)
-        if name in comments:
-            lines.append(f"# {comments[name]}")
-        if isinstance(value, tuple):
-            rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]"
-        elif isinstance(value, bool):
-            rendered = "true" if value else "false"
-        elif isinstance(value, str):
-            rendered = f'"{value}"'
-        else:
-            rendered = repr(value)
-        lines.append(f"{name} = {rendered}")
+    """The TOML text of ``config`` as ``lattica init`` writes it: every setting with its
+    documentation as a comment; settings at their default are commented out (so a later
+    release's better default applies), others are written as values."""
+    defaults = NodeConfig()
+    lines = [
+        "# Lattica node configuration. Command-line flags override these; every key is described",
+        "# in docs/config.md. A commented-out setting is at its default.",
+    ]
+    current_section = ""
+    for setting in iter_settings(NodeConfig, excluded=FILE_EXCLUDED_KEYS):
+        section, _, name = setting.key.rpartition(".")
+        if section != current_section:
+            lines += ["", f"[{section}]"]
+            current_section = section
+        value = _lookup(config, setting.key)
+        lines.append("")
+        lines += [f"# {line}" for line in _wrap(setting.doc)]
+        always_written = not section  # top-level settings are what a user edits first
+        prefix = "" if always_written or value != _lookup(defaults, setting.key) else "# "
+        lines.append(f"{prefix}{name} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _lookup(config: NodeConfig, dotted_key: str) -> Any:
+    value: Any = config
+    for part in dotted_key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _wrap(text: str, width: int = 96) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "CONTROL_SOCKET",
+    "DATABASE_FILE",
+    "DEFAULT_PORT",
+    "IDENTITY_FILE",
+    "LEGACY_FLAT_KEYS",
+    "ConfigError",
+    "NodeConfig",
+    "config_from_mapping",
+    "default_home",
+    "load_config",
+    "render_config",
+]

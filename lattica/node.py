@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -24,9 +25,9 @@ import trio
 
 from lattica import __version__
 from lattica.config import NodeConfig
-from lattica.dht import BootstrapError, Dht, DhtConfig, DhtStore
+from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.identity import Identity, PeerId
-from lattica.net import Connection, ConnectionManager, Endpoint, EndpointConfig, Rpc
+from lattica.net import Connection, ConnectionManager, Endpoint, Rpc
 from lattica.net.address import PeerAddr, format_host_port
 from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.interfaces import dialable_hosts
@@ -35,7 +36,13 @@ log = logging.getLogger("lattica.node")
 
 
 class Node:
-    """One Lattica peer. Use as an async context manager; everything stops on exit."""
+    """One Lattica peer. Use as an async context manager; everything stops on exit.
+
+    ``config`` is the whole settings tree: ``config.net`` configures the endpoint, connection
+    manager and RPC layer, ``config.dht`` the DHT (``config.bootstrap`` is appended to its
+    ``bootstrap_peers``). Raises :class:`~lattica.config.ConfigError` for a ``bootstrap`` entry
+    that does not parse.
+    """
 
     def __init__(
         self,
@@ -45,26 +52,22 @@ class Node:
         *,
         advertise_hosts: Sequence[str] | None = None,
         database: Path | None = None,
-        dht_config: DhtConfig | None = None,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self.identity = identity
         self.config = config or NodeConfig()
         self.socket = socket
-        self.endpoint = Endpoint(
-            identity,
-            socket,
-            EndpointConfig(
-                idle_timeout_s=self.config.idle_timeout_s,
-                keepalive_interval_s=self.config.keepalive_interval_s,
-                handshake_timeout_s=self.config.handshake_timeout_s,
-                max_connections=self.config.max_connections,
-                max_incoming_streams=self.config.max_incoming_streams,
-            ),
+        net = self.config.net
+        self.endpoint = Endpoint(identity, socket, net)
+        self.connections = ConnectionManager(self.endpoint, idle_close_s=net.idle_close_s)
+        self.rpc = Rpc(
+            self.connections,
+            max_concurrent_inbound_per_peer=net.rpc_max_concurrent_inbound_per_peer,
+            max_request_bytes=net.rpc_max_request_bytes,
+            max_response_bytes=net.rpc_max_response_bytes,
+            header_timeout_s=net.rpc_header_timeout_s,
         )
-        self.connections = ConnectionManager(self.endpoint)
-        self.rpc = Rpc(self.connections)
         self.dht_store = DhtStore(database or ":memory:", own_key=identity.peer_id.dht_key())
         self.dht = Dht(
             identity,
@@ -72,13 +75,7 @@ class Node:
             self.dht_store,
             remember_addresses=self.connections.add_addresses,
             own_addresses=self.listen_addresses,
-            config=dht_config
-            or DhtConfig(
-                k=self.config.dht_k,
-                alpha=self.config.dht_alpha,
-                client_mode=self.config.dht_client_mode,
-                bootstrap_peers=tuple(PeerAddr.parse(entry) for entry in self.config.bootstrap),
-            ),
+            config=replace(self.config.dht, bootstrap_peers=self.config.bootstrap_peers()),
             wall_clock=wall_clock,
             rng=rng,
         )

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import trio
+
+# Why this touches trio's private state, and why nothing public does the job (trio 0.25-0.35):
+#
+# trio picks the order of each batch of runnable tasks with one module-level
+# ``random.Random`` (``trio._core._run._r``), and MockClock draws its start offset from it too.
+# A test whose outcome depends on task interleaving or on virtual time (every sim_net test,
+# any recorded trace) is reproducible only if that generator starts from the same state.
+#
+# * ``trio.run`` and ``trio.testing.MockClock`` take no seed or random source.
+# * ``trio.testing`` has no scheduler hook; ``trio.abc.Instrument`` observes tasks but cannot
+#   reorder them.
+# * trio's public route is Hypothesis: its entry point calls ``hypothesis.register_random(_r)``
+#   (and turns on sorted-then-shuffled "deterministic scheduling") once Hypothesis is imported,
+#   so Hypothesis re-seeds ``_r`` -- but only inside ``@given`` tests. Hypothesis offers no
+#   public call to seed registered generators outside ``@given``.
+# * Seeding the global ``random`` module does not reach ``_r``: it is a separate instance.
+#
+# So the seed is set here, in one place, and fails loudly (instead of silently losing
+# determinism) if a trio release renames the attribute.
+_TRIO_SCHEDULER_RANDOM = getattr(getattr(trio._core, "_run", None), "_r", None)
 
 
 @pytest.fixture(autouse=True)
 def _seeded_trio_scheduler() -> None:
-    # trio shuffles each batch of runnable tasks with this private Random; seeding it makes a
-    # test's task interleaving (and so any virtual-time test or recorded sim_net trace)
-    # identical from run to run.
-    trio._core._run._r.seed(0)
+    if not isinstance(_TRIO_SCHEDULER_RANDOM, random.Random):
+        pytest.fail(f"trio {trio.__version__} moved its scheduler's Random; update tests/conftest.py")
+    _TRIO_SCHEDULER_RANDOM.seed(0)

@@ -165,7 +165,8 @@ def decode_request(data: bytes) -> Request:
     _check_size(data)
     try:
         return _request_decoder.decode(data)
-    except ValueError as exc:  # msgspec errors, and UnicodeDecodeError it leaks
+    # msgspec errors, the UnicodeDecodeError it leaks, and RecursionError for deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise MalformedMessageError(f"bad DHT request: {exc}") from exc
 
 
@@ -174,5 +175,6 @@ def decode_response(data: bytes) -> Response:
     _check_size(data)
     try:
         return _response_decoder.decode(data)
-    except ValueError as exc:  # msgspec errors, and UnicodeDecodeError it leaks
+    # msgspec errors, the UnicodeDecodeError it leaks, and RecursionError for deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise MalformedMessageError(f"bad DHT response: {exc}") from exc

@@ -280,7 +280,8 @@ def decode_record(data: bytes) -> SignedRecord:
     """
     try:
         return _record_decoder.decode(data)
-    except ValueError as exc:  # msgspec errors, and UnicodeDecodeError it leaks
+    # msgspec errors, the UnicodeDecodeError it leaks, and RecursionError for deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise InvalidRecordError(f"malformed record: {exc}") from exc
 
 
@@ -288,5 +289,6 @@ def decode_provider_record(data: bytes) -> ProviderRecord:
     """Decode a :class:`ProviderRecord`; raises :class:`InvalidRecordError` on malformed input."""
     try:
         return _provider_decoder.decode(data)
-    except ValueError as exc:  # msgspec errors, and UnicodeDecodeError it leaks
+    # msgspec errors, the UnicodeDecodeError it leaks, and RecursionError for deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise InvalidRecordError(f"malformed provider record: {exc}") from exc

@@ -250,7 +250,7 @@ class DhtStore:
             try:
                 decoded = _addresses_decoder.decode(addresses)
                 peers.append(StoredPeer(PeerId(bytes(key)), list(decoded), float(last_seen)))
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
                 continue
         return peers
 

@@ -1,8 +1,16 @@
-"""Tunables of the QUIC endpoint, shared by the endpoint and its connections."""
+"""Settings of the network layer: the ``[net]`` table of ``config.toml``.
+
+:class:`EndpointConfig` holds what the QUIC endpoint and its connections read;
+:class:`NetConfig` extends it with the connection manager's idle close and the RPC limits, so a
+``NetConfig`` can be handed to the endpoint as it is. Each setting has exactly one default, here.
+Field types carry their bounds (:mod:`lattica.setting_types`, checked when a file is loaded).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lattica.setting_types import ByteSize, Count, Seconds
 
 ALPN_PROTOCOL = "lattica/1"
 
@@ -18,17 +26,37 @@ STREAM_SEND_BUFFER_BYTES = 1024 * 1024
 class EndpointConfig:
     """Limits and timers of one :class:`~lattica.net.endpoint.Endpoint` (seconds and bytes)."""
 
-    idle_timeout_s: float = 30.0
+    # 60 s / 15 s: what `lattica init` has always written for the daemon. A keepalive every 15 s
+    # keeps the UDP mappings of NATs that forget after 30 s (common on home routers) alive.
+    idle_timeout_s: Seconds = 60.0
     """QUIC idle timeout: a connection that hears nothing for this long is closed."""
-    keepalive_interval_s: float = 10.0
+    keepalive_interval_s: Seconds = 15.0
     """Send a PING after this long without receiving anything, so NAT mappings stay up."""
-    handshake_timeout_s: float = 10.0
+    handshake_timeout_s: Seconds = 10.0
     """A handshake (inbound or outbound) that has not authenticated by then is dropped."""
-    max_incoming_streams: int = 128
+    max_incoming_streams: Count = 128
     """Concurrent bidirectional streams a peer may have open to us (QUIC max_streams_bidi)."""
-    max_connections: int = 1024
+    max_connections: Count = 1024
     """New inbound connections beyond this many live ones are refused (dropped, logged once)."""
-    stream_receive_window_bytes: int = 2 << 20
+    stream_receive_window_bytes: ByteSize = 2 << 20
     """Per-stream receive window: bytes a peer may send ahead of what our reader consumed."""
-    connection_receive_window_bytes: int = 8 << 20
+    connection_receive_window_bytes: ByteSize = 8 << 20
     """Initial connection-wide receive window (QUIC initial_max_data)."""
+
+
+@dataclass(frozen=True)
+class NetConfig(EndpointConfig):
+    """Everything the network layer reads: the endpoint's settings plus the connection
+    manager's and the RPC layer's (seconds and bytes)."""
+
+    idle_close_s: Seconds = 300.0
+    """The connection manager closes a connection with no open stream for this long."""
+    rpc_max_concurrent_inbound_per_peer: Count = 64
+    """Requests one peer may have running at once on this node; more are answered ``busy``."""
+    rpc_max_request_bytes: ByteSize = 1 << 20
+    """Largest request frame served; larger ones are refused (``too-large``) before being read."""
+    rpc_max_response_bytes: ByteSize = 16 << 20
+    """Largest response frame accepted from a peer."""
+    rpc_header_timeout_s: Seconds = 10.0
+    """A new stream must name its protocol within this long, or it is dropped."""
+

@@ -8,6 +8,12 @@ msgpack body. Invariants:
 * Decoding yields either a fully validated message of the expected type or a
   :class:`~lattica.errors.RemoteProtocolError` subclass -- never a half-built object, never
   anything unpickled or evaluated.
+* Nesting depth is bounded: msgspec decodes (and skips unknown fields) recursively, and a body
+  nested deeper than the interpreter's recursion budget (a few KB of ``0x91`` bytes) raises
+  ``RecursionError`` inside it. That is the peer's fault, so it becomes
+  :class:`~lattica.errors.MalformedMessageError` like any other bad body. No Lattica message
+  nests more than a few levels, so the bound (``sys.getrecursionlimit()`` minus the caller's
+  stack, several hundred levels) never refuses a valid one.
 """
 
 from __future__ import annotations
@@ -90,7 +96,11 @@ class FrameDecoder(Generic[T]):
         return int(length)
 
     def next_message(self) -> T | None:
-        """The next complete message, or ``None`` if more bytes are needed."""
+        """The next complete message, or ``None`` if more bytes are needed.
+
+        Raises a :class:`~lattica.errors.RemoteProtocolError` subclass for a bad frame
+        (:class:`MalformedMessageError` for a body that is not a valid message, including one
+        nested too deeply); the bad frame is consumed."""
         length = self._check_header()
         if length is None or len(self._buffer) < 4 + length:
             return None
@@ -101,6 +111,8 @@ class FrameDecoder(Generic[T]):
         # msgspec raises UnicodeDecodeError (a ValueError) for bad UTF-8 inside some containers.
         except (msgspec.DecodeError, ValueError) as exc:
             raise MalformedMessageError(str(exc)) from exc
+        except RecursionError:
+            raise MalformedMessageError("message nested too deeply") from None
 
     def end_of_stream(self) -> None:
         """Declare that no more bytes will come; raises :class:`TruncatedFrameError` if a

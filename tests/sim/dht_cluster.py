@@ -12,6 +12,7 @@ import hashlib
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 
 import trio
 
@@ -19,6 +20,7 @@ from lattica.config import NodeConfig
 from lattica.dht import DhtConfig
 from lattica.identity import Identity, PeerId
 from lattica.net.address import PeerAddr
+from lattica.net.config import NetConfig
 from lattica.node import Node
 from sim_net import Host, LinkConfig, Network
 
@@ -36,7 +38,7 @@ FAST_DHT = DhtConfig(k=20, alpha=3, query_timeout_s=2.0, lookup_timeout_s=20.0)
 # float instant re-arms its keepalive timer to the current instant forever (`now - last <
 # interval` although `last + interval == now`), spinning at one virtual instant
 # (lattica/net/connection.py, Connection._on_timer).
-NODE_CONFIG = NodeConfig(keepalive_interval_s=math.inf)
+NODE_CONFIG = NodeConfig(net=NetConfig(keepalive_interval_s=math.inf))
 
 
 def wall_clock() -> float:
@@ -92,7 +94,7 @@ class DhtCluster:
         (``node.joined_dht`` is set when it has)."""
         base = config or self.dht_config
         peers = tuple(peer_addr(b) for b in bootstrap if b != index)
-        dht_config = DhtConfig(**{**vars(base), "bootstrap_peers": peers})
+        dht_config = replace(base, bootstrap_peers=peers)
         node: Node = await self._nursery.start(self._run, index, dht_config)
         return node
 
@@ -102,8 +104,7 @@ class DhtCluster:
             node = Node(
                 identity(index),
                 self.hosts[index].bind(PORT),
-                self.node_config,
-                dht_config=dht_config,
+                replace(self.node_config, dht=dht_config),
                 wall_clock=wall_clock,
                 rng=random.Random(index),
             )

@@ -108,6 +108,7 @@ def test_parse_returns_a_valid_address_or_raises_invalid_address(text: str) -> N
     assert isinstance(host, str)
     assert host
     assert 0 <= port <= 65535
+    assert parse_host_port(format_host_port((host, port))) == (host, port)
 
 
 # --- Formatting -------------------------------------------------------------------------------

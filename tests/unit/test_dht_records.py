@@ -147,10 +147,15 @@ def test_arbitrary_bytes_decode_to_error_or_record(data: bytes) -> None:
         record = decode_record(data)
     except InvalidRecordError:
         return
+    # Decoded (shape and bounds checked): a fixed point of encode/decode within the size bounds.
+    assert decode_record(encode_record(record)) == record
+    assert len(record.value) <= MAX_VALUE_BYTES
     try:
         validate_record(record, now=NOW, max_ttl_s=TTL)
     except InvalidRecordError:
         return
+    # Validated: signed by its writer and unexpired (random bytes essentially never get here).
+    assert NOW < record.expires_at <= NOW + TTL
 
 
 _VALID = encode_record(good_record())

@@ -431,6 +431,7 @@ def test_decoder_yields_valid_messages_or_a_remote_protocol_error(
                 assert isinstance(message.nonce, int)
                 if isinstance(message, Pong):
                     assert isinstance(message.payload, bytes)
+                assert decode_frame(encode_frame(message), Message) == message  # type: ignore[arg-type]
         decoder.end_of_stream()
     except RemoteProtocolError:
         pass
@@ -447,3 +448,38 @@ def test_decode_frame_returns_a_valid_message_or_a_remote_protocol_error(stream:
     assert isinstance(message.peer, str)
     assert isinstance(message.port, int)
     assert all(isinstance(p, str) for p in message.protocols)
+    assert decode_frame(encode_frame(message), Hello) == message
+
+
+# --- Nesting depth (issue 8 A3) ---------------------------------------------------------------
+
+
+def hello_with_nested_unknown_field(depth: int) -> bytes:
+    """A valid ``Hello`` body plus an unknown field holding a list nested ``depth`` levels."""
+    nested = b"\x91" * depth + b"\xc0"  # [[[...[nil]...]]]
+    known = b"".join(msgspec.msgpack.encode(v) for v in ("peer", "p", "port", 1))
+    return b"\x83" + known + msgspec.msgpack.encode("x") + nested
+
+
+def test_an_unknown_field_nested_5000_levels_is_malformed_not_a_recursion_error() -> None:
+    with pytest.raises(MalformedMessageError, match="nested too deeply"):
+        decode_frame(raw_frame(hello_with_nested_unknown_field(5000)), Hello)
+
+
+def test_the_decoder_goes_on_after_a_too_deep_frame() -> None:
+    decoder = FrameDecoder(Hello)
+    decoder.feed(raw_frame(hello_with_nested_unknown_field(5000)) + encode_frame(Hello("q", 2)))
+    with pytest.raises(MalformedMessageError):
+        decoder.next_message()
+    assert decoder.next_message() == Hello("q", 2)
+
+
+@deterministic
+@given(st.integers(min_value=0, max_value=6000))
+def test_any_nesting_depth_gives_the_message_or_malformed(depth: int) -> None:
+    try:
+        message = decode_frame(raw_frame(hello_with_nested_unknown_field(depth)), Hello)
+    except MalformedMessageError:
+        assert depth > 100  # shallow nesting is never refused
+        return
+    assert message == Hello("p", 1)
