@@ -46,8 +46,6 @@ ValueText = Annotated[str, msgspec.Meta(max_length=2 * MAX_VALUE_BYTES)]
 PeerIdText = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 DialString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DIAL_STRING_CHARS)]
 
-_BOOTSTRAP_HINT = "join the network first: `lattica dht bootstrap PEERID@HOST:PORT` (or start with --bootstrap)"
-
 
 class PutParams(msgspec.Struct, forbid_unknown_fields=True):
     """``dht.put``: a record in this node's namespace."""
@@ -215,8 +213,8 @@ def register_dht_methods(registry: MethodRegistry, node: Node) -> None:
         value = _value_bytes(params)
         try:
             acks = await dht.put(key, value, params.ttl_s)
-        except QuorumError as exc:
-            raise ControlError(FAILED, str(exc), hint=_BOOTSTRAP_HINT) from None
+        except QuorumError as exc:  # its message already says to check the bootstrap
+            raise ControlError(FAILED, str(exc)) from None
         except RecordTooLargeError as exc:
             raise ControlError(TOO_LARGE, str(exc)) from None
         stored = node.dht_store.get_record(record_key(node.peer_id, key), now=time.time())
@@ -245,7 +243,7 @@ def register_dht_methods(registry: MethodRegistry, node: Node) -> None:
         try:
             acks = await dht.provide(cid)
         except QuorumError as exc:
-            raise ControlError(FAILED, str(exc), hint=_BOOTSTRAP_HINT) from None
+            raise ControlError(FAILED, str(exc)) from None
         return ProvideResult(cid=params.cid, acks=acks)
 
     async def providers(params: ProvidersParams) -> list[ProviderRow]:
