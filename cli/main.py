@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -283,6 +282,12 @@ def _check_utf8(args: list[str]) -> None:
             ) from None
 
 
+def _print_traceback() -> None:
+    import traceback  # only --debug pays for it
+
+    traceback.print_exc()
+
+
 def run(args: list[str]) -> int:
     """Run the CLI on ``args`` (without the program name); returns the exit code."""
     # typer vendors click; ClickException (whose show() prints usage) is not re-exported.
@@ -301,12 +306,12 @@ def run(args: list[str]) -> int:
         return USAGE if exc.exit_code == 2 else FAILURE
     except ControlError as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         print_error(exc.code, exc.message, exc.hint, json_mode=json_mode)
         return exit_code_for(exc.code)
     except (LatticaError, OSError, ValueError) as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         print_error(FAILED, str(exc) or type(exc).__name__, json_mode=json_mode)
         return FAILURE
     except (typer.Abort, KeyboardInterrupt):
