@@ -117,6 +117,28 @@ def _lattica_command() -> str:
     return str(installed) if installed.exists() else f"{sys.executable} -m cli.main"
 
 
+def _next_steps(addrs: list[str], command: str, home_flag: str) -> list[str]:
+    """What a new user does next: the address to share, where the command is, the next commands."""
+    loopback = ("@127.", "@[::1]")
+    share = [a for a in addrs if not a.startswith(loopback, a.index("@"))] or addrs
+    lines = ["", "Share this address with other nodes (they join with --bootstrap ADDRESS):"]
+    lines += [f"  {a}" for a in share[:3]]
+    if command != "lattica":
+        bin_dir = Path(command).parent
+        lines.append(f"The lattica command is {command} (not on PATH; `source {bin_dir}/activate` puts it there).")
+    examples = [
+        (f"{command} status{home_flag}", "is it running, how many peers"),
+        (f"{command} ping PEERID@HOST:PORT{home_flag}", "reach another node"),
+        (f"{command} dht bootstrap PEERID@HOST:PORT{home_flag}", "join a network through it"),
+        (f"{command} --help", "everything else"),
+    ]
+    width = max(len(c) for c, _ in examples)
+    lines.append("Next, in another terminal:")
+    lines += [f"  {c:<{width}}  # {why}" for c, why in examples]
+    lines += ["Stop with Ctrl-C.", ""]
+    return lines
+
+
 @app.command(
     epilog=_example(
         "lattica daemon --listen 0.0.0.0:4001",
@@ -154,13 +176,8 @@ def daemon(
         print_line(f"lattica {__version__} peer {node.peer_id}")
         for addr in addrs:
             print_line(f"listening on {addr}")
-        share = next((a for a in addrs if "@127." not in a and "@[::1]" not in a), addrs[0] if addrs else "")
-        print_line(f"share this address with other nodes: {share}")
-        print_line("next, in another terminal:")
-        print_line(f"  {command} status{home_flag}            # is it running, how many peers")
-        print_line(f"  {command} ping PEERID@HOST:PORT{home_flag}  # reach another node")
-        print_line(f"  {command} dht bootstrap PEERID@HOST:PORT{home_flag}  # join a network through it")
-        print_line(f"  {command} --help                     # everything else")
+        for line in _next_steps(addrs, command, home_flag):
+            print_line(line)
         # Printed last: scripts wait for this line to know the CLI can talk to the daemon.
         print_line(f"control socket {path / CONTROL_SOCKET}")
         sys.stdout.flush()

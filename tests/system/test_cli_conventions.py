@@ -181,3 +181,16 @@ def test_a_recreated_identity_over_an_old_database_is_reported(start_daemon: Any
     status = lattica_json("status", home=second.home)
     assert any("identity.key was missing" in w for w in status["warnings"])
     assert "identity.key was missing" in lattica("status", home=second.home).stdout
+
+
+def test_the_daemon_says_what_to_do_next_and_its_commands_work_as_printed(start_daemon: Any) -> None:
+    a = start_daemon("a")
+    text = "\n".join(a.started.announced)
+    assert "Share this address" in text
+    assert any(line.strip() == a.addrs[0] for line in a.started.announced)
+    status_line = next(line for line in a.started.announced if " status " in line)
+    command = status_line.split("#")[0].split()
+    assert command[-2:] == ["--home", str(a.home)]
+    printed = subprocess.run(command, capture_output=True, text=True, timeout=60, env=_env())
+    assert printed.returncode == 0, printed.stderr
+    assert a.peer_id in printed.stdout
