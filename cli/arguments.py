@@ -18,7 +18,9 @@ from pathlib import Path
 import typer
 
 from lattica.control.limits import (
+    MAX_CID_BYTES,
     MAX_DIAL_STRING_CHARS,
+    MAX_KEY_BYTES,
     MAX_RECORD_TTL_S,
     MAX_VALUE_BYTES,
     MIN_RECORD_TTL_S,
@@ -51,6 +53,20 @@ def record_ttl_s(text: str) -> float:
             param_hint="--ttl",
         )
     return ttl_s
+
+
+def check_key(text: str) -> str:
+    """A DHT record key within the limit (UTF-8 bytes, as the DHT counts them)."""
+    if not text or len(text.encode("utf-8", errors="surrogateescape")) > MAX_KEY_BYTES:
+        raise typer.BadParameter(f"a key is 1 to {MAX_KEY_BYTES} bytes of UTF-8")
+    return text
+
+
+def check_cid(text: str) -> str:
+    """A content id within the limit (UTF-8 bytes)."""
+    if not text or len(text.encode("utf-8", errors="surrogateescape")) > MAX_CID_BYTES:
+        raise typer.BadParameter(f"a content id is 1 to {MAX_CID_BYTES} bytes of UTF-8")
+    return text
 
 
 def check_peer_id(text: str) -> str:

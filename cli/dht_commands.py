@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.arguments import check_dial_strings, check_peer_id, read_value, record_ttl_s
+from cli.arguments import check_cid, check_dial_strings, check_key, check_peer_id, read_value, record_ttl_s
 from cli.daemon_client import HomeOption, JsonOption, call_daemon
 from cli.output import print_json, print_line, print_table, stdout_is_terminal
 from lattica.control.limits import MAX_PROVIDERS, MAX_QUORUM, MAX_RECORD_TTL_S, MAX_VALUE_BYTES, MIN_RECORD_TTL_S
@@ -41,7 +41,7 @@ _TTL_HELP = (
     )
 )
 def put(
-    key: Annotated[str, typer.Argument(help="Record key (in your own namespace).")],
+    key: Annotated[str, typer.Argument(callback=check_key, help="Record key (in your own namespace).")],
     value: Annotated[
         str | None,
         typer.Argument(help=f"Value as UTF-8 text, or - to read stdin; at most {MAX_VALUE_BYTES // 1024} KiB."),
@@ -91,7 +91,7 @@ def _print_value(result: dict[str, object]) -> None:
     )
 )
 def get(
-    key: Annotated[str, typer.Argument(help="Record key.")],
+    key: Annotated[str, typer.Argument(callback=check_key, help="Record key.")],
     peer: Annotated[
         str | None,
         typer.Option(
@@ -136,7 +136,7 @@ def get(
 
 @app.command(epilog=_example("lattica dht provide bafy-model-shard-17"))
 def provide(
-    cid: Annotated[str, typer.Argument(help="Content id this node can serve.")],
+    cid: Annotated[str, typer.Argument(callback=check_cid, help="Content id this node can serve.")],
     home: HomeOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -150,7 +150,7 @@ def provide(
 
 @app.command(epilog=_example("lattica dht providers bafy-model-shard-17 --count 5"))
 def providers(
-    cid: Annotated[str, typer.Argument(help="Content id.")],
+    cid: Annotated[str, typer.Argument(callback=check_cid, help="Content id.")],
     count: Annotated[int, typer.Option("--count", min=1, max=MAX_PROVIDERS, help="How many to find.")] = 20,
     home: HomeOption = None,
     json: JsonOption = False,

@@ -89,6 +89,8 @@ def test_usage_errors_exit_2_everywhere(tmp_path: Path) -> None:
         ["ping", f"{peer}x@127.0.0.1:1"],
         ["ping", "127.0.0.1:1", "--count", "0"],
         ["dht", "get", "key", "--quorum", "33"],
+        ["dht", "get", "k" * 513],
+        ["dht", "providers", "c" * 129],
     ):
         result = lattica(*args, home=tmp_path)
         assert result.returncode == 2, (args, result.stderr)
