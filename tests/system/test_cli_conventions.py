@@ -196,3 +196,21 @@ def test_the_daemon_says_what_to_do_next_and_its_commands_work_as_printed(start_
     printed = subprocess.run(command, capture_output=True, text=True, timeout=60, env=_env())
     assert printed.returncode == 0, printed.stderr
     assert a.peer_id in printed.stdout
+
+
+def test_ping_output_names_the_address_it_used(start_daemon: Any) -> None:
+    # Issue 8 B8: with a connection to B open, pinging B's id at a closed port said "pong".
+    # Whatever the node does with an explicit address, the output must not claim the closed one.
+    a = start_daemon("a")
+    b = start_daemon("b")
+    b_port = int(b.addr.rsplit(":", 1)[1])
+    first = lattica("ping", b.addr, "--count", "1", home=a.home)
+    assert first.returncode == 0 and f"via 127.0.0.1:{b_port}" in first.stdout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    second = lattica("ping", f"{b.peer_id}@127.0.0.1:{closed_port}", "--count", "1", "--json", home=a.home)
+    if second.returncode == 0:
+        assert json.loads(second.stdout)["addr"] == f"127.0.0.1:{b_port}"
+    else:
+        assert json.loads(second.stdout)["error"]["code"] in ("timeout", "failed")
