@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lattica.control import ControlDecodeError, ControlError, DaemonNotRunningError, MethodRegistry, call, codec, limits
-from lattica.control.messages import NoParams
+from lattica.control.messages import NoParams, Request
 from lattica.control.server import ControlServer
 from lattica.errors import LocalProtocolError
 
@@ -197,6 +197,17 @@ def test_reply_decoder_gives_the_result_or_a_typed_error(value: object) -> None:
 def test_reply_decoder_on_garbage_gives_a_typed_error(data: bytes) -> None:
     with contextlib.suppress(ControlError):
         codec.decode_reply(data)
+
+
+@given(st.binary(max_size=512) | _JSON_VALUES.map(msgspec.json.encode))
+def test_params_decoder_gives_typed_params_or_a_typed_error(data: bytes) -> None:
+    request = Request(method="echo", params=msgspec.Raw(data))
+    try:
+        params = codec.decode_params(request, EchoParams)
+    except ControlError as exc:
+        assert exc.code == "invalid-params"
+        return
+    assert isinstance(params, EchoParams)
 
 
 @given(st.lists(st.binary(max_size=64), max_size=20))
