@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The daemon prints the address to share, where `lattica` lives and the next commands to run.
 run: $(STAMP)
+	@echo "starting a node on $${LATTICA_HOME:-$$HOME/.local/share/lattica}; Ctrl-C stops it (flags: make run ARGS='--listen 127.0.0.1:4001')"
 	$(BIN)/lattica daemon $(ARGS)
 
 lint: $(STAMP)

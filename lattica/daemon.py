@@ -3,7 +3,8 @@
 Start-up order: take the home's lock (one daemon per home), load or create the identity, bind
 the socket the user asked for, start the node, then open ``control.sock`` -- so a CLI call that
 gets an answer always talks to a node that is already serving. SIGINT/SIGTERM cancel everything;
-the socket file is removed on the way out.
+the socket file is removed on the way out. The control methods come from
+:func:`lattica.control.services.build_registry`: a service adds its methods there, not here.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from lattica import __version__
 from lattica.config import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, load_config
-from lattica.control import ControlError, ControlServer
-from lattica.dht_control import register_dht_methods
+from lattica.control.server import ControlServer
+from lattica.control.services import build_registry
 from lattica.errors import LatticaError
 from lattica.home import init_home
-from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, parse_host_port
+from lattica.home_warnings import identity_warnings
+from lattica.net.address import InvalidAddressError, parse_host_port
 from lattica.net.datagram import UdpSocket
 from lattica.node import Node
 
@@ -71,66 +71,6 @@ def _lock_home(home: Path) -> int:
     return fd
 
 
-def register_node_methods(server: ControlServer, node: Node) -> None:
-    """Expose the node's basic operations to the CLI."""
-
-    async def identify(_: dict[str, Any]) -> dict[str, Any]:
-        return {"peer_id": str(node.peer_id), "addrs": node.dial_strings()}
-
-    async def status(_: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "peer_id": str(node.peer_id),
-            "version": __version__,
-            "uptime_s": round(node.uptime_s(), 3),
-            "listen_addrs": node.dial_strings(),
-            "connected_peers": len({c.peer_id for c in node.connections.connections()}),
-        }
-
-    async def peers(_: dict[str, Any]) -> list[dict[str, Any]]:
-        return [
-            {
-                "peer_id": str(c.peer_id),
-                "remote_addr": format_host_port(c.remote_address),
-                "rtt_ms": None if c.rtt_s is None else round(c.rtt_s * 1000, 3),
-                "direction": c.direction,
-            }
-            for c in node.connections.connections()
-        ]
-
-    async def ping(params: dict[str, Any]) -> dict[str, Any]:
-        target = _peer_addr_param(params)
-        timeout_s = float(params.get("timeout_s", 10.0))
-        with trio.move_on_after(timeout_s) as scope:
-            connection = await node.connect(target)
-            rtt_s = await node.rpc.ping(connection.peer_id)
-        if scope.cancelled_caught:
-            raise ControlError("timeout", f"no answer from {params.get('addr')} within {timeout_s:g} s")
-        return {"peer_id": str(connection.peer_id), "rtt_ms": round(rtt_s * 1000, 3)}
-
-    async def connect(params: dict[str, Any]) -> dict[str, Any]:
-        connection = await node.connect(_peer_addr_param(params))
-        return {"peer_id": str(connection.peer_id), "remote_addr": format_host_port(connection.remote_address)}
-
-    for name, handler in (
-        ("id", identify),
-        ("status", status),
-        ("peers", peers),
-        ("ping", ping),
-        ("connect", connect),
-    ):
-        server.add_method(name, handler)
-
-
-def _peer_addr_param(params: dict[str, Any]) -> PeerAddr:
-    text = params.get("addr")
-    if not isinstance(text, str):
-        raise ControlError("bad-request", "missing 'addr'")
-    try:
-        return PeerAddr.parse(text)
-    except InvalidAddressError as exc:
-        raise ControlError("bad-request", str(exc)) from None
-
-
 async def run_daemon(
     home: Path,
     *,
@@ -139,10 +79,13 @@ async def run_daemon(
     on_ready: Callable[[Node], None] | None = None,
 ) -> None:
     """Run a node for ``home`` until SIGINT/SIGTERM. Raises :class:`DaemonError` on bad start."""
-    identity, _ = init_home(home)
+    identity, created = init_home(home)
+    warnings = identity_warnings(home, created)
     config = load_config(home / CONFIG_FILE)
     config = config.with_overrides(listen=listen, bootstrap=tuple(config.bootstrap) + tuple(bootstrap or ()))
     setup_logging(home, config.log_level)
+    for warning in warnings:
+        log.warning("%s", warning)
     lock_fd = _lock_home(home)
     try:
         try:
@@ -156,9 +99,7 @@ async def run_daemon(
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             node = Node(identity, sock, config, database=home / DATABASE_FILE)
             async with trio.open_nursery() as nursery, node:
-                server = ControlServer(home / CONTROL_SOCKET)
-                register_node_methods(server, node)
-                register_dht_methods(server, node)
+                server = ControlServer(home / CONTROL_SOCKET, build_registry(node, warnings=warnings))
                 await nursery.start(server.serve)
                 if on_ready is not None:
                     on_ready(node)

@@ -25,6 +25,8 @@ class DaemonProcess:
     process: subprocess.Popen[bytes]
     peer_id: str = ""
     addrs: list[str] = field(default_factory=list)
+    announced: list[str] = field(default_factory=list)
+    """Every line the daemon printed up to its ready line (addresses, next steps)."""
 
     @property
     def control_socket(self) -> Path:
@@ -87,7 +89,7 @@ def start_daemon_process(
         process.kill()
         process.wait()
         raise
-    daemon = DaemonProcess(home, process)
+    daemon = DaemonProcess(home, process, announced=lines)
     daemon.peer_id = lines[0].split()[-1]
     daemon.addrs = [line.split()[-1] for line in lines if line.startswith("listening on")]
     return daemon

@@ -1,0 +1,150 @@
+"""The node's own control methods: ``id``, ``status``, ``peers``, ``ping``, ``connect``.
+
+Each method has a params Struct (unknown fields are refused) and a result Struct; the CLI reads
+the results as JSON. Other services register theirs the same way from their own package
+(:func:`lattica.dht.control_methods.register_dht_methods`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+import trio
+
+from lattica import __version__
+from lattica.control.errors import INVALID_PARAMS, TIMEOUT, ControlError
+from lattica.control.limits import MAX_DIAL_STRING_CHARS, MAX_PING_TIMEOUT_S
+from lattica.control.messages import NoParams
+from lattica.control.registry import MethodRegistry
+from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port
+from lattica.node import Node
+
+DialString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DIAL_STRING_CHARS)]
+
+
+class IdResult(msgspec.Struct):
+    """``id``: who this node is and where it can be dialled."""
+
+    peer_id: str
+    addrs: list[str]
+
+
+class StatusResult(msgspec.Struct):
+    """``status``: identity, version, uptime, addresses, peers, and anything the owner should know."""
+
+    peer_id: str
+    version: str
+    uptime_s: float
+    listen_addrs: list[str]
+    connected_peers: int
+    warnings: list[str]
+    """Conditions the owner should act on (e.g. a new identity over an old database)."""
+
+
+class PeerRow(msgspec.Struct):
+    """``peers``: one open connection."""
+
+    peer_id: str
+    remote_addr: str
+    rtt_ms: float | None
+    direction: str
+
+
+class PingParams(msgspec.Struct, forbid_unknown_fields=True):
+    """``ping``: ``PEERID@HOST:PORT`` (identity checked) or ``HOST:PORT``."""
+
+    addr: DialString
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_PING_TIMEOUT_S)] = 10.0
+
+
+class PingResult(msgspec.Struct):
+    """``ping``: who answered, in how long, over which address.
+
+    ``addr`` is the remote address of the connection the ping used; ``reused_connection`` says
+    whether that connection existed before this call (None until the node reports it).
+    """
+
+    peer_id: str
+    rtt_ms: float
+    addr: str | None = None
+    reused_connection: bool | None = None
+
+
+class ConnectParams(msgspec.Struct, forbid_unknown_fields=True):
+    """``connect``: where to dial."""
+
+    addr: DialString
+
+
+class ConnectResult(msgspec.Struct):
+    """``connect``: the connection that now exists."""
+
+    peer_id: str
+    remote_addr: str
+
+
+def parse_peer_addr(text: str, *, field: str = "addr") -> PeerAddr:
+    """``text`` as a dial string; raises :class:`ControlError` (``invalid-params``)."""
+    try:
+        return PeerAddr.parse(text)
+    except InvalidAddressError as exc:
+        raise ControlError(INVALID_PARAMS, f"{field}: {exc}", hint="use PEERID@HOST:PORT or HOST:PORT") from None
+
+
+def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: list[str] | None = None) -> None:
+    """Register the node's basic operations; ``warnings`` (shared, may grow) appear in ``status``."""
+    owner_warnings = warnings if warnings is not None else []
+
+    async def identify(_: NoParams) -> IdResult:
+        return IdResult(peer_id=str(node.peer_id), addrs=node.dial_strings())
+
+    async def status(_: NoParams) -> StatusResult:
+        return StatusResult(
+            peer_id=str(node.peer_id),
+            version=__version__,
+            uptime_s=round(node.uptime_s(), 3),
+            listen_addrs=node.dial_strings(),
+            connected_peers=len({c.peer_id for c in node.connections.connections()}),
+            warnings=list(owner_warnings),
+        )
+
+    async def peers(_: NoParams) -> list[PeerRow]:
+        return [
+            PeerRow(
+                peer_id=str(c.peer_id),
+                remote_addr=format_host_port(c.remote_address),
+                rtt_ms=None if c.rtt_s is None else round(c.rtt_s * 1000, 3),
+                direction=c.direction,
+            )
+            for c in node.connections.connections()
+        ]
+
+    async def ping(params: PingParams) -> PingResult:
+        target = parse_peer_addr(params.addr)
+        with trio.move_on_after(params.timeout_s) as scope:
+            connection = await node.connect(target)
+            rtt_s = await node.rpc.ping(connection.peer_id)
+        if scope.cancelled_caught:
+            raise ControlError(
+                TIMEOUT,
+                f"no answer from {params.addr} within {params.timeout_s:g} s",
+                hint="check the address and that the peer's daemon runs and is reachable over UDP",
+            )
+        # TODO(edges): the node will report the address it dialled and whether it reused a
+        # connection; until then this is the connection's remote address and "unknown".
+        return PingResult(
+            peer_id=str(connection.peer_id),
+            rtt_ms=round(rtt_s * 1000, 3),
+            addr=format_host_port(connection.remote_address),
+        )
+
+    async def connect(params: ConnectParams) -> ConnectResult:
+        connection = await node.connect(parse_peer_addr(params.addr))
+        return ConnectResult(peer_id=str(connection.peer_id), remote_addr=format_host_port(connection.remote_address))
+
+    registry.add("id", NoParams, identify)
+    registry.add("status", NoParams, status)
+    registry.add("peers", NoParams, peers)
+    registry.add("ping", PingParams, ping)
+    registry.add("connect", ConnectParams, connect)
