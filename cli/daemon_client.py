@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from lattica.config import CONTROL_SOCKET, default_home
 from lattica.control.client import call
 from lattica.control.limits import DEFAULT_CALL_TIMEOUT_S
+from lattica.home_layout import CONTROL_SOCKET, default_home
 
 HomeOption = Annotated[
     Path | None,

@@ -24,10 +24,10 @@ from cli.daemon_client import HomeOption, JsonOption, call_daemon, resolve_home
 from cli.exit_codes import FAILURE, OK, USAGE, exit_code_for
 from cli.output import print_error, print_fields, print_json, print_line, print_table
 from lattica import __version__
-from lattica.config import CONTROL_SOCKET
 from lattica.control.errors import FAILED, INVALID_PARAMS, ControlError
 from lattica.control.limits import MAX_PING_COUNT
 from lattica.errors import LatticaError
+from lattica.home_layout import CONTROL_SOCKET
 
 app = typer.Typer(
     name="lattica",

@@ -17,7 +17,6 @@ deprecation warning naming the new key; giving both spellings is an error.
 from __future__ import annotations
 
 import logging
-import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,16 +27,13 @@ import msgspec
 from lattica.config_schema import iter_settings, toml_value, unknown_keys
 from lattica.dht.config import DhtConfig
 from lattica.errors import LatticaError
+from lattica.home_layout import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, IDENTITY_FILE, default_home
 from lattica.net.address import InvalidAddressError, PeerAddr, parse_host_port
 from lattica.net.config import NetConfig
 
 log = logging.getLogger("lattica.config")
 
 DEFAULT_PORT = 4001
-CONFIG_FILE = "config.toml"
-IDENTITY_FILE = "identity.key"
-CONTROL_SOCKET = "control.sock"
-DATABASE_FILE = "lattica.db"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -60,14 +56,6 @@ LEGACY_FLAT_KEYS: dict[str, str] = {
 
 class ConfigError(LatticaError):
     """``config.toml`` is unreadable or holds an invalid setting (the message names the key)."""
-
-
-def default_home() -> Path:
-    """``$LATTICA_HOME`` if set, else ``~/.local/share/lattica``."""
-    env = os.environ.get("LATTICA_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".local" / "share" / "lattica"
 
 
 @dataclass(frozen=True, kw_only=True)

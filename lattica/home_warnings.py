@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lattica.config import DATABASE_FILE, IDENTITY_FILE
+from lattica.home_layout import DATABASE_FILE, IDENTITY_FILE
 
 
 def identity_warnings(home: Path, identity_created: bool) -> list[str]:
