@@ -132,6 +132,8 @@ class ConnectionManager:
         self._on_disconnected: list[ConnectionHandler] = []
         self._nursery: trio.Nursery | None = None
         self._log_once = LogOnce(logger)
+        self.invalid_addresses_ignored = 0
+        """Addresses :meth:`add_addresses` refused (monotonic counter)."""
 
     @property
     def peer_id(self) -> PeerId:
@@ -170,9 +172,12 @@ class ConnectionManager:
                 host, port = address
                 accepted.append(network_address(host, port))
             except (InvalidAddressError, TypeError, ValueError) as exc:
+                # Peer ids cost nothing to mint: one line in all, then a counter.
+                self.invalid_addresses_ignored += 1
                 self._log_once.warning(
-                    ("bad-address", peer_id),
-                    "ignoring an invalid address for %s: %s (further ones from it are not logged)",
+                    "bad-address",
+                    "ignoring an invalid address for %s: %s (further ones are counted in "
+                    "invalid_addresses_ignored, not logged)",
                     peer_id,
                     exc,
                 )

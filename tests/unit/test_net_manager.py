@@ -138,6 +138,7 @@ async def test_an_unsendable_address_from_the_network_is_not_stored_and_the_mana
     manager.add_addresses(liar, [("a\x00b", 4001), ("example.org", 4001), ("127.0.0.1", 0)])
     manager.add_addresses(liar, [("::ffff:127.0.0.1", 4999)])
     assert manager.addresses(liar) == [("127.0.0.1", 4999)]
+    assert manager.invalid_addresses_ignored == 3
     with pytest.raises(ConnectError):
         await manager.connect(PeerAddr(("a\x00b", 4001), liar))
     assert (await manager.connect(PeerAddr(bob.local_address, bob.peer_id))).peer_id == bob.peer_id
