@@ -27,6 +27,7 @@ import trio
 
 from lattica.errors import (
     ConnectError,
+    MalformedMessageError,
     PeerIdMismatchError,
     RemoteProtocolError,
     RpcError,
@@ -91,7 +92,12 @@ async def _receive_message(stream: QuicStream, max_frame_bytes: int) -> RpcMessa
     if length > max_frame_bytes:
         raise _FrameTooLarge(length)
     body = await _receive_exactly(stream, length)
-    return decode_frame(prefix + body, RpcMessage, max_frame_bytes=max_frame_bytes)  # type: ignore[arg-type]
+    try:
+        return decode_frame(prefix + body, RpcMessage, max_frame_bytes=max_frame_bytes)  # type: ignore[arg-type]
+    except RecursionError:
+        # msgspec recurses into values it skips (an unknown field nested thousands deep in a
+        # few KB): the peer's malformed frame, never our crash.
+        raise MalformedMessageError("a frame nests too deeply") from None
 
 
 def _frame(message: RpcMessage) -> bytes:
