@@ -55,6 +55,10 @@ class ConnectError(LatticaError):
     """A connection could not be established (timeout, refused handshake, unreachable)."""
 
 
+class DialSelfError(ConnectError):
+    """A dial would reach (or reached) this node itself; it is refused (or closed)."""
+
+
 class RpcError(LatticaError):
     """A remote procedure call failed; ``code`` says how (``timeout``, ``unknown-protocol``, ...)."""
 

@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -33,6 +33,22 @@ from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.interfaces import dialable_hosts
 
 log = logging.getLogger("lattica.node")
+
+
+@dataclass(frozen=True, slots=True)
+class PingResult:
+    """What :meth:`Node.ping` measured, and over which connection."""
+
+    peer_id: PeerId
+    """Who answered (proved in the handshake)."""
+    rtt_s: float
+    """Round trip of the echo alone, in seconds of ``trio.current_time()``."""
+    remote_address: Address
+    """The peer's address on the connection that carried the echo."""
+    reused_connection: bool
+    """True if an open connection was used; False if this ping dialled (or joined a dial)."""
+    connect_s: float
+    """Seconds spent getting the connection (0 when reused)."""
 
 
 class Node:
@@ -159,12 +175,34 @@ class Node:
             return
 
     async def connect(self, peer: PeerAddr | PeerId, *, timeout_s: float | None = None) -> Connection:
-        """A connection to ``peer``, reusing an open one; see :class:`ConnectionManager`."""
+        """A connection to ``peer``: an explicit address is dialled unless a connection to that
+        very address exists; a peer id reuses any connection to it. See
+        :meth:`ConnectionManager.connect_and_report`; raises its errors."""
         return await self.connections.connect(peer, timeout_s=timeout_s)
 
-    async def ping(self, peer: PeerAddr | PeerId) -> float:
-        """One round trip of the ping protocol; the RTT in seconds."""
-        return await self.rpc.ping(peer)
+    async def ping(self, peer: PeerAddr | PeerId, *, timeout_s: float = 10.0) -> PingResult:
+        """Reach ``peer`` and time one ``/lattica/ping/1`` echo over the connection used.
+
+        ``PeerAddr``: that address is dialled unless a connection to exactly that address is
+        open (the result says which); ``PeerId``: any connection to it, else its known
+        addresses. ``timeout_s`` bounds dial and echo together. Raises
+        :class:`~lattica.errors.ConnectError` (including
+        :class:`~lattica.errors.DialSelfError` for this node's own id or address),
+        :class:`~lattica.errors.PeerIdMismatchError` or :class:`~lattica.errors.RpcError`.
+        """
+        deadline = trio.current_time() + timeout_s
+        began = trio.current_time()
+        report = await self.connections.connect_and_report(peer, timeout_s=timeout_s)
+        connect_s = trio.current_time() - began
+        remaining_s = max(deadline - trio.current_time(), 0.0)
+        rtt_s = await self.rpc.ping(report.connection, timeout_s=remaining_s)
+        return PingResult(
+            peer_id=report.connection.peer_id,
+            rtt_s=rtt_s,
+            remote_address=report.connection.remote_address,
+            reused_connection=report.reused,
+            connect_s=connect_s,
+        )
 
     def uptime_s(self) -> float:
         """Seconds since start (trio's clock, so virtual time under sim_net)."""

@@ -5,12 +5,18 @@ Layers inside this package, bottom up: ``datagram`` (socket interface), ``tls_id
 (one connection per peer), ``rpc_messages`` and ``rpc`` (protocol ids, request/response).
 """
 
-from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, parse_host_port
+from lattica.net.address import (
+    InvalidAddressError,
+    PeerAddr,
+    format_host_port,
+    network_address,
+    parse_host_port,
+)
 from lattica.net.config import ALPN_PROTOCOL, EndpointConfig
 from lattica.net.connection import Connection
 from lattica.net.datagram import Address, DatagramSocket, UdpSocket
 from lattica.net.endpoint import Endpoint, EndpointStats
-from lattica.net.manager import ConnectionManager
+from lattica.net.manager import ConnectionManager, ConnectReport
 from lattica.net.rpc import ERROR_CODES, PING_PROTOCOL, Rpc
 from lattica.net.stream import QuicStream
 
@@ -19,6 +25,7 @@ __all__ = [
     "ERROR_CODES",
     "PING_PROTOCOL",
     "Address",
+    "ConnectReport",
     "Connection",
     "ConnectionManager",
     "DatagramSocket",
@@ -31,5 +38,6 @@ __all__ = [
     "Rpc",
     "UdpSocket",
     "format_host_port",
+    "network_address",
     "parse_host_port",
 ]

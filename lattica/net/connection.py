@@ -149,6 +149,12 @@ class Connection:
         return self._quic.smoothed_rtt_s
 
     @property
+    def last_received_at(self) -> float:
+        """When a datagram of this connection last arrived (``trio.current_time()``); the
+        connection manager drops a connection that stayed silent through a request timeout."""
+        return self._last_received_at
+
+    @property
     def is_closed(self) -> bool:
         """True once either side started closing the connection (or it timed out)."""
         return self._closed_event.is_set()

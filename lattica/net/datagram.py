@@ -13,12 +13,21 @@ Contract:
 * ``send_batch`` sends a list of datagrams in order, as ``send_to`` would, with one checkpoint
   for the whole list: the QUIC driver hands over everything one ``datagrams_to_send`` returned.
 * After ``close()``, both raise ``trio.ClosedResourceError``. ``close`` is idempotent.
+* Addresses are ``(host, port)`` with ``host`` an IP literal. A destination the socket cannot
+  send to (a name, a zone id, the other address family) is dropped like a lost datagram and
+  never raises; a name is never resolved here (``sendto`` would resolve it synchronously and
+  block the event loop). The connection manager refuses such destinations before dialling, with
+  a clear error; this is the last line of defence.
+* :class:`UdpSocket` bound to ``::`` is dual-stack: IPv4 destinations are sent as
+  ``::ffff:a.b.c.d`` and IPv4-mapped sources are reported as plain ``a.b.c.d``, so the rest of
+  the node only ever sees one spelling of an IPv4 address.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import socket
 import struct
 from collections.abc import Sequence
@@ -67,6 +76,15 @@ _TRANSIENT_SEND_ERRNOS = {
     errno.ENOBUFS,
     errno.EPERM,
 }
+# What sendto answers for a destination this socket cannot reach at all (another family, a
+# loopback-bound socket sending off-host, broadcast without SO_BROADCAST). Only for sends: a
+# receive that failed like this would fail again, and retrying it would spin.
+_SEND_ERRNOS = _TRANSIENT_SEND_ERRNOS | {
+    errno.EINVAL,
+    errno.EADDRNOTAVAIL,
+    errno.EAFNOSUPPORT,
+    errno.EACCES,
+}
 
 # UDP generic segmentation offload (Linux >= 4.18): one sendmsg carries a run of equal-sized
 # datagrams (the last may be shorter) and the kernel splits it. A full QUIC flight is a run of
@@ -79,6 +97,9 @@ _GSO_MAX_BYTES = 65000  # the whole run must fit one IP datagram
 _GSO_UNSUPPORTED_ERRNOS = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 
 
+_MAX_CACHED_DESTINATIONS = 4096
+
+
 class UdpSocket:
     """A kernel UDP socket (IPv4 or IPv6) behind the :class:`DatagramSocket` interface."""
 
@@ -89,16 +110,25 @@ class UdpSocket:
         self._local: Address = (str(host), int(port))
         self._closed = False
         self._gso = hasattr(sock, "sendmsg") and sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._ipv6 = sock.family == socket.AF_INET6
+        # Destination (as the node spells it) -> what sendto needs, or None: not sendable.
+        self._destinations: dict[Address, Address | None] = {}
 
     @classmethod
     def bind(cls, host: str = "127.0.0.1", port: int = 0, *, buffer_bytes: int = 4 << 20) -> UdpSocket:
-        """Bind a UDP socket to ``host:port`` (port 0 picks a free one); raises ``OSError``."""
+        """Bind a UDP socket to ``host:port`` (port 0 picks a free one); raises ``OSError``.
+
+        ``host`` is an IP literal; ``::`` gives a dual-stack socket (``IPV6_V6ONLY`` off,
+        whatever the system default) that reaches IPv4 and IPv6 peers.
+        """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
+            if family == socket.AF_INET6 and host == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
         except BaseException:
             sock.close()
@@ -109,17 +139,48 @@ class UdpSocket:
     def local_address(self) -> Address:
         return self._local
 
+    def _kernel_destination(self, address: Address) -> Address | None:
+        """``address`` as this socket's ``sendto`` needs it, or ``None`` if it cannot be sent
+        to without a name lookup or across address families."""
+        try:
+            return self._destinations[address]
+        except (KeyError, TypeError):
+            pass
+        destination: Address | None = None
+        try:
+            host, port = address
+            if isinstance(host, str) and isinstance(port, int) and 0 < port < 65536 and "%" not in host:
+                ip = ipaddress.ip_address(host)
+                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                    ip = ip.ipv4_mapped
+                if self._ipv6:
+                    destination = (f"::ffff:{ip}" if ip.version == 4 else str(ip), port)
+                elif ip.version == 4:
+                    destination = (str(ip), port)
+        except (ValueError, TypeError):
+            destination = None
+        try:
+            if len(self._destinations) >= _MAX_CACHED_DESTINATIONS:
+                self._destinations.clear()
+            self._destinations[address] = destination
+        except TypeError:
+            pass  # unhashable junk: not cached, and not sendable either
+        return destination
+
     async def send_to(self, data: bytes, address: Address) -> None:
+        destination = self._kernel_destination(address)
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("socket closed")
+            if destination is None:
+                break  # not sendable from this socket: lost, as the contract says
             try:
-                self._sock.sendto(data, address)
+                self._sock.sendto(data, destination)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._sock)
                 continue
             except OSError as exc:
-                if exc.errno not in _TRANSIENT_SEND_ERRNOS:
+                if exc.errno not in _SEND_ERRNOS:
                     raise
             # A send is a checkpoint, as trio's own socket methods are.
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -133,11 +194,15 @@ class UdpSocket:
                 raise trio.ClosedResourceError("socket closed")
             data, address = datagrams[index]
             run = self._gso_run(datagrams, index) if self._gso else 1
+            destination = self._kernel_destination(address)
+            if destination is None:
+                index += run
+                continue
             try:
                 if run > 1:
-                    self._send_segmented(datagrams, index, run)
+                    self._send_segmented(datagrams, index, run, destination)
                 else:
-                    self._sock.sendto(data, address)
+                    self._sock.sendto(data, destination)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._sock)
                 continue
@@ -145,7 +210,7 @@ class UdpSocket:
                 if run > 1 and exc.errno in _GSO_UNSUPPORTED_ERRNOS:
                     self._gso = False  # send this run (and all later ones) one by one
                     continue
-                if exc.errno not in _TRANSIENT_SEND_ERRNOS:
+                if exc.errno not in _SEND_ERRNOS:
                     raise
             index += run
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -169,11 +234,13 @@ class UdpSocket:
                 break
         return run
 
-    def _send_segmented(self, datagrams: Sequence[tuple[bytes, Address]], start: int, run: int) -> None:
+    def _send_segmented(
+        self, datagrams: Sequence[tuple[bytes, Address]], start: int, run: int, destination: Address
+    ) -> None:
         size = len(datagrams[start][0])
         payload = b"".join([datagrams[i][0] for i in range(start, start + run)])
         segment = [(socket.SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))]
-        self._sock.sendmsg([payload], segment, 0, datagrams[start][1])
+        self._sock.sendmsg([payload], segment, 0, destination)
 
     async def receive_batch(self, max_datagrams: int = 64) -> list[tuple[bytes, Address]]:
         batch: list[tuple[bytes, Address]] = []
@@ -192,7 +259,10 @@ class UdpSocket:
                     if exc.errno in _TRANSIENT_SEND_ERRNOS:
                         continue
                     raise
-                batch.append((data, (str(addr[0]), int(addr[1]))))
+                host = str(addr[0])
+                if host.startswith("::ffff:") and "." in host:
+                    host = host[7:]  # IPv4-mapped: the node spells IPv4 addresses one way
+                batch.append((data, (host, int(addr[1]))))
         return batch
 
     def close(self) -> None:

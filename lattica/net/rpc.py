@@ -27,12 +27,14 @@ import trio
 
 from lattica.errors import (
     ConnectError,
+    MalformedMessageError,
     PeerIdMismatchError,
     RemoteProtocolError,
     RpcError,
 )
 from lattica.identity import PeerId
 from lattica.net.address import PeerAddr
+from lattica.net.connection import Connection
 from lattica.net.manager import ConnectionManager
 from lattica.net.rpc_messages import Error, Request, Response, RpcMessage, StreamHeader
 from lattica.net.stream import QuicStream
@@ -90,7 +92,12 @@ async def _receive_message(stream: QuicStream, max_frame_bytes: int) -> RpcMessa
     if length > max_frame_bytes:
         raise _FrameTooLarge(length)
     body = await _receive_exactly(stream, length)
-    return decode_frame(prefix + body, RpcMessage, max_frame_bytes=max_frame_bytes)  # type: ignore[arg-type]
+    try:
+        return decode_frame(prefix + body, RpcMessage, max_frame_bytes=max_frame_bytes)  # type: ignore[arg-type]
+    except RecursionError:
+        # msgspec recurses into values it skips (an unknown field nested thousands deep in a
+        # few KB): the peer's malformed frame, never our crash.
+        raise MalformedMessageError("a frame nests too deeply") from None
 
 
 def _frame(message: RpcMessage) -> bytes:
@@ -142,25 +149,41 @@ class Rpc:
     # -- calling --------------------------------------------------------------------------
 
     async def request(
-        self, peer: PeerId | PeerAddr, protocol_id: str, payload: bytes, *, timeout_s: float = 10.0
+        self,
+        peer: PeerId | PeerAddr | Connection,
+        protocol_id: str,
+        payload: bytes,
+        *,
+        timeout_s: float = 10.0,
     ) -> bytes:
-        """Call ``protocol_id`` on ``peer`` and return its reply.
+        """Call ``protocol_id`` on ``peer`` (dialled if needed, or a given connection) and
+        return its reply; ``timeout_s`` bounds the dial and the exchange together.
 
-        Raises :class:`RpcError` (``code`` in :data:`ERROR_CODES`) or
+        A connection that received nothing at all while the request timed out is closed
+        (:meth:`ConnectionManager.close_if_silent_since`), so the next request dials again:
+        this is how a peer that restarted at the same address becomes reachable again.
+        Raises :class:`RpcError` (``code`` in :data:`ERROR_CODES`; ``connect-failed`` with a
+        :class:`~lattica.errors.DialSelfError` as ``__cause__`` for our own id or address) or
         :class:`~lattica.errors.PeerIdMismatchError`.
         """
         self._check_protocol_id(protocol_id)
+        stream: QuicStream | None = None
+        sent_at = 0.0
         try:
             with trio.fail_after(timeout_s):
                 stream = await self._open(peer, protocol_id)
+                sent_at = trio.current_time()
                 async with stream:
                     return await self._exchange(stream, payload)
         except trio.TooSlowError:
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    await self.manager.close_if_silent_since(stream.connection, sent_at)
             raise RpcError(
                 "timeout", f"no answer to {protocol_id} within {timeout_s:g} s"
             ) from None
 
-    async def open_stream(self, peer: PeerId | PeerAddr, protocol_id: str) -> QuicStream:
+    async def open_stream(self, peer: PeerId | PeerAddr | Connection, protocol_id: str) -> QuicStream:
         """Open a stream speaking ``protocol_id`` (its header already sent) to ``peer``.
 
         Raises :class:`RpcError` (``connect-failed``, ``connection-lost``) or
@@ -168,7 +191,7 @@ class Rpc:
         self._check_protocol_id(protocol_id)
         return await self._open(peer, protocol_id)
 
-    async def ping(self, peer: PeerId | PeerAddr, *, timeout_s: float = 10.0) -> float:
+    async def ping(self, peer: PeerId | PeerAddr | Connection, *, timeout_s: float = 10.0) -> float:
         """Round-trip time of one ``/lattica/ping/1`` echo in seconds (``trio.current_time()``),
         including the dial if there was no connection yet."""
         nonce = os.urandom(16)
@@ -178,13 +201,16 @@ class Rpc:
             raise RpcError("protocol-error", "ping reply does not echo the request")
         return trio.current_time() - start
 
-    async def _open(self, peer: PeerId | PeerAddr, protocol_id: str) -> QuicStream:
-        try:
-            connection = await self.manager.connect(peer)
-        except PeerIdMismatchError:
-            raise
-        except ConnectError as exc:
-            raise RpcError("connect-failed", str(exc)) from exc
+    async def _open(self, peer: PeerId | PeerAddr | Connection, protocol_id: str) -> QuicStream:
+        if isinstance(peer, Connection):
+            connection = peer
+        else:
+            try:
+                connection = await self.manager.connect(peer)
+            except PeerIdMismatchError:
+                raise
+            except ConnectError as exc:
+                raise RpcError("connect-failed", str(exc)) from exc
         try:
             stream = await connection.open_stream()
             try:

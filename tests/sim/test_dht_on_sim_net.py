@@ -380,7 +380,7 @@ async def test_find_providers_returns_every_provider_across_a_hundred_nodes(
             records = await node.dht.find_providers(cid)
             results[finder] = sorted((cluster.index_of(r.provider), r.address_list()) for r in records)
             # The providers' addresses were handed to the connection manager: dial by id works.
-            rtts.append(await node.ping(records[0].provider_id))
+            rtts.append((await node.ping(records[0].provider_id)).rtt_s)
 
         await run_all(*[(find, f, cids[i % 10]) for i, f in enumerate(finders)])
         for i, finder in enumerate(finders):

@@ -59,7 +59,7 @@ async def test_two_nodes_connect_ping_and_echo_under_loss_and_latency(autojump_c
         async with started_nodes(hosts) as (a, b):
             connection = await a.connect(addr(b))
             assert connection.peer_id == b.peer_id
-            rtts = [await a.ping(b.peer_id) for _ in range(10)]
+            rtts = [(await a.ping(b.peer_id)).rtt_s for _ in range(10)]
             # Each round trip crosses four 25 ms links; loss only ever adds retransmission time.
             assert min(rtts) >= 0.1 - 1e-9
             for size in (0, 1, 1000, 50_000):
@@ -79,7 +79,7 @@ async def test_twenty_nodes_all_pairs_ping_and_echo(autojump_clock: trio.testing
 
             async def exchange(i: int, j: int) -> None:
                 await nodes[i].connect(addr(nodes[j]))
-                assert await nodes[i].ping(nodes[j].peer_id) >= 0.1 - 1e-9
+                assert (await nodes[i].ping(nodes[j].peer_id)).rtt_s >= 0.1 - 1e-9
                 results[(i, j)] = await nodes[i].rpc.request(nodes[j].peer_id, ECHO, b"%d->%d" % (i, j), timeout_s=60)
 
             async with trio.open_nursery() as nursery:

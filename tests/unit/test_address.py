@@ -7,12 +7,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lattica.identity import Identity, PeerId
-from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, parse_host_port
+from lattica.net.address import (
+    InvalidAddressError,
+    PeerAddr,
+    canonical_ip,
+    family_mismatch,
+    format_host_port,
+    network_address,
+    parse_host_port,
+)
 
 deterministic = settings(derandomize=True, max_examples=200, deadline=None, database=None)
 
 PEER = Identity.from_seed(bytes(range(32))).peer_id
 ports = st.integers(min_value=0, max_value=65535)
+dial_ports = st.integers(min_value=1, max_value=65535)  # port 0 cannot be dialled
 hostnames = st.from_regex(r"\A[a-z]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z]{2,6}){0,2}\Z")
 ipv4_hosts = st.ip_addresses(v=4).map(str)
 ipv6_hosts = st.ip_addresses(v=6).map(str)
@@ -191,9 +200,121 @@ def test_peer_addr_str_round_trips(text: str) -> None:
 
 
 @deterministic
-@given(st.binary(min_size=32, max_size=32).map(PeerId) | st.none(), hosts, ports)
+@given(st.binary(min_size=32, max_size=32).map(PeerId) | st.none(), hosts, dial_ports)
 def test_any_peer_addr_round_trips_through_its_text(
     peer_id: PeerId | None, host: str, port: int
 ) -> None:
     addr = PeerAddr((host, port), peer_id)
     assert PeerAddr.parse(str(addr)) == addr
+
+
+# --- Dial strings: every form either works or is refused here (issue 8, A5) ------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("127.1:4001", "neither an IP address nor a valid DNS name"),  # getaddrinfo: 127.0.0.1
+        ("0x7f000001:4001", "neither"),  # inet_aton reads hex
+        ("10.0.0.1.2:4001", "neither"),
+        ("2130706433:4001", "neither"),  # a decimal IPv4
+        ("-bad-.example:4001", "neither"),
+        (f"{'a' * 64}.example:4001", "neither"),  # a label is at most 63 characters
+        ("[fe80::1%eth0]:4001", "zone ids are not supported"),
+        ("127.0.0.1:0", "port 0 cannot be dialled"),
+        ("[::1]:0", "port 0 cannot be dialled"),
+        ("::1:4001", "needs brackets"),
+    ],
+)
+def test_a_dial_string_that_would_not_work_is_refused_with_a_reason(text: str, why: str) -> None:
+    with pytest.raises(InvalidAddressError, match=why):
+        PeerAddr.parse(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["example.org:80", "xn--bcher-kva.example:443", "node-1.lan.:4001", "localhost:4001"],
+)
+def test_dns_names_are_accepted_for_dialling(text: str) -> None:
+    assert PeerAddr.parse(text).address[0] == text.rpartition(":")[0]
+
+
+# --- Addresses from the network (issue 8, A1) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("127.0.0.1", 4001, ("127.0.0.1", 4001)),
+        ("::1", 1, ("::1", 1)),
+        ("2001:db8:0:0:0:0:0:1", 65535, ("2001:db8::1", 65535)),  # one spelling per address
+        ("::ffff:198.51.100.7", 4001, ("198.51.100.7", 4001)),  # IPv4-mapped is IPv4
+        ("2001:DB8::1", 4001, ("2001:db8::1", 4001)),
+    ],
+)
+def test_network_address_accepts_ip_literals_in_canonical_form(
+    host: str, port: int, expected: tuple[str, int]
+) -> None:
+    assert network_address(host, port) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "port"),
+    [
+        ("a\x00b", 4001),  # made sendto raise TypeError and ended the node
+        ("\udcff", 4001),
+        ("example.org", 4001),  # names never come from the network
+        ("localhost", 4001),
+        ("fe80::1%eth0", 4001),
+        ("127.0.0.1", 0),
+        ("127.0.0.1", 65536),
+        ("127.0.0.1", -1),
+        ("127.0.0.1", True),
+        ("127.0.0.1", "4001"),
+        (b"127.0.0.1", 4001),
+        (None, 4001),
+        ("0.0.0.0", 4001),  # sendto would deliver it to this host
+        ("::", 4001),
+        ("224.0.0.1", 4001),
+        ("ff02::1", 4001),
+        ("255.255.255.255", 4001),
+        ("1" * 10_000, 4001),
+    ],
+)
+def test_network_address_refuses_anything_else_with_a_typed_error(host: object, port: object) -> None:
+    with pytest.raises(InvalidAddressError):
+        network_address(host, port)
+
+
+@deterministic
+@given(
+    st.one_of(st.text(max_size=50), st.binary(max_size=8), st.integers(), st.none(), hosts),
+    st.one_of(st.integers(), st.text(max_size=5), st.none()),
+)
+def test_network_address_is_a_typed_error_or_a_valid_address(host: object, port: object) -> None:
+    try:
+        checked_host, checked_port = network_address(host, port)
+    except InvalidAddressError:
+        return
+    assert canonical_ip(checked_host) == checked_host
+    assert 1 <= checked_port <= 65535
+
+
+@pytest.mark.parametrize(
+    ("local", "remote", "reachable"),
+    [
+        ("127.0.0.1", "10.0.0.1", True),
+        ("0.0.0.0", "::1", False),
+        ("127.0.0.1", "2001:db8::1", False),
+        ("::", "127.0.0.1", True),  # dual-stack
+        ("::", "::1", True),
+        ("::1", "127.0.0.1", False),
+    ],
+)
+def test_family_mismatch_says_when_a_socket_cannot_reach_an_address(
+    local: str, remote: str, reachable: bool
+) -> None:
+    reason = family_mismatch(local, remote)
+    assert (reason is None) == reachable
+    if reason is not None:
+        assert local in reason and remote in reason

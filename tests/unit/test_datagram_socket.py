@@ -186,3 +186,57 @@ async def test_queued_datagrams_are_not_returned_after_close(
     receiver.close()
     with pytest.raises(trio.ClosedResourceError):
         await receiver.receive_batch()
+
+
+# --- destinations the node cannot send to, and dual-stack sockets (issue 8, A1/A5) -----------
+
+
+RECEIVER_PORT = -1  # stands for the receiver's port in the cases below
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        pytest.param(("a\x00b", 4001), id="nul-byte"),  # sendto raised TypeError here
+        pytest.param(("\udcff", 4001), id="unencodable"),  # and here
+        # sendto would resolve a name synchronously (blocking the event loop) and deliver it.
+        pytest.param(("localhost", RECEIVER_PORT), id="name"),
+        pytest.param(("::1", 4001), id="ipv6-from-ipv4-socket"),
+        pytest.param(("fe80::1%lo", 4001), id="zone-id"),
+        pytest.param(("127.0.0.1", 0), id="port-0"),
+        pytest.param(("127.0.0.1", 70000), id="port-out-of-range"),
+    ],
+)
+async def test_an_unsendable_destination_is_dropped_not_raised(
+    sender: UdpSocket, receiver: UdpSocket, destination: tuple[str, int]
+) -> None:
+    if destination[1] == RECEIVER_PORT:
+        destination = (destination[0], receiver.local_address[1])
+    await sender.send_to(b"lost", destination)
+    await sender.send_batch([(b"lost", destination), (b"kept", receiver.local_address)])
+    await sender.send_to(b"end", receiver.local_address)
+    # The socket still works, and only the sendable datagrams arrived.
+    assert [data for data, _ in await receive_exactly(receiver, 2)] == [b"kept", b"end"]
+
+
+async def test_a_dual_stack_socket_reaches_ipv4_and_reports_ipv4_sources(receiver: UdpSocket) -> None:
+    dual = UdpSocket.bind("::", 0)
+    try:
+        port = dual.local_address[1]
+        await dual.send_to(b"to v4", receiver.local_address)
+        [(data, source)] = await receive_exactly(receiver, 1)
+        assert data == b"to v4" and source == (LOOPBACK, port)
+        await receiver.send_to(b"from v4", (LOOPBACK, port))
+        [(data, source)] = await receive_exactly(dual, 1)  # type: ignore[arg-type]
+        # The kernel says ::ffff:127.0.0.1; the node sees one spelling of an IPv4 address.
+        assert data == b"from v4" and source == receiver.local_address
+        # IPv6 still works on the same socket.
+        v6 = UdpSocket.bind("::1", 0)
+        try:
+            await dual.send_to(b"to v6", v6.local_address)
+            [(data, source)] = await receive_exactly(v6, 1)
+            assert data == b"to v6" and source == ("::1", port)
+        finally:
+            v6.close()
+    finally:
+        dual.close()

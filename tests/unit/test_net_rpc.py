@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import struct
+
+import msgspec
 import pytest
 import trio
 import trio.testing
 
 from lattica.errors import RpcError
 from lattica.identity import Identity, PeerId
-from lattica.net import ConnectionManager, Endpoint, PeerAddr, QuicStream, Rpc
+from lattica.net import PING_PROTOCOL, ConnectionManager, Endpoint, PeerAddr, QuicStream, Rpc
+from lattica.net.rpc_messages import Error, RpcMessage
+from lattica.wire import decode_frame
 
 from .conftest import MakeEndpoint
 
@@ -189,3 +194,44 @@ async def test_stream_protocol_gets_the_stream_after_the_header(
         while data := await stream.receive_some():
             reply += data
     assert reply == b"1000000"
+
+
+def _deeply_nested_frame(tag: str) -> bytes:
+    """A valid-looking frame whose unknown field nests 100,000 levels deep in ~100 KB:
+    msgspec raised RecursionError skipping it (FIELD-NOTES)."""
+    fields = msgspec.msgpack.encode({"type": tag, "payload": b"x"})
+    assert fields[0] == 0x82  # a fixmap of 2 entries; make it 3
+    body = b"\x83" + fields[1:] + msgspec.msgpack.encode("junk") + b"\x91" * 100_000 + b"\xc0"
+    return struct.pack(">IB", len(body) + 1, 1) + body
+
+
+async def test_a_deeply_nested_request_is_a_protocol_error_not_a_crash(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    client, _server, target = await _pair(make_endpoint, nursery)
+    stream = await client.open_stream(target, PING_PROTOCOL)
+    async with stream:
+        await stream.send_all(_deeply_nested_frame("request"))
+        await stream.send_eof()
+        reply = b""
+        while data := await stream.receive_some():
+            reply += data
+    error: RpcMessage = decode_frame(reply, RpcMessage)  # type: ignore[arg-type]
+    assert isinstance(error, Error) and error.code == "protocol-error"
+    assert await client.request(target, PING_PROTOCOL, b"still here") == b"still here"
+
+
+async def test_a_deeply_nested_reply_is_a_protocol_error_for_the_caller(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    client, server, target = await _pair(make_endpoint, nursery)
+
+    async def nested_reply(stream: QuicStream, peer: PeerId) -> None:
+        await stream.send_all(_deeply_nested_frame("response"))
+        await stream.send_eof()
+
+    server.add_stream_handler("/test/nested/1", nested_reply)
+    with pytest.raises(RpcError) as info:
+        await client.request(target, "/test/nested/1", b"x")
+    assert info.value.code == "protocol-error"
+    assert await client.request(target, PING_PROTOCOL, b"still here") == b"still here"

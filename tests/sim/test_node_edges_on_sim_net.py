@@ -1,0 +1,120 @@
+"""Node-level edges on sim_net, in virtual time: a restarted peer, explicit addresses, ourselves."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import trio
+import trio.testing
+
+from lattica.config import NodeConfig
+from lattica.errors import ConnectError, DialSelfError, RpcError
+from lattica.identity import Identity, PeerId
+from lattica.net.address import PeerAddr
+from lattica.net.rpc import PING_PROTOCOL
+from lattica.node import Node
+from sim_net import LinkConfig, Network
+
+PORT = 4001
+ACCESS = LinkConfig(latency_s=0.025)  # two access links per path: 0.1 s round trip
+RTT_S = 0.1
+REQUEST_TIMEOUT_S = 10.0
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def identity(i: int) -> Identity:
+    return Identity.from_seed(hashlib.sha256(b"edges-node-%d" % i).digest())
+
+
+def addr(node: Node) -> PeerAddr:
+    return PeerAddr(node.listen_addresses()[0], node.peer_id)
+
+
+async def test_a_peer_restarted_at_the_same_address_is_reachable_again_within_one_request_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with Network(seed=11) as net:
+        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
+        async with Node(identity(0), a_host.bind(PORT), NodeConfig()) as a:
+            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as b:
+                assert not (await a.ping(addr(b))).reused_connection
+                # A crash: the socket goes first, so not even a CONNECTION_CLOSE leaves.
+                b.socket.close()
+            assert a.connections.connection(identity(1).peer_id) is not None  # a cannot know
+            # A restart takes a moment; packets b sent before it died have arrived by then.
+            await trio.sleep(1.0)
+            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted:
+                first_request_at = trio.current_time()
+                # The restarted node drops the old connection's packets without a word.
+                with pytest.raises(RpcError, match="timeout"):
+                    await a.rpc.request(
+                        restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S
+                    )
+                result = await a.ping(restarted.peer_id, timeout_s=REQUEST_TIMEOUT_S)
+                assert not result.reused_connection  # dialled afresh, not the dead connection
+                assert result.peer_id == restarted.peer_id
+                # One request timeout, then a handshake and an echo (2 RTT).
+                elapsed = trio.current_time() - first_request_at
+                assert elapsed == pytest.approx(REQUEST_TIMEOUT_S + 2 * RTT_S, abs=0.01)
+
+
+async def test_a_live_but_slow_peer_keeps_its_connection_after_a_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The other side of the rule: the connection carried ACKs, so it is not silent.
+    async with Network(seed=12) as net:
+        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
+        async with Node(identity(0), a_host.bind(PORT)) as a, Node(identity(1), b_host.bind(PORT)) as b:
+
+            async def slow(peer: PeerId, payload: bytes) -> bytes:
+                await trio.sleep(2 * REQUEST_TIMEOUT_S)
+                return payload
+
+            b.rpc.add_handler("/test/slow/1", slow)
+            connection = await a.connect(addr(b))
+            with pytest.raises(RpcError, match="timeout"):
+                await a.rpc.request(b.peer_id, "/test/slow/1", b"x", timeout_s=REQUEST_TIMEOUT_S)
+            assert not connection.is_closed
+            assert (await a.ping(b.peer_id)).reused_connection
+
+
+async def test_ping_dials_an_explicit_address_even_when_connected_to_that_peer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with Network(seed=13) as net:
+        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
+        async with Node(identity(0), a_host.bind(PORT)) as a, Node(identity(1), b_host.bind(PORT)) as b:
+            first = await a.ping(addr(b))
+            assert (first.reused_connection, first.remote_address) == (False, ("198.51.100.2", PORT))
+            assert first.rtt_s == pytest.approx(RTT_S, abs=0.005)  # the echo alone, not the dial
+            again = await a.ping(addr(b))
+            assert (again.reused_connection, again.remote_address) == (True, ("198.51.100.2", PORT))
+            assert again.connect_s == 0
+            # `lattica ping PEERID@HOST:4999` (nothing listens there) used to answer "pong" over
+            # the existing connection.
+            with pytest.raises(ConnectError):
+                await a.ping(PeerAddr(("198.51.100.2", 4999), b.peer_id), timeout_s=5)
+            # An IPv4-only node asked for an IPv6 address says so at once.
+            began = trio.current_time()
+            with pytest.raises(ConnectError, match="IPv4-only"):
+                await a.ping(PeerAddr(("::1", PORT), b.peer_id))
+            assert trio.current_time() == began
+
+
+async def test_a_node_never_pings_or_connects_to_itself(autojump_clock: trio.testing.MockClock) -> None:
+    async with Network(seed=14) as net:
+        host = net.add_host("198.51.100.1", ACCESS)
+        async with Node(identity(0), host.bind(PORT)) as a:
+            with pytest.raises(DialSelfError):
+                await a.ping(addr(a))
+            with pytest.raises(DialSelfError):
+                await a.ping(PeerAddr(a.listen_addresses()[0]))  # learnt only in the handshake
+            with pytest.raises(RpcError, match="connect-failed") as info:
+                await a.rpc.request(PeerAddr(a.listen_addresses()[0]), PING_PROTOCOL, b"x")
+            assert isinstance(info.value.__cause__, DialSelfError)
+            assert a.connections.connections() == []
