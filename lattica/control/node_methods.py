@@ -13,10 +13,11 @@ import msgspec
 import trio
 
 from lattica import __version__
-from lattica.control.errors import INVALID_PARAMS, TIMEOUT, ControlError
+from lattica.control.errors import FAILED, INVALID_PARAMS, TIMEOUT, ControlError
 from lattica.control.limits import MAX_DIAL_STRING_CHARS, MAX_PING_TIMEOUT_S
 from lattica.control.messages import NoParams
 from lattica.control.registry import MethodRegistry
+from lattica.errors import ConnectError, DialSelfError
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port
 from lattica.node import Node
 
@@ -62,7 +63,8 @@ class PingResult(msgspec.Struct):
     """``ping``: who answered, in how long, over which address.
 
     ``addr`` is the remote address of the connection the ping used; ``reused_connection`` says
-    whether that connection existed before this call (None until the node reports it).
+    whether that connection existed before this call (an explicit address is dialled unless the
+    open connection is to exactly that address).
     """
 
     peer_id: str
@@ -122,21 +124,28 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
 
     async def ping(params: PingParams) -> PingResult:
         target = parse_peer_addr(params.addr)
-        with trio.move_on_after(params.timeout_s) as scope:
-            connection = await node.connect(target)
-            rtt_s = await node.rpc.ping(connection.peer_id)
-        if scope.cancelled_caught:
+        try:
+            with trio.fail_after(params.timeout_s):
+                result = await node.ping(target, timeout_s=params.timeout_s)
+        except trio.TooSlowError:
             raise ControlError(
                 TIMEOUT,
                 f"no answer from {params.addr} within {params.timeout_s:g} s",
                 hint="check the address and that the peer's daemon runs and is reachable over UDP",
-            )
-        # TODO(edges): the node will report the address it dialled and whether it reused a
-        # connection; until then this is the connection's remote address and "unknown".
+            ) from None
+        except DialSelfError:
+            raise ControlError(FAILED, f"{params.addr} is this node's own address", hint="ping another node") from None
+        except ConnectError as exc:
+            raise ControlError(
+                FAILED,
+                f"could not reach {params.addr}: {exc}",
+                hint="check the address and that the peer's daemon runs and is reachable over UDP",
+            ) from None
         return PingResult(
-            peer_id=str(connection.peer_id),
-            rtt_ms=round(rtt_s * 1000, 3),
-            addr=format_host_port(connection.remote_address),
+            peer_id=str(result.peer_id),
+            rtt_ms=round(result.rtt_s * 1000, 3),
+            addr=format_host_port(result.remote_address),
+            reused_connection=result.reused_connection,
         )
 
     async def connect(params: ConnectParams) -> ConnectResult:

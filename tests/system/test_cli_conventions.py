@@ -198,19 +198,21 @@ def test_the_daemon_says_what_to_do_next_and_its_commands_work_as_printed(start_
     assert a.peer_id in printed.stdout
 
 
-def test_ping_output_names_the_address_it_used(start_daemon: Any) -> None:
+def test_ping_dials_an_explicit_address_and_says_which_connection_it_used(start_daemon: Any) -> None:
     # Issue 8 B8: with a connection to B open, pinging B's id at a closed port said "pong".
-    # Whatever the node does with an explicit address, the output must not claim the closed one.
     a = start_daemon("a")
     b = start_daemon("b")
     b_port = int(b.addr.rsplit(":", 1)[1])
     first = lattica("ping", b.addr, "--count", "1", home=a.home)
-    assert first.returncode == 0 and f"via 127.0.0.1:{b_port}" in first.stdout
+    assert first.returncode == 0, first.stderr
+    assert f"via 127.0.0.1:{b_port}" in first.stdout and "(new connection)" in first.stdout
+    again = lattica("ping", b.addr, "--count", "1", "--json", home=a.home)
+    assert again.returncode == 0 and json.loads(again.stdout)["reused_connection"] == [True]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    second = lattica("ping", f"{b.peer_id}@127.0.0.1:{closed_port}", "--count", "1", "--json", home=a.home)
-    if second.returncode == 0:
-        assert json.loads(second.stdout)["addr"] == f"127.0.0.1:{b_port}"
-    else:
-        assert json.loads(second.stdout)["error"]["code"] in ("timeout", "failed")
+    second = lattica(
+        "ping", f"{b.peer_id}@127.0.0.1:{closed_port}", "--count", "1", "--json", home=a.home
+    )
+    assert second.returncode == 1, second.stdout
+    assert json.loads(second.stdout)["error"]["code"] in ("timeout", "failed")
