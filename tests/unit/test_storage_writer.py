@@ -289,3 +289,25 @@ def test_transaction_reports_the_real_error_when_sqlite_already_rolled_back() ->
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_after_a_full_disk_rollback_hooks_resync_in_memory_state(tiny_filesystem: Path) -> None:
+    writer = open_writer(tiny_filesystem / "w.db")
+    rows = {"counted": 0}
+
+    def insert_and_count(k: int) -> Callable[[sqlite3.Connection], None]:
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t (k, v) VALUES (?, ?)", (k, os.urandom(16384)))
+            rows["counted"] += 1  # in-memory state kept on the writer thread, as DhtStore does
+
+        return fn
+
+    def recount(conn: sqlite3.Connection) -> None:
+        (rows["counted"],) = conn.execute("SELECT COUNT(*) FROM t").fetchone()
+
+    writer.on_rollback(recount)
+    with pytest.raises(DiskFullError):
+        for k in range(1000):
+            await writer.write(insert_and_count(k))
+    assert writer.read(lambda c: c.execute("SELECT COUNT(*) FROM t").fetchone()) == (rows["counted"],)
+    writer.close()
