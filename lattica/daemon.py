@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import logging.handlers
 import os
 import signal
 import sys
@@ -26,6 +25,7 @@ from lattica.control.services import build_registry
 from lattica.errors import LatticaError
 from lattica.home import init_home
 from lattica.home_warnings import identity_warnings
+from lattica.log_file import LogFileHandler
 from lattica.net.address import InvalidAddressError, parse_host_port
 from lattica.net.datagram import UdpSocket
 from lattica.node import Node
@@ -55,7 +55,7 @@ def setup_logging(home: Path, level: str) -> None:
     formatter = _KeyValueFormatter()
     for handler in (
         logging.StreamHandler(sys.stderr),
-        logging.handlers.RotatingFileHandler(home / "logs" / "lattica.log", maxBytes=10_000_000, backupCount=5),
+        LogFileHandler(home / "logs" / "lattica.log", max_bytes=10_000_000, backup_count=5),
     ):
         handler.setFormatter(formatter)
         root.addHandler(handler)

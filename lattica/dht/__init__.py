@@ -21,20 +21,21 @@ Service API (:class:`Dht`)::
     await dht.get(key: bytes, writer: PeerId | None = None, *,
                   quorum: int | None = None) -> SignedRecord | None   # newest of quorum copies
     await dht.provide(cid: bytes) -> int      # acks; QuorumError
-    dht.stop_providing(cid: bytes) -> None
+    await dht.stop_providing(cid: bytes) -> None
     await dht.find_providers(cid: bytes, count: int = 20) -> list[ProviderRecord]
     await dht.find_peer(peer_id: PeerId) -> list[Address] | None
     await dht.refresh(*, all_buckets: bool = False) -> int
     await dht.maintain() -> None              # one maintenance round
     dht.last_lookup_stats -> LookupStats | None   # queries, hops, ... of the last lookup
     dht.routing_table_snapshot() -> list[RoutingEntry]
-    dht.persist_routing_table() -> None
+    await dht.persist_routing_table() -> None
 
 Records live in their writer's namespace: ``get(key, writer)`` reads the record ``put(key, ...)``
 by ``writer`` stored at ``sha256(b"lattica/record/" + writer.key + key)``. Values are at most
 64 KiB; records and provider records are Ed25519-signed and verified by every receiver; the
 newest ``(seq, expires_at)`` wins; stale and forged records are refused and never forwarded.
-The persistent store is :class:`DhtStore` (sqlite, WAL, ``synchronous=FULL``).
+The persistent store is :class:`DhtStore` (sqlite, WAL, ``synchronous=FULL``, writes group-committed
+on a worker thread: see :mod:`lattica.storage`).
 """
 
 from lattica.dht.errors import (

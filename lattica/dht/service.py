@@ -76,6 +76,7 @@ from lattica.errors import LatticaError, LocalProtocolError, RemoteProtocolError
 from lattica.identity import Identity, PeerId
 from lattica.net.address import PeerAddr
 from lattica.net.datagram import Address
+from lattica.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ class Dht:
                     await trio.sleep(self.config.maintenance_interval_s)
         finally:
             self._nursery = None
-            self.persist_routing_table()
+            with trio.CancelScope(shield=True):
+                await self.persist_routing_table()
 
     async def bootstrap(self, addrs: list[PeerAddr] | None = None) -> int:
         """Join the DHT through ``addrs`` (plus configured and remembered bootstrap peers).
@@ -246,7 +248,7 @@ class Dht:
         await self._fill_empty_buckets(helpers)
         self._had_peers = True
         # A node killed right after joining still knows its peers when it comes back.
-        self.persist_routing_table()
+        await self.persist_routing_table()
         return answered
 
     async def put(self, key: bytes, value: bytes, ttl_s: float | None = None, *, quorum: int | None = None) -> int:
@@ -272,7 +274,7 @@ class Dht:
         held = self._store.get_record(dht_key, now=-math.inf)
         seq = max(held.seq + 1 if held else 0, int(now * 1000))
         record = sign_record(self.identity, key, value, seq=seq, expires_at=int(now + ttl))
-        self._store.put_record(record, own=True)
+        await self._store.put_record(record, own=True)
         acks = await self._replicate_record(record)
         self._record_published_at[dht_key] = now
         needed = self.config.put_quorum if quorum is None else quorum
@@ -371,7 +373,7 @@ class Dht:
         outdated = list(dict.fromkeys(p for p, record in found if best.supersedes(record)))
         if self.peer_id in outdated:
             outdated.remove(self.peer_id)
-            self._accept_record(best)
+            await self._accept_record(best)
         if outdated:
             await self._send_records(outdated, best)
 
@@ -385,9 +387,9 @@ class Dht:
         record = sign_provider_record(
             self.identity, cid, self._own_addresses(), expires_at=int(now + self.config.provider_ttl_s)
         )
-        self._store.add_provided(cid)
+        await self._store.add_provided(cid)
         try:
-            self._store.add_provider(record)
+            await self._store.add_provider(record)
         except StoreFullError as exc:
             log.warning("not keeping our own provider record locally: %s", exc)
         lookup = await self._find_closest(record.dht_key)
@@ -397,9 +399,9 @@ class Dht:
             raise QuorumError("provide", acks, self.config.provide_quorum)
         return acks
 
-    def stop_providing(self, cid: bytes) -> None:
+    async def stop_providing(self, cid: bytes) -> None:
         """Stop republishing ``cid`` (existing provider records expire on their own)."""
-        self._store.remove_provided(cid)
+        await self._store.remove_provided(cid)
 
     async def find_providers(self, cid: bytes, count: int = 20) -> list[ProviderRecord]:
         """Up to ``count`` valid provider records for ``cid``, longest-lived first.
@@ -496,9 +498,13 @@ class Dht:
     async def maintain(self) -> None:
         """One maintenance round (what :meth:`run` does every ``maintenance_interval_s``)."""
         now = self._wall_clock()
-        purged = self._store.purge_expired(now=now)
-        if purged:
-            log.debug("purged %d expired DHT entries", purged)
+        try:
+            purged = await self._store.purge_expired(now=now)
+        except StorageError as exc:
+            log.warning("purging expired DHT entries failed: %s", exc)
+        else:
+            if purged:
+                log.debug("purged %d expired DHT entries", purged)
         if len(self.routing_table) == 0 and self._had_peers:
             # Lost every peer. (A node that never joined is joining through ``bootstrap``, with
             # its own retries; a second bootstrap alongside would only double the work.)
@@ -509,7 +515,7 @@ class Dht:
         await self._fill_empty_buckets([], only_due=True)
         await self.refresh()
         await self._republish(now)
-        self.persist_routing_table()
+        await self.persist_routing_table()
 
     def routing_table_snapshot(self) -> list[RoutingEntry]:
         """The routing table, farthest bucket first, least recently seen first within one."""
@@ -526,11 +532,17 @@ class Dht:
         entries.sort(key=lambda e: -e.bucket)
         return entries
 
-    def persist_routing_table(self) -> None:
-        """Write the routing table (peer ids, addresses, last seen) to the store."""
-        self._store.save_peers(
-            [StoredPeer(n.peer_id, list(n.addresses), n.last_seen) for n in self.routing_table.peers()]
-        )
+    async def persist_routing_table(self) -> None:
+        """Write the routing table (peer ids, addresses, last seen) to the store.
+
+        Best effort: a storage failure is logged (the table is saved again next time).
+        """
+        try:
+            await self._store.save_peers(
+                [StoredPeer(n.peer_id, list(n.addresses), n.last_seen) for n in self.routing_table.peers()]
+            )
+        except StorageError as exc:
+            log.warning("saving the routing table failed: %s", exc)
 
     # == serving ==============================================================================
 
@@ -542,9 +554,12 @@ class Dht:
         if request.sender.peer_id != peer.key:
             return self._error("bad-sender", "sender peer id differs from the connection's")
         self._on_peer_seen(peer, request.sender.address_list(), client=request.client)
-        return encode_message(self._serve(peer, request))
+        try:
+            return encode_message(await self._serve(peer, request))
+        except StorageError as exc:
+            return self._error("storage", str(exc))
 
-    def _serve(self, peer: PeerId, request: Request) -> Response:
+    async def _serve(self, peer: PeerId, request: Request) -> Response:
         me, client = self._me(), self.config.client_mode
         now = self._wall_clock()
         match request:
@@ -560,10 +575,10 @@ class Dht:
                     closer=self._closer(key, peer),
                 )
             case PutValue(record=record):
-                stored, reason = self._accept_record(record)
+                stored, reason = await self._accept_record(record)
                 return Ack(sender=me, client=client, stored=stored, reason=reason)
             case AddProvider(record=provider_record):
-                stored, reason = self._accept_provider(peer, provider_record)
+                stored, reason = await self._accept_provider(peer, provider_record)
                 return Ack(sender=me, client=client, stored=stored, reason=reason)
             case GetProviders(key=key):
                 return Providers(
@@ -574,7 +589,7 @@ class Dht:
                 )
         raise AssertionError(f"unhandled request {type(request).__name__}")  # pragma: no cover
 
-    def _accept_record(self, record: SignedRecord) -> tuple[bool, str]:
+    async def _accept_record(self, record: SignedRecord) -> tuple[bool, str]:
         try:
             validate_record(
                 record,
@@ -582,16 +597,19 @@ class Dht:
                 max_ttl_s=self.config.max_record_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
             )
             own = record.writer == self.peer_id.key
-            self._store.put_record(record, own=own)
+            await self._store.put_record(record, own=own)
         except StaleRecordError as exc:
             return False, f"stale: {exc}"[:200]
         except InvalidRecordError as exc:
             return False, f"invalid: {exc}"[:200]
         except StoreFullError:
             return False, "store full"
+        except StorageError as exc:
+            log.warning("could not store a record: %s", exc)
+            return False, "storage error"
         return True, ""
 
-    def _accept_provider(self, peer: PeerId, record: ProviderRecord) -> tuple[bool, str]:
+    async def _accept_provider(self, peer: PeerId, record: ProviderRecord) -> tuple[bool, str]:
         if record.provider != peer.key:
             return False, "invalid: a provider record must be announced by its provider"
         try:
@@ -600,11 +618,14 @@ class Dht:
                 now=self._wall_clock(),
                 max_ttl_s=self.config.provider_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
             )
-            self._store.add_provider(record)
+            await self._store.add_provider(record)
         except InvalidRecordError as exc:
             return False, f"invalid: {exc}"[:200]
         except StoreFullError:
             return False, "store full"
+        except StorageError as exc:
+            log.warning("could not store a record: %s", exc)
+            return False, "storage error"
         return True, ""
 
     def _closer(self, target: bytes, requester: PeerId) -> list[PeerInfo]:
@@ -866,7 +887,7 @@ class Dht:
             await self._table_changed.wait()
             await trio.sleep(self.config.table_save_delay_s)
             self._table_changed = trio.Event()
-            self.persist_routing_table()
+            await self.persist_routing_table()
 
     async def _rebootstrap(self) -> None:
         addrs = list(self._bootstrap_addrs)
@@ -901,5 +922,5 @@ class Dht:
                 continue
             try:
                 await self.provide(cid)
-            except QuorumError as exc:
+            except (QuorumError, StorageError) as exc:
                 log.warning("republishing provider record failed: %s", exc)

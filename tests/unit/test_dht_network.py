@@ -246,7 +246,7 @@ async def test_provider_records_are_republished_before_they_expire(
         providers = await nodes[8].dht.find_providers(cid)
         assert [p.provider_id for p in providers] == [nodes[1].identity.peer_id]
         assert providers[0].expires_at > wall_clock() + 20 * 3600  # re-signed at ~22 h and ~44 h
-        nodes[1].dht.stop_providing(cid)
+        await nodes[1].dht.stop_providing(cid)
         await trio.sleep(49 * 3600)
         assert await nodes[8].dht.find_providers(cid) == []
         nursery.cancel_scope.cancel()
@@ -262,7 +262,7 @@ async def test_routing_table_survives_restart(autojump_clock: trio.testing.MockC
         restarted = make_node(net2, 5, store=store)
         await restarted.dht.bootstrap([nodes[0].peer_addr])
         await restarted.dht.put(b"k", b"persisted")
-        restarted.dht.persist_routing_table()
+        await restarted.dht.persist_routing_table()
         snapshot = {e.peer_id for e in restarted.dht.routing_table_snapshot()}
         store.close()
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import random
 from pathlib import Path
 
 import pytest
+import trio
 
 from lattica.dht.errors import StaleRecordError, StoreFullError
 from lattica.dht.keys import xor_distance
 from lattica.dht.records import SignedRecord, encode_record, sign_provider_record, sign_record
 from lattica.dht.store import DhtStore, StoredPeer
 from lattica.identity import Identity
+from lattica.storage import CorruptDatabaseError, DiskFullError
 
 NOW = 1_750_000_000
 OWN = Identity.from_seed(bytes([9]) * 32)
@@ -25,18 +29,18 @@ def open_store(path: Path | str, max_bytes: int = 1 << 30) -> DhtStore:
     return DhtStore(path, own_key=OWN.peer_id.dht_key(), max_bytes=max_bytes)
 
 
-def test_everything_survives_reopen(tmp_path: Path) -> None:
+async def test_everything_survives_reopen(tmp_path: Path) -> None:
     db = tmp_path / "lattica.db"
     store = open_store(db)
     r = record(WRITERS[0])
     mine = record(OWN, b"mine")
     provider = sign_provider_record(WRITERS[1], b"cid", [("198.51.100.1", 4001)], expires_at=NOW + 60)
     peer = StoredPeer(WRITERS[2].peer_id, [("198.51.100.2", 4001)], float(NOW))
-    assert store.put_record(r)
-    assert store.put_record(mine, own=True)
-    assert store.add_provider(provider)
-    store.add_provided(b"cid-i-serve")
-    store.save_peers([peer])
+    assert await store.put_record(r)
+    assert await store.put_record(mine, own=True)
+    assert await store.add_provider(provider)
+    await store.add_provided(b"cid-i-serve")
+    await store.save_peers([peer])
     total = store.total_bytes
     store.close()
 
@@ -47,45 +51,45 @@ def test_everything_survives_reopen(tmp_path: Path) -> None:
     assert again.provided() == [b"cid-i-serve"]
     assert again.load_peers() == [peer]
     assert again.total_bytes == total
-    (mode,) = again._db.execute("PRAGMA journal_mode").fetchone()
+    (mode,) = again.writer.read(lambda c: c.execute("PRAGMA journal_mode").fetchone())
     assert mode == "wal"
     again.close()
 
 
-def test_newest_wins_and_stale_is_refused() -> None:
+async def test_newest_wins_and_stale_is_refused() -> None:
     store = open_store(":memory:")
     v1, v2 = record(WRITERS[0], seq=1), record(WRITERS[0], seq=2)
-    assert store.put_record(v2)
-    assert not store.put_record(v2)  # identical: already held
+    assert await store.put_record(v2)
+    assert not await store.put_record(v2)  # identical: already held
     with pytest.raises(StaleRecordError):
-        store.put_record(v1)
+        await store.put_record(v1)
     assert store.get_record(v2.dht_key, now=NOW) == v2
     assert store.record_count() == 1
 
 
-def test_expired_entries_are_hidden_then_purged() -> None:
+async def test_expired_entries_are_hidden_then_purged() -> None:
     store = open_store(":memory:")
     short = record(WRITERS[0], ttl=10)
     long = record(WRITERS[1], ttl=1000)
     provider = sign_provider_record(WRITERS[2], b"cid", [], expires_at=NOW + 10)
-    store.put_record(short)
-    store.put_record(long)
-    store.add_provider(provider)
+    await store.put_record(short)
+    await store.put_record(long)
+    await store.add_provider(provider)
     assert store.get_record(short.dht_key, now=NOW + 10) is None
     assert store.get_providers(provider.dht_key, now=NOW + 10, limit=5) == []
-    assert store.purge_expired(now=NOW + 10) == 2
+    assert await store.purge_expired(now=NOW + 10) == 2
     assert store.record_count() == 1
     assert store.get_record(long.dht_key, now=NOW + 10) == long
 
 
-def test_size_cap_evicts_farthest_from_own_id_first() -> None:
+async def test_size_cap_evicts_farthest_from_own_id_first() -> None:
     own_key = OWN.peer_id.dht_key()
     records = [record(w, size=1000) for w in WRITERS[:10]]
     per_record = len(encode_record(records[0]))
     store = open_store(":memory:", max_bytes=per_record * 6)
     by_distance = sorted(records, key=lambda r: xor_distance(r.dht_key, own_key))
     for r in by_distance[:6]:
-        assert store.put_record(r)
+        assert await store.put_record(r)
     assert store.total_bytes <= store.max_bytes
     # A nearer record pushes out the farthest one.
     nearer_than_all = None
@@ -95,28 +99,88 @@ def test_size_cap_evicts_farthest_from_own_id_first() -> None:
             nearer_than_all = candidate
             break
     assert nearer_than_all is not None
-    assert store.put_record(nearer_than_all)
+    assert await store.put_record(nearer_than_all)
     assert store.get_record(by_distance[5].dht_key, now=NOW) is None
     assert store.get_record(by_distance[0].dht_key, now=NOW) is not None
     assert store.total_bytes <= store.max_bytes
     # A record farther than everything held is refused, not stored-then-dropped.
     with pytest.raises(StoreFullError):
-        store.put_record(by_distance[9])
+        await store.put_record(by_distance[9])
     assert store.get_record(by_distance[9].dht_key, now=NOW) is None
 
 
-def test_own_records_are_never_evicted_and_always_fit_if_possible() -> None:
+async def test_own_records_are_never_evicted_and_always_fit_if_possible() -> None:
     store = open_store(":memory:", max_bytes=3000)
-    stored = [r for r in (record(w, size=1000) for w in WRITERS[:3]) if _try_put(store, r)]
+    stored = [r for r in (record(w, size=1000) for w in WRITERS[:3]) if await _try_put(store, r)]
     assert stored
     mine = record(OWN, b"mine", size=1000)
-    assert store.put_record(mine, own=True)
+    assert await store.put_record(mine, own=True)
     assert store.own_records(now=NOW) == [mine]
     assert store.total_bytes <= 3000
 
 
-def _try_put(store: DhtStore, r: SignedRecord) -> bool:
+async def _try_put(store: DhtStore, r: SignedRecord) -> bool:
     try:
-        return store.put_record(r)
+        return await store.put_record(r)
     except StoreFullError:
         return False
+
+
+async def test_peers_are_saved_incrementally(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "lattica.db")
+    a, b, c = (StoredPeer(WRITERS[i].peer_id, [("198.51.100.1", 4000 + i)], float(NOW + i)) for i in range(3))
+    assert await store.save_peers([a, b, c]) == 3
+    assert await store.save_peers([a, b, c]) == 0  # nothing changed, nothing written
+    moved = StoredPeer(b.peer_id, [("198.51.100.9", 4001)], float(NOW + 10))
+    assert await store.save_peers([a, moved]) == 2  # one update, one delete; ``a`` untouched
+    assert store.load_peers() == [moved, a]
+    store.close()
+
+
+def test_a_truncated_database_is_named_and_explained(tmp_path: Path) -> None:
+    db = tmp_path / "lattica.db"
+
+    async def fill() -> None:
+        store = open_store(db)
+        for w in WRITERS:
+            await store.put_record(record(w, size=2000))
+        store.close()
+
+    trio.run(fill)
+    os.truncate(db, db.stat().st_size // 2)
+    with pytest.raises(CorruptDatabaseError) as caught:
+        open_store(db)
+    assert str(caught.value) == (
+        f"{db} is damaged (database disk image is malformed); move it aside to start with an empty store"
+    )
+
+
+def test_random_bytes_instead_of_a_database_are_named_and_explained(tmp_path: Path) -> None:
+    db = tmp_path / "lattica.db"
+    db.write_bytes(random.Random(1).randbytes(50_000))
+    with pytest.raises(CorruptDatabaseError, match="is not a Lattica database \\(file is not a database\\)"):
+        open_store(db)
+
+
+async def test_full_disk_refuses_the_write_keeps_acknowledged_records_and_serves_reads(tmp_path: Path) -> None:
+    db = tmp_path / "lattica.db"
+    store = open_store(db)
+    first = record(WRITERS[0], size=1000)
+    assert await store.put_record(first)
+    (pages,) = store.writer.read(lambda c: c.execute("PRAGMA page_count").fetchone())
+    store.writer.write_blocking(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 4}"))
+    acknowledged = [first]
+    with pytest.raises(DiskFullError, match="database or disk is full"):
+        for w in WRITERS[1:]:
+            r = record(w, size=30_000)
+            await store.put_record(r)
+            acknowledged.append(r)
+    assert all(store.get_record(r.dht_key, now=NOW) == r for r in acknowledged)
+    assert store.record_count() == len(acknowledged)
+    # The size counter follows what committed, not what was attempted.
+    (committed_bytes,) = store.writer.read(lambda c: c.execute("SELECT SUM(size) FROM dht_records").fetchone())
+    assert store.total_bytes == committed_bytes
+    store.close()
+    again = open_store(db)
+    assert again.record_count() == len(acknowledged)
+    again.close()
