@@ -55,6 +55,10 @@ class ConnectError(LatticaError):
     """A connection could not be established (timeout, refused handshake, unreachable)."""
 
 
+class ConnectTimeoutError(ConnectError):
+    """A dial (or the name resolution before it) did not complete within its ``timeout_s``."""
+
+
 class DialSelfError(ConnectError):
     """A dial would reach (or reached) this node itself; it is refused (or closed)."""
 

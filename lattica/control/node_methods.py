@@ -17,7 +17,7 @@ from lattica.control.errors import FAILED, INVALID_PARAMS, TIMEOUT, ControlError
 from lattica.control.limits import MAX_DIAL_STRING_CHARS, MAX_PING_TIMEOUT_S
 from lattica.control.messages import NoParams
 from lattica.control.registry import MethodRegistry
-from lattica.errors import ConnectError, DialSelfError
+from lattica.errors import ConnectError, ConnectTimeoutError, DialSelfError
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port
 from lattica.node import Node
 
@@ -127,7 +127,7 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
         try:
             with trio.fail_after(params.timeout_s):
                 result = await node.ping(target, timeout_s=params.timeout_s)
-        except trio.TooSlowError:
+        except (trio.TooSlowError, ConnectTimeoutError):
             raise ControlError(
                 TIMEOUT,
                 f"no answer from {params.addr} within {params.timeout_s:g} s",

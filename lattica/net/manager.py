@@ -48,6 +48,7 @@ import trio
 
 from lattica.errors import (
     ConnectError,
+    ConnectTimeoutError,
     DialSelfError,
     LatticaError,
     PeerIdMismatchError,
@@ -243,7 +244,7 @@ class ConnectionManager:
         with trio.move_on_after(timeout) as scope:
             return await self._connect(peer, timeout_s)
         assert scope.cancelled_caught
-        raise ConnectError(f"connecting to {_describe(peer)} timed out after {timeout_s:g} s")
+        raise ConnectTimeoutError(f"connecting to {_describe(peer)} timed out after {timeout_s:g} s")
 
     async def _connect(self, peer: PeerAddr | PeerId, timeout_s: float | None) -> ConnectReport:
         peer_id = peer if isinstance(peer, PeerId) else peer.peer_id
@@ -305,7 +306,7 @@ class ConnectionManager:
             if not resolved:
                 raise ConnectError(f"{host!r} resolved to no usable address")
             return resolved[:_MAX_RESOLVED_ADDRESSES]
-        raise ConnectError(f"resolving {host!r} timed out after {self.resolve_timeout_s:g} s")
+        raise ConnectTimeoutError(f"resolving {host!r} timed out after {self.resolve_timeout_s:g} s")
 
     def _reachable(self, addresses: list[Address], target: str) -> list[Address]:
         """The addresses this socket can send to; :class:`ConnectError` at once if none."""
