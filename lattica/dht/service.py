@@ -64,6 +64,7 @@ from lattica.dht.records import (
     MAX_VALUE_BYTES,
     ProviderRecord,
     SignedRecord,
+    is_dialable_address,
     sign_provider_record,
     sign_record,
     validate_provider_record,
@@ -734,11 +735,15 @@ class Dht:
         for stored in self._store.load_peers():
             if stored.peer_id == self.peer_id:
                 continue
-            if stored.addresses:
-                self._remember(stored.peer_id, stored.addresses)
+            # A table saved by an older version may hold addresses no message may carry now
+            # (a host with a NUL byte crashed the node on every start): such entries are skipped.
+            addresses = [(h, p) for h, p in stored.addresses if is_dialable_address(h, p)]
+            if not addresses:
+                continue
+            self._remember(stored.peer_id, addresses)
             node = DhtNode(
                 stored.peer_id,
-                stored.addresses,
+                addresses,
                 first_seen=stored.last_seen,
                 last_seen=stored.last_seen,
             )
@@ -936,7 +941,7 @@ class Dht:
     async def _rebootstrap(self) -> None:
         addrs = list(self._bootstrap_addrs)
         for stored in self._store.load_peers():
-            for address in stored.addresses[:1]:
+            for address in [a for a in stored.addresses if is_dialable_address(*a)][:1]:
                 addrs.append(PeerAddr(address, stored.peer_id))
         if not addrs:
             return
