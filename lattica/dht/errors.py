@@ -42,4 +42,4 @@ class QuorumError(LatticaError):
 
 
 class BootstrapError(LatticaError):
-    """None of the bootstrap peers answered, so the node could not join the DHT."""
+    """No bootstrap peer other than this node itself answered, so the node could not join the DHT."""

@@ -267,29 +267,41 @@ class Dht:
         """Join the DHT through ``addrs`` (plus configured and remembered bootstrap peers).
 
         Asks each for peers near our own id, then looks up our own id to fill the routing table.
-        Returns how many bootstrap peers answered; raises :class:`BootstrapError` when none did.
+        Our own id or listen address is never dialled, and an answer from ourselves (an address
+        that turned out to be ours) does not count. Returns how many other peers answered;
+        raises :class:`BootstrapError` when none did (saying so when every address was ours).
         """
+        own_addresses = set(self._own_addresses())
+
+        def is_self(addr: PeerAddr) -> bool:
+            return addr.peer_id == self.peer_id or (addr.peer_id is None and addr.address in own_addresses)
+
         for addr in addrs or ():
-            if addr not in self._bootstrap_addrs:
+            if addr not in self._bootstrap_addrs and not is_self(addr):
                 self._bootstrap_addrs.append(addr)
-        targets = list(addrs) if addrs else list(self._bootstrap_addrs)
-        if not targets:
+        given = list(addrs) if addrs else list(self._bootstrap_addrs)
+        if not given:
             raise BootstrapError("no bootstrap peers given; pass PEERID@HOST:PORT of a DHT node")
+        targets = [a for a in given if not is_self(a)]
         helpers: list[PeerId] = []
         seeds: list[PeerId] = []
         answered = 0
+        reached_self = len(given) - len(targets)
 
         async def contact(addr: PeerAddr) -> None:
-            nonlocal answered
+            nonlocal answered, reached_self
             if addr.peer_id is not None:
                 self._remember(addr.peer_id, [addr.address])
             try:
                 reply = await self._request(addr.peer_id or addr, self._find_node(self.own_key), Nodes)
             except _QueryFailed:
                 return
-            answered += 1
             claimed = PeerId(reply.sender.peer_id)
-            if addr.peer_id is None and claimed != self.peer_id:
+            if claimed == self.peer_id:
+                reached_self += 1  # an address of ours we did not know as such (e.g. 0.0.0.0)
+                return
+            answered += 1
+            if addr.peer_id is None:
                 # An unverified claim: remember where it answered, verify by querying it by id.
                 self._remember(claimed, [addr.address, *reply.sender.address_list()])
             helpers.append(claimed)
@@ -299,9 +311,15 @@ class Dht:
             for addr in targets:
                 nursery.start_soon(contact, addr)
         if not answered:
-            shown = ", ".join(str(a) for a in targets[:3])
+            shown = ", ".join(str(a) for a in given[:3])
+            if reached_self == len(given):
+                raise BootstrapError(
+                    f"the bootstrap address(es) given ({shown}) are this node itself; "
+                    "pass PEERID@HOST:PORT of another DHT node"
+                )
+            ours = f", {reached_self} of them this node itself" if reached_self else ""
             raise BootstrapError(
-                f"none of the {len(targets)} bootstrap peer(s) answered ({shown}); "
+                f"none of the {len(given)} bootstrap peer(s) answered ({shown}{ours}); "
                 "check the addresses and that they are running"
             )
         await self._find_closest(self.own_key, seeds=helpers + seeds)
@@ -754,6 +772,8 @@ class Dht:
     async def _request(self, peer: PeerId | PeerAddr, message: Request, expect: type[R]) -> R:
         """One request; raises ``_QueryFailed`` on any failure (and counts it against ``peer``)."""
         expected = peer if isinstance(peer, PeerId) else peer.peer_id
+        if expected == self.peer_id:
+            raise _QueryFailed("that is our own id")  # never dial ourselves
         timeout_s = self.config.query_timeout_s
         reply: Response | None = None
         with trio.move_on_after(timeout_s * 1.5):  # in case the transport ignores timeout_s

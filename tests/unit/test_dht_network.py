@@ -432,3 +432,31 @@ async def test_a_new_peer_is_on_disk_seconds_after_it_joined_the_table(
         await trio.sleep(DhtConfig().table_save_delay_s + 0.1)  # well before a maintenance round
         assert newcomer.identity.peer_id in on_disk()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("by_id", [True, False], ids=["own-id", "own-address-only"])
+async def test_bootstrap_through_our_own_address_fails_and_says_so(
+    autojump_clock: trio.testing.MockClock, by_id: bool
+) -> None:
+    net = MemoryNetwork()
+    node = make_node(net, 0)
+    own = node.peer_addr if by_id else PeerAddr(node.address)
+    with pytest.raises(BootstrapError, match="this node itself"):
+        await node.dht.bootstrap([own])
+    assert len(node.dht.routing_table) == 0
+    assert net.requests == 0  # our own address is known as ours: never dialled
+
+
+async def test_an_address_that_answers_as_ourselves_does_not_count_as_a_bootstrap_peer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    node = make_node(net, 0)
+    net.listeners[("198.18.0.200", 4000)] = node.identity.peer_id  # e.g. a wildcard listen address
+    with pytest.raises(BootstrapError, match="this node itself"):
+        await node.dht.bootstrap([PeerAddr(("198.18.0.200", 4000))])
+    other = make_node(net, 1)
+    with pytest.raises(BootstrapError, match="1 of them this node itself"):
+        net.dead.add(other.identity.peer_id)
+        await node.dht.bootstrap([PeerAddr(("198.18.0.200", 4000)), other.peer_addr])
+    assert len(node.dht.routing_table) == 0
