@@ -141,10 +141,17 @@ class Providers(_Message, frozen=True, tag="providers"):
 
 
 class Ack(_Message, frozen=True, tag="ack"):
-    """Answer to :class:`PutValue` / :class:`AddProvider`: ``stored`` or why not."""
+    """Answer to :class:`PutValue` / :class:`AddProvider`: ``stored`` or why not.
+
+    A :class:`PutValue` refused as stale carries the record the responder holds in ``held``
+    (signed by the same writer): a writer that lost its state learns from it which sequence
+    number to beat, and can verify it, which a bare number would not allow (a liar could make
+    the writer jump to the largest sequence number and exhaust its namespace).
+    """
 
     stored: bool
     reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON_CHARS)] = ""
+    held: SignedRecord | None = None
 
 
 class Error(_Message, frozen=True, tag="error"):

@@ -232,12 +232,23 @@ def validate_record(
     if type(record.seq) is not int or not 0 <= record.seq <= MAX_SEQ:
         raise InvalidRecordError("seq out of range")
     _check_expiry(record.expires_at, now, max_ttl_s)
+    check_record_signature(record, expected_dht_key=expected_dht_key)
+
+
+def check_record_signature(record: SignedRecord, *, expected_dht_key: bytes | None = None) -> None:
+    """Check that ``record`` was signed by its writer (and lives at ``expected_dht_key``), and
+    nothing about its age: for a record that only proves which version its writer once signed
+    (a holder's refusal quoting what it holds). Raises :class:`InvalidRecordError`."""
     if not isinstance(record.signature, bytes) or len(record.signature) != SIGNATURE_BYTES:
         raise InvalidRecordError("bad signature length")
     if expected_dht_key is not None and record.dht_key != expected_dht_key:
         raise InvalidRecordError("record does not belong under the requested key")
-    message = record_signing_bytes(writer, key, value, record.seq, record.expires_at)
-    if not PeerId(writer).verify(message, record.signature):
+    message = record_signing_bytes(record.writer, record.key, record.value, record.seq, record.expires_at)
+    try:
+        genuine = PeerId(record.writer).verify(message, record.signature)
+    except ValueError as exc:  # a writer id that is not a valid key
+        raise InvalidRecordError(f"bad writer id: {exc}") from exc
+    if not genuine:
         raise InvalidRecordError("bad signature: record was not signed by its writer")
 
 

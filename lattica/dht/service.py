@@ -61,9 +61,11 @@ from lattica.dht.messages import (
     encode_message,
 )
 from lattica.dht.records import (
+    MAX_SEQ,
     MAX_VALUE_BYTES,
     ProviderRecord,
     SignedRecord,
+    check_record_signature,
     is_dialable_address,
     sign_provider_record,
     sign_record,
@@ -164,6 +166,61 @@ class RoutingEntry:
 
 class _QueryFailed(Exception):
     pass
+
+
+@dataclass
+class Replication:
+    """What the nodes sent a record (or provider record) answered."""
+
+    asked: int
+    acks: int = 0
+    stale: int = 0
+    refused: int = 0
+    unreachable: int = 0
+    lookup_failures: int = 0
+    """Peers that did not answer the lookup for where to store it."""
+    reasons: list[str] = field(default_factory=list)
+    held: list[SignedRecord] = field(default_factory=list)
+    """Records quoted by stale refusals (unverified)."""
+
+    def count(self, ack: Ack) -> None:
+        """Count one answer."""
+        if ack.stored:
+            self.acks += 1
+        elif ack.reason.startswith("stale"):
+            self.stale += 1
+            if ack.held is not None and len(self.held) < MAX_CLOSER_PEERS:
+                self.held.append(ack.held)
+        else:
+            self.refused += 1
+            if len(self.reasons) < 3 and ack.reason not in self.reasons:
+                self.reasons.append(ack.reason[:80])
+
+    def newest_held_seq(self, record: SignedRecord) -> int | None:
+        """The highest sequence number among genuine versions of ``record`` (same writer and
+        key, validly signed) that refusals quoted, if one is at least ``record.seq``."""
+        best: int | None = None
+        for held in self.held:
+            try:
+                check_record_signature(held, expected_dht_key=record.dht_key)
+            except InvalidRecordError:
+                continue
+            if held.seq >= record.seq and held.seq < MAX_SEQ and (best is None or held.seq > best):
+                best = held.seq
+        return best
+
+    def error(self, operation: str, quorum: int) -> QuorumError:
+        """The :class:`QuorumError` saying why fewer than ``quorum`` acknowledged."""
+        return QuorumError(
+            operation,
+            self.acks,
+            quorum,
+            asked=self.asked,
+            stale=self.stale,
+            refused=self.refused,
+            unreachable=self.unreachable + self.lookup_failures,
+            reasons=tuple(self.reasons),
+        )
 
 
 @dataclass
@@ -357,12 +414,22 @@ class Dht:
         seq = max(held.seq + 1 if held else 0, int(now * 1000))
         record = sign_record(self.identity, key, value, seq=seq, expires_at=int(now + ttl))
         self._store.put_record(record, own=True)
-        acks = await self._replicate_record(record)
+        closest, outcome = await self._replicate_record(record)
+        newest_held = outcome.newest_held_seq(record)
+        if newest_held is not None:
+            # Holders keep a version we signed with a higher sequence number than ours (we lost
+            # our database and our clock is behind): beat it and send again to the same peers.
+            record = sign_record(self.identity, key, value, seq=newest_held + 1, expires_at=int(now + ttl))
+            log.info("put: peers hold seq %d of this record; re-signed with seq %d", newest_held, record.seq)
+            self._store.put_record(record, own=True)
+            lookup_failures = outcome.lookup_failures
+            outcome = await self._send_records(closest, record)
+            outcome.lookup_failures = lookup_failures
         self._record_published_at[dht_key] = now
         needed = self.config.put_quorum if quorum is None else quorum
-        if acks < needed:
-            raise QuorumError("put", acks, needed)
-        return acks
+        if outcome.acks < needed:
+            raise outcome.error("put", needed)
+        return outcome.acks
 
     async def get(self, key: bytes, writer: PeerId | None = None, *, quorum: int | None = None) -> SignedRecord | None:
         """The newest valid record ``key`` in ``writer``'s namespace (default: ours), or None.
@@ -476,10 +543,11 @@ class Dht:
             log.warning("not keeping our own provider record locally: %s", exc)
         lookup = await self._find_closest(record.dht_key)
         message = AddProvider(sender=self._me(), client=self.config.client_mode, record=record)
-        acks = await self._count_acks(lookup.result(), message)
-        if acks < self.config.provide_quorum:
-            raise QuorumError("provide", acks, self.config.provide_quorum)
-        return acks
+        outcome = await self._send_to_all(lookup.result(), message)
+        outcome.lookup_failures = lookup.stats().failures
+        if outcome.acks < self.config.provide_quorum:
+            raise outcome.error("provide", self.config.provide_quorum)
+        return outcome.acks
 
     def stop_providing(self, cid: bytes) -> None:
         """Stop republishing ``cid`` (existing provider records expire on their own)."""
@@ -645,7 +713,10 @@ class Dht:
                 )
             case PutValue(record=record):
                 stored, reason = self._accept_record(record)
-                return Ack(sender=me, client=client, stored=stored, reason=reason)
+                held = None
+                if reason.startswith("stale"):
+                    held = self._store.get_record(record.dht_key, now=-math.inf)
+                return Ack(sender=me, client=client, stored=stored, reason=reason, held=held)
             case AddProvider(record=provider_record):
                 stored, reason = self._accept_provider(peer, provider_record)
                 return Ack(sender=me, client=client, stored=stored, reason=reason)
@@ -922,32 +993,34 @@ class Dht:
             stop_when=lambda _lk: self.routing_table.bucket_population(target) >= enough,
         )
 
-    async def _count_acks(self, peers: list[PeerId], message: PutValue | AddProvider) -> int:
-        acks = 0
+    async def _send_to_all(self, peers: list[PeerId], message: PutValue | AddProvider) -> Replication:
+        outcome = Replication(asked=len(peers))
 
         async def send_one(peer: PeerId) -> None:
-            nonlocal acks
             try:
                 ack = await self._request(peer, message, Ack)
             except _QueryFailed:
+                outcome.unreachable += 1
                 return
-            if ack.stored:
-                acks += 1
-            else:
+            outcome.count(ack)
+            if not ack.stored:
                 log.info("%s refused a record: %s", peer.short(), ack.reason)
 
         async with trio.open_nursery() as nursery:
             for peer in peers:
                 nursery.start_soon(send_one, peer)
-        return acks
+        return outcome
 
-    async def _replicate_record(self, record: SignedRecord) -> int:
+    async def _replicate_record(self, record: SignedRecord) -> tuple[list[PeerId], Replication]:
         lookup = await self._find_closest(record.dht_key)
-        return await self._send_records(lookup.result(), record)
+        closest = lookup.result()
+        outcome = await self._send_records(closest, record)
+        outcome.lookup_failures = lookup.stats().failures
+        return closest, outcome
 
-    async def _send_records(self, peers: list[PeerId], record: SignedRecord) -> int:
+    async def _send_records(self, peers: list[PeerId], record: SignedRecord) -> Replication:
         message = PutValue(sender=self._me(), client=self.config.client_mode, record=record)
-        return await self._count_acks(peers, message)
+        return await self._send_to_all(peers, message)
 
     # == maintenance ==========================================================================
 
@@ -977,8 +1050,8 @@ class Dht:
                 continue
             if self._record_published_at.get(record.dht_key, -math.inf) + interval > now:
                 continue
-            acks = await self._replicate_record(record)
-            if acks:
+            _closest, outcome = await self._replicate_record(record)
+            if outcome.acks:
                 self._record_published_at[record.dht_key] = now
         due_after = self.config.provider_ttl_s - self.config.provider_republish_interval_s
         for cid in self._store.provided():

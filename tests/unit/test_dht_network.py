@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -22,6 +24,7 @@ from lattica.dht import (
     xor_distance,
 )
 from lattica.dht.messages import PROTOCOL_ID, Ack, PeerInfo, Ping, PutValue, decode_response, encode_message
+from lattica.dht.service import Replication
 from lattica.dht.testing import MemoryNetwork, MemoryTransport
 from lattica.errors import LocalProtocolError
 from lattica.identity import Identity
@@ -49,7 +52,11 @@ class SimNode:
 
 
 def make_node(
-    net: MemoryNetwork, index: int, config: DhtConfig | None = None, store: DhtStore | None = None
+    net: MemoryNetwork,
+    index: int,
+    config: DhtConfig | None = None,
+    store: DhtStore | None = None,
+    clock: Callable[[], float] = wall_clock,
 ) -> SimNode:
     identity = Identity.from_seed(bytes([index + 1]) * 32)
     address = (f"198.18.{index // 200}.{index % 200 + 1}", 4000)
@@ -62,7 +69,7 @@ def make_node(
         remember_addresses=transport.add_addresses,
         own_addresses=lambda: [address],
         config=config or DhtConfig(),
-        wall_clock=wall_clock,
+        wall_clock=clock,
         rng=random.Random(index),
     )
     return SimNode(identity, address, transport, store, dht)
@@ -460,3 +467,59 @@ async def test_an_address_that_answers_as_ourselves_does_not_count_as_a_bootstra
         net.dead.add(other.identity.peer_id)
         await node.dht.bootstrap([PeerAddr(("198.18.0.200", 4000)), other.peer_addr])
     assert len(node.dht.routing_table) == 0
+
+
+async def test_a_writer_that_lost_its_database_and_runs_an_hour_behind_can_still_publish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 12)
+        writer = nodes[4]
+        await writer.dht.put(b"cfg", b"v1", ttl_s=3600)
+        v1 = writer.store.get_record(record_key(writer.identity.peer_id, b"cfg"), now=wall_clock())
+        assert v1 is not None
+
+        # The writer comes back with an empty database and a clock one hour behind: the
+        # sequence number it would pick (unix ms) is lower than the one every holder keeps.
+        reborn = make_node(net, 4, clock=lambda: wall_clock() - 3600)
+        await nursery.start(reborn.dht.run)
+        await reborn.dht.bootstrap([nodes[0].peer_addr])
+        assert await reborn.dht.put(b"cfg", b"v2", ttl_s=7200) >= 5
+        record = await nodes[9].dht.get(b"cfg", writer=writer.identity.peer_id)
+        assert record is not None and record.value == b"v2" and record.seq == v1.seq + 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_put_that_fails_says_whether_holders_refused_it_or_did_not_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 6)
+        for node in nodes[2:]:
+            net.dead.add(node.identity.peer_id)
+        with pytest.raises(QuorumError, match=r"only 1 node\(s\) acknowledged, 3 required; 4 did not answer"):
+            await nodes[1].dht.put(b"k", b"v", quorum=3)
+        nursery.cancel_scope.cancel()
+    lone = make_node(MemoryNetwork(), 0)
+    with pytest.raises(QuorumError, match="no DHT peer was found"):
+        await lone.dht.put(b"k", b"v")
+
+
+def test_quorum_error_names_stale_refusals() -> None:
+    error = QuorumError("put", 0, 1, asked=3, stale=2, refused=1, reasons=("store full",))
+    assert "2 hold a newer version" in str(error) and "1 refused it (store full)" in str(error)
+
+
+def test_a_refusal_quoting_a_forged_or_foreign_record_does_not_move_the_writers_sequence() -> None:
+    writer, other = Identity.from_seed(bytes([1]) * 32), Identity.from_seed(bytes([2]) * 32)
+    ours = sign_record(writer, b"cfg", b"v", seq=1000, expires_at=2_000_000_000)
+    me = PeerInfo.of(other.peer_id, [])
+    forged = msgspec.structs.replace(ours, seq=(1 << 63) - 1)  # signature no longer matches
+    foreign = sign_record(other, b"cfg", b"v", seq=5000, expires_at=2_000_000_000)
+    genuine = sign_record(writer, b"cfg", b"v", seq=3000, expires_at=2_000_000_000)
+    outcome = Replication(asked=3)
+    for held in (forged, foreign):
+        outcome.count(Ack(sender=me, stored=False, reason="stale: ...", held=held))
+    assert outcome.newest_held_seq(ours) is None
+    outcome.count(Ack(sender=me, stored=False, reason="stale: ...", held=genuine))
+    assert outcome.newest_held_seq(ours) == 3000 and outcome.stale == 3
