@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from typing import Annotated
@@ -182,6 +183,13 @@ def is_dialable_address(host: object, port: object) -> bool:
         return False
     if not 1 <= len(host) <= MAX_HOST_CHARS or "%" in host:
         return False  # a zone id means nothing on another host (and may hold any character)
+    return _is_ip_literal(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ip_literal(host: str) -> bool:
+    # Every DHT message names a few peers, mostly the same ones: parsing each was most of a
+    # lookup's CPU. A hostile peer can only make the cache miss, which costs one parse.
     try:
         ipaddress.ip_address(host)
     except ValueError:

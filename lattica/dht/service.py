@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -60,6 +61,7 @@ from lattica.dht.messages import (
     decode_response,
     encode_message,
 )
+from lattica.dht.peer_health import PeerHealth
 from lattica.dht.records import (
     MAX_SEQ,
     MAX_VALUE_BYTES,
@@ -143,6 +145,14 @@ class DhtConfig:
     between are saved together); last-seen times are saved every maintenance round."""
     bootstrap_peers: tuple[PeerAddr, ...] = ()
     """Peers to (re-)bootstrap from, in addition to those given to ``bootstrap``."""
+    failure_backoff_s: float = 60.0
+    """After a request to a peer fails, lookups and puts skip the peer for this long (doubled
+    per consecutive failure, up to ``bucket_refresh_interval_s``); maintenance then pings it if
+    it is in the routing table. Only failures of requests sent after the previous failure count
+    towards ``max_failures``, so one outage counts once."""
+    stale_peer_ping_s: float = 1800.0
+    """Maintenance pings routing-table peers not heard from for this long (wall clock), so a
+    peer that left is evicted even when no lookup of ours happened to ask it."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_CLOSER_PEERS:
@@ -278,6 +288,11 @@ class Dht:
             now=wall_clock(),
         )
         self._liveness_checks: set[bytes] = set()
+        self._health = PeerHealth(
+            max_failures=self.config.max_failures,
+            backoff_s=self.config.failure_backoff_s,
+            max_backoff_s=max(self.config.failure_backoff_s, self.config.bucket_refresh_interval_s),
+        )
         self._nursery: trio.Nursery | None = None
         self._bootstrap_addrs: list[PeerAddr] = list(self.config.bootstrap_peers)
         self._record_published_at: dict[bytes, float] = {}
@@ -653,15 +668,37 @@ class Dht:
             log.debug("purged %d expired DHT entries", purged)
         if len(self.routing_table) == 0 and self._had_peers:
             # Lost every peer. (A node that never joined is joining through ``bootstrap``, with
-            # its own retries; a second bootstrap alongside would only double the work.)
+            # its own retries; a second bootstrap alongside would only double the work.) Losing
+            # every peer at once says more about our own network than theirs: forget their
+            # failures, or the peers they name would be skipped.
+            self._health.clear()
             await self._rebootstrap()
         if len(self.routing_table) == 0:
             return
         self._had_peers = True
+        await self._probe_peers(now)
         await self._fill_empty_buckets([], only_due=True)
         await self.refresh()
         await self._republish(now)
         self.persist_routing_table()
+
+    async def _probe_peers(self, now: float) -> None:
+        """Ping routing-table peers whose failure backoff is over, and those not heard from for
+        ``stale_peer_ping_s`` (wall clock ``now``): an answer clears them, a failure counts
+        towards eviction."""
+        peers = list(self.routing_table.peers())
+        due = set(self._health.due_probes((n.peer_id for n in peers), trio.current_time()))
+        due.update(n.peer_id for n in peers if now - n.last_seen >= self.config.stale_peer_ping_s)
+        limiter = trio.CapacityLimiter(max(self.config.alpha, 1) * 4)
+
+        async def probe(peer: PeerId) -> None:
+            async with limiter:
+                with contextlib.suppress(_QueryFailed):
+                    await self._request(peer, Ping(sender=self._me(), client=self.config.client_mode), Pong)
+
+        async with trio.open_nursery() as nursery:
+            for peer in sorted(due, key=lambda p: p.key):
+                nursery.start_soon(probe, peer)
 
     def routing_table_snapshot(self) -> list[RoutingEntry]:
         """The routing table, farthest bucket first, least recently seen first within one."""
@@ -777,9 +814,21 @@ class Dht:
     def _find_node(self, target: bytes) -> FindNode:
         return FindNode(sender=self._me(), client=self.config.client_mode, target=target)
 
+    def _on_peer_failed(self, peer: PeerId, sent_at: float) -> None:
+        if self._health.on_failure(peer, sent_at=sent_at, now=trio.current_time()) and peer in self.routing_table:
+            log.debug("evicting %s after %d failed requests", peer.short(), self._health.failures(peer))
+            self.routing_table.remove(peer)  # the newest admissible replacement takes its place
+            self._table_changed.set()
+
+    def _usable(self, peers: list[PeerId]) -> list[PeerId]:
+        """``peers`` without those in their backoff after a failure (see :mod:`peer_health`)."""
+        now = trio.current_time()
+        return [p for p in peers if not self._health.is_suspect(p, now)]
+
     def _on_peer_seen(self, peer: PeerId, addresses: list[Address], *, client: bool) -> None:
         if peer == self.peer_id:
             return
+        self._health.on_success(peer)
         if addresses:
             self._remember(peer, addresses)
         if client:
@@ -810,9 +859,10 @@ class Dht:
 
     def _learn(self, closer: list[PeerInfo]) -> list[PeerId]:
         peers = []
+        now = trio.current_time()
         for info in closer:
             peer = PeerId(info.peer_id)
-            if peer == self.peer_id:
+            if peer == self.peer_id or self._health.is_suspect(peer, now):
                 continue
             addresses = info.address_list()
             if addresses and peer not in self.routing_table:
@@ -845,6 +895,7 @@ class Dht:
         expected = peer if isinstance(peer, PeerId) else peer.peer_id
         if expected == self.peer_id:
             raise _QueryFailed("that is our own id")  # never dial ourselves
+        sent_at = trio.current_time()
         timeout_s = self.config.query_timeout_s
         reply: Response | None = None
         with trio.move_on_after(timeout_s * 1.5):  # in case the transport ignores timeout_s
@@ -854,10 +905,8 @@ class Dht:
             except (LatticaError, trio.BrokenResourceError, OSError) as exc:
                 log.debug("DHT request to %s failed: %s", peer, exc)
         if reply is None or (expected is not None and reply.sender.peer_id != expected.key):
-            if isinstance(peer, PeerId) and self.routing_table.record_failure(
-                peer, max_failures=self.config.max_failures
-            ):
-                self._table_changed.set()
+            if expected is not None:
+                self._on_peer_failed(expected, sent_at)
             raise _QueryFailed(str(peer))
         if expected is not None:
             self._on_peer_seen(expected, reply.sender.address_list(), client=reply.client)
@@ -892,6 +941,7 @@ class Dht:
         config = self.config
         if not seeds:
             seeds = [n.peer_id for n in self.routing_table.closest(target, config.k * config.disjoint_paths)]
+        seeds = self._usable(seeds)
         deadline = trio.current_time() + config.lookup_timeout_s
         lookup: Lookup[V] = Lookup(
             target,
@@ -972,7 +1022,7 @@ class Dht:
         """
         target = random_key_between(low, high, self._rng)
         wide = [n.peer_id for n in self.routing_table.wider_view(low, high, self.config.alpha)]
-        asked = list(dict.fromkeys(helpers + wide))
+        asked = self._usable(list(dict.fromkeys(helpers + wide)))
         seeds: list[PeerId] = []
 
         async def ask(peer: PeerId) -> None:

@@ -388,3 +388,61 @@ async def test_find_providers_returns_every_provider_across_a_hundred_nodes(
             assert results[finder] == expected
         assert len(rtts) == 30 and min(rtts) >= 0.1 - 1e-9
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stopped_peer_costs_one_query_timeout_and_then_leaves_every_routing_table(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with Network(seed=606) as net, trio.open_nursery() as nursery:
+        cluster = DhtCluster(net, nursery, 3)
+        await start_network(cluster, seeds=[0])
+        gone = cluster.nodes[2].peer_id
+        cluster.crash(2)
+        cid = hashlib.sha256(b"content").digest()
+        took: dict[str, list[float]] = {}
+
+        async def timed(name: str, fn: object, *args: object) -> None:
+            started = trio.current_time()
+            await fn(*args)  # type: ignore[operator]
+            took.setdefault(name, []).append(trio.current_time() - started)
+
+        for round_ in range(3):
+            for index in (0, 1):
+                dht = cluster.nodes[index].dht
+                await timed(f"put {index}", dht.put, b"key %d" % round_, b"value")
+                await timed(f"provide {index}", dht.provide, cid)
+                await timed(f"providers {index}", dht.find_providers, cid)
+        # Each live node waits for the dead peer once (its first request to it times out);
+        # after that its lookups skip it, although the other live node may still name it.
+        for index in (0, 1):
+            first, *rest = took[f"put {index}"]
+            assert first >= FAST_DHT.query_timeout_s
+            assert all(t < 1.0 for t in rest)
+            assert all(t < 1.0 for t in took[f"provide {index}"] + took[f"providers {index}"])
+        # A maintenance ping after the failure backoff fails too: the peer is evicted everywhere.
+        await trio.sleep(FAST_DHT.failure_backoff_s + 2 * FAST_DHT.maintenance_interval_s)
+        assert all(gone not in node.dht.routing_table for node in cluster.nodes.values())
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_restarts_is_not_evicted_by_lookups_that_ran_while_it_was_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with Network(seed=707) as net, trio.open_nursery() as nursery:
+        cluster = DhtCluster(net, nursery, 5)
+        await start_network(cluster, seeds=[0])
+        node = cluster.nodes[0]
+        restarting = cluster.nodes[4].peer_id
+        cluster.crash(4)
+        # Two lookups overlap the outage (both wait on the peer at once), then a third runs.
+        await run_all((node.dht.get, b"absent 1"), (node.dht.get, b"absent 2"))
+        await node.dht.get(b"absent 3")
+        assert restarting in node.dht.routing_table
+        cluster.hosts[4].set_link(cluster.link)
+        await cluster.start(4)
+        # The maintenance ping after the backoff finds it up again: it stays.
+        await trio.sleep(FAST_DHT.failure_backoff_s + 2 * FAST_DHT.maintenance_interval_s)
+        assert restarting in node.dht.routing_table
+        found = await node.dht.get(b"absent 4")
+        assert found is None and restarting in node.dht.routing_table
+        nursery.cancel_scope.cancel()
