@@ -67,7 +67,7 @@ def register_dht_methods(server: ControlServer, node: Node) -> None:
         if ttl_s is not None and (not isinstance(ttl_s, int | float) or ttl_s <= 0):
             raise ControlError("bad-request", "ttl_s must be a positive number of seconds")
         try:
-            acks = await dht.put(key.encode(), value.encode(), None if ttl_s is None else float(ttl_s))
+            acks = (await dht.put(key.encode(), value.encode(), None if ttl_s is None else float(ttl_s))).acks
         except QuorumError as exc:
             raise ControlError("quorum", str(exc)) from None
         stored = node.dht_store.get_record(record_key(node.peer_id, key.encode()), now=time.time())
@@ -83,13 +83,13 @@ def register_dht_methods(server: ControlServer, node: Node) -> None:
             valid = isinstance(quorum, int) and not isinstance(quorum, bool) and 1 <= quorum <= 32
             if quorum is not None and not valid:
                 raise ControlError("bad-request", "quorum must be an integer from 1 to 32")
-            record = await dht.get(key, writer, quorum=quorum)
+            record = (await dht.get(key, writer, quorum=quorum)).record
         return None if record is None else record_json(record)
 
     async def provide(params: dict[str, Any]) -> dict[str, Any]:
         cid = _text(params, "cid")
         try:
-            acks = await dht.provide(cid.encode())
+            acks = (await dht.provide(cid.encode())).acks
         except QuorumError as exc:
             raise ControlError("quorum", str(exc)) from None
         return {"cid": cid, "acks": acks}
@@ -99,7 +99,7 @@ def register_dht_methods(server: ControlServer, node: Node) -> None:
         count = params.get("count", 20)
         if not isinstance(count, int) or not 1 <= count <= 100:
             raise ControlError("bad-request", "count must be 1..100")
-        found = await dht.find_providers(cid.encode(), count)
+        found = (await dht.find_providers(cid.encode(), count)).providers
         return [
             {
                 "peer_id": str(record.provider_id),

@@ -24,7 +24,7 @@ from lattica.dht import (
     xor_distance,
 )
 from lattica.dht.messages import PROTOCOL_ID, Ack, PeerInfo, Ping, PutValue, decode_response, encode_message
-from lattica.dht.service import Replication
+from lattica.dht.results import Replication
 from lattica.dht.testing import MemoryNetwork, MemoryTransport
 from lattica.errors import LocalProtocolError
 from lattica.identity import Identity
@@ -92,21 +92,21 @@ async def test_fifty_nodes_put_get_provide_find(autojump_clock: trio.testing.Moc
         _net, nodes = await start_network(nursery, 50)
         assert all(len(n.dht.routing_table) >= 10 for n in nodes)
 
-        acks = await nodes[7].dht.put(b"model/latest", b"shard-map-v1", ttl_s=3600)
+        acks = (await nodes[7].dht.put(b"model/latest", b"shard-map-v1", ttl_s=3600)).acks
         assert acks >= 15
-        record = await nodes[42].dht.get(b"model/latest", writer=nodes[7].identity.peer_id)
+        record = (await nodes[42].dht.get(b"model/latest", writer=nodes[7].identity.peer_id)).record
         assert record is not None and record.value == b"shard-map-v1"
-        assert await nodes[42].dht.get(b"model/latest") is None  # node 42's own namespace
+        assert (await nodes[42].dht.get(b"model/latest")).record is None  # node 42's own namespace
 
         await nodes[7].dht.put(b"model/latest", b"shard-map-v2", ttl_s=3600)
         for reader in (nodes[3], nodes[29], nodes[49]):
-            record = await reader.dht.get(b"model/latest", writer=nodes[7].identity.peer_id)
+            record = (await reader.dht.get(b"model/latest", writer=nodes[7].identity.peer_id)).record
             assert record is not None and record.value == b"shard-map-v2"
 
         cid = b"\x12\x20" + bytes(range(32))
-        assert await nodes[11].dht.provide(cid) >= 15
-        assert await nodes[23].dht.provide(cid) >= 15
-        providers = await nodes[35].dht.find_providers(cid)
+        assert (await nodes[11].dht.provide(cid)).acks >= 15
+        assert (await nodes[23].dht.provide(cid)).acks >= 15
+        providers = (await nodes[35].dht.find_providers(cid)).providers
         assert {p.provider_id for p in providers} == {
             nodes[11].identity.peer_id,
             nodes[23].identity.peer_id,
@@ -115,7 +115,7 @@ async def test_fifty_nodes_put_get_provide_find(autojump_clock: trio.testing.Moc
         # The finder's transport now knows where the providers are.
         assert nodes[35].transport.address_book[nodes[11].identity.peer_id] == [nodes[11].address]
 
-        assert await nodes[2].dht.find_peer(nodes[48].identity.peer_id) == [nodes[48].address]
+        assert (await nodes[2].dht.find_peer(nodes[48].identity.peer_id)).addresses == [nodes[48].address]
         nursery.cancel_scope.cancel()
 
 
@@ -126,8 +126,8 @@ async def test_put_fails_without_quorum_and_never_truncates(
         net, nodes = await start_network(nursery, 6)
         with pytest.raises(RecordTooLargeError):
             await nodes[1].dht.put(b"big", b"x" * (64 * 1024 + 1))
-        assert await nodes[2].dht.get(b"big", writer=nodes[1].identity.peer_id) is None
-        assert await nodes[1].dht.put(b"exact", b"x" * (64 * 1024)) == 5
+        assert (await nodes[2].dht.get(b"big", writer=nodes[1].identity.peer_id)).record is None
+        assert (await nodes[1].dht.put(b"exact", b"x" * (64 * 1024))).acks == 5
 
         for node in nodes[2:]:
             net.dead.add(node.identity.peer_id)
@@ -153,7 +153,7 @@ async def test_forged_and_stale_records_are_refused_and_do_not_spread(
         _net, nodes = await start_network(nursery, 12)
         writer = nodes[4]
         await writer.dht.put(b"cfg", b"good", ttl_s=3600)
-        held = await nodes[9].dht.get(b"cfg", writer=writer.identity.peer_id)
+        held = (await nodes[9].dht.get(b"cfg", writer=writer.identity.peer_id)).record
         assert held is not None
 
         attacker = nodes[5]
@@ -183,7 +183,7 @@ async def test_forged_and_stale_records_are_refused_and_do_not_spread(
                 ack = decode_response(raw)
                 assert isinstance(ack, Ack) and not ack.stored and ack.reason.startswith(reason)
         for reader in nodes:
-            record = await reader.dht.get(b"cfg", writer=writer.identity.peer_id)
+            record = (await reader.dht.get(b"cfg", writer=writer.identity.peer_id)).record
             assert record is not None and record.value == b"good"
         nursery.cancel_scope.cancel()
 
@@ -198,8 +198,8 @@ async def test_client_mode_node_is_not_added_to_tables(
         await client.dht.bootstrap([nodes[0].peer_addr])
         assert len(client.dht.routing_table) == 8
         assert all(client.identity.peer_id not in n.dht.routing_table for n in nodes)
-        assert await client.dht.put(b"k", b"from a client") >= 1
-        found = await nodes[3].dht.get(b"k", writer=client.identity.peer_id)
+        assert (await client.dht.put(b"k", b"from a client")).acks >= 1
+        found = (await nodes[3].dht.get(b"k", writer=client.identity.peer_id)).record
         assert found is not None and found.value == b"from a client"
         nursery.cancel_scope.cancel()
 
@@ -250,12 +250,12 @@ async def test_provider_records_are_republished_before_they_expire(
         cid = b"cid-1"
         await nodes[1].dht.provide(cid)
         await trio.sleep(47 * 3600)
-        providers = await nodes[8].dht.find_providers(cid)
+        providers = (await nodes[8].dht.find_providers(cid)).providers
         assert [p.provider_id for p in providers] == [nodes[1].identity.peer_id]
         assert providers[0].expires_at > wall_clock() + 20 * 3600  # re-signed at ~22 h and ~44 h
         nodes[1].dht.stop_providing(cid)
         await trio.sleep(49 * 3600)
-        assert await nodes[8].dht.find_providers(cid) == []
+        assert (await nodes[8].dht.find_providers(cid)).providers == []
         nursery.cancel_scope.cancel()
 
 
@@ -275,7 +275,7 @@ async def test_routing_table_survives_restart(autojump_clock: trio.testing.MockC
 
         again = make_node(net2, 5, store=DhtStore(db, own_key=identity.peer_id.dht_key()))
         assert {e.peer_id for e in again.dht.routing_table_snapshot()} == snapshot
-        record = await again.dht.get(b"k")
+        record = (await again.dht.get(b"k")).record
         assert record is not None and record.value == b"persisted"
         again.store.close()
         nursery.cancel_scope.cancel()
@@ -378,7 +378,7 @@ async def test_get_answers_at_its_quorum_and_repairs_older_copies_in_the_backgro
             net.dead.clear()
 
         async def get(reader: SimNode, quorum: int | None = None) -> bytes | None:
-            record = await reader.dht.get(b"cfg", writer=writer.identity.peer_id, quorum=quorum)
+            record = (await reader.dht.get(b"cfg", writer=writer.identity.peer_id, quorum=quorum)).record
             return None if record is None else record.value
 
         await writer.dht.put(b"cfg", b"v1", ttl_s=3600)
@@ -485,8 +485,8 @@ async def test_a_writer_that_lost_its_database_and_runs_an_hour_behind_can_still
         reborn = make_node(net, 4, clock=lambda: wall_clock() - 3600)
         await nursery.start(reborn.dht.run)
         await reborn.dht.bootstrap([nodes[0].peer_addr])
-        assert await reborn.dht.put(b"cfg", b"v2", ttl_s=7200) >= 5
-        record = await nodes[9].dht.get(b"cfg", writer=writer.identity.peer_id)
+        assert (await reborn.dht.put(b"cfg", b"v2", ttl_s=7200)).acks >= 5
+        record = (await nodes[9].dht.get(b"cfg", writer=writer.identity.peer_id)).record
         assert record is not None and record.value == b"v2" and record.seq == v1.seq + 1
         nursery.cancel_scope.cancel()
 
