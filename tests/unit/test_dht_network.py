@@ -16,6 +16,8 @@ from lattica.dht import (
     Dht,
     DhtConfig,
     DhtStore,
+    GetResult,
+    PeerResult,
     QuorumError,
     RecordTooLargeError,
     bucket_index,
@@ -524,3 +526,35 @@ def test_a_refusal_quoting_a_forged_or_foreign_record_does_not_move_the_writers_
     assert outcome.newest_held_seq(ours) is None
     outcome.count(Ack(sender=me, stored=False, reason="stale: ...", held=genuine))
     assert outcome.newest_held_seq(ours) == 3000 and outcome.stale == 3
+
+
+async def test_overlapping_calls_each_return_their_own_lookup_stats(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 20, DhtConfig(k=5))
+        await nodes[1].dht.put(b"a", b"1", ttl_s=3600)
+        key = record_key(nodes[1].identity.peer_id, b"a")
+        reader = next(n for n in nodes[2:] if n.store.get_record(key, now=wall_clock()) is None)
+        results: dict[str, object] = {}
+
+        async def get(name: str, key: bytes) -> None:
+            results[name] = await reader.dht.get(key, writer=nodes[1].identity.peer_id)
+
+        async def find(name: str) -> None:
+            results[name] = await reader.dht.find_peer(Identity.from_seed(b"\xee" * 32).peer_id)
+
+        net.latency_s = 0.05
+        async with trio.open_nursery() as calls:
+            calls.start_soon(get, "found", b"a")
+            calls.start_soon(get, "missing", b"absent")
+            calls.start_soon(find, "nobody")
+        found, missing, nobody = results["found"], results["missing"], results["nobody"]
+        assert isinstance(found, GetResult) and isinstance(missing, GetResult) and isinstance(nobody, PeerResult)
+        assert found.record is not None and missing.record is None and nobody.addresses is None
+        assert found.stats is not None and missing.stats is not None and nobody.stats is not None
+        # The get that found its record answered at the first copy; the others ran to the end.
+        assert found.stats.first_value_hops is not None and missing.stats.first_value_hops is None
+        assert found.stats.queries < missing.stats.queries
+        # Answered from the local store: no lookup, no stats.
+        local = await nodes[1].dht.get(b"a")
+        assert local.record is not None and local.stats is None
+        nursery.cancel_scope.cancel()
