@@ -43,7 +43,7 @@ from lattica.dht.errors import (
     RecordTooLargeError,
     StoreFullError,
 )
-from lattica.dht.keys import bucket_index, random_key_between, record_key
+from lattica.dht.keys import bucket_index, provider_key, random_key_between, record_key
 from lattica.dht.lookup import Lookup, LookupStats
 from lattica.dht.maintenance import (
     Action,
@@ -82,7 +82,7 @@ from lattica.dht.records import (
     sign_provider_record,
     sign_record,
 )
-from lattica.dht.responder import CLOCK_SKEW_ALLOWANCE_S, Responder, StoreProvider, StoreRecord, Write
+from lattica.dht.responder import Responder, StoreProvider, StoreRecord, Write
 from lattica.dht.results import GetResult, PeerResult, ProvidersResult, PutResult, Replication
 from lattica.dht.routing import DhtNode, RoutingTable
 from lattica.dht.store import DhtStore, StoredPeer
@@ -98,7 +98,7 @@ R = TypeVar("R", bound=Response)
 V = TypeVar("V")
 
 HOUR_S = 3600.0
-__all__ = ["CLOCK_SKEW_ALLOWANCE_S", "Dht", "DhtConfig", "RoutingEntry"]
+__all__ = ["Dht", "DhtConfig", "RoutingEntry"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -488,7 +488,7 @@ class Dht:
         The providers' addresses are handed to ``remember_addresses`` so they can be dialled.
         """
         now = self._wall_clock()
-        local = self._store.get_providers(ProvidersQuery(cid, count=0, provider_ttl_s=0).target, now=now, limit=count)
+        local = self._store.get_providers(provider_key(cid), now=now, limit=count)
         query = ProvidersQuery(
             cid,
             count=count,
