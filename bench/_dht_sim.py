@@ -57,7 +57,8 @@ import trio
 import trio.testing
 
 from lattica.config import NodeConfig
-from lattica.dht import BootstrapError, DhtConfig
+from lattica.dht import BootstrapError, DhtConfig, LookupStats
+from lattica.dht.queries import ClosestQuery
 from lattica.errors import LatticaError
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
@@ -73,6 +74,8 @@ FIRST_ADDRESS = ipaddress.IPv4Address("198.18.0.0")
 JOIN_ATTEMPTS = 3
 NODE_CONFIG = NodeConfig(net=NetConfig(idle_timeout_s=400.0, keepalive_interval_s=24 * 3600.0))
 VALUE_BYTES = 100
+Outcome = tuple[bool, int | None, LookupStats | None]
+"""What a timed operation reports: correct?, acknowledgements, its lookup's stats (None: none ran)."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,7 @@ async def simulate(params: SimParams, progress: Callable[[str], None]) -> SimRes
                     else:
                         # The self-lookup has no public entry point of its own; bootstrap()
                         # would also re-contact the seeds.
-                        await node.dht._find_closest(node.dht.own_key)
+                        await node.dht._run_query(ClosestQuery(node.dht.own_key))
                         ran = 1
                 lookups += ran
 
@@ -274,63 +277,63 @@ async def simulate(params: SimParams, progress: Callable[[str], None]) -> SimRes
         def cid_of(j: int) -> bytes:
             return b"bench/cid/%d" % j
 
-        async def timed(kind: str, i: int, operation: Callable[[Node], Awaitable[tuple[bool, int | None]]]) -> None:
+        async def timed(kind: str, i: int, operation: Callable[[Node], Awaitable[Outcome]]) -> None:
             node = nodes[i]
             async with limiter:
                 before_connected = _connected_peers(node)
-                before_stats = node.dht.last_lookup_stats
                 started = trio.current_time()
                 acks: int | None = None
+                stats: LookupStats | None = None
                 error = None
                 try:
-                    ok, acks = await operation(node)
+                    ok, acks, stats = await operation(node)
                 except (LatticaError, trio.BrokenResourceError, OSError) as exc:
                     ok, error = False, _error_text(exc)
                 seconds = trio.current_time() - started
-                stats = node.dht.last_lookup_stats
-                local = stats is before_stats  # answered from the local store, no lookup
+                local = stats is None and error is None  # answered from the local store, no lookup
                 if kind == "ping":
-                    stats, local = None, False
+                    local = False
                 result.samples.append(
                     OpSample(
                         kind,
                         alpha_of.get(i, params.alpha),
                         ok,
                         seconds,
-                        hops=None if stats is None else 0 if local else stats.hops,
-                        first_value_hops=None if stats is None or local else stats.first_value_hops,
-                        queries=None if stats is None else 0 if local else stats.queries,
+                        hops=0 if local else None if stats is None else stats.hops,
+                        first_value_hops=None if stats is None else stats.first_value_hops,
+                        queries=0 if local else None if stats is None else stats.queries,
                         new_connections=_dialled_since(node, before_connected),
                         acks=acks,
                         error=error if error is not None or ok else "wrong or missing result",
                     )
                 )
 
-        def put(j: int) -> Callable[[Node], Awaitable[tuple[bool, int | None]]]:
-            async def run(node: Node) -> tuple[bool, int | None]:
-                acks = await node.dht.put(key_of(j), value_of(j))
-                return True, acks
+        def put(j: int) -> Callable[[Node], Awaitable[Outcome]]:
+            async def run(node: Node) -> Outcome:
+                result = await node.dht.put(key_of(j), value_of(j))
+                return True, result.acks, result.stats
 
             return run
 
-        def provide(j: int) -> Callable[[Node], Awaitable[tuple[bool, int | None]]]:
-            async def run(node: Node) -> tuple[bool, int | None]:
-                acks = await node.dht.provide(cid_of(j))
-                return True, acks
+        def provide(j: int) -> Callable[[Node], Awaitable[Outcome]]:
+            async def run(node: Node) -> Outcome:
+                result = await node.dht.provide(cid_of(j))
+                return True, result.acks, result.stats
 
             return run
 
-        def get(j: int) -> Callable[[Node], Awaitable[tuple[bool, int | None]]]:
-            async def run(node: Node) -> tuple[bool, int | None]:
-                record = await node.dht.get(key_of(j), nodes[writers[j]].peer_id)
-                return record is not None and record.value == value_of(j), None
+        def get(j: int) -> Callable[[Node], Awaitable[Outcome]]:
+            async def run(node: Node) -> Outcome:
+                result = await node.dht.get(key_of(j), nodes[writers[j]].peer_id)
+                record = result.record
+                return record is not None and record.value == value_of(j), None, result.stats
 
             return run
 
-        def find_providers(j: int) -> Callable[[Node], Awaitable[tuple[bool, int | None]]]:
-            async def run(node: Node) -> tuple[bool, int | None]:
-                found = await node.dht.find_providers(cid_of(j), count=1)
-                return any(r.provider_id == nodes[providers[j]].peer_id for r in found), None
+        def find_providers(j: int) -> Callable[[Node], Awaitable[Outcome]]:
+            async def run(node: Node) -> Outcome:
+                result = await node.dht.find_providers(cid_of(j), count=1)
+                return any(r.provider_id == nodes[providers[j]].peer_id for r in result.providers), None, result.stats
 
             return run
 
@@ -346,7 +349,7 @@ async def simulate(params: SimParams, progress: Callable[[str], None]) -> SimRes
         await timer.run("write", write)
 
         async def read() -> str:
-            jobs: list[tuple[str, int, Callable[[Node], Awaitable[tuple[bool, int | None]]]]] = []
+            jobs: list[tuple[str, int, Callable[[Node], Awaitable[Outcome]]]] = []
             for group in (readers, baseline_readers):
                 for _ in range(count):
                     jobs.append(("get", rng.choice(group), get(rng.randrange(count))))
@@ -355,7 +358,8 @@ async def simulate(params: SimParams, progress: Callable[[str], None]) -> SimRes
             locks = {i: trio.Lock() for _kind, i, _op in jobs}
 
             async def one_at_a_time(kind: str, i: int, operation: Any) -> None:
-                # A node runs one read at a time, so its last_lookup_stats is its own.
+                # A node runs one read at a time: the workload the published figures measured
+                # (each call has its own stats now, so this is no longer needed for them).
                 async with locks[i]:
                     await timed(kind, i, operation)
 
@@ -375,9 +379,9 @@ async def simulate(params: SimParams, progress: Callable[[str], None]) -> SimRes
                     return
                 target = rng.choice(candidates)
 
-                async def run(node: Node) -> tuple[bool, int | None]:
+                async def run(node: Node) -> Outcome:
                     await node.ping(addrs[target])
-                    return True, None
+                    return True, None, None
 
                 await timed("ping", i, run)
 

@@ -14,21 +14,28 @@ Service API (:class:`Dht`)::
         rng: random.Random | None = None)                 # refresh ids
 
     await dht.run(task_status=...)            # maintenance + liveness checks until cancelled
-    await dht.bootstrap(addrs: list[PeerAddr] | None = None) -> int   # peers that answered;
+    await dht.bootstrap(addrs: list[PeerAddr] | None = None) -> int   # other peers that answered;
                                               #   BootstrapError if none
     await dht.put(key: bytes, value: bytes, ttl_s: float | None = None, *,
-                  quorum: int | None = None) -> int   # acks; QuorumError, RecordTooLargeError
+                  quorum: int | None = None) -> PutResult   # .acks; QuorumError, RecordTooLargeError
     await dht.get(key: bytes, writer: PeerId | None = None, *,
-                  quorum: int | None = None) -> SignedRecord | None   # newest of quorum copies
-    await dht.provide(cid: bytes) -> int      # acks; QuorumError
+                  quorum: int | None = None) -> GetResult   # .record: newest of quorum copies
+    await dht.provide(cid: bytes) -> PutResult    # .acks; QuorumError
     await dht.stop_providing(cid: bytes) -> None
-    await dht.find_providers(cid: bytes, count: int = 20) -> list[ProviderRecord]
-    await dht.find_peer(peer_id: PeerId) -> list[Address] | None
+    await dht.find_providers(cid: bytes, count: int = 20) -> ProvidersResult   # .providers
+    await dht.find_peer(peer_id: PeerId) -> PeerResult   # .addresses (None: not found)
     await dht.refresh(*, all_buckets: bool = False) -> int
     await dht.maintain() -> None              # one maintenance round
-    dht.last_lookup_stats -> LookupStats | None   # queries, hops, ... of the last lookup
     dht.routing_table_snapshot() -> list[RoutingEntry]
     await dht.persist_routing_table() -> None
+
+Every result carries ``stats: LookupStats | None``: queries, hops, ... of that call's own lookup
+(None when it was answered without one).
+
+The service composes sans-I/O parts: :mod:`~lattica.dht.responder` (answers requests),
+:mod:`~lattica.dht.queries` (what a lookup asks and when it stops), :mod:`~lattica.dht.lookup`,
+:mod:`~lattica.dht.routing`, :mod:`~lattica.dht.peer_health` (failed peers: skip, evict) and
+:mod:`~lattica.dht.maintenance` (what upkeep is due).
 
 Records live in their writer's namespace: ``get(key, writer)`` reads the record ``put(key, ...)``
 by ``writer`` stored at ``sha256(b"lattica/record/" + writer.key + key)``. Values are at most
@@ -65,6 +72,7 @@ from lattica.dht.records import (
     validate_provider_record,
     validate_record,
 )
+from lattica.dht.results import GetResult, PeerResult, ProvidersResult, PutResult
 from lattica.dht.routing import DhtNode, RoutingTable
 from lattica.dht.service import Dht, DhtConfig, RoutingEntry
 from lattica.dht.store import DhtStore
@@ -79,10 +87,14 @@ __all__ = [
     "DhtConfig",
     "DhtNode",
     "DhtStore",
+    "GetResult",
     "InvalidRecordError",
     "Lookup",
     "LookupStats",
+    "PeerResult",
     "ProviderRecord",
+    "ProvidersResult",
+    "PutResult",
     "QuorumError",
     "RecordTooLargeError",
     "RoutingEntry",

@@ -74,6 +74,14 @@ class DhtConfig:
     bootstrap_peers: tuple[PeerAddr, ...] = ()
     """Peers to (re-)bootstrap from, in addition to those given to ``bootstrap``. Not a file
     setting: ``config.toml`` lists them in the top-level ``bootstrap``, which ``Node`` appends."""
+    failure_backoff_s: Seconds = 60.0
+    """After a request to a peer fails, lookups and puts skip the peer for this long (doubled
+    per consecutive failure, up to ``bucket_refresh_interval_s``); maintenance then pings it if
+    it is in the routing table. Only failures of requests sent after the previous failure count
+    towards ``max_failures``, so one outage counts once."""
+    stale_peer_ping_s: Seconds = 1800.0
+    """Maintenance pings routing-table peers not heard from for this long (wall clock), so a
+    peer that left is evicted even when no lookup of ours happened to ask it."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_CLOSER_PEERS:

@@ -76,8 +76,7 @@ class GetParams(msgspec.Struct, forbid_unknown_fields=True):
 class RecordResult(msgspec.Struct):
     """``dht.get``: one record as the CLI shows it.
 
-    ``copies_found`` is how many copies the lookup compared (None while ``Dht.get`` does not
-    report it; the integrator wires it when the DHT exposes the count).
+    ``copies_found`` is how many valid copies the lookup compared (None for ``--local``).
     """
 
     key: str
@@ -212,7 +211,7 @@ def register_dht_methods(registry: MethodRegistry, node: Node) -> None:
         key = _utf8(params.key, "key", MAX_KEY_BYTES)
         value = _value_bytes(params)
         try:
-            acks = await dht.put(key, value, params.ttl_s)
+            acks = (await dht.put(key, value, params.ttl_s)).acks
         except QuorumError as exc:  # its message already says to check the bootstrap
             raise ControlError(FAILED, str(exc)) from None
         except RecordTooLargeError as exc:
@@ -223,10 +222,12 @@ def register_dht_methods(registry: MethodRegistry, node: Node) -> None:
     async def get(params: GetParams) -> RecordResult:
         key = _utf8(params.key, "key", MAX_KEY_BYTES)
         writer = _writer(params.peer) or node.peer_id
+        copies: int | None = None
         if params.local:
             record = node.dht_store.get_record(record_key(writer, key), now=time.time())
         else:
-            record = await dht.get(key, writer, quorum=params.quorum)
+            found = await dht.get(key, writer, quorum=params.quorum)
+            record, copies = found.record, found.copies
         if record is None:
             where = "in this node's store" if params.local else "in the DHT"
             hint = None
@@ -236,18 +237,27 @@ def register_dht_methods(registry: MethodRegistry, node: Node) -> None:
                     "node. To read another node's record add --peer WRITER_PEER_ID"
                 )
             raise ControlError(NOT_FOUND, f"not found {where}: {params.key!r}", hint=hint)
-        return record_result(record)
+        if params.quorum is not None and copies is not None and copies < params.quorum:
+            raise ControlError(
+                FAILED,
+                f"found {copies} cop{'y' if copies == 1 else 'ies'} of {params.key!r}, fewer than the "
+                f"{params.quorum} asked for (newest: seq {record.seq})",
+                hint="lower --quorum, or check how many nodes hold the record (lattica dht routing)",
+            )
+        result = record_result(record)
+        result.copies_found = copies
+        return result
 
     async def provide(params: CidParams) -> ProvideResult:
         cid = _utf8(params.cid, "cid", MAX_CID_BYTES)
         try:
-            acks = await dht.provide(cid)
+            acks = (await dht.provide(cid)).acks
         except QuorumError as exc:
             raise ControlError(FAILED, str(exc)) from None
         return ProvideResult(cid=params.cid, acks=acks)
 
     async def providers(params: ProvidersParams) -> list[ProviderRow]:
-        found = await dht.find_providers(_utf8(params.cid, "cid", MAX_CID_BYTES), params.count)
+        found = (await dht.find_providers(_utf8(params.cid, "cid", MAX_CID_BYTES), params.count)).providers
         if not found:
             raise ControlError(NOT_FOUND, f"no providers found for {params.cid}")
         return [

@@ -9,6 +9,10 @@ Invariants:
 
 * Decoding yields a fully validated message or :class:`~lattica.errors.MalformedMessageError`
   (or :class:`~lattica.errors.FrameTooLargeError` above :data:`MAX_MESSAGE_BYTES`).
+* Every address (a peer's or a provider record's) is an IP literal with a port in 1..65535
+  (:func:`~lattica.dht.records.is_dialable_address`); a message holding any other is malformed
+  as a whole (it is one peer's answer; dropping entries silently would hide a lying peer), so
+  nothing from it is stored, handed to the transport or passed on.
 * Lists are bounded: at most :data:`MAX_CLOSER_PEERS` closer peers, :data:`MAX_PROVIDERS`
   provider records, :data:`~lattica.dht.records.MAX_ADDRESSES_PER_PEER` addresses per peer;
   values at most :data:`~lattica.dht.records.MAX_VALUE_BYTES`.
@@ -26,6 +30,7 @@ from lattica.dht.records import (
     Key32,
     ProviderRecord,
     SignedRecord,
+    is_dialable_address,
 )
 from lattica.errors import FrameTooLargeError, MalformedMessageError
 from lattica.identity import PeerId
@@ -44,11 +49,17 @@ class PeerInfo(msgspec.Struct, frozen=True):
     peer_id: Key32
     addresses: AddressList
 
+    def __post_init__(self) -> None:
+        # Runs on decode too: msgspec turns this ValueError into a ValidationError.
+        for host, port in self.addresses:
+            if not is_dialable_address(host, port):
+                raise ValueError(f"bad peer address {host[:64]!r}:{port} (an IP literal and a port 1..65535)")
+
     @classmethod
     def of(cls, peer: PeerId, addresses: list[Address]) -> PeerInfo:
-        """Build from a :class:`PeerId` and addresses (extra addresses are dropped)."""
-        kept = [(str(h), int(p)) for h, p in addresses[:MAX_ADDRESSES_PER_PEER]]
-        return cls(peer.key, kept)
+        """Build from a :class:`PeerId` and addresses (extra and non-IP-literal ones are dropped)."""
+        valid = [(str(h), int(p)) for h, p in addresses if is_dialable_address(str(h), int(p))]
+        return cls(peer.key, valid[:MAX_ADDRESSES_PER_PEER])
 
     def address_list(self) -> list[Address]:
         """The addresses as ``(host, port)`` tuples."""
@@ -130,10 +141,17 @@ class Providers(_Message, frozen=True, tag="providers"):
 
 
 class Ack(_Message, frozen=True, tag="ack"):
-    """Answer to :class:`PutValue` / :class:`AddProvider`: ``stored`` or why not."""
+    """Answer to :class:`PutValue` / :class:`AddProvider`: ``stored`` or why not.
+
+    A :class:`PutValue` refused as stale carries the record the responder holds in ``held``
+    (signed by the same writer): a writer that lost its state learns from it which sequence
+    number to beat, and can verify it, which a bare number would not allow (a liar could make
+    the writer jump to the largest sequence number and exhaust its namespace).
+    """
 
     stored: bool
     reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON_CHARS)] = ""
+    held: SignedRecord | None = None
 
 
 class Error(_Message, frozen=True, tag="error"):
@@ -160,21 +178,32 @@ def _check_size(data: bytes) -> None:
         raise FrameTooLargeError(f"DHT message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
 
 
+def _check_provider_addresses(records: list[ProviderRecord]) -> None:
+    for record in records:
+        for host, port in record.addresses:
+            if not is_dialable_address(host, port):
+                raise MalformedMessageError(f"provider record with bad address {host[:64]!r}:{port}")
+
+
 def decode_request(data: bytes) -> Request:
     """Decode a request payload; raises :class:`MalformedMessageError`/:class:`FrameTooLargeError`."""
     _check_size(data)
     try:
-        return _request_decoder.decode(data)
-    # msgspec errors, the UnicodeDecodeError it leaks, and RecursionError for deep nesting.
-    except (ValueError, RecursionError) as exc:
+        request = _request_decoder.decode(data)
+    except (ValueError, RecursionError) as exc:  # msgspec errors, UnicodeDecodeError it leaks, deep nesting
         raise MalformedMessageError(f"bad DHT request: {exc}") from exc
+    if isinstance(request, AddProvider):
+        _check_provider_addresses([request.record])
+    return request
 
 
 def decode_response(data: bytes) -> Response:
     """Decode a response payload; raises :class:`MalformedMessageError`/:class:`FrameTooLargeError`."""
     _check_size(data)
     try:
-        return _response_decoder.decode(data)
-    # msgspec errors, the UnicodeDecodeError it leaks, and RecursionError for deep nesting.
-    except (ValueError, RecursionError) as exc:
+        response = _response_decoder.decode(data)
+    except (ValueError, RecursionError) as exc:  # msgspec errors, UnicodeDecodeError it leaks, deep nesting
         raise MalformedMessageError(f"bad DHT response: {exc}") from exc
+    if isinstance(response, Providers):
+        _check_provider_addresses(response.providers)
+    return response

@@ -17,6 +17,8 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import struct
 from typing import Annotated
 
@@ -39,7 +41,7 @@ SIGNATURE_BYTES = 64
 Key32 = Annotated[bytes, msgspec.Meta(min_length=KEY_BYTES, max_length=KEY_BYTES)]
 Signature = Annotated[bytes, msgspec.Meta(min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)]
 Host = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_HOST_CHARS)]
-Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 WireAddress = tuple[Host, Port]
 AddressList = Annotated[list[WireAddress], msgspec.Meta(max_length=MAX_ADDRESSES_PER_PEER)]
 UnixSeconds = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
@@ -156,15 +158,43 @@ def sign_provider_record(
 ) -> ProviderRecord:
     """Sign an announcement that ``identity`` provides ``cid`` at ``addresses``.
 
-    At most :data:`MAX_ADDRESSES_PER_PEER` addresses are kept (the first ones). Raises
-    :class:`LocalProtocolError` for an empty or oversize ``cid``.
+    At most :data:`MAX_ADDRESSES_PER_PEER` addresses are kept (the first IP-literal ones; see
+    :func:`is_dialable_address`). Raises :class:`LocalProtocolError` for an empty or oversize
+    ``cid``.
     """
     if not 1 <= len(cid) <= MAX_CID_BYTES:
         raise LocalProtocolError(f"a content id is 1..{MAX_CID_BYTES} bytes, got {len(cid)}")
-    kept = [(str(h), int(p)) for h, p in addresses[:MAX_ADDRESSES_PER_PEER]]
+    valid = [(str(h), int(p)) for h, p in addresses if is_dialable_address(str(h), int(p))]
+    kept = valid[:MAX_ADDRESSES_PER_PEER]
     provider = identity.peer_id.key
     signature = identity.sign(provider_signing_bytes(cid, provider, kept, expires_at))
     return ProviderRecord(cid=cid, provider=provider, addresses=kept, expires_at=expires_at, signature=signature)
+
+
+def is_dialable_address(host: object, port: object) -> bool:
+    """True when ``(host, port)`` is an IP literal (v4 or v6, no zone id) and a port in 1..65535.
+
+    Addresses in DHT messages and records are claims of remote peers that end up in the
+    transport's address book and so in ``sendto``; a name would be resolved synchronously by
+    the system resolver and a host with a NUL byte makes ``sendto`` raise ``TypeError``
+    (FIELD-NOTES "Measured by attacking the daemon"). So only numeric addresses are accepted.
+    """
+    if not isinstance(host, str) or type(port) is not int or not 1 <= port <= 65535:
+        return False
+    if not 1 <= len(host) <= MAX_HOST_CHARS or "%" in host:
+        return False  # a zone id means nothing on another host (and may hold any character)
+    return _is_ip_literal(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ip_literal(host: str) -> bool:
+    # Every DHT message names a few peers, mostly the same ones: parsing each was most of a
+    # lookup's CPU. A hostile peer can only make the cache miss, which costs one parse.
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_addresses(addresses: object) -> None:
@@ -174,10 +204,8 @@ def _check_addresses(addresses: object) -> None:
         if not (isinstance(entry, tuple) and len(entry) == 2):
             raise InvalidRecordError("an address is (host, port)")
         host, port = entry
-        if not isinstance(host, str) or not 1 <= len(host) <= MAX_HOST_CHARS:
-            raise InvalidRecordError("bad address host")
-        if type(port) is not int or not 0 <= port <= 65535:
-            raise InvalidRecordError("bad address port")
+        if not is_dialable_address(host, port):
+            raise InvalidRecordError(f"bad address {str(host)[:64]!r}:{port!r} (an IP literal and a port 1..65535)")
 
 
 def _check_expiry(expires_at: object, now: float, max_ttl_s: float) -> None:
@@ -212,12 +240,23 @@ def validate_record(
     if type(record.seq) is not int or not 0 <= record.seq <= MAX_SEQ:
         raise InvalidRecordError("seq out of range")
     _check_expiry(record.expires_at, now, max_ttl_s)
+    check_record_signature(record, expected_dht_key=expected_dht_key)
+
+
+def check_record_signature(record: SignedRecord, *, expected_dht_key: bytes | None = None) -> None:
+    """Check that ``record`` was signed by its writer (and lives at ``expected_dht_key``), and
+    nothing about its age: for a record that only proves which version its writer once signed
+    (a holder's refusal quoting what it holds). Raises :class:`InvalidRecordError`."""
     if not isinstance(record.signature, bytes) or len(record.signature) != SIGNATURE_BYTES:
         raise InvalidRecordError("bad signature length")
     if expected_dht_key is not None and record.dht_key != expected_dht_key:
         raise InvalidRecordError("record does not belong under the requested key")
-    message = record_signing_bytes(writer, key, value, record.seq, record.expires_at)
-    if not PeerId(writer).verify(message, record.signature):
+    message = record_signing_bytes(record.writer, record.key, record.value, record.seq, record.expires_at)
+    try:
+        genuine = PeerId(record.writer).verify(message, record.signature)
+    except ValueError as exc:  # a writer id that is not a valid key
+        raise InvalidRecordError(f"bad writer id: {exc}") from exc
+    if not genuine:
         raise InvalidRecordError("bad signature: record was not signed by its writer")
 
 

@@ -1,29 +1,38 @@
-"""The ``Dht`` trio service: drives the sans-I/O pieces over an :class:`RpcTransport`.
+"""The ``Dht`` trio service: the only DHT code that awaits, sleeps or reads a clock.
 
-Everything protocol-shaped lives elsewhere (routing rules in ``routing``, lookups in ``lookup``,
-validation in ``records``, persistence in ``store``); this module only sends requests, feeds
-answers to the state machines, serves incoming requests and runs the periodic maintenance.
+It composes the sans-I/O parts and drives them over an :class:`RpcTransport`:
+
+* :mod:`~lattica.dht.responder` decides how to answer a request (and what to store first);
+* :mod:`~lattica.dht.lookup` decides whom to ask next, :mod:`~lattica.dht.queries` what to ask,
+  how to judge answers and when to stop;
+* :mod:`~lattica.dht.routing` keeps the k-buckets, :mod:`~lattica.dht.peer_health` the peers
+  that failed lately;
+* :mod:`~lattica.dht.maintenance` plans the periodic upkeep;
+* :mod:`~lattica.dht.store` persists records, provider records and the routing table. Every
+  store *write* is made here (and only here), after the decision and before the answer.
 
 Invariants:
 
 * Only peers that talked to us themselves (authenticated by the transport) enter the routing
-  table, never peers merely mentioned by others, and never peers in client mode.
+  table, never peers merely mentioned by others, never peers in client mode, never ourselves.
 * Nothing is stored, returned or forwarded before it validated (signature, key, expiry).
 * ``put``/``provide`` return the number of remote nodes that acknowledged and raise
   :class:`QuorumError` when that is below the quorum; there is no false success.
-* Record expiry uses ``wall_clock`` (unix seconds, shared meaning across nodes); timeouts use
-  trio's clock.
+* Each call returns its own result and lookup statistics (:mod:`~lattica.dht.results`).
+* Record expiry uses ``wall_clock`` (unix seconds, shared meaning across nodes); timeouts and
+  failure backoffs use trio's clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -33,42 +42,48 @@ from lattica.dht.errors import (
     InvalidRecordError,
     QuorumError,
     RecordTooLargeError,
-    StaleRecordError,
     StoreFullError,
 )
 from lattica.dht.keys import bucket_index, provider_key, random_key_between, record_key
 from lattica.dht.lookup import Lookup, LookupStats
+from lattica.dht.maintenance import (
+    Action,
+    FillBucket,
+    MaintenancePlanner,
+    ProbePeers,
+    PurgeExpired,
+    Rebootstrap,
+    RefreshBucket,
+    Reprovide,
+    RepublishRecord,
+    SaveRoutingTable,
+)
 from lattica.dht.messages import (
-    MAX_PROVIDERS,
     PROTOCOL_ID,
     Ack,
     AddProvider,
-    Error,
-    FindNode,
-    GetProviders,
-    GetValue,
     Nodes,
     PeerInfo,
     Ping,
     Pong,
-    Providers,
     PutValue,
     Request,
     Response,
-    Value,
     decode_request,
     decode_response,
     encode_message,
 )
+from lattica.dht.peer_health import PeerHealth
+from lattica.dht.queries import ClosestQuery, PeerQuery, ProvidersQuery, Query, ValueQuery
 from lattica.dht.records import (
     MAX_VALUE_BYTES,
-    ProviderRecord,
     SignedRecord,
+    is_dialable_address,
     sign_provider_record,
     sign_record,
-    validate_provider_record,
-    validate_record,
 )
+from lattica.dht.responder import Responder, StoreProvider, StoreRecord, Write
+from lattica.dht.results import GetResult, PeerResult, ProvidersResult, PutResult, Replication
 from lattica.dht.routing import DhtNode, RoutingTable
 from lattica.dht.store import DhtStore, StoredPeer
 from lattica.dht.transport import RememberAddresses, RpcTransport
@@ -80,10 +95,10 @@ from lattica.storage import StorageError
 
 log = logging.getLogger(__name__)
 
-V = TypeVar("V")
 R = TypeVar("R", bound=Response)
+V = TypeVar("V")
 
-CLOCK_SKEW_ALLOWANCE_S = 300.0
+__all__ = ["Dht", "DhtConfig", "RoutingEntry"]
 
 
 @dataclass(frozen=True)
@@ -99,20 +114,6 @@ class RoutingEntry:
 
 class _QueryFailed(Exception):
     pass
-
-
-@dataclass
-class _Outcome(Generic[V]):
-    closer: list[PeerInfo] = field(default_factory=list)
-    value: V | None = None
-
-
-def _newest(found: list[tuple[PeerId, SignedRecord]]) -> SignedRecord | None:
-    best: SignedRecord | None = None
-    for _peer, record in found:
-        if best is None or record.supersedes(best):
-            best = record
-    return best
 
 
 class Dht:
@@ -141,7 +142,7 @@ class Dht:
         self.identity = identity
         self.peer_id = identity.peer_id
         self.own_key = self.peer_id.dht_key()
-        self.config = config or DhtConfig()
+        self.config = config = config or DhtConfig()
         self._transport = transport
         self._store = store
         self._remember = remember_addresses
@@ -150,30 +151,45 @@ class Dht:
         self._rng = rng or random.Random()
         self.routing_table = RoutingTable(
             self.own_key,
-            k=self.config.k,
-            max_peers_per_subnet=self.config.max_peers_per_subnet,
-            diversity_applies_to_private=self.config.diversity_applies_to_private,
+            k=config.k,
+            max_peers_per_subnet=config.max_peers_per_subnet,
+            diversity_applies_to_private=config.diversity_applies_to_private,
             now=wall_clock(),
+        )
+        self._health = PeerHealth(
+            max_failures=config.max_failures,
+            backoff_s=config.failure_backoff_s,
+            max_backoff_s=max(config.failure_backoff_s, config.bucket_refresh_interval_s),
+        )
+        self._responder = Responder(
+            self.peer_id,
+            store,
+            self.routing_table,
+            own_addresses=own_addresses,
+            client_mode=config.client_mode,
+            k=config.k,
+            max_record_ttl_s=config.max_record_ttl_s,
+            provider_ttl_s=config.provider_ttl_s,
         )
         self._liveness_checks: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
-        self._bootstrap_addrs: list[PeerAddr] = list(self.config.bootstrap_peers)
-        self._record_published_at: dict[bytes, float] = {}
+        self._bootstrap_addrs: list[PeerAddr] = list(config.bootstrap_peers)
         self._background = 0
         self._background_idle = trio.Event()
         self._table_changed = trio.Event()
-        self._fill_retry: dict[tuple[int, int], tuple[float, float]] = {}
-        """Empty far bucket range -> (next fill attempt, current retry interval), wall clock."""
-        self.last_lookup_stats: LookupStats | None = None
-        """Statistics of the most recent lookup a call answered from, or None.
-
-        Set with no checkpoint before ``get``/``find_providers``/``find_peer`` return: read
-        right after awaiting one of them, it describes that call's lookup as of its answer (a
-        ``get`` may answer before its lookup ends), unless the call answered from the local
-        store (then it is unchanged).
-        """
         self._load_routing_table()
-        self._had_peers = len(self.routing_table) > 0
+        self._planner = MaintenancePlanner(
+            self.peer_id,
+            self.routing_table,
+            store,
+            self._health,
+            maintenance_interval_s=config.maintenance_interval_s,
+            bucket_refresh_interval_s=config.bucket_refresh_interval_s,
+            record_republish_interval_s=config.record_republish_interval_s,
+            provider_ttl_s=config.provider_ttl_s,
+            provider_republish_interval_s=config.provider_republish_interval_s,
+            stale_peer_ping_s=config.stale_peer_ping_s,
+        )
         transport.add_handler(PROTOCOL_ID, self._handle_request)
 
     # == public API ============================================================================
@@ -181,10 +197,8 @@ class Dht:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve liveness checks and run maintenance until cancelled.
 
-        Every ``maintenance_interval_s``: re-bootstrap when the routing table lost every peer, refresh
-        stale buckets, republish own records and provider records that are due, purge expired
-        entries, and persist the routing table (also on exit, and ``table_save_delay_s`` after
-        it gains or loses a peer).
+        Every ``maintenance_interval_s`` a maintenance round (:meth:`maintain`); the routing
+        table is also saved on exit and ``table_save_delay_s`` after it gains or loses a peer.
         """
         try:
             async with trio.open_nursery() as nursery:
@@ -203,29 +217,42 @@ class Dht:
         """Join the DHT through ``addrs`` (plus configured and remembered bootstrap peers).
 
         Asks each for peers near our own id, then looks up our own id to fill the routing table.
-        Returns how many bootstrap peers answered; raises :class:`BootstrapError` when none did.
+        Our own id or listen address is never dialled, and an answer from ourselves (an address
+        that turned out to be ours) does not count. Returns how many other peers answered;
+        raises :class:`BootstrapError` when none did (saying so when every address was ours).
         """
+        own_addresses = set(self._own_addresses())
+
+        def is_self(addr: PeerAddr) -> bool:
+            return addr.peer_id == self.peer_id or (addr.peer_id is None and addr.address in own_addresses)
+
         for addr in addrs or ():
-            if addr not in self._bootstrap_addrs:
+            if addr not in self._bootstrap_addrs and not is_self(addr):
                 self._bootstrap_addrs.append(addr)
-        targets = list(addrs) if addrs else list(self._bootstrap_addrs)
-        if not targets:
+        given = list(addrs) if addrs else list(self._bootstrap_addrs)
+        if not given:
             raise BootstrapError("no bootstrap peers given; pass PEERID@HOST:PORT of a DHT node")
+        targets = [a for a in given if not is_self(a)]
         helpers: list[PeerId] = []
         seeds: list[PeerId] = []
         answered = 0
+        reached_self = len(given) - len(targets)
 
         async def contact(addr: PeerAddr) -> None:
-            nonlocal answered
+            nonlocal answered, reached_self
             if addr.peer_id is not None:
                 self._remember(addr.peer_id, [addr.address])
             try:
-                reply = await self._request(addr.peer_id or addr, self._find_node(self.own_key), Nodes)
+                message = ClosestQuery(self.own_key).request(*self._me())
+                reply = await self._request(addr.peer_id or addr, message, Nodes)
             except _QueryFailed:
                 return
-            answered += 1
             claimed = PeerId(reply.sender.peer_id)
-            if addr.peer_id is None and claimed != self.peer_id:
+            if claimed == self.peer_id:
+                reached_self += 1  # an address of ours we did not know as such (e.g. 0.0.0.0)
+                return
+            answered += 1
+            if addr.peer_id is None:
                 # An unverified claim: remember where it answered, verify by querying it by id.
                 self._remember(claimed, [addr.address, *reply.sender.address_list()])
             helpers.append(claimed)
@@ -235,31 +262,43 @@ class Dht:
             for addr in targets:
                 nursery.start_soon(contact, addr)
         if not answered:
-            shown = ", ".join(str(a) for a in targets[:3])
+            shown = ", ".join(str(a) for a in given[:3])
+            if reached_self == len(given):
+                raise BootstrapError(
+                    f"the bootstrap address(es) given ({shown}) are this node itself; "
+                    "pass PEERID@HOST:PORT of another DHT node"
+                )
+            ours = f", {reached_self} of them this node itself" if reached_self else ""
             raise BootstrapError(
-                f"none of the {len(targets)} bootstrap peer(s) answered ({shown}); "
+                f"none of the {len(given)} bootstrap peer(s) answered ({shown}{ours}); "
                 "check the addresses and that they are running"
             )
-        await self._find_closest(self.own_key, seeds=helpers + seeds)
+        await self._run_query(ClosestQuery(self.own_key), seeds=helpers + seeds)
         # Kademlia's join ends by refreshing the buckets beyond our closest neighbour. Only the
         # empty ones need it, and their lookups must start outside our own table: when many
         # nodes join at once, two neighbouring groups of ids can each fill their own lookups
         # (k nodes) without ever meeting, and a lookup seeded from our table stays in our group.
-        await self._fill_empty_buckets(helpers)
-        self._had_peers = True
+        for low, high in self._planner.fills(self._wall_clock(), only_due=False):
+            await self._fill_range(low, high, helpers=helpers)
+        self._planner.joined()
         # A node killed right after joining still knows its peers when it comes back.
         await self.persist_routing_table()
         return answered
 
-    async def put(self, key: bytes, value: bytes, ttl_s: float | None = None, *, quorum: int | None = None) -> int:
+    async def put(
+        self, key: bytes, value: bytes, ttl_s: float | None = None, *, quorum: int | None = None
+    ) -> PutResult:
         """Sign ``value`` under ``key`` in our namespace and store it on the k closest nodes.
 
         ``ttl_s`` defaults to ``config.default_record_ttl_s``. The sequence number is the larger
-        of (last one we used for ``key``) + 1 and the current unix time in milliseconds. The
-        record is kept locally and republished while it lives. Returns the number of remote
-        nodes that acknowledged. Raises :class:`RecordTooLargeError` for a value above 64 KiB,
-        :class:`LocalProtocolError` for a bad ``ttl_s``, :class:`QuorumError` when fewer than
-        ``quorum`` (default ``config.put_quorum``) nodes acknowledged.
+        of (last one we used for ``key``) + 1 and the current unix time in milliseconds; when
+        holders refuse it as stale, quoting a version we signed with a higher one (we lost our
+        database and our clock is behind), it is re-signed above that and sent again. The
+        record is kept locally and republished while it lives. Returns the acknowledgements.
+        Raises :class:`RecordTooLargeError` for a value above 64 KiB,
+        :class:`LocalProtocolError` for a bad ``ttl_s``, :class:`QuorumError` (saying whether
+        nodes refused it or did not answer) when fewer than ``quorum`` (default
+        ``config.put_quorum``) nodes acknowledged.
         """
         if len(value) > MAX_VALUE_BYTES:
             raise RecordTooLargeError(
@@ -275,113 +314,80 @@ class Dht:
         seq = max(held.seq + 1 if held else 0, int(now * 1000))
         record = sign_record(self.identity, key, value, seq=seq, expires_at=int(now + ttl))
         await self._store.put_record(record, own=True)
-        acks = await self._replicate_record(record)
-        self._record_published_at[dht_key] = now
+        closest, outcome, stats = await self._replicate_record(record)
+        newest_held = outcome.newest_held_seq(record)
+        if newest_held is not None:
+            record = sign_record(self.identity, key, value, seq=newest_held + 1, expires_at=int(now + ttl))
+            log.info("put: peers hold seq %d of this record; re-signed with seq %d", newest_held, record.seq)
+            await self._store.put_record(record, own=True)
+            lookup_failures = outcome.lookup_failures
+            outcome = await self._send_records(closest, record)
+            outcome.lookup_failures = lookup_failures
+        self._planner.record_published(dht_key, now)
         needed = self.config.put_quorum if quorum is None else quorum
-        if acks < needed:
-            raise QuorumError("put", acks, needed)
-        return acks
+        if outcome.acks < needed:
+            raise outcome.error("put", needed)
+        return PutResult(outcome.acks, outcome.asked, stats)
 
-    async def get(self, key: bytes, writer: PeerId | None = None, *, quorum: int | None = None) -> SignedRecord | None:
+    async def get(self, key: bytes, writer: PeerId | None = None, *, quorum: int | None = None) -> GetResult:
         """The newest valid record ``key`` in ``writer``'s namespace (default: ours), or None.
 
         Answers with the newest of the first ``quorum`` (default ``config.get_quorum``) valid
         records, counting a local copy, or with the newest found when the lookup ends with
-        fewer. While :meth:`run` is running, the lookup then goes on in the background up to
-        ``config.get_value_count`` records, and every holder of an older version (us included)
-        is sent the newest one. A larger ``quorum`` trades latency for freshness.
+        fewer (``GetResult.copies`` says how many). While :meth:`run` is running, the lookup
+        then goes on in the background up to ``config.get_value_count`` records, and every
+        holder of an older version (us included) is sent the newest one. A larger ``quorum``
+        trades latency for freshness. Raises :class:`LocalProtocolError` for a ``quorum`` below 1.
         """
         need = self.config.get_quorum if quorum is None else quorum
         if need < 1:
             raise LocalProtocolError("quorum must be at least 1")
-        writer = writer or self.peer_id
-        dht_key = record_key(writer, key)
+        dht_key = record_key(writer or self.peer_id, key)
         local = self._store.get_record(dht_key, now=self._wall_clock())
-        found: list[tuple[PeerId, SignedRecord]] = [(self.peer_id, local)] if local is not None else []
+        query = ValueQuery(
+            dht_key,
+            need=need,
+            value_count=self.config.get_value_count,
+            max_record_ttl_s=self.config.max_record_ttl_s,
+            local=(self.peer_id, local) if local is not None else None,
+        )
         answered = trio.Event()
-        stats: list[LookupStats] = []
+        stats_at_answer: list[LookupStats] = []
 
-        def extract(peer: PeerId, reply: Value) -> _Outcome[SignedRecord]:
-            record = reply.record
-            if record is not None:
-                try:
-                    validate_record(
-                        record,
-                        now=self._wall_clock(),
-                        max_ttl_s=self.config.max_record_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
-                        expected_dht_key=dht_key,
-                    )
-                except InvalidRecordError as exc:
-                    log.info("dropping invalid record from %s: %s", peer.short(), exc)
-                    record = None
-                else:
-                    found.append((peer, record))
-            return _Outcome(reply.closer, record)
-
-        def stop_when(lookup: Lookup[SignedRecord]) -> bool:
-            if len(found) >= need and not answered.is_set():
-                stats.append(lookup.stats())
+        def on_progress(lookup: Lookup[SignedRecord]) -> None:
+            if query.has_quorum() and not answered.is_set():
+                stats_at_answer.append(lookup.stats())
                 answered.set()
-            return len(found) >= max(need, self.config.get_value_count)
 
         async def look_up_and_repair() -> None:
             try:
-                lookup = await self._lookup(
-                    dht_key,
-                    GetValue(sender=self._me(), client=self.config.client_mode, key=dht_key),
-                    Value,
-                    extract,
-                    stop_when=stop_when,
-                )
+                stats = await self._run_query(query, on_progress=on_progress)
                 if not answered.is_set():
-                    stats.append(lookup.stats())
+                    stats_at_answer.append(stats)
             finally:
                 answered.set()  # also when the DHT shuts down under us: answer with what we have
-            await self._repair(dht_key, found)
+            await self._repair(query)
 
         if self._nursery is None:
             await look_up_and_repair()
         else:
-            if len(found) >= need:
+            if query.has_quorum():
                 answered.set()
             self._background += 1  # counted before it starts, so background_done() sees it
             self._nursery.start_soon(self._in_background, look_up_and_repair)
             await answered.wait()
-        if stats:
-            self.last_lookup_stats = stats[0]
-        return _newest(found)
+        return GetResult(query.newest(), stats_at_answer[0] if stats_at_answer else None, copies=len(query.found))
 
     async def background_done(self) -> None:
         """Wait until the work calls left running (a ``get``'s lookup and repairs) has ended."""
         while self._background:
             await self._background_idle.wait()
 
-    async def _in_background(self, fn: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await fn()
-        finally:
-            self._background -= 1
-            if not self._background:
-                self._background_idle.set()
-                self._background_idle = trio.Event()
-
-    async def _repair(self, dht_key: bytes, found: list[tuple[PeerId, SignedRecord]]) -> None:
-        """Send the newest of ``found`` to every peer in it that returned an older version."""
-        best = _newest(found)
-        if best is None:
-            return
-        outdated = list(dict.fromkeys(p for p, record in found if best.supersedes(record)))
-        if self.peer_id in outdated:
-            outdated.remove(self.peer_id)
-            await self._accept_record(best)
-        if outdated:
-            await self._send_records(outdated, best)
-
-    async def provide(self, cid: bytes) -> int:
+    async def provide(self, cid: bytes) -> PutResult:
         """Announce that we serve ``cid`` at our current addresses; republished every 22 h.
 
-        Returns the number of remote nodes that stored the provider record; raises
-        :class:`QuorumError` below ``config.provide_quorum``.
+        Returns the acknowledgements; raises :class:`QuorumError` below
+        ``config.provide_quorum``, :class:`LocalProtocolError` for a bad ``cid``.
         """
         now = self._wall_clock()
         record = sign_provider_record(
@@ -392,91 +398,52 @@ class Dht:
             await self._store.add_provider(record)
         except StoreFullError as exc:
             log.warning("not keeping our own provider record locally: %s", exc)
-        lookup = await self._find_closest(record.dht_key)
-        message = AddProvider(sender=self._me(), client=self.config.client_mode, record=record)
-        acks = await self._count_acks(lookup.result(), message)
-        if acks < self.config.provide_quorum:
-            raise QuorumError("provide", acks, self.config.provide_quorum)
-        return acks
+        query = ClosestQuery(record.dht_key)
+        stats, lookup = await self._run_query_with_lookup(query)
+        message = AddProvider(sender=self._responder.me(), client=self.config.client_mode, record=record)
+        outcome = await self._send_to_all(lookup.result(), message)
+        outcome.lookup_failures = stats.failures
+        if outcome.acks < self.config.provide_quorum:
+            raise outcome.error("provide", self.config.provide_quorum)
+        return PutResult(outcome.acks, outcome.asked, stats)
 
     async def stop_providing(self, cid: bytes) -> None:
         """Stop republishing ``cid`` (existing provider records expire on their own)."""
         await self._store.remove_provided(cid)
 
-    async def find_providers(self, cid: bytes, count: int = 20) -> list[ProviderRecord]:
+    async def find_providers(self, cid: bytes, count: int = 20) -> ProvidersResult:
         """Up to ``count`` valid provider records for ``cid``, longest-lived first.
 
         The providers' addresses are handed to ``remember_addresses`` so they can be dialled.
         """
-        dht_key = provider_key(cid)
         now = self._wall_clock()
-        found: dict[bytes, ProviderRecord] = {
-            r.provider: r for r in self._store.get_providers(dht_key, now=now, limit=count)
-        }
-
-        def extract(peer: PeerId, reply: Providers) -> _Outcome[list[ProviderRecord]]:
-            valid = []
-            for record in reply.providers:
-                try:
-                    validate_provider_record(
-                        record,
-                        now=self._wall_clock(),
-                        max_ttl_s=self.config.provider_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
-                        expected_dht_key=dht_key,
-                    )
-                except InvalidRecordError as exc:
-                    log.info("dropping invalid provider record from %s: %s", peer.short(), exc)
-                    continue
-                if record.cid != cid:
-                    continue
-                held = found.get(record.provider)
-                if held is None or record.expires_at > held.expires_at:
-                    found[record.provider] = record
-                valid.append(record)
-            return _Outcome(reply.closer, valid or None)
-
-        if len(found) < count:
-            lookup = await self._lookup(
-                dht_key,
-                GetProviders(sender=self._me(), client=self.config.client_mode, key=dht_key),
-                Providers,
-                extract,
-                stop_when=lambda _lk: len(found) >= count,
-            )
-            self.last_lookup_stats = lookup.stats()
-        records = sorted(found.values(), key=lambda r: r.expires_at, reverse=True)[:count]
+        local = self._store.get_providers(provider_key(cid), now=now, limit=count)
+        query = ProvidersQuery(
+            cid,
+            count=count,
+            provider_ttl_s=self.config.provider_ttl_s,
+            local=[r for r in local if all(is_dialable_address(h, p) for h, p in r.addresses)],
+        )
+        stats = None if query.satisfied() else await self._run_query(query)
+        records = query.result()
         for record in records:
             if record.provider != self.peer_id.key and record.addresses:
                 self._remember(record.provider_id, record.address_list())
-        return records
+        return ProvidersResult(records, stats)
 
-    async def find_peer(self, peer_id: PeerId) -> list[Address] | None:
+    async def find_peer(self, peer_id: PeerId) -> PeerResult:
         """Where ``peer_id`` can be dialled: from the routing table, else by a DHT lookup.
 
-        Returns None when no node on the path knows the peer.
+        ``addresses`` is None when no node on the path knows the peer.
         """
         if peer_id == self.peer_id:
-            return self._own_addresses()
+            return PeerResult(self._own_addresses(), None)
         node = self.routing_table.get(peer_id)
         if node is not None and node.addresses:
-            return list(node.addresses)
-        found: list[Address] | None = None
-
-        def extract(peer: PeerId, reply: Nodes) -> _Outcome[None]:
-            nonlocal found
-            if peer == peer_id:
-                found = reply.sender.address_list()
-            for info in reply.closer:
-                if info.peer_id == peer_id.key and found is None:
-                    found = info.address_list()
-            return _Outcome(reply.closer, None)
-
-        target = peer_id.dht_key()
-        lookup = await self._lookup(
-            target, self._find_node(target), Nodes, extract, stop_when=lambda _lk: found is not None
-        )
-        self.last_lookup_stats = lookup.stats()
-        return found
+            return PeerResult(list(node.addresses), None)
+        query = PeerQuery(peer_id)
+        stats = await self._run_query(query)
+        return PeerResult(query.addresses, stats)
 
     async def refresh(self, *, all_buckets: bool = False) -> int:
         """Look up a random id in each stale bucket (or every bucket); returns lookups run.
@@ -484,38 +451,16 @@ class Dht:
         An empty bucket's lookup starts from what peers with a wider view know (see
         :meth:`_fill_range`), since our own table has nobody near its range.
         """
-        now = self._wall_clock()
-        max_age = -math.inf if all_buckets else self.config.bucket_refresh_interval_s
-        ranges = self.routing_table.stale_buckets(now, max_age)
-        empty = set(self.routing_table.empty_far_buckets())
-        for low, high in ranges:
-            if (low, high) in empty:
-                await self._fill_range(low, high, helpers=[])
-            else:
-                await self._find_closest(random_key_between(low, high, self._rng))
-        return len(ranges)
+        actions = self._planner.refreshes(self._wall_clock(), all_buckets=all_buckets)
+        for action in actions:
+            await self._perform(action)
+        return len(actions)
 
     async def maintain(self) -> None:
-        """One maintenance round (what :meth:`run` does every ``maintenance_interval_s``)."""
-        now = self._wall_clock()
-        try:
-            purged = await self._store.purge_expired(now=now)
-        except StorageError as exc:
-            log.warning("purging expired DHT entries failed: %s", exc)
-        else:
-            if purged:
-                log.debug("purged %d expired DHT entries", purged)
-        if len(self.routing_table) == 0 and self._had_peers:
-            # Lost every peer. (A node that never joined is joining through ``bootstrap``, with
-            # its own retries; a second bootstrap alongside would only double the work.)
-            await self._rebootstrap()
-        if len(self.routing_table) == 0:
-            return
-        self._had_peers = True
-        await self._fill_empty_buckets([], only_due=True)
-        await self.refresh()
-        await self._republish(now)
-        await self.persist_routing_table()
+        """One maintenance round (what :meth:`run` does every ``maintenance_interval_s``):
+        the actions :class:`~lattica.dht.maintenance.MaintenancePlanner` finds due, in order."""
+        for action in self._planner.due(self._wall_clock(), trio.current_time()):
+            await self._perform(action)
 
     def routing_table_snapshot(self) -> list[RoutingEntry]:
         """The routing table, farthest bucket first, least recently seen first within one."""
@@ -550,102 +495,41 @@ class Dht:
         try:
             request = decode_request(payload)
         except RemoteProtocolError as exc:
-            return self._error("malformed", str(exc))
+            return encode_message(self._responder.error("malformed", str(exc)))
         if request.sender.peer_id != peer.key:
-            return self._error("bad-sender", "sender peer id differs from the connection's")
+            return encode_message(self._responder.error("bad-sender", "sender peer id differs from the connection's"))
         self._on_peer_seen(peer, request.sender.address_list(), client=request.client)
-        try:
-            return encode_message(await self._serve(peer, request))
-        except StorageError as exc:
-            return self._error("storage", str(exc))
+        reply = self._responder.handle(peer, request, self._wall_clock())
+        response: Response = reply.response
+        if reply.write is not None:
+            try:
+                await self._write(reply.write)
+            except (InvalidRecordError, StoreFullError) as exc:  # a newer record came meanwhile, or full
+                response = self._responder.write_failed(reply.write, exc)
+            except StorageError as exc:
+                log.warning("could not store a record: %s", exc)
+                response = self._responder.write_failed(reply.write, exc)
+        return encode_message(response)
 
-    async def _serve(self, peer: PeerId, request: Request) -> Response:
-        me, client = self._me(), self.config.client_mode
-        now = self._wall_clock()
-        match request:
-            case Ping():
-                return Pong(sender=me, client=client)
-            case FindNode(target=target):
-                return Nodes(sender=me, client=client, closer=self._closer(target, peer))
-            case GetValue(key=key):
-                return Value(
-                    sender=me,
-                    client=client,
-                    record=self._store.get_record(key, now=now),
-                    closer=self._closer(key, peer),
-                )
-            case PutValue(record=record):
-                stored, reason = await self._accept_record(record)
-                return Ack(sender=me, client=client, stored=stored, reason=reason)
-            case AddProvider(record=provider_record):
-                stored, reason = await self._accept_provider(peer, provider_record)
-                return Ack(sender=me, client=client, stored=stored, reason=reason)
-            case GetProviders(key=key):
-                return Providers(
-                    sender=me,
-                    client=client,
-                    providers=self._store.get_providers(key, now=now, limit=MAX_PROVIDERS),
-                    closer=self._closer(key, peer),
-                )
-        raise AssertionError(f"unhandled request {type(request).__name__}")  # pragma: no cover
-
-    async def _accept_record(self, record: SignedRecord) -> tuple[bool, str]:
-        try:
-            validate_record(
-                record,
-                now=self._wall_clock(),
-                max_ttl_s=self.config.max_record_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
-            )
-            own = record.writer == self.peer_id.key
-            await self._store.put_record(record, own=own)
-        except StaleRecordError as exc:
-            return False, f"stale: {exc}"[:200]
-        except InvalidRecordError as exc:
-            return False, f"invalid: {exc}"[:200]
-        except StoreFullError:
-            return False, "store full"
-        except StorageError as exc:
-            log.warning("could not store a record: %s", exc)
-            return False, "storage error"
-        return True, ""
-
-    async def _accept_provider(self, peer: PeerId, record: ProviderRecord) -> tuple[bool, str]:
-        if record.provider != peer.key:
-            return False, "invalid: a provider record must be announced by its provider"
-        try:
-            validate_provider_record(
-                record,
-                now=self._wall_clock(),
-                max_ttl_s=self.config.provider_ttl_s + CLOCK_SKEW_ALLOWANCE_S,
-            )
-            await self._store.add_provider(record)
-        except InvalidRecordError as exc:
-            return False, f"invalid: {exc}"[:200]
-        except StoreFullError:
-            return False, "store full"
-        except StorageError as exc:
-            log.warning("could not store a record: %s", exc)
-            return False, "storage error"
-        return True, ""
-
-    def _closer(self, target: bytes, requester: PeerId) -> list[PeerInfo]:
-        nodes = self.routing_table.closest(target, self.config.k, exclude=(requester.dht_key(),))
-        return [PeerInfo.of(n.peer_id, n.addresses) for n in nodes]
-
-    def _error(self, code: str, reason: str) -> bytes:
-        return encode_message(Error(sender=self._me(), client=self.config.client_mode, code=code, reason=reason[:200]))
+    async def _write(self, write: Write) -> None:
+        """Perform a write the responder (or our own read repair) decided on; acknowledged
+        after its commit. Raises :class:`StoreFullError`, :class:`InvalidRecordError` (a newer
+        record arrived meanwhile) or :class:`~lattica.storage.StorageError`."""
+        match write:
+            case StoreRecord(record=record, own=own):
+                await self._store.put_record(record, own=own)
+            case StoreProvider(record=provider_record):
+                await self._store.add_provider(provider_record)
 
     # == peers =================================================================================
 
-    def _me(self) -> PeerInfo:
-        return PeerInfo.of(self.peer_id, self._own_addresses())
-
-    def _find_node(self, target: bytes) -> FindNode:
-        return FindNode(sender=self._me(), client=self.config.client_mode, target=target)
+    def _me(self) -> tuple[PeerInfo, bool]:
+        return self._responder.me(), self.config.client_mode
 
     def _on_peer_seen(self, peer: PeerId, addresses: list[Address], *, client: bool) -> None:
         if peer == self.peer_id:
             return
+        self._health.on_success(peer)
         if addresses:
             self._remember(peer, addresses)
         if client:
@@ -656,6 +540,17 @@ class Dht:
         elif result.outcome == "full" and result.check is not None:
             self._start_liveness_check(result.check)
 
+    def _on_peer_failed(self, peer: PeerId, sent_at: float) -> None:
+        if self._health.on_failure(peer, sent_at=sent_at, now=trio.current_time()) and peer in self.routing_table:
+            log.debug("evicting %s after %d failed requests", peer.short(), self._health.failures(peer))
+            self.routing_table.remove(peer)  # the newest admissible replacement takes its place
+            self._table_changed.set()
+
+    def _usable(self, peers: list[PeerId]) -> list[PeerId]:
+        """``peers`` without those in their backoff after a failure (see :mod:`peer_health`)."""
+        now = trio.current_time()
+        return [p for p in peers if not self._health.is_suspect(p, now)]
+
     def _start_liveness_check(self, node: DhtNode) -> None:
         if node.key in self._liveness_checks or self._nursery is None:
             return
@@ -664,8 +559,9 @@ class Dht:
 
     async def _check_liveness(self, node: DhtNode) -> None:
         try:
-            await self._request(node.peer_id, Ping(sender=self._me(), client=self.config.client_mode), Pong)
+            await self._ping(node.peer_id)
         except _QueryFailed:
+            # Kademlia section 2.2: the head of a full bucket that does not answer gives way.
             log.debug("evicting unresponsive peer %s", node.peer_id.short())
             self.routing_table.remove(node.peer_id)
             self._table_changed.set()
@@ -674,11 +570,15 @@ class Dht:
         finally:
             self._liveness_checks.discard(node.key)
 
+    async def _ping(self, peer: PeerId) -> None:
+        await self._request(peer, Ping(sender=self._responder.me(), client=self.config.client_mode), Pong)
+
     def _learn(self, closer: list[PeerInfo]) -> list[PeerId]:
         peers = []
+        now = trio.current_time()
         for info in closer:
             peer = PeerId(info.peer_id)
-            if peer == self.peer_id:
+            if peer == self.peer_id or self._health.is_suspect(peer, now):
                 continue
             addresses = info.address_list()
             if addresses and peer not in self.routing_table:
@@ -690,14 +590,13 @@ class Dht:
         for stored in self._store.load_peers():
             if stored.peer_id == self.peer_id:
                 continue
-            if stored.addresses:
-                self._remember(stored.peer_id, stored.addresses)
-            node = DhtNode(
-                stored.peer_id,
-                stored.addresses,
-                first_seen=stored.last_seen,
-                last_seen=stored.last_seen,
-            )
+            # A table saved by an older version may hold addresses no message may carry now
+            # (a host with a NUL byte crashed the node on every start): such entries are skipped.
+            addresses = [(h, p) for h, p in stored.addresses if is_dialable_address(h, p)]
+            if not addresses:
+                continue
+            self._remember(stored.peer_id, addresses)
+            node = DhtNode(stored.peer_id, addresses, first_seen=stored.last_seen, last_seen=stored.last_seen)
             self.routing_table.add_contact(node, now=stored.last_seen)
 
     # == requests and lookups =================================================================
@@ -705,6 +604,9 @@ class Dht:
     async def _request(self, peer: PeerId | PeerAddr, message: Request, expect: type[R]) -> R:
         """One request; raises ``_QueryFailed`` on any failure (and counts it against ``peer``)."""
         expected = peer if isinstance(peer, PeerId) else peer.peer_id
+        if expected == self.peer_id:
+            raise _QueryFailed("that is our own id")  # never dial ourselves
+        sent_at = trio.current_time()
         timeout_s = self.config.query_timeout_s
         reply: Response | None = None
         with trio.move_on_after(timeout_s * 1.5):  # in case the transport ignores timeout_s
@@ -714,10 +616,8 @@ class Dht:
             except (LatticaError, trio.BrokenResourceError, OSError) as exc:
                 log.debug("DHT request to %s failed: %s", peer, exc)
         if reply is None or (expected is not None and reply.sender.peer_id != expected.key):
-            if isinstance(peer, PeerId) and self.routing_table.record_failure(
-                peer, max_failures=self.config.max_failures
-            ):
-                self._table_changed.set()
+            if expected is not None:
+                self._on_peer_failed(expected, sent_at)
             raise _QueryFailed(str(peer))
         if expected is not None:
             self._on_peer_seen(expected, reply.sender.address_list(), client=reply.client)
@@ -738,24 +638,34 @@ class Dht:
             reply = None
         await results.send((peer, reply))
 
-    async def _lookup(
+    async def _run_query(
         self,
-        target: bytes,
-        message: Request,
-        expect: type[R],
-        extract: Callable[[PeerId, R], _Outcome[V]],
+        query: Query[R, V],
         *,
-        stop_when: Callable[[Lookup[V]], bool] | None = None,
         seeds: list[PeerId] | None = None,
-    ) -> Lookup[V]:
-        """Drive a :class:`Lookup` to completion with up to alpha*paths requests in flight."""
+        on_progress: Callable[[Lookup[V]], None] | None = None,
+    ) -> LookupStats:
+        """Drive ``query`` to completion; returns its lookup's statistics."""
+        stats, _lookup = await self._run_query_with_lookup(query, seeds=seeds, on_progress=on_progress)
+        return stats
+
+    async def _run_query_with_lookup(
+        self,
+        query: Query[R, V],
+        *,
+        seeds: list[PeerId] | None = None,
+        on_progress: Callable[[Lookup[V]], None] | None = None,
+    ) -> tuple[LookupStats, Lookup[V]]:
+        """Drive a :class:`Lookup` for ``query`` with up to alpha*paths requests in flight,
+        starting from ``seeds`` (default: our closest peers to the target)."""
         config = self.config
+        target = query.target
         if not seeds:
             seeds = [n.peer_id for n in self.routing_table.closest(target, config.k * config.disjoint_paths)]
         deadline = trio.current_time() + config.lookup_timeout_s
         lookup: Lookup[V] = Lookup(
             target,
-            seeds,
+            self._usable(seeds),
             k=config.k,
             alpha=config.alpha,
             disjoint_paths=config.disjoint_paths,
@@ -763,11 +673,12 @@ class Dht:
             deadline=deadline,
         )
         self.routing_table.touch_bucket(target, self._wall_clock())
+        message = query.request(*self._me())
         send, receive = trio.open_memory_channel[tuple[PeerId, R | None]](math.inf)
         async with trio.open_nursery() as nursery:
             while True:
                 for peer in lookup.next_queries(trio.current_time()):
-                    nursery.start_soon(self._query_into, peer, message, expect, send)
+                    nursery.start_soon(self._query_into, peer, message, query.expect, send)
                 if lookup.done or lookup.in_flight == 0:
                     break
                 with trio.move_on_at(deadline):
@@ -775,51 +686,14 @@ class Dht:
                     if reply is None:
                         lookup.on_failure(peer)
                     else:
-                        outcome = extract(peer, reply)
+                        outcome = query.on_reply(peer, reply, self._wall_clock())
                         lookup.on_response(peer, self._learn(outcome.closer), outcome.value)
-                        if stop_when is not None and stop_when(lookup):
+                        if on_progress is not None:
+                            on_progress(lookup)
+                        if query.satisfied():
                             lookup.stop()
             nursery.cancel_scope.cancel()
-        return lookup
-
-    async def _find_closest(
-        self,
-        target: bytes,
-        *,
-        seeds: list[PeerId] | None = None,
-        stop_when: Callable[[Lookup[None]], bool] | None = None,
-    ) -> Lookup[None]:
-        def extract(_peer: PeerId, reply: Nodes) -> _Outcome[None]:
-            return _Outcome(reply.closer, None)
-
-        lookup = await self._lookup(
-            target, self._find_node(target), Nodes, extract, seeds=seeds, stop_when=stop_when
-        )
-        self.last_lookup_stats = lookup.stats()
-        return lookup
-
-    async def _fill_empty_buckets(self, helpers: list[PeerId], *, only_due: bool = False) -> int:
-        """Look up a random id in every empty far bucket (``only_due``: those whose retry is
-        due); returns how many lookups ran.
-
-        A bucket that stays empty is tried again after one maintenance interval, then after
-        twice that, and so on up to the bucket refresh interval: nodes that joined at the same
-        time as we did may not have been known to anyone on the first try, while a range that
-        really holds nobody costs only a few lookups before the hourly refresh takes over.
-        """
-        now = self._wall_clock()
-        ranges = self.routing_table.empty_far_buckets()
-        self._fill_retry = {r: self._fill_retry[r] for r in ranges if r in self._fill_retry}
-        ran = 0
-        for low, high in ranges:
-            due_at, interval = self._fill_retry.get((low, high), (now, 0.0))
-            if only_due and due_at > now:
-                continue
-            interval = min(max(2 * interval, self.config.maintenance_interval_s), self.config.bucket_refresh_interval_s)
-            self._fill_retry[(low, high)] = (now + interval, interval)
-            await self._fill_range(low, high, helpers=helpers)
-            ran += 1
-        return ran
+        return lookup.stats(), lookup
 
     async def _fill_range(self, low: int, high: int, *, helpers: list[PeerId]) -> None:
         """Look up a random id in ``[low, high]``, seeded by what ``helpers`` (plus up to alpha
@@ -832,12 +706,13 @@ class Dht:
         """
         target = random_key_between(low, high, self._rng)
         wide = [n.peer_id for n in self.routing_table.wider_view(low, high, self.config.alpha)]
-        asked = list(dict.fromkeys(helpers + wide))
+        asked = self._usable(list(dict.fromkeys(helpers + wide)))
         seeds: list[PeerId] = []
+        message = ClosestQuery(target).request(*self._me())
 
         async def ask(peer: PeerId) -> None:
             try:
-                reply = await self._request(peer, self._find_node(target), Nodes)
+                reply = await self._request(peer, message, Nodes)
             except _QueryFailed:
                 return
             seeds.extend(self._learn(reply.closer))
@@ -847,40 +722,111 @@ class Dht:
                 nursery.start_soon(ask, peer)
         own = [n.peer_id for n in self.routing_table.closest(target, self.config.k)]
         enough = self.config.alpha
-        await self._find_closest(
-            target,
-            seeds=list(dict.fromkeys(seeds + own)),
-            stop_when=lambda _lk: self.routing_table.bucket_population(target) >= enough,
-        )
+        query = ClosestQuery(target, stop_when=lambda: self.routing_table.bucket_population(target) >= enough)
+        await self._run_query(query, seeds=list(dict.fromkeys(seeds + own)))
 
-    async def _count_acks(self, peers: list[PeerId], message: PutValue | AddProvider) -> int:
-        acks = 0
+    async def _send_to_all(self, peers: list[PeerId], message: PutValue | AddProvider) -> Replication:
+        outcome = Replication(asked=len(peers))
 
         async def send_one(peer: PeerId) -> None:
-            nonlocal acks
             try:
                 ack = await self._request(peer, message, Ack)
             except _QueryFailed:
+                outcome.unreachable += 1
                 return
-            if ack.stored:
-                acks += 1
-            else:
+            outcome.count(ack)
+            if not ack.stored:
                 log.info("%s refused a record: %s", peer.short(), ack.reason)
 
         async with trio.open_nursery() as nursery:
             for peer in peers:
                 nursery.start_soon(send_one, peer)
-        return acks
+        return outcome
 
-    async def _replicate_record(self, record: SignedRecord) -> int:
-        lookup = await self._find_closest(record.dht_key)
-        return await self._send_records(lookup.result(), record)
+    async def _replicate_record(self, record: SignedRecord) -> tuple[list[PeerId], Replication, LookupStats]:
+        stats, lookup = await self._run_query_with_lookup(ClosestQuery(record.dht_key))
+        closest = lookup.result()
+        outcome = await self._send_records(closest, record)
+        outcome.lookup_failures = stats.failures
+        return closest, outcome, stats
 
-    async def _send_records(self, peers: list[PeerId], record: SignedRecord) -> int:
-        message = PutValue(sender=self._me(), client=self.config.client_mode, record=record)
-        return await self._count_acks(peers, message)
+    async def _send_records(self, peers: list[PeerId], record: SignedRecord) -> Replication:
+        message = PutValue(sender=self._responder.me(), client=self.config.client_mode, record=record)
+        return await self._send_to_all(peers, message)
+
+    async def _repair(self, query: ValueQuery) -> None:
+        """Send the newest record ``query`` found to every peer that returned an older one."""
+        best = query.newest()
+        outdated = query.outdated()
+        if best is None or not outdated:
+            return
+        if self.peer_id in outdated:
+            outdated.remove(self.peer_id)
+            write = self._responder.check_record(best, self._wall_clock()).write
+            if write is not None:
+                with contextlib.suppress(InvalidRecordError, StoreFullError, StorageError):
+                    await self._write(write)
+        if outdated:
+            await self._send_records(outdated, best)
+
+    async def _in_background(self, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+        finally:
+            self._background -= 1
+            if not self._background:
+                self._background_idle.set()
+                self._background_idle = trio.Event()
 
     # == maintenance ==========================================================================
+
+    async def _perform(self, action: Action) -> None:
+        """Carry out one planned maintenance action."""
+        now = self._wall_clock()
+        match action:
+            case PurgeExpired():
+                try:
+                    purged = await self._store.purge_expired(now=now)
+                except StorageError as exc:
+                    log.warning("purging expired DHT entries failed: %s", exc)
+                else:
+                    if purged:
+                        log.debug("purged %d expired DHT entries", purged)
+            case Rebootstrap():
+                # Losing every peer at once says more about our own network than theirs: forget
+                # their failures, or the peers they name would be skipped.
+                self._health.clear()
+                await self._rebootstrap()
+            case ProbePeers(peers=peers):
+                await self._probe(peers)
+            case FillBucket(low=low, high=high):
+                await self._fill_range(low, high, helpers=[])
+            case RefreshBucket(low=low, high=high):
+                await self._run_query(ClosestQuery(random_key_between(low, high, self._rng)))
+            case RepublishRecord(record=record):
+                _closest, outcome, _stats = await self._replicate_record(record)
+                if outcome.acks:
+                    self._planner.record_published(record.dht_key, now)
+            case Reprovide(cid=cid):
+                try:
+                    await self.provide(cid)
+                except (QuorumError, StorageError) as exc:
+                    log.warning("republishing provider record failed: %s", exc)
+            case SaveRoutingTable():
+                await self.persist_routing_table()
+
+    async def _probe(self, peers: tuple[PeerId, ...]) -> None:
+        """Ping ``peers`` (a few at a time): an answer clears them, a failure counts."""
+        limiter = trio.CapacityLimiter(self.config.alpha * 4)
+
+        async def probe(peer: PeerId) -> None:
+            async with limiter:
+                with contextlib.suppress(_QueryFailed):
+                    await self._ping(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(probe, peer)
 
     async def _save_table_when_changed(self) -> None:
         while True:
@@ -892,7 +838,7 @@ class Dht:
     async def _rebootstrap(self) -> None:
         addrs = list(self._bootstrap_addrs)
         for stored in self._store.load_peers():
-            for address in stored.addresses[:1]:
+            for address in [a for a in stored.addresses if is_dialable_address(*a)][:1]:
                 addrs.append(PeerAddr(address, stored.peer_id))
         if not addrs:
             return
@@ -900,27 +846,3 @@ class Dht:
             await self.bootstrap(addrs)
         except BootstrapError as exc:
             log.warning("re-bootstrap failed: %s", exc)
-
-    async def _republish(self, now: float) -> None:
-        interval = self.config.record_republish_interval_s
-        for record in self._store.own_records(now=now):
-            if record.writer != self.peer_id.key:
-                continue
-            if self._record_published_at.get(record.dht_key, -math.inf) + interval > now:
-                continue
-            acks = await self._replicate_record(record)
-            if acks:
-                self._record_published_at[record.dht_key] = now
-        due_after = self.config.provider_ttl_s - self.config.provider_republish_interval_s
-        for cid in self._store.provided():
-            ours = [
-                r
-                for r in self._store.get_providers(provider_key(cid), now=now, limit=MAX_PROVIDERS)
-                if r.provider == self.peer_id.key
-            ]
-            if ours and max(r.expires_at for r in ours) - now > due_after:
-                continue
-            try:
-                await self.provide(cid)
-            except (QuorumError, StorageError) as exc:
-                log.warning("republishing provider record failed: %s", exc)

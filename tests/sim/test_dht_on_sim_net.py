@@ -80,7 +80,7 @@ async def put_records(cluster: DhtCluster, writers: list[int]) -> dict[int, int]
     acks: dict[int, int] = {}
 
     async def put(writer: int) -> None:
-        acks[writer] = await cluster.nodes[writer].dht.put(KEY, value_of(writer))
+        acks[writer] = (await cluster.nodes[writer].dht.put(KEY, value_of(writer))).acks
 
     await run_all(*[(put, w) for w in writers])
     return acks
@@ -114,7 +114,7 @@ async def test_two_hundred_nodes_every_get_finds_the_right_value(autojump_clock:
         found: list[tuple[int, int, SignedRecord | None]] = []
 
         async def get(reader: int, writer: int) -> None:
-            found.append((reader, writer, await cluster.nodes[reader].dht.get(KEY, identity(writer).peer_id)))
+            found.append((reader, writer, (await cluster.nodes[reader].dht.get(KEY, identity(writer).peer_id)).record))
 
         # Each of the 50 records is read by two different random readers.
         await run_all(*[(get, r, writers[i % 50]) for i, r in enumerate(readers)])
@@ -164,7 +164,7 @@ async def test_gets_succeed_through_twenty_percent_churn_and_republish_restores_
         results: list[tuple[str, int, int, bool]] = []
 
         async def get(phase: str, reader: int, writer: int) -> None:
-            record = await cluster.nodes[reader].dht.get(KEY, identity(writer).peer_id)
+            record = (await cluster.nodes[reader].dht.get(KEY, identity(writer).peer_id)).record
             results.append((phase, reader, writer, is_genuine(record, writer)))
 
         async def churn() -> None:
@@ -289,7 +289,7 @@ async def test_forged_values_and_lying_closer_peers_do_not_break_lookups(
         found: dict[int, SignedRecord | None] = {}
 
         async def get(reader: int) -> None:
-            found[reader] = await honest[reader].dht.get(KEY, identity(writer).peer_id)
+            found[reader] = (await honest[reader].dht.get(KEY, identity(writer).peer_id)).record
 
         await run_all(*[(push, i) for i in honest], *[(get, r) for r in honest if r != writer])
         for node in honest.values():
@@ -366,7 +366,7 @@ async def test_find_providers_returns_every_provider_across_a_hundred_nodes(
         acks: list[int] = []
 
         async def provide(index: int, cid: bytes) -> None:
-            acks.append(await cluster.nodes[index].dht.provide(cid))
+            acks.append((await cluster.nodes[index].dht.provide(cid)).acks)
 
         await run_all(*[(provide, p, cid) for cid, ps in providers.items() for p in ps])
         assert acks == [FAST_DHT.k] * 30
@@ -377,7 +377,7 @@ async def test_find_providers_returns_every_provider_across_a_hundred_nodes(
 
         async def find(finder: int, cid: bytes) -> None:
             node = cluster.nodes[finder]
-            records = await node.dht.find_providers(cid)
+            records = (await node.dht.find_providers(cid)).providers
             results[finder] = sorted((cluster.index_of(r.provider), r.address_list()) for r in records)
             # The providers' addresses were handed to the connection manager: dial by id works.
             rtts.append((await node.ping(records[0].provider_id)).rtt_s)
@@ -387,4 +387,62 @@ async def test_find_providers_returns_every_provider_across_a_hundred_nodes(
             expected = sorted((p, [peer_addr(p).address]) for p in providers[cids[i % 10]])
             assert results[finder] == expected
         assert len(rtts) == 30 and min(rtts) >= 0.1 - 1e-9
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stopped_peer_costs_one_query_timeout_and_then_leaves_every_routing_table(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with Network(seed=606) as net, trio.open_nursery() as nursery:
+        cluster = DhtCluster(net, nursery, 3)
+        await start_network(cluster, seeds=[0])
+        gone = cluster.nodes[2].peer_id
+        cluster.crash(2)
+        cid = hashlib.sha256(b"content").digest()
+        took: dict[str, list[float]] = {}
+
+        async def timed(name: str, fn: object, *args: object) -> None:
+            started = trio.current_time()
+            await fn(*args)  # type: ignore[operator]
+            took.setdefault(name, []).append(trio.current_time() - started)
+
+        for round_ in range(3):
+            for index in (0, 1):
+                dht = cluster.nodes[index].dht
+                await timed(f"put {index}", dht.put, b"key %d" % round_, b"value")
+                await timed(f"provide {index}", dht.provide, cid)
+                await timed(f"providers {index}", dht.find_providers, cid)
+        # Each live node waits for the dead peer once (its first request to it times out);
+        # after that its lookups skip it, although the other live node may still name it.
+        for index in (0, 1):
+            first, *rest = took[f"put {index}"]
+            assert first >= FAST_DHT.query_timeout_s
+            assert all(t < 1.0 for t in rest)
+            assert all(t < 1.0 for t in took[f"provide {index}"] + took[f"providers {index}"])
+        # A maintenance ping after the failure backoff fails too: the peer is evicted everywhere.
+        await trio.sleep(FAST_DHT.failure_backoff_s + 2 * FAST_DHT.maintenance_interval_s)
+        assert all(gone not in node.dht.routing_table for node in cluster.nodes.values())
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_restarts_is_not_evicted_by_lookups_that_ran_while_it_was_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with Network(seed=707) as net, trio.open_nursery() as nursery:
+        cluster = DhtCluster(net, nursery, 5)
+        await start_network(cluster, seeds=[0])
+        node = cluster.nodes[0]
+        restarting = cluster.nodes[4].peer_id
+        cluster.crash(4)
+        # Two lookups overlap the outage (both wait on the peer at once), then a third runs.
+        await run_all((node.dht.get, b"absent 1"), (node.dht.get, b"absent 2"))
+        await node.dht.get(b"absent 3")
+        assert restarting in node.dht.routing_table
+        cluster.hosts[4].set_link(cluster.link)
+        await cluster.start(4)
+        # The maintenance ping after the backoff finds it up again: it stays.
+        await trio.sleep(FAST_DHT.failure_backoff_s + 2 * FAST_DHT.maintenance_interval_s)
+        assert restarting in node.dht.routing_table
+        found = (await node.dht.get(b"absent 4")).record
+        assert found is None and restarting in node.dht.routing_table
         nursery.cancel_scope.cancel()

@@ -34,7 +34,15 @@ from lattica.dht.messages import (
     decode_response,
     encode_message,
 )
-from lattica.dht.records import MAX_ADDRESSES_PER_PEER, decode_provider_record, decode_record, sign_record
+from lattica.dht.records import (
+    MAX_ADDRESSES_PER_PEER,
+    decode_provider_record,
+    decode_record,
+    sign_provider_record,
+    sign_record,
+    validate_provider_record,
+)
+from lattica.dht.store import StoredPeer
 from lattica.dht.testing import MemoryNetwork
 from lattica.errors import FrameTooLargeError, MalformedMessageError, RemoteProtocolError
 from lattica.identity import Identity
@@ -71,7 +79,7 @@ def test_bounds_are_enforced() -> None:
     with pytest.raises(MalformedMessageError):
         decode_response(encode_message(too_many))
     many_addresses = msgspec.structs.replace(
-        INFO, addresses=[("198.51.100.1", p) for p in range(MAX_ADDRESSES_PER_PEER + 1)]
+        INFO, addresses=[("198.51.100.1", p) for p in range(1, MAX_ADDRESSES_PER_PEER + 2)]
     )
     with pytest.raises(MalformedMessageError):
         decode_request(encode_message(Ping(sender=many_addresses)))
@@ -150,6 +158,92 @@ async def test_handler_answers_garbage_and_impostors_with_errors() -> None:
     assert isinstance(reply, Error) and reply.code == "bad-sender"
     assert len(dht.routing_table) == 0
     await trio.lowlevel.checkpoint()
+
+
+BAD_ADDRESSES = [
+    ("a\x00b", 4001),  # crashed sendto with TypeError (issue 8 A1)
+    ("example.com", 4001),  # would go through the system resolver
+    ("fe80::1%eth0\x00", 4001),  # ipaddress accepts any zone id
+    ("198.51.100.7", 0),
+    ("", 4001),
+]
+
+
+@pytest.mark.parametrize("address", BAD_ADDRESSES, ids=repr)
+def test_an_address_that_is_not_an_ip_literal_and_port_makes_the_message_malformed(address: tuple[str, int]) -> None:
+    with pytest.raises(MalformedMessageError):
+        decode_request(with_bad_address(Ping(sender=INFO), address, "sender"))
+    with pytest.raises(MalformedMessageError):
+        decode_response(with_bad_address(Nodes(sender=INFO, closer=[INFO, INFO]), address, "closer", 1))
+    provider = sign_provider_record(ME, b"cid", [("198.51.100.1", 4001)], expires_at=2_000_000_000)
+    with pytest.raises(MalformedMessageError):
+        providers = Providers(sender=INFO, providers=[provider, provider])
+        decode_response(with_bad_address(providers, address, "providers", 1))
+    with pytest.raises(MalformedMessageError):
+        decode_request(with_bad_address(AddProvider(sender=INFO, record=provider), address, "record"))
+    forged = msgspec.structs.replace(provider, addresses=[address])  # records have no __post_init__
+    with pytest.raises(InvalidRecordError):
+        validate_provider_record(forged, now=1_900_000_000, max_ttl_s=10**9)
+
+
+def with_bad_address(message: object, address: tuple[str, int], field: str, index: int | None = None) -> bytes:
+    """``message`` encoded with the addresses of one of its peers or records replaced, as a
+    hostile encoder would send it (our own structs refuse to hold such an address)."""
+    raw = msgspec.msgpack.decode(encode_message(message))  # type: ignore[arg-type]
+    entry = raw[field] if index is None else raw[field][index]
+    entry["addresses"] = [list(address)]
+    return msgspec.msgpack.encode(raw)
+
+
+def test_peer_info_of_keeps_only_dialable_addresses() -> None:
+    info = PeerInfo.of(ME.peer_id, [("localhost", 1), ("198.51.100.1", 4001), ("a\x00b", 2)])
+    assert info.addresses == [("198.51.100.1", 4001)]
+
+
+async def test_a_ping_carrying_a_bad_address_is_refused_and_nothing_is_remembered() -> None:
+    net = MemoryNetwork()
+    transport = net.transport(ME.peer_id, [("198.51.100.1", 4001)])
+    dht = Dht(
+        ME,
+        transport,
+        DhtStore(":memory:", own_key=ME.peer_id.dht_key()),
+        remember_addresses=transport.add_addresses,
+        own_addresses=lambda: [("198.51.100.1", 4001)],
+        rng=random.Random(0),
+    )
+    handler = transport.handlers["/lattica/kad/1.0.0"]
+    other = Identity.from_seed(bytes([2]) * 32).peer_id
+    ping = Ping(sender=PeerInfo.of(other, [("198.51.100.2", 4001)]))
+    reply = decode_response(await handler(other, with_bad_address(ping, ("a\x00b", 4001), "sender")))
+    assert isinstance(reply, Error) and reply.code == "malformed"
+    assert other not in dht.routing_table and transport.address_book.get(other, []) == []
+
+
+async def test_a_saved_routing_table_with_bad_addresses_loads_without_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    good = Identity.from_seed(bytes([2]) * 32).peer_id
+    evil = Identity.from_seed(bytes([3]) * 32).peer_id
+    store = DhtStore(tmp_path / "db", own_key=ME.peer_id.dht_key())
+    await store.save_peers(
+        [
+            StoredPeer(good, [("198.51.100.2", 4001)], 1.0),
+            StoredPeer(evil, [("a\x00b", 4001)], 2.0),
+        ]
+    )
+    net = MemoryNetwork()
+    transport = net.transport(ME.peer_id, [("198.51.100.1", 4001)])
+    dht = Dht(
+        ME,
+        transport,
+        store,
+        remember_addresses=transport.add_addresses,
+        own_addresses=lambda: [("198.51.100.1", 4001)],
+        rng=random.Random(0),
+    )
+    assert good in dht.routing_table and evil not in dht.routing_table
+    assert transport.address_book.get(evil, []) == []
+    await dht.persist_routing_table()
+    assert [p.peer_id for p in store.load_peers()] == [good]
+    store.close()
 
 
 def _request_with_nested_unknown_field(depth: int) -> bytes:

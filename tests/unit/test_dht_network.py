@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -14,6 +16,8 @@ from lattica.dht import (
     Dht,
     DhtConfig,
     DhtStore,
+    GetResult,
+    PeerResult,
     QuorumError,
     RecordTooLargeError,
     bucket_index,
@@ -22,6 +26,7 @@ from lattica.dht import (
     xor_distance,
 )
 from lattica.dht.messages import PROTOCOL_ID, Ack, PeerInfo, Ping, PutValue, decode_response, encode_message
+from lattica.dht.results import Replication
 from lattica.dht.testing import MemoryNetwork, MemoryTransport
 from lattica.errors import LocalProtocolError
 from lattica.identity import Identity
@@ -49,7 +54,11 @@ class SimNode:
 
 
 def make_node(
-    net: MemoryNetwork, index: int, config: DhtConfig | None = None, store: DhtStore | None = None
+    net: MemoryNetwork,
+    index: int,
+    config: DhtConfig | None = None,
+    store: DhtStore | None = None,
+    clock: Callable[[], float] = wall_clock,
 ) -> SimNode:
     identity = Identity.from_seed(bytes([index + 1]) * 32)
     address = (f"198.18.{index // 200}.{index % 200 + 1}", 4000)
@@ -62,7 +71,7 @@ def make_node(
         remember_addresses=transport.add_addresses,
         own_addresses=lambda: [address],
         config=config or DhtConfig(),
-        wall_clock=wall_clock,
+        wall_clock=clock,
         rng=random.Random(index),
     )
     return SimNode(identity, address, transport, store, dht)
@@ -85,21 +94,21 @@ async def test_fifty_nodes_put_get_provide_find(autojump_clock: trio.testing.Moc
         _net, nodes = await start_network(nursery, 50)
         assert all(len(n.dht.routing_table) >= 10 for n in nodes)
 
-        acks = await nodes[7].dht.put(b"model/latest", b"shard-map-v1", ttl_s=3600)
+        acks = (await nodes[7].dht.put(b"model/latest", b"shard-map-v1", ttl_s=3600)).acks
         assert acks >= 15
-        record = await nodes[42].dht.get(b"model/latest", writer=nodes[7].identity.peer_id)
+        record = (await nodes[42].dht.get(b"model/latest", writer=nodes[7].identity.peer_id)).record
         assert record is not None and record.value == b"shard-map-v1"
-        assert await nodes[42].dht.get(b"model/latest") is None  # node 42's own namespace
+        assert (await nodes[42].dht.get(b"model/latest")).record is None  # node 42's own namespace
 
         await nodes[7].dht.put(b"model/latest", b"shard-map-v2", ttl_s=3600)
         for reader in (nodes[3], nodes[29], nodes[49]):
-            record = await reader.dht.get(b"model/latest", writer=nodes[7].identity.peer_id)
+            record = (await reader.dht.get(b"model/latest", writer=nodes[7].identity.peer_id)).record
             assert record is not None and record.value == b"shard-map-v2"
 
         cid = b"\x12\x20" + bytes(range(32))
-        assert await nodes[11].dht.provide(cid) >= 15
-        assert await nodes[23].dht.provide(cid) >= 15
-        providers = await nodes[35].dht.find_providers(cid)
+        assert (await nodes[11].dht.provide(cid)).acks >= 15
+        assert (await nodes[23].dht.provide(cid)).acks >= 15
+        providers = (await nodes[35].dht.find_providers(cid)).providers
         assert {p.provider_id for p in providers} == {
             nodes[11].identity.peer_id,
             nodes[23].identity.peer_id,
@@ -108,7 +117,7 @@ async def test_fifty_nodes_put_get_provide_find(autojump_clock: trio.testing.Moc
         # The finder's transport now knows where the providers are.
         assert nodes[35].transport.address_book[nodes[11].identity.peer_id] == [nodes[11].address]
 
-        assert await nodes[2].dht.find_peer(nodes[48].identity.peer_id) == [nodes[48].address]
+        assert (await nodes[2].dht.find_peer(nodes[48].identity.peer_id)).addresses == [nodes[48].address]
         nursery.cancel_scope.cancel()
 
 
@@ -119,8 +128,8 @@ async def test_put_fails_without_quorum_and_never_truncates(
         net, nodes = await start_network(nursery, 6)
         with pytest.raises(RecordTooLargeError):
             await nodes[1].dht.put(b"big", b"x" * (64 * 1024 + 1))
-        assert await nodes[2].dht.get(b"big", writer=nodes[1].identity.peer_id) is None
-        assert await nodes[1].dht.put(b"exact", b"x" * (64 * 1024)) == 5
+        assert (await nodes[2].dht.get(b"big", writer=nodes[1].identity.peer_id)).record is None
+        assert (await nodes[1].dht.put(b"exact", b"x" * (64 * 1024))).acks == 5
 
         for node in nodes[2:]:
             net.dead.add(node.identity.peer_id)
@@ -146,7 +155,7 @@ async def test_forged_and_stale_records_are_refused_and_do_not_spread(
         _net, nodes = await start_network(nursery, 12)
         writer = nodes[4]
         await writer.dht.put(b"cfg", b"good", ttl_s=3600)
-        held = await nodes[9].dht.get(b"cfg", writer=writer.identity.peer_id)
+        held = (await nodes[9].dht.get(b"cfg", writer=writer.identity.peer_id)).record
         assert held is not None
 
         attacker = nodes[5]
@@ -176,7 +185,7 @@ async def test_forged_and_stale_records_are_refused_and_do_not_spread(
                 ack = decode_response(raw)
                 assert isinstance(ack, Ack) and not ack.stored and ack.reason.startswith(reason)
         for reader in nodes:
-            record = await reader.dht.get(b"cfg", writer=writer.identity.peer_id)
+            record = (await reader.dht.get(b"cfg", writer=writer.identity.peer_id)).record
             assert record is not None and record.value == b"good"
         nursery.cancel_scope.cancel()
 
@@ -191,8 +200,8 @@ async def test_client_mode_node_is_not_added_to_tables(
         await client.dht.bootstrap([nodes[0].peer_addr])
         assert len(client.dht.routing_table) == 8
         assert all(client.identity.peer_id not in n.dht.routing_table for n in nodes)
-        assert await client.dht.put(b"k", b"from a client") >= 1
-        found = await nodes[3].dht.get(b"k", writer=client.identity.peer_id)
+        assert (await client.dht.put(b"k", b"from a client")).acks >= 1
+        found = (await nodes[3].dht.get(b"k", writer=client.identity.peer_id)).record
         assert found is not None and found.value == b"from a client"
         nursery.cancel_scope.cancel()
 
@@ -243,12 +252,12 @@ async def test_provider_records_are_republished_before_they_expire(
         cid = b"cid-1"
         await nodes[1].dht.provide(cid)
         await trio.sleep(47 * 3600)
-        providers = await nodes[8].dht.find_providers(cid)
+        providers = (await nodes[8].dht.find_providers(cid)).providers
         assert [p.provider_id for p in providers] == [nodes[1].identity.peer_id]
         assert providers[0].expires_at > wall_clock() + 20 * 3600  # re-signed at ~22 h and ~44 h
         await nodes[1].dht.stop_providing(cid)
         await trio.sleep(49 * 3600)
-        assert await nodes[8].dht.find_providers(cid) == []
+        assert (await nodes[8].dht.find_providers(cid)).providers == []
         nursery.cancel_scope.cancel()
 
 
@@ -268,7 +277,7 @@ async def test_routing_table_survives_restart(autojump_clock: trio.testing.MockC
 
         again = make_node(net2, 5, store=DhtStore(db, own_key=identity.peer_id.dht_key()))
         assert {e.peer_id for e in again.dht.routing_table_snapshot()} == snapshot
-        record = await again.dht.get(b"k")
+        record = (await again.dht.get(b"k")).record
         assert record is not None and record.value == b"persisted"
         again.store.close()
         nursery.cancel_scope.cancel()
@@ -353,8 +362,9 @@ async def test_a_mass_join_leaves_no_bucket_empty_where_nodes_exist(
 async def test_get_answers_at_its_quorum_and_repairs_older_copies_in_the_background(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # Dead peers stay in routing tables (no eviction), so the reads below ask the stale holders.
-    config = DhtConfig(get_value_count=30, max_failures=1000)
+    # Dead peers stay in routing tables (no eviction) and are not skipped once back, so the reads
+    # below ask the stale holders.
+    config = DhtConfig(get_value_count=30, max_failures=1000, failure_backoff_s=0)
     async with trio.open_nursery() as nursery:
         net, nodes = await start_network(nursery, 30, config)
         writer = nodes[3]
@@ -370,7 +380,7 @@ async def test_get_answers_at_its_quorum_and_repairs_older_copies_in_the_backgro
             net.dead.clear()
 
         async def get(reader: SimNode, quorum: int | None = None) -> bytes | None:
-            record = await reader.dht.get(b"cfg", writer=writer.identity.peer_id, quorum=quorum)
+            record = (await reader.dht.get(b"cfg", writer=writer.identity.peer_id, quorum=quorum)).record
             return None if record is None else record.value
 
         await writer.dht.put(b"cfg", b"v1", ttl_s=3600)
@@ -431,4 +441,120 @@ async def test_a_new_peer_is_on_disk_seconds_after_it_joined_the_table(
         assert newcomer.identity.peer_id not in on_disk()
         await trio.sleep(DhtConfig().table_save_delay_s + 0.1)  # well before a maintenance round
         assert newcomer.identity.peer_id in on_disk()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("by_id", [True, False], ids=["own-id", "own-address-only"])
+async def test_bootstrap_through_our_own_address_fails_and_says_so(
+    autojump_clock: trio.testing.MockClock, by_id: bool
+) -> None:
+    net = MemoryNetwork()
+    node = make_node(net, 0)
+    own = node.peer_addr if by_id else PeerAddr(node.address)
+    with pytest.raises(BootstrapError, match="this node itself"):
+        await node.dht.bootstrap([own])
+    assert len(node.dht.routing_table) == 0
+    assert net.requests == 0  # our own address is known as ours: never dialled
+
+
+async def test_an_address_that_answers_as_ourselves_does_not_count_as_a_bootstrap_peer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    node = make_node(net, 0)
+    net.listeners[("198.18.0.200", 4000)] = node.identity.peer_id  # e.g. a wildcard listen address
+    with pytest.raises(BootstrapError, match="this node itself"):
+        await node.dht.bootstrap([PeerAddr(("198.18.0.200", 4000))])
+    other = make_node(net, 1)
+    with pytest.raises(BootstrapError, match="1 of them this node itself"):
+        net.dead.add(other.identity.peer_id)
+        await node.dht.bootstrap([PeerAddr(("198.18.0.200", 4000)), other.peer_addr])
+    assert len(node.dht.routing_table) == 0
+
+
+async def test_a_writer_that_lost_its_database_and_runs_an_hour_behind_can_still_publish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 12)
+        writer = nodes[4]
+        await writer.dht.put(b"cfg", b"v1", ttl_s=3600)
+        v1 = writer.store.get_record(record_key(writer.identity.peer_id, b"cfg"), now=wall_clock())
+        assert v1 is not None
+
+        # The writer comes back with an empty database and a clock one hour behind: the
+        # sequence number it would pick (unix ms) is lower than the one every holder keeps.
+        reborn = make_node(net, 4, clock=lambda: wall_clock() - 3600)
+        await nursery.start(reborn.dht.run)
+        await reborn.dht.bootstrap([nodes[0].peer_addr])
+        assert (await reborn.dht.put(b"cfg", b"v2", ttl_s=7200)).acks >= 5
+        record = (await nodes[9].dht.get(b"cfg", writer=writer.identity.peer_id)).record
+        assert record is not None and record.value == b"v2" and record.seq == v1.seq + 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_put_that_fails_says_whether_holders_refused_it_or_did_not_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 6)
+        for node in nodes[2:]:
+            net.dead.add(node.identity.peer_id)
+        with pytest.raises(QuorumError, match=r"only 1 node\(s\) acknowledged, 3 required; 4 did not answer"):
+            await nodes[1].dht.put(b"k", b"v", quorum=3)
+        nursery.cancel_scope.cancel()
+    lone = make_node(MemoryNetwork(), 0)
+    with pytest.raises(QuorumError, match="no DHT peer was found"):
+        await lone.dht.put(b"k", b"v")
+
+
+def test_quorum_error_names_stale_refusals() -> None:
+    error = QuorumError("put", 0, 1, asked=3, stale=2, refused=1, reasons=("store full",))
+    assert "2 hold a newer version" in str(error) and "1 refused it (store full)" in str(error)
+
+
+def test_a_refusal_quoting_a_forged_or_foreign_record_does_not_move_the_writers_sequence() -> None:
+    writer, other = Identity.from_seed(bytes([1]) * 32), Identity.from_seed(bytes([2]) * 32)
+    ours = sign_record(writer, b"cfg", b"v", seq=1000, expires_at=2_000_000_000)
+    me = PeerInfo.of(other.peer_id, [])
+    forged = msgspec.structs.replace(ours, seq=(1 << 63) - 1)  # signature no longer matches
+    foreign = sign_record(other, b"cfg", b"v", seq=5000, expires_at=2_000_000_000)
+    genuine = sign_record(writer, b"cfg", b"v", seq=3000, expires_at=2_000_000_000)
+    outcome = Replication(asked=3)
+    for held in (forged, foreign):
+        outcome.count(Ack(sender=me, stored=False, reason="stale: ...", held=held))
+    assert outcome.newest_held_seq(ours) is None
+    outcome.count(Ack(sender=me, stored=False, reason="stale: ...", held=genuine))
+    assert outcome.newest_held_seq(ours) == 3000 and outcome.stale == 3
+
+
+async def test_overlapping_calls_each_return_their_own_lookup_stats(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 20, DhtConfig(k=5))
+        await nodes[1].dht.put(b"a", b"1", ttl_s=3600)
+        key = record_key(nodes[1].identity.peer_id, b"a")
+        reader = next(n for n in nodes[2:] if n.store.get_record(key, now=wall_clock()) is None)
+        results: dict[str, object] = {}
+
+        async def get(name: str, key: bytes) -> None:
+            results[name] = await reader.dht.get(key, writer=nodes[1].identity.peer_id)
+
+        async def find(name: str) -> None:
+            results[name] = await reader.dht.find_peer(Identity.from_seed(b"\xee" * 32).peer_id)
+
+        net.latency_s = 0.05
+        async with trio.open_nursery() as calls:
+            calls.start_soon(get, "found", b"a")
+            calls.start_soon(get, "missing", b"absent")
+            calls.start_soon(find, "nobody")
+        found, missing, nobody = results["found"], results["missing"], results["nobody"]
+        assert isinstance(found, GetResult) and isinstance(missing, GetResult) and isinstance(nobody, PeerResult)
+        assert found.record is not None and missing.record is None and nobody.addresses is None
+        assert found.stats is not None and missing.stats is not None and nobody.stats is not None
+        # The get that found its record answered at the first copy; the others ran to the end.
+        assert found.stats.first_value_hops is not None and missing.stats.first_value_hops is None
+        assert found.stats.queries < missing.stats.queries
+        # Answered from the local store: no lookup, no stats.
+        local = await nodes[1].dht.get(b"a")
+        assert local.record is not None and local.stats is None
         nursery.cancel_scope.cancel()
