@@ -45,8 +45,11 @@ def test_put_on_one_get_on_another_and_survive_kill_9(start_daemon: Any) -> None
     got = lattica_json("dht", "get", "model/latest", "--peer", writer.peer_id, home=reader.home)
     assert got["value"] == "sha256:def"
     got = lattica_json("dht", "get", "model/latest", "--peer", writer.peer_id, "--quorum", "4", home=reader.home)
-    assert got["value"] == "sha256:def"
+    assert got["value"] == "sha256:def" and got["copies_found"] >= 4
     assert lattica("dht", "get", "model/latest", "--quorum", "0", home=reader.home).returncode == 2
+    # Five nodes hold at most five copies: asking for more fails and says how many were found.
+    too_many = lattica("dht", "get", "model/latest", "--peer", writer.peer_id, "--quorum", "32", home=reader.home)
+    assert too_many.returncode == 1 and "fewer than the 32 asked for" in too_many.stderr, too_many.stderr
 
     # kill -9 a node that holds the record, restart it on the same home: its records are back.
     holder = daemons[2]
