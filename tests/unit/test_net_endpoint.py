@@ -271,16 +271,16 @@ async def test_peer_exceeding_its_stream_limit_is_disconnected_and_others_are_se
     server.set_connection_handler(inbound.append)
     conn = await attacker.connect(server.local_address)
     # Misbehave below the API: pretend the server granted 10,000 streams and open them all.
-    quic = conn._quic
+    quic = conn._state._quic
     quic._remote_max_streams_bidi = 10_000
     for _ in range(10_000):
         quic.send_stream_data(quic.get_next_available_stream_id(), b"x")
-    await conn._flush()
+    await conn.transmit()
 
     await conn.wait_closed()
     assert conn.close_reason == "Too many streams open"
     assert inbound[0].is_closed
-    assert len(inbound[0]._streams) <= 16
+    assert inbound[0]._state.open_stream_count <= 16
 
     good = await honest.connect(server.local_address)
     stream = await good.open_stream()
