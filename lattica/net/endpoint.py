@@ -125,6 +125,13 @@ class Endpoint:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_loop)
                 task_status.started()
+        except BaseExceptionGroup as group:
+            # Surface the socket failure itself, not a group around it, so the node's error
+            # names it in one line.
+            matched, rest = group.split(EndpointSocketError)
+            if matched is not None and rest is None:
+                raise matched.exceptions[0] from None
+            raise
         finally:
             self._stopped = True
             self._nursery = None
