@@ -97,9 +97,9 @@ class Pair:
         end = self.now + seconds
         while True:
             timers = [t for t in (self.client.get_timer(), self.server.get_timer()) if t is not None]
-            due = min(timers, default=end)
-            if due > end:
+            if not timers or min(timers) > end:
                 break
+            due = min(timers)
             self.now = max(self.now, due)
             for state in (self.client, self.server):
                 timer = state.get_timer()
