@@ -71,14 +71,14 @@ TIMER_SLACK_S = 1e-6
 # -- events -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Authenticated:
     """The peer proved its identity; the connection may be handed to the application."""
 
     peer_id: PeerId
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HandshakeFailed:
     """The handshake ended without authentication. ``expected``/``actual`` are set for
     ``failure == "peer-mismatch"``."""
@@ -89,21 +89,21 @@ class HandshakeFailed:
     actual: PeerId | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionIdIssued:
     """Datagrams carrying this destination connection id belong to this connection."""
 
     connection_id: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionIdRetired:
     """This connection id no longer names this connection."""
 
     connection_id: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamOpened:
     """The peer opened a bidirectional stream (its first data follows as
     :class:`StreamDataReceived`)."""
@@ -111,7 +111,7 @@ class StreamOpened:
     stream_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamDataReceived:
     """Bytes (possibly none) on a stream the application holds; ``end_stream`` is the peer's FIN."""
 
@@ -120,7 +120,7 @@ class StreamDataReceived:
     end_stream: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamReset:
     """The peer abandoned its direction of a stream (RESET_STREAM)."""
 
@@ -128,7 +128,7 @@ class StreamReset:
     error_code: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StopSendingReceived:
     """The peer asked us to stop sending on a stream (STOP_SENDING)."""
 
@@ -136,7 +136,7 @@ class StopSendingReceived:
     error_code: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The connection started closing; nothing new may be sent on it. Emitted once."""
 
@@ -144,7 +144,7 @@ class ConnectionClosed:
     initiator: CloseInitiator
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionTerminated:
     """The connection holds no more state worth keeping; the last event."""
 

@@ -9,8 +9,15 @@ Demultiplexing rules:
   original destination id, which the client keeps using until it learns ours.
 * An Initial packet (supported version, datagram >= 1200 bytes) for an unknown id starts a new
   server connection, unless ``max_connections`` are live (refused, logged once).
-* Anything else is dropped and counted in :attr:`Endpoint.stats`; nothing a peer sends can stop
-  the endpoint serving others.
+* A long-header packet of a version we do not speak gets a Version Negotiation packet if its
+  datagram is >= 1200 bytes (RFC 9000 sections 5.2.2, 6.1), else nothing.
+* Anything else is dropped unanswered and counted in :attr:`Endpoint.stats` (no stateless reset,
+  nothing a stranger sends makes us send more than it did; RFC 9000 section 8.1). Nothing a peer
+  sends can stop the endpoint serving others.
+
+Failures: an address the socket layer refuses ends the one connection that uses it
+(:class:`~lattica.net.connection.PathSendError`); a socket that fails for good ends
+:meth:`Endpoint.run` with :class:`EndpointSocketError`.
 """
 
 from __future__ import annotations
@@ -100,6 +107,8 @@ class Endpoint:
         self._raw_packet_handler: Callable[[bytes, Address], None] | None = None
         self._log_once = LogOnce(logger)
         self._carrier = _EndpointCarrier(self)
+        self._replies: list[tuple[bytes, Address]] = []
+        """Stateless answers (Version Negotiation) to send after the current receive batch."""
 
     # -- public surface -------------------------------------------------------------------
 
@@ -245,6 +254,8 @@ class Endpoint:
             # Once per connection per batch: this is what makes the driver fast.
             for connection in touched:
                 await connection.transmit()
+            if self._replies:
+                await self._send_replies()
 
     def _route(self, data: bytes, address: Address, now: float) -> Connection | None:
         stats = self.stats
@@ -323,11 +334,8 @@ class Endpoint:
             supported_versions=list(self._server_configuration.supported_versions),
         )
         stats.version_negotiations_sent += 1
-        # Sent from the receive loop without waiting: a dropped answer costs the peer one retry.
-        try:
-            self._socket_send_nowait(packet, address)
-        except PathSendError:
-            return
+        # Sent by the receive loop after this batch: no task per packet, bounded by the batch.
+        self._replies.append((packet, address))
 
     def _accept(self, original_cid: bytes, address: Address, now: float) -> Connection:
         assert self._nursery is not None
@@ -370,15 +378,12 @@ class Endpoint:
         self.stats.datagrams_sent += len(datagrams)
         self.stats.bytes_sent += sum(len(data) for data, _ in datagrams)
 
-    def _socket_send_nowait(self, data: bytes, address: Address) -> None:
-        nursery = self._nursery
-        if nursery is not None:
-            nursery.start_soon(self._send_quietly, [(data, address)])
-
-    async def _send_quietly(self, datagrams: list[tuple[bytes, Address]]) -> None:
-        # An answer to a stranger: a refused address was logged once by _send, nothing more.
-        with contextlib.suppress(PathSendError):
-            await self._send(datagrams)
+    async def _send_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        for reply in replies:
+            # An answer to a stranger: a refused address was logged once by _send, nothing more.
+            with contextlib.suppress(PathSendError):
+                await self._send([reply])
 
 
 class _EndpointCarrier:
