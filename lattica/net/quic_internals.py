@@ -222,6 +222,12 @@ class LatticaQuicConnection(QuicConnection):
         return peer_certificate(self)
 
     @property
+    def pacer(self) -> QuicPacketPacer:
+        """The loss recovery's pacer (a :class:`ClampedPacer` from construction on)."""
+        pacer: QuicPacketPacer = self._loss._pacer
+        return pacer
+
+    @property
     def handshake_confirmed(self) -> bool:
         """True once the handshake is confirmed (client: the server's HANDSHAKE_DONE arrived,
         which a server only sends after it accepted our certificate)."""
