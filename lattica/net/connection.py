@@ -281,6 +281,7 @@ class Connection:
                         break
                     datagrams = self._state.datagrams_to_send(trio.current_time())
                     self.handle_events()
+                    # aioquic's get_timer() is not cheap: once per transmit, not per event batch.
                     self._rearm()
                     if datagrams:
                         try:
@@ -311,7 +312,8 @@ class Connection:
             self._timer_scope = None
 
     def handle_events(self) -> None:
-        """Apply the core's pending events to streams, waiters and the carrier."""
+        """Apply the core's pending events to streams, waiters and the carrier. The timer is
+        re-armed by the :meth:`transmit` that must follow."""
         state = self._state
         while (event := state.next_event()) is not None:
             if isinstance(event, StreamDataReceived):
@@ -355,7 +357,7 @@ class Connection:
             elif isinstance(event, ConnectionTerminated):
                 self._carrier.connection_terminated(self)
                 self._progress_lot.unpark_all()
-        self._rearm()
+                self._rearm()  # lets the timer task end
 
     # -- internals ------------------------------------------------------------------------
 

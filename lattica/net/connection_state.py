@@ -37,7 +37,7 @@ import math
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar, cast
 
 from aioquic.quic import events as quic_events
 from aioquic.quic.packet import QuicErrorCode
@@ -341,7 +341,8 @@ class ConnectionState(Generic[PathT]):
         self._pump_quic_events(now)
         if self._terminate_after_send:
             self._terminate()
-        return [(data, path) for data, path in datagrams]
+        # aioquic hands back the path object it was given (its NetworkAddress is Any).
+        return cast("list[tuple[bytes, PathT]]", datagrams)
 
     def next_event(self) -> ConnectionEvent | None:
         """The next event, oldest first, or None."""
