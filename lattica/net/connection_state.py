@@ -60,6 +60,8 @@ HandshakeFailure = Literal["no-certificate", "peer-mismatch", "timeout", "closed
 CERTIFICATE_REQUIRED_ERROR = 0x100 + 116
 # Application-level "this is not the peer you dialled".
 PEER_MISMATCH_ERROR = 0x100 + 42  # TLS bad_certificate
+# Application error code on RESET_STREAM / STOP_SENDING when a stream is abandoned.
+STREAM_CANCELLED = 0x1
 
 # aioquic's loss detection compares `now - loss_delay` with `sent_time`; when the timer fires at
 # exactly `sent_time + loss_delay`, float rounding can leave the packet "not yet lost" and the
@@ -194,6 +196,7 @@ class ConnectionState(Generic[PathT]):
         self._expected_peer = expected_peer
         self._peer_id: PeerId | None = None
         self.created_at = now
+        """When the state was created (the handshake deadline counts from here)."""
         self.established_at: float = now
         """When authentication completed (before that, when the state was created)."""
         self.last_stream_activity_at: float = now
@@ -579,10 +582,6 @@ class ConnectionState(Generic[PathT]):
                 sid for sid in self._forgotten_peer_streams if self._quic.has_stream(sid)
             }
             self._prune_forgotten_at = max(64, 2 * len(self._forgotten_peer_streams))
-
-
-# Application error code on RESET_STREAM / STOP_SENDING when a stream is abandoned.
-STREAM_CANCELLED = 0x1
 
 
 def _describe_close(event: quic_events.ConnectionTerminated) -> str:
