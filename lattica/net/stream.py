@@ -87,6 +87,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
     # -- called by the connection driver --------------------------------------------------
 
     def on_data(self, data: bytes, end_stream: bool) -> None:
+        """Bytes (and the peer's FIN if ``end_stream``) arrived for this stream."""
         if self._closed:
             # We stopped reading; credit the bytes so the peer is not stuck on flow control
             # before our STOP_SENDING reaches it.
