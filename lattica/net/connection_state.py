@@ -217,6 +217,8 @@ class ConnectionState(Generic[PathT]):
         self._stream_cap_logged = False
 
         self._last_received_at = now
+        self._unpumped_at: float | None = None
+        """Set when aioquic may hold events not yet translated (see :meth:`receive_datagram`)."""
         self._keepalive_at = math.inf
         self._ping_uid = 0
 
@@ -283,7 +285,9 @@ class ConnectionState(Generic[PathT]):
             # is a bug there, and must end this connection only.
             logger.exception("aioquic failed on a datagram from %s; closing", path)
             self._quic.close(error_code=QuicErrorCode.INTERNAL_ERROR, reason_phrase="internal error")
-        self._pump_quic_events(now)
+        # aioquic's events are translated once per receive batch, not per datagram (the driver
+        # reads them after the batch): the receive path is this process's bottleneck.
+        self._unpumped_at = now
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must run next, or None if nothing is scheduled."""
@@ -303,6 +307,7 @@ class ConnectionState(Generic[PathT]):
         """Run whatever is due at ``now``: handshake deadline, aioquic's timers, keepalive.
 
         Call :meth:`datagrams_to_send` afterwards."""
+        self._pump_received()
         if self._terminated:
             return
         if self._handshake == "pending" and now >= self._handshake_deadline:
@@ -332,6 +337,7 @@ class ConnectionState(Generic[PathT]):
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, PathT]]:
         """Datagrams to send now, each with its path (within the anti-amplification budget)."""
+        self._pump_received()
         if self._terminated:
             return []
         try:
@@ -349,6 +355,7 @@ class ConnectionState(Generic[PathT]):
 
     def next_event(self) -> ConnectionEvent | None:
         """The next event, oldest first, or None."""
+        self._pump_received()
         if self._events:
             return self._events.popleft()
         return None
@@ -357,6 +364,7 @@ class ConnectionState(Generic[PathT]):
 
     def close(self, reason: str = "") -> None:
         """Close the connection (CONNECTION_CLOSE with ``reason``), as the application. Idempotent."""
+        self._pump_received()
         if self.is_closed:
             return
         self._close_requested = True
@@ -367,6 +375,7 @@ class ConnectionState(Generic[PathT]):
     def abort(self, reason: str) -> None:
         """Give up at once: the next :meth:`datagrams_to_send` returns a courtesy close (within
         the amplification budget) and terminates the state."""
+        self._pump_received()
         if self._terminated:
             return
         if self._handshake == "pending":
@@ -380,6 +389,7 @@ class ConnectionState(Generic[PathT]):
     def path_failed(self, reason: str) -> None:
         """The path refused our datagrams (bad address, no route): end the connection now,
         the network's fault, without sending anything more."""
+        self._pump_received()
         if self._terminated:
             return
         self._mark_closed(reason, "network")
@@ -443,6 +453,12 @@ class ConnectionState(Generic[PathT]):
                 self._prune_forgotten_streams()
 
     # -- internals ------------------------------------------------------------------------
+
+    def _pump_received(self) -> None:
+        now = self._unpumped_at
+        if now is not None:
+            self._unpumped_at = None
+            self._pump_quic_events(now)
 
     def _is_peer_stream(self, stream_id: int) -> bool:
         client_initiated = stream_id % 2 == 0
