@@ -1,7 +1,8 @@
 """QUIC transport: one UDP socket per node carrying authenticated connections, streams and RPC.
 
 Layers inside this package, bottom up: ``datagram`` (socket interface), ``tls_identity`` and
-``quic_internals`` (aioquic adapters), ``stream``, ``connection``, ``endpoint``, ``manager``
+``quic_internals`` (aioquic adapters), ``connection_state`` (the sans-I/O connection core),
+``stream``, ``connection`` (its trio driver), ``endpoint``, ``manager``
 (one connection per peer), ``rpc_messages`` and ``rpc`` (protocol ids, request/response).
 """
 
@@ -15,7 +16,7 @@ from lattica.net.address import (
 from lattica.net.config import ALPN_PROTOCOL, EndpointConfig
 from lattica.net.connection import Connection
 from lattica.net.datagram import Address, DatagramSocket, UdpSocket
-from lattica.net.endpoint import Endpoint, EndpointStats
+from lattica.net.endpoint import Endpoint, EndpointSocketError, EndpointStats
 from lattica.net.manager import ConnectionManager, ConnectReport
 from lattica.net.rpc import ERROR_CODES, PING_PROTOCOL, Rpc
 from lattica.net.stream import QuicStream
@@ -31,6 +32,7 @@ __all__ = [
     "DatagramSocket",
     "Endpoint",
     "EndpointConfig",
+    "EndpointSocketError",
     "EndpointStats",
     "InvalidAddressError",
     "PeerAddr",

@@ -9,24 +9,33 @@ Demultiplexing rules:
   original destination id, which the client keeps using until it learns ours.
 * An Initial packet (supported version, datagram >= 1200 bytes) for an unknown id starts a new
   server connection, unless ``max_connections`` are live (refused, logged once).
-* Anything else is dropped and counted in :attr:`Endpoint.stats`; nothing a peer sends can stop
-  the endpoint serving others.
+* A long-header packet of a version we do not speak gets a Version Negotiation packet if its
+  datagram is >= 1200 bytes (RFC 9000 sections 5.2.2, 6.1), else nothing.
+* Anything else is dropped unanswered and counted in :attr:`Endpoint.stats` (no stateless reset,
+  nothing a stranger sends makes us send more than it did; RFC 9000 section 8.1). Nothing a peer
+  sends can stop the endpoint serving others.
+
+Failures: an address the socket layer refuses ends the one connection that uses it
+(:class:`~lattica.net.connection.PathSendError`); a socket that fails for good ends
+:meth:`Endpoint.run` with :class:`EndpointSocketError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
-from aioquic._buffer import Buffer
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
 
-from lattica.errors import ConnectError
+from lattica.errors import ConnectError, LatticaError
 from lattica.identity import Identity, PeerId
 from lattica.net.config import EndpointConfig
-from lattica.net.connection import Connection
+from lattica.net.connection import Connection, PathSendError
+from lattica.net.connection_state import ConnectionState
 from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.log_once import LogOnce
 from lattica.net.quic_internals import LatticaQuicConnection
@@ -37,7 +46,13 @@ logger = logging.getLogger("lattica.net.endpoint")
 _QUIC_FIXED_BIT = 0x40
 _QUIC_LONG_HEADER_BIT = 0x80
 _MIN_INITIAL_DATAGRAM_BYTES = 1200  # RFC 9000 section 14.1
+_MAX_CID_BYTES = 20  # RFC 9000 section 17.2
 _SHUTDOWN_GRACE_S = 1.0
+
+
+class EndpointSocketError(LatticaError):
+    """The endpoint's socket failed for good (not a per-datagram error): the node cannot
+    receive any more and must stop."""
 
 
 @dataclass
@@ -60,11 +75,17 @@ class EndpointStats:
     outbound_connections: int = 0
     handshakes_failed: int = 0
     """Handshakes that ended without authentication (no certificate, wrong peer, timeout...)."""
+    version_negotiations_sent: int = 0
+    """Version Negotiation packets sent for Initial-sized packets of versions we do not speak."""
+    path_send_failures: int = 0
+    """Connections ended because the socket layer refused their peer's address."""
 
 
 class Endpoint:
     """One DatagramSocket carrying many QUIC connections (client and server roles) plus raw
-    packets. Use it as ``await nursery.start(endpoint.run)``; it serves until cancelled."""
+    packets. Use it as ``await nursery.start(endpoint.run)``; it serves until cancelled.
+
+    ``run`` raises :class:`EndpointSocketError` if the socket fails for good."""
 
     def __init__(
         self,
@@ -79,12 +100,15 @@ class Endpoint:
         self._client_configuration = quic_configuration(identity, is_client=True, config=config)
         self._server_configuration = quic_configuration(identity, is_client=False, config=config)
         self._by_cid: dict[bytes, Connection] = {}
-        self._live: set[Connection] = set()
+        self._cids_of: dict[Connection, set[bytes]] = {}
         self._nursery: trio.Nursery | None = None
         self._stopped = False
         self._connection_handler: Callable[[Connection], None] | None = None
         self._raw_packet_handler: Callable[[bytes, Address], None] | None = None
         self._log_once = LogOnce(logger)
+        self._carrier = _EndpointCarrier(self)
+        self._replies: list[tuple[bytes, Address]] = []
+        """Stateless answers (Version Negotiation) to send after the current receive batch."""
 
     # -- public surface -------------------------------------------------------------------
 
@@ -99,7 +123,10 @@ class Endpoint:
         return self.identity.peer_id
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; on exit close every connection and the socket."""
+        """Serve until cancelled; on exit close every connection and the socket.
+
+        Raises :class:`EndpointSocketError` when the socket fails for good (the node must stop:
+        without a socket it would only look alive)."""
         if self._stopped or self._nursery is not None:
             raise RuntimeError("an Endpoint runs once")
         try:
@@ -107,15 +134,20 @@ class Endpoint:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_loop)
                 task_status.started()
+        except BaseExceptionGroup as group:
+            # Surface the socket failure itself, not a group around it, so the node's error
+            # names it in one line.
+            matched, rest = group.split(EndpointSocketError)
+            if matched is not None and rest is None:
+                raise matched.exceptions[0] from None
+            raise
         finally:
             self._stopped = True
             self._nursery = None
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + _SHUTDOWN_GRACE_S
-                for connection in list(self._live):
-                    await connection._abort(
-                        ConnectError("endpoint shut down"), reason="endpoint shutting down"
-                    )
+                for connection in list(self._cids_of):
+                    await connection.abort("endpoint shutting down")
             self._socket.close()
 
     async def connect(
@@ -127,61 +159,72 @@ class Endpoint:
     ) -> Connection:
         """Dial ``address``; returns once the handshake completed and the peer proved its id.
 
-        Raises :class:`~lattica.errors.ConnectError` (timeout, refused, no certificate, endpoint
-        not running) or :class:`~lattica.errors.PeerIdMismatchError` when ``expected_peer`` is
-        given and a different key answered (that connection is closed).
+        Raises :class:`~lattica.errors.ConnectError` (timeout, refused, no certificate, an
+        address the network refuses, endpoint not running) or
+        :class:`~lattica.errors.PeerIdMismatchError` when ``expected_peer`` is given and a
+        different key answered (that connection is closed).
         """
         nursery = self._nursery
         if nursery is None:
             raise ConnectError("the endpoint is not running")
         quic = self._new_quic(configuration=self._client_configuration)
-        connection = Connection(
-            quic=quic,
-            owner=self,
+        state = ConnectionState(
+            quic,
             direction="outbound",
-            remote_address=address,
+            path=address,
+            now=trio.current_time(),
             config=self.config,
             expected_peer=expected_peer,
             handshake_timeout_s=timeout_s,
         )
-        self._live.add(connection)
-        connection._register(quic.host_cid)
-        quic.connect(address, now=trio.current_time())
-        nursery.start_soon(connection._run_timer)
+        connection = Connection(state, self._carrier)
+        self._cids_of[connection] = set()
+        self._carrier.connection_id_issued(state.host_connection_id, connection)
+        nursery.start_soon(connection.run_timer)
         try:
-            await connection._flush()
-            await connection._wait_authenticated()
+            connection.start_dial(trio.current_time())
+            await connection.transmit()
+            await connection.wait_authenticated()
         except BaseException:
-            if not connection._auth_done.is_set():
+            if not connection.is_authenticated:
                 with trio.CancelScope(shield=True):
-                    await connection._abort(ConnectError("dial cancelled"), reason="cancelled")
+                    await connection.abort("dial cancelled")
             raise
         return connection
 
     def set_connection_handler(self, handler: Callable[[Connection], None]) -> None:
         """Call ``handler`` synchronously for every new authenticated connection, both
-        directions (an outbound one before :meth:`connect` returns it)."""
+        directions (an outbound one before :meth:`connect` returns it). It must not block;
+        an exception it raises is a bug and propagates (it is not logged and swallowed)."""
         self._connection_handler = handler
 
     def set_raw_packet_handler(self, handler: Callable[[bytes, Address], None]) -> None:
-        """Call ``handler(data, source)`` for each non-QUIC datagram (fixed bit clear)."""
+        """Call ``handler(data, source)`` for each non-QUIC datagram (fixed bit clear). The
+        handler must treat bad input as data (typed errors caught inside it); an exception it
+        raises is a bug and propagates."""
         self._raw_packet_handler = handler
 
     async def send_raw(self, data: bytes, address: Address) -> None:
-        """Send one non-QUIC datagram (STUN, hole punching) from the endpoint's socket."""
+        """Send one non-QUIC datagram (STUN, hole punching) from the endpoint's socket.
+
+        Raises ``ValueError`` if ``data`` looks like QUIC, :class:`ConnectError` if the socket
+        layer refuses ``address``."""
         if data and data[0] & _QUIC_FIXED_BIT:
             raise ValueError("a raw packet must have the QUIC fixed bit (0x40) clear")
         self.stats.raw_packets_sent += 1
-        await self._send_datagrams([(data, address)])
+        try:
+            await self._send([(data, address)])
+        except PathSendError as exc:
+            raise ConnectError(f"cannot send to {address!r}: {exc}") from exc
 
     @property
     def live_connection_count(self) -> int:
         """Connections holding state here, including handshakes in progress and draining ones."""
-        return len(self._live)
+        return len(self._cids_of)
 
     def connections(self) -> list[Connection]:
         """Authenticated connections that are not closed."""
-        return [c for c in self._live if c._authenticated and not c.is_closed]
+        return [c for c in self._cids_of if c.is_authenticated and not c.is_closed]
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -191,6 +234,12 @@ class Endpoint:
                 batch = await self._socket.receive_batch()
             except trio.ClosedResourceError:
                 return
+            except OSError as exc:
+                # Per-datagram errors (ICMP reports) are absorbed by the socket; this one is the
+                # socket itself. Serving on without it would leave a node that only looks alive.
+                message = f"the socket {self.local_address} failed: {exc!r}; the endpoint stops"
+                logger.critical(message)
+                raise EndpointSocketError(message) from exc
             now = trio.current_time()
             touched: dict[Connection, None] = {}
             for data, address in batch:
@@ -198,13 +247,15 @@ class Endpoint:
                 if connection is not None:
                     touched[connection] = None
             # Events first, for every connection, before anything awaits: a task that runs during
-            # a flush must not act on state aioquic already changed (a stream it reset on
+            # a transmit must not act on state aioquic already changed (a stream it reset on
             # STOP_SENDING) before we were told.
             for connection in touched:
-                connection._process_events()
+                connection.handle_events()
             # Once per connection per batch: this is what makes the driver fast.
             for connection in touched:
-                await connection._flush()
+                await connection.transmit()
+            if self._replies:
+                await self._send_replies()
 
     def _route(self, data: bytes, address: Address, now: float) -> Connection | None:
         stats = self.stats
@@ -215,11 +266,15 @@ class Endpoint:
             return None
         if not data[0] & _QUIC_FIXED_BIT:
             stats.raw_packets_received += 1
-            self._deliver_raw(data, address)
+            handler = self._raw_packet_handler
+            if handler is not None:
+                handler(data, address)
             return None
         if not data[0] & _QUIC_LONG_HEADER_BIT:
             # Short header (1-RTT, the bulk of the traffic): the destination id is bytes 1..8.
             # Slicing it here saves parsing every header twice (aioquic parses it again).
+            # Unknown ids get no answer at all (no stateless reset): nothing a stranger sends
+            # makes us send (RFC 9000 section 8.1's spirit for packets we cannot process).
             if len(data) < 1 + CONNECTION_ID_LENGTH:
                 stats.malformed_dropped += 1
                 return None
@@ -227,8 +282,13 @@ class Endpoint:
             if connection is None:
                 stats.unknown_connection_dropped += 1
                 return None
-            connection._datagram_received(data, address, now)
+            connection.receive_datagram(data, address, now)
             return connection
+        supported = self._server_configuration.supported_versions
+        version = int.from_bytes(data[1:5]) if len(data) >= 5 else None
+        if version is not None and version != 0 and version not in supported:
+            self._answer_unsupported_version(data, address)
+            return None
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
         except ValueError:
@@ -236,10 +296,7 @@ class Endpoint:
             return None
         connection = self._by_cid.get(header.destination_cid)
         if connection is None:
-            if (
-                header.packet_type != QuicPacketType.INITIAL
-                or header.version not in self._server_configuration.supported_versions
-            ):
+            if header.packet_type != QuicPacketType.INITIAL:
                 stats.unknown_connection_dropped += 1
                 return None
             if len(data) < _MIN_INITIAL_DATAGRAM_BYTES:
@@ -247,32 +304,51 @@ class Endpoint:
                 return None
             if self._nursery is None:
                 return None
-            if len(self._live) >= self.config.max_connections:
+            if len(self._cids_of) >= self.config.max_connections:
                 stats.connections_refused += 1
                 self._log_once.warning(
                     "max_connections",
                     "refusing new connections: %d are live (max_connections); "
                     "further refusals are counted, not logged",
-                    len(self._live),
+                    len(self._cids_of),
                 )
                 return None
-            connection = self._accept(header.destination_cid, address)
-        connection._datagram_received(data, address, now)
+            connection = self._accept(header.destination_cid, address, now)
+        connection.receive_datagram(data, address, now)
         return connection
 
-    def _accept(self, original_cid: bytes, address: Address) -> Connection:
+    def _answer_unsupported_version(self, data: bytes, address: Address) -> None:
+        """RFC 9000 sections 5.2.2 and 6.1: a long-header packet of a version we do not speak
+        gets a Version Negotiation packet only if its datagram is large enough to start a
+        connection (>= 1200 bytes); the answer is far smaller than that, so it never amplifies.
+        Anything smaller is dropped unanswered."""
+        stats = self.stats
+        parsed = _invariant_long_header(data)
+        if parsed is None or len(data) < _MIN_INITIAL_DATAGRAM_BYTES:
+            stats.malformed_dropped += 1
+            return
+        destination_cid, source_cid = parsed
+        packet = encode_quic_version_negotiation(
+            source_cid=destination_cid,
+            destination_cid=source_cid,
+            supported_versions=list(self._server_configuration.supported_versions),
+        )
+        stats.version_negotiations_sent += 1
+        # Sent by the receive loop after this batch: no task per packet, bounded by the batch.
+        self._replies.append((packet, address))
+
+    def _accept(self, original_cid: bytes, address: Address, now: float) -> Connection:
         assert self._nursery is not None
         quic = self._new_quic(
             configuration=self._server_configuration,
             original_destination_connection_id=original_cid,
         )
-        connection = Connection(
-            quic=quic, owner=self, direction="inbound", remote_address=address, config=self.config
-        )
-        self._live.add(connection)
-        connection._register(original_cid)
-        connection._register(quic.host_cid)
-        self._nursery.start_soon(connection._run_timer)
+        state = ConnectionState(quic, direction="inbound", path=address, now=now, config=self.config)
+        connection = Connection(state, self._carrier)
+        self._cids_of[connection] = set()
+        self._carrier.connection_id_issued(original_cid, connection)
+        self._carrier.connection_id_issued(state.host_connection_id, connection)
+        self._nursery.start_soon(connection.run_timer)
         return connection
 
     def _new_quic(self, **kwargs: object) -> LatticaQuicConnection:
@@ -282,53 +358,97 @@ class Endpoint:
             **kwargs,
         )
 
-    def _deliver_raw(self, data: bytes, address: Address) -> None:
-        handler = self._raw_packet_handler
-        if handler is None:
-            return
-        try:
-            handler(data, address)
-        except Exception:
-            logger.exception("raw packet handler failed on a packet from %s", address)
+    # -- sending --------------------------------------------------------------------------
 
-    # -- ConnectionOwner ------------------------------------------------------------------
-
-    async def _send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
+    async def _send(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        """Send one connection's datagrams. Raises :class:`PathSendError` when the socket layer
+        refuses their address (``sendto`` raises ``TypeError``/``ValueError`` for a host with a
+        NUL byte, ``OSError`` for an address family it cannot reach); a closed socket (we are
+        shutting down) drops them."""
         if not datagrams:
             return
         try:
             await self._socket.send_batch(datagrams)
-        except (trio.ClosedResourceError, OSError) as exc:
-            address = datagrams[0][1]
-            self._log_once.warning(("send", type(exc)), "send to %s failed: %r", address, exc)
+        except trio.ClosedResourceError:
             return
+        except (OSError, TypeError, ValueError, UnicodeError) as exc:
+            address = datagrams[0][1]
+            self._log_once.warning(("send", type(exc)), "send to %r failed: %r", address, exc)
+            raise PathSendError(repr(exc)) from exc
         self.stats.datagrams_sent += len(datagrams)
         self.stats.bytes_sent += sum(len(data) for data, _ in datagrams)
 
-    def _register_cid(self, cid: bytes, connection: Connection) -> None:
-        self._by_cid[cid] = connection
+    async def _send_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        for reply in replies:
+            # An answer to a stranger: a refused address was logged once by _send, nothing more.
+            with contextlib.suppress(PathSendError):
+                await self._send([reply])
 
-    def _unregister_cid(self, cid: bytes, connection: Connection) -> None:
-        if self._by_cid.get(cid) is connection:
-            del self._by_cid[cid]
 
-    def _connection_authenticated(self, connection: Connection) -> None:
-        if connection.direction == "inbound":
-            self.stats.inbound_connections += 1
-        else:
-            self.stats.outbound_connections += 1
-        handler = self._connection_handler
-        if handler is None:
-            return
+class _EndpointCarrier:
+    """The endpoint as its connections see it (:class:`~lattica.net.connection.ConnectionCarrier`)."""
+
+    __slots__ = ("_endpoint",)
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+
+    async def send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
         try:
+            await self._endpoint._send(datagrams)
+        except PathSendError:
+            self._endpoint.stats.path_send_failures += 1
+            raise
+
+    def connection_id_issued(self, connection_id: bytes, connection: Connection) -> None:
+        endpoint = self._endpoint
+        cids = endpoint._cids_of.get(connection)
+        if cids is None:
+            return  # already terminated
+        cids.add(connection_id)
+        endpoint._by_cid[connection_id] = connection
+
+    def connection_id_retired(self, connection_id: bytes, connection: Connection) -> None:
+        endpoint = self._endpoint
+        cids = endpoint._cids_of.get(connection)
+        if cids is not None:
+            cids.discard(connection_id)
+        if endpoint._by_cid.get(connection_id) is connection:
+            del endpoint._by_cid[connection_id]
+
+    def connection_authenticated(self, connection: Connection) -> None:
+        endpoint = self._endpoint
+        if connection.direction == "inbound":
+            endpoint.stats.inbound_connections += 1
+        else:
+            endpoint.stats.outbound_connections += 1
+        handler = endpoint._connection_handler
+        if handler is not None:
             handler(connection)
-        except Exception:
-            logger.exception("connection handler failed for %r", connection)
 
-    def _connection_terminated(self, connection: Connection) -> None:
-        self._live.discard(connection)
-
-    def _handshake_failed(self, connection: Connection, reason: str) -> None:
-        self.stats.handshakes_failed += 1
+    def handshake_failed(self, connection: Connection, reason: str) -> None:
+        self._endpoint.stats.handshakes_failed += 1
         logger.info("handshake with %s failed: %s", connection.remote_address, reason)
 
+    def connection_terminated(self, connection: Connection) -> None:
+        endpoint = self._endpoint
+        for cid in endpoint._cids_of.pop(connection, ()):
+            if endpoint._by_cid.get(cid) is connection:
+                del endpoint._by_cid[cid]
+
+
+def _invariant_long_header(data: bytes) -> tuple[bytes, bytes] | None:
+    """(destination id, source id) of a long-header packet, read with the version-independent
+    layout of RFC 8999 section 5.1, or None if it does not parse."""
+    if len(data) < 7:
+        return None
+    dcid_length = data[5]
+    if dcid_length > _MAX_CID_BYTES or len(data) < 7 + dcid_length:
+        return None
+    destination_cid = data[6 : 6 + dcid_length]
+    scid_length = data[6 + dcid_length]
+    start = 7 + dcid_length
+    if scid_length > _MAX_CID_BYTES or len(data) < start + scid_length:
+        return None
+    return destination_cid, data[start : start + scid_length]

@@ -404,7 +404,7 @@ class ConnectionManager:
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
                 assert self._nursery is not None
-                self._nursery.start_soon(self._handle_stream, stream)
+                self._nursery.start_soon(self._handle_stream, connection, stream)
         finally:
             # accept_stream only fails once the connection is closed (or we are cancelled).
             self._connection_removed(connection)
@@ -421,7 +421,7 @@ class ConnectionManager:
             for handler in self._on_disconnected:
                 nursery.start_soon(handler, connection)
 
-    async def _handle_stream(self, stream: QuicStream) -> None:
+    async def _handle_stream(self, connection: Connection, stream: QuicStream) -> None:
         try:
             if self._stream_handler is not None:
                 await self._stream_handler(stream)
@@ -431,7 +431,7 @@ class ConnectionManager:
             # A bug reached by one peer's stream: loud, and contained to that peer.
             logger.exception("stream handler failed on %r; closing its connection", stream)
             with trio.CancelScope(shield=True):
-                await stream.connection.aclose("internal error")
+                await connection.aclose("internal error")
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()

@@ -1,10 +1,11 @@
-"""The one place that reaches into aioquic's private state, each use small and tested.
+"""The one door to aioquic's private state: every private aioquic name Lattica uses is here.
 
 aioquic's sans-I/O ``QuicConnection`` lacks a few things a peer-to-peer transport needs; this
-module adds them on a subclass and a handful of read-only helpers:
+module adds them on a subclass and a handful of small helpers:
 
 * **Mutual authentication**: a server connection requests the client's certificate
-  (see :mod:`lattica.net.tls_identity`).
+  (``tls._request_client_certificate``, which aioquic marks "for test purposes only"), and the
+  peer's certificate is read from ``tls._peer_certificate`` (:func:`peer_certificate`).
 * **Stream limits we choose**: ``max_streams_bidi`` granted to the peer comes from the endpoint
   configuration (aioquic hard-codes 128) and peers may open no unidirectional streams.
 * **Receive flow control that follows the reader**: aioquic doubles a stream's receive window as
@@ -17,28 +18,86 @@ module adds them on a subclass and a handful of read-only helpers:
   fast paths burst up to 64 datagrams, as long as that is at most 1 ms of the pacing rate
   (Linux TCP sizes its TSO bursts to ~1 ms too): every burst costs a wake-up on both ends, and a
   16-datagram burst left both processes of the loopback benchmark ~15% of their CPU poorer.
+* **Anti-amplification in full** (RFC 9000 section 8.1): aioquic limits what it builds for an
+  unvalidated path to three times what it received, except its CONNECTION_CLOSE, which ignores
+  the budget (FIELD-NOTES). :meth:`LatticaQuicConnection.datagrams_to_send` drops whatever
+  exceeds the budget.
+
+Guard: the private names are checked when this module is imported (:func:`_check_private_names`);
+a missing one raises ``ImportError`` naming the installed aioquic version and the series this
+code was tested with (``pyproject.toml`` pins that series). ``tests/unit/test_net_quic_internals.py``
+proves each override still does its job.
 """
 
 from __future__ import annotations
 
+from importlib.metadata import version as _distribution_version
 from typing import Any
 
+from aioquic import tls
 from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
     MAX_STREAM_DATA_FRAME_CAPACITY,
+    NetworkAddress,
     QuicConnection,
 )
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream as AioquicStream
+from aioquic.quic.stream import QuicStreamSender
+from cryptography import x509
 
-from lattica.net.tls_identity import require_client_certificate
+TESTED_AIOQUIC_SERIES = "1.7"
+"""The aioquic minor series these overrides were written against and tested with."""
 
 # Bursts the pacer allows at high rates: one segmentation-offload send's worth of datagrams
 # (see ``datagram._GSO_MAX_SEGMENTS``), but never more than this much of the pacing rate.
 PACER_BURST_DATAGRAMS = 64
 PACER_BURST_MAX_S = 1e-3
+# RFC 9000 section 8.1: before its address is validated, send a peer at most 3x what it sent.
+AMPLIFICATION_FACTOR = 3
+
+
+def _check_private_names() -> None:
+    """Fail at import, clearly, if the installed aioquic lacks a private name used here."""
+    connection = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    context = tls.Context(is_client=False)
+    sender = QuicStreamSender(stream_id=0, writable=True)
+    required: list[tuple[str, object, str]] = [
+        ("QuicConnection", QuicConnection, "_initialize"),
+        ("QuicConnection", QuicConnection, "_write_stream_limits"),
+        ("QuicConnection", QuicConnection, "_on_max_stream_data_delivery"),
+        ("QuicConnection", connection, "_local_max_streams_bidi"),
+        ("QuicConnection", connection, "_local_max_streams_uni"),
+        ("QuicConnection", connection, "_remote_max_streams_bidi"),
+        ("QuicConnection", connection, "_local_next_stream_id_bidi"),
+        ("QuicConnection", connection, "_streams"),
+        ("QuicConnection", connection, "_handshake_confirmed"),
+        ("QuicConnection", connection, "_close_event"),
+        ("QuicConnection", connection, "_is_client"),
+        ("QuicConnection", connection, "_max_datagram_size"),
+        ("QuicConnection", connection, "_network_paths"),
+        ("QuicConnection", connection, "_loss"),
+        ("QuicPacketRecovery", connection._loss, "_pacer"),
+        ("QuicPacketRecovery", connection._loss, "_rtt_initialized"),
+        ("QuicPacketRecovery", connection._loss, "_rtt_smoothed"),
+        ("tls.Context", context, "_request_client_certificate"),
+        ("tls.Context", context, "_peer_certificate"),
+        ("QuicStreamSender", sender, "_buffer_start"),
+        ("QuicStreamSender", sender, "_buffer_stop"),
+    ]
+    missing = [f"{owner}.{name}" for owner, obj, name in required if not hasattr(obj, name)]
+    if missing:
+        raise ImportError(
+            f"aioquic {_distribution_version('aioquic')} lacks private names Lattica relies on "
+            f"({', '.join(missing)}); lattica/net/quic_internals.py was tested with aioquic "
+            f"{TESTED_AIOQUIC_SERIES}.x -- install that series or port the overrides"
+        )
+
+
+_check_private_names()
 
 
 class ClampedPacer(QuicPacketPacer):
@@ -46,6 +105,7 @@ class ClampedPacer(QuicPacketPacer):
     ``min(64 packet times, 1 ms)`` or more."""
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        """aioquic's rate update, then the clamp (FIELD-NOTES, "Pacer bug")."""
         super().update_rate(congestion_window, smoothed_rtt)
         if self.packet_time is not None:
             self.bucket_max = max(
@@ -56,8 +116,9 @@ class ClampedPacer(QuicPacketPacer):
 
 
 class LatticaQuicConnection(QuicConnection):
-    """A ``QuicConnection`` with mutual auth, chosen stream limits, reader-paced receive windows
-    and the pacer clamp. Everything else is aioquic's, driven through its public sans-I/O API."""
+    """A ``QuicConnection`` with mutual auth, chosen stream limits, reader-paced receive windows,
+    the pacer clamp and a strict anti-amplification budget. Everything else is aioquic's, driven
+    through its public sans-I/O API."""
 
     def __init__(
         self, *, max_incoming_streams: int, stream_receive_window_bytes: int, **kwargs: Any
@@ -73,7 +134,45 @@ class LatticaQuicConnection(QuicConnection):
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
         if not self._is_client:
-            require_client_certificate(self)
+            # Must run after aioquic created the TLS context and before its first flight. A client
+            # that still sends no certificate completes the handshake with peer_certificate()
+            # returning None; the connection core rejects it.
+            self.tls._request_client_certificate = True
+
+    # -- anti-amplification -----------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        """aioquic's datagrams, minus any beyond 3x what an unvalidated path sent us.
+
+        aioquic applies the budget to what it builds, but not to its CONNECTION_CLOSE; datagrams
+        dropped here are un-counted so the path's accounting stays exact."""
+        datagrams = super().datagrams_to_send(now)
+        if not datagrams or not self._network_paths:
+            return datagrams
+        path = self._network_paths[0]
+        if path.is_validated:
+            return datagrams
+        budget = AMPLIFICATION_FACTOR * path.bytes_received
+        excess = path.bytes_sent - budget
+        if excess <= 0:
+            return datagrams
+        kept = list(datagrams)
+        while kept and excess > 0:
+            data, _ = kept.pop()
+            excess -= len(data)
+            path.bytes_sent -= len(data)
+        return kept
+
+    @property
+    def amplification_budget_bytes(self) -> int | None:
+        """Bytes we may still send on the current path before its address is validated
+        (RFC 9000 section 8.1), or None once it is validated (no limit)."""
+        if not self._network_paths:
+            return 0
+        path = self._network_paths[0]
+        if path.is_validated:
+            return None
+        return max(0, AMPLIFICATION_FACTOR * path.bytes_received - path.bytes_sent)
 
     # -- receive flow control -------------------------------------------------------------
 
@@ -118,6 +217,17 @@ class LatticaQuicConnection(QuicConnection):
     # -- read-only views of private state -------------------------------------------------
 
     @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The certificate the peer presented in the handshake, or ``None``."""
+        return peer_certificate(self)
+
+    @property
+    def pacer(self) -> QuicPacketPacer:
+        """The loss recovery's pacer (a :class:`ClampedPacer` from construction on)."""
+        pacer: QuicPacketPacer = self._loss._pacer
+        return pacer
+
+    @property
     def handshake_confirmed(self) -> bool:
         """True once the handshake is confirmed (client: the server's HANDSHAKE_DONE arrived,
         which a server only sends after it accepted our certificate)."""
@@ -153,3 +263,13 @@ class LatticaQuicConnection(QuicConnection):
     def has_stream(self, stream_id: int) -> bool:
         """False once aioquic discarded the stream's state (both directions finished)."""
         return stream_id in self._streams
+
+
+def peer_certificate(quic: QuicConnection) -> x509.Certificate | None:
+    """The certificate the peer of ``quic`` presented in the handshake, or ``None``
+    (no TLS context yet, or the peer sent none)."""
+    context = getattr(quic, "tls", None)
+    if context is None:
+        return None
+    certificate: x509.Certificate | None = context._peer_certificate
+    return certificate

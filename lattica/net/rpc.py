@@ -167,18 +167,18 @@ class Rpc:
         :class:`~lattica.errors.PeerIdMismatchError`.
         """
         self._check_protocol_id(protocol_id)
-        stream: QuicStream | None = None
+        connection: Connection | None = None
         sent_at = 0.0
         try:
             with trio.fail_after(timeout_s):
-                stream = await self._open(peer, protocol_id)
+                connection, stream = await self._open(peer, protocol_id)
                 sent_at = trio.current_time()
                 async with stream:
                     return await self._exchange(stream, payload)
         except trio.TooSlowError:
-            if stream is not None:
+            if connection is not None:
                 with trio.CancelScope(shield=True):
-                    await self.manager.close_if_silent_since(stream.connection, sent_at)
+                    await self.manager.close_if_silent_since(connection, sent_at)
             raise RpcError(
                 "timeout", f"no answer to {protocol_id} within {timeout_s:g} s"
             ) from None
@@ -189,7 +189,8 @@ class Rpc:
         Raises :class:`RpcError` (``connect-failed``, ``connection-lost``) or
         :class:`~lattica.errors.PeerIdMismatchError`."""
         self._check_protocol_id(protocol_id)
-        return await self._open(peer, protocol_id)
+        _connection, stream = await self._open(peer, protocol_id)
+        return stream
 
     async def ping(self, peer: PeerId | PeerAddr | Connection, *, timeout_s: float = 10.0) -> float:
         """Round-trip time of one ``/lattica/ping/1`` echo in seconds (``trio.current_time()``),
@@ -201,7 +202,9 @@ class Rpc:
             raise RpcError("protocol-error", "ping reply does not echo the request")
         return trio.current_time() - start
 
-    async def _open(self, peer: PeerId | PeerAddr | Connection, protocol_id: str) -> QuicStream:
+    async def _open(
+        self, peer: PeerId | PeerAddr | Connection, protocol_id: str
+    ) -> tuple[Connection, QuicStream]:
         if isinstance(peer, Connection):
             connection = peer
         else:
@@ -221,7 +224,7 @@ class Rpc:
                 raise
         except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             raise RpcError("connection-lost", str(exc)) from exc
-        return stream
+        return connection, stream
 
     async def _exchange(self, stream: QuicStream, payload: bytes) -> bytes:
         try:

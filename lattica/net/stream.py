@@ -16,25 +16,59 @@ Invariants:
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
-from lattica.net.config import STREAM_SEND_BUFFER_BYTES
+from lattica.identity import PeerId
 
-if TYPE_CHECKING:
-    from lattica.net.connection import Connection
-
-# Application error code on RESET_STREAM / STOP_SENDING when a stream is abandoned.
-STREAM_CANCELLED = 0x1
 # What ``receive_some()`` without ``max_bytes`` returns at most.
 DEFAULT_RECEIVE_BYTES = 256 * 1024
+
+
+class StreamCarrier(Protocol):
+    """What a stream needs from the connection that carries it (implemented by
+    :class:`~lattica.net.connection.Connection`; this module imports nothing from there)."""
+
+    @property
+    def peer_id(self) -> PeerId:
+        """The authenticated identity of the peer."""
+        ...
+
+    def check_open(self) -> None:
+        """Raise ``trio.ClosedResourceError`` (we closed) / ``trio.BrokenResourceError`` (the
+        peer or network did) once the connection is closed."""
+        ...
+
+    def stream_send_room(self, stream_id: int) -> int:
+        """Bytes the stream may still hand to QUIC before its send buffer is full."""
+        ...
+
+    def send_stream_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
+        """Queue data; raises ``trio.BrokenResourceError`` if the peer stopped reading."""
+        ...
+
+    def stream_consumed(self, stream_id: int, n_bytes: int) -> bool:
+        """Credit ``n_bytes`` read (negative: put back); True if a flush should follow."""
+        ...
+
+    def close_stream(self, stream_id: int, *, reset_send: bool, stop_receive: bool) -> None:
+        """The stream is done: reset/stop what did not finish, forget it."""
+        ...
+
+    async def transmit(self) -> None:
+        """Send what the connection has to send now."""
+        ...
+
+    async def wait_progress(self) -> None:
+        """Wait until the connection made progress (ACKs, credit, closing)."""
+        ...
 
 
 class QuicStream(trio.abc.HalfCloseableStream):
     """A bidirectional stream of a :class:`~lattica.net.connection.Connection`."""
 
-    def __init__(self, connection: Connection, stream_id: int) -> None:
+    def __init__(self, connection: StreamCarrier, stream_id: int) -> None:
         self.connection = connection
         self.stream_id = stream_id
         self._chunks: deque[bytes] = deque()
@@ -43,8 +77,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._stop_sending_code: int | None = None
         self._eof_sent = False
         self._closed = False
-        self._readable = trio.Event()
-        self._reader_waiting = False
+        self._readable = trio.lowlevel.ParkingLot()
         self._sending = False
         self._receiving = False
 
@@ -53,11 +86,12 @@ class QuicStream(trio.abc.HalfCloseableStream):
 
     # -- called by the connection driver --------------------------------------------------
 
-    def _on_data(self, data: bytes, end_stream: bool) -> None:
+    def on_data(self, data: bytes, end_stream: bool) -> None:
+        """Bytes (and the peer's FIN if ``end_stream``) arrived for this stream."""
         if self._closed:
             # We stopped reading; credit the bytes so the peer is not stuck on flow control
             # before our STOP_SENDING reaches it.
-            self.connection._quic.stream_consumed(self.stream_id, len(data))
+            self.connection.stream_consumed(self.stream_id, len(data))
             return
         if data:
             self._chunks.append(data)
@@ -65,30 +99,33 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self._eof_received = True
         self._wake_reader()
 
-    def _on_reset(self, error_code: int) -> None:
+    def on_reset(self, error_code: int) -> None:
+        """The peer reset its direction: readers get ``trio.BrokenResourceError``."""
         self._reset_code = error_code
         self._chunks.clear()
         self._wake_reader()
 
-    def _on_stop_sending(self, error_code: int) -> None:
+    def on_stop_sending(self, error_code: int) -> None:
+        """The peer asked us to stop sending: writers get ``trio.BrokenResourceError``."""
         self._stop_sending_code = error_code
 
-    def _on_connection_closed(self) -> None:
+    def on_connection_closed(self) -> None:
+        """The connection closed: wake the reader so it sees the error."""
         self._wake_reader()
 
     def _wake_reader(self) -> None:
-        # Data arrives a packet at a time; only a reader that is actually waiting needs waking.
-        if self._reader_waiting:
-            self._readable.set()
-            self._readable = trio.Event()
+        # Data arrives a packet at a time; only a reader that is actually parked needs waking
+        # (unpark_all on an empty lot still costs ~3 us, per packet).
+        if self._readable:
+            self._readable.unpark_all()
 
-    def _unreceive(self, data: bytes) -> None:
+    def unreceive(self, data: bytes) -> None:
         """Put bytes back in front of the receive buffer (a protocol header reader read too far).
 
         They were already credited to the peer; un-crediting keeps the window exact."""
         if data:
             self._chunks.appendleft(data)
-            self.connection._quic.stream_consumed(self.stream_id, -len(data))
+            self.connection.stream_consumed(self.stream_id, -len(data))
 
     @property
     def _receive_finished(self) -> bool:
@@ -101,16 +138,14 @@ class QuicStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream was closed")
         if self._eof_sent:
             raise trio.ClosedResourceError("send_eof() was already called on this stream")
-        error = self.connection._closed_error()
-        if error is not None:
-            raise error
+        self.connection.check_open()
         if self._stop_sending_code is not None:
             raise trio.BrokenResourceError(
                 f"peer stopped reading stream {self.stream_id} (code {self._stop_sending_code})"
             )
 
     def _send_room(self) -> int:
-        return STREAM_SEND_BUFFER_BYTES - self.connection._quic.stream_send_buffered(self.stream_id)
+        return self.connection.stream_send_room(self.stream_id)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data``; returns once it is within the bounded send buffer.
@@ -132,25 +167,18 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     break
                 room = self._send_room()
                 if room <= 0:
-                    await self.connection._wait_progress()
+                    await self.connection.wait_progress()
                     continue
                 chunk = bytes(view[offset : offset + room])
                 self._send_stream_data(chunk, end_stream=False)
                 offset += len(chunk)
-                await self.connection._flush()
+                await self.connection.transmit()
         finally:
             self._sending = False
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _send_stream_data(self, data: bytes, *, end_stream: bool) -> None:
-        try:
-            self.connection._quic.send_stream_data(self.stream_id, data, end_stream=end_stream)
-        except (RuntimeError, ValueError) as exc:
-            # aioquic resets the send side the moment STOP_SENDING arrives (RuntimeError), and
-            # discards a stream once both directions ended (ValueError), before we processed
-            # those events; FIN-after-FIN cannot happen (send_eof guards it) and peers cannot
-            # open unidirectional streams, so either way the peer has stopped reading.
-            raise trio.BrokenResourceError(f"peer stopped reading stream {self.stream_id}: {exc}") from exc
+        self.connection.send_stream_data(self.stream_id, data, end_stream=end_stream)
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the send buffer has room (or sending would fail at once)."""
@@ -163,7 +191,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
             if self._send_room() > 0:
                 await trio.lowlevel.checkpoint()
                 return
-            await self.connection._wait_progress()
+            await self.connection.wait_progress()
 
     async def send_eof(self) -> None:
         """Finish our direction (QUIC FIN); the peer reads ``b""`` after the data. Idempotent."""
@@ -175,7 +203,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._check_can_send()
         self._eof_sent = True
         self._send_stream_data(b"", end_stream=True)
-        await self.connection._flush()
+        await self.connection.transmit()
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -202,22 +230,16 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     )
                 if self._chunks:
                     data = self._take(max_bytes)
-                    if self.connection._quic.stream_consumed(self.stream_id, len(data)):
-                        await self.connection._flush()
+                    if self.connection.stream_consumed(self.stream_id, len(data)):
+                        await self.connection.transmit()
                     else:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 if self._eof_received:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
-                error = self.connection._closed_error()
-                if error is not None:
-                    raise error
-                self._reader_waiting = True
-                try:
-                    await self._readable.wait()
-                finally:
-                    self._reader_waiting = False
+                self.connection.check_open()
+                await self._readable.park()
         finally:
             self._receiving = False
 
@@ -255,15 +277,9 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._closed = True
         self._chunks.clear()
         self._wake_reader()
-        connection = self.connection
-        quic = connection._quic
-        if connection._closed_error() is None and quic.has_stream(self.stream_id):
-            if not self._eof_sent and self._stop_sending_code is None:
-                quic.reset_stream(self.stream_id, STREAM_CANCELLED)
-            if not self._receive_finished:
-                quic.stop_stream(self.stream_id, STREAM_CANCELLED)
-            connection._forget_stream(self)
-            await connection._flush()
-        else:
-            connection._forget_stream(self)
-        await trio.lowlevel.checkpoint()
+        self.connection.close_stream(
+            self.stream_id,
+            reset_send=not self._eof_sent and self._stop_sending_code is None,
+            stop_receive=not self._receive_finished,
+        )
+        await self.connection.transmit()

@@ -10,8 +10,8 @@ Invariants:
   stack must also run under trio's ``MockClock``.
 * Both sides present a certificate. aioquic only requests a client certificate when a private
   flag is set on its TLS context, and only exposes the peer certificate through a private
-  attribute; :func:`require_client_certificate` and :func:`peer_certificate` are the only places
-  that touch those internals (tested in ``tests/unit/test_net_tls_identity.py``).
+  attribute: both are done in :mod:`lattica.net.quic_internals`, the one module that touches
+  aioquic internals. Nothing here does.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import hashlib
 import ssl
 
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -93,22 +92,3 @@ def quic_configuration(
         max_data=config.connection_receive_window_bytes,
         max_stream_data=config.stream_receive_window_bytes,
     )
-
-
-def require_client_certificate(quic: QuicConnection) -> None:
-    """Make a server-side connection ask the client for its certificate (TLS CertificateRequest).
-
-    Must run after aioquic created the TLS context (``QuicConnection._initialize``) and before
-    it sends its first flight. A client that still sends none completes the handshake with
-    :func:`peer_certificate` returning ``None``; the caller must then reject it.
-    """
-    quic.tls._request_client_certificate = True
-
-
-def peer_certificate(quic: QuicConnection) -> x509.Certificate | None:
-    """The certificate the peer presented in the handshake, or ``None``."""
-    tls = getattr(quic, "tls", None)
-    if tls is None:
-        return None
-    certificate: x509.Certificate | None = tls._peer_certificate
-    return certificate

@@ -1,8 +1,10 @@
-"""Endpoint: authenticated dialling, demultiplexing, bad input, timers (real UDP on 127.0.0.1)."""
+"""Endpoint: authenticated dialling, demultiplexing, bad input, timers (in-memory network)."""
 
 from __future__ import annotations
 
+import errno
 import ssl
+from collections.abc import Sequence
 
 import pytest
 import trio
@@ -13,9 +15,10 @@ from aioquic.quic.connection import QuicConnection
 
 from lattica.errors import ConnectError, PeerIdMismatchError
 from lattica.identity import Identity
-from lattica.net import ALPN_PROTOCOL, Connection, EndpointConfig, UdpSocket
+from lattica.net import ALPN_PROTOCOL, Connection, DatagramSocket, Endpoint, EndpointConfig, EndpointSocketError
+from lattica.net.quic_internals import LatticaQuicConnection
 
-from .conftest import MakeEndpoint
+from .conftest import MakeEndpoint, MakeSocket
 
 
 async def test_two_endpoints_prove_their_identities_both_ways(make_endpoint: MakeEndpoint) -> None:
@@ -68,9 +71,11 @@ async def test_wrong_expected_peer_raises_mismatch_naming_both_ids(
     assert [c.peer_id for c in alice.connections()] == [bob.peer_id]
 
 
-async def _raw_client_until_closed(quic: QuicConnection, address: tuple[str, int]) -> str:
+async def _raw_client_until_closed(
+    quic: LatticaQuicConnection, address: tuple[str, int], make_socket: MakeSocket
+) -> str:
     """Drive a bare aioquic client until the server closes it; return the close reason."""
-    sock = UdpSocket.bind("127.0.0.1", 0)
+    sock = make_socket()
     try:
         quic.connect(address, now=trio.current_time())
         while True:
@@ -84,31 +89,37 @@ async def _raw_client_until_closed(quic: QuicConnection, address: tuple[str, int
             while (event := quic.next_event()) is not None:
                 if isinstance(event, events.ConnectionTerminated):
                     return event.reason_phrase
-            if quic._close_event is not None:
-                return quic._close_event.reason_phrase
+            if quic.close_event is not None:
+                return quic.close_event.reason_phrase
     finally:
         sock.close()
 
 
-async def test_client_without_certificate_is_rejected(make_endpoint: MakeEndpoint) -> None:
+async def test_client_without_certificate_is_rejected(make_endpoint: MakeEndpoint, make_socket: MakeSocket) -> None:
     server = await make_endpoint()
     inbound: list[Connection] = []
     server.set_connection_handler(inbound.append)
-    quic = QuicConnection(
+    # A client with no certificate at all (aioquic's own client would be the same; the Lattica
+    # subclass only lets the test read close_event without touching aioquic internals).
+    quic = LatticaQuicConnection(
         configuration=QuicConfiguration(
             is_client=True, alpn_protocols=[ALPN_PROTOCOL], verify_mode=ssl.CERT_NONE
-        )
+        ),
+        max_incoming_streams=8,
+        stream_receive_window_bytes=1 << 16,
     )
     with trio.fail_after(10):
-        reason = await _raw_client_until_closed(quic, server.local_address)
+        reason = await _raw_client_until_closed(quic, server.local_address, make_socket)
     assert reason == "client certificate required"
     assert server.stats.handshakes_failed == 1
     assert inbound == [] and server.connections() == []
 
 
-async def test_malformed_datagrams_are_dropped_and_counted(make_endpoint: MakeEndpoint) -> None:
+async def test_malformed_datagrams_are_dropped_and_counted(
+    make_endpoint: MakeEndpoint, make_socket: MakeSocket
+) -> None:
     server, good = await make_endpoint(), await make_endpoint()
-    junk_socket = UdpSocket.bind("127.0.0.1", 0)
+    junk_socket = make_socket()
     # A real Initial, truncated: its length field points past the end of the datagram.
     initial = QuicConnection(
         configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL])
@@ -141,7 +152,7 @@ async def test_malformed_datagrams_are_dropped_and_counted(make_endpoint: MakeEn
 
 
 async def test_raw_packets_without_the_quic_fixed_bit_reach_the_raw_handler(
-    make_endpoint: MakeEndpoint,
+    make_endpoint: MakeEndpoint, make_socket: MakeSocket
 ) -> None:
     endpoint = await make_endpoint()
     received: list[tuple[bytes, tuple[str, int]]] = []
@@ -152,7 +163,7 @@ async def test_raw_packets_without_the_quic_fixed_bit_reach_the_raw_handler(
         arrived.set()
 
     endpoint.set_raw_packet_handler(on_raw)
-    peer = UdpSocket.bind("127.0.0.1", 0)
+    peer = make_socket()
     await peer.send_to(b"\x00\x01stun-ish", endpoint.local_address)
     await arrived.wait()
     assert received == [(b"\x00\x01stun-ish", peer.local_address)]
@@ -166,13 +177,13 @@ async def test_raw_packets_without_the_quic_fixed_bit_reach_the_raw_handler(
 
 
 async def test_half_open_handshake_is_dropped_after_the_handshake_timeout(
-    make_endpoint: MakeEndpoint, autojump_clock: trio.testing.MockClock
+    make_endpoint: MakeEndpoint, make_socket: MakeSocket, autojump_clock: trio.testing.MockClock
 ) -> None:
     server = await make_endpoint(config=EndpointConfig(handshake_timeout_s=5.0))
     quic = QuicConnection(
         configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL])
     )
-    sock = UdpSocket.bind("127.0.0.1", 0)
+    sock = make_socket()
     start = trio.current_time()
     quic.connect(server.local_address, now=start)
     for data, addr in quic.datagrams_to_send(start):
@@ -187,10 +198,10 @@ async def test_half_open_handshake_is_dropped_after_the_handshake_timeout(
 
 
 async def test_dial_to_nobody_times_out_with_connect_error(
-    make_endpoint: MakeEndpoint, autojump_clock: trio.testing.MockClock
+    make_endpoint: MakeEndpoint, make_socket: MakeSocket, autojump_clock: trio.testing.MockClock
 ) -> None:
     alice = await make_endpoint()
-    silent = UdpSocket.bind("127.0.0.1", 0)  # bound, never answers
+    silent = make_socket()  # bound, never answers
     start = trio.current_time()
     with pytest.raises(ConnectError, match="timed out"):
         await alice.connect(silent.local_address, timeout_s=3.0)
@@ -271,16 +282,16 @@ async def test_peer_exceeding_its_stream_limit_is_disconnected_and_others_are_se
     server.set_connection_handler(inbound.append)
     conn = await attacker.connect(server.local_address)
     # Misbehave below the API: pretend the server granted 10,000 streams and open them all.
-    quic = conn._quic
+    quic = conn._state._quic
     quic._remote_max_streams_bidi = 10_000
     for _ in range(10_000):
         quic.send_stream_data(quic.get_next_available_stream_id(), b"x")
-    await conn._flush()
+    await conn.transmit()
 
     await conn.wait_closed()
     assert conn.close_reason == "Too many streams open"
     assert inbound[0].is_closed
-    assert len(inbound[0]._streams) <= 16
+    assert inbound[0]._state.open_stream_count <= 16
 
     good = await honest.connect(server.local_address)
     stream = await good.open_stream()
@@ -288,3 +299,101 @@ async def test_peer_exceeding_its_stream_limit_is_disconnected_and_others_are_se
     await stream.send_eof()
     served = await inbound[-1].accept_stream()
     assert await served.receive_some() == b"ok"
+
+
+class _KernelLikeSocket:
+    """An in-memory socket that refuses hosts the way the kernel's ``sendto`` does: a host with
+    a NUL byte raises ``TypeError`` (FIELD-NOTES, "Measured by attacking the daemon")."""
+
+    def __init__(self, inner: DatagramSocket) -> None:
+        self._inner = inner
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        return self._inner.local_address
+
+    async def send_to(self, data: bytes, address: tuple[str, int]) -> None:
+        await self.send_batch([(data, address)])
+
+    async def send_batch(self, datagrams: Sequence[tuple[bytes, tuple[str, int]]]) -> None:
+        for _, (host, _port) in datagrams:
+            if "\x00" in host:
+                raise TypeError("host name must not contain null character")
+        await self._inner.send_batch(datagrams)
+
+    async def receive_batch(self, max_datagrams: int = 64) -> list[tuple[bytes, tuple[str, int]]]:
+        return await self._inner.receive_batch(max_datagrams)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+async def test_a_peer_address_the_socket_refuses_ends_that_dial_only(
+    make_endpoint: MakeEndpoint, make_socket: MakeSocket
+) -> None:
+    # Issue 8, A1: sendto's TypeError used to escape the dial and cancel the node's nursery.
+    node = await make_endpoint(socket=_KernelLikeSocket(make_socket()))
+    honest = await make_endpoint()
+    healthy = await node.connect(honest.local_address, expected_peer=honest.peer_id)
+
+    with pytest.raises(ConnectError, match="refused the address"):
+        await node.connect(("a\x00b", 4001))
+
+    assert node.stats.path_send_failures == 1
+    assert node.live_connection_count == 1
+    stream = await healthy.open_stream()
+    await stream.send_all(b"still here")
+    await stream.send_eof()
+    (served,) = honest.connections()
+    inbound = await served.accept_stream()
+    assert await inbound.receive_some() == b"still here"
+    # And the endpoint still accepts and dials.
+    again = await make_endpoint()
+    await node.connect(again.local_address, expected_peer=again.peer_id)
+
+
+class _FailingSocket(_KernelLikeSocket):
+    """Receives until told to fail, then raises the socket-level OSError a dead socket gives."""
+
+    def __init__(self, inner: DatagramSocket) -> None:
+        super().__init__(inner)
+        self.fail = trio.Event()
+
+    async def receive_batch(self, max_datagrams: int = 64) -> list[tuple[bytes, tuple[str, int]]]:
+        await self.fail.wait()
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+
+async def test_a_fatal_socket_error_ends_the_endpoint_with_a_clear_error(make_socket: MakeSocket) -> None:
+    sock = _FailingSocket(make_socket())
+    endpoint = Endpoint(Identity.generate(), sock)
+    # run() raises the error itself (not a group around it); only this test's nursery wraps it.
+    with pytest.RaisesGroup(pytest.RaisesExc(EndpointSocketError, match="socket .* failed")):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(endpoint.run)
+            sock.fail.set()
+    assert sock._inner.closed  # type: ignore[attr-defined]
+
+
+def _long_header_packet(version: int, size: int) -> bytes:
+    dcid, scid = b"\x11" * 8, b"\x22" * 8
+    header = bytes([0xC0]) + version.to_bytes(4, "big") + bytes([8]) + dcid + bytes([8]) + scid
+    return header + b"\x00" * (size - len(header))
+
+
+async def test_unknown_version_gets_version_negotiation_only_for_initial_sized_datagrams(
+    make_endpoint: MakeEndpoint, make_socket: MakeSocket
+) -> None:
+    server = await make_endpoint()
+    probe = make_socket()
+    for size in (100, 1199):
+        await probe.send_to(_long_header_packet(0x1A2A3A4A, size), server.local_address)
+    await probe.send_to(_long_header_packet(0x1A2A3A4A, 1200), server.local_address)
+    ((reply, source),) = await probe.receive_batch()
+    assert source == server.local_address
+    assert reply[1:5] == b"\x00\x00\x00\x00"  # Version Negotiation
+    assert reply[6:14] == b"\x22" * 8 and reply[15:23] == b"\x11" * 8  # ids swapped
+    assert len(reply) < 1200 // 3
+    assert server.stats.version_negotiations_sent == 1
+    assert server.stats.malformed_dropped == 2
+    assert server.stats.bytes_sent == len(reply)

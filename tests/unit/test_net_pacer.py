@@ -56,7 +56,7 @@ def test_every_connection_gets_the_clamped_pacer() -> None:
         max_incoming_streams=8,
         stream_receive_window_bytes=1 << 16,
     )
-    assert isinstance(quic._loss._pacer, ClampedPacer)
+    assert isinstance(quic.pacer, ClampedPacer)
 
 
 def test_fast_paths_may_burst_sixty_four_datagrams() -> None:

@@ -1,10 +1,9 @@
 """Batched sending (``DatagramSocket.send_batch``) and batched reading (``receive_some``): the
-driver's fast paths must deliver exactly what the one-at-a-time paths deliver."""
+driver's fast paths must deliver exactly what the one-at-a-time paths deliver. (The kernel UDP
+socket's batching is specified in ``tests/socket/test_udp_send_batch.py``.)"""
 
 from __future__ import annotations
 
-import errno
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -13,15 +12,13 @@ import trio
 import trio.testing
 
 from lattica.net import Connection, Endpoint
-from lattica.net.datagram import Address, UdpSocket
+from lattica.net.datagram import Address
 from sim_net import Network
 
 from .conftest import MakeEndpoint
 
-LOOPBACK = "127.0.0.1"
 
-
-async def _receive(sock: UdpSocket | Any, count: int) -> list[bytes]:
+async def _receive(sock: Any, count: int) -> list[bytes]:
     received: list[bytes] = []
     with trio.fail_after(5):
         while len(received) < count:
@@ -42,55 +39,6 @@ def _mixed_batch(a: Address, b: Address) -> tuple[list[tuple[bytes, Address]], l
     later_a = _numbered(2, 500, 5) + _numbered(2, 1400, 6) + [b""]
     batch = [(d, a) for d in to_a] + [(d, b) for d in to_b] + [(d, a) for d in later_a]
     return batch, to_a + later_a, to_b
-
-
-async def test_udp_send_batch_delivers_every_datagram_in_order_with_its_boundaries() -> None:
-    sender, a, b = UdpSocket.bind(LOOPBACK), UdpSocket.bind(LOOPBACK), UdpSocket.bind(LOOPBACK)
-    try:
-        batch, expected_a, expected_b = _mixed_batch(a.local_address, b.local_address)
-        await sender.send_batch(batch)
-        assert await _receive(a, len(expected_a)) == expected_a
-        assert await _receive(b, len(expected_b)) == expected_b
-    finally:
-        for sock in (sender, a, b):
-            sock.close()
-
-
-class _NoSegmentationSocket(socket.socket):
-    """A UDP socket whose kernel refuses segmentation offload, as one without UDP_SEGMENT does."""
-
-    segmented_attempts = 0
-
-    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
-        type(self).segmented_attempts += 1
-        raise OSError(errno.EIO, "no checksum offload on this route")
-
-
-async def test_udp_send_batch_falls_back_to_one_send_per_datagram_without_offload() -> None:
-    raw = _NoSegmentationSocket(socket.AF_INET, socket.SOCK_DGRAM)
-    raw.bind((LOOPBACK, 0))
-    sender, a, b = UdpSocket(raw), UdpSocket.bind(LOOPBACK), UdpSocket.bind(LOOPBACK)
-    try:
-        batch, expected_a, expected_b = _mixed_batch(a.local_address, b.local_address)
-        await sender.send_batch(batch)
-        await sender.send_batch(batch)
-        assert await _receive(a, 2 * len(expected_a)) == 2 * expected_a
-        assert await _receive(b, 2 * len(expected_b)) == 2 * expected_b
-        # It tried once, then stopped asking.
-        assert _NoSegmentationSocket.segmented_attempts == 1
-    finally:
-        for sock in (sender, a, b):
-            sock.close()
-
-
-async def test_udp_send_batch_on_a_closed_socket_raises_closed_resource_error() -> None:
-    sender, receiver = UdpSocket.bind(LOOPBACK), UdpSocket.bind(LOOPBACK)
-    sender.close()
-    try:
-        with pytest.raises(trio.ClosedResourceError):
-            await sender.send_batch([(b"x", receiver.local_address)])
-    finally:
-        receiver.close()
 
 
 async def test_sim_socket_send_batch_delivers_in_order_and_checks_addresses(

@@ -6,7 +6,7 @@ import datetime
 import ssl
 
 import pytest
-from aioquic._buffer import Buffer
+from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -19,10 +19,9 @@ from cryptography.x509.oid import NameOID
 from lattica.errors import RemoteProtocolError
 from lattica.identity import Identity
 from lattica.net.config import ALPN_PROTOCOL, EndpointConfig
-from lattica.net.quic_internals import LatticaQuicConnection
+from lattica.net.quic_internals import LatticaQuicConnection, peer_certificate
 from lattica.net.tls_identity import (
     certificate_for,
-    peer_certificate,
     peer_id_from_certificate,
     quic_configuration,
 )
