@@ -33,6 +33,7 @@ from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation,
 
 from lattica.errors import ConnectError, LatticaError
 from lattica.identity import Identity, PeerId
+from lattica.net.address import InvalidAddressError, network_address
 from lattica.net.config import EndpointConfig
 from lattica.net.connection import Connection, PathSendError
 from lattica.net.connection_state import ConnectionState
@@ -167,6 +168,12 @@ class Endpoint:
         nursery = self._nursery
         if nursery is None:
             raise ConnectError("the endpoint is not running")
+        try:
+            # Only IP literals reach the socket: a name would be resolved synchronously by
+            # sendto, and a host the kernel refuses would only show as a handshake timeout.
+            address = network_address(*address)
+        except (InvalidAddressError, TypeError, ValueError) as exc:
+            raise ConnectError(f"cannot dial {address!r:.100}: the address is refused: {exc}") from None
         quic = self._new_quic(configuration=self._client_configuration)
         state = ConnectionState(
             quic,

@@ -301,9 +301,14 @@ async def test_peer_exceeding_its_stream_limit_is_disconnected_and_others_are_se
     assert await served.receive_some() == b"ok"
 
 
+_REFUSED_HOST = "198.51.100.66"
+
+
 class _KernelLikeSocket:
     """An in-memory socket that refuses hosts the way the kernel's ``sendto`` does: a host with
-    a NUL byte raises ``TypeError`` (FIELD-NOTES, "Measured by attacking the daemon")."""
+    a NUL byte raises ``TypeError`` (FIELD-NOTES, "Measured by attacking the daemon"). The
+    endpoint refuses such hosts before sending, so this socket also refuses one valid address
+    (``_REFUSED_HOST``) to show that whatever a send raises ends only that connection."""
 
     def __init__(self, inner: DatagramSocket) -> None:
         self._inner = inner
@@ -317,7 +322,7 @@ class _KernelLikeSocket:
 
     async def send_batch(self, datagrams: Sequence[tuple[bytes, tuple[str, int]]]) -> None:
         for _, (host, _port) in datagrams:
-            if "\x00" in host:
+            if "\x00" in host or host == _REFUSED_HOST:
                 raise TypeError("host name must not contain null character")
         await self._inner.send_batch(datagrams)
 
@@ -336,8 +341,10 @@ async def test_a_peer_address_the_socket_refuses_ends_that_dial_only(
     honest = await make_endpoint()
     healthy = await node.connect(honest.local_address, expected_peer=honest.peer_id)
 
+    with pytest.raises(ConnectError, match="address is refused"):
+        await node.connect(("a\x00b", 4001))  # refused before any packet
     with pytest.raises(ConnectError, match="refused the address"):
-        await node.connect(("a\x00b", 4001))
+        await node.connect((_REFUSED_HOST, 4001))  # the socket's error ends that dial only
 
     assert node.stats.path_send_failures == 1
     assert node.live_connection_count == 1
