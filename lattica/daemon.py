@@ -28,6 +28,7 @@ from lattica.home_warnings import identity_warnings
 from lattica.log_file import LogFileHandler
 from lattica.net.address import InvalidAddressError, parse_host_port
 from lattica.net.datagram import UdpSocket
+from lattica.net.endpoint import EndpointSocketError
 from lattica.node import Node
 
 log = logging.getLogger("lattica.daemon")
@@ -71,6 +72,12 @@ def _lock_home(home: Path) -> int:
     return fd
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception inside ``group`` that is not itself a group."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 async def run_daemon(
     home: Path,
     *,
@@ -98,15 +105,22 @@ async def run_daemon(
             raise DaemonError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             node = Node(identity, sock, config, database=home / DATABASE_FILE)
-            async with trio.open_nursery() as nursery, node:
-                server = ControlServer(home / CONTROL_SOCKET, build_registry(node, warnings=warnings))
-                await nursery.start(server.serve)
-                if on_ready is not None:
-                    on_ready(node)
-                async for signum in signals:
-                    log.info("received %s; shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
+            try:
+                async with trio.open_nursery() as nursery, node:
+                    server = ControlServer(home / CONTROL_SOCKET, build_registry(node, warnings=warnings))
+                    await nursery.start(server.serve)
+                    if on_ready is not None:
+                        on_ready(node)
+                    async for signum in signals:
+                        log.info("received %s; shutting down", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        break
+            except BaseExceptionGroup as group:
+                # The nurseries wrap it; the user needs the one line that says why the node stopped.
+                failed, _rest = group.split(EndpointSocketError)
+                if failed is None:
+                    raise
+                raise DaemonError(f"stopping: {_first_leaf(failed)}") from group
     finally:
         os.close(lock_fd)
 

@@ -175,8 +175,11 @@ class Dht:
         self._nursery: trio.Nursery | None = None
         self._bootstrap_addrs: list[PeerAddr] = list(config.bootstrap_peers)
         self._background = 0
-        self._background_idle = trio.Event()
-        self._table_changed = trio.Event()
+        # Wake-ups use ParkingLot plus the state they wait for (as lattica.net does), never a
+        # re-created Event: a waiter re-checks the state after every wake-up.
+        self._background_idle = trio.lowlevel.ParkingLot()
+        self._table_changed = False
+        self._table_changed_lot = trio.lowlevel.ParkingLot()
         self._load_routing_table()
         self._planner = MaintenancePlanner(
             self.peer_id,
@@ -381,7 +384,7 @@ class Dht:
     async def background_done(self) -> None:
         """Wait until the work calls left running (a ``get``'s lookup and repairs) has ended."""
         while self._background:
-            await self._background_idle.wait()
+            await self._background_idle.park()
 
     async def provide(self, cid: bytes) -> PutResult:
         """Announce that we serve ``cid`` at our current addresses; republished every 22 h.
@@ -536,7 +539,7 @@ class Dht:
             return
         result = self.routing_table.add_contact(DhtNode(peer, addresses), now=self._wall_clock())
         if result.outcome == "added":
-            self._table_changed.set()
+            self._mark_table_changed()
         elif result.outcome == "full" and result.check is not None:
             self._start_liveness_check(result.check)
 
@@ -544,7 +547,7 @@ class Dht:
         if self._health.on_failure(peer, sent_at=sent_at, now=trio.current_time()) and peer in self.routing_table:
             log.debug("evicting %s after %d failed requests", peer.short(), self._health.failures(peer))
             self.routing_table.remove(peer)  # the newest admissible replacement takes its place
-            self._table_changed.set()
+            self._mark_table_changed()
 
     def _usable(self, peers: list[PeerId]) -> list[PeerId]:
         """``peers`` without those in their backoff after a failure (see :mod:`peer_health`)."""
@@ -564,7 +567,7 @@ class Dht:
             # Kademlia section 2.2: the head of a full bucket that does not answer gives way.
             log.debug("evicting unresponsive peer %s", node.peer_id.short())
             self.routing_table.remove(node.peer_id)
-            self._table_changed.set()
+            self._mark_table_changed()
         else:
             self.routing_table.mark_alive(node.peer_id, self._wall_clock())
         finally:
@@ -775,8 +778,7 @@ class Dht:
         finally:
             self._background -= 1
             if not self._background:
-                self._background_idle.set()
-                self._background_idle = trio.Event()
+                self._background_idle.unpark_all()
 
     # == maintenance ==========================================================================
 
@@ -828,11 +830,16 @@ class Dht:
             for peer in peers:
                 nursery.start_soon(probe, peer)
 
+    def _mark_table_changed(self) -> None:
+        self._table_changed = True
+        self._table_changed_lot.unpark_all()
+
     async def _save_table_when_changed(self) -> None:
         while True:
-            await self._table_changed.wait()
+            while not self._table_changed:
+                await self._table_changed_lot.park()
             await trio.sleep(self.config.table_save_delay_s)
-            self._table_changed = trio.Event()
+            self._table_changed = False  # changes from here on are saved next time
             await self.persist_routing_table()
 
     async def _rebootstrap(self) -> None:
