@@ -10,7 +10,7 @@ Layout:
 * :mod:`~lattica.control.server` -- the trio server (import it explicitly: it loads trio);
 * :mod:`~lattica.control.client` -- the blocking client the CLI uses;
 * :mod:`~lattica.control.node_methods` -- the node's own methods (``id``, ``status``, ``peers``,
-  ``ping``, ``connect``); the DHT's live in :mod:`lattica.dht.control_methods`.
+  ``ping``, ``connect``); the DHT's live in :mod:`lattica.control.dht_methods`.
 
 This package's ``__init__`` re-exports only what loads without trio, aioquic or cryptography, so
 ``lattica id`` stays cheap to start.

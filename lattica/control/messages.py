@@ -1,5 +1,5 @@
 """The envelope every control line uses; each method's own params/result types live with the
-service that registers it (``lattica/control/node_methods.py``, ``lattica/dht/control_methods.py``).
+service that registers it (``lattica/control/node_methods.py``, ``lattica/control/dht_methods.py``).
 
 Request line: ``{"method": "dht.get", "params": {...}}``.
 Reply line: ``{"ok": true, "result": ...}`` or

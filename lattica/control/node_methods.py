@@ -2,7 +2,7 @@
 
 Each method has a params Struct (unknown fields are refused) and a result Struct; the CLI reads
 the results as JSON. Other services register theirs the same way from their own package
-(:func:`lattica.dht.control_methods.register_dht_methods`).
+(:func:`lattica.control.dht_methods.register_dht_methods`).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lattica.control.dht_methods import register_dht_methods
 from lattica.control.node_methods import register_node_methods
 from lattica.control.registry import MethodRegistry
-from lattica.dht.control_methods import register_dht_methods
 from lattica.node import Node
 
 ServiceRegistration = Callable[[MethodRegistry, Node], None]
