@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -33,3 +37,31 @@ def _seeded_trio_scheduler() -> None:
     if not isinstance(_TRIO_SCHEDULER_RANDOM, random.Random):
         pytest.fail(f"trio {trio.__version__} moved its scheduler's Random; update tests/conftest.py")
     _TRIO_SCHEDULER_RANDOM.seed(0)
+
+
+MakeTmpfs = Callable[[int], Path]
+
+
+@pytest.fixture
+def make_tmpfs(tmp_path: Path) -> Iterator[MakeTmpfs]:
+    """``make_tmpfs(size_mib)``: a fresh tmpfs of that size (a real disk that fills up), unmounted
+    after the test. Needs root, which CI has; elsewhere the test is skipped."""
+    mounts: list[Path] = []
+
+    def make(size_mib: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        mount = tmp_path / f"tmpfs{len(mounts)}"
+        mount.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mount)]
+        done = subprocess.run(command, capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounts.append(mount)
+        return mount
+
+    try:
+        yield make
+    finally:
+        for mount in mounts:
+            subprocess.run(["umount", "-l", str(mount)], check=False)

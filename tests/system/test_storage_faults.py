@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lattica.daemon_process import read_until_ready
+from tests.conftest import MakeTmpfs
 
 from .conftest import START_TIMEOUT_S, _env, lattica
 
@@ -75,19 +74,9 @@ def _real_database(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (needs root; CI runs as root), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(make_tmpfs: MakeTmpfs) -> Path:
+    """A 4 MiB tmpfs (needs root; CI runs as root)."""
+    return make_tmpfs(4)
 
 
 def test_full_disk_fails_the_put_in_one_line_and_the_daemon_keeps_serving(tmp_path: Path, small_disk: Path) -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import trio
 import trio.testing
 
 from lattica.storage import CorruptDatabaseError, DiskFullError, SqliteWriter, StorageError, transaction
+from tests.conftest import MakeTmpfs
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v BLOB NOT NULL)"
 
@@ -165,19 +165,9 @@ async def test_disk_full_fails_that_write_keeps_earlier_ones_and_reads_go_on(tmp
 
 
 @pytest.fixture
-def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (needs root; CI runs as root), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def tiny_filesystem(make_tmpfs: MakeTmpfs) -> Path:
+    """A 1 MiB tmpfs (needs root; CI runs as root)."""
+    return make_tmpfs(1)
 
 
 async def test_a_real_full_disk_is_named_as_such(tiny_filesystem: Path) -> None:
