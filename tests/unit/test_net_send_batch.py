@@ -5,40 +5,16 @@ socket's batching is specified in ``tests/socket/test_udp_send_batch.py``.)"""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from lattica.net import Connection, Endpoint
-from lattica.net.datagram import Address
 from sim_net import Network
+from tests.datagram_batches import mixed_batch, receive_datagrams
 
 from .conftest import MakeEndpoint
-
-
-async def _receive(sock: Any, count: int) -> list[bytes]:
-    received: list[bytes] = []
-    with trio.fail_after(5):
-        while len(received) < count:
-            received += [data for data, _ in await sock.receive_batch()]
-    return received
-
-
-def _numbered(count: int, size: int, tag: int) -> list[bytes]:
-    """``count`` distinct datagrams of ``size`` bytes, so order and boundaries are checkable."""
-    return [bytes([tag]) + i.to_bytes(2, "big") + bytes(size - 3) for i in range(count)]
-
-
-def _mixed_batch(a: Address, b: Address) -> tuple[list[tuple[bytes, Address]], list[bytes], list[bytes]]:
-    # Runs of equal sizes (longer than one segmented send may carry), a shorter tail that ends a
-    # run, a switch of destination and back, a larger datagram after smaller ones, an empty one.
-    to_a = _numbered(100, 1200, 1) + _numbered(1, 300, 2) + _numbered(3, 1200, 3)
-    to_b = _numbered(5, 1200, 4)
-    later_a = _numbered(2, 500, 5) + _numbered(2, 1400, 6) + [b""]
-    batch = [(d, a) for d in to_a] + [(d, b) for d in to_b] + [(d, a) for d in later_a]
-    return batch, to_a + later_a, to_b
 
 
 async def test_sim_socket_send_batch_delivers_in_order_and_checks_addresses(
@@ -48,10 +24,10 @@ async def test_sim_socket_send_batch_delivers_in_order_and_checks_addresses(
         sender = net.add_host("198.51.100.1").bind(4001)
         a = net.add_host("198.51.100.2").bind(4001)
         b = net.add_host("198.51.100.3").bind(4001)
-        batch, expected_a, expected_b = _mixed_batch(a.local_address, b.local_address)
+        batch, expected_a, expected_b = mixed_batch(a.local_address, b.local_address)
         await sender.send_batch(batch)
-        assert await _receive(a, len(expected_a)) == expected_a
-        assert await _receive(b, len(expected_b)) == expected_b
+        assert await receive_datagrams(a, len(expected_a)) == expected_a
+        assert await receive_datagrams(b, len(expected_b)) == expected_b
         with pytest.raises(ValueError):
             await sender.send_batch([(b"x", ("198.51.100.2", 70000))])
         sender.close()
