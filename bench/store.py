@@ -130,7 +130,7 @@ async def run_pinger(addr: str) -> None:
     async def ping_once(node: Node) -> None:
         async with in_flight:
             sent_at = time.time()
-            rtt_s = await node.ping(peer)
+            rtt_s = (await node.ping(peer)).rtt_s
             batch.append((sent_at, rtt_s))
 
     async with Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0)) as node, trio.open_nursery() as nursery:
