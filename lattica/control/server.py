@@ -8,7 +8,8 @@ Invariants:
 * Only the node's owner can connect: the socket is created under umask 0177 and chmod 0600.
 * Bounded: :data:`~lattica.control.limits.MAX_CONNECTIONS` served at once, one line of at most
   :data:`~lattica.control.limits.MAX_LINE_BYTES`, :data:`~lattica.control.limits.REQUEST_TIMEOUT_S`
-  to send it.
+  to send it and as long to take each reply (a client that sends requests but never reads the
+  replies is dropped instead of holding its slot forever).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ _RECEIVE_BYTES = 65536
 class ControlServer:
     """Serves ``registry``'s methods on the Unix socket ``path`` until cancelled."""
 
-    def __init__(self, path: Path, registry: MethodRegistry) -> None:
+    def __init__(self, path: Path, registry: MethodRegistry, *, request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         self.path = path
         self.registry = registry
+        self.request_timeout_s = request_timeout_s
         self._slots = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -78,6 +80,8 @@ class ControlServer:
                 await self._serve_connection(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("control client went away before its reply")
+        except _ClientNotReading:
+            log.debug("control client did not take its reply within %g s; dropped", self.request_timeout_s)
         except Exception:
             log.exception("control connection failed")
 
@@ -87,14 +91,20 @@ class ControlServer:
             try:
                 line = await self._receive_line(stream, lines)
             except ControlDecodeError as exc:  # too long: the stream cannot be resynchronised
-                await stream.send_all(codec.encode_error(exc))
+                await self._send(stream, codec.encode_error(exc))
                 return
             if line is None:
                 return
-            await stream.send_all(await self.dispatch(line))
+            await self._send(stream, await self.dispatch(line))
+
+    async def _send(self, stream: trio.SocketStream, reply: bytes) -> None:
+        with trio.move_on_after(self.request_timeout_s):
+            await stream.send_all(reply)
+            return
+        raise _ClientNotReading
 
     async def _receive_line(self, stream: trio.SocketStream, lines: codec.LineBuffer) -> bytes | None:
-        with trio.move_on_after(REQUEST_TIMEOUT_S):
+        with trio.move_on_after(self.request_timeout_s):
             while True:
                 line = lines.next_line()
                 if line is not None:
@@ -103,7 +113,7 @@ class ControlServer:
                 if not data:
                     return None
                 lines.feed(data)
-        raise ControlDecodeError(TIMEOUT, f"no complete request line within {REQUEST_TIMEOUT_S:g} s")
+        raise ControlDecodeError(TIMEOUT, f"no complete request line within {self.request_timeout_s:g} s")
 
     async def dispatch(self, line: bytes) -> bytes:
         """The reply line for one request line (never raises, except trio.Cancelled)."""
@@ -124,6 +134,10 @@ class ControlServer:
             return codec.encode_error(
                 ControlError(INTERNAL, f"{type(exc).__name__}: {exc}", hint="the daemon's log has the traceback")
             )
+
+
+class _ClientNotReading(Exception):
+    """The client did not take a reply within the request timeout."""
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -148,6 +148,43 @@ async def test_client_gone_before_its_reply_does_not_stop_the_server(tmp_path: P
         nursery.cancel_scope.cancel()
 
 
+async def test_a_client_that_never_reads_its_replies_is_dropped_not_kept_forever(tmp_path: Path) -> None:
+    # FINDINGS.md F2: 64 local clients that pipelined requests and never read the replies held
+    # every control slot forever (send_all had no deadline); `lattica status` then hung.
+    path = tmp_path / "control.sock"
+    registry = MethodRegistry()
+
+    async def echo(params: EchoParams) -> EchoParams:
+        return params
+
+    registry.add("echo", EchoParams, echo)
+    server = ControlServer(path, registry, request_timeout_s=0.5)
+    request = codec.encode_request("echo", {"text": "x" * 60_000})
+    count = 200  # up to ~12 MB of replies: far more than the socket buffers hold
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        client = trio.SocketStream(trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        await client.socket.connect(str(path))
+        sent = 0
+        with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
+            for _ in range(count):
+                await client.send_all(request)
+                sent += 1
+        await trio.sleep(2)  # the server is stuck sending; past its deadline it drops us
+        received = b""
+        with trio.move_on_after(10), contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await client.receive_some(1 << 20):
+                received += chunk
+        client.socket.close()
+        assert sent > 0
+        assert received.count(b"\n") < sent
+        assert await trio.to_thread.run_sync(call, path, "echo", {"text": "still here"}) == {
+            "x": None,
+            "text": "still here",
+        }
+        nursery.cancel_scope.cancel()
+
+
 async def test_deeply_nested_json_is_a_typed_error_not_a_crash(tmp_path: Path) -> None:
     # Issue 8 A3: 4 KB nested 2,000 levels deep made msgspec raise RecursionError in the daemon.
     path = tmp_path / "control.sock"
