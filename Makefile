@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/dht.py
 	$(BIN)/python bench/daemon.py
+	$(BIN)/python bench/store.py
+	$(BIN)/python bench/cli.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
