@@ -145,6 +145,13 @@ def config_from_mapping(raw: dict[str, Any], *, source: str) -> NodeConfig:
         config.bootstrap_peers()
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    net = config.net
+    if net.keepalive_interval_s >= net.idle_timeout_s:
+        # The peer would close the connection as idle before our keepalive kept it open.
+        raise ConfigError(
+            f"{source}: net.keepalive_interval_s: {net.keepalive_interval_s:g} s must be shorter than "
+            f"net.idle_timeout_s ({net.idle_timeout_s:g} s)"
+        )
     return config
 
 

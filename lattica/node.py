@@ -83,6 +83,8 @@ class Node:
             max_request_bytes=net.rpc_max_request_bytes,
             max_response_bytes=net.rpc_max_response_bytes,
             header_timeout_s=net.rpc_header_timeout_s,
+            request_timeout_s=net.rpc_request_timeout_s,
+            max_concurrent_inbound=net.rpc_max_concurrent_inbound,
         )
         self.dht_store = DhtStore(database or ":memory:", own_key=identity.peer_id.dht_key())
         self.dht = Dht(

@@ -28,6 +28,8 @@ DAEMON_NOT_RUNNING = "daemon-not-running"
 """Nobody answers on the control socket (client side only)."""
 BAD_REPLY = "bad-reply"
 """The daemon's reply could not be decoded (client side only)."""
+BUSY = "busy"
+"""The daemon is serving its limit of control connections; try again."""
 
 USAGE_CODES = frozenset({INVALID_PARAMS, TOO_LARGE})
 """Codes that mean "the caller asked wrongly" rather than "the operation failed"."""

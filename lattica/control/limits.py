@@ -20,7 +20,7 @@ MAX_JSON_DEPTH = 32
 recurses per level and raises ``RecursionError`` past ~1,000 levels, so depth is checked first."""
 
 MAX_CONNECTIONS = 64
-"""Control connections served at once; more wait in the listen backlog."""
+"""Control connections served at once; more are answered ``busy`` and closed at once."""
 
 REQUEST_TIMEOUT_S = 30.0
 """How long a connected client may take to send its request line."""

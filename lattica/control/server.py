@@ -24,6 +24,7 @@ import trio
 
 from lattica.control import codec
 from lattica.control.errors import (
+    BUSY,
     FAILED,
     INTERNAL,
     TIMEOUT,
@@ -76,7 +77,18 @@ class ControlServer:
         # Everything a client can cause ends here: an exception escaping a handler task would
         # cancel serve_listeners and with it the daemon.
         try:
-            async with self._slots, stream:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            # Refused at once: a client waiting for a slot would hold a socket and a task with
+            # no deadline (accepted connections are not left in the listen backlog).
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                async with stream:
+                    with trio.fail_after(1.0):
+                        busy = ControlError(BUSY, f"{MAX_CONNECTIONS} control clients are connected; try again")
+                        await stream.send_all(codec.encode_error(busy))
+            return
+        try:
+            async with stream:
                 await self._serve_connection(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("control client went away before its reply")
@@ -84,6 +96,8 @@ class ControlServer:
             log.debug("control client did not take its reply within %g s; dropped", self.request_timeout_s)
         except Exception:
             log.exception("control connection failed")
+        finally:
+            self._slots.release()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         lines = codec.LineBuffer()

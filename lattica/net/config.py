@@ -59,4 +59,10 @@ class NetConfig(EndpointConfig):
     """Largest response frame accepted from a peer."""
     rpc_header_timeout_s: Seconds = 10.0
     """A new stream must name its protocol within this long, or it is dropped."""
+    rpc_request_timeout_s: Seconds = 30.0
+    """After its header, a request must arrive whole within this long (and its reply be taken
+    within this long), or the stream is dropped."""
+    rpc_max_concurrent_inbound: Count = 512
+    """Requests all peers together may have running at once on this node; more are answered
+    ``busy`` (peer ids are free, so the per-peer cap alone bounds nothing)."""
 

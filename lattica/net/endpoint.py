@@ -436,7 +436,10 @@ class _EndpointCarrier:
 
     def handshake_failed(self, connection: Connection, reason: str) -> None:
         self._endpoint.stats.handshakes_failed += 1
-        logger.info("handshake with %s failed: %s", connection.remote_address, reason)
+        # An inbound handshake is started by one unauthenticated (spoofable) datagram: a line per
+        # failure would let anyone write our log. Counted in stats; shown at debug level.
+        level = logging.INFO if connection.direction == "outbound" else logging.DEBUG
+        logger.log(level, "handshake with %s failed: %s", connection.remote_address, reason)
 
     def connection_terminated(self, connection: Connection) -> None:
         endpoint = self._endpoint

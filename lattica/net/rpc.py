@@ -12,7 +12,9 @@ Invariants:
   the stream is then stopped, so a peer cannot make us buffer it.
 * A caller always gets an :class:`~lattica.errors.RpcError` with a code from :data:`ERROR_CODES`
   (or :class:`~lattica.errors.PeerIdMismatchError` when the peer at the address is someone else).
-* At most ``max_concurrent_inbound_per_peer`` calls per peer run at once; more get ``busy``.
+* At most ``max_concurrent_inbound_per_peer`` calls per peer, and ``max_concurrent_inbound`` from all
+  peers together, run at once; more get ``busy``. A request must arrive whole within
+  ``request_timeout_s`` of its header (and its reply be taken within as long).
 """
 
 from __future__ import annotations
@@ -115,9 +117,14 @@ class Rpc:
         max_request_bytes: int = 1 << 20,
         max_response_bytes: int = 16 << 20,
         header_timeout_s: float = 10.0,
+        request_timeout_s: float = 30.0,
+        max_concurrent_inbound: int = 512,
     ) -> None:
         self.manager = manager
         self.max_concurrent_inbound_per_peer = max_concurrent_inbound_per_peer
+        self.max_concurrent_inbound = max_concurrent_inbound
+        self.request_timeout_s = request_timeout_s
+        self._inbound_total = 0
         self.max_request_bytes = max_request_bytes
         self.max_response_bytes = max_response_bytes
         self.header_timeout_s = header_timeout_s
@@ -275,7 +282,12 @@ class Rpc:
                 stream, "busy", f"{running} calls from you are running; try again later"
             )
             return
+        if self._inbound_total >= self.max_concurrent_inbound:
+            # Peer ids cost nothing to mint: the per-peer cap alone does not bound the node.
+            await self._refuse(stream, "busy", "this node is serving its limit of calls; try again later")
+            return
         self._inbound_per_peer[peer] = running + 1
+        self._inbound_total += 1
         try:
             if stream_handler is not None:
                 await stream_handler(stream, peer)
@@ -283,6 +295,7 @@ class Rpc:
                 assert handler is not None
                 await self._serve_request(stream, peer, protocol_id, handler)
         finally:
+            self._inbound_total -= 1
             remaining = self._inbound_per_peer[peer] - 1
             if remaining:
                 self._inbound_per_peer[peer] = remaining
@@ -293,9 +306,15 @@ class Rpc:
         self, stream: QuicStream, peer: PeerId, protocol_id: str, handler: RequestHandler
     ) -> None:
         try:
-            request = await _receive_message(
-                stream, self.max_request_bytes + _FRAME_OVERHEAD_BYTES
-            )
+            # A request that trickles in would hold up to max_request_bytes of our memory and
+            # one of the peer's call slots for as long as the peer liked.
+            with trio.fail_after(self.request_timeout_s):
+                request = await _receive_message(
+                    stream, self.max_request_bytes + _FRAME_OVERHEAD_BYTES
+                )
+        except trio.TooSlowError:
+            logger.debug("dropping a %s request from %s that did not arrive in time", protocol_id, peer)
+            return
         except _FrameTooLarge as exc:
             await self._refuse(
                 stream,
@@ -321,8 +340,9 @@ class Rpc:
             logger.exception("handler for %s failed on a request from %s", protocol_id, peer)
             await self._refuse(stream, "handler-error", type(exc).__name__)
             return
-        await stream.send_all(_frame(Response(reply)))
-        await stream.send_eof()
+        with trio.move_on_after(self.request_timeout_s):  # a peer that never reads its reply
+            await stream.send_all(_frame(Response(reply)))
+            await stream.send_eof()
 
     async def _refuse(self, stream: QuicStream, code: str, message: str) -> None:
         # The stream is closed by the manager afterwards; unread request bytes make that a

@@ -70,6 +70,7 @@ def test_missing_file_gives_defaults(tmp_path: Path) -> None:
         ("[net]\nkeepalive_interval_s = inf", "net.keepalive_interval_s"),
         ('[net]\nhandshake_timeout_s = "10"', "net.handshake_timeout_s"),
         ("[net]\nmax_connections = 1.5", "net.max_connections"),
+        ("[net]\nkeepalive_interval_s = 60.0\nidle_timeout_s = 30.0", "net.keepalive_interval_s"),
         ("[net]\nrpc_max_request_bytes = 0", "net.rpc_max_request_bytes"),
         ("[net]\nidle_timeuot_s = 1", "net.idle_timeuot_s"),
         ("[dht]\nk = 33", "dht.k"),

@@ -302,3 +302,24 @@ async def test_stale_socket_is_replaced_but_live_one_is_not(tmp_path: Path) -> N
             await ControlServer(path, MethodRegistry()).serve()
         assert await trio.to_thread.run_sync(call, path, "echo", {"text": "b"}) == {"x": None, "text": "b"}
         nursery.cancel_scope.cancel()
+
+
+async def test_clients_beyond_the_connection_cap_are_answered_busy_at_once(tmp_path: Path) -> None:
+    # FINDINGS.md F3: connections beyond the cap were accepted and waited for a slot with no
+    # deadline; 3,000 idle connects made `lattica status` hang for over a minute.
+    path = tmp_path / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, path)
+        idle = []
+        for _ in range(limits.MAX_CONNECTIONS):
+            client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await client.connect(str(path))
+            idle.append(client)
+        await trio.testing.wait_all_tasks_blocked()
+        reply = await trio.to_thread.run_sync(_raw, path, b'{"method": "echo"}\n')
+        assert _error_codes(reply) == ["busy"]
+        for client in idle:
+            client.close()
+        await trio.testing.wait_all_tasks_blocked()
+        assert await trio.to_thread.run_sync(call, path, "echo", {}) == {"x": None, "text": None}
+        nursery.cancel_scope.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import ssl
 from collections.abc import Sequence
 
@@ -195,6 +196,28 @@ async def test_half_open_handshake_is_dropped_after_the_handshake_timeout(
     await trio.sleep(0.2)
     assert server.live_connection_count == 0
     assert server.stats.handshakes_failed == 1
+
+
+async def test_failed_inbound_handshakes_are_counted_not_logged_at_info(
+    make_endpoint: MakeEndpoint,
+    make_socket: MakeSocket,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Review finding F14: every spoofable Initial that never completed wrote an INFO line, so
+    # anyone could fill the daemon's log. They are counted; the line is at debug level.
+    server = await make_endpoint(config=EndpointConfig(handshake_timeout_s=5.0))
+    sock = make_socket()
+    caplog.set_level(logging.INFO, logger="lattica.net")
+    for _ in range(3):
+        quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL]))
+        quic.connect(server.local_address, now=trio.current_time())
+        for data, addr in quic.datagrams_to_send(trio.current_time()):
+            await sock.send_to(data, addr)
+    await trio.sleep(6)
+    assert server.stats.handshakes_failed == 3
+    assert not [r for r in caplog.records if "handshake" in r.getMessage()]
+    sock.close()
 
 
 async def test_dial_to_nobody_times_out_with_connect_error(

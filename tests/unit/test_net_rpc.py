@@ -19,7 +19,7 @@ from .conftest import MakeEndpoint
 
 
 async def _rpc_node(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery, **rpc_options: int
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery, **rpc_options: float
 ) -> tuple[Endpoint, Rpc]:
     endpoint = await make_endpoint()
     manager = ConnectionManager(endpoint, idle_close_s=None)
@@ -28,7 +28,7 @@ async def _rpc_node(
 
 
 async def _pair(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery, **server_options: int
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery, **server_options: float
 ) -> tuple[Rpc, Rpc, PeerAddr]:
     _, client = await _rpc_node(make_endpoint, nursery)
     server_endpoint, server = await _rpc_node(make_endpoint, nursery, **server_options)
@@ -235,3 +235,45 @@ async def test_a_deeply_nested_reply_is_a_protocol_error_for_the_caller(
         await client.request(target, "/test/nested/1", b"x")
     assert info.value.code == "protocol-error"
     assert await client.request(target, PING_PROTOCOL, b"still here") == b"still here"
+
+
+async def test_a_request_that_never_arrives_whole_is_dropped_and_frees_its_slot(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding F1: the body of a request had no deadline, so a peer that sent a header and
+    # part of a frame held our memory and one of its call slots for as long as it liked.
+    client, _server, target = await _pair(
+        make_endpoint, nursery, max_concurrent_inbound_per_peer=1, request_timeout_s=5
+    )
+    stream = await client.open_stream(target, PING_PROTOCOL)
+    await stream.send_all(struct.pack(">IB", 1000, 1) + b"x" * 10)  # announces 1,000 bytes, sends 10
+    with pytest.raises(RpcError) as info:
+        await client.request(target, PING_PROTOCOL, b"now")
+    assert info.value.code == "busy"
+    await trio.sleep(6)  # virtual: past the server's request_timeout_s
+    assert await client.request(target, PING_PROTOCOL, b"later") == b"later"
+    await stream.aclose()
+
+
+async def test_calls_from_all_peers_together_are_capped(
+    make_endpoint: MakeEndpoint, nursery: trio.Nursery
+) -> None:
+    # Peer ids cost nothing to mint, so the per-peer cap alone bounds nothing.
+    first, server, target = await _pair(make_endpoint, nursery, max_concurrent_inbound=1)
+    _, second = await _rpc_node(make_endpoint, nursery)
+    release, running = trio.Event(), trio.Event()
+
+    async def hold(peer: PeerId, payload: bytes) -> bytes:
+        running.set()
+        await release.wait()
+        return b"done"
+
+    server.add_handler("/test/hold/1", hold)
+    async with trio.open_nursery() as calls:
+        calls.start_soon(first.request, target, "/test/hold/1", b"")
+        await running.wait()
+        with pytest.raises(RpcError) as info:
+            await second.request(target, "/test/hold/1", b"")
+        assert info.value.code == "busy"
+        release.set()
+    assert await second.request(target, "/test/hold/1", b"") == b"done"
