@@ -532,6 +532,12 @@ class Dht:
     def _on_peer_seen(self, peer: PeerId, addresses: list[Address], *, client: bool) -> None:
         if peer == self.peer_id:
             return
+        observed = self._transport.observed_address(peer)
+        if observed is not None:
+            # What a peer claims for itself is not believed: it could make us hand out, and
+            # dial, an address it does not own. One socket serves a node's dials and its
+            # listening, so the address its connection comes from is the one to give out.
+            addresses = [observed]
         self._health.on_success(peer)
         if addresses:
             self._remember(peer, addresses)

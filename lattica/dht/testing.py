@@ -62,6 +62,11 @@ class MemoryTransport:
             if address not in known:
                 known.append(address)
 
+    def observed_address(self, peer: PeerId) -> Address | None:
+        """The first address ``peer`` listens on (in memory every request comes from there)."""
+        node = self.network.nodes.get(peer)
+        return node.addresses[0] if node is not None and node.addresses else None
+
     async def request(
         self,
         peer: PeerId | PeerAddr,

@@ -10,6 +10,8 @@ Contract assumed by the DHT:
   response payload. It raises :class:`~lattica.errors.RpcError`,
   :class:`~lattica.errors.ConnectError` or :class:`~lattica.errors.PeerIdMismatchError` on
   failure.
+* ``observed_address(peer)`` is the remote address of the live connection to ``peer`` (what the
+  network shows), or None when there is none.
 """
 
 from __future__ import annotations
@@ -41,4 +43,8 @@ class RpcTransport(Protocol):
         timeout_s: float = 10.0,
     ) -> bytes:
         """Send one request and return the response payload (see the module docstring)."""
+        ...
+
+    def observed_address(self, peer: PeerId) -> Address | None:
+        """Where the live connection to ``peer`` comes from, or None (see the module docstring)."""
         ...

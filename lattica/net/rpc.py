@@ -37,6 +37,7 @@ from lattica.errors import (
 from lattica.identity import PeerId
 from lattica.net.address import PeerAddr
 from lattica.net.connection import Connection
+from lattica.net.datagram import Address
 from lattica.net.manager import ConnectionManager
 from lattica.net.rpc_messages import Error, Request, Response, RpcMessage, StreamHeader
 from lattica.net.stream import QuicStream
@@ -133,6 +134,12 @@ class Rpc:
         self._inbound_per_peer: dict[PeerId, int] = {}
         manager.set_stream_handler(self._serve_stream)
         self.add_handler(PING_PROTOCOL, _echo)
+
+    def observed_address(self, peer: PeerId) -> Address | None:
+        """The remote address of the newest live connection to ``peer``, or None: where the
+        network shows the peer, as opposed to the addresses it claims for itself."""
+        connection = self.manager.connection(peer)
+        return None if connection is None else connection.remote_address
 
     def add_handler(self, protocol_id: str, handler: RequestHandler) -> None:
         """Answer requests for ``protocol_id`` with ``handler(peer, payload) -> reply``.

@@ -118,3 +118,21 @@ async def test_a_node_never_pings_or_connects_to_itself(autojump_clock: trio.tes
                 await a.rpc.request(PeerAddr(a.listen_addresses()[0]), PING_PROTOCOL, b"x")
             assert isinstance(info.value.__cause__, DialSelfError)
             assert a.connections.connections() == []
+
+
+async def test_a_peer_is_remembered_at_the_address_it_connects_from_not_the_one_it_claims(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Review finding F5: the routing table kept the address a peer claimed in its sender info,
+    # so a peer could make us hand out (and dial) an address it does not own.
+    claimed = "203.0.113.99"  # nobody there
+    async with Network(seed=12) as net:
+        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
+        async with Node(identity(0), a_host.bind(PORT), NodeConfig()) as a:
+            liar = Node(identity(1), b_host.bind(PORT), NodeConfig(), advertise_hosts=[claimed])
+            async with liar:
+                assert liar.listen_addresses() == [(claimed, PORT)]
+                await liar.dht.bootstrap([addr(a)])
+                (entry,) = [e for e in a.dht.routing_table_snapshot() if e.peer_id == liar.peer_id]
+                assert entry.addresses == [("198.51.100.2", PORT)]
+                assert (claimed, PORT) not in a.connections.addresses(liar.peer_id)
