@@ -287,9 +287,7 @@ def register_dht_methods(registry: MethodRegistry, node: Node) -> None:
         try:
             answered = await dht.bootstrap(addrs or None)
         except BootstrapError as exc:
-            raise ControlError(
-                FAILED, str(exc), hint="check the addresses and that those daemons run and are reachable"
-            ) from None
+            raise ControlError(FAILED, str(exc)) from None  # its message already says what to check
         return BootstrapResult(answered=answered, peers=len(dht.routing_table))
 
     registry.add("dht.put", PutParams, put)
