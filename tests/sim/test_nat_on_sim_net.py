@@ -24,7 +24,7 @@ from lattica.nat.stun import (
 )
 from lattica.net.address import PeerAddr
 from lattica.node import Node
-from sim_net import Filtering, LinkConfig, Mapping, NatConfig, Network
+from sim_net import Filtering, LinkConfig, Mapping, NatConfig, Network, SimSocket
 
 PORT = 4001
 LINK = LinkConfig(latency_s=0.025)
@@ -148,3 +148,34 @@ async def test_forged_and_malformed_stun_gets_no_answer_and_does_not_disturb_the
             assert source == target
             assert xor_mapped_address(decode_message(answer)) == attacker.local_address
             assert len(answer) <= len(encode_binding_request(tid)) + 24
+
+
+async def test_a_flood_of_requests_is_answered_at_the_rate_limit_only(autojump_clock: trio.testing.MockClock) -> None:
+    async with Network(seed=14) as net:
+        node_host = net.add_host("198.51.100.1", LINK)
+        flooder_host = net.add_host("198.51.100.66", LINK)
+        other_host = net.add_host("198.51.100.67", LINK)
+        async with Node(identity(0), node_host.bind(PORT), NodeConfig(), rng=random.Random(6)) as node:
+            flooder, other = flooder_host.bind(5000), other_host.bind(5000)
+            target = node.socket.local_address
+
+            async def answers_within(sock: SimSocket, seconds: float) -> int:
+                count = 0
+                with trio.move_on_after(seconds):
+                    while True:
+                        count += len(await sock.receive_batch())
+                return count
+
+            for i in range(100):
+                await flooder.send_to(encode_binding_request(i.to_bytes(12)), target)
+            # Burst of 20 per source (default), the rest dropped; answers are 12 bytes larger.
+            assert await answers_within(flooder, 0.5) == 20
+            assert node.nat.stats.rate_limited_dropped == 80
+            # Another source is not starved by the flooder.
+            await other.send_to(encode_binding_request(bytes(12)), target)
+            assert await answers_within(other, 0.5) == 1
+            # Tokens refill at 10/s: the second flood arrives 1.55 s after the first (15.5 tokens).
+            await trio.sleep(0.55)
+            for i in range(100):
+                await flooder.send_to(encode_binding_request(i.to_bytes(12)), target)
+            assert await answers_within(flooder, 0.5) == 15
