@@ -11,7 +11,9 @@ Rules:
 * No amplification: a response (32 bytes for IPv4, 44 for IPv6) is at most 24 bytes larger than
   the request it answers (at least 20 bytes), and each source address gets at most
   ``responses_per_second`` answers (token bucket, burst ``response_burst``); the table of
-  sources is bounded (oldest forgotten first). Answers wait in a bounded queue; when it is full
+  sources is bounded (oldest forgotten first). All sources together get at most
+  ``total_responses_per_second`` (burst as many), because source addresses can be spoofed and
+  rotated to aim our answers at one victim. Answers wait in a bounded queue; when it is full
   requests are dropped, never buffered without bound.
 * Requests carrying comprehension-required attributes we do not understand are dropped
   unanswered rather than answered with 420 (see :mod:`lattica.nat.stun`).
@@ -69,7 +71,8 @@ class NatService:
     """Answers STUN Binding requests on ``endpoint``'s socket and asks peers for ours.
 
     ``random_bytes(n)`` supplies transaction ids (default ``os.urandom``). Responses per source
-    are limited to ``responses_per_second`` with bursts of ``response_burst``.
+    are limited to ``responses_per_second`` with bursts of ``response_burst``, responses to all
+    sources together to ``total_responses_per_second`` with bursts of as many.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class NatService:
         random_bytes: Callable[[int], bytes] = os.urandom,
         responses_per_second: float = 10.0,
         response_burst: float = 20.0,
+        total_responses_per_second: float = 1000.0,
     ) -> None:
         self.endpoint = endpoint
         self.stats = NatStats()
@@ -86,6 +90,8 @@ class NatService:
         self._rate_s = responses_per_second
         self._burst = response_burst
         self._buckets: OrderedDict[Address, tuple[float, float]] = OrderedDict()
+        self._total_rate_s = total_responses_per_second
+        self._total_bucket = (total_responses_per_second, 0.0)
         self._pending: dict[bytes, tuple[BindingTransaction, trio.Event]] = {}
         self._answers_in, self._answers_out = trio.open_memory_channel[tuple[bytes, Address]](_ANSWER_QUEUE_DATAGRAMS)
 
@@ -137,8 +143,14 @@ class NatService:
     def _take_token(self, source: Address, now: float) -> bool:
         tokens, last = self._buckets.pop(source, (self._burst, now))
         tokens = min(self._burst, tokens + (now - last) * self._rate_s)
-        allowed = tokens >= 1.0
-        self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)
+        total_tokens, total_last = self._total_bucket
+        total_tokens = min(self._total_rate_s, total_tokens + max(now - total_last, 0.0) * self._total_rate_s)
+        allowed = tokens >= 1.0 and total_tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+            total_tokens -= 1.0
+        self._buckets[source] = (tokens, now)
+        self._total_bucket = (total_tokens, now)
         if len(self._buckets) > _MAX_RATE_LIMITED_SOURCES:
             self._buckets.popitem(last=False)
         return allowed
