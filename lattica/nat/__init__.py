@@ -1,7 +1,7 @@
 """NAT traversal, part 1: observed (server-reflexive) addresses over STUN Binding (RFC 8489)."""
 
 from lattica.nat.binding import BindingFailed, BindingSucceeded, BindingTimedOut, BindingTransaction
-from lattica.nat.service import NatService, NatStats, ObservedAddressError
+from lattica.nat.service import NatService, NatStats, ObservedAddressError, ObservedAddressTimeoutError
 from lattica.nat.stun import (
     MalformedStunError,
     NotStunError,
@@ -26,6 +26,7 @@ __all__ = [
     "NatStats",
     "NotStunError",
     "ObservedAddressError",
+    "ObservedAddressTimeoutError",
     "StunClass",
     "StunDecodeError",
     "StunMessage",

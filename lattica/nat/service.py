@@ -54,6 +54,10 @@ class ObservedAddressError(LatticaError):
     response, or an address we cannot send to."""
 
 
+class ObservedAddressTimeoutError(ObservedAddressError):
+    """No valid STUN answer arrived within the timeout (after every retransmission)."""
+
+
 @dataclass
 class NatStats:
     """Counters of what the responder and client did with raw datagrams."""
@@ -166,8 +170,9 @@ class NatService:
         request, retransmitting per RFC 8489 section 6.2.1 (0.5 s, doubling, at most
         ``max_transmissions`` datagrams), and return the XOR-MAPPED-ADDRESS of its answer.
 
-        ``timeout_s`` (seconds) bounds the whole exchange. Raises :class:`ObservedAddressError`
-        on timeout, an error response, or an address that cannot be sent to.
+        ``timeout_s`` (seconds) bounds the whole exchange. Raises
+        :class:`ObservedAddressTimeoutError` on timeout, :class:`ObservedAddressError` on an error
+        response or an address that cannot be sent to.
         """
         try:
             server = network_address(*peer_address)
@@ -194,7 +199,7 @@ class NatService:
             return result.mapped
         if isinstance(result, BindingFailed):
             raise ObservedAddressError(f"{server} answered with STUN error {result.code}")
-        raise ObservedAddressError(f"no STUN answer from {server} within {timeout_s:g} s")
+        raise ObservedAddressTimeoutError(f"no STUN answer from {server} within {timeout_s:g} s")
 
     async def _send_request(self, data: bytes, server: Address) -> None:
         try:
