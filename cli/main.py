@@ -277,6 +277,34 @@ def ping(
         )
 
 
+@app.command(
+    epilog=_example(
+        "lattica nat 198.51.100.7:4001",
+        "lattica nat 198.51.100.7:4001 --json",
+    )
+)
+def nat(
+    addr: Annotated[
+        str,
+        typer.Argument(
+            callback=check_dial_string,
+            help="A peer's IP:PORT (any Lattica node answers STUN on its port).",
+        ),
+    ],
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, max=300.0, help="Seconds to wait for the answer.")
+    ] = 10.0,
+    home: HomeOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Ask a peer which address this node's packets come from (STUN; behind a NAT, the public one)."""
+    result = call_daemon(home, "nat.observed", {"addr": addr, "timeout_s": timeout})
+    if json:
+        print_json(result)
+    else:
+        print_line(f"observed address: {result['observed_addr']} (as seen by {result['asked']})")
+
+
 def _take_debug_flag(args: list[str]) -> tuple[list[str], bool]:
     """Remove ``--debug`` from anywhere before ``--`` (it is global, so its place must not matter)."""
     end = args.index("--") if "--" in args else len(args)

@@ -2,8 +2,8 @@
 
 A node owns exactly one :class:`~lattica.net.datagram.DatagramSocket` (a kernel UDP socket or a
 ``sim_net`` socket: the node cannot tell) and runs, in order of start-up, the QUIC endpoint, the
-connection manager, the RPC layer and the services built on RPC. Leaving the ``async with``
-block cancels them all and closes the socket.
+STUN responder (``node.nat``), the connection manager, the RPC layer and the services built on
+RPC. Leaving the ``async with`` block cancels them all and closes the socket.
 
     async with Node(identity, socket, NodeConfig()) as node:
         await node.connect(PeerAddr.parse("PEERID@127.0.0.1:4001"))
@@ -12,6 +12,7 @@ block cancels them all and closes the socket.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from lattica import __version__
 from lattica.config import NodeConfig
 from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.identity import Identity, PeerId
+from lattica.nat import NatService
 from lattica.net import Connection, ConnectionManager, Endpoint, Rpc
 from lattica.net.address import PeerAddr, format_host_port
 from lattica.net.datagram import Address, DatagramSocket
@@ -77,6 +79,9 @@ class Node:
         net = self.config.net
         self.endpoint = Endpoint(identity, socket, net)
         self.connections = ConnectionManager(self.endpoint, idle_close_s=net.idle_close_s)
+        # STUN transaction ids guard observed addresses against off-path forgery: only a test's
+        # seeded rng may make them predictable.
+        self.nat = NatService(self.endpoint, random_bytes=rng.randbytes if rng else os.urandom)
         self.rpc = Rpc(
             self.connections,
             max_concurrent_inbound_per_peer=net.rpc_max_concurrent_inbound_per_peer,
@@ -134,6 +139,7 @@ class Node:
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             await nursery.start(self.endpoint.run)
+            await nursery.start(self.nat.run)
             await nursery.start(self.connections.run)
             await nursery.start(self.dht.run)
             self._nursery = nursery

@@ -100,3 +100,18 @@ def test_control_socket_and_key_are_private(start_daemon: Any) -> None:
     a = start_daemon("a")
     assert (a.home / "control.sock").stat().st_mode & 0o777 == 0o600
     assert (a.home / "identity.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_nat_reports_the_address_a_peer_sees(start_daemon: Any) -> None:
+    a = start_daemon("a")
+    b = start_daemon("b")
+    b_address = PeerAddr.parse(b.addr).address
+    a_port = PeerAddr.parse(a.addr).address[1]
+    out = lattica_json("nat", f"127.0.0.1:{b_address[1]}", home=a.home)
+    # On loopback there is no NAT: b sees a's own socket address.
+    assert out["observed_addr"] == f"127.0.0.1:{a_port}"
+    assert out["asked"] == f"127.0.0.1:{b_address[1]}"
+    text = lattica("nat", b.addr, home=a.home)
+    assert text.returncode == 0 and f"observed address: 127.0.0.1:{a_port}" in text.stdout
+    bad = lattica("nat", "localhost:4001", home=a.home)
+    assert bad.returncode != 0 and "IP" in bad.stderr
