@@ -219,7 +219,9 @@ async def test_virtual_time_stands_still_while_a_write_runs(autojump_clock: trio
     writer = open_writer(":memory:")
 
     def slow_insert(conn: sqlite3.Connection) -> None:
-        time.sleep(0.05)  # real time on the writer thread
+        # Not a wait for a condition: this is the write itself taking real time on the writer
+        # thread, which autojump would turn into a jump to the 10 s deadline if trio sat idle.
+        time.sleep(0.05)
         conn.execute("INSERT INTO t (k, v) VALUES (1, x'00')")
 
     async with trio.open_nursery() as nursery:
