@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/dht.py
 	$(BIN)/python bench/daemon.py
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/store_cap.py
 	$(BIN)/python bench/cli.py
 
 clean:

@@ -91,7 +91,12 @@ class Node:
             request_timeout_s=net.rpc_request_timeout_s,
             max_concurrent_inbound=net.rpc_max_concurrent_inbound,
         )
-        self.dht_store = DhtStore(database or ":memory:", own_key=identity.peer_id.dht_key())
+        self.dht_store = DhtStore(
+            database or ":memory:",
+            own_key=identity.peer_id.dht_key(),
+            max_bytes=self.config.dht.max_store_bytes,
+            max_bytes_per_writer=self.config.dht.max_store_bytes_per_writer,
+        )
         self.dht = Dht(
             identity,
             self.rpc,

@@ -52,6 +52,7 @@ from lattica.dht.errors import (
     RecordTooLargeError,
     StaleRecordError,
     StoreFullError,
+    WriterQuotaError,
 )
 from lattica.dht.keys import (
     KEY_BITS,
@@ -103,6 +104,7 @@ __all__ = [
     "SignedRecord",
     "StaleRecordError",
     "StoreFullError",
+    "WriterQuotaError",
     "bucket_index",
     "node_key",
     "provider_key",

@@ -14,7 +14,7 @@ import msgspec
 from lattica.dht.messages import MAX_CLOSER_PEERS
 from lattica.errors import LocalProtocolError
 from lattica.net.address import PeerAddr
-from lattica.setting_types import Count, NonNegativeCount, Seconds
+from lattica.setting_types import ByteSize, Count, NonNegativeCount, Seconds
 
 HOUR_S = 3600.0
 
@@ -79,6 +79,12 @@ class DhtConfig:
     per consecutive failure, up to ``bucket_refresh_interval_s``); maintenance then pings it if
     it is in the routing table. Only failures of requests sent after the previous failure count
     towards ``max_failures``, so one outage counts once."""
+    max_store_bytes: ByteSize = 256 * 1024 * 1024
+    """Cap on the records and provider records this node stores for others and itself (encoded
+    bytes); beyond it, entries farthest from our id are evicted for nearer ones."""
+    max_store_bytes_per_writer: ByteSize = 4 * 1024 * 1024
+    """Cap on one other writer's records plus provider records stored here: one identity
+    cannot fill the store."""
     stale_peer_ping_s: Seconds = 1800.0
     """Maintenance pings routing-table peers not heard from for this long (wall clock), so a
     peer that left is evicted even when no lookup of ours happened to ask it."""
@@ -90,3 +96,5 @@ class DhtConfig:
             raise LocalProtocolError("alpha and disjoint_paths must be at least 1")
         if self.put_quorum < 0 or self.provide_quorum < 0 or min(self.get_quorum, self.get_value_count) < 1:
             raise LocalProtocolError("put/provide quorums must be >= 0, get_quorum and get_value_count >= 1")
+        if self.max_store_bytes_per_writer > self.max_store_bytes:
+            raise LocalProtocolError("max_store_bytes_per_writer must not exceed max_store_bytes")

@@ -26,6 +26,11 @@ class StoreFullError(LatticaError):
     """The local store is at its size cap and nothing farther from our id can be evicted."""
 
 
+class WriterQuotaError(StoreFullError):
+    """One writer's records and provider records here would pass its per-writer byte quota
+    (``dht.max_store_bytes_per_writer``); nothing was stored."""
+
+
 class QuorumError(LatticaError):
     """Fewer nodes than the quorum acknowledged a ``put`` or ``provide``.
 

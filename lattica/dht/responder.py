@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lattica.dht.errors import InvalidRecordError, StaleRecordError, StoreFullError
+from lattica.dht.errors import InvalidRecordError, StaleRecordError, StoreFullError, WriterQuotaError
 from lattica.dht.messages import (
     MAX_PROVIDERS,
     Ack,
@@ -146,6 +146,8 @@ class Responder:
         arrived meanwhile, the store is full, or our storage failed)."""
         if isinstance(error, StaleRecordError) and isinstance(write, StoreRecord):
             return self._refuse_stale(write.record, error)
+        if isinstance(error, WriterQuotaError):
+            return self._ack(False, "writer over quota")
         if isinstance(error, StoreFullError):
             return self._ack(False, "store full")
         if isinstance(error, StorageError):

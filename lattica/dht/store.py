@@ -19,9 +19,17 @@ Invariants:
   are never evicted. If that cannot make room the insert is refused with
   :class:`StoreFullError` -- an entry is never acknowledged and then silently dropped.
   Rationale: a node is responsible for keys near its id, so far keys are the ones other nodes
-  hold as well.
-* ``total_bytes`` is kept on the writer thread, changed only after a write's statements all
-  succeeded, and recomputed from the tables after any rollback caused by an sqlite error.
+  hold as well. Each row keeps its distance (32 big-endian bytes, which sqlite compares like
+  the integer) under an index, so eviction reads only its victims, never the whole table.
+* Writer quota: the bytes of other writers' records plus the provider records a provider
+  signed stay at or below ``max_bytes_per_writer`` per writer (the record's ``writer``, the
+  provider record's ``provider``); an insert beyond it is refused with
+  :class:`WriterQuotaError`. One identity cannot fill the store or push honest records out by
+  grinding keys near our id; our own records are not counted. Many identities still can, up to
+  ``max_bytes``: docs/security.md says what bounds that.
+* ``total_bytes`` and the per-writer byte counts are kept on the writer thread, changed only
+  after a write's statements all succeeded, and recomputed from the tables after any rollback
+  caused by an sqlite error.
 * Storage failures raise :class:`~lattica.storage.StorageError` subclasses naming the file
   (``DiskFullError`` for a full disk, ``CorruptDatabaseError`` for a damaged file); the failed
   write is not stored, earlier ones are kept, reads go on.
@@ -29,13 +37,16 @@ Invariants:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
-from lattica.dht.errors import StoreFullError
+from lattica.dht.errors import InvalidRecordError, StoreFullError, WriterQuotaError
 from lattica.dht.keys import key_to_int
 from lattica.dht.records import (
     ProviderRecord,
@@ -50,6 +61,7 @@ from lattica.net.datagram import Address
 from lattica.storage import SqliteWriter
 
 DEFAULT_MAX_STORE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_STORE_BYTES_PER_WRITER = 4 * 1024 * 1024
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS dht_records (
@@ -76,6 +88,18 @@ _SCHEMA = [
         addresses BLOB NOT NULL,
         last_seen REAL NOT NULL
     )""",
+    "CREATE TABLE IF NOT EXISTS dht_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+]
+
+# Added after the first release: databases written before get them on open (``_migrate``).
+_ADDED_COLUMNS = {
+    "dht_records": ("writer BLOB", "distance BLOB"),
+    "dht_providers": ("distance BLOB",),
+}
+_INDEXES = [
+    "CREATE INDEX IF NOT EXISTS dht_records_eviction ON dht_records(own, distance)",
+    "CREATE INDEX IF NOT EXISTS dht_records_writer ON dht_records(writer)",
+    "CREATE INDEX IF NOT EXISTS dht_providers_eviction ON dht_providers(distance)",
 ]
 
 _addresses_decoder = msgspec.msgpack.Decoder(list[tuple[str, int]])
@@ -90,10 +114,61 @@ class StoredPeer:
     last_seen: float
 
 
-def _create_schema(conn: sqlite3.Connection) -> None:
+def _create_schema(conn: sqlite3.Connection, own_key: bytes) -> None:
     # Statement by statement: ``executescript`` would COMMIT the writer's open transaction.
     for statement in _SCHEMA:
         conn.execute(statement)
+    for table, columns in _ADDED_COLUMNS.items():
+        held = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column.split()[0] not in held:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    for statement in _INDEXES:
+        conn.execute(statement)
+    _fill_derived_columns(conn, own_key)
+
+
+def _fill_derived_columns(conn: sqlite3.Connection, own_key: bytes) -> None:
+    """Compute ``writer`` and ``distance`` where they are missing, and every distance again
+    when the database was last opened under another node id (the eviction order is relative
+    to our id)."""
+    row = conn.execute("SELECT value FROM dht_meta WHERE name = 'own_key'").fetchone()
+    everything = row is None or bytes(row[0]) != own_key
+    where = "" if everything else " WHERE distance IS NULL OR writer IS NULL"
+    own_int = key_to_int(own_key)
+    records = conn.execute(f"SELECT dht_key, data FROM dht_records{where}").fetchall()
+    updates = []
+    for dht_key, data in records:
+        try:
+            writer = decode_record(data).writer
+        except InvalidRecordError:
+            writer = b""  # a damaged row: still evictable, counted under no real writer
+        updates.append((writer, _distance_bytes(dht_key, own_int), dht_key))
+    conn.executemany("UPDATE dht_records SET writer = ?, distance = ? WHERE dht_key = ?", updates)
+    where = "" if everything else " WHERE distance IS NULL"
+    keys = conn.execute(f"SELECT DISTINCT dht_key FROM dht_providers{where}").fetchall()
+    conn.executemany(
+        "UPDATE dht_providers SET distance = ? WHERE dht_key = ?",
+        [(_distance_bytes(key, own_int), key) for (key,) in keys],
+    )
+    conn.execute("INSERT OR REPLACE INTO dht_meta (name, value) VALUES ('own_key', ?)", (own_key,))
+
+
+def _distance_bytes(dht_key: bytes, own_int: int) -> bytes:
+    """XOR distance as 32 big-endian bytes: sqlite compares BLOBs with memcmp, so ``ORDER BY``
+    on it orders by distance."""
+    return (key_to_int(dht_key) ^ own_int).to_bytes(32, "big")
+
+
+def _bytes_per_writer(conn: sqlite3.Connection) -> dict[bytes, int]:
+    totals: dict[bytes, int] = {}
+    for writer, size in itertools.chain(
+        conn.execute("SELECT writer, SUM(size) FROM dht_records WHERE own = 0 GROUP BY writer"),
+        conn.execute("SELECT provider, SUM(size) FROM dht_providers GROUP BY provider"),
+    ):
+        key = bytes(writer or b"")
+        totals[key] = totals.get(key, 0) + int(size)
+    return totals
 
 
 def _sum_sizes(conn: sqlite3.Connection) -> int:
@@ -108,9 +183,10 @@ class DhtStore:
 
     ``database`` is a file path, ``":memory:"``, or an open :class:`SqliteWriter` to share
     (then the caller closes it; otherwise :meth:`close` does). ``own_key`` is this node's
-    32-byte DHT id (used by the eviction policy); ``max_bytes`` caps stored record bytes.
-    Raises :class:`~lattica.storage.StorageError` (``CorruptDatabaseError`` for a file that is
-    not a Lattica database) when the database cannot be opened.
+    32-byte DHT id (used by the eviction policy); ``max_bytes`` caps stored record bytes and
+    ``max_bytes_per_writer`` the bytes of any one other writer (module docstring). Raises
+    :class:`~lattica.storage.StorageError` (``CorruptDatabaseError`` for a file that is not a
+    Lattica database) when the database cannot be opened.
     """
 
     def __init__(
@@ -119,15 +195,18 @@ class DhtStore:
         *,
         own_key: bytes,
         max_bytes: int = DEFAULT_MAX_STORE_BYTES,
+        max_bytes_per_writer: int = DEFAULT_MAX_STORE_BYTES_PER_WRITER,
     ) -> None:
         self.own_key = own_key
         self._own_int = key_to_int(own_key)
         self.max_bytes = max_bytes
+        self.max_bytes_per_writer = max_bytes_per_writer
         self._owns_writer = not isinstance(database, SqliteWriter)
         self.writer = database if isinstance(database, SqliteWriter) else SqliteWriter(database)
         try:
-            self.writer.write_blocking(_create_schema)
+            self.writer.write_blocking(lambda conn: _create_schema(conn, own_key))
             self._total_bytes = self.writer.read(_sum_sizes)
+            self._writer_bytes = self.writer.read(_bytes_per_writer)
         except BaseException:
             if self._owns_writer:
                 self.writer.close()
@@ -141,11 +220,31 @@ class DhtStore:
 
     def _recount(self, conn: sqlite3.Connection) -> None:
         self._total_bytes = _sum_sizes(conn)
+        self._writer_bytes = _bytes_per_writer(conn)
 
     @property
     def total_bytes(self) -> int:
         """Bytes currently counted against ``max_bytes``."""
         return self._total_bytes
+
+    def writer_bytes(self, writer: bytes) -> int:
+        """Bytes of ``writer``'s records and provider records counted against its quota."""
+        return self._writer_bytes.get(writer, 0)
+
+    def _check_quota(self, writer: bytes, extra_bytes: int) -> None:
+        held = self._writer_bytes.get(writer, 0)
+        if extra_bytes > 0 and held + extra_bytes > self.max_bytes_per_writer:
+            raise WriterQuotaError(
+                f"writer {PeerId(writer) if len(writer) == 32 else writer.hex()} holds {held} bytes here;"
+                f" {extra_bytes} more would pass the quota of {self.max_bytes_per_writer}"
+            )
+
+    def _count(self, writer: bytes, delta_bytes: int) -> None:
+        total = self._writer_bytes.get(writer, 0) + delta_bytes
+        if total > 0:
+            self._writer_bytes[writer] = total
+        else:
+            self._writer_bytes.pop(writer, None)
 
     # -- records -----------------------------------------------------------------------------
 
@@ -179,15 +278,32 @@ class DhtStore:
         if not check_not_stale(record, held):
             if own and not held_row[1]:
                 conn.execute("UPDATE dht_records SET own = 1 WHERE dht_key = ?", (record.dht_key,))
+                self._count(record.writer, -int(held_row[2]))
             return False
         old_size = int(held_row[2]) if held_row else 0
-        own = own or bool(held_row and held_row[1])
+        was_own = bool(held_row and held_row[1])
+        own = own or was_own
+        # A record that becomes ours stops counting against its writer's quota.
+        counted_before = old_size if held_row and not was_own else 0
+        if not own:
+            self._check_quota(record.writer, len(data) - counted_before)
         freed = self._make_room(conn, record.dht_key, len(data) - old_size, own=own)
         conn.execute(
-            "INSERT OR REPLACE INTO dht_records (dht_key, data, seq, expires_at, own, size) VALUES (?, ?, ?, ?, ?, ?)",
-            (record.dht_key, data, record.seq, record.expires_at, int(own), len(data)),
+            "INSERT OR REPLACE INTO dht_records (dht_key, data, seq, expires_at, own, size, writer, distance)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.dht_key,
+                data,
+                record.seq,
+                record.expires_at,
+                int(own),
+                len(data),
+                record.writer,
+                _distance_bytes(record.dht_key, self._own_int),
+            ),
         )
         self._total_bytes += len(data) - old_size - freed
+        self._count(record.writer, (0 if own else len(data)) - counted_before)
         return True
 
     def get_record(self, dht_key: bytes, *, now: float) -> SignedRecord | None:
@@ -243,12 +359,22 @@ class DhtStore:
         if row and int(row[0]) >= record.expires_at:
             return False
         old_size = int(row[1]) if row else 0
+        self._check_quota(record.provider, len(data) - old_size)
         freed = self._make_room(conn, record.dht_key, len(data) - old_size, own=False)
         conn.execute(
-            "INSERT OR REPLACE INTO dht_providers (dht_key, provider, data, expires_at, size) VALUES (?, ?, ?, ?, ?)",
-            (record.dht_key, record.provider, data, record.expires_at, len(data)),
+            "INSERT OR REPLACE INTO dht_providers (dht_key, provider, data, expires_at, size, distance)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.dht_key,
+                record.provider,
+                data,
+                record.expires_at,
+                len(data),
+                _distance_bytes(record.dht_key, self._own_int),
+            ),
         )
         self._total_bytes += len(data) - old_size - freed
+        self._count(record.provider, len(data) - old_size)
         return True
 
     def get_providers(self, dht_key: bytes, *, now: float, limit: int) -> list[ProviderRecord]:
@@ -325,47 +451,71 @@ class DhtStore:
         deleted = conn.execute("DELETE FROM dht_records WHERE expires_at <= ?", (now,)).rowcount
         deleted += conn.execute("DELETE FROM dht_providers WHERE expires_at <= ?", (now,)).rowcount
         if deleted:
-            self._total_bytes = _sum_sizes(conn)
+            self._recount(conn)
         return int(deleted)
-
-    def _distance(self, dht_key: bytes) -> int:
-        return int.from_bytes(dht_key, "big") ^ self._own_int
 
     def _make_room(self, conn: sqlite3.Connection, dht_key: bytes, extra_bytes: int, *, own: bool) -> int:
         """Inside a write: evict farther entries until ``extra_bytes`` more fit; bytes freed.
 
         Raises :class:`StoreFullError` (having changed nothing) when that is impossible. The
-        caller subtracts the freed bytes from ``_total_bytes`` once its insert succeeded.
+        caller subtracts the freed bytes from ``_total_bytes`` once its insert succeeded (the
+        victims' writers are uncounted here: a later failure rolls back and recounts).
         """
         excess = self._total_bytes + extra_bytes - self.max_bytes
         if excess <= 0:
             return 0
-        new_distance = self._distance(dht_key)
-        candidates: list[tuple[int, str, bytes, bytes | None, int]] = []
-        for key, size in conn.execute("SELECT dht_key, size FROM dht_records WHERE own = 0"):
-            candidates.append((self._distance(key), "record", key, None, int(size)))
-        for key, provider, size in conn.execute("SELECT dht_key, provider, size FROM dht_providers"):
-            candidates.append((self._distance(key), "provider", key, provider, int(size)))
-        candidates.sort(key=lambda c: c[0], reverse=True)
-        victims = []
+        new_distance = _distance_bytes(dht_key, self._own_int)
+        victims: list[_Victim] = []
         freed = 0
-        for distance, kind, key, provider, size in candidates:
-            if freed >= excess:
-                break
-            if key == dht_key:
-                continue
-            if distance <= new_distance and not own:
-                break
-            victims.append((kind, key, provider))
-            freed += size
+        records = conn.execute(
+            "SELECT distance, dht_key, writer, size FROM dht_records WHERE own = 0 ORDER BY distance DESC"
+        )
+        providers = conn.execute("SELECT distance, dht_key, provider, size FROM dht_providers ORDER BY distance DESC")
+        try:
+            for victim in _farthest_first(records, providers):
+                if freed >= excess:
+                    break
+                if victim.dht_key == dht_key:
+                    continue
+                if victim.distance <= new_distance and not own:
+                    break
+                victims.append(victim)
+                freed += victim.size
+        finally:
+            # Finished statements before the DELETEs: no read is left open on the rows they change.
+            records.close()
+            providers.close()
         if freed < excess:
             raise StoreFullError(
                 f"DHT store is full ({self._total_bytes} of {self.max_bytes} bytes) "
                 "and holds nothing farther from our id to evict"
             )
-        for kind, key, provider in victims:
-            if kind == "record":
-                conn.execute("DELETE FROM dht_records WHERE dht_key = ?", (key,))
+        for victim in victims:
+            if victim.provider is None:
+                conn.execute("DELETE FROM dht_records WHERE dht_key = ?", (victim.dht_key,))
             else:
-                conn.execute("DELETE FROM dht_providers WHERE dht_key = ? AND provider = ?", (key, provider))
+                conn.execute(
+                    "DELETE FROM dht_providers WHERE dht_key = ? AND provider = ?", (victim.dht_key, victim.provider)
+                )
+            self._count(victim.writer, -victim.size)
         return freed
+
+
+def _farthest_first(records: sqlite3.Cursor, providers: sqlite3.Cursor) -> Iterator[_Victim]:
+    """Merge the two distance-ordered cursors (others' records; provider records) into one
+    stream, farthest from our id first: read lazily through the distance indexes."""
+    return heapq.merge(
+        (_Victim(bytes(d), bytes(k), None, bytes(w or b""), int(n)) for d, k, w, n in records),
+        (_Victim(bytes(d), bytes(k), bytes(p), bytes(p), int(n)) for d, k, p, n in providers),
+        key=lambda victim: victim.distance,
+        reverse=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Victim:
+    distance: bytes
+    dht_key: bytes
+    provider: bytes | None  # None: a record
+    writer: bytes
+    size: int

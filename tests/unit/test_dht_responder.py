@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from lattica.dht.errors import StoreFullError
+from lattica.dht.errors import StoreFullError, WriterQuotaError
 from lattica.dht.messages import Ack, AddProvider, PeerInfo, Ping, Pong, PutValue
 from lattica.dht.records import sign_provider_record, sign_record
 from lattica.dht.responder import Responder, StoreProvider, StoreRecord
@@ -79,4 +79,6 @@ def test_a_write_the_store_refused_becomes_the_refusal_sent() -> None:
     record = sign_record(WRITER, b"k", b"v", seq=5, expires_at=int(NOW) + 3600)
     refusal = r.write_failed(StoreRecord(record, own=False), StoreFullError("full"))
     assert not refusal.stored and refusal.reason == "store full"
+    over_quota = r.write_failed(StoreRecord(record, own=False), WriterQuotaError("quota"))
+    assert not over_quota.stored and over_quota.reason == "writer over quota"
     assert isinstance(r.handle(OTHER.peer_id, Ping(sender=PeerInfo.of(OTHER.peer_id, [])), NOW).response, Pong)

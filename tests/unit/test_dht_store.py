@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
 import trio
 
-from lattica.dht.errors import StaleRecordError, StoreFullError
+from lattica.dht.errors import StaleRecordError, StoreFullError, WriterQuotaError
 from lattica.dht.keys import xor_distance
 from lattica.dht.records import SignedRecord, encode_record, sign_provider_record, sign_record
 from lattica.dht.store import DhtStore, StoredPeer
@@ -184,3 +185,113 @@ async def test_full_disk_refuses_the_write_keeps_acknowledged_records_and_serves
     again = open_store(db)
     assert again.record_count() == len(acknowledged)
     again.close()
+
+
+async def test_one_writer_cannot_pass_its_quota_and_others_still_fit() -> None:
+    per_record = len(encode_record(record(WRITERS[0], b"k0", size=1000)))
+    store = DhtStore(":memory:", own_key=OWN.peer_id.dht_key(), max_bytes=1 << 30, max_bytes_per_writer=per_record * 3)
+    for i in range(3):
+        assert await store.put_record(record(WRITERS[0], f"k{i}".encode(), size=1000))
+    with pytest.raises(WriterQuotaError):
+        await store.put_record(record(WRITERS[0], b"k3", size=1000))
+    # A provider record signed by the same identity counts against the same quota.
+    with pytest.raises(WriterQuotaError):
+        await store.add_provider(sign_provider_record(WRITERS[0], b"cid", [], expires_at=NOW + 60))
+    assert store.record_count() == 3
+    assert store.writer_bytes(WRITERS[0].peer_id.key) == per_record * 3
+    # Replacing a held record with a newer one of the same size stays within the quota.
+    assert await store.put_record(record(WRITERS[0], b"k0", seq=2, size=1000))
+    # Other writers are unaffected, and our own records never count.
+    assert await store.put_record(record(WRITERS[1], size=1000))
+    for i in range(5):
+        assert await store.put_record(record(OWN, f"mine{i}".encode(), size=1000), own=True)
+    assert store.writer_bytes(OWN.peer_id.key) == 0
+
+
+async def test_quota_counts_shrink_on_purge_and_eviction_and_survive_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "lattica.db"
+    per_record = len(encode_record(record(WRITERS[0], b"k1", size=1000)))  # every key here is 2 bytes
+    store = DhtStore(db, own_key=OWN.peer_id.dht_key(), max_bytes_per_writer=per_record * 2)
+    await store.put_record(record(WRITERS[0], b"k1", ttl=10, size=1000))
+    await store.put_record(record(WRITERS[0], b"k2", size=1000))
+    with pytest.raises(WriterQuotaError):
+        await store.put_record(record(WRITERS[0], b"k3", size=1000))
+    await store.purge_expired(now=NOW + 10)
+    assert store.writer_bytes(WRITERS[0].peer_id.key) == per_record
+    assert await store.put_record(record(WRITERS[0], b"k3", size=1000))
+    store.close()
+    again = DhtStore(db, own_key=OWN.peer_id.dht_key(), max_bytes_per_writer=per_record * 2)
+    assert again.writer_bytes(WRITERS[0].peer_id.key) == per_record * 2
+    with pytest.raises(WriterQuotaError):
+        await again.put_record(record(WRITERS[0], b"k4", size=1000))
+    again.close()
+
+
+async def test_an_evicted_record_frees_its_writers_quota() -> None:
+    own_key = OWN.peer_id.dht_key()
+    candidates = sorted(
+        (record(WRITERS[0], f"k{i}".encode(), size=1000) for i in range(20)),
+        key=lambda r: xor_distance(r.dht_key, own_key),
+    )
+    per_record = len(encode_record(candidates[0]))
+    store = DhtStore(":memory:", own_key=own_key, max_bytes=per_record * 2, max_bytes_per_writer=per_record * 2)
+    far = candidates[-1]
+    far_distance = xor_distance(far.dht_key, own_key)
+    near = [r for r in (record(w, size=1000) for w in WRITERS[1:]) if xor_distance(r.dht_key, own_key) < far_distance]
+    assert await store.put_record(far)
+    assert await store.put_record(candidates[-2])
+    assert await store.put_record(near[0])  # evicts the farthest: WRITERS[0]'s ``far``
+    assert store.get_record(far.dht_key, now=NOW) is None
+    assert store.writer_bytes(WRITERS[0].peer_id.key) == per_record
+
+
+def test_a_database_from_before_the_distance_columns_is_migrated(tmp_path: Path) -> None:
+    db = tmp_path / "lattica.db"
+    own_key = OWN.peer_id.dht_key()
+    records = [record(w, size=1000) for w in WRITERS[:8]]
+    per_record = len(encode_record(records[0]))
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE dht_records (dht_key BLOB PRIMARY KEY, data BLOB NOT NULL, seq INTEGER NOT NULL,"
+            " expires_at INTEGER NOT NULL, own INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL)"
+        )
+        conn.execute(
+            "CREATE TABLE dht_providers (dht_key BLOB NOT NULL, provider BLOB NOT NULL, data BLOB NOT NULL,"
+            " expires_at INTEGER NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (dht_key, provider))"
+        )
+        conn.executemany(
+            "INSERT INTO dht_records VALUES (?, ?, ?, ?, 0, ?)",
+            [(r.dht_key, encode_record(r), r.seq, r.expires_at, per_record) for r in records],
+        )
+    conn.close()
+
+    async def fill_to_the_cap() -> None:
+        store = DhtStore(db, own_key=own_key, max_bytes=per_record * 8)
+        assert store.writer_bytes(WRITERS[0].peer_id.key) == per_record
+        nearest_newcomer = min(
+            (record(w, size=1000) for w in WRITERS[8:]), key=lambda r: xor_distance(r.dht_key, own_key)
+        )
+        assert await store.put_record(nearest_newcomer)
+        farthest_old = max(records, key=lambda r: xor_distance(r.dht_key, own_key))
+        assert store.get_record(farthest_old.dht_key, now=NOW) is None
+        assert store.record_count() == 8
+        store.close()
+
+    trio.run(fill_to_the_cap)
+
+
+async def test_distances_are_recomputed_when_the_node_id_changes(tmp_path: Path) -> None:
+    db = tmp_path / "lattica.db"
+    records = [record(w, size=1000) for w in WRITERS[:8]]
+    per_record = len(encode_record(records[0]))
+    first = DhtStore(db, own_key=OWN.peer_id.dht_key())
+    for r in records:
+        await first.put_record(r)
+    first.close()
+    other_key = WRITERS[30].peer_id.dht_key()
+    second = DhtStore(db, own_key=other_key, max_bytes=per_record * 8)
+    newcomer = min((record(w, size=1000) for w in WRITERS[8:30]), key=lambda r: xor_distance(r.dht_key, other_key))
+    assert await second.put_record(newcomer)
+    farthest_from_new_id = max(records, key=lambda r: xor_distance(r.dht_key, other_key))
+    assert second.get_record(farthest_from_new_id.dht_key, now=NOW) is None
+    second.close()
