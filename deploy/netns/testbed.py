@@ -355,7 +355,9 @@ def missing_tools() -> list[str]:
     ]
 
 
-def _run(step: Step) -> None:
+def run_step(step: Step) -> None:
+    """Run one build step. Raises :class:`MissingToolError` or :class:`TestbedError` (naming the
+    step, the command and what it printed)."""
     try:
         done = subprocess.run(
             step.argv, input=step.stdin, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S, check=False
@@ -384,7 +386,7 @@ def build(spec: TopologySpec = DEFAULT_TOPOLOGY, prefix: str | None = None) -> T
     bed = plan_testbed(spec, prefix)
     try:
         for step in bed.steps:
-            _run(step)
+            run_step(step)
     except BaseException:
         teardown(bed.namespaces)
         raise
