@@ -503,15 +503,21 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
         epilog=(
             "examples:\n"
             "  deploy/netns/testbed.py run -- sh -c 'echo \"$LATTICA_TESTBED\"'   # built, used, removed\n"
-            "  deploy/netns/testbed.py up            # build; lives until `down PREFIX` or its shell exits + sweep\n"
-            "  ip netns exec ltb-123-abcd-cone1-pc ping -c1 198.18.0.11\n"
+            "  deploy/netns/testbed.py up            # build; stays until `down PREFIX`\n"
+            "  ip netns exec ltb-123-abcd-nat-cone1 nft list ruleset\n"
             "  deploy/netns/testbed.py down ltb-123-abcd\n"
             "  deploy/netns/testbed.py sweep         # remove testbeds whose owner process is gone"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="build the default testbed, print it as JSON; owned by the calling shell")
+    up = commands.add_parser("up", help="build the default testbed and print it as JSON; it stays until `down`")
+    up.add_argument(
+        "--owner",
+        type=int,
+        default=os.getsid(0),
+        help="pid whose exit makes the testbed stale for `sweep` (default: this terminal session's leader)",
+    )
     run = commands.add_parser("run", help="build, run COMMAND with $LATTICA_TESTBED set (JSON), tear down")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     down = commands.add_parser("down", help="tear down the testbed with this prefix")
@@ -528,8 +534,9 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "up":
-        # The shell that ran us owns the testbed: `sweep` leaves it alone while that shell lives.
-        bed = build(prefix=new_prefix(os.getppid()))
+        # Not our own pid (we exit now) nor our parent's (often a `$(...)` subshell): the session
+        # leader, i.e. the terminal or CI job, so `sweep` leaves the testbed alone while it lives.
+        bed = build(prefix=new_prefix(args.owner))
         print(json.dumps(bed.describe(), indent=2))
         print(f"tear down with: {sys.argv[0]} down {bed.prefix}", file=sys.stderr)
         return 0

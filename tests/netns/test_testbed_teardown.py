@@ -134,8 +134,8 @@ def test_up_and_down_from_the_command_line() -> None:
     described = json.loads(up.stdout)
     try:
         assert _left(described["namespaces"]) == sorted(described["namespaces"])
-        # `up` is owned by the shell that ran it (here: this process), so sweep leaves it alone.
-        assert described["prefix"].startswith(f"ltb-{os.getpid()}-")
+        # `up` is owned by the session leader (the terminal or CI job), so sweep leaves it alone.
+        assert described["prefix"].startswith(f"ltb-{os.getsid(0)}-")
         assert described["prefix"] not in tb.sweep()
     finally:
         down = subprocess.run(
