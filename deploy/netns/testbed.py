@@ -525,6 +525,10 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("list", help="testbeds on this machine and whether their owner lives")
     commands.add_parser("sweep", help="tear down testbeds whose owner process is gone")
     args = parser.parse_args(argv)
+    # The trap: SIGTERM/SIGHUP/SIGINT become SystemExit, so a build in progress (`up`, `run`)
+    # tears down what it made, and `run` tears down its testbed, before the script exits.
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, _raise_on_signal)
     try:
         return _dispatch(args)
     except TestbedError as exc:
@@ -545,9 +549,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not command:
             print("testbed: run needs a command after --", file=sys.stderr)
             return 2
-        # The trap: SIGTERM/SIGHUP/SIGINT become SystemExit, so the `finally` of testbed() runs.
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(signum, _raise_on_signal)
         with testbed() as bed:
             env = {**os.environ, "LATTICA_TESTBED": json.dumps(bed.describe())}
             return subprocess.run(command, env=env, check=False).returncode
