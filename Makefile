@@ -21,10 +21,10 @@ run: $(STAMP)
 	$(BIN)/lattica daemon $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check lattica sim_net cli tests bench
+	$(BIN)/ruff check lattica sim_net cli tests bench deploy
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict lattica sim_net cli
+	$(BIN)/mypy --strict lattica sim_net cli deploy/netns/testbed.py
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests

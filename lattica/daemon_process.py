@@ -11,6 +11,7 @@ import selectors
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,14 +70,17 @@ def start_daemon_process(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout_s: float = 20.0,
+    command_prefix: Sequence[str] = (),
 ) -> DaemonProcess:
     """Run ``python -m cli.main daemon --home HOME ARGS...`` and wait until it is ready.
 
-    The child's stderr (its log) is discarded; its log file is in ``HOME/logs``. On failure the
-    child is killed before the error propagates.
+    ``command_prefix`` goes before the command and must exec it (so the child is the daemon),
+    e.g. ``["ip", "netns", "exec", NS]`` to run it inside a network namespace. The child's
+    stderr (its log) is discarded; its log file is in ``HOME/logs``. On failure the child is
+    killed before the error propagates.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "daemon", "--home", str(home), *args],
+        [*command_prefix, sys.executable, "-m", "cli.main", "daemon", "--home", str(home), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
