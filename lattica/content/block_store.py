@@ -189,7 +189,14 @@ class BlockStore:
         self.tmp_dir = self.root / TMP_DIR
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = trio.Lock()
-        db.write_blocking(lambda conn: conn.executescript(_SCHEMA))
+        db.write_blocking(self._create_schema)
+
+    @staticmethod
+    def _create_schema(conn: sqlite3.Connection) -> None:
+        # One statement at a time: executescript() would COMMIT the writer's transaction.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
 
     # -- paths and reads -------------------------------------------------------------------------
 

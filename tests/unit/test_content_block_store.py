@@ -1,0 +1,161 @@
+"""Block store: verified, atomic, indexed chunks; ranged reads; verify, pin, gc; disk full."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lattica.content import ChunkMismatchError, ChunkNotFoundError, ContentTooLargeError, blake3_digest
+from lattica.content.block_store import BlockStore
+from lattica.content.publish import publish
+from lattica.storage import DiskFullError, SqliteWriter
+from tests.conftest import MakeTmpfs
+from tests.unit.content_samples import KIB, MIB, open_store
+
+
+async def test_put_then_read_ranges(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        data = os.urandom(100 * KIB)
+        digest = await store.put(data)
+        assert digest == blake3_digest(data)
+        assert store.has(digest)
+        assert store.block_path(digest).read_bytes() == data
+        assert await store.read(digest) == data
+        assert await store.read(digest, 1000, 24) == data[1000:1024]
+        assert store.read_block(digest, len(data) - 1) == data[-1:]
+        with pytest.raises(ValueError):
+            store.read_block(digest, 10, len(data))
+        with store.open_block(digest) as file:
+            file.seek(50 * KIB)
+            assert file.read(10) == data[50 * KIB : 50 * KIB + 10]
+
+
+async def test_bytes_that_do_not_match_their_digest_are_not_stored(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        claimed = blake3_digest(b"the real chunk")
+        with pytest.raises(ChunkMismatchError):
+            await store.put(b"something else", claimed)
+        assert not store.has(claimed)
+        assert not store.block_path(claimed).exists()
+        assert not store.has(blake3_digest(b"something else"))
+        assert list(store.tmp_dir.iterdir()) == []
+        assert await store.put(b"the real chunk", claimed) == claimed
+
+
+async def test_oversized_chunk_is_refused(tmp_path: Path) -> None:
+    writer = SqliteWriter(tmp_path / "db")
+    try:
+        store = BlockStore(tmp_path / "blocks", writer, max_chunk_bytes=1024)
+        with pytest.raises(ContentTooLargeError):
+            await store.put(b"x" * 1025)
+    finally:
+        writer.close()
+
+
+async def test_index_survives_reopening(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        digest = await store.put(b"kept")
+    with open_store(tmp_path) as store:
+        assert store.has(digest)
+        assert store.read_block(digest) == b"kept"
+        assert store.missing([digest, blake3_digest(b"other"), digest]) == [blake3_digest(b"other")]
+
+
+async def test_unknown_block_is_not_found(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        with pytest.raises(ChunkNotFoundError):
+            store.read_block(blake3_digest(b"never stored"))
+
+
+async def test_verify_reports_and_drops_bad_and_missing_blocks(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        good = await store.put(b"good" * 1000)
+        damaged = await store.put(b"damaged" * 1000)
+        lost = await store.put(b"lost" * 1000)
+        path = store.block_path(damaged)
+        path.write_bytes(b"X" + path.read_bytes()[1:])
+        store.block_path(lost).unlink()
+        report = await store.verify()
+        assert report.checked == 3 and not report.ok
+        assert report.bad == (damaged,) and report.missing == (lost,)
+        assert store.has(damaged)  # reported, not dropped
+        report = await store.verify([damaged, lost, good], drop_bad=True)
+        assert report.bad == (damaged,) and report.missing == (lost,) and report.dropped
+        assert store.missing([good, damaged, lost]) == [damaged, lost]
+        assert not store.block_path(damaged).exists()
+        assert (await store.verify()).ok
+        # Fetched again, they are stored again.
+        assert await store.put(b"damaged" * 1000, damaged) == damaged
+
+
+def _folder(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+async def test_gc_keeps_pinned_content_and_removes_the_rest(tmp_path: Path) -> None:
+    shared = os.urandom(64 * KIB)
+    a = _folder(tmp_path / "a", {"x.bin": shared, "only-a.bin": os.urandom(5000)})
+    b = _folder(tmp_path / "b", {"x.bin": shared, "only-b.bin": os.urandom(7000)})
+    with open_store(tmp_path / "store") as store:
+        kept = await publish(store, a)
+        dropped = await publish(store, b)
+        loose = await store.put(b"not part of any root")
+        (store.root / "ab").mkdir(exist_ok=True)
+        orphan = store.root / "ab" / ("ab" + "00" * 31)
+        orphan.write_bytes(b"left by a crash between file and index")
+        (store.tmp_dir / "block-x.tmp").write_bytes(b"half-written")
+        await store.set_pinned(dropped.cid, False)
+        assert [(r.cid, r.pinned) for r in store.roots()] == [(kept.cid, True), (dropped.cid, False)]
+        report = await store.gc()
+        assert report.roots_removed == 1
+        assert report.blocks_removed == 3  # only-b's chunk, b's manifest, the loose block
+        assert report.orphans_removed == 2
+        assert [r.cid for r in store.roots()] == [kept.cid]
+        assert not store.has(loose) and not orphan.exists() and list(store.tmp_dir.iterdir()) == []
+        needed = [c.digest for f in kept.manifest.files for c in f.chunks]
+        assert store.missing(needed) == []
+        assert store.manifest(kept.cid) == kept.manifest
+        with pytest.raises(ChunkNotFoundError):
+            store.manifest(dropped.cid)
+        with pytest.raises(ChunkNotFoundError):
+            await store.set_pinned(dropped.cid, True)
+
+
+async def test_disk_full_names_the_path_and_keeps_what_was_stored(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
+    disk = make_tmpfs(4)
+    writer = SqliteWriter(tmp_path / "lattica.db")  # the index on another disk: the blocks fill
+    try:
+        store = BlockStore(disk / "blocks", writer)
+        stored = []
+        with pytest.raises(DiskFullError) as caught:
+            for number in range(16):
+                stored.append(await store.put(bytes([number]) * 512 * KIB))
+        assert str(disk / "blocks") in caught.value.path
+        assert "disk full" in str(caught.value)
+        assert stored, "some blocks fit before the disk was full"
+        assert list(store.tmp_dir.iterdir()) == []  # no half-written file left behind
+        report = await store.verify()
+        assert report.ok and report.checked == len(stored)
+        for number, digest in enumerate(stored):
+            assert store.read_block(digest) == bytes([number]) * 512 * KIB
+    finally:
+        writer.close()
+
+
+async def test_publish_of_a_folder_larger_than_the_disk_fails_cleanly(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
+    disk = make_tmpfs(2)
+    folder = _folder(tmp_path / "model", {"big.bin": os.urandom(3 * MIB)})
+    writer = SqliteWriter(tmp_path / "lattica.db")
+    try:
+        store = BlockStore(disk / "blocks", writer)
+        with pytest.raises(DiskFullError):
+            await publish(store, folder)
+        assert store.roots() == []
+        assert (await store.verify()).ok
+    finally:
+        writer.close()
