@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from lattica.content import ChunkMismatchError, ChunkNotFoundError, ContentTooLargeError, blake3_digest
 from lattica.content.block_store import BlockStore
@@ -54,6 +56,21 @@ async def test_oversized_chunk_is_refused(tmp_path: Path) -> None:
         writer.close()
 
 
+async def test_disk_work_takes_no_virtual_time(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # Under a virtual clock the hashing and file writes run inline: a worker thread would let
+    # autojump move time while it ran, and one seed would no longer give one run.
+    with open_store(tmp_path) as store:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 3600)  # a deadline autojump could move to
+            start = trio.current_time()
+            digest = await store.put(os.urandom(256 * KIB))
+            assert await store.read(digest, 0, 4) == store.block_path(digest).read_bytes()[:4]
+            assert (await store.verify()).ok
+            await store.gc()
+            assert trio.current_time() == start
+            nursery.cancel_scope.cancel()
+
+
 async def test_index_survives_reopening(tmp_path: Path) -> None:
     with open_store(tmp_path) as store:
         digest = await store.put(b"kept")
@@ -64,9 +81,8 @@ async def test_index_survives_reopening(tmp_path: Path) -> None:
 
 
 async def test_unknown_block_is_not_found(tmp_path: Path) -> None:
-    with open_store(tmp_path) as store:
-        with pytest.raises(ChunkNotFoundError):
-            store.read_block(blake3_digest(b"never stored"))
+    with open_store(tmp_path) as store, pytest.raises(ChunkNotFoundError):
+        store.read_block(blake3_digest(b"never stored"))
 
 
 async def test_verify_reports_and_drops_bad_and_missing_blocks(tmp_path: Path) -> None:

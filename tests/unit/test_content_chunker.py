@@ -78,7 +78,9 @@ def _chunk_digests(data: bytes, chunk: int) -> list[bytes]:
 
 def test_a_shared_tensor_at_different_offsets_gives_identical_chunks() -> None:
     shared = tensors(7, {"encoder.big": (300, 256)})["encoder.big"]  # 300 KiB: large at 64 KiB chunks
-    base = safetensors_bytes({"embed": np.ones(100, np.float32), "encoder.big": shared, "head": np.zeros(10, np.float32)})
+    base = safetensors_bytes(
+        {"embed": np.ones(100, np.float32), "encoder.big": shared, "head": np.zeros(10, np.float32)}
+    )
     tuned = safetensors_bytes(
         {"aaa.new": tensors(8, {"x": (5000,)})["x"], "encoder.big": shared, "zz.head": np.ones(33, np.float32)},
         metadata={"fine_tuned": "yes"},
