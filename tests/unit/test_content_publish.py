@@ -154,3 +154,25 @@ async def test_a_hostile_safetensors_file_is_refused(tmp_path: Path) -> None:
     (folder / "model.safetensors").write_bytes((1 << 62).to_bytes(8, "little") + b"{}")
     with open_store(tmp_path / "store") as store, pytest.raises(MalformedSafetensorsError, match="cap"):
         await publish(store, folder)
+
+
+async def test_new_blocks_are_flushed_to_disk_before_they_are_indexed(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    folder = _model(tmp_path / "m", tensors(4, {"w": (300, 300)}))
+    events: list[str] = []
+    with open_store(tmp_path / "store") as store:
+        real_sync, real_index = store.sync_to_disk, store.index_blocks
+
+        def sync() -> None:
+            events.append("sync")
+            real_sync()
+
+        async def index(blocks):  # type: ignore[no-untyped-def]
+            events.append(f"index {len(blocks)}")
+            await real_index(blocks)
+
+        monkeypatch.setattr(store, "sync_to_disk", sync)
+        monkeypatch.setattr(store, "index_blocks", index)
+        await publish(store, folder, config=SMALL_CHUNKS)
+    # config.json then model.safetensors: each file's blocks flushed once, then indexed.
+    assert events[:2] == ["sync", "index 1"]
+    assert events[2] == "sync" and events[3].startswith("index ") and int(events[3].split()[1]) > 1
