@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -36,7 +38,7 @@ from lattica.content.publish import publish
 from lattica.storage import SqliteWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Spread, machine_info, utc_now, write_results  # noqa: E402
+from _harness import Spread, machine_info, utc_now, write_results
 
 
 def _model_folder() -> Path:
@@ -50,15 +52,20 @@ async def _publish(folder: Path, store: BlockStore) -> int:
     return (await publish(store, folder)).manifest.total_bytes
 
 
-async def _put_each(folder: Path, store: BlockStore) -> int:
-    total = 0
+def _chunks_of_folder(folder: Path) -> Iterator[bytes]:
+    """The folder's files cut as publishing cuts them (tensor-aligned, 1 MiB), read in turn."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         index = read_safetensors_index(str(path)) if path.suffix == ".safetensors" else None
-        size = path.stat().st_size
         with path.open("rb") as file:
-            for _, length in plan_chunks(size, 1 << 20, index):
-                await store.put(file.read(length))
-        total += size
+            for _, length in plan_chunks(os.fstat(file.fileno()).st_size, 1 << 20, index):
+                yield file.read(length)
+
+
+async def _put_each(folder: Path, store: BlockStore) -> int:
+    total = 0
+    for chunk in _chunks_of_folder(folder):
+        await store.put(chunk)
+        total += len(chunk)
     return total
 
 
