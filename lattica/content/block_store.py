@@ -377,7 +377,8 @@ class BlockStore:
     async def add_root(self, encoded: bytes, manifest: Manifest, *, pinned: bool = True) -> Cid:
         """Store a manifest (its canonical ``encoded`` bytes) as a root referencing its chunks;
         returns its id. The chunks need not all be stored yet (a fetch adds the root first).
-        Adding a root again updates its pin. Raises like :meth:`put`."""
+        Adding a root again can pin it but never unpins it (only :meth:`set_pinned` does).
+        Raises like :meth:`put`."""
         if len(encoded) > self.max_manifest_bytes:
             raise ContentTooLargeError(f"manifest of {len(encoded)} bytes exceeds the cap of {self.max_manifest_bytes}")
         cid = Cid.for_manifest(encoded)
@@ -387,7 +388,7 @@ class BlockStore:
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO content_roots (cid, name, total_bytes, pinned, added_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (cid) DO UPDATE SET pinned = excluded.pinned",
+                " ON CONFLICT (cid) DO UPDATE SET pinned = MAX(pinned, excluded.pinned)",
                 (str(cid), manifest.name, manifest.total_bytes, int(pinned), now),
             )
             conn.executemany(

@@ -175,3 +175,15 @@ async def test_publish_of_a_folder_larger_than_the_disk_fails_cleanly(tmp_path: 
         assert (await store.verify()).ok
     finally:
         writer.close()
+
+
+async def test_adding_a_root_again_never_unpins_it(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "a", {"x.bin": b"x" * 100})
+    with open_store(tmp_path / "store") as store:
+        pinned = await publish(store, folder)
+        again = await publish(store, folder, pinned=False)
+        assert again.cid == pinned.cid
+        assert [r.pinned for r in store.roots()] == [True]
+        await store.set_pinned(pinned.cid, False)
+        await publish(store, folder, pinned=True)
+        assert [r.pinned for r in store.roots()] == [True]

@@ -152,3 +152,36 @@ def test_mutated_manifests_give_a_typed_error_or_a_valid_manifest(edits: list[tu
 def test_random_bytes_give_a_typed_error(data: bytes) -> None:
     with pytest.raises(MalformedContentError):
         decode_manifest(data)
+
+
+_digests = st.binary(min_size=32, max_size=32)
+_chunks = st.lists(st.builds(ChunkRef, _digests, st.integers(-2, 10 * CHUNK), st.integers(-2, 2 * CHUNK)), max_size=4)
+_files = st.builds(
+    FileEntry,
+    path=st.one_of(st.sampled_from(["a", "b/c", "model.safetensors", "A", "../x", "a/b"]), st.text(max_size=12)),
+    size=st.integers(-1, 4 * CHUNK),
+    mode=st.sampled_from([0o644, 0o755, 0o777]),
+    sha256=_digests,
+    chunks=_chunks.map(tuple),
+    safetensors=st.one_of(st.none(), st.just(GOOD.files[1].safetensors)),
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.builds(
+        Manifest,
+        version=st.sampled_from([1, 1, 2]),
+        name=st.text(max_size=10),
+        tags=st.lists(st.text(max_size=5), max_size=3).map(tuple),
+        chunk_bytes=st.sampled_from([CHUNK, CHUNK, 1]),
+        files=st.one_of(st.lists(_files, max_size=4).map(tuple), st.just(GOOD.files)),
+    )
+)
+def test_structurally_random_manifests_give_a_typed_error_or_round_trip(manifest: Manifest) -> None:
+    data = encode_manifest(manifest)
+    try:
+        decoded = decode_manifest(data)
+    except MalformedContentError:
+        return
+    assert decoded == manifest and encode_manifest(decoded) == data
