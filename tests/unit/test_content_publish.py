@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lattica.content import ContentConfig, ContentError, MalformedSafetensorsError, UnsafePathError, manifest_cid
+from lattica.content.export import export
 from lattica.content.publish import publish
 from tests.unit.content_samples import KIB, open_store, safetensors_bytes, tensors
 
@@ -176,3 +178,28 @@ async def test_new_blocks_are_flushed_to_disk_before_they_are_indexed(tmp_path: 
     # config.json then model.safetensors: each file's blocks flushed once, then indexed.
     assert events[:2] == ["sync", "index 1"]
     assert events[2] == "sync" and events[3].startswith("index ") and int(events[3].split()[1]) > 1
+
+
+async def test_publishing_a_large_file_never_holds_it_in_memory(tmp_path: Path) -> None:
+    path = tmp_path / "big.bin"
+    with path.open("wb") as file:
+        for _ in range(48):
+            file.write(os.urandom(1 << 20))
+    with open_store(tmp_path / "store") as store:
+        tracemalloc.start()
+        try:
+            await publish(store, path)  # 48 chunks of 1 MiB
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        out = tmp_path / "out"
+        tracemalloc.start()
+        try:
+            await export(store, store.manifest(store.roots()[0].cid), out)
+            _, export_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert (out / "big.bin").stat().st_size == 48 << 20
+    # A chunk or two in flight, never the 48 MiB file.
+    assert peak < 4 << 20, peak
+    assert export_peak < 4 << 20, export_peak
