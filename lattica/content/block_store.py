@@ -113,6 +113,15 @@ class VerifyReport:
 
 
 @dataclass(frozen=True)
+class BatchPutResult:
+    """Result of :meth:`BlockStore.put_many`: digests now stored (new or already held), and
+    digests whose offered bytes did not hash to them (nothing of those was written)."""
+
+    stored: tuple[bytes, ...]
+    rejected: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
 class GcReport:
     """Result of :meth:`BlockStore.gc`: unpinned roots dropped, blocks and bytes freed, and
     orphan files (no index row: a crash between file and index) removed."""
@@ -346,6 +355,44 @@ class BlockStore:
             raise ChunkMismatchError(f"chunk offered as {digest.hex()} hashes to {actual.hex()}; not stored")
         await self._store_verified(actual, data)
         return actual
+
+    async def put_many(self, chunks: Sequence[tuple[bytes | memoryview, bytes]]) -> BatchPutResult:
+        """Store several chunks offered as ``(data, digest)`` pairs (e.g. a batch received
+        from peers) with one flush to disk and one index transaction for all of them.
+
+        Each chunk is verified on its own: one whose bytes do not hash to its digest is
+        rejected (reported, not written) and the others are still stored. Returns once the
+        stored ones are on disk and indexed. Raises :class:`ContentTooLargeError` (before
+        anything is written), :class:`~lattica.storage.DiskFullError` (blocks written before
+        the full disk are kept as unindexed orphans; none of the batch is acknowledged),
+        ``OSError`` and :class:`~lattica.storage.StorageError`."""
+        for data, _ in chunks:
+            if len(data) > self.max_chunk_bytes:
+                raise ContentTooLargeError(f"chunk of {len(data)} bytes exceeds the cap of {self.max_chunk_bytes}")
+
+        def write_all() -> tuple[list[bytes], list[bytes], list[tuple[bytes, int]]]:
+            stored: list[bytes] = []
+            rejected: list[bytes] = []
+            written: list[tuple[bytes, int]] = []
+            new: set[bytes] = set()
+            for data, digest in chunks:
+                if blake3_digest(data) != digest:
+                    rejected.append(digest)
+                    continue
+                stored.append(digest)
+                if digest not in new and not self.has(digest):
+                    self.write_block_file(digest, data, durable=False)
+                    written.append((digest, len(data)))
+                    new.add(digest)
+            if written:
+                self.sync_to_disk()
+            return stored, rejected, written
+
+        async with self._lock:
+            stored, rejected, written = await run_blocking(write_all)
+            if written:
+                await self.index_blocks(written)
+        return BatchPutResult(tuple(stored), tuple(rejected))
 
     async def _store_verified(self, digest: bytes, data: bytes | memoryview) -> None:
         async with self._lock:

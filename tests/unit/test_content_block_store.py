@@ -187,3 +187,23 @@ async def test_adding_a_root_again_never_unpins_it(tmp_path: Path) -> None:
         await store.set_pinned(pinned.cid, False)
         await publish(store, folder, pinned=True)
         assert [r.pinned for r in store.roots()] == [True]
+
+
+async def test_put_many_stores_the_good_chunks_and_rejects_the_bad(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    good = [os.urandom(10 * KIB) for _ in range(5)]
+    forged = (b"forged bytes", blake3_digest(b"the real bytes"))
+    with open_store(tmp_path) as store:
+        already = await store.put(good[0])
+        flushes: list[int] = []
+        real_sync = store.sync_to_disk
+        monkeypatch.setattr(store, "sync_to_disk", lambda: flushes.append(1) or real_sync())
+        batch = [(data, blake3_digest(data)) for data in good] + [forged, (good[1], blake3_digest(good[1]))]
+        result = await store.put_many(batch)
+        assert result.stored == (already, *[blake3_digest(d) for d in good[1:]], blake3_digest(good[1]))
+        assert result.rejected == (forged[1],)
+        assert flushes == [1]  # one flush for the four new blocks
+        assert store.missing(blake3_digest(d) for d in good) == []
+        assert not store.has(forged[1]) and not store.block_path(forged[1]).exists()
+        assert (await store.verify()).ok
+        with pytest.raises(ContentTooLargeError):
+            await store.put_many([(b"x" * (store.max_chunk_bytes + 1), b"\0" * 32)])
