@@ -3,14 +3,26 @@ that the reference reader loads."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from lattica.content import ContentConfig, ContentError, NoTensorsSelectedError, parse_safetensors
+from lattica.content import (
+    ChunkRef,
+    ContentConfig,
+    ContentError,
+    FileEntry,
+    NoTensorsSelectedError,
+    blake3_digest,
+    parse_safetensors,
+    plan_chunks,
+)
 from lattica.content.publish import publish
 from lattica.content.tensor_select import select_tensors, write_selected_safetensors
 from tests.unit.content_samples import KIB, open_store, safetensors_bytes, tensors
@@ -89,3 +101,44 @@ async def test_no_match_and_non_safetensors_are_typed_errors(tmp_path: Path) -> 
         select_tensors(manifest.file("model.safetensors"), ["decoder.*"])
     with pytest.raises(ContentError):
         select_tensors(manifest.file("config.json"), ["*"])
+
+
+_DTYPES = [np.float32, np.float16, np.int8, np.int64, np.uint8, np.bool_]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 40), min_size=0, max_size=3)),
+        min_size=1,
+        max_size=8,
+    ),
+    st.data(),
+    st.sampled_from([4 * KIB, 8 * KIB]),
+)
+def test_any_selection_writes_a_file_the_reference_reader_loads(
+    specs: list[tuple[type, list[int]]], data: st.DataObject, chunk_bytes: int
+) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {f"t{i}": np.asarray(rng.random(shape) * 100).astype(dtype) for i, (dtype, shape) in enumerate(specs)}
+    blob = safetensors_bytes(arrays)
+    index = parse_safetensors(blob)
+    chunks = tuple(
+        ChunkRef(blake3_digest(blob[o : o + n]), o, n) for o, n in plan_chunks(len(blob), chunk_bytes, index)
+    )
+    by_digest = {c.digest: blob[c.offset : c.offset + c.length] for c in chunks}
+    entry = FileEntry("m.safetensors", len(blob), 0o644, b"\0" * 32, chunks, index)
+    chosen = data.draw(st.lists(st.sampled_from(sorted(arrays)), min_size=1, unique=True))
+    selection = select_tensors(entry, chosen)
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "sel.safetensors"
+        write_selected_safetensors(selection, lambda d, o, n: by_digest[d][o : o + n], out)
+        loaded = load_file(str(out))
+    assert sorted(loaded) == sorted(chosen)
+    for name in chosen:
+        np.testing.assert_array_equal(loaded[name], arrays[name])
+    needed = {c.digest for c in selection.chunks}
+    for tensor in (t for t in selection.tensors if t.nbytes):
+        assert all(
+            c.digest in needed for c in entry.chunks if c.offset < tensor.end and tensor.begin < c.offset + c.length
+        )
