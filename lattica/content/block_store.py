@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS content_roots (
     cid TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     total_bytes INTEGER NOT NULL,
+    chunk_bytes INTEGER NOT NULL,
     pinned INTEGER NOT NULL,
     added_at REAL NOT NULL
 );
@@ -87,12 +88,21 @@ CREATE INDEX IF NOT EXISTS content_refs_by_digest ON content_refs (digest);
 
 @dataclass(frozen=True)
 class RootInfo:
-    """A manifest held by this store: ``total_bytes`` of its files, whether it is pinned."""
+    """A manifest held by this store: ``total_bytes`` of its files, ``chunk_bytes`` of its
+    distinct chunks (less than ``total_bytes`` when files share chunks), ``held_bytes`` of
+    those chunks stored here, and whether it is pinned."""
 
     cid: Cid
     name: str
     total_bytes: int
+    chunk_bytes: int
+    held_bytes: int
     pinned: bool
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk of the manifest is stored here."""
+        return self.held_bytes == self.chunk_bytes
 
 
 @dataclass(frozen=True)
@@ -429,14 +439,16 @@ class BlockStore:
         if len(encoded) > self.max_manifest_bytes:
             raise ContentTooLargeError(f"manifest of {len(encoded)} bytes exceeds the cap of {self.max_manifest_bytes}")
         cid = Cid.for_manifest(encoded)
-        digests = [cid.digest, *manifest.unique_chunks()]
+        unique = manifest.unique_chunks()
+        digests = [cid.digest, *unique]
         now = time.time()
 
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO content_roots (cid, name, total_bytes, pinned, added_at) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO content_roots (cid, name, total_bytes, chunk_bytes, pinned, added_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (cid) DO UPDATE SET pinned = MAX(pinned, excluded.pinned)",
-                (str(cid), manifest.name, manifest.total_bytes, int(pinned), now),
+                (str(cid), manifest.name, manifest.total_bytes, sum(unique.values()), int(pinned), now),
             )
             conn.executemany(
                 "INSERT OR IGNORE INTO content_refs (root, digest) VALUES (?, ?)", ((str(cid), d) for d in digests)
@@ -459,13 +471,22 @@ class BlockStore:
         return decode_manifest(self.read_block(cid.digest), expected=cid, **limits)
 
     def roots(self) -> list[RootInfo]:
-        """Every manifest held, oldest first."""
-        rows = self.db.read(
-            lambda c: c.execute(
-                "SELECT cid, name, total_bytes, pinned FROM content_roots ORDER BY added_at, cid"
-            ).fetchall()
+        """Every manifest held, oldest first, with how much of it is stored here."""
+        # held: stored chunks the root references, less its own manifest block.
+        query = (
+            "SELECT r.cid, r.name, r.total_bytes, r.chunk_bytes, r.pinned, COALESCE(SUM(b.length), 0)"
+            " FROM content_roots r"
+            " LEFT JOIN content_refs f ON f.root = r.cid"
+            " LEFT JOIN content_blocks b ON b.digest = f.digest"
+            " GROUP BY r.cid ORDER BY r.added_at, r.cid"
         )
-        return [RootInfo(Cid.parse(cid), name, total, bool(pinned)) for cid, name, total, pinned in rows]
+        rows = self.db.read(lambda c: c.execute(query).fetchall())
+        result = []
+        for text, name, total, chunk_bytes, pinned, referenced in rows:
+            cid = Cid.parse(text)
+            manifest_bytes = self.block_length(cid.digest) if self.has(cid.digest) else 0
+            result.append(RootInfo(cid, name, total, chunk_bytes, referenced - manifest_bytes, bool(pinned)))
+        return result
 
     async def set_pinned(self, cid: Cid, pinned: bool) -> None:
         """Pin (keep through :meth:`gc`) or unpin a root; raises :class:`ChunkNotFoundError`

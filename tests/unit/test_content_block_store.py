@@ -207,3 +207,21 @@ async def test_put_many_stores_the_good_chunks_and_rejects_the_bad(tmp_path: Pat
         assert (await store.verify()).ok
         with pytest.raises(ContentTooLargeError):
             await store.put_many([(b"x" * (store.max_chunk_bytes + 1), b"\0" * 32)])
+
+
+async def test_roots_report_how_much_of_them_is_held(tmp_path: Path) -> None:
+    chunk = os.urandom(64 * KIB)
+    folder = _folder(tmp_path / "a", {"one.bin": chunk, "same.bin": chunk, "other.bin": os.urandom(1000)})
+    with open_store(tmp_path / "publisher") as publisher:
+        published = await publish(publisher, folder)
+        encoded = publisher.read_block(published.cid.digest)
+    with open_store(tmp_path / "fetcher") as fetcher:
+        # A fetch starts with the manifest alone, then stores chunks as they arrive.
+        await fetcher.add_root(encoded, published.manifest)
+        (root,) = fetcher.roots()
+        assert (root.total_bytes, root.chunk_bytes, root.held_bytes) == (2 * len(chunk) + 1000, len(chunk) + 1000, 0)
+        assert not root.complete
+        await fetcher.put(chunk)
+        assert fetcher.roots()[0].held_bytes == len(chunk) and not fetcher.roots()[0].complete
+        await fetcher.put((folder / "other.bin").read_bytes())
+        assert fetcher.roots()[0].complete
