@@ -4,12 +4,14 @@ content tests. Seeded: the same call gives the same bytes."""
 from __future__ import annotations
 
 import json
+import random
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from hypothesis import settings
 from safetensors.numpy import save
 
 from lattica.content.block_store import BlockStore
@@ -17,6 +19,15 @@ from lattica.storage import SqliteWriter
 
 KIB = 1 << 10
 MIB = 1 << 20
+
+fuzz = settings(derandomize=True, deadline=None, database=None)
+"""Hypothesis settings of the content tests: the same examples on every run (seeded), no
+per-example deadline (the machine is shared)."""
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    """``size`` pseudo-random bytes, the same for the same seed."""
+    return random.Random(seed).randbytes(size)
 
 
 def tensors(seed: int, spec: dict[str, tuple[int, ...]], dtype: type = np.float32) -> dict[str, np.ndarray]:

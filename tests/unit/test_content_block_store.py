@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,12 @@ from lattica.content.block_store import BlockStore
 from lattica.content.publish import publish
 from lattica.storage import DiskFullError, SqliteWriter
 from tests.conftest import MakeTmpfs
-from tests.unit.content_samples import KIB, MIB, open_store
+from tests.unit.content_samples import KIB, MIB, open_store, random_bytes
 
 
 async def test_put_then_read_ranges(tmp_path: Path) -> None:
     with open_store(tmp_path) as store:
-        data = os.urandom(100 * KIB)
+        data = random_bytes(100 * KIB, 1)
         digest = await store.put(data)
         assert digest == blake3_digest(data)
         assert store.has(digest)
@@ -63,7 +62,7 @@ async def test_disk_work_takes_no_virtual_time(tmp_path: Path, autojump_clock: t
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.sleep, 3600)  # a deadline autojump could move to
             start = trio.current_time()
-            digest = await store.put(os.urandom(256 * KIB))
+            digest = await store.put(random_bytes(256 * KIB, 2))
             assert await store.read(digest, 0, 4) == store.block_path(digest).read_bytes()[:4]
             assert (await store.verify()).ok
             await store.gc()
@@ -114,9 +113,9 @@ def _folder(root: Path, files: dict[str, bytes]) -> Path:
 
 
 async def test_gc_keeps_pinned_content_and_removes_the_rest(tmp_path: Path) -> None:
-    shared = os.urandom(64 * KIB)
-    a = _folder(tmp_path / "a", {"x.bin": shared, "only-a.bin": os.urandom(5000)})
-    b = _folder(tmp_path / "b", {"x.bin": shared, "only-b.bin": os.urandom(7000)})
+    shared = random_bytes(64 * KIB, 3)
+    a = _folder(tmp_path / "a", {"x.bin": shared, "only-a.bin": random_bytes(5000, 4)})
+    b = _folder(tmp_path / "b", {"x.bin": shared, "only-b.bin": random_bytes(7000, 5)})
     with open_store(tmp_path / "store") as store:
         kept = await publish(store, a)
         dropped = await publish(store, b)
@@ -165,7 +164,7 @@ async def test_disk_full_names_the_path_and_keeps_what_was_stored(tmp_path: Path
 
 async def test_publish_of_a_folder_larger_than_the_disk_fails_cleanly(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
     disk = make_tmpfs(2)
-    folder = _folder(tmp_path / "model", {"big.bin": os.urandom(3 * MIB)})
+    folder = _folder(tmp_path / "model", {"big.bin": random_bytes(3 * MIB, 6)})
     writer = SqliteWriter(tmp_path / "lattica.db")
     try:
         store = BlockStore(disk / "blocks", writer)
@@ -190,7 +189,7 @@ async def test_adding_a_root_again_never_unpins_it(tmp_path: Path) -> None:
 
 
 async def test_put_many_stores_the_good_chunks_and_rejects_the_bad(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    good = [os.urandom(10 * KIB) for _ in range(5)]
+    good = [random_bytes(10 * KIB, 70 + n) for n in range(5)]
     forged = (b"forged bytes", blake3_digest(b"the real bytes"))
     with open_store(tmp_path) as store:
         already = await store.put(good[0])
@@ -210,8 +209,8 @@ async def test_put_many_stores_the_good_chunks_and_rejects_the_bad(tmp_path: Pat
 
 
 async def test_roots_report_how_much_of_them_is_held(tmp_path: Path) -> None:
-    chunk = os.urandom(64 * KIB)
-    folder = _folder(tmp_path / "a", {"one.bin": chunk, "same.bin": chunk, "other.bin": os.urandom(1000)})
+    chunk = random_bytes(64 * KIB, 8)
+    folder = _folder(tmp_path / "a", {"one.bin": chunk, "same.bin": chunk, "other.bin": random_bytes(1000, 9)})
     with open_store(tmp_path / "publisher") as publisher:
         published = await publish(publisher, folder)
         encoded = publisher.read_block(published.cid.digest)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lattica.content import blake3_digest, parse_safetensors, plan_chunks
 from lattica.content.safetensors_header import SafetensorsIndex, TensorInfo
-from tests.unit.content_samples import KIB, safetensors_bytes, tensors
+from tests.unit.content_samples import KIB, fuzz, safetensors_bytes, tensors
 
 
 def test_fixed_chunks_cut_every_chunk_size() -> None:
@@ -52,6 +52,7 @@ def _layouts(draw: st.DrawFn) -> tuple[SafetensorsIndex, int]:
     return _index(draw(st.integers(10, 150)), sizes), chunk
 
 
+@fuzz
 @given(_layouts())
 def test_tensor_aligned_chunks_tile_the_file_and_keep_tensors_whole(layout: tuple[SafetensorsIndex, int]) -> None:
     index, chunk = layout

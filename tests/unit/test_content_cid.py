@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lattica.content import MANIFEST_CODEC, RAW_CODEC, Cid, InvalidCidError
+from tests.unit.content_samples import fuzz
 
 # BLAKE3 of the empty input (the reference test vector).
 EMPTY_BLAKE3 = bytes.fromhex("af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262")
@@ -92,6 +93,7 @@ def test_constructor_refuses_unknown_codec_and_short_digest() -> None:
         Cid(RAW_CODEC, b"short")
 
 
+@fuzz
 @given(st.text(max_size=80))
 def test_parse_gives_a_typed_error_or_the_same_spelling(text: str) -> None:
     try:
@@ -101,6 +103,7 @@ def test_parse_gives_a_typed_error_or_the_same_spelling(text: str) -> None:
     assert str(cid) == text
 
 
+@fuzz
 @given(st.binary(max_size=64))
 def test_from_bytes_gives_a_typed_error_or_the_same_bytes(data: bytes) -> None:
     try:
@@ -110,6 +113,7 @@ def test_from_bytes_gives_a_typed_error_or_the_same_bytes(data: bytes) -> None:
     assert cid.to_bytes() == data
 
 
+@fuzz
 @given(st.binary(min_size=4, max_size=40), st.integers(0, 35), st.integers(0, 255))
 def test_mutated_ids_parse_to_a_typed_error_or_a_valid_id(payload: bytes, index: int, byte: int) -> None:
     raw = bytearray(Cid.for_chunk(payload).to_bytes())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,16 @@ import pytest
 from lattica.content import ChunkMismatchError, ChunkNotFoundError, UnsafePathError
 from lattica.content.export import export, select_files
 from lattica.content.publish import publish
-from tests.unit.content_samples import KIB, open_store
+from tests.unit.content_samples import KIB, open_store, random_bytes
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    files = {"config.json": b"{}", "weights/a.bin": os.urandom(300 * KIB), "weights/b.bin": b"b" * 10, "run.sh": b"#!"}
+    files = {
+        "config.json": b"{}",
+        "weights/a.bin": random_bytes(300 * KIB, 1),
+        "weights/b.bin": b"b" * 10,
+        "run.sh": b"#!",
+    }
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)

@@ -27,7 +27,7 @@ from lattica.content import (
     parse_safetensors,
     plan_chunks,
 )
-from tests.unit.content_samples import KIB, safetensors_bytes
+from tests.unit.content_samples import KIB, fuzz, safetensors_bytes
 
 CHUNK = 4 * KIB
 
@@ -135,7 +135,7 @@ def test_caps_are_enforced_before_work() -> None:
         decode_manifest(GOOD_BYTES, max_chunks=3)
 
 
-@settings(max_examples=300)
+@settings(fuzz, max_examples=300)
 @given(st.lists(st.tuples(st.integers(0, len(GOOD_BYTES) - 1), st.integers(0, 255)), min_size=1, max_size=6))
 def test_mutated_manifests_give_a_typed_error_or_a_valid_manifest(edits: list[tuple[int, int]]) -> None:
     data = bytearray(GOOD_BYTES)
@@ -148,6 +148,7 @@ def test_mutated_manifests_give_a_typed_error_or_a_valid_manifest(edits: list[tu
     assert encode_manifest(manifest) == bytes(data)
 
 
+@fuzz
 @given(st.binary(max_size=200))
 def test_random_bytes_give_a_typed_error(data: bytes) -> None:
     with pytest.raises(MalformedContentError):
@@ -167,7 +168,7 @@ _files = st.builds(
 )
 
 
-@settings(max_examples=300)
+@settings(fuzz, max_examples=300)
 @given(
     st.builds(
         Manifest,

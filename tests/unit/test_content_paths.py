@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lattica.content import ContentTooLargeError, UnsafePathError, check_path_set, check_relative_path
+from tests.unit.content_samples import fuzz
 
 
 @pytest.mark.parametrize(
@@ -63,6 +64,7 @@ def test_too_many_files() -> None:
         check_path_set([f"f{i}" for i in range(4)], max_files=3)
 
 
+@fuzz
 @given(st.text(max_size=40))
 def test_any_text_is_refused_typed_or_is_a_safe_relative_path(path: str) -> None:
     try:

@@ -13,7 +13,7 @@ import pytest
 from lattica.content import ContentConfig, ContentError, MalformedSafetensorsError, UnsafePathError, manifest_cid
 from lattica.content.export import export
 from lattica.content.publish import publish
-from tests.unit.content_samples import KIB, open_store, safetensors_bytes, tensors
+from tests.unit.content_samples import KIB, open_store, random_bytes, safetensors_bytes, tensors
 
 SMALL_CHUNKS = ContentConfig(chunk_bytes=64 * KIB)
 
@@ -93,7 +93,7 @@ async def test_two_models_sharing_a_tensor_share_its_chunks_on_disk(tmp_path: Pa
 
 async def test_a_single_file_is_published_under_its_name(tmp_path: Path) -> None:
     path = tmp_path / "weights.bin"
-    path.write_bytes(os.urandom(150 * KIB))
+    path.write_bytes(random_bytes(150 * KIB, 1))
     with open_store(tmp_path / "store") as store:
         result = await publish(store, path, name="my weights", config=SMALL_CHUNKS)
     assert [f.path for f in result.manifest.files] == ["weights.bin"]
@@ -183,8 +183,8 @@ async def test_new_blocks_are_flushed_to_disk_before_they_are_indexed(tmp_path: 
 async def test_publishing_a_large_file_never_holds_it_in_memory(tmp_path: Path) -> None:
     path = tmp_path / "big.bin"
     with path.open("wb") as file:
-        for _ in range(48):
-            file.write(os.urandom(1 << 20))
+        for number in range(48):
+            file.write(random_bytes(1 << 20, 100 + number))
     with open_store(tmp_path / "store") as store:
         tracemalloc.start()
         try:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from lattica.content import MalformedSafetensorsError, SafetensorsIndex, check_index, parse_safetensors
 from lattica.content.safetensors_header import TensorInfo, read_safetensors_index
-from tests.unit.content_samples import raw_safetensors, safetensors_bytes, tensors
+from tests.unit.content_samples import fuzz, raw_safetensors, safetensors_bytes, tensors
 
 
 def test_index_of_a_reference_file() -> None:
@@ -100,6 +100,7 @@ def _assert_valid(index: SafetensorsIndex, size: int) -> None:
     assert position == size
 
 
+@fuzz
 @given(st.binary(max_size=300))
 def test_random_bytes_give_a_typed_error_or_a_valid_index(data: bytes) -> None:
     try:
@@ -112,6 +113,7 @@ def test_random_bytes_give_a_typed_error_or_a_valid_index(data: bytes) -> None:
 _VALID = safetensors_bytes({"a": np.arange(6, dtype=np.int16), "b": np.ones((2, 2), np.float32)}, {"k": "v"})
 
 
+@fuzz
 @given(st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8))
 def test_mutated_files_give_a_typed_error_or_a_valid_index(edits: list[tuple[int, int]]) -> None:
     data = bytearray(_VALID)
@@ -124,6 +126,7 @@ def test_mutated_files_give_a_typed_error_or_a_valid_index(edits: list[tuple[int
     _assert_valid(index, len(data))
 
 
+@fuzz
 @given(st.integers(0, len(_VALID)))
 def test_truncated_files_are_refused(cut: int) -> None:
     with pytest.raises(MalformedSafetensorsError):

@@ -25,7 +25,7 @@ from lattica.content import (
 )
 from lattica.content.publish import publish
 from lattica.content.tensor_select import select_tensors, write_selected_safetensors
-from tests.unit.content_samples import KIB, open_store, safetensors_bytes, tensors
+from tests.unit.content_samples import KIB, fuzz, open_store, safetensors_bytes, tensors
 
 CONFIG = ContentConfig(chunk_bytes=64 * KIB)
 
@@ -106,7 +106,7 @@ async def test_no_match_and_non_safetensors_are_typed_errors(tmp_path: Path) -> 
 _DTYPES = [np.float32, np.float16, np.int8, np.int64, np.uint8, np.bool_]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(fuzz, max_examples=40, deadline=None)
 @given(
     st.lists(
         st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 40), min_size=0, max_size=3)),
