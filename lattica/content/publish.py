@@ -40,7 +40,7 @@ from lattica.content.manifest import (
     encode_manifest,
 )
 from lattica.content.paths import check_path_set
-from lattica.content.safetensors_header import SafetensorsIndex, read_safetensors_index
+from lattica.content.safetensors_header import HEADER_LENGTH_BYTES, SafetensorsIndex, parse_header, read_header_bytes
 
 
 @dataclass(frozen=True)
@@ -117,19 +117,25 @@ class _ChunkedFile:
 
 def _chunk_file(store: BlockStore, local: LocalFile, config: ContentConfig) -> _ChunkedFile:
     """Worker thread: read, hash and store one file's chunks (one chunk in memory at a time)."""
-    index: SafetensorsIndex | None = None
-    if local.path.endswith(SAFETENSORS_SUFFIX):
-        index = read_safetensors_index(str(local.source), max_header_bytes=config.max_safetensors_header_bytes)
     whole = hashlib.sha256()
     chunks: list[ChunkRef] = []
     written: list[tuple[bytes, int]] = []
     written_now: set[bytes] = set()  # a chunk repeated within the file is written once
     with local.source.open("rb") as file:
         size = os.fstat(file.fileno()).st_size
+        index: SafetensorsIndex | None = None
+        header = b""
+        if local.path.endswith(SAFETENSORS_SUFFIX):
+            # From this open file: the index describes the bytes chunked below.
+            header = read_header_bytes(file, file_size=size, max_header_bytes=config.max_safetensors_header_bytes)
+            index = parse_header(header[HEADER_LENGTH_BYTES:], file_size=size)
+            file.seek(0)
         for offset, length in plan_chunks(size, config.chunk_bytes, index):
             data = file.read(length)
             if len(data) != length:
                 raise ContentError(f"{local.source} changed while it was published (shorter than {size} bytes)")
+            if offset < len(header) and data[: len(header) - offset] != header[offset : offset + length]:
+                raise ContentError(f"{local.source} changed while it was published (its header)")
             whole.update(data)
             digest = blake3_digest(data)
             chunks.append(ChunkRef(digest, offset, length))

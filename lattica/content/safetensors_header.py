@@ -27,7 +27,7 @@ import json
 import math
 import os
 import struct
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 
@@ -279,14 +279,23 @@ def parse_safetensors(data: bytes, *, max_header_bytes: int = DEFAULT_MAX_HEADER
     return parse_header(data[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + length], file_size=len(data))
 
 
+def read_header_bytes(file: BinaryIO, *, file_size: int, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> bytes:
+    """The 8-byte length and the JSON header of an open safetensors file, read from its start
+    (reads only the header). Raises :class:`MalformedSafetensorsError` and ``OSError``."""
+    file.seek(0)
+    prefix = file.read(HEADER_LENGTH_BYTES)
+    length = read_header_length(prefix, file_size=file_size, max_header_bytes=max_header_bytes)
+    header = file.read(length)
+    if len(header) != length:
+        raise MalformedSafetensorsError("safetensors file shrank while its header was read")
+    return prefix + header
+
+
 def read_safetensors_index(path: str, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> SafetensorsIndex:
     """Read and parse the header of the file at ``path`` (reads only the header).
 
     Raises :class:`MalformedSafetensorsError` and ``OSError``."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
-        length = read_header_length(file.read(HEADER_LENGTH_BYTES), file_size=size, max_header_bytes=max_header_bytes)
-        header = file.read(length)
-        if len(header) != length:
-            raise MalformedSafetensorsError("safetensors file shrank while its header was read")
-        return parse_header(header, file_size=size)
+        raw = read_header_bytes(file, file_size=size, max_header_bytes=max_header_bytes)
+        return parse_header(raw[HEADER_LENGTH_BYTES:], file_size=size)
