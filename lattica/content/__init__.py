@@ -15,7 +15,7 @@ that importing this package (e.g. for the configuration) stays cheap::
     from lattica.content.publish import publish
     store = BlockStore(home / "blocks", SqliteWriter(home / "lattica.db"))
     result = await publish(store, Path("my-model"), name="my-model", tags=("bert",))
-    str(result.cid)                                    # "bafyb..." text form of the id
+    str(result.cid)                                    # "bagaybqabdyq..." (chunks: "bafkr4i...")
 """
 
 from lattica.content.chunker import DEFAULT_CHUNK_BYTES, fixed_chunks, plan_chunks, tensor_aligned_chunks

@@ -7,8 +7,8 @@ Text form: ``"b"`` + RFC 4648 base32, lowercase, no padding (multibase ``base32`
 
 Codecs used here:
 
-* ``raw`` (0x55): a chunk's bytes. Such a CID is what ``ipfs add --raw-leaves --hash=blake3``
-  gives for the same bytes, so other tools can name and check a chunk.
+* ``raw`` (0x55): a chunk's bytes. Such a CID is what IPFS gives the same bytes stored as a
+  raw BLAKE3 block, so other tools can name and check a chunk.
 * :data:`MANIFEST_CODEC` (0x300001, in the multicodec table's private-use range): a Lattica
   manifest (canonical msgpack, see :mod:`lattica.content.manifest`). Other tools cannot read
   it, but can still check the bytes against the multihash.

@@ -21,7 +21,7 @@ def test_chunk_cid_is_raw_blake3_cidv1_in_base32() -> None:
     assert cid.digest == EMPTY_BLAKE3
     assert cid.to_bytes() == bytes([0x01, 0x55, 0x1E, 0x20]) + EMPTY_BLAKE3
     text = str(cid)
-    assert text.startswith("bafkr4i")  # what `ipfs add --raw-leaves --hash=blake3` prints
+    assert text.startswith("bafkr4i")  # IPFS's prefix for a raw BLAKE3 block
     assert Cid.parse(text) == cid
 
 
