@@ -512,8 +512,9 @@ class BlockStore:
         return hasher.digest() == digest
 
     async def verify(self, digests: Iterable[bytes] | None = None, *, drop_bad: bool = False) -> VerifyReport:
-        """Re-hash stored blocks (all, or those of ``digests`` that are indexed) and report the
-        ones that are missing or damaged. With ``drop_bad`` they are removed from the index (and
+        """Re-hash stored blocks (all, or those of ``digests``) and report the ones that are
+        missing (never stored, or their file is gone) or damaged; ``checked`` counts the
+        blocks re-hashed. With ``drop_bad`` they are removed from the index (and
         a damaged file deleted), so they count as absent and a fetch stores them again."""
         if digests is None:
             wanted: list[bytes] = self.db.read(lambda c: [r[0] for r in c.execute("SELECT digest FROM content_blocks")])
@@ -522,7 +523,8 @@ class BlockStore:
             absent = set(self.missing(requested))
             wanted = [d for d in requested if d not in absent]
         bad: list[bytes] = []
-        missing: list[bytes] = []
+        # Asked-for blocks that were never stored are missing too (``verify`` of a root).
+        missing: list[bytes] = [] if digests is None else [d for d in requested if d in absent]
         for digest in wanted:
             result = await run_blocking(partial(self._hash_file, digest))
             if result is None:

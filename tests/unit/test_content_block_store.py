@@ -101,6 +101,9 @@ async def test_verify_reports_and_drops_bad_and_missing_blocks(tmp_path: Path) -
         assert store.missing([good, damaged, lost]) == [damaged, lost]
         assert not store.block_path(damaged).exists()
         assert (await store.verify()).ok
+        never = blake3_digest(b"never stored")
+        report = await store.verify([good, never])
+        assert report.checked == 1 and report.missing == (never,) and report.bad == ()
         # Fetched again, they are stored again.
         assert await store.put(b"damaged" * 1000, damaged) == damaged
 
