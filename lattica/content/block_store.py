@@ -1,0 +1,587 @@
+"""The block store: chunk bytes in files under ``<home>/blocks``, the index in sqlite.
+
+Layout: ``blocks/<first 2 hex of digest>/<64 hex digest>`` (256 fan-out directories), temporary
+files in ``blocks/tmp/``. The index (tables ``content_blocks``, ``content_roots``,
+``content_refs``) lives in the database of the :class:`~lattica.storage.SqliteWriter` it is
+given (the node's ``lattica.db``) and is written only through it, never on the trio thread.
+
+Invariants:
+
+* **Verified before stored.** A chunk is hashed before anything is written; bytes that do not
+  hash to the digest they were offered under raise
+  :class:`~lattica.content.errors.ChunkMismatchError` and leave no trace.
+* **Atomic files.** A block is written to ``tmp/``, fsynced, renamed to its final name and
+  its directory fsynced; a crash leaves either the whole block or no block under the final
+  name (a stray temporary file at worst, removed by :meth:`BlockStore.gc`). Bulk writers may
+  skip the per-file fsyncs and flush a batch with one :func:`sync_filesystem` before indexing
+  it; until then such a file is an unindexed orphan whatever a crash left in it.
+* **File, then index.** A block is indexed (acknowledged) only after its file is in place, so
+  the index never names a block that was not written; a file without an index row is an orphan
+  that :meth:`BlockStore.gc` removes. Something that damages files afterwards is found by
+  :meth:`BlockStore.verify`.
+* **Disk full** (``ENOSPC``/``EDQUOT``) raises :class:`~lattica.storage.DiskFullError` naming
+  the path; the temporary file is removed and every block stored before is kept.
+* **Roots** are manifests (their own bytes are a block too); ``content_refs`` lists the chunks
+  each root references. ``gc`` removes unpinned roots, then every block no remaining root
+  references. ``put``/``add_root`` and ``gc`` exclude each other (one ``trio.Lock``), so a
+  block being stored is never collected half-way.
+* Reads never load more than the range asked for (at most one chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+import blake3
+import trio
+
+from lattica.content.blocking_io import run_blocking
+from lattica.content.chunk_ranges import iter_range
+from lattica.content.cid import Cid, blake3_digest
+from lattica.content.errors import ChunkMismatchError, ChunkNotFoundError, ContentTooLargeError
+from lattica.content.manifest import (
+    DEFAULT_MAX_MANIFEST_BYTES,
+    MAX_CHUNK_BYTES,
+    ChunkRef,
+    Manifest,
+    decode_manifest,
+)
+from lattica.storage import DiskFullError, SqliteWriter
+
+TMP_DIR = "tmp"
+_READ_PIECE_BYTES = 1 << 20
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS content_blocks (
+    digest BLOB PRIMARY KEY,
+    length INTEGER NOT NULL,
+    added_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS content_roots (
+    cid TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    total_bytes INTEGER NOT NULL,
+    chunk_bytes INTEGER NOT NULL,
+    pinned INTEGER NOT NULL,
+    added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS content_refs (
+    root TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (root, digest)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS content_refs_by_digest ON content_refs (digest);
+"""
+
+
+@dataclass(frozen=True)
+class RootInfo:
+    """A manifest held by this store: ``total_bytes`` of its files, ``chunk_bytes`` of its
+    distinct chunks (less than ``total_bytes`` when files share chunks), ``held_bytes`` of
+    those chunks stored here, and whether it is pinned."""
+
+    cid: Cid
+    name: str
+    total_bytes: int
+    chunk_bytes: int
+    held_bytes: int
+    pinned: bool
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk of the manifest is stored here."""
+        return self.held_bytes == self.chunk_bytes
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of :meth:`BlockStore.verify`: digests whose file is ``missing`` or whose bytes no
+    longer hash to them (``bad``); ``dropped`` says whether those were removed from the index
+    (so they count as absent and are fetched again)."""
+
+    checked: int
+    bad: tuple[bytes, ...]
+    missing: tuple[bytes, ...]
+    dropped: bool
+
+    @property
+    def ok(self) -> bool:
+        """Whether every checked block is present and intact."""
+        return not self.bad and not self.missing
+
+
+@dataclass(frozen=True)
+class BatchPutResult:
+    """Result of :meth:`BlockStore.put_many`: digests now stored (new or already held), and
+    digests whose offered bytes did not hash to them (nothing of those was written)."""
+
+    stored: tuple[bytes, ...]
+    rejected: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """Result of :meth:`BlockStore.gc`: unpinned roots dropped, blocks and bytes freed, and
+    orphan files (no index row: a crash between file and index) removed."""
+
+    roots_removed: int
+    blocks_removed: int
+    bytes_freed: int
+    orphans_removed: int
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_full(path: Path, exc: OSError) -> DiskFullError:
+    return DiskFullError(
+        f"{path}: disk full ({exc.strerror}); nothing stored before was lost: free some space",
+        path=str(path),
+        cause=exc.strerror or "ENOSPC",
+    )
+
+
+def write_file_atomically(
+    final: Path, pieces: Iterable[bytes | memoryview], tmp_dir: Path, *, durable: bool = True
+) -> None:
+    """Write ``pieces`` to a temporary file in ``tmp_dir`` (same file system), fsync it, rename
+    it to ``final`` and fsync ``final``'s directory; on any failure nothing is left under
+    ``final`` or in ``tmp_dir``. With ``durable=False`` both fsyncs are left to a later
+    :func:`sync_filesystem` (bulk writers: one flush for many files). Raises
+    :class:`~lattica.storage.DiskFullError` (naming the path) when the disk is full, ``OSError``
+    otherwise."""
+    fd, tmp_name = _mkstemp(tmp_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for piece in pieces:
+                out.write(piece)
+            out.flush()
+            if durable:
+                os.fsync(out.fileno())
+        os.replace(tmp_name, final)
+        if durable:
+            _fsync_directory(final.parent)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        if _is_disk_full(exc):
+            raise _disk_full(final, exc) from exc
+        raise
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush everything written to the file system holding ``path`` to disk (Linux
+    ``syncfs(2)``: one journal commit for a whole batch of files; elsewhere ``sync(2)``).
+
+    Why: an fsync per 1 MiB block (file and directory) cost ~13 ms on this machine's disk, and
+    one ``syncfs`` after a batch ~7 ms per block (``docs/decisions.md``). Raises
+    :class:`~lattica.storage.DiskFullError` or ``OSError`` when the kernel reports a write-back
+    error."""
+    if _libc is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            exc = OSError(code, os.strerror(code), str(path))
+            if _is_disk_full(exc):
+                raise _disk_full(path, exc)
+            raise exc
+    finally:
+        os.close(fd)
+
+
+def _mkstemp(tmp_dir: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(dir=tmp_dir, prefix=".lattica-", suffix=".tmp")
+
+
+class BlockStore:
+    """Chunks and manifests of a node (see the module docstring for the rules).
+
+    ``root`` is the blocks directory (created, mode 0700); ``db`` the writer of the database
+    holding the index (the schema is created on it). ``max_chunk_bytes`` bounds a stored chunk,
+    ``max_manifest_bytes`` a stored manifest. Raises ``OSError`` if ``root`` cannot be created
+    and :class:`~lattica.storage.StorageError` if the schema cannot be written.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        db: SqliteWriter,
+        *,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        max_manifest_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
+    ) -> None:
+        self.root = Path(root)
+        self.db = db
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_manifest_bytes = max_manifest_bytes
+        self.tmp_dir = self.root / TMP_DIR
+        self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = trio.Lock()
+        self._fanout_ready: set[str] = set()
+        db.write_blocking(self._create_schema)
+
+    @staticmethod
+    def _create_schema(conn: sqlite3.Connection) -> None:
+        # One statement at a time: executescript() would COMMIT the writer's transaction.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+
+    # -- paths and reads -------------------------------------------------------------------------
+
+    def block_path(self, digest: bytes) -> Path:
+        """Where the block with this digest lives (whether or not it is stored)."""
+        name = digest.hex()
+        return self.root / name[:2] / name
+
+    def has(self, digest: bytes) -> bool:
+        """Whether the block is indexed (stored and verified when it was written)."""
+        row = self.db.read(lambda c: c.execute("SELECT 1 FROM content_blocks WHERE digest = ?", (digest,)).fetchone())
+        return row is not None
+
+    def missing(self, digests: Iterable[bytes]) -> list[bytes]:
+        """The digests of ``digests`` that are not stored, in the order given, without repeats."""
+        wanted = list(dict.fromkeys(digests))
+
+        def query(conn: sqlite3.Connection) -> set[bytes]:
+            present: set[bytes] = set()
+            for start in range(0, len(wanted), 500):
+                batch = wanted[start : start + 500]
+                marks = ",".join("?" * len(batch))
+                rows = conn.execute(f"SELECT digest FROM content_blocks WHERE digest IN ({marks})", batch)
+                present.update(row[0] for row in rows)
+            return present
+
+        present = self.db.read(query)
+        return [d for d in wanted if d not in present]
+
+    def block_length(self, digest: bytes) -> int:
+        """Size of a stored block; raises :class:`ChunkNotFoundError`."""
+        row = self.db.read(
+            lambda c: c.execute("SELECT length FROM content_blocks WHERE digest = ?", (digest,)).fetchone()
+        )
+        if row is None:
+            raise ChunkNotFoundError(f"block {digest.hex()} is not stored")
+        return int(row[0])
+
+    def open_block(self, digest: bytes) -> BinaryIO:
+        """The stored block as a file opened for reading (streamed reads); the caller closes it.
+        Raises :class:`ChunkNotFoundError` when it is not indexed or its file is gone."""
+        if not self.has(digest):
+            raise ChunkNotFoundError(f"block {digest.hex()} is not stored")
+        try:
+            return self.block_path(digest).open("rb")
+        except FileNotFoundError:
+            raise ChunkNotFoundError(f"block {digest.hex()} is indexed but its file is missing; run verify") from None
+
+    def read_block(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes:
+        """``length`` bytes of a stored block from ``offset`` (to its end when ``None``), read
+        from disk on this thread (use :meth:`read` from trio). Raises
+        :class:`ChunkNotFoundError`, or ``ValueError`` for a range outside the block."""
+        size = self.block_length(digest)
+        end = size if length is None else offset + length
+        if not 0 <= offset <= end <= size:
+            raise ValueError(f"range [{offset}, {end}) is outside block {digest.hex()} ({size} bytes)")
+        with self.open_block(digest) as file:
+            file.seek(offset)
+            data = file.read(end - offset)
+        if len(data) != end - offset:
+            raise ChunkNotFoundError(f"block {digest.hex()} is shorter on disk than indexed; run verify")
+        return data
+
+    async def read(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes:
+        """:meth:`read_block` off the event loop."""
+        return await run_blocking(lambda: self.read_block(digest, offset, length))
+
+    def iter_file(self, chunks: Sequence[ChunkRef], start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` of a file whose chunk list is ``chunks``, one piece per chunk
+        (blocking reads: use from a worker thread for large ranges). Raises
+        :class:`ChunkNotFoundError` at the first chunk that is not stored."""
+        size = chunks[-1].offset + chunks[-1].length if chunks else 0
+        return iter_range(chunks, start, size if end is None else end, self.read_block)
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def write_block_file(self, digest: bytes, data: bytes | memoryview, *, durable: bool = True) -> None:
+        """Write a block's file atomically, on this thread, for ``data`` the caller has already
+        hashed to ``digest``; it is not indexed until :meth:`index_blocks`. For bulk writers on
+        a worker thread holding :meth:`writing` (publishing), which pass ``durable=False`` and
+        call :meth:`sync_to_disk` once before indexing the batch; others use :meth:`put`.
+        Raises :class:`~lattica.storage.DiskFullError` and ``OSError``."""
+        path = self.block_path(digest)
+        if path.parent.name not in self._fanout_ready:
+            path.parent.mkdir(exist_ok=True, mode=0o700)
+            self._fanout_ready.add(path.parent.name)
+        write_file_atomically(path, [data], self.tmp_dir, durable=durable)
+
+    def sync_to_disk(self) -> None:
+        """Make every block file written with ``durable=False`` durable (blocking: one
+        :func:`sync_filesystem` of the blocks directory). Call before :meth:`index_blocks`."""
+        sync_filesystem(self.root)
+
+    async def put(self, data: bytes | memoryview, digest: bytes | None = None) -> bytes:
+        """Store one chunk; returns its BLAKE3 digest. With ``digest`` the bytes must hash to it
+        (a chunk from a peer), else :class:`ChunkMismatchError` and nothing is written.
+
+        Returns once the block is on disk and indexed (committed). A block already stored is
+        not written again. Raises :class:`ContentTooLargeError` above ``max_chunk_bytes``,
+        :class:`~lattica.storage.DiskFullError` when the disk is full, ``OSError`` and
+        :class:`~lattica.storage.StorageError` for other failures."""
+        if len(data) > self.max_chunk_bytes:
+            raise ContentTooLargeError(f"chunk of {len(data)} bytes exceeds the cap of {self.max_chunk_bytes}")
+        actual = await run_blocking(lambda: blake3_digest(data))
+        if digest is not None and actual != digest:
+            raise ChunkMismatchError(f"chunk offered as {digest.hex()} hashes to {actual.hex()}; not stored")
+        await self._store_verified(actual, data)
+        return actual
+
+    async def put_many(self, chunks: Sequence[tuple[bytes | memoryview, bytes]]) -> BatchPutResult:
+        """Store several chunks offered as ``(data, digest)`` pairs (e.g. a batch received
+        from peers) with one flush to disk and one index transaction for all of them.
+
+        Each chunk is verified on its own: one whose bytes do not hash to its digest is
+        rejected (reported, not written) and the others are still stored. Returns once the
+        stored ones are on disk and indexed. Raises :class:`ContentTooLargeError` (before
+        anything is written), :class:`~lattica.storage.DiskFullError` (blocks written before
+        the full disk are kept as unindexed orphans; none of the batch is acknowledged),
+        ``OSError`` and :class:`~lattica.storage.StorageError`."""
+        for data, _ in chunks:
+            if len(data) > self.max_chunk_bytes:
+                raise ContentTooLargeError(f"chunk of {len(data)} bytes exceeds the cap of {self.max_chunk_bytes}")
+
+        def write_all() -> tuple[list[bytes], list[bytes], list[tuple[bytes, int]]]:
+            stored: list[bytes] = []
+            rejected: list[bytes] = []
+            written: list[tuple[bytes, int]] = []
+            new: set[bytes] = set()
+            for data, digest in chunks:
+                if blake3_digest(data) != digest:
+                    rejected.append(digest)
+                    continue
+                stored.append(digest)
+                if digest not in new and not self.has(digest):
+                    self.write_block_file(digest, data, durable=False)
+                    written.append((digest, len(data)))
+                    new.add(digest)
+            if written:
+                self.sync_to_disk()
+            return stored, rejected, written
+
+        async with self._lock:
+            stored, rejected, written = await run_blocking(write_all)
+            if written:
+                await self.index_blocks(written)
+        return BatchPutResult(tuple(stored), tuple(rejected))
+
+    async def _store_verified(self, digest: bytes, data: bytes | memoryview) -> None:
+        async with self._lock:
+            if self.has(digest):
+                return
+            await run_blocking(lambda: self.write_block_file(digest, data))
+            await self.index_blocks([(digest, len(data))])
+
+    async def index_blocks(self, blocks: Sequence[tuple[bytes, int]]) -> None:
+        """Index blocks whose files were written by :func:`write_file_atomically` at
+        :meth:`block_path` after their bytes were verified (bulk writers such as publishing
+        write files on a worker thread, then index them in one transaction). Callers other
+        than :meth:`put` must hold :meth:`writing`."""
+        now = time.time()
+        rows = [(digest, length, now) for digest, length in blocks]
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT OR IGNORE INTO content_blocks (digest, length, added_at) VALUES (?, ?, ?)", rows)
+
+        await self.db.write(insert)
+
+    def writing(self) -> trio.Lock:
+        """The lock that keeps :meth:`gc` out while blocks are written (hold it with
+        ``async with``)."""
+        return self._lock
+
+    # -- roots -----------------------------------------------------------------------------------
+
+    async def add_root(self, encoded: bytes, manifest: Manifest, *, pinned: bool = True) -> Cid:
+        """Store a manifest (its canonical ``encoded`` bytes) as a root referencing its chunks;
+        returns its id. The chunks need not all be stored yet (a fetch adds the root first).
+        Adding a root again can pin it but never unpins it (only :meth:`set_pinned` does).
+        Raises like :meth:`put`."""
+        if len(encoded) > self.max_manifest_bytes:
+            raise ContentTooLargeError(f"manifest of {len(encoded)} bytes exceeds the cap of {self.max_manifest_bytes}")
+        cid = Cid.for_manifest(encoded)
+        unique = manifest.unique_chunks()
+        digests = [cid.digest, *unique]
+        now = time.time()
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO content_roots (cid, name, total_bytes, chunk_bytes, pinned, added_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (cid) DO UPDATE SET pinned = MAX(pinned, excluded.pinned)",
+                (str(cid), manifest.name, manifest.total_bytes, sum(unique.values()), int(pinned), now),
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO content_refs (root, digest) VALUES (?, ?)", ((str(cid), d) for d in digests)
+            )
+
+        async with self._lock:
+            if not self.has(cid.digest):
+                await run_blocking(lambda: self.write_block_file(cid.digest, encoded))
+                await self.index_blocks([(cid.digest, len(encoded))])
+            await self.db.write(insert)
+        return cid
+
+    def manifest(self, cid: Cid, **limits: int) -> Manifest:
+        """The stored manifest ``cid``, decoded and checked (``limits`` are
+        :func:`~lattica.content.manifest.decode_manifest`'s caps). Raises
+        :class:`ChunkNotFoundError` or a :class:`~lattica.content.errors.MalformedContentError`
+        if the stored bytes were damaged."""
+        if not cid.is_manifest:
+            raise ChunkNotFoundError(f"{cid} names a chunk, not a manifest")
+        return decode_manifest(self.read_block(cid.digest), expected=cid, **limits)
+
+    def roots(self) -> list[RootInfo]:
+        """Every manifest held, oldest first, with how much of it is stored here."""
+        # held: stored chunks the root references, less its own manifest block.
+        query = (
+            "SELECT r.cid, r.name, r.total_bytes, r.chunk_bytes, r.pinned, COALESCE(SUM(b.length), 0)"
+            " FROM content_roots r"
+            " LEFT JOIN content_refs f ON f.root = r.cid"
+            " LEFT JOIN content_blocks b ON b.digest = f.digest"
+            " GROUP BY r.cid ORDER BY r.added_at, r.cid"
+        )
+        rows = self.db.read(lambda c: c.execute(query).fetchall())
+        result = []
+        for text, name, total, chunk_bytes, pinned, referenced in rows:
+            cid = Cid.parse(text)
+            manifest_bytes = self.block_length(cid.digest) if self.has(cid.digest) else 0
+            result.append(RootInfo(cid, name, total, chunk_bytes, referenced - manifest_bytes, bool(pinned)))
+        return result
+
+    async def set_pinned(self, cid: Cid, pinned: bool) -> None:
+        """Pin (keep through :meth:`gc`) or unpin a root; raises :class:`ChunkNotFoundError`
+        for a root this store does not hold."""
+
+        def update(conn: sqlite3.Connection) -> int:
+            return conn.execute("UPDATE content_roots SET pinned = ? WHERE cid = ?", (int(pinned), str(cid))).rowcount
+
+        if await self.db.write(update) == 0:
+            raise ChunkNotFoundError(f"{cid} is not held here")
+
+    # -- maintenance -----------------------------------------------------------------------------
+
+    def _hash_file(self, digest: bytes) -> bool | None:
+        """Whether the block's file hashes to ``digest`` (``None``: the file is missing)."""
+        hasher = blake3.blake3()
+        try:
+            with self.block_path(digest).open("rb") as file:
+                while piece := file.read(_READ_PIECE_BYTES):
+                    hasher.update(piece)
+        except FileNotFoundError:
+            return None
+        return hasher.digest() == digest
+
+    async def verify(self, digests: Iterable[bytes] | None = None, *, drop_bad: bool = False) -> VerifyReport:
+        """Re-hash stored blocks (all, or those of ``digests``) and report the ones that are
+        missing (never stored, or their file is gone) or damaged; ``checked`` counts the
+        blocks re-hashed. With ``drop_bad`` they are removed from the index (and
+        a damaged file deleted), so they count as absent and a fetch stores them again."""
+        if digests is None:
+            wanted: list[bytes] = self.db.read(lambda c: [r[0] for r in c.execute("SELECT digest FROM content_blocks")])
+        else:
+            requested = list(dict.fromkeys(digests))
+            absent = set(self.missing(requested))
+            wanted = [d for d in requested if d not in absent]
+        bad: list[bytes] = []
+        # Asked-for blocks that were never stored are missing too (``verify`` of a root).
+        missing: list[bytes] = [] if digests is None else [d for d in requested if d in absent]
+        for digest in wanted:
+            result = await run_blocking(partial(self._hash_file, digest))
+            if result is None:
+                missing.append(digest)
+            elif not result:
+                bad.append(digest)
+        if drop_bad and (bad or missing):
+            async with self._lock:
+                await self._unindex([*bad, *missing])
+                for digest in bad:
+                    await run_blocking(partial(self._delete_files, [digest]))
+        return VerifyReport(len(wanted), tuple(bad), tuple(missing), drop_bad)
+
+    async def _unindex(self, digests: Sequence[bytes]) -> None:
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM content_blocks WHERE digest = ?", ((d,) for d in digests))
+
+        await self.db.write(delete)
+
+    async def gc(self) -> GcReport:
+        """Drop unpinned roots, then delete every block no remaining root references, and
+        orphan and temporary files. Pinned content is never touched."""
+
+        def collect(conn: sqlite3.Connection) -> tuple[int, list[tuple[bytes, int]]]:
+            roots = conn.execute("DELETE FROM content_roots WHERE pinned = 0 RETURNING cid").fetchall()
+            conn.executemany("DELETE FROM content_refs WHERE root = ?", roots)
+            garbage = conn.execute(
+                "SELECT digest, length FROM content_blocks"
+                " WHERE NOT EXISTS (SELECT 1 FROM content_refs WHERE content_refs.digest = content_blocks.digest)"
+            ).fetchall()
+            conn.executemany("DELETE FROM content_blocks WHERE digest = ?", ((d,) for d, _ in garbage))
+            return len(roots), garbage
+
+        async with self._lock:
+            roots_removed, garbage = await self.db.write(collect)
+            await run_blocking(lambda: self._delete_files(d for d, _ in garbage))
+            orphans = await run_blocking(self._remove_orphans)
+        return GcReport(roots_removed, len(garbage), sum(length for _, length in garbage), orphans)
+
+    def _delete_files(self, digests: Iterable[bytes]) -> None:
+        for digest in digests:
+            with contextlib.suppress(FileNotFoundError):
+                self.block_path(digest).unlink()
+
+    def _remove_orphans(self) -> int:
+        """Delete temporary files and block files without an index row (called under the lock)."""
+        indexed: set[bytes] = self.db.read(lambda c: {r[0] for r in c.execute("SELECT digest FROM content_blocks")})
+        removed = 0
+        for entry in self.root.iterdir():
+            if entry.name == TMP_DIR or (entry.is_dir() and len(entry.name) == 2):
+                for file in entry.iterdir():
+                    try:
+                        keep = entry.name != TMP_DIR and bytes.fromhex(file.name) in indexed
+                    except ValueError:
+                        keep = False
+                    if not keep:
+                        with contextlib.suppress(FileNotFoundError):
+                            file.unlink()
+                        removed += 1
+        return removed

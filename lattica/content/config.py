@@ -1,0 +1,40 @@
+"""``ContentConfig``: the tunables of the content layer (the ``[content]`` table of ``config.toml``).
+
+Field types carry their bounds (checked when a file is loaded). The caps bound what a peer's
+manifest may make this node hold in memory or walk: they apply on decode as well as on publish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
+
+from lattica.content.manifest import (
+    DEFAULT_MAX_CHUNKS,
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_MANIFEST_BYTES,
+    MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
+)
+from lattica.content.paths import DEFAULT_MAX_PATH_BYTES
+from lattica.content.safetensors_header import DEFAULT_MAX_HEADER_BYTES
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContentConfig:
+    """Chunking and the bounds on manifests (sizes in bytes)."""
+
+    chunk_bytes: Annotated[int, msgspec.Meta(ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)] = 1 << 20
+    """Chunk size for new content (tensors of a safetensors file are packed up to it)."""
+    max_manifest_bytes: Annotated[int, msgspec.Meta(ge=1 << 16, le=1 << 30)] = DEFAULT_MAX_MANIFEST_BYTES
+    """Largest manifest encoding accepted or produced."""
+    max_files: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = DEFAULT_MAX_FILES
+    """Most files one manifest may list."""
+    max_chunks: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = DEFAULT_MAX_CHUNKS
+    """Most chunks one manifest may list (all files together)."""
+    max_path_bytes: Annotated[int, msgspec.Meta(ge=16, le=DEFAULT_MAX_PATH_BYTES)] = DEFAULT_MAX_PATH_BYTES
+    """Longest relative path in a manifest, UTF-8 bytes."""
+    max_safetensors_header_bytes: Annotated[int, msgspec.Meta(ge=1 << 10, le=100_000_000)] = DEFAULT_MAX_HEADER_BYTES
+    """Largest safetensors JSON header parsed (real models: well under 1 MiB)."""

@@ -1,0 +1,55 @@
+"""Errors of the content layer: what is wrong with which id, path, file or chunk, in one line.
+
+Decoders of bytes that may come from a peer (CIDs, manifests, safetensors headers) raise
+:class:`MalformedContentError` subclasses and nothing else; the exchange protocol turns those
+into :class:`~lattica.errors.RemoteProtocolError` for the peer that sent them. A full disk is
+:class:`lattica.storage.DiskFullError` (it names the path), the same error the sqlite index raises.
+"""
+
+from __future__ import annotations
+
+from lattica.errors import LatticaError
+
+
+class ContentError(LatticaError):
+    """Base class of the content layer's errors."""
+
+
+class MalformedContentError(ContentError, ValueError):
+    """Bytes or text that should encode a content object do not (a typed decode error)."""
+
+
+class InvalidCidError(MalformedContentError):
+    """A content id (text or bytes) is not a CIDv1 this node understands."""
+
+
+class MalformedSafetensorsError(MalformedContentError):
+    """A safetensors file's header is invalid or hostile (the message says which rule)."""
+
+
+class MalformedManifestError(MalformedContentError):
+    """A manifest encoding is not a valid, canonical manifest."""
+
+
+class UnsafePathError(MalformedContentError):
+    """A path in a folder or manifest could escape or clash on the target (``..``, absolute,
+    control characters, case-only duplicates, symlinks out of the tree, ...)."""
+
+
+class ContentTooLargeError(MalformedContentError):
+    """A count or size is above its configured bound (files, chunks, header, manifest)."""
+
+
+class ChunkMismatchError(ContentError):
+    """Chunk bytes do not hash to the id they were offered under; nothing was stored."""
+
+
+class ChunkNotFoundError(ContentError, KeyError):
+    """A chunk or manifest is not in the block store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NoTensorsSelectedError(ContentError):
+    """Tensor patterns matched no tensor of the file."""

@@ -1,0 +1,205 @@
+"""Publishing a file or a folder: walk, chunk, store, build the manifest, store it as a root.
+
+Walking (:func:`collect_files`) refuses, with :class:`~lattica.content.errors.UnsafePathError`:
+symlinks that leave the tree or point at a directory (a symlink to a file inside the tree is
+published as that file's content), special files (FIFOs, devices, sockets), unsafe names and
+sets of names (:mod:`lattica.content.paths`); more than ``max_files`` files is a
+:class:`~lattica.content.errors.ContentTooLargeError`. A single file is published under its
+base name.
+
+Chunking reads one chunk at a time (never a whole file) on a worker thread: each chunk is
+hashed (BLAKE3), written as a block unless already stored, and fed to the whole-file SHA-256.
+The file's new blocks are flushed to disk together (one ``syncfs``, not an fsync per block:
+2x faster on this machine) and only then indexed.
+A file that changes size while it is read is refused (:class:`~lattica.content.errors.ContentError`).
+Only the executable bit of a file's mode is kept (0o755 or 0o644).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from lattica.content.block_store import BlockStore
+from lattica.content.blocking_io import run_blocking
+from lattica.content.chunker import plan_chunks
+from lattica.content.cid import Cid, blake3_digest
+from lattica.content.config import ContentConfig
+from lattica.content.errors import ContentError, ContentTooLargeError, UnsafePathError
+from lattica.content.manifest import (
+    MANIFEST_VERSION,
+    SAFETENSORS_SUFFIX,
+    ChunkRef,
+    FileEntry,
+    Manifest,
+    check_manifest,
+    encode_manifest,
+)
+from lattica.content.paths import check_path_set
+from lattica.content.safetensors_header import HEADER_LENGTH_BYTES, SafetensorsIndex, parse_header, read_header_bytes
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A file found by :func:`collect_files`: manifest ``path``, where it is on disk, its mode."""
+
+    path: str
+    source: Path
+    executable: bool
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What :func:`publish` did: the content id, its manifest, and how many chunks and bytes
+    were new to the store (the rest were already held: deduplicated)."""
+
+    cid: Cid
+    manifest: Manifest
+    new_chunks: int
+    new_bytes: int
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def collect_files(target: Path, *, max_files: int, max_path_bytes: int) -> list[LocalFile]:
+    """The files to publish for ``target`` (a file or a folder), sorted by manifest path.
+
+    Raises :class:`UnsafePathError`, :class:`ContentTooLargeError`, ``OSError``."""
+    info = os.lstat(target)
+    if stat.S_ISREG(info.st_mode):
+        name = target.name
+        found = [LocalFile(name, target, bool(info.st_mode & 0o111))]
+        check_path_set([name], max_files=max_files, max_path_bytes=max_path_bytes)
+        return found
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafePathError(f"{target}: not a regular file or a folder")
+    root = target.resolve()
+    found = []
+    for directory, subdirs, files in os.walk(root, followlinks=False):
+        subdirs.sort()
+        base = Path(directory)
+        for name in subdirs:
+            if (base / name).is_symlink():
+                raise UnsafePathError(f"{base / name}: symlinked folders are not published")
+        for name in sorted(files):
+            source = base / name
+            info = os.lstat(source)
+            if stat.S_ISLNK(info.st_mode):
+                resolved = source.resolve()
+                if not _inside(resolved, root):
+                    raise UnsafePathError(f"{source}: symlink points out of the folder ({resolved})")
+                info = os.stat(resolved)
+                if not stat.S_ISREG(info.st_mode):
+                    raise UnsafePathError(f"{source}: symlink to something other than a file")
+                source = resolved
+            elif not stat.S_ISREG(info.st_mode):
+                raise UnsafePathError(f"{source}: not a regular file (FIFO, device or socket)")
+            relative = (base / name).relative_to(root).as_posix()
+            found.append(LocalFile(relative, source, bool(info.st_mode & 0o111)))
+            if len(found) > max_files:
+                raise ContentTooLargeError(f"{target}: more than {max_files} files")
+    found.sort(key=lambda f: f.path)
+    check_path_set((f.path for f in found), max_files=max_files, max_path_bytes=max_path_bytes)
+    return found
+
+
+@dataclass
+class _ChunkedFile:
+    entry: FileEntry
+    written: list[tuple[bytes, int]]
+
+
+def _chunk_file(store: BlockStore, local: LocalFile, config: ContentConfig) -> _ChunkedFile:
+    """Worker thread: read, hash and store one file's chunks (one chunk in memory at a time)."""
+    whole = hashlib.sha256()
+    chunks: list[ChunkRef] = []
+    written: list[tuple[bytes, int]] = []
+    written_now: set[bytes] = set()  # a chunk repeated within the file is written once
+    with local.source.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        index: SafetensorsIndex | None = None
+        header = b""
+        if local.path.endswith(SAFETENSORS_SUFFIX):
+            # From this open file: the index describes the bytes chunked below.
+            header = read_header_bytes(file, file_size=size, max_header_bytes=config.max_safetensors_header_bytes)
+            index = parse_header(header[HEADER_LENGTH_BYTES:], file_size=size)
+            file.seek(0)
+        for offset, length in plan_chunks(size, config.chunk_bytes, index):
+            data = file.read(length)
+            if len(data) != length:
+                raise ContentError(f"{local.source} changed while it was published (shorter than {size} bytes)")
+            if offset < len(header) and data[: len(header) - offset] != header[offset : offset + length]:
+                raise ContentError(f"{local.source} changed while it was published (its header)")
+            whole.update(data)
+            digest = blake3_digest(data)
+            chunks.append(ChunkRef(digest, offset, length))
+            if digest not in written_now and not store.has(digest):
+                store.write_block_file(digest, data, durable=False)
+                written.append((digest, length))
+                written_now.add(digest)
+        if file.read(1):
+            raise ContentError(f"{local.source} changed while it was published (longer than {size} bytes)")
+    if written:
+        store.sync_to_disk()  # one flush for the file's blocks, before they are indexed
+    mode = 0o755 if local.executable else 0o644
+    entry = FileEntry(local.path, size, mode, whole.digest(), tuple(chunks), index)
+    return _ChunkedFile(entry, written)
+
+
+async def publish(
+    store: BlockStore,
+    target: Path,
+    *,
+    name: str | None = None,
+    tags: tuple[str, ...] = (),
+    config: ContentConfig | None = None,
+    pinned: bool = True,
+) -> PublishResult:
+    """Publish the file or folder ``target`` into ``store``; returns its content id.
+
+    ``name`` defaults to the target's base name; tags are sorted and deduplicated. The root is
+    pinned unless ``pinned=False``. Raises :class:`UnsafePathError`,
+    :class:`ContentTooLargeError`, :class:`~lattica.content.errors.MalformedSafetensorsError`
+    (a ``.safetensors`` file whose header is invalid), :class:`ContentError`,
+    :class:`~lattica.storage.DiskFullError` and ``OSError``."""
+    config = config or ContentConfig()
+    target = Path(target)
+    files = await run_blocking(
+        lambda: collect_files(target, max_files=config.max_files, max_path_bytes=config.max_path_bytes)
+    )
+    entries: list[FileEntry] = []
+    new_chunks = new_bytes = 0
+    for local in files:
+        async with store.writing():
+            chunked = await run_blocking(partial(_chunk_file, store, local, config))
+            await store.index_blocks(chunked.written)
+        entries.append(chunked.entry)
+        new_chunks += len(chunked.written)
+        new_bytes += sum(length for _, length in chunked.written)
+    manifest = Manifest(
+        version=MANIFEST_VERSION,
+        name=target.resolve().name if name is None else name,
+        tags=tuple(sorted(set(tags))),
+        chunk_bytes=config.chunk_bytes,
+        files=tuple(entries),
+    )
+    check_manifest(
+        manifest,
+        max_files=config.max_files,
+        max_chunks=config.max_chunks,
+        max_path_bytes=config.max_path_bytes,
+        max_header_bytes=config.max_safetensors_header_bytes,
+    )
+    encoded = encode_manifest(manifest)
+    if len(encoded) > config.max_manifest_bytes:
+        raise ContentTooLargeError(
+            f"{target}: manifest of {len(encoded)} bytes exceeds the cap of {config.max_manifest_bytes}"
+        )
+    cid = await store.add_root(encoded, manifest, pinned=pinned)
+    return PublishResult(cid, manifest, new_chunks, new_bytes)

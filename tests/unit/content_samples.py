@@ -1,0 +1,58 @@
+"""Small generated safetensors models and a block store on a temporary directory, for the
+content tests. Seeded: the same call gives the same bytes."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from hypothesis import settings
+from safetensors.numpy import save
+
+from lattica.content.block_store import BlockStore
+from lattica.storage import SqliteWriter
+
+KIB = 1 << 10
+MIB = 1 << 20
+
+fuzz = settings(derandomize=True, deadline=None, database=None)
+"""Hypothesis settings of the content tests: the same examples on every run (seeded), no
+per-example deadline (the machine is shared)."""
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    """``size`` pseudo-random bytes, the same for the same seed."""
+    return random.Random(seed).randbytes(size)
+
+
+def tensors(seed: int, spec: dict[str, tuple[int, ...]], dtype: type = np.float32) -> dict[str, np.ndarray]:
+    """Random tensors of the given shapes (seeded)."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape).astype(dtype) for name, shape in spec.items()}
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file written by the reference implementation."""
+    return save(arrays, metadata=metadata)
+
+
+def raw_safetensors(header: object, data: bytes = b"", *, length: int | None = None) -> bytes:
+    """A hand-made (possibly hostile) file: length prefix, JSON header, data."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if length is None else length) + text + data
+
+
+@contextmanager
+def open_store(directory: Path) -> Iterator[BlockStore]:
+    """A block store in ``directory`` (``blocks/`` and ``lattica.db``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = SqliteWriter(directory / "lattica.db")
+    try:
+        yield BlockStore(directory / "blocks", writer)
+    finally:
+        writer.close()

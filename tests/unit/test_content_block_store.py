@@ -1,0 +1,229 @@
+"""Block store: verified, atomic, indexed chunks; ranged reads; verify, pin, gc; disk full."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from lattica.content import ChunkMismatchError, ChunkNotFoundError, ContentTooLargeError, blake3_digest
+from lattica.content.block_store import BlockStore
+from lattica.content.publish import publish
+from lattica.storage import DiskFullError, SqliteWriter
+from tests.conftest import MakeTmpfs
+from tests.unit.content_samples import KIB, MIB, open_store, random_bytes
+
+
+async def test_put_then_read_ranges(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        data = random_bytes(100 * KIB, 1)
+        digest = await store.put(data)
+        assert digest == blake3_digest(data)
+        assert store.has(digest)
+        assert store.block_path(digest).read_bytes() == data
+        assert await store.read(digest) == data
+        assert await store.read(digest, 1000, 24) == data[1000:1024]
+        assert store.read_block(digest, len(data) - 1) == data[-1:]
+        with pytest.raises(ValueError):
+            store.read_block(digest, 10, len(data))
+        with store.open_block(digest) as file:
+            file.seek(50 * KIB)
+            assert file.read(10) == data[50 * KIB : 50 * KIB + 10]
+
+
+async def test_bytes_that_do_not_match_their_digest_are_not_stored(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        claimed = blake3_digest(b"the real chunk")
+        with pytest.raises(ChunkMismatchError):
+            await store.put(b"something else", claimed)
+        assert not store.has(claimed)
+        assert not store.block_path(claimed).exists()
+        assert not store.has(blake3_digest(b"something else"))
+        assert list(store.tmp_dir.iterdir()) == []
+        assert await store.put(b"the real chunk", claimed) == claimed
+
+
+async def test_oversized_chunk_is_refused(tmp_path: Path) -> None:
+    writer = SqliteWriter(tmp_path / "db")
+    try:
+        store = BlockStore(tmp_path / "blocks", writer, max_chunk_bytes=1024)
+        with pytest.raises(ContentTooLargeError):
+            await store.put(b"x" * 1025)
+    finally:
+        writer.close()
+
+
+async def test_disk_work_takes_no_virtual_time(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # Under a virtual clock the hashing and file writes run inline: a worker thread would let
+    # autojump move time while it ran, and one seed would no longer give one run.
+    with open_store(tmp_path) as store:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 3600)  # a deadline autojump could move to
+            start = trio.current_time()
+            digest = await store.put(random_bytes(256 * KIB, 2))
+            assert await store.read(digest, 0, 4) == store.block_path(digest).read_bytes()[:4]
+            assert (await store.verify()).ok
+            await store.gc()
+            assert trio.current_time() == start
+            nursery.cancel_scope.cancel()
+
+
+async def test_index_survives_reopening(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        digest = await store.put(b"kept")
+    with open_store(tmp_path) as store:
+        assert store.has(digest)
+        assert store.read_block(digest) == b"kept"
+        assert store.missing([digest, blake3_digest(b"other"), digest]) == [blake3_digest(b"other")]
+
+
+async def test_unknown_block_is_not_found(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store, pytest.raises(ChunkNotFoundError):
+        store.read_block(blake3_digest(b"never stored"))
+
+
+async def test_verify_reports_and_drops_bad_and_missing_blocks(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        good = await store.put(b"good" * 1000)
+        damaged = await store.put(b"damaged" * 1000)
+        lost = await store.put(b"lost" * 1000)
+        path = store.block_path(damaged)
+        path.write_bytes(b"X" + path.read_bytes()[1:])
+        store.block_path(lost).unlink()
+        report = await store.verify()
+        assert report.checked == 3 and not report.ok
+        assert report.bad == (damaged,) and report.missing == (lost,)
+        assert store.has(damaged)  # reported, not dropped
+        report = await store.verify([damaged, lost, good], drop_bad=True)
+        assert report.bad == (damaged,) and report.missing == (lost,) and report.dropped
+        assert store.missing([good, damaged, lost]) == [damaged, lost]
+        assert not store.block_path(damaged).exists()
+        assert (await store.verify()).ok
+        never = blake3_digest(b"never stored")
+        report = await store.verify([good, never])
+        assert report.checked == 1 and report.missing == (never,) and report.bad == ()
+        # Fetched again, they are stored again.
+        assert await store.put(b"damaged" * 1000, damaged) == damaged
+
+
+def _folder(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+async def test_gc_keeps_pinned_content_and_removes_the_rest(tmp_path: Path) -> None:
+    shared = random_bytes(64 * KIB, 3)
+    a = _folder(tmp_path / "a", {"x.bin": shared, "only-a.bin": random_bytes(5000, 4)})
+    b = _folder(tmp_path / "b", {"x.bin": shared, "only-b.bin": random_bytes(7000, 5)})
+    with open_store(tmp_path / "store") as store:
+        kept = await publish(store, a)
+        dropped = await publish(store, b)
+        loose = await store.put(b"not part of any root")
+        (store.root / "ab").mkdir(exist_ok=True)
+        orphan = store.root / "ab" / ("ab" + "00" * 31)
+        orphan.write_bytes(b"left by a crash between file and index")
+        (store.tmp_dir / "block-x.tmp").write_bytes(b"half-written")
+        await store.set_pinned(dropped.cid, False)
+        assert [(r.cid, r.pinned) for r in store.roots()] == [(kept.cid, True), (dropped.cid, False)]
+        report = await store.gc()
+        assert report.roots_removed == 1
+        assert report.blocks_removed == 3  # only-b's chunk, b's manifest, the loose block
+        assert report.orphans_removed == 2
+        assert [r.cid for r in store.roots()] == [kept.cid]
+        assert not store.has(loose) and not orphan.exists() and list(store.tmp_dir.iterdir()) == []
+        needed = [c.digest for f in kept.manifest.files for c in f.chunks]
+        assert store.missing(needed) == []
+        assert store.manifest(kept.cid) == kept.manifest
+        with pytest.raises(ChunkNotFoundError):
+            store.manifest(dropped.cid)
+        with pytest.raises(ChunkNotFoundError):
+            await store.set_pinned(dropped.cid, True)
+
+
+async def test_disk_full_names_the_path_and_keeps_what_was_stored(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
+    disk = make_tmpfs(4)
+    writer = SqliteWriter(tmp_path / "lattica.db")  # the index on another disk: the blocks fill
+    try:
+        store = BlockStore(disk / "blocks", writer)
+        stored = []
+        with pytest.raises(DiskFullError) as caught:
+            for number in range(16):
+                stored.append(await store.put(bytes([number]) * 512 * KIB))
+        assert str(disk / "blocks") in caught.value.path
+        assert "disk full" in str(caught.value)
+        assert stored, "some blocks fit before the disk was full"
+        assert list(store.tmp_dir.iterdir()) == []  # no half-written file left behind
+        report = await store.verify()
+        assert report.ok and report.checked == len(stored)
+        for number, digest in enumerate(stored):
+            assert store.read_block(digest) == bytes([number]) * 512 * KIB
+    finally:
+        writer.close()
+
+
+async def test_publish_of_a_folder_larger_than_the_disk_fails_cleanly(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
+    disk = make_tmpfs(2)
+    folder = _folder(tmp_path / "model", {"big.bin": random_bytes(3 * MIB, 6)})
+    writer = SqliteWriter(tmp_path / "lattica.db")
+    try:
+        store = BlockStore(disk / "blocks", writer)
+        with pytest.raises(DiskFullError):
+            await publish(store, folder)
+        assert store.roots() == []
+        assert (await store.verify()).ok
+    finally:
+        writer.close()
+
+
+async def test_adding_a_root_again_never_unpins_it(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "a", {"x.bin": b"x" * 100})
+    with open_store(tmp_path / "store") as store:
+        pinned = await publish(store, folder)
+        again = await publish(store, folder, pinned=False)
+        assert again.cid == pinned.cid
+        assert [r.pinned for r in store.roots()] == [True]
+        await store.set_pinned(pinned.cid, False)
+        await publish(store, folder, pinned=True)
+        assert [r.pinned for r in store.roots()] == [True]
+
+
+async def test_put_many_stores_the_good_chunks_and_rejects_the_bad(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    good = [random_bytes(10 * KIB, 70 + n) for n in range(5)]
+    forged = (b"forged bytes", blake3_digest(b"the real bytes"))
+    with open_store(tmp_path) as store:
+        already = await store.put(good[0])
+        flushes: list[int] = []
+        real_sync = store.sync_to_disk
+        monkeypatch.setattr(store, "sync_to_disk", lambda: flushes.append(1) or real_sync())
+        batch = [(data, blake3_digest(data)) for data in good] + [forged, (good[1], blake3_digest(good[1]))]
+        result = await store.put_many(batch)
+        assert result.stored == (already, *[blake3_digest(d) for d in good[1:]], blake3_digest(good[1]))
+        assert result.rejected == (forged[1],)
+        assert flushes == [1]  # one flush for the four new blocks
+        assert store.missing(blake3_digest(d) for d in good) == []
+        assert not store.has(forged[1]) and not store.block_path(forged[1]).exists()
+        assert (await store.verify()).ok
+        with pytest.raises(ContentTooLargeError):
+            await store.put_many([(b"x" * (store.max_chunk_bytes + 1), b"\0" * 32)])
+
+
+async def test_roots_report_how_much_of_them_is_held(tmp_path: Path) -> None:
+    chunk = random_bytes(64 * KIB, 8)
+    folder = _folder(tmp_path / "a", {"one.bin": chunk, "same.bin": chunk, "other.bin": random_bytes(1000, 9)})
+    with open_store(tmp_path / "publisher") as publisher:
+        published = await publish(publisher, folder)
+        encoded = publisher.read_block(published.cid.digest)
+    with open_store(tmp_path / "fetcher") as fetcher:
+        # A fetch starts with the manifest alone, then stores chunks as they arrive.
+        await fetcher.add_root(encoded, published.manifest)
+        (root,) = fetcher.roots()
+        assert (root.total_bytes, root.chunk_bytes, root.held_bytes) == (2 * len(chunk) + 1000, len(chunk) + 1000, 0)
+        assert not root.complete
+        await fetcher.put(chunk)
+        assert fetcher.roots()[0].held_bytes == len(chunk) and not fetcher.roots()[0].complete
+        await fetcher.put((folder / "other.bin").read_bytes())
+        assert fetcher.roots()[0].complete
