@@ -40,7 +40,7 @@ PeerKey = Hashable
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkRef:
+class WantedChunk:
     """One chunk to fetch: its id (the hash it is verified against) and its size in bytes."""
 
     chunk_id: bytes
@@ -123,7 +123,7 @@ class FetchScheduler:
 
     def __init__(
         self,
-        chunks: Sequence[ChunkRef],
+        chunks: Sequence[WantedChunk],
         *,
         min_window: int = 2,
         max_window: int = 32,

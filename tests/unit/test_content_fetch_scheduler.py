@@ -14,12 +14,12 @@ import pytest
 
 from lattica.content.fetch_scheduler import (
     CancelChunk,
-    ChunkRef,
     FetchComplete,
     FetchScheduler,
     FetchStalled,
     PeerDropped,
     RequestChunk,
+    WantedChunk,
 )
 from lattica.errors import LocalProtocolError
 
@@ -43,7 +43,7 @@ class Seeder:
 class Swarm:
     """Runs a scheduler against seeders until done or ``limit_s``; checks invariants as it goes."""
 
-    def __init__(self, chunks: list[ChunkRef], seeders: dict[str, Seeder], **settings: float) -> None:
+    def __init__(self, chunks: list[WantedChunk], seeders: dict[str, Seeder], **settings: float) -> None:
         self.chunks = {c.chunk_id: c for c in chunks}
         self.seeders = seeders
         self.scheduler = FetchScheduler(chunks, **settings)  # type: ignore[arg-type]
@@ -136,8 +136,8 @@ class Swarm:
             self.apply(self.scheduler.chunk_refused(peer, chunk_id, now), now)
 
 
-def chunks(count: int, size: int = MIB) -> list[ChunkRef]:
-    return [ChunkRef(i.to_bytes(4, "big"), size) for i in range(count)]
+def chunks(count: int, size: int = MIB) -> list[WantedChunk]:
+    return [WantedChunk(i.to_bytes(4, "big"), size) for i in range(count)]
 
 
 def test_four_seeders_at_10_mb_s_finish_within_11_percent_of_the_ideal() -> None:
