@@ -28,6 +28,7 @@ from lattica.config_schema import iter_settings, toml_value, unknown_keys
 from lattica.dht.config import DhtConfig
 from lattica.errors import LatticaError
 from lattica.home_layout import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, IDENTITY_FILE, default_home
+from lattica.nat.config import NatConfig
 from lattica.net.address import InvalidAddressError, PeerAddr, parse_host_port
 from lattica.net.config import NetConfig
 
@@ -73,6 +74,8 @@ class NodeConfig:
     """Transport, connection and RPC settings."""
     dht: DhtConfig = field(default_factory=DhtConfig)
     """DHT settings."""
+    nat: NatConfig = field(default_factory=NatConfig)
+    """NAT traversal settings (relay service and relay client)."""
 
     def with_overrides(self, **overrides: Any) -> NodeConfig:
         """A copy with the given non-``None`` top-level settings replaced (CLI flags win over
