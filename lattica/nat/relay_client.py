@@ -163,6 +163,10 @@ class RelayClient:
         while len(self._reservations) < count:
             await self._changed.park()
 
+    async def wait_changed(self) -> None:
+        """Wait until a reservation or circuit is made, renewed or lost, or a relay is added."""
+        await self._changed.park()
+
     async def _keep_reservations(self) -> None:
         assert self._nursery is not None
         while True:
@@ -280,15 +284,15 @@ class RelayClient:
             return
         reservation = self._reservations.get(relay_id)
         if not isinstance(request, StopConnect):
-            await send_relay_message(stream, refused("unexpected-message", "expected stop-connect"))
+            await _refuse_stop(stream, refused("unexpected-message", "expected stop-connect"))
             return
         if reservation is None:
             # Circuits come only through relays we chose: anyone else could make us spend a
             # QUIC handshake per stream.
-            await send_relay_message(stream, refused("no-reservation", "no reservation on you"))
+            await _refuse_stop(stream, refused("no-reservation", "no reservation on you"))
             return
         if len(self._circuits) >= self.config.max_circuits:
-            await send_relay_message(stream, refused("resource-limit", "too many circuits"))
+            await _refuse_stop(stream, refused("resource-limit", "too many circuits"))
             return
         connection = self._rpc.manager.connection(relay_id)
         if connection is None:
@@ -330,6 +334,7 @@ class RelayClient:
         self._endpoint.open_virtual_path(path, send)
         scope = trio.CancelScope()
         self._circuits[path] = scope
+        self._changed.unpark_all()
         task_status.started()
         try:
             with scope:
@@ -341,6 +346,7 @@ class RelayClient:
             log.debug("circuit %r ended: %r", path, exc)
         finally:
             del self._circuits[path]
+            self._changed.unpark_all()
             send_channel.close()
             with trio.CancelScope(shield=True):
                 await self._endpoint.close_virtual_path(path)
@@ -370,3 +376,10 @@ class RelayClient:
                 await stream.send_all(encode_circuit_frames(batch))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             scope.cancel()
+
+
+async def _refuse_stop(stream: QuicStream, refusal: Refused) -> None:
+    # FIN after the refusal: closing the stream unfinished would reset it, and the reset can
+    # overtake the refusal.
+    await send_relay_message(stream, refusal)
+    await stream.send_eof()

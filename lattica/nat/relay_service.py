@@ -81,7 +81,12 @@ class RelayService:
         self.book = RelayBook(config)
         self.stats = RelayServiceStats()
         self._rpc = rpc
+        self._changed = trio.lowlevel.ParkingLot()
         rpc.add_stream_handler(HOP_PROTOCOL, self._serve_hop)
+
+    async def wait_changed(self) -> None:
+        """Wait until a reservation or circuit is granted, renewed, refused or ends."""
+        await self._changed.park()
 
     @property
     def enabled(self) -> bool:
@@ -90,6 +95,7 @@ class RelayService:
 
     async def _refuse(self, stream: QuicStream, code: RefusalCode, message: str) -> None:
         self.stats.refused(code)
+        self._changed.unpark_all()
         log.debug("relay refusal %s: %s", code, message)
         with trio.move_on_after(self.config.request_timeout_s):
             await send_relay_message(stream, refused(code, message))
@@ -136,6 +142,7 @@ class RelayService:
                 else:
                     self.stats.reservations_granted += 1
                 limits = self.book.circuit_limits()
+                self._changed.unpark_all()
                 await send_relay_message(stream, Reserved(ttl_s=self.config.reservation_ttl_s, limits=limits))
                 log.debug("reservation for %s until %.1f", peer, granted.expires_at)
                 with trio.move_on_at(granted.expires_at):
@@ -151,6 +158,7 @@ class RelayService:
             log.debug("reservation stream of %s ended: %r", peer, exc)
         finally:
             self.book.release(peer, holder=holder)
+            self._changed.unpark_all()
 
     # -- circuits -------------------------------------------------------------------------
 
@@ -168,6 +176,7 @@ class RelayService:
             try:
                 await send_relay_message(stream, Connected(circuit.limits))
                 self.stats.circuits_opened += 1
+                self._changed.unpark_all()
                 log.debug("circuit %d %s -> %s open", circuit.circuit_id, source, target)
                 await self._splice(circuit, stream, stop)
             finally:
@@ -177,6 +186,7 @@ class RelayService:
             log.debug("circuit %d ended: %r", circuit.circuit_id, exc)
         finally:
             self.book.close_circuit(circuit.circuit_id)
+            self._changed.unpark_all()
 
     async def _open_stop(self, circuit: Circuit) -> QuicStream | Refusal:
         """The target's STOP stream, accepted; or why not."""
