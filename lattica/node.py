@@ -54,6 +54,8 @@ class PingResult:
     """True if an open connection was used; False if this ping dialled (or joined a dial)."""
     connect_s: float
     """Seconds spent getting the connection (0 when reused)."""
+    relayed_via: PeerId | None = None
+    """The relay that carried the echo, or None over a direct connection."""
 
 
 class Node:
@@ -227,6 +229,7 @@ class Node:
             remote_address=report.connection.remote_address,
             reused_connection=report.reused,
             connect_s=connect_s,
+            relayed_via=report.connection.relayed_via,
         )
 
     async def _connect_relayed(self, peer: RelayedAddr, *, timeout_s: float) -> ConnectReport:

@@ -150,6 +150,24 @@ class RelayClient:
             self._relays.append(relay)
             self._changed.unpark_all()
 
+    async def reserve(self, relay: PeerAddr) -> RelayReservation:
+        """Hold a reservation on ``relay`` now (beyond ``reservations`` if need be: we were told
+        to) and return it once the relay granted it. Waits through refusals and retries
+        (``retry_s``); bound it with a cancel scope. Raises ``ValueError`` without a peer id,
+        :class:`~lattica.errors.ConnectError` when the client is not running."""
+        self.add_relay(relay)
+        relay_id = relay.peer_id
+        assert relay_id is not None
+        while (held := self._reservations.get(relay_id)) is None:
+            if self._nursery is None:
+                raise ConnectError("the relay client is not running")
+            if relay_id not in self._holding and self._retry_at.get(relay_id, -math.inf) <= trio.current_time():
+                self._holding.add(relay_id)
+                self._nursery.start_soon(self._hold_reservation, relay)
+            with trio.move_on_at(self._retry_at.get(relay_id, math.inf)):
+                await self._changed.park()
+        return held
+
     def reservations(self) -> list[RelayReservation]:
         """Reservations held now."""
         return list(self._reservations.values())
