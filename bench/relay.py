@@ -1,0 +1,213 @@
+"""Relay benchmark: one large stream through a relay circuit against the direct path, on
+127.0.0.1, in the same run.
+
+Three processes, each one real ``Node`` on a kernel UDP socket bound to 127.0.0.1:
+
+* ``relay``     runs the relay service (circuit limits raised so the transfer fits),
+* ``receiver``  reserves on the relay and sinks a stream protocol (``/bench/sink/1``): it reads
+  to EOF and answers one byte,
+* ``sender``    one per run: connects (directly, or through a circuit on the relay; the
+  handshake is not timed), opens a sink stream, and times writing the payload, half-closing
+  and receiving the acknowledgement.
+
+Modes are interleaved run by run (direct, relayed, direct, ...) so machine noise hits both
+alike. Through the relay every byte crosses two QUIC connections and the relay's process, and
+the end-to-end QUIC packets travel as circuit frames inside the relay connections' streams.
+The table shows median / min / max MB/s (1 MB = 10**6 bytes) and the relayed/direct ratio;
+every sample goes to ``bench/results/relay-<UTC timestamp>.json``.
+
+Usage::
+
+    .venv/bin/python bench/relay.py              # 64 MiB, 3 runs per mode
+    .venv/bin/python bench/relay.py --quick      # 8 MiB, 1 run: smoke test
+    .venv/bin/python bench/relay.py --mib 64 --runs 5
+
+Exit status: 0 when every run succeeded, 1 otherwise, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import trio
+from _harness import Child, ChildFailed, Spread, die_after, machine_info, report, utc_now, write_results
+
+from lattica.config import NodeConfig
+from lattica.identity import Identity
+from lattica.nat.config import NatConfig
+from lattica.nat.relay_address import RelayedAddr
+from lattica.nat.relay_config import RelayConfig
+from lattica.net.address import PeerAddr
+from lattica.net.datagram import UdpSocket
+from lattica.net.stream import QuicStream
+from lattica.node import Node
+
+SINK_PROTOCOL = "/bench/sink/1"
+MODES = ("direct", "relayed")
+CHUNK_BYTES = 64 * 1024
+
+
+def _config(**relay: Any) -> NodeConfig:
+    base = NodeConfig()
+    # A quiet node: no bootstrap, DHT idle; circuits big and long enough for the payload.
+    relay_config = RelayConfig(circuit_bytes=1 << 40, circuit_duration_s=3600.0, **relay)
+    return replace(base, nat=NatConfig(relay=relay_config))
+
+
+def _node(config: NodeConfig) -> Node:
+    return Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), config, advertise_hosts=["127.0.0.1"])
+
+
+async def run_relay(timeout_s: float) -> None:
+    node = _node(_config(service=True))
+    async with node:
+        report({"addr": node.dial_strings()[0]})
+        await trio.sleep(timeout_s)
+
+
+async def run_receiver(relay: str, timeout_s: float) -> None:
+    node = _node(_config())
+
+    async def sink(stream: QuicStream, _peer: object) -> None:
+        while await stream.receive_some():
+            pass
+        await stream.send_all(b"\x01")
+        await stream.send_eof()
+
+    node.rpc.add_stream_handler(SINK_PROTOCOL, sink)
+    async with node:
+        with trio.fail_after(30):
+            await node.relay_client.reserve(PeerAddr.parse(relay))
+        report({"direct": node.dial_strings()[0], "relayed": node.relay_client.relayed_addresses()[0]})
+        await trio.sleep(timeout_s)
+
+
+async def run_sender(target: str, total_bytes: int) -> None:
+    node = _node(_config())
+    async with node:
+        parsed = RelayedAddr.parse(target) if RelayedAddr.looks_relayed(target) else PeerAddr.parse(target)
+        connection = await node.connect(parsed, timeout_s=30)
+        stream = await node.rpc.open_stream(connection, SINK_PROTOCOL)
+        payload = bytes(CHUNK_BYTES)
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        sent = 0
+        while sent < total_bytes:
+            await stream.send_all(payload[: min(CHUNK_BYTES, total_bytes - sent)])
+            sent += min(CHUNK_BYTES, total_bytes - sent)
+        await stream.send_eof()
+        ack = await stream.receive_some(1)
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
+        if ack != b"\x01":
+            raise RuntimeError("the sink did not acknowledge")
+        report(
+            {
+                "seconds": elapsed,
+                "bytes": total_bytes,
+                "sender_cpu_share": cpu / elapsed,
+                "relayed_via": str(connection.relayed_via) if connection.relayed_via else None,
+                "circuit_datagrams_dropped": node.relay_client.stats.circuit_datagrams_dropped,
+            }
+        )
+
+
+async def _child(*args: str) -> Child:
+    return await Child.start([sys.executable, str(Path(__file__).resolve()), *args])
+
+
+async def run_parent(args: argparse.Namespace) -> int:
+    started_at = utc_now()
+    total_bytes = args.mib << 20
+    samples: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    failures: list[str] = []
+    children: list[Child] = []
+    lifetime_s = args.timeout * (2 * args.runs + 2)
+    try:
+        relay = await _child("--role", "relay", "--timeout", str(lifetime_s))
+        children.append(relay)
+        relay_addr = (await relay.read_message())["addr"]
+        receiver = await _child("--role", "receiver", "--relay", relay_addr, "--timeout", str(lifetime_s))
+        children.append(receiver)
+        targets = await receiver.read_message()
+        for _ in range(args.runs):
+            for mode in MODES:
+                sender = await _child("--role", "sender", "--target", targets[mode], "--bytes", str(total_bytes))
+                try:
+                    with trio.fail_after(args.timeout):
+                        samples[mode].append(await sender.read_message())
+                except (ChildFailed, trio.TooSlowError) as exc:
+                    failures.append(f"{mode}: {exc} {sender.failure_text()}")
+                finally:
+                    await sender.kill()
+    except ChildFailed as exc:
+        failures.append(f"setup: {exc}")
+    finally:
+        for child in children:
+            await child.kill()
+    rates = {mode: [s["bytes"] / 1e6 / s["seconds"] for s in samples[mode]] for mode in MODES}
+    spreads = {mode: Spread.of(rates[mode]) for mode in MODES}
+    print(f"relay benchmark: {args.mib} MiB per transfer, {args.runs} run(s) per mode, 127.0.0.1, 3 processes")
+    print(f"{'path':<8} {'median MB/s':>12} {'min':>8} {'max':>8} {'vs direct':>10}")
+    direct = spreads["direct"]
+    for mode in MODES:
+        spread = spreads[mode]
+        if spread is None:
+            print(f"{mode:<8} {'failed':>12}")
+            continue
+        ratio = f"{spread.median / direct.median:.2f}x" if direct else "-"
+        print(f"{mode:<8} {spread.median:>12.1f} {spread.minimum:>8.1f} {spread.maximum:>8.1f} {ratio:>10}")
+    for failure in failures:
+        print(f"failure: {failure}")
+    path = write_results(
+        "relay",
+        started_at,
+        {
+            "benchmark": "relay",
+            "started_at": started_at.isoformat(),
+            "parameters": {"mib": args.mib, "runs": args.runs, "chunk_bytes": CHUNK_BYTES},
+            "machine": machine_info(["aioquic", "trio", "msgspec"]),
+            "samples": samples,
+            "mb_per_s": {mode: rates[mode] for mode in MODES},
+            "failures": failures,
+        },
+    )
+    print(f"results: {path}")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run the parent or one child role."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--role", choices=("parent", "relay", "receiver", "sender"), default="parent")
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--relay")
+    parser.add_argument("--target")
+    parser.add_argument("--bytes", type=int)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.mib, args.runs = 8, 1
+    if args.mib < 1 or args.runs < 1:
+        parser.error("--mib and --runs must be at least 1")
+    if args.role == "parent":
+        return trio.run(run_parent, args)
+    die_after(args.timeout + 5)
+    if args.role == "relay":
+        trio.run(run_relay, args.timeout)
+    elif args.role == "receiver":
+        trio.run(run_receiver, args.relay, args.timeout)
+    else:
+        trio.run(run_sender, args.target, args.bytes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
