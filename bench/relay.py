@@ -50,6 +50,7 @@ from lattica.node import Node
 SINK_PROTOCOL = "/bench/sink/1"
 MODES = ("direct", "relayed")
 CHUNK_BYTES = 64 * 1024
+SCRIPT = str(Path(__file__).resolve())
 
 
 def _config(**relay: Any) -> NodeConfig:
@@ -118,7 +119,7 @@ async def run_sender(target: str, total_bytes: int) -> None:
 
 
 async def _child(*args: str) -> Child:
-    return await Child.start([sys.executable, str(Path(__file__).resolve()), *args])
+    return await Child.start([sys.executable, SCRIPT, *args])
 
 
 async def run_parent(args: argparse.Namespace) -> int:
