@@ -21,9 +21,12 @@ from lattica.nat.config import NatConfig
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayRefusedError
 from lattica.nat.relay_config import RelayConfig
+from lattica.nat.relay_messages import HOP_PROTOCOL, CircuitLimits, Refused, Reserved
+from lattica.nat.relay_stream import receive_hop_message
 from lattica.net.address import PeerAddr
 from lattica.net.rpc import PING_PROTOCOL
 from lattica.node import Node
+from lattica.wire import encode_frame
 from sim_net import Filtering, Host, LinkConfig, Mapping, Nat, Network
 from sim_net import NatConfig as SimNatConfig
 
@@ -265,3 +268,28 @@ async def test_a_target_refuses_circuits_from_a_relay_it_holds_no_reservation_on
         assert refused.value.code == "permission-denied", refused.value
         assert s.b.relay_client.stats.circuits_accepted == 0
         assert s.b.relay_client.circuit_count() == 0
+
+
+async def test_garbage_on_a_relay_stream_gets_a_typed_refusal_and_the_relay_keeps_serving(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scene(seed=30) as s:
+        await s.b.relay_client.wait_reservations()
+        relay = s.relays[0]
+        hostile = [
+            b"\x00\x00\x10\x00\x01" + bytes(64),  # announces 4 KiB: over the limit, body never read
+            b"\x00\x00\x00\x03\x01\xc1\xc1",  # not msgpack of any message
+            b"\x00\x00\x00\x02\x01",  # truncated, then EOF
+            encode_frame(Reserved(1.0, CircuitLimits(duration_s=1.0, max_bytes=1))),  # a relay's answer
+        ]
+        for data in hostile:
+            stream = await s.a.rpc.open_stream(s.relay_addr(), HOP_PROTOCOL)
+            await stream.send_all(data)
+            await stream.send_eof()
+            answer = await receive_hop_message(stream)
+            assert isinstance(answer, Refused) and answer.code in ("malformed", "unexpected-message")
+            await stream.aclose()
+        assert relay.relay_service.stats.refusals == {"malformed": 3, "unexpected-message": 1}
+        # b's reservation and the service are untouched.
+        result = await s.a.ping(RelayedAddr.parse(s.b.relay_client.relayed_addresses()[0]), timeout_s=10)
+        assert result.peer_id == s.b.peer_id
