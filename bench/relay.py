@@ -16,11 +16,17 @@ the end-to-end QUIC packets travel as circuit frames inside the relay connection
 The table shows median / min / max MB/s (1 MB = 10**6 bytes) and the relayed/direct ratio;
 every sample goes to ``bench/results/relay-<UTC timestamp>.json``.
 
+A second part (``--parts sim``) runs the same two transfers in one process on ``sim_net`` in
+virtual time (three hosts, 100 Mbit/s links with 10 ms one-way latency): there CPU costs
+nothing, so the ratio shows what the circuit costs as a protocol (windows, the doubled path),
+separate from the CPU cost of QUIC inside QUIC that dominates on loopback.
+
 Usage::
 
     .venv/bin/python bench/relay.py              # 64 MiB, 3 runs per mode
     .venv/bin/python bench/relay.py --quick      # 8 MiB, 1 run: smoke test
     .venv/bin/python bench/relay.py --mib 64 --runs 5
+    .venv/bin/python bench/relay.py --parts sim --sim-mib 16
 
 Exit status: 0 when every run succeeded, 1 otherwise, 2 on usage errors.
 """
@@ -35,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 from _harness import Child, ChildFailed, Spread, die_after, machine_info, report, utc_now, write_results
 
 from lattica.config import NodeConfig
@@ -46,6 +53,9 @@ from lattica.net.address import PeerAddr
 from lattica.net.datagram import UdpSocket
 from lattica.net.stream import QuicStream
 from lattica.node import Node
+from sim_net import LinkConfig, Network
+
+SIM_LINK = LinkConfig(latency_s=0.010, bandwidth_bps=100e6)
 
 SINK_PROTOCOL = "/bench/sink/1"
 MODES = ("direct", "relayed")
@@ -73,14 +83,7 @@ async def run_relay(timeout_s: float) -> None:
 
 async def run_receiver(relay: str, timeout_s: float) -> None:
     node = _node(_config())
-
-    async def sink(stream: QuicStream, _peer: object) -> None:
-        while await stream.receive_some():
-            pass
-        await stream.send_all(b"\x01")
-        await stream.send_eof()
-
-    node.rpc.add_stream_handler(SINK_PROTOCOL, sink)
+    node.rpc.add_stream_handler(SINK_PROTOCOL, _sink)
     async with node:
         with trio.fail_after(30):
             await node.relay_client.reserve(PeerAddr.parse(relay))
@@ -92,41 +95,73 @@ async def run_sender(target: str, total_bytes: int) -> None:
     node = _node(_config())
     async with node:
         parsed = RelayedAddr.parse(target) if RelayedAddr.looks_relayed(target) else PeerAddr.parse(target)
-        connection = await node.connect(parsed, timeout_s=30)
-        stream = await node.rpc.open_stream(connection, SINK_PROTOCOL)
-        payload = bytes(CHUNK_BYTES)
-        started = time.perf_counter()
         cpu_started = time.process_time()
-        sent = 0
-        while sent < total_bytes:
-            await stream.send_all(payload[: min(CHUNK_BYTES, total_bytes - sent)])
-            sent += min(CHUNK_BYTES, total_bytes - sent)
-        await stream.send_eof()
-        ack = await stream.receive_some(1)
-        elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu_started
-        if ack != b"\x01":
-            raise RuntimeError("the sink did not acknowledge")
+        seconds, relayed_via = await _timed_transfer(node, parsed, total_bytes)
         report(
             {
-                "seconds": elapsed,
+                "seconds": seconds,
                 "bytes": total_bytes,
-                "sender_cpu_share": cpu / elapsed,
-                "relayed_via": str(connection.relayed_via) if connection.relayed_via else None,
+                "sender_cpu_share": (time.process_time() - cpu_started) / seconds,
+                "relayed_via": relayed_via,
                 "circuit_datagrams_dropped": node.relay_client.stats.circuit_datagrams_dropped,
             }
         )
+
+
+async def _sink(stream: QuicStream, _peer: object) -> None:
+    while await stream.receive_some():
+        pass
+    await stream.send_all(b"\x01")
+    await stream.send_eof()
+
+
+async def _timed_transfer(node: Node, target: PeerAddr | RelayedAddr, total_bytes: int) -> tuple[float, str | None]:
+    """Seconds (``trio.current_time()``: wall time, or virtual time on sim_net) to send
+    ``total_bytes`` to the sink and get its acknowledgement (the handshake is not timed), and
+    the relay's peer id if the connection was relayed."""
+    connection = await node.connect(target, timeout_s=30)
+    stream = await node.rpc.open_stream(connection, SINK_PROTOCOL)
+    payload = bytes(CHUNK_BYTES)
+    started = trio.current_time()
+    sent = 0
+    while sent < total_bytes:
+        await stream.send_all(payload[: min(CHUNK_BYTES, total_bytes - sent)])
+        sent += min(CHUNK_BYTES, total_bytes - sent)
+    await stream.send_eof()
+    if await stream.receive_some(1) != b"\x01":
+        raise RuntimeError("the sink did not acknowledge")
+    return trio.current_time() - started, None if connection.relayed_via is None else str(connection.relayed_via)
+
+
+async def run_sim(total_bytes: int) -> dict[str, float]:
+    """MB/s of virtual time, direct and relayed, on sim_net (seeded, deterministic)."""
+    async with Network(seed=1) as net:
+        hosts = [net.add_host(f"198.51.100.{i}", SIM_LINK) for i in (1, 2, 3)]
+        relay_node = Node(Identity.generate(), hosts[0].bind(4001), _config(service=True))
+        sender = Node(Identity.generate(), hosts[1].bind(4001), _config())
+        receiver = Node(Identity.generate(), hosts[2].bind(4001), _config())
+        receiver.rpc.add_stream_handler(SINK_PROTOCOL, _sink)
+        async with relay_node, sender, receiver:
+            await receiver.relay_client.reserve(PeerAddr(relay_node.socket.local_address, relay_node.peer_id))
+            targets: dict[str, PeerAddr | RelayedAddr] = {
+                "direct": PeerAddr(receiver.socket.local_address, receiver.peer_id),
+                "relayed": RelayedAddr.parse(receiver.relay_client.relayed_addresses()[0]),
+            }
+            rates = {}
+            for mode in MODES:
+                seconds, _ = await _timed_transfer(sender, targets[mode], total_bytes)
+                rates[mode] = total_bytes / 1e6 / seconds
+            return rates
 
 
 async def _child(*args: str) -> Child:
     return await Child.start([sys.executable, SCRIPT, *args])
 
 
-async def run_parent(args: argparse.Namespace) -> int:
-    started_at = utc_now()
+async def run_loopback(args: argparse.Namespace, failures: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The three-process part: samples per mode; failures are appended to ``failures``."""
     total_bytes = args.mib << 20
     samples: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    failures: list[str] = []
     children: list[Child] = []
     lifetime_s = args.timeout * (2 * args.runs + 2)
     try:
@@ -151,10 +186,13 @@ async def run_parent(args: argparse.Namespace) -> int:
     finally:
         for child in children:
             await child.kill()
-    rates = {mode: [s["bytes"] / 1e6 / s["seconds"] for s in samples[mode]] for mode in MODES}
-    spreads = {mode: Spread.of(rates[mode]) for mode in MODES}
-    print(f"relay benchmark: {args.mib} MiB per transfer, {args.runs} run(s) per mode, 127.0.0.1, 3 processes")
+    return samples
+
+
+def _print_table(title: str, rates: dict[str, list[float]]) -> None:
+    print(title)
     print(f"{'path':<8} {'median MB/s':>12} {'min':>8} {'max':>8} {'vs direct':>10}")
+    spreads = {mode: Spread.of(rates[mode]) for mode in MODES}
     direct = spreads["direct"]
     for mode in MODES:
         spread = spreads[mode]
@@ -163,46 +201,77 @@ async def run_parent(args: argparse.Namespace) -> int:
             continue
         ratio = f"{spread.median / direct.median:.2f}x" if direct else "-"
         print(f"{mode:<8} {spread.median:>12.1f} {spread.minimum:>8.1f} {spread.maximum:>8.1f} {ratio:>10}")
+
+
+async def run_parent(args: argparse.Namespace) -> int:
+    started_at = utc_now()
+    failures: list[str] = []
+    document: dict[str, Any] = {
+        "benchmark": "relay",
+        "started_at": started_at.isoformat(),
+        "parameters": {"mib": args.mib, "runs": args.runs, "sim_mib": args.sim_mib, "chunk_bytes": CHUNK_BYTES},
+        "machine": machine_info(["aioquic", "trio", "msgspec"]),
+    }
+    if "loopback" in args.parts:
+        samples = await run_loopback(args, failures)
+        rates = {mode: [s["bytes"] / 1e6 / s["seconds"] for s in samples[mode]] for mode in MODES}
+        _print_table(
+            f"relay benchmark, loopback: {args.mib} MiB per transfer, {args.runs} run(s) per mode, 127.0.0.1, "
+            "3 processes",
+            rates,
+        )
+        document["loopback"] = {"samples": samples, "mb_per_s": rates}
+    if "sim" in args.parts:
+        sim = await _child("--role", "sim", "--bytes", str(args.sim_mib << 20), "--timeout", str(args.timeout * 4))
+        try:
+            with trio.fail_after(args.timeout * 4):
+                sim_rates = await sim.read_message()
+        except (ChildFailed, trio.TooSlowError) as exc:
+            failures.append(f"sim: {exc} {sim.failure_text()}")
+            sim_rates = {}
+        finally:
+            await sim.kill()
+        _print_table(
+            f"relay benchmark, sim_net (virtual time, 100 Mbit/s links, 10 ms one way): {args.sim_mib} MiB",
+            {mode: [sim_rates[mode]] if mode in sim_rates else [] for mode in MODES},
+        )
+        document["sim"] = {"mb_per_s_virtual": sim_rates, "link": {"latency_s": 0.010, "bandwidth_bps": 100e6}}
     for failure in failures:
         print(f"failure: {failure}")
-    path = write_results(
-        "relay",
-        started_at,
-        {
-            "benchmark": "relay",
-            "started_at": started_at.isoformat(),
-            "parameters": {"mib": args.mib, "runs": args.runs, "chunk_bytes": CHUNK_BYTES},
-            "machine": machine_info(["aioquic", "trio", "msgspec"]),
-            "samples": samples,
-            "mb_per_s": {mode: rates[mode] for mode in MODES},
-            "failures": failures,
-        },
-    )
-    print(f"results: {path}")
+    document["failures"] = failures
+    print(f"results: {write_results('relay', started_at, document)}")
     return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the parent or one child role."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--role", choices=("parent", "relay", "receiver", "sender"), default="parent")
+    parser.add_argument("--role", choices=("parent", "relay", "receiver", "sender", "sim"), default="parent")
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default="loopback,sim", help="loopback, sim, or both (comma-separated)")
+    parser.add_argument("--sim-mib", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--relay")
     parser.add_argument("--target")
     parser.add_argument("--bytes", type=int)
     args = parser.parse_args(argv)
     if args.quick:
-        args.mib, args.runs = 8, 1
-    if args.mib < 1 or args.runs < 1:
-        parser.error("--mib and --runs must be at least 1")
+        args.mib, args.runs, args.sim_mib = 8, 1, 2
+    if args.mib < 1 or args.runs < 1 or args.sim_mib < 1:
+        parser.error("--mib, --runs and --sim-mib must be at least 1")
+    args.parts = set(args.parts.split(","))
+    if not args.parts or not args.parts <= {"loopback", "sim"}:
+        parser.error("--parts is loopback, sim or loopback,sim")
     if args.role == "parent":
         return trio.run(run_parent, args)
     die_after(args.timeout + 5)
     if args.role == "relay":
         trio.run(run_relay, args.timeout)
+    elif args.role == "sim":
+        # Virtual time: MockClock jumps to the next deadline whenever every task waits.
+        report(trio.run(run_sim, args.bytes, clock=trio.testing.MockClock(autojump_threshold=0)))
     elif args.role == "receiver":
         trio.run(run_receiver, args.relay, args.timeout)
     else:
