@@ -93,7 +93,7 @@ def register_relay_methods(registry: MethodRegistry, node: Node) -> None:
                 reservations_granted=stats.reservations_granted,
                 circuits_opened=stats.circuits_opened,
                 bytes_forwarded=stats.bytes_forwarded,
-                refusals=dict(stats.refusals or {}),
+                refusals=dict(stats.refusals),
             ),
             reservations=rows(),
             relayed_addrs=client.relayed_addresses(),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -60,12 +60,11 @@ class RelayServiceStats:
     circuits_closed_by_limit: int = 0
     """Circuits closed because their byte limit or duration ran out."""
     bytes_forwarded: int = 0
-    refusals: dict[str, int] | None = None
+    refusals: dict[str, int] = field(default_factory=dict)
+    """Refusals sent, by code."""
 
     def refused(self, code: RefusalCode) -> None:
         """Count one refusal by code."""
-        if self.refusals is None:
-            self.refusals = {}
         self.refusals[code] = self.refusals.get(code, 0) + 1
 
 

@@ -226,7 +226,7 @@ async def test_reservations_beyond_the_relay_caps_are_refused(autojump_clock: tr
     async with scene(seed=27, relay_settings={"max_reservations": 1}) as s:
         relay = s.relays[0].relay_service
         with trio.fail_after(30):
-            while relay.stats.reservations_granted + sum((relay.stats.refusals or {}).values()) < 2:
+            while relay.stats.reservations_granted + sum(relay.stats.refusals.values()) < 2:
                 await relay.wait_changed()
         [holder] = [n for n in (s.a, s.b) if relay.book.reservation(n.peer_id, trio.current_time())]
         await holder.relay_client.wait_reservations()
