@@ -19,7 +19,8 @@ peers through relays, and QUIC through those circuits.
   dropped, as UDP would; the endpoint never waits for a circuit) and are written as circuit
   frames; frames read from the stream are delivered to the endpoint. When the stream ends (the
   relay closed it at a limit, or either end finished), the path is closed and the connections on
-  it end.
+  it end. Either end closes its circuit when the connection on it closes, or when no
+  connection authenticated on it within the endpoint's ``handshake_timeout_s``.
 """
 
 from __future__ import annotations
@@ -120,8 +121,11 @@ class RelayClient:
         self._changed = trio.lowlevel.ParkingLot()
         self._circuit_ids = itertools.count(1)
         self._circuits: dict[RelayedPath, trio.CancelScope] = {}
+        self._connected_paths: set[RelayedPath] = set()
+        """Circuits that carried an authenticated connection."""
         self._nursery: trio.Nursery | None = None
         rpc.add_stream_handler(STOP_PROTOCOL, self._serve_stop)
+        rpc.manager.on_connected(self._close_circuit_with)
 
     @property
     def peer_id(self) -> PeerId:
@@ -284,7 +288,6 @@ class RelayClient:
                 except BaseException:
                     self._close_circuit(path)
                     raise
-                nursery.start_soon(self._close_circuit_with, connection, path)
                 return connection
         except trio.TooSlowError:
             raise ConnectError(f"no circuit to {address} within {timeout:g} s") from None
@@ -321,11 +324,24 @@ class RelayClient:
         log.debug("accepted circuit %r from %s", path, peer_id_from_wire(request.source))
         await self._run_circuit(stream, path)
 
-    async def _close_circuit_with(self, connection: Connection, path: RelayedPath) -> None:
-        """The circuit we dialled lives as long as its connection (our end finishing it tells
-        the relay, which finishes the target's end)."""
+    async def _close_circuit_with(self, connection: Connection) -> None:
+        """A circuit lives as long as the connection on it (the manager runs this for every
+        new connection): our end finishing the circuit tells the relay, which finishes the other
+        end's."""
+        path = connection.path
+        if not isinstance(path, RelayedPath) or path not in self._circuits:
+            return
+        self._connected_paths.add(path)
         await connection.wait_closed()
         self._close_circuit(path)
+
+    async def _close_circuit_without_handshake(self, path: RelayedPath) -> None:
+        # A circuit that carries no authenticated connection within a handshake's time only
+        # holds a slot here and at the relay.
+        await trio.sleep(self._endpoint.config.handshake_timeout_s)
+        if path not in self._connected_paths:
+            log.debug("closing circuit %r: no connection on it", path)
+            self._close_circuit(path)
 
     def _close_circuit(self, path: RelayedPath) -> None:
         scope = self._circuits.get(path)
@@ -358,12 +374,14 @@ class RelayClient:
             with scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_circuit, nursery.cancel_scope, stream, receive_channel)
+                    nursery.start_soon(self._close_circuit_without_handshake, path)
                     await self._read_circuit(stream, path)
                     nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError) as exc:
             log.debug("circuit %r ended: %r", path, exc)
         finally:
             del self._circuits[path]
+            self._connected_paths.discard(path)
             self._changed.unpark_all()
             send_channel.close()
             with trio.CancelScope(shield=True):

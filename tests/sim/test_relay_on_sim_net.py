@@ -21,8 +21,8 @@ from lattica.nat.config import NatConfig
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayRefusedError
 from lattica.nat.relay_config import RelayConfig
-from lattica.nat.relay_messages import HOP_PROTOCOL, CircuitLimits, Refused, Reserved
-from lattica.nat.relay_stream import receive_hop_message
+from lattica.nat.relay_messages import HOP_PROTOCOL, CircuitLimits, Connect, Connected, Refused, Reserved
+from lattica.nat.relay_stream import receive_hop_message, send_relay_message
 from lattica.net.address import PeerAddr
 from lattica.net.rpc import PING_PROTOCOL
 from lattica.node import Node
@@ -293,3 +293,50 @@ async def test_garbage_on_a_relay_stream_gets_a_typed_refusal_and_the_relay_keep
         # b's reservation and the service are untouched.
         result = await s.a.ping(RelayedAddr.parse(s.b.relay_client.relayed_addresses()[0]), timeout_s=10)
         assert result.peer_id == s.b.peer_id
+
+
+async def test_closing_the_connection_at_either_end_closes_its_circuit_everywhere(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scene(seed=31) as s:
+        await s.b.relay_client.wait_reservations()
+        target = RelayedAddr.parse(s.b.relay_client.relayed_addresses()[0])
+        relay = s.relays[0].relay_service
+        for closing_end in ("a", "b"):
+            connection = await s.a.connect(target, timeout_s=10)
+            await s.a.rpc.ping(connection)
+            assert relay.book.circuit_count == 1 and s.b.relay_client.circuit_count() == 1
+            if closing_end == "a":
+                await connection.aclose()
+            else:
+                [inbound] = [c for c in s.b.connections.connections() if c.relayed_via is not None]
+                await inbound.aclose()
+            with trio.fail_after(5):
+                for client in (s.a.relay_client, s.b.relay_client):
+                    while client.circuit_count():
+                        await client.wait_changed()
+                while relay.book.circuit_count:
+                    await relay.wait_changed()
+        assert [r.relay.peer_id for r in s.b.relay_client.reservations()] == [s.relays[0].peer_id]
+
+
+async def test_a_circuit_that_carries_no_handshake_is_closed_after_the_handshake_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scene(seed=32) as s:
+        await s.b.relay_client.wait_reservations()
+        relay = s.relays[0].relay_service
+        # A client that asks for a circuit and then sends nothing through it.
+        stream = await s.a.rpc.open_stream(s.relay_addr(), HOP_PROTOCOL)
+        await send_relay_message(stream, Connect(s.b.peer_id.key))
+        assert isinstance(await receive_hop_message(stream), Connected)
+        opened_at = trio.current_time()
+        assert s.b.relay_client.circuit_count() == 1
+        with trio.fail_after(60):
+            while relay.book.circuit_count:
+                await relay.wait_changed()
+        waited_s = trio.current_time() - opened_at
+        # b closed it a handshake timeout after accepting it (the relay's answer to us came later).
+        assert waited_s == pytest.approx(s.b.endpoint.config.handshake_timeout_s, abs=0.1)
+        assert s.b.relay_client.circuit_count() == 0
+        assert await stream.receive_some() == b""  # the relay finished our end cleanly
