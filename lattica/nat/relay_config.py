@@ -55,7 +55,7 @@ class RelayConfig:
     def __post_init__(self) -> None:
         for index, entry in enumerate(self.relays):
             if PeerAddr.parse(entry).peer_id is None:
-                raise InvalidAddressError(f"nat.relay.relays[{index}]: {entry!r} needs a peer id (PEERID@HOST:PORT)")
+                raise InvalidAddressError(f"relays[{index}]: {entry!r} needs a peer id (PEERID@HOST:PORT)")
 
     def relay_addresses(self) -> list[PeerAddr]:
         """The parsed ``relays`` (each with its peer id)."""
