@@ -165,10 +165,16 @@ class RelayClient:
         while (held := self._reservations.get(relay_id)) is None:
             if self._nursery is None:
                 raise ConnectError("the relay client is not running")
-            if relay_id not in self._holding and self._retry_at.get(relay_id, -math.inf) <= trio.current_time():
-                self._holding.add(relay_id)
-                self._nursery.start_soon(self._hold_reservation, relay)
-            with trio.move_on_at(self._retry_at.get(relay_id, math.inf)):
+            wake_at = math.inf
+            if relay_id not in self._holding:
+                retry_at = self._retry_at.get(relay_id, -math.inf)
+                if retry_at <= trio.current_time():
+                    self._holding.add(relay_id)
+                    self._nursery.start_soon(self._hold_reservation, relay)
+                else:
+                    wake_at = retry_at
+            # Woken by the attempt's outcome, or when a failed relay may be asked again.
+            with trio.move_on_at(wake_at):
                 await self._changed.park()
         return held
 

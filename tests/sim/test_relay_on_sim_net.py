@@ -340,3 +340,15 @@ async def test_a_circuit_that_carries_no_handshake_is_closed_after_the_handshake
         assert waited_s == pytest.approx(s.b.endpoint.config.handshake_timeout_s, abs=0.1)
         assert s.b.relay_client.circuit_count() == 0
         assert await stream.receive_some() == b""  # the relay finished our end cleanly
+
+
+async def test_reserve_asks_a_refusing_relay_again_every_retry_interval(autojump_clock: trio.testing.MockClock) -> None:
+    async with scene(seed=33, relay_settings={"service": False}, client_settings={"relays": ()}) as s:
+        relay = s.relays[0].relay_service
+        retry_s = s.b.relay_client.config.retry_s
+        with trio.move_on_after(2.5 * retry_s):
+            await s.b.relay_client.reserve(s.relay_addr())
+        # Asked at 0, retry_s and 2 * retry_s; refused each time, no reservation.
+        assert relay.stats.refusals == {"service-disabled": 3}
+        assert s.b.relay_client.reservations() == []
+        assert s.b.relay_client.stats.reservations_made == 0
