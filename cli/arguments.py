@@ -94,6 +94,18 @@ def check_dial_string(text: str) -> str:
     return text
 
 
+def check_ping_target(text: str) -> str:
+    """``text`` if it is a dial string or a relayed address ``RELAYPEERID@HOST:PORT/relay/PEERID``."""
+    relay, separator, target = text.partition("/relay/")
+    if not separator:
+        return check_dial_string(text)
+    if "@" not in relay:
+        raise typer.BadParameter(f"the relay in {text!r} needs its peer id (RELAYPEERID@HOST:PORT/relay/PEERID)")
+    check_dial_string(relay)
+    check_peer_id(target)
+    return text
+
+
 def check_dial_strings(texts: list[str] | None) -> list[str] | None:
     """Every element through :func:`check_dial_string`."""
     return None if texts is None else [check_dial_string(t) for t in texts]

@@ -18,8 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cli import dht_commands
-from cli.arguments import check_dial_string
+from cli import dht_commands, relay_commands
+from cli.arguments import check_dial_string, check_ping_target
 from cli.daemon_client import HomeOption, JsonOption, call_daemon, resolve_home
 from cli.exit_codes import FAILURE, OK, USAGE, exit_code_for
 from cli.output import print_error, print_fields, print_json, print_line, print_table
@@ -40,6 +40,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(dht_commands.app, name="dht")
+app.add_typer(relay_commands.app, name="relay")
 
 
 def _show_version(value: bool) -> None:
@@ -143,6 +144,7 @@ def _next_steps(addrs: list[str], command: str, home_flag: str) -> list[str]:
     epilog=_example(
         "lattica daemon --listen 0.0.0.0:4001",
         "lattica daemon --home /tmp/b --listen 127.0.0.1:4002 --bootstrap PEERID@127.0.0.1:4001",
+        "lattica daemon --listen 0.0.0.0:4001 --relay-service",
     )
 )
 def daemon(
@@ -160,6 +162,13 @@ def daemon(
         list[str] | None,
         typer.Option("--bootstrap", callback=_check_bootstrap, help="PEERID@HOST:PORT to join through (repeatable)."),
     ] = None,
+    relay_service: Annotated[
+        bool,
+        typer.Option(
+            "--relay-service",
+            help="Offer relay reservations and circuits to other nodes (nat.relay.service).",
+        ),
+    ] = False,
 ) -> None:
     """Run the node until SIGINT/SIGTERM (Ctrl-C); prints its addresses and what to do next."""
     # Imported here so client commands don't pay for the node's imports.
@@ -182,7 +191,9 @@ def daemon(
         print_line(f"control socket {path / CONTROL_SOCKET}")
         sys.stdout.flush()
 
-    trio.run(lambda: run_daemon(path, listen=listen, bootstrap=bootstrap, on_ready=ready))
+    trio.run(
+        lambda: run_daemon(path, listen=listen, bootstrap=bootstrap, relay_service=relay_service, on_ready=ready)
+    )
 
 
 @app.command("id", epilog=_example("lattica id", "lattica id --json"))
@@ -218,15 +229,26 @@ def status(home: HomeOption = None, json: JsonOption = False) -> None:
 
 @app.command(epilog=_example("lattica peers", "lattica peers --json"))
 def peers(home: HomeOption = None, json: JsonOption = False) -> None:
-    """One row per open connection: peer id, remote address, round-trip time, direction."""
+    """One row per open connection: peer id, remote address, round-trip time, direction, path
+    (direct, or relayed via a relay's peer id) and for how long."""
     result = call_daemon(home, "peers")
     if json:
         print_json(result)
         return
     print_table(
         f"{len(result)} connection(s)",
-        ["peer id", "remote address", "rtt (ms)", "direction"],
-        [[r["peer_id"], r["remote_addr"], r["rtt_ms"], r["direction"]] for r in result],
+        ["peer id", "remote address", "rtt (ms)", "direction", "path", "connected (s)"],
+        [
+            [
+                r["peer_id"],
+                r["remote_addr"],
+                r["rtt_ms"],
+                r["direction"],
+                f"relayed via {r['via']}" if r.get("via") else r.get("path", "direct"),
+                r.get("connected_s"),
+            ]
+            for r in result
+        ],
     )
 
 
@@ -234,6 +256,8 @@ def _ping_line(result: dict[str, Any]) -> str:
     # "via" names the address the ping travelled over; the node reports whether the connection
     # already existed once it tracks that (None until then: nothing is claimed).
     via = f" via {result['addr']}" if result.get("addr") else ""
+    if result.get("via"):
+        via = f" relayed via {result['via'][:12]}… at {result['addr']}"
     reused = result.get("reused_connection")
     how = "" if reused is None else (" (existing connection)" if reused else " (new connection)")
     return f"pong from {result['peer_id'][:12]}…{via} rtt={result['rtt_ms']:.3f} ms{how}"
@@ -249,8 +273,9 @@ def ping(
     addr: Annotated[
         str,
         typer.Argument(
-            callback=check_dial_string,
-            help="PEERID@HOST:PORT (the peer's identity is checked) or HOST:PORT (learned from the handshake).",
+            callback=check_ping_target,
+            help="PEERID@HOST:PORT (the peer's identity is checked), HOST:PORT (learned from the handshake), "
+            "or RELAYPEERID@HOST:PORT/relay/PEERID (through that relay).",
         ),
     ],
     count: Annotated[int, typer.Option("--count", "-c", min=1, max=MAX_PING_COUNT, help="Pings to send.")] = 4,
@@ -271,6 +296,7 @@ def ping(
             {
                 "peer_id": last["peer_id"],
                 "addr": last.get("addr"),
+                "via": last.get("via"),
                 "reused_connection": [r.get("reused_connection") for r in results],
                 "rtt_ms": [r["rtt_ms"] for r in results],
             }

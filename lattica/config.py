@@ -30,6 +30,7 @@ from lattica.content.config import ContentConfig
 from lattica.dht.config import DhtConfig
 from lattica.errors import LatticaError
 from lattica.home_layout import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, IDENTITY_FILE, default_home
+from lattica.nat.config import NatConfig
 from lattica.net.address import InvalidAddressError, PeerAddr, parse_host_port
 from lattica.net.config import NetConfig
 
@@ -77,6 +78,8 @@ class NodeConfig:
     """DHT settings."""
     content: ContentConfig = field(default_factory=ContentConfig)
     """Content settings: chunk size and the bounds on manifests."""
+    nat: NatConfig = field(default_factory=NatConfig)
+    """NAT traversal settings (relay service and relay client)."""
 
     def with_overrides(self, **overrides: Any) -> NodeConfig:
         """A copy with the given non-``None`` top-level settings replaced (CLI flags win over

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sys
+import typing
 from pathlib import Path
 
 from lattica.config import FILE_EXCLUDED_KEYS, LEGACY_FLAT_KEYS, NodeConfig
@@ -38,16 +39,27 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _section_doc(section: str) -> str:
+    """The documentation of a section's field, nested ones (``nat.relay``) included."""
+    owner: object = NodeConfig
+    doc = ""
+    for name in section.split("."):
+        if not isinstance(owner, type):
+            return ""
+        doc = field_docs(owner).get(name, "")
+        owner = typing.get_type_hints(owner).get(name)
+    return doc
+
+
 def render_config_docs() -> str:
     """The Markdown text of ``docs/config.md``."""
     lines = [_INTRO]
-    section_docs = field_docs(NodeConfig)
     current: str | None = None
     for setting in iter_settings(NodeConfig, excluded=FILE_EXCLUDED_KEYS):
         section = setting.key.rpartition(".")[0]
         if section != current:
             current = section
-            title = f"`[{section}]`: {section_docs.get(section, '')}" if section else "Top level"
+            title = f"`[{section}]`: {_section_doc(section)}" if section else "Top level"
             lines += [
                 f"## {title}",
                 "",

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -83,13 +84,17 @@ async def run_daemon(
     *,
     listen: str | None = None,
     bootstrap: list[str] | None = None,
+    relay_service: bool = False,
     on_ready: Callable[[Node], None] | None = None,
 ) -> None:
-    """Run a node for ``home`` until SIGINT/SIGTERM. Raises :class:`DaemonError` on bad start."""
+    """Run a node for ``home`` until SIGINT/SIGTERM; ``relay_service`` turns on
+    ``nat.relay.service`` whatever the file says. Raises :class:`DaemonError` on bad start."""
     identity, created = init_home(home)
     warnings = identity_warnings(home, created)
     config = load_config(home / CONFIG_FILE)
     config = config.with_overrides(listen=listen, bootstrap=tuple(config.bootstrap) + tuple(bootstrap or ()))
+    if relay_service:
+        config = replace(config, nat=replace(config.nat, relay=replace(config.nat.relay, service=True)))
     setup_logging(home, config.log_level)
     for warning in warnings:
         log.warning("%s", warning)

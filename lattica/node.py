@@ -29,7 +29,10 @@ from lattica.config import NodeConfig
 from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
-from lattica.net import Connection, ConnectionManager, Endpoint, Rpc
+from lattica.nat.relay_address import RelayedAddr
+from lattica.nat.relay_client import RelayClient
+from lattica.nat.relay_service import RelayService
+from lattica.net import Connection, ConnectionManager, ConnectReport, Endpoint, Rpc
 from lattica.net.address import PeerAddr, format_host_port
 from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.interfaces import dialable_hosts
@@ -51,6 +54,8 @@ class PingResult:
     """True if an open connection was used; False if this ping dialled (or joined a dial)."""
     connect_s: float
     """Seconds spent getting the connection (0 when reused)."""
+    relayed_via: PeerId | None = None
+    """The relay that carried the echo, or None over a direct connection."""
 
 
 class Node:
@@ -91,6 +96,10 @@ class Node:
             request_timeout_s=net.rpc_request_timeout_s,
             max_concurrent_inbound=net.rpc_max_concurrent_inbound,
         )
+        # Relay service (answers only with nat.relay.service on) and relay client (reservations
+        # on nat.relay.relays, circuits to relayed addresses).
+        self.relay_service = RelayService(self.rpc, self.config.nat.relay)
+        self.relay_client = RelayClient(self.endpoint, self.rpc, self.config.nat.relay)
         self.dht_store = DhtStore(
             database or ":memory:",
             own_key=identity.peer_id.dht_key(),
@@ -147,6 +156,7 @@ class Node:
             await nursery.start(self.nat.run)
             await nursery.start(self.connections.run)
             await nursery.start(self.dht.run)
+            await nursery.start(self.relay_client.run)
             self._nursery = nursery
             self.started_at = trio.current_time()
         except BaseException as exc:
@@ -187,25 +197,34 @@ class Node:
             self.joined_dht.set()
             return
 
-    async def connect(self, peer: PeerAddr | PeerId, *, timeout_s: float | None = None) -> Connection:
+    async def connect(
+        self, peer: PeerAddr | PeerId | RelayedAddr, *, timeout_s: float | None = None
+    ) -> Connection:
         """A connection to ``peer``: an explicit address is dialled unless a connection to that
-        very address exists; a peer id reuses any connection to it. See
+        very address exists; a peer id reuses any connection to it; a relayed address opens a
+        circuit through its relay (:meth:`RelayClient.connect`). See
         :meth:`ConnectionManager.connect_and_report`; raises its errors."""
+        if isinstance(peer, RelayedAddr):
+            return await self.relay_client.connect(peer, timeout_s=timeout_s)
         return await self.connections.connect(peer, timeout_s=timeout_s)
 
-    async def ping(self, peer: PeerAddr | PeerId, *, timeout_s: float = 10.0) -> PingResult:
+    async def ping(self, peer: PeerAddr | PeerId | RelayedAddr, *, timeout_s: float = 10.0) -> PingResult:
         """Reach ``peer`` and time one ``/lattica/ping/1`` echo over the connection used.
 
         ``PeerAddr``: that address is dialled unless a connection to exactly that address is
         open (the result says which); ``PeerId``: any connection to it, else its known
-        addresses. ``timeout_s`` bounds dial and echo together. Raises
+        addresses; ``RelayedAddr``: a live connection to the target through that relay, else a
+        new circuit. ``timeout_s`` bounds dial and echo together. Raises
         :class:`~lattica.errors.ConnectError` (including
         :class:`~lattica.errors.DialSelfError` for this node's own id or address),
         :class:`~lattica.errors.PeerIdMismatchError` or :class:`~lattica.errors.RpcError`.
         """
         deadline = trio.current_time() + timeout_s
         began = trio.current_time()
-        report = await self.connections.connect_and_report(peer, timeout_s=timeout_s)
+        if isinstance(peer, RelayedAddr):
+            report = await self._connect_relayed(peer, timeout_s=timeout_s)
+        else:
+            report = await self.connections.connect_and_report(peer, timeout_s=timeout_s)
         connect_s = trio.current_time() - began
         remaining_s = max(deadline - trio.current_time(), 0.0)
         rtt_s = await self.rpc.ping(report.connection, timeout_s=remaining_s)
@@ -215,7 +234,15 @@ class Node:
             remote_address=report.connection.remote_address,
             reused_connection=report.reused,
             connect_s=connect_s,
+            relayed_via=report.connection.relayed_via,
         )
+
+    async def _connect_relayed(self, peer: RelayedAddr, *, timeout_s: float) -> ConnectReport:
+        for connection in reversed(self.connections.connections()):
+            if connection.peer_id == peer.target and connection.relayed_via == peer.relay.peer_id:
+                await trio.lowlevel.checkpoint()
+                return ConnectReport(connection, reused=True)
+        return ConnectReport(await self.relay_client.connect(peer, timeout_s=timeout_s), reused=False)
 
     def uptime_s(self) -> float:
         """Seconds since start (trio's clock, so virtual time under sim_net)."""

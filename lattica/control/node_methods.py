@@ -18,6 +18,8 @@ from lattica.control.limits import MAX_DIAL_STRING_CHARS, MAX_PING_TIMEOUT_S
 from lattica.control.messages import NoParams
 from lattica.control.registry import MethodRegistry
 from lattica.errors import ConnectError, ConnectTimeoutError, DialSelfError
+from lattica.nat.relay_address import RelayedAddr
+from lattica.nat.relay_client import RelayRefusedError
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port
 from lattica.node import Node
 
@@ -48,12 +50,20 @@ class PeerRow(msgspec.Struct):
 
     peer_id: str
     remote_addr: str
+    """The peer's address; for a relayed connection, the relay's."""
     rtt_ms: float | None
     direction: str
+    path: str = "direct"
+    """``direct``, or ``relayed`` through the relay named by ``via``."""
+    via: str | None = None
+    """The relay's peer id when ``path`` is ``relayed``."""
+    connected_s: float = 0.0
+    """Seconds since the connection was authenticated."""
 
 
 class PingParams(msgspec.Struct, forbid_unknown_fields=True):
-    """``ping``: ``PEERID@HOST:PORT`` (identity checked) or ``HOST:PORT``."""
+    """``ping``: ``PEERID@HOST:PORT`` (identity checked), ``HOST:PORT``, or a relayed address
+    ``RELAYPEERID@HOST:PORT/relay/PEERID``."""
 
     addr: DialString
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_PING_TIMEOUT_S)] = 10.0
@@ -71,6 +81,8 @@ class PingResult(msgspec.Struct):
     rtt_ms: float
     addr: str | None = None
     reused_connection: bool | None = None
+    via: str | None = None
+    """The relay's peer id when the ping went through a relay circuit."""
 
 
 class ConnectParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,12 +106,24 @@ def parse_peer_addr(text: str, *, field: str = "addr") -> PeerAddr:
         raise ControlError(INVALID_PARAMS, f"{field}: {exc}", hint="use PEERID@HOST:PORT or HOST:PORT") from None
 
 
+def parse_target(text: str, *, field: str = "addr") -> PeerAddr | RelayedAddr:
+    """A dial string or a relayed address; raises :class:`ControlError` (``invalid-params``)."""
+    if not RelayedAddr.looks_relayed(text):
+        return parse_peer_addr(text, field=field)
+    try:
+        return RelayedAddr.parse(text)
+    except InvalidAddressError as exc:
+        raise ControlError(
+            INVALID_PARAMS, f"{field}: {exc}", hint="use RELAYPEERID@HOST:PORT/relay/PEERID"
+        ) from None
+
+
 def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: list[str] | None = None) -> None:
     """Register the node's basic operations; ``warnings`` (shared, may grow) appear in ``status``."""
     owner_warnings = warnings if warnings is not None else []
 
     async def identify(_: NoParams) -> IdResult:
-        return IdResult(peer_id=str(node.peer_id), addrs=node.dial_strings())
+        return IdResult(peer_id=str(node.peer_id), addrs=node.dial_strings() + node.relay_client.relayed_addresses())
 
     async def status(_: NoParams) -> StatusResult:
         return StatusResult(
@@ -112,18 +136,22 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
         )
 
     async def peers(_: NoParams) -> list[PeerRow]:
+        now = trio.current_time()
         return [
             PeerRow(
                 peer_id=str(c.peer_id),
                 remote_addr=format_host_port(c.remote_address),
                 rtt_ms=None if c.rtt_s is None else round(c.rtt_s * 1000, 3),
                 direction=c.direction,
+                path="direct" if c.relayed_via is None else "relayed",
+                via=None if c.relayed_via is None else str(c.relayed_via),
+                connected_s=round(now - c.established_at, 3),
             )
             for c in node.connections.connections()
         ]
 
     async def ping(params: PingParams) -> PingResult:
-        target = parse_peer_addr(params.addr)
+        target = parse_target(params.addr)
         try:
             with trio.fail_after(params.timeout_s):
                 result = await node.ping(target, timeout_s=params.timeout_s)
@@ -135,6 +163,13 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
             ) from None
         except DialSelfError:
             raise ControlError(FAILED, f"{params.addr} is this node's own address", hint="ping another node") from None
+        except RelayRefusedError as exc:
+            raise ControlError(
+                FAILED,
+                f"could not reach {params.addr}: {exc}",
+                hint="the target must hold a reservation on that relay (`lattica relay reserve` on the target), "
+                "and the relay must run with --relay-service",
+            ) from None
         except ConnectError as exc:
             raise ControlError(
                 FAILED,
@@ -146,6 +181,7 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
             rtt_ms=round(result.rtt_s * 1000, 3),
             addr=format_host_port(result.remote_address),
             reused_connection=result.reused_connection,
+            via=None if result.relayed_via is None else str(result.relayed_via),
         )
 
     async def connect(params: ConnectParams) -> ConnectResult:

@@ -10,12 +10,17 @@ from lattica.control.dht_methods import register_dht_methods
 from lattica.control.nat_methods import register_nat_methods
 from lattica.control.node_methods import register_node_methods
 from lattica.control.registry import MethodRegistry
+from lattica.control.relay_methods import register_relay_methods
 from lattica.node import Node
 
 ServiceRegistration = Callable[[MethodRegistry, Node], None]
 """Registers one service's methods for a running node."""
 
-SERVICE_REGISTRATIONS: tuple[ServiceRegistration, ...] = (register_dht_methods, register_nat_methods)
+SERVICE_REGISTRATIONS: tuple[ServiceRegistration, ...] = (
+    register_dht_methods,
+    register_nat_methods,
+    register_relay_methods,
+)
 """Each service's registration function, besides the node's own methods."""
 
 

@@ -58,6 +58,7 @@ from lattica.net.connection_state import (
     StreamSendRefused,
 )
 from lattica.net.datagram import Address
+from lattica.net.relayed_path import Path, RelayedPath
 from lattica.net.stream import QuicStream
 
 logger = logging.getLogger("lattica.net.connection")
@@ -71,7 +72,7 @@ class PathSendError(Exception):
 class ConnectionCarrier(Protocol):
     """What a connection needs from the endpoint that carries it."""
 
-    async def send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
+    async def send_datagrams(self, datagrams: list[tuple[bytes, Path]]) -> None:
         """Send datagrams in order. Raises :class:`PathSendError` if their destination is
         unusable; other send failures are packet loss."""
         ...
@@ -100,11 +101,16 @@ class ConnectionCarrier(Protocol):
 class Connection:
     """An authenticated QUIC connection to one peer, carrying bidirectional streams."""
 
-    def __init__(self, state: ConnectionState[Address], carrier: ConnectionCarrier) -> None:
+    def __init__(self, state: ConnectionState[Path], carrier: ConnectionCarrier) -> None:
         self._state = state
         self._carrier = carrier
         self.direction: Literal["inbound", "outbound"] = state.direction
-        self.remote_address: Address = state.path
+        self.path: Path = state.path
+        """Where this connection's datagrams go: an address, or a relay circuit."""
+        path = state.path
+        self.remote_address: Address = path.relay_address if isinstance(path, RelayedPath) else path
+        """The peer's network address; for a relayed connection, the relay's (never the peer's:
+        do not remember it as the peer's address, see :attr:`relayed_via`)."""
         self._auth_done = trio.Event()
         self._auth_error: LatticaError | None = None
         self._closed_event = trio.Event()
@@ -120,7 +126,8 @@ class Connection:
     def __repr__(self) -> str:
         peer = self._state.peer_id
         who = peer.short() if peer else "?"
-        return f"<Connection {self.direction} {who}@{format_host_port(self.remote_address)}>"
+        via = "" if self.relayed_via is None else f" via {self.relayed_via.short()}"
+        return f"<Connection {self.direction} {who}@{format_host_port(self.remote_address)}{via}>"
 
     # -- public surface -------------------------------------------------------------------
 
@@ -136,6 +143,12 @@ class Connection:
     def is_authenticated(self) -> bool:
         """True once the peer proved its identity."""
         return self._state.is_authenticated
+
+    @property
+    def relayed_via(self) -> PeerId | None:
+        """The relay carrying this connection, or None for a direct connection."""
+        path = self.path
+        return path.relay_peer_id if isinstance(path, RelayedPath) else None
 
     @property
     def established_at(self) -> float:
@@ -252,7 +265,7 @@ class Connection:
 
     # -- driven by the endpoint -----------------------------------------------------------
 
-    def receive_datagram(self, data: bytes, address: Address, now: float) -> None:
+    def receive_datagram(self, data: bytes, address: Path, now: float) -> None:
         """Feed one datagram; call :meth:`handle_events` and :meth:`transmit` after the batch."""
         self._state.receive_datagram(data, address, now)
 

@@ -15,6 +15,13 @@ Demultiplexing rules:
   nothing a stranger sends makes us send more than it did; RFC 9000 section 8.1). Nothing a peer
   sends can stop the endpoint serving others.
 
+Relay circuits are virtual paths (:mod:`lattica.net.relayed_path`): a circuit registers a send
+function with :meth:`Endpoint.open_virtual_path` and delivers what arrives with
+:meth:`Endpoint.receive_virtual`; those datagrams take the same connection-id routing (an
+Initial on a virtual path starts a server connection on it). Non-QUIC datagrams on a virtual
+path are dropped (STUN and hole punching speak to the socket only). Closing the path
+(:meth:`Endpoint.close_virtual_path`) ends the connections on it.
+
 Failures: an address the socket layer refuses ends the one connection that uses it
 (:class:`~lattica.net.connection.PathSendError`); a socket that fails for good ends
 :meth:`Endpoint.run` with :class:`EndpointSocketError`.
@@ -24,14 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
 
-from lattica.errors import ConnectError, LatticaError
+from lattica.errors import ConnectError, LatticaError, LocalProtocolError
 from lattica.identity import Identity, PeerId
 from lattica.net.address import InvalidAddressError, network_address
 from lattica.net.config import EndpointConfig
@@ -40,6 +48,7 @@ from lattica.net.connection_state import ConnectionState
 from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.log_once import LogOnce
 from lattica.net.quic_internals import LatticaQuicConnection
+from lattica.net.relayed_path import Path, RelayedPath, VirtualPathSend
 from lattica.net.tls_identity import CONNECTION_ID_LENGTH, quic_configuration
 
 logger = logging.getLogger("lattica.net.endpoint")
@@ -80,6 +89,10 @@ class EndpointStats:
     """Version Negotiation packets sent for Initial-sized packets of versions we do not speak."""
     path_send_failures: int = 0
     """Connections ended because the socket layer refused their peer's address."""
+    virtual_datagrams_received: int = 0
+    """Datagrams delivered by relay circuits (also counted in ``datagrams_received``)."""
+    virtual_datagrams_sent: int = 0
+    """Datagrams handed to relay circuits (not counted in ``datagrams_sent``)."""
 
 
 class Endpoint:
@@ -108,6 +121,7 @@ class Endpoint:
         self._raw_packet_handler: Callable[[bytes, Address], None] | None = None
         self._log_once = LogOnce(logger)
         self._carrier = _EndpointCarrier(self)
+        self._virtual_paths: dict[RelayedPath, VirtualPathSend] = {}
         self._replies: list[tuple[bytes, Address]] = []
         """Stateless answers (Version Negotiation) to send after the current receive batch."""
 
@@ -153,12 +167,13 @@ class Endpoint:
 
     async def connect(
         self,
-        address: Address,
+        address: Path,
         *,
         expected_peer: PeerId | None = None,
         timeout_s: float | None = None,
     ) -> Connection:
-        """Dial ``address``; returns once the handshake completed and the peer proved its id.
+        """Dial ``address`` (or an open virtual path); returns once the handshake completed and
+        the peer proved its id.
 
         Raises :class:`~lattica.errors.ConnectError` (timeout, refused, no certificate, an
         address the network refuses, endpoint not running) or
@@ -168,12 +183,16 @@ class Endpoint:
         nursery = self._nursery
         if nursery is None:
             raise ConnectError("the endpoint is not running")
-        try:
-            # Only IP literals reach the socket: a name would be resolved synchronously by
-            # sendto, and a host the kernel refuses would only show as a handshake timeout.
-            address = network_address(*address)
-        except (InvalidAddressError, TypeError, ValueError) as exc:
-            raise ConnectError(f"cannot dial {address!r:.100}: the address is refused: {exc}") from None
+        if isinstance(address, RelayedPath):
+            if address not in self._virtual_paths:
+                raise ConnectError(f"cannot dial {address!r:.200}: the circuit is not open")
+        else:
+            try:
+                # Only IP literals reach the socket: a name would be resolved synchronously by
+                # sendto, and a host the kernel refuses would only show as a handshake timeout.
+                address = network_address(*address)
+            except (InvalidAddressError, TypeError, ValueError) as exc:
+                raise ConnectError(f"cannot dial {address!r:.100}: the address is refused: {exc}") from None
         quic = self._new_quic(configuration=self._client_configuration)
         state = ConnectionState(
             quic,
@@ -224,6 +243,36 @@ class Endpoint:
         except PathSendError as exc:
             raise ConnectError(f"cannot send to {address!r}: {exc}") from exc
 
+    def open_virtual_path(self, path: RelayedPath, send: VirtualPathSend) -> None:
+        """Carry datagrams for ``path`` with ``send`` (non-blocking, see
+        :mod:`lattica.net.relayed_path`) until :meth:`close_virtual_path`.
+
+        Raises :class:`LocalProtocolError` if ``path`` is already open."""
+        if path in self._virtual_paths:
+            raise LocalProtocolError(f"virtual path {path!r} is already open")
+        self._virtual_paths[path] = send
+
+    async def close_virtual_path(self, path: RelayedPath, reason: str = "relay circuit closed") -> None:
+        """Stop carrying ``path`` and end every connection on it (their peers learn it from their
+        own idle timeout or circuit end). Idempotent."""
+        self._virtual_paths.pop(path, None)
+        for connection in [c for c in self._cids_of if c.path == path]:
+            await connection.abort(reason)
+
+    async def receive_virtual(self, path: RelayedPath, datagrams: Sequence[bytes]) -> None:
+        """Route datagrams a circuit delivered as if they had arrived on the socket from ``path``.
+        Datagrams for a path that is not open, and non-QUIC datagrams, are dropped."""
+        if path not in self._virtual_paths:
+            return
+        quic = []
+        for data in datagrams:
+            if data and data[0] & _QUIC_FIXED_BIT:
+                quic.append((data, path))
+            else:
+                self.stats.malformed_dropped += 1
+        self.stats.virtual_datagrams_received += len(quic)
+        await self._process_batch(quic)
+
     @property
     def live_connection_count(self) -> int:
         """Connections holding state here, including handshakes in progress and draining ones."""
@@ -247,24 +296,27 @@ class Endpoint:
                 message = f"the socket {self.local_address} failed: {exc!r}; the endpoint stops"
                 logger.critical(message)
                 raise EndpointSocketError(message) from exc
-            now = trio.current_time()
-            touched: dict[Connection, None] = {}
-            for data, address in batch:
-                connection = self._route(data, address, now)
-                if connection is not None:
-                    touched[connection] = None
-            # Events first, for every connection, before anything awaits: a task that runs during
-            # a transmit must not act on state aioquic already changed (a stream it reset on
-            # STOP_SENDING) before we were told.
-            for connection in touched:
-                connection.handle_events()
-            # Once per connection per batch: this is what makes the driver fast.
-            for connection in touched:
-                await connection.transmit()
-            if self._replies:
-                await self._send_replies()
+            await self._process_batch(batch)
 
-    def _route(self, data: bytes, address: Address, now: float) -> Connection | None:
+    async def _process_batch(self, batch: Sequence[tuple[bytes, Path]]) -> None:
+        now = trio.current_time()
+        touched: dict[Connection, None] = {}
+        for data, address in batch:
+            connection = self._route(data, address, now)
+            if connection is not None:
+                touched[connection] = None
+        # Events first, for every connection, before anything awaits: a task that runs during
+        # a transmit must not act on state aioquic already changed (a stream it reset on
+        # STOP_SENDING) before we were told.
+        for connection in touched:
+            connection.handle_events()
+        # Once per connection per batch: this is what makes the driver fast.
+        for connection in touched:
+            await connection.transmit()
+        if self._replies:
+            await self._send_replies()
+
+    def _route(self, data: bytes, address: Path, now: float) -> Connection | None:
         stats = self.stats
         stats.datagrams_received += 1
         stats.bytes_received += len(data)
@@ -274,7 +326,7 @@ class Endpoint:
         if not data[0] & _QUIC_FIXED_BIT:
             stats.raw_packets_received += 1
             handler = self._raw_packet_handler
-            if handler is not None:
+            if handler is not None and not isinstance(address, RelayedPath):
                 handler(data, address)
             return None
         if not data[0] & _QUIC_LONG_HEADER_BIT:
@@ -294,7 +346,8 @@ class Endpoint:
         supported = self._server_configuration.supported_versions
         version = int.from_bytes(data[1:5]) if len(data) >= 5 else None
         if version is not None and version != 0 and version not in supported:
-            self._answer_unsupported_version(data, address)
+            if not isinstance(address, RelayedPath):
+                self._answer_unsupported_version(data, address)
             return None
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
@@ -344,7 +397,7 @@ class Endpoint:
         # Sent by the receive loop after this batch: no task per packet, bounded by the batch.
         self._replies.append((packet, address))
 
-    def _accept(self, original_cid: bytes, address: Address, now: float) -> Connection:
+    def _accept(self, original_cid: bytes, address: Path, now: float) -> Connection:
         assert self._nursery is not None
         quic = self._new_quic(
             configuration=self._server_configuration,
@@ -367,13 +420,32 @@ class Endpoint:
 
     # -- sending --------------------------------------------------------------------------
 
-    async def _send(self, datagrams: list[tuple[bytes, Address]]) -> None:
+    async def _send(self, datagrams: Sequence[tuple[bytes, Path]]) -> None:
         """Send one connection's datagrams. Raises :class:`PathSendError` when the socket layer
         refuses their address (``sendto`` raises ``TypeError``/``ValueError`` for a host with a
         NUL byte, ``OSError`` for an address family it cannot reach); a closed socket (we are
-        shutting down) drops them."""
+        shutting down) drops them. Datagrams for a virtual path go to its circuit (dropped if
+        the circuit is gone: its connection ends when the circuit closes)."""
         if not datagrams:
             return
+        if any(type(path) is RelayedPath for _, path in datagrams):
+            direct: list[tuple[bytes, Address]] = []
+            for data, path in datagrams:
+                if isinstance(path, RelayedPath):
+                    send = self._virtual_paths.get(path)
+                    if send is not None:
+                        send(data)
+                        self.stats.virtual_datagrams_sent += 1
+                else:
+                    direct.append((data, path))
+            if not direct:
+                await trio.lowlevel.checkpoint()
+                return
+            await self._send_direct(direct)
+            return
+        await self._send_direct(cast("Sequence[tuple[bytes, Address]]", datagrams))
+
+    async def _send_direct(self, datagrams: Sequence[tuple[bytes, Address]]) -> None:
         try:
             await self._socket.send_batch(datagrams)
         except trio.ClosedResourceError:
@@ -401,7 +473,7 @@ class _EndpointCarrier:
     def __init__(self, endpoint: Endpoint) -> None:
         self._endpoint = endpoint
 
-    async def send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
+    async def send_datagrams(self, datagrams: list[tuple[bytes, Path]]) -> None:
         try:
             await self._endpoint._send(datagrams)
         except PathSendError:

@@ -261,7 +261,11 @@ class ConnectionManager:
         else:
             candidates = self._reachable(await self._resolve_target(peer.address), str(peer))
             for connection in reversed(self.connections()):
-                if connection.remote_address in candidates and peer_id in (None, connection.peer_id):
+                if (
+                    connection.relayed_via is None
+                    and connection.remote_address in candidates
+                    and peer_id in (None, connection.peer_id)
+                ):
                     await trio.lowlevel.checkpoint()
                     return ConnectReport(connection, reused=True)
             key = (peer_id, candidates[0])
@@ -389,7 +393,8 @@ class ConnectionManager:
             nursery.start_soon(connection.aclose, "connection to self")
             return
         self._by_peer.setdefault(connection.peer_id, []).append(connection)
-        if connection.direction == "outbound":
+        if connection.direction == "outbound" and connection.relayed_via is None:
+            # A relayed connection's remote address is the relay's, not the peer's.
             self.add_addresses(connection.peer_id, [connection.remote_address])
         logger.debug("connected %r", connection)
         for handler in self._on_connected:

@@ -137,9 +137,12 @@ class Rpc:
 
     def observed_address(self, peer: PeerId) -> Address | None:
         """The remote address of the newest live connection to ``peer``, or None: where the
-        network shows the peer, as opposed to the addresses it claims for itself."""
+        network shows the peer, as opposed to the addresses it claims for itself. None for a
+        relayed connection: its remote address is the relay's."""
         connection = self.manager.connection(peer)
-        return None if connection is None else connection.remote_address
+        if connection is None or connection.relayed_via is not None:
+            return None
+        return connection.remote_address
 
     def add_handler(self, protocol_id: str, handler: RequestHandler) -> None:
         """Answer requests for ``protocol_id`` with ``handler(peer, payload) -> reply``.
