@@ -1,8 +1,9 @@
 """Node configuration: one tree of settings, read from ``config.toml`` and overridden by flags.
 
 ``NodeConfig`` has a few top-level settings (``listen``, ``bootstrap``, ``log_level``) and one
-section per layer: ``net`` (:class:`~lattica.net.config.NetConfig`) and ``dht``
-(:class:`~lattica.dht.config.DhtConfig`); ``content``, ``nat`` and ``crdt`` will join them.
+section per layer: ``net`` (:class:`~lattica.net.config.NetConfig`), ``dht``
+(:class:`~lattica.dht.config.DhtConfig`) and ``nat`` (:class:`~lattica.nat.config.NatConfig`);
+``content`` and ``crdt`` will join them.
 Each setting has exactly one default, in its section's class. In ``config.toml`` a section is a
 TOML table (``[net]``, ``[dht]``). ``docs/config.md`` is generated from these classes
 (``python -m lattica.config_docs``).
@@ -28,7 +29,8 @@ from lattica.config_schema import iter_settings, toml_value, unknown_keys
 from lattica.dht.config import DhtConfig
 from lattica.errors import LatticaError
 from lattica.home_layout import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, IDENTITY_FILE, default_home
-from lattica.net.address import InvalidAddressError, PeerAddr, parse_host_port
+from lattica.nat.config import NatConfig
+from lattica.net.address import InvalidAddressError, PeerAddr, network_address, parse_host_port
 from lattica.net.config import NetConfig
 
 log = logging.getLogger("lattica.config")
@@ -73,6 +75,8 @@ class NodeConfig:
     """Transport, connection and RPC settings."""
     dht: DhtConfig = field(default_factory=DhtConfig)
     """DHT settings."""
+    nat: NatConfig = field(default_factory=NatConfig)
+    """Observed addresses and reachability (NAT traversal)."""
 
     def with_overrides(self, **overrides: Any) -> NodeConfig:
         """A copy with the given non-``None`` top-level settings replaced (CLI flags win over
@@ -145,6 +149,11 @@ def config_from_mapping(raw: dict[str, Any], *, source: str) -> NodeConfig:
         config.bootstrap_peers()
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    for index, entry in enumerate(config.nat.stun_servers):
+        try:
+            network_address(*parse_host_port(entry))
+        except InvalidAddressError as exc:
+            raise ConfigError(f"{source}: nat.stun_servers[{index}]: {exc}") from None
     net = config.net
     if net.keepalive_interval_s >= net.idle_timeout_s:
         # The peer would close the connection as idle before our keepalive kept it open.

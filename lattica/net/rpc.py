@@ -141,6 +141,10 @@ class Rpc:
         connection = self.manager.connection(peer)
         return None if connection is None else connection.remote_address
 
+    def protocols(self) -> list[str]:
+        """Protocol ids this node answers (request/response and stream protocols), sorted."""
+        return sorted({*self._handlers, *self._stream_handlers})
+
     def add_handler(self, protocol_id: str, handler: RequestHandler) -> None:
         """Answer requests for ``protocol_id`` with ``handler(peer, payload) -> reply``.
 
