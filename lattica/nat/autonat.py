@@ -233,17 +233,23 @@ Verdict = Literal["reachable", "unreachable"]
 
 
 class NonceMismatchError(MalformedMessageError):
-    """A server reported a dial-back we never received (a lie, or a nonce we did not see)."""
+    """A server reported a dial-back we never received (a lie, or a nonce we did not see), or
+    one to an address we did not ask for."""
 
 
-def verdict_of(response: DialBackResponse, inbox: DialBackInbox, server_address: Address) -> Verdict | None:
+def verdict_of(
+    response: DialBackResponse, inbox: DialBackInbox, server_address: Address, requested: list[Address]
+) -> Verdict | None:
     """What one server's answer says about us: ``reachable`` (its nonce reached us from a
     source other than ``server_address``, the address our connection to it uses),
     ``unreachable`` (it dialled, nothing reached us) or None (it refused).
 
-    Raises :class:`NonceMismatchError` when the server claims an echo we never sent."""
+    Raises :class:`NonceMismatchError` when the server claims an echo we never sent, or a
+    dial-back to an address we did not ask for (``requested``)."""
     if response.status == "refused" or response.nonce is None:
         return None
+    if response.address is None or tuple(response.address) not in requested:
+        raise NonceMismatchError("the server reports a dial-back to an address we did not ask for")
     source = inbox.received_from(response.nonce)
     if source is not None and source != server_address:
         return "reachable"

@@ -285,22 +285,22 @@ class ReachabilityService:
                 break
         if not servers:
             return self.status()
-        request = encode_autonat(DialBackRequest(addresses=candidates))
         timeout_s = self.config.autonat_dial_back_timeout_s + _IDENTIFY_TIMEOUT_S
         self.inbox.expect(now + timeout_s)
         async with trio.open_nursery() as nursery:
             for group, connection in servers.items():
-                nursery.start_soon(self._ask_one, group, connection, request, timeout_s)
+                nursery.start_soon(self._ask_one, group, connection, candidates, timeout_s)
         self.checks_done += 1
         self._notify()
         return self.status()
 
-    async def _ask_one(self, group: str, connection: Connection, request: bytes, timeout_s: float) -> None:
+    async def _ask_one(self, group: str, connection: Connection, requested: list[Address], timeout_s: float) -> None:
+        request = encode_autonat(DialBackRequest(addresses=requested))
         try:
             response = decode_dial_back_response(
                 await self.rpc.request(connection, AUTONAT_PROTOCOL, request, timeout_s=timeout_s)
             )
-            verdict = verdict_of(response, self.inbox, connection.remote_address)
+            verdict = verdict_of(response, self.inbox, connection.remote_address, requested)
         except NonceMismatchError as exc:
             self.nonce_mismatches += 1
             log.info("ignoring %s's dial-back result: %s", connection.peer_id, exc)

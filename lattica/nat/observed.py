@@ -118,7 +118,7 @@ class ObservedAddressBook:
     def _tally(self, now: float, *, expire: bool = True) -> Counter[Address]:
         if expire:
             self._expire(now)
-        return Counter(vote.address for vote in self._votes.values() if now - vote.at < self.window_s)
+        return Counter(vote.address for vote in self._votes.values())
 
     def believed(self, now: float) -> list[BelievedAddress]:
         """Addresses reported by at least ``min_agreeing_observers`` groups, most agreed first."""
