@@ -203,15 +203,24 @@ class ReachabilityService:
                 self._notify()
             self._want_recheck()
 
+    async def ask_stun_servers(self) -> int:
+        """Ask each configured STUN server for our address once (each is one observer group);
+        returns how many answered."""
+        answered = 0
+        for server in self._stun_servers:
+            try:
+                mapped = await self.nat.observed_address(server, timeout_s=_STUN_TIMEOUT_S)
+            except ObservedAddressError as exc:
+                log.info("configured STUN server %s did not answer: %s", server, exc)
+                continue
+            self._observed(f"stun:{server[0]}", mapped)
+            answered += 1
+        return answered
+
     async def _ask_stun_servers(self) -> None:
         while True:
-            for server in self._stun_servers:
-                try:
-                    mapped = await self.nat.observed_address(server, timeout_s=_STUN_TIMEOUT_S)
-                except ObservedAddressError as exc:
-                    log.info("configured STUN server %s did not answer: %s", server, exc)
-                    continue
-                self._observed(f"stun:{server[0]}", mapped)
+            await self.ask_stun_servers()
+            # Twice per window, so their votes never lapse while the servers answer.
             await trio.sleep(self.config.observation_window_s / 2)
 
     # -- identify -------------------------------------------------------------------------
