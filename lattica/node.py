@@ -61,8 +61,11 @@ class Node:
 
     ``config`` is the whole settings tree: ``config.net`` configures the endpoint, connection
     manager and RPC layer, ``config.dht`` the DHT (``config.bootstrap`` is appended to its
-    ``bootstrap_peers``). Raises :class:`~lattica.config.ConfigError` for a ``bootstrap`` entry
-    that does not parse.
+    ``bootstrap_peers``), ``config.nat`` identify, observed addresses and reachability
+    (``node.reachability``; a node found private runs the DHT in client mode).
+    ``dial_back_socket_factory()`` opens a fresh ephemeral UDP socket for AutoNAT dial-backs
+    to other nodes (without it the node refuses to dial back). Raises
+    :class:`~lattica.config.ConfigError` for a ``bootstrap`` entry that does not parse.
     """
 
     def __init__(
