@@ -10,7 +10,8 @@ time between them and the node's RPC layer and sockets.
   Each side feeds the observed address it was told into the :class:`ObservedAddressBook`,
   under the observer group of the connection's remote IP (what the network shows, not a claim).
 * A reachability check runs when the believed addresses or the mapping behaviour change, and
-  every ``autonat_recheck_interval_s``: up to ``autonat_servers_per_check`` connected peers from
+  every ``autonat_recheck_interval_s`` (after identifying again over up to 16 live connections,
+  so observations from long-lived connections stay within their window): up to ``autonat_servers_per_check`` connected peers from
   distinct observer groups are asked to dial back our candidate addresses.
 * A server dials back from a fresh socket made by ``dial_back_socket_factory`` (closed after
   each attempt); without one it refuses with ``unavailable``.
@@ -71,6 +72,7 @@ ReachabilityListener = Callable[[ReachabilityStatus], None]
 _IDENTIFY_TIMEOUT_S: Final = 10.0
 _STUN_TIMEOUT_S: Final = 5.0
 _MAX_KNOWN_PEERS: Final = 4096
+_MAX_REIDENTIFY: Final = 16
 
 
 def stun_server_addresses(config: NatConfig) -> list[Address]:
@@ -186,6 +188,8 @@ class ReachabilityService:
                 with trio.move_on_at(deadline):
                     while not self._recheck_wanted:
                         await self._recheck_lot.park()
+                if not self._recheck_wanted:  # the periodic round: keep the votes fresh first
+                    await self.refresh_observations()
                 self._recheck_wanted = False
                 await self.check_reachability()
 
@@ -241,8 +245,25 @@ class ReachabilityService:
             self._observed(observer_group(remote[0]), observed)
 
     async def _identify_connection(self, connection: Connection) -> None:
-        if connection.direction != "outbound":
-            return
+        # The dialler asks; the listener learns from the request (one exchange per connection).
+        if connection.direction == "outbound":
+            await self.identify(connection)
+
+    async def refresh_observations(self) -> None:
+        """Identify again over live connections (one per observer group, at most
+        :data:`_MAX_REIDENTIFY` of them), so votes from long-lived connections do not lapse."""
+        picked: dict[str, Connection] = {}
+        for connection in reversed(self.rpc.manager.connections()):
+            picked.setdefault(observer_group(connection.remote_address[0]), connection)
+            if len(picked) >= _MAX_REIDENTIFY:
+                break
+        async with trio.open_nursery() as nursery:
+            for connection in picked.values():
+                nursery.start_soon(self.identify, connection)
+
+    async def identify(self, connection: Connection) -> None:
+        """Exchange identify messages over ``connection`` and take the peer's observation of us.
+        A failure is counted and logged, never raised."""
         remote = connection.remote_address
         try:
             request = encode_identify(self._message_for(_valid_or_none(remote)))

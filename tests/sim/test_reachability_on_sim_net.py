@@ -19,6 +19,7 @@ import trio.testing
 from lattica.config import NodeConfig
 from lattica.identity import Identity
 from lattica.nat.autonat import ReachabilityStatus
+from lattica.nat.config import NatConfig as LatticaNatConfig
 from lattica.net.address import PeerAddr
 from lattica.node import Node
 from sim_net import Filtering, Host, LinkConfig, Mapping, NatConfig, Network, PortAllocation
@@ -123,3 +124,19 @@ async def test_a_node_behind_a_nat_is_found_private_and_becomes_a_dht_client(
             for helper in helpers:
                 assert node.peer_id not in helper.dht.routing_table
             assert "/lattica/kad/1.0.0" not in node._served_protocols()
+
+
+async def test_observations_stay_fresh_on_long_lived_connections_and_reachability_is_rechecked(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = NodeConfig(nat=LatticaNatConfig(observation_window_s=120, autonat_recheck_interval_s=50))
+    async with Network(seed=23) as net, helpers_on(net) as helpers:
+        host = net.add_host("203.0.113.50", LINK)
+        async with node_on(host, 10, config) as node:
+            assert (await settled_reachability(node, helpers)).reachability == "public"
+            checks = node.reachability.checks_done
+            await trio.sleep(600)  # five windows: only re-identifying keeps the votes alive
+            [believed] = node.reachability.book.believed(trio.current_time())
+            assert believed.observers == HELPERS
+            assert node.reachability.checks_done >= checks + 10
+            assert node.reachability.reachability() == "public"
