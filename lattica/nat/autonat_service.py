@@ -11,8 +11,9 @@ time between them and the node's RPC layer and sockets.
   under the observer group of the connection's remote IP (what the network shows, not a claim).
 * A reachability check runs when the believed addresses or the mapping behaviour change, and
   every ``autonat_recheck_interval_s`` (after identifying again over up to 16 live connections,
-  so observations from long-lived connections stay within their window): up to ``autonat_servers_per_check`` connected peers from
-  distinct observer groups are asked to dial back our candidate addresses.
+  so observations from long-lived connections stay within their window): up to
+  ``autonat_servers_per_check`` connected peers from distinct observer groups are asked to dial
+  back our candidate addresses.
 * A server dials back from a fresh socket made by ``dial_back_socket_factory`` (closed after
   each attempt); without one it refuses with ``unavailable``.
 * Listeners (:meth:`ReachabilityService.add_listener`) hear every change of reachability: the
