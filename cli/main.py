@@ -305,30 +305,55 @@ def ping(
 
 @app.command(
     epilog=_example(
+        "lattica nat",
+        "lattica nat --json",
         "lattica nat 198.51.100.7:4001",
         "lattica nat 198.51.100.7:4001 --json",
     )
 )
 def nat(
     addr: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            callback=check_dial_string,
-            help="A peer's IP:PORT (any Lattica node answers STUN on its port).",
+            callback=lambda text: None if text is None else check_dial_string(text),
+            help="A peer's IP:PORT to ask for our address (STUN); without it, show reachability.",
         ),
-    ],
+    ] = None,
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, max=300.0, help="Seconds to wait for the answer.")
     ] = 10.0,
     home: HomeOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Ask a peer which address this node's packets come from (STUN; behind a NAT, the public one)."""
+    """Reachability (public / private / unknown), observed addresses, NAT mapping; or, given
+    IP:PORT, ask that peer which address this node's packets come from."""
+    if addr is None:
+        _nat_status(home, json)
+        return
     result = call_daemon(home, "nat.observed", {"addr": addr, "timeout_s": timeout})
     if json:
         print_json(result)
     else:
         print_line(f"observed address: {result['observed_addr']} (as seen by {result['asked']})")
+
+
+def _nat_status(home: Path | None, json: bool) -> None:
+    result = call_daemon(home, "nat.status")
+    if json:
+        print_json(result)
+        return
+    observed = [f"{row['addr']} ({row['observers']} observers agree)" for row in result["observed_addrs"]]
+    print_fields(
+        [
+            ("reachability", f"{result['reachability']} (confidence {result['confidence']})"),
+            *[("observed address", line) for line in observed or ["none agreed yet"]],
+            ("observers", result["observers"]),
+            ("mapping", result["mapping"]),
+            ("dht mode", result["dht_mode"]),
+            ("relay wanted", "yes" if result["relay_reservation_wanted"] else "no"),
+            *[("relay reservation", r) for r in result["relay_reservations"]],
+        ]
+    )
 
 
 def _take_debug_flag(args: list[str]) -> tuple[list[str], bool]:

@@ -2,8 +2,9 @@
 
 ``NodeConfig`` has a few top-level settings (``listen``, ``bootstrap``, ``log_level``) and one
 section per layer: ``net`` (:class:`~lattica.net.config.NetConfig`), ``dht``
-(:class:`~lattica.dht.config.DhtConfig`) and ``content``
-(:class:`~lattica.content.config.ContentConfig`); ``nat`` and ``crdt`` will join them.
+(:class:`~lattica.dht.config.DhtConfig`), ``content``
+(:class:`~lattica.content.config.ContentConfig`) and ``nat`` (:class:`~lattica.nat.config.NatConfig`);
+``crdt`` will join them.
 Each setting has exactly one default, in its section's class. In ``config.toml`` a section is a
 TOML table (``[net]``, ``[dht]``). ``docs/config.md`` is generated from these classes
 (``python -m lattica.config_docs``).
@@ -31,7 +32,7 @@ from lattica.dht.config import DhtConfig
 from lattica.errors import LatticaError
 from lattica.home_layout import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, IDENTITY_FILE, default_home
 from lattica.nat.config import NatConfig
-from lattica.net.address import InvalidAddressError, PeerAddr, parse_host_port
+from lattica.net.address import InvalidAddressError, PeerAddr, network_address, parse_host_port
 from lattica.net.config import NetConfig
 
 log = logging.getLogger("lattica.config")
@@ -79,7 +80,7 @@ class NodeConfig:
     content: ContentConfig = field(default_factory=ContentConfig)
     """Content settings: chunk size and the bounds on manifests."""
     nat: NatConfig = field(default_factory=NatConfig)
-    """NAT traversal settings (relay service and relay client)."""
+    """NAT traversal: observed addresses, reachability (AutoNAT) and the relay (``[nat.relay]``)."""
 
     def with_overrides(self, **overrides: Any) -> NodeConfig:
         """A copy with the given non-``None`` top-level settings replaced (CLI flags win over
@@ -152,6 +153,11 @@ def config_from_mapping(raw: dict[str, Any], *, source: str) -> NodeConfig:
         config.bootstrap_peers()
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    for index, entry in enumerate(config.nat.stun_servers):
+        try:
+            network_address(*parse_host_port(entry))
+        except InvalidAddressError as exc:
+            raise ConfigError(f"{source}: nat.stun_servers[{index}]: {exc}") from None
     net = config.net
     if net.keepalive_interval_s >= net.idle_timeout_s:
         # The peer would close the connection as idle before our keepalive kept it open.

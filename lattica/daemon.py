@@ -109,7 +109,15 @@ async def run_daemon(
         except OSError as exc:
             raise DaemonError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            node = Node(identity, sock, config, database=home / DATABASE_FILE)
+            # AutoNAT dial-backs leave from a fresh ephemeral socket on the listen host, never
+            # from the node's own port (lattica/nat/autonat.py says why).
+            node = Node(
+                identity,
+                sock,
+                config,
+                database=home / DATABASE_FILE,
+                dial_back_socket_factory=lambda: UdpSocket.bind(host, 0),
+            )
             try:
                 async with trio.open_nursery() as nursery, node:
                     server = ControlServer(home / CONTROL_SOCKET, build_registry(node, warnings=warnings))

@@ -27,8 +27,11 @@ import trio
 from lattica import __version__
 from lattica.config import NodeConfig
 from lattica.dht import BootstrapError, Dht, DhtStore
+from lattica.dht.messages import PROTOCOL_ID as DHT_PROTOCOL_ID
 from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
+from lattica.nat.autonat import ReachabilityStatus
+from lattica.nat.autonat_service import DialBackSocketFactory, ReachabilityService
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayClient
 from lattica.nat.relay_service import RelayService
@@ -63,8 +66,11 @@ class Node:
 
     ``config`` is the whole settings tree: ``config.net`` configures the endpoint, connection
     manager and RPC layer, ``config.dht`` the DHT (``config.bootstrap`` is appended to its
-    ``bootstrap_peers``). Raises :class:`~lattica.config.ConfigError` for a ``bootstrap`` entry
-    that does not parse.
+    ``bootstrap_peers``), ``config.nat`` identify, observed addresses and reachability
+    (``node.reachability``; a node found private runs the DHT in client mode).
+    ``dial_back_socket_factory()`` opens a fresh ephemeral UDP socket for AutoNAT dial-backs
+    to other nodes (without it the node refuses to dial back). Raises
+    :class:`~lattica.config.ConfigError` for a ``bootstrap`` entry that does not parse.
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class Node:
         database: Path | None = None,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        dial_back_socket_factory: DialBackSocketFactory | None = None,
     ) -> None:
         self.identity = identity
         self.config = config or NodeConfig()
@@ -116,6 +123,18 @@ class Node:
             wall_clock=wall_clock,
             rng=rng,
         )
+        self.reachability = ReachabilityService(
+            self.rpc,
+            self.nat,
+            self.config.nat,
+            own_addresses=self.listen_addresses,
+            protocols=self._served_protocols,
+            agent_version=f"lattica/{__version__}",
+            dial_back_socket_factory=dial_back_socket_factory,
+            random_bytes=rng.randbytes if rng else os.urandom,
+        )
+        self.reachability.add_listener(self._reachability_changed)
+        self._reachability_changed(self.reachability.status())
         self.joined_dht = trio.Event()
         self._advertise_hosts = list(advertise_hosts) if advertise_hosts else None
         self._stack: AsyncExitStack | None = None
@@ -133,6 +152,15 @@ class Node:
         if self._nursery is None:
             raise RuntimeError("node is not running")
         return self._nursery
+
+    def _served_protocols(self) -> list[str]:
+        # A DHT client does not serve the DHT to strangers: identify leaves it out.
+        return [p for p in self.rpc.protocols() if not (p == DHT_PROTOCOL_ID and self.dht.client_mode)]
+
+    def _reachability_changed(self, status: ReachabilityStatus) -> None:
+        # Only a node found private leaves server mode; "unknown" keeps the configured mode, or
+        # nodes that cannot tell (one LAN, loopback) would all be clients and the DHT empty.
+        self.dht.set_client_mode(self.config.dht.client_mode or status.reachability == "private")
 
     def listen_addresses(self) -> list[Address]:
         """Addresses peers can dial (wildcard binds expanded to interface addresses)."""
@@ -157,6 +185,7 @@ class Node:
             await nursery.start(self.connections.run)
             await nursery.start(self.dht.run)
             await nursery.start(self.relay_client.run)
+            await nursery.start(self.reachability.run)
             self._nursery = nursery
             self.started_at = trio.current_time()
         except BaseException as exc:

@@ -1,13 +1,16 @@
-"""The NAT service's control method: ``nat.observed`` (this node's address as a peer sees it)."""
+"""The NAT service's control methods: ``nat.observed`` (this node's address as a peer sees it)
+and ``nat.status`` (reachability, believed observed addresses, mapping behaviour)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import msgspec
+import trio
 
 from lattica.control.errors import FAILED, INVALID_PARAMS, TIMEOUT, ControlError
 from lattica.control.limits import MAX_DIAL_STRING_CHARS, MAX_PING_TIMEOUT_S
+from lattica.control.messages import NoParams
 from lattica.control.registry import MethodRegistry
 from lattica.nat import ObservedAddressError, ObservedAddressTimeoutError
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, network_address
@@ -32,8 +35,64 @@ class ObservedResult(msgspec.Struct):
     local_addr: str
 
 
+class ObservedAddressRow(msgspec.Struct):
+    """``nat.status``: one address of ours that enough observers agree on."""
+
+    addr: str
+    observers: int
+    """Distinct observer groups (IPv4 addresses, IPv6 /56s, STUN servers) reporting it."""
+
+
+class NatStatusResult(msgspec.Struct):
+    """``nat.status``: what this node knows about its NAT."""
+
+    reachability: str
+    """``public``, ``private`` or ``unknown`` (AutoNAT dial-backs, or forced by config)."""
+    confidence: int
+    """Agreeing dial-back results behind ``reachability``."""
+    reachable_results: int
+    unreachable_results: int
+    translated: bool
+    """The address tested is not one of this node's own: a NAT is in the path."""
+    observed_addrs: list[ObservedAddressRow]
+    observers: int
+    """Observer groups with a live report (believed or not)."""
+    mapping: str
+    """``endpoint-independent``, ``endpoint-dependent`` (symmetric NAT) or ``unknown``."""
+    dht_mode: str
+    """``server`` or ``client`` (a private node queries the DHT but is not stored in tables)."""
+    relay_reservation_wanted: bool
+    relay_reservations: list[str]
+    """This node's relayed addresses, one per relay holding a reservation for it
+    (``RELAYPEERID@HOST:PORT/relay/OURPEERID``)."""
+    checks_done: int
+
+
 def register_nat_methods(registry: MethodRegistry, node: Node) -> None:
-    """Register ``nat.observed``."""
+    """Register ``nat.observed`` and ``nat.status``."""
+
+    async def nat_status(params: NoParams) -> NatStatusResult:
+        service = node.reachability
+        status = service.status()
+        now = trio.current_time()
+        return NatStatusResult(
+            reachability=status.reachability,
+            confidence=status.confidence,
+            reachable_results=status.reachable_results,
+            unreachable_results=status.unreachable_results,
+            translated=status.translated,
+            observed_addrs=[
+                ObservedAddressRow(format_host_port(b.address), b.observers) for b in service.book.believed(now)
+            ],
+            observers=service.book.observer_count(now),
+            mapping=service.mapping_behaviour(),
+            dht_mode="client" if node.dht.client_mode else "server",
+            relay_reservation_wanted=service.relay_reservation_wanted,
+            relay_reservations=node.relay_client.relayed_addresses(),
+            checks_done=service.checks_done,
+        )
+
+    registry.add("nat.status", NoParams, nat_status)
 
     async def observed(params: ObservedParams) -> ObservedResult:
         try:

@@ -113,6 +113,10 @@ class Responder:
         self._max_record_ttl_s = max_record_ttl_s
         self._provider_ttl_s = provider_ttl_s
 
+    def set_client_mode(self, client_mode: bool) -> None:
+        """Say ``client`` (do not add us to your routing table) in every message from now on."""
+        self._client = client_mode
+
     def me(self) -> PeerInfo:
         """This node as a message ``sender``."""
         return PeerInfo.of(self.peer_id, self._own_addresses())

@@ -31,7 +31,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import trio
@@ -215,6 +215,25 @@ class Dht:
             self._nursery = None
             with trio.CancelScope(shield=True):
                 await self.persist_routing_table()
+
+    @property
+    def client_mode(self) -> bool:
+        """Whether we ask peers not to add us to their routing tables (see ``set_client_mode``)."""
+        return self.config.client_mode
+
+    def set_client_mode(self, client_mode: bool) -> None:
+        """Switch between server and client mode while running (reachability decides it).
+
+        In client mode we still query, but every message says ``client`` so receivers do not add
+        us to their routing tables (and drop us if they had us); on switching to it, the peers
+        in our table are pinged so they learn at once."""
+        if client_mode == self.config.client_mode:
+            return
+        self.config = replace(self.config, client_mode=client_mode)
+        self._responder.set_client_mode(client_mode)
+        log.info("DHT now in %s mode", "client" if client_mode else "server")
+        if client_mode and self._nursery is not None:
+            self._nursery.start_soon(self._probe, tuple(node.peer_id for node in self.routing_table.peers()))
 
     async def bootstrap(self, addrs: list[PeerAddr] | None = None) -> int:
         """Join the DHT through ``addrs`` (plus configured and remembered bootstrap peers).
@@ -542,6 +561,10 @@ class Dht:
         if addresses:
             self._remember(peer, addresses)
         if client:
+            if peer in self.routing_table:
+                # It switched to client mode (found not publicly reachable): stop handing it out.
+                self.routing_table.remove(peer)
+                self._mark_table_changed()
             return
         result = self.routing_table.add_contact(DhtNode(peer, addresses), now=self._wall_clock())
         if result.outcome == "added":

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import trio
 
 from lattica.errors import ConnectError, LatticaError
+from lattica.nat.autonat_messages import is_dial_back_packet
 from lattica.nat.binding import BindingFailed, BindingSucceeded, BindingTransaction
 from lattica.nat.stun import (
     BINDING_METHOD,
@@ -98,6 +99,9 @@ class NatService:
         self._total_bucket = (total_responses_per_second, 0.0)
         self._pending: dict[bytes, tuple[BindingTransaction, trio.Event]] = {}
         self._answers_in, self._answers_out = trio.open_memory_channel[tuple[bytes, Address]](_ANSWER_QUEUE_DATAGRAMS)
+        self.dial_back_handler: Callable[[bytes, Address], None] | None = None
+        """Takes AutoNAT dial-back datagrams (:mod:`lattica.nat.autonat_messages`) that share
+        the socket with STUN; it must not block nor raise on network input."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Install the raw packet handler and send answers until cancelled."""
@@ -111,6 +115,9 @@ class NatService:
 
     def handle_datagram(self, data: bytes, source: Address) -> None:
         """The endpoint's raw packet handler: never raises on what arrives."""
+        if self.dial_back_handler is not None and is_dial_back_packet(data):
+            self.dial_back_handler(data, source)
+            return
         try:
             message = decode_message(data)
         except StunDecodeError:
@@ -143,6 +150,16 @@ class NatService:
             self.stats.queue_full_dropped += 1
             return
         self.stats.requests_answered += 1
+
+    def queue_raw(self, data: bytes, address: Address) -> bool:
+        """Queue one raw datagram (not QUIC) to send from the node's socket, without blocking;
+        returns False (and drops it) when the bounded queue is full."""
+        try:
+            self._answers_in.send_nowait((data, address))
+        except trio.WouldBlock:
+            self.stats.queue_full_dropped += 1
+            return False
+        return True
 
     def _take_token(self, source: Address, now: float) -> bool:
         tokens, last = self._buckets.pop(source, (self._burst, now))

@@ -144,6 +144,10 @@ class Rpc:
             return None
         return connection.remote_address
 
+    def protocols(self) -> list[str]:
+        """Protocol ids this node answers (request/response and stream protocols), sorted."""
+        return sorted({*self._handlers, *self._stream_handlers})
+
     def add_handler(self, protocol_id: str, handler: RequestHandler) -> None:
         """Answer requests for ``protocol_id`` with ``handler(peer, payload) -> reply``.
 

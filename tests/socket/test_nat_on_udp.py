@@ -1,4 +1,5 @@
-"""STUN observed addresses between two ``NatService``s on kernel UDP sockets (loopback only)."""
+"""STUN observed addresses between two ``NatService``s, and an AutoNAT dial-back between two
+nodes, on kernel UDP sockets (loopback only)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import socket
 import pytest
 import trio
 
+from lattica.config import NodeConfig
 from lattica.identity import Identity
 from lattica.nat import NatService
+from lattica.nat.autonat_messages import AUTONAT_PROTOCOL, DialBackRequest, decode_dial_back_response, encode_autonat
 from lattica.nat.stun import decode_message, encode_binding_request, xor_mapped_address
 from lattica.net import Endpoint, EndpointConfig, UdpSocket
+from lattica.net.address import PeerAddr
+from lattica.node import Node
 
 from .conftest import MakeUdpEndpoint
 
@@ -50,3 +55,26 @@ async def test_an_ipv6_client_gets_an_ipv6_mapped_address(nursery: trio.Nursery)
         message = decode_message(answer)
         assert message.transaction_id == tid
         assert xor_mapped_address(message) == client.getsockname()[:2]
+
+
+async def test_an_autonat_dial_back_leaves_from_a_fresh_kernel_socket() -> None:
+    async with (
+        Node(
+            Identity.generate(),
+            UdpSocket.bind("127.0.0.1", 0),
+            NodeConfig(),
+            dial_back_socket_factory=lambda: UdpSocket.bind("127.0.0.1", 0),
+        ) as server,
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), NodeConfig()) as client,
+    ):
+        client.reachability.inbox.expect(until=trio.current_time() + 60)
+        payload = encode_autonat(DialBackRequest(addresses=[client.socket.local_address]))
+        with trio.fail_after(10):
+            reply = await client.rpc.request(
+                PeerAddr(server.socket.local_address, server.peer_id), AUTONAT_PROTOCOL, payload
+            )
+        response = decode_dial_back_response(reply)
+        assert response.status == "ok" and response.nonce is not None
+        source = client.reachability.inbox.received_from(response.nonce)
+        assert source is not None and source[0] == "127.0.0.1"
+        assert source != server.socket.local_address  # not the server's own port

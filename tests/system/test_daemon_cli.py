@@ -115,3 +115,11 @@ def test_nat_reports_the_address_a_peer_sees(start_daemon: Any) -> None:
     assert text.returncode == 0 and f"observed address: 127.0.0.1:{a_port}" in text.stdout
     bad = lattica("nat", "localhost:4001", home=a.home)
     assert bad.returncode != 0 and "IP" in bad.stderr
+    # Without an address: reachability. Peers on one loopback address are one observer, so
+    # nothing is believed and the node keeps serving the DHT.
+    status = lattica_json("nat", home=a.home)
+    assert status["reachability"] == "unknown" and status["observed_addrs"] == []
+    assert status["dht_mode"] == "server" and status["relay_reservations"] == []
+    assert status["mapping"] == "unknown" and status["observers"] <= 1
+    text = lattica("nat", home=a.home)
+    assert text.returncode == 0 and "reachability" in text.stdout and "unknown" in text.stdout

@@ -21,6 +21,7 @@ def test_ping_through_a_relay_and_peers_shows_the_relayed_path(start_daemon: Any
     relayed = reserved["relayed_addr"]
     assert relayed == f"{relay.addr}/relay/{b.peer_id}"
     assert relayed in lattica_json("id", home=b.home)["addrs"]
+    assert lattica_json("nat", home=b.home)["relay_reservations"] == [relayed]
 
     result = lattica("ping", relayed, "--count", "2", home=a.home)
     assert result.returncode == 0, result.stderr
