@@ -4,6 +4,9 @@ Layers inside this package, bottom up: ``datagram`` (socket interface), ``tls_id
 ``quic_internals`` (aioquic adapters), ``connection_state`` (the sans-I/O connection core),
 ``stream``, ``connection`` (its trio driver), ``endpoint``, ``manager``
 (one connection per peer), ``rpc_messages`` and ``rpc`` (protocol ids, request/response).
+The TLS 1.3-over-TCP fast path beside QUIC: ``yamux`` (sans-I/O stream multiplexer),
+``tls_channel`` (sans-I/O TLS with peer-id authentication), ``tcp_connection`` (trio driver)
+and ``tcp_transport`` (listener and dialer); its streams are ``QuicStream`` objects too.
 """
 
 from lattica.net.address import (
@@ -20,6 +23,8 @@ from lattica.net.endpoint import Endpoint, EndpointSocketError, EndpointStats
 from lattica.net.manager import ConnectionManager, ConnectReport
 from lattica.net.rpc import ERROR_CODES, PING_PROTOCOL, Rpc
 from lattica.net.stream import QuicStream
+from lattica.net.tcp_connection import TcpConnection
+from lattica.net.tcp_transport import TcpTransport
 
 __all__ = [
     "ALPN_PROTOCOL",
@@ -38,6 +43,8 @@ __all__ = [
     "PeerAddr",
     "QuicStream",
     "Rpc",
+    "TcpConnection",
+    "TcpTransport",
     "UdpSocket",
     "format_host_port",
     "network_address",

@@ -126,9 +126,10 @@ class TcpTransport:
 
     # -- listening ------------------------------------------------------------------------
 
-    async def listen(self, host: str, port: int) -> Address:
-        """Accept connections on ``host:port`` (an IP literal; port 0 picks one); returns the
-        bound address. Raises ``OSError`` if the address cannot be bound."""
+    async def listen(self, host: str | None, port: int) -> Address:
+        """Accept connections on ``host:port`` (an IP literal, or None for every address of
+        both families; port 0 picks one); returns the last bound address (all are in
+        :attr:`listen_addresses`). Raises ``OSError`` if the address cannot be bound."""
         nursery = self._require_nursery()
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound: Address | None = None

@@ -9,16 +9,19 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
+from lattica.config import NodeConfig
 from lattica.errors import ConnectError, DialSelfError, PeerIdMismatchError, RpcError
 from lattica.identity import Identity, PeerId
-from lattica.net import ConnectionManager, EndpointConfig, Rpc
+from lattica.net import ConnectionManager, EndpointConfig, Rpc, UdpSocket
 from lattica.net.address import PeerAddr
+from lattica.net.config import NetConfig
 from lattica.net.datagram import Address
 from lattica.net.stream import QuicStream
 from lattica.net.tcp_connection import TcpConnection, tls_handshake
 from lattica.net.tcp_transport import TcpTransport
 from lattica.net.tls_channel import TlsChannel
 from lattica.net.yamux import FLAG_SYN, TYPE_DATA, TYPE_WINDOW_UPDATE, encode_header
+from lattica.node import Node
 from tests.socket.conftest import MakeUdpEndpoint
 
 StreamHandler = Callable[[QuicStream], Awaitable[None]]
@@ -314,3 +317,17 @@ async def test_a_stream_the_server_closes_unread_is_reset_for_the_client(
         await stream.receive_some()
     await stream.aclose()
     assert await exchange(connection, b"still up") == b"still up"  # only the stream ended
+
+
+async def test_a_node_listens_for_tcp_only_when_asked_and_serves_rpc_over_it() -> None:
+    listening = NodeConfig(net=NetConfig(tcp_listen=True))
+    async with (
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), listening) as server,
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0)) as client,
+    ):
+        udp_port = server.socket.local_address[1]
+        assert server.tcp.listen_addresses == [("127.0.0.1", udp_port)]
+        assert client.tcp.listen_addresses == []
+        connection = await client.tcp.connect(PeerAddr(("127.0.0.1", udp_port), server.peer_id))
+        assert await client.rpc.ping(connection) >= 0
+        assert client.connections.connections() == []  # the ping did not use QUIC
