@@ -363,9 +363,8 @@ class TcpConnection:
     async def _write_loop(self) -> None:
         try:
             while True:
-                queued = self._session.data_to_send()
-                if queued:
-                    self._channel.send(queued)
+                for piece in self._session.pieces_to_send():
+                    self._channel.send(piece)
                 closing = self.is_closed
                 if closing:
                     self._channel.close()

@@ -37,8 +37,11 @@ from lattica.net.tls_identity import certificate_for, peer_id_from_certificate, 
 ALPN_TCP_PROTOCOL: Final = b"lattica-tcp/1"
 """ALPN id of Lattica over TLS 1.3 over TCP: yamux (:mod:`lattica.net.yamux`) inside."""
 
-# SSL_read returns one TLS record (at most 16 KiB) per call; this many bytes are asked for.
-_READ_BYTES = 256 * 1024
+# SSL_read returns at most one TLS record (16 KiB of plaintext) per call, and pyOpenSSL
+# allocates the buffer it asks for on every call: ask for one record's worth.
+_RECORD_BYTES = 16 * 1024
+# The write BIO is drained this much per call.
+_BIO_READ_BYTES = 256 * 1024
 
 
 def _accept_any_chain(connection: SSL.Connection, certificate: object, error_number: int, depth: int, ok: int) -> bool:
@@ -123,7 +126,7 @@ class TlsChannel:
         parts: list[bytes] = []
         while True:
             try:
-                parts.append(self._tls.recv(_READ_BYTES))
+                parts.append(self._tls.recv(_RECORD_BYTES))
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
@@ -155,7 +158,7 @@ class TlsChannel:
         parts: list[bytes] = []
         while True:
             try:
-                parts.append(self._tls.bio_read(_READ_BYTES))
+                parts.append(self._tls.bio_read(_BIO_READ_BYTES))
             except SSL.WantReadError:
                 break
         return b"".join(parts)

@@ -203,7 +203,10 @@ class YamuxSession:
         self._last_remote_id = 0
         # Streams we reset while the peer could still be sending: the window it had left.
         self._reset_windows: OrderedDict[int, int] = OrderedDict()
-        self._outgoing = bytearray()
+        # Frames waiting for data_to_send(): pieces joined once there (payloads are not copied
+        # into a growing buffer: that copy cost more than the encryption at bulk rates).
+        self._outgoing: list[bytes] = []
+        self._outgoing_bytes = 0
         self._header = bytearray()
         self._payload_stream: int | None = None
         self._payload_remaining = 0
@@ -219,7 +222,7 @@ class YamuxSession:
     @property
     def pending_output_bytes(self) -> int:
         """Bytes waiting in :meth:`data_to_send` (the driver bounds it to apply backpressure)."""
-        return len(self._outgoing)
+        return self._outgoing_bytes
 
     @property
     def open_streams(self) -> int:
@@ -252,12 +255,19 @@ class YamuxSession:
 
     def data_to_send(self) -> bytes:
         """Everything queued for the peer, in order; the queue is empty afterwards."""
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
+        return b"".join(self.pieces_to_send())
+
+    def pieces_to_send(self) -> list[bytes]:
+        """Like :meth:`data_to_send`, as the queued pieces (headers and payloads) in order,
+        so a driver that encrypts piece by piece never copies payloads into one buffer."""
+        pieces = self._outgoing
+        self._outgoing = []
+        self._outgoing_bytes = 0
+        return pieces
 
     def _emit(self, frame_type: int, flags: int, stream_id: int, length: int) -> None:
-        self._outgoing += HEADER.pack(VERSION, frame_type, flags, stream_id, length)
+        self._outgoing.append(HEADER.pack(VERSION, frame_type, flags, stream_id, length))
+        self._outgoing_bytes += HEADER_BYTES
 
     # -- local actions --------------------------------------------------------------------
 
@@ -303,7 +313,9 @@ class YamuxSession:
         stream.send_window -= len(data)
         flags = FLAG_FIN if end_stream else 0
         self._emit(TYPE_DATA, flags, stream_id, len(data))
-        self._outgoing += data
+        if data:
+            self._outgoing.append(bytes(data))
+            self._outgoing_bytes += len(data)
         if end_stream:
             stream.fin_sent = True
             self._maybe_forget(stream_id, stream)
