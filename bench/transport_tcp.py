@@ -272,8 +272,9 @@ async def run_once(mode: str, run: int, transfer: Transfer, args: argparse.Names
             receiver = await Child.start(_argv("receiver", mode, transfer, args))
             ready = await _expect(receiver, "receiver", "ready")
             sender = await Child.start(_argv("sender", mode, transfer, args, int(ready["port"]), ready.get("peer")))
-            received = await _expect(receiver, "receiver", "received")
+            # The sender's report comes last but its failure first: wait on it first.
             sent = await _expect(sender, "sender", "sent")
+            received = await _expect(receiver, "receiver", "received")
             receiver_rss = peak_rss_mib(receiver.pid)
             sender_rss = peak_rss_mib(sender.pid)
     except trio.TooSlowError:

@@ -217,6 +217,10 @@ class TcpConnection:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drive the connection until it closes; the TCP socket is closed on return."""
         try:
+            # Bytes that came with the handshake (often the client's first ping) are fed before
+            # the writer starts, so what they make us answer is queued when it first looks.
+            self._feed(self._pending_input)
+            self._pending_input = b""
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_loop)
                 nursery.start_soon(self._write_loop)
@@ -305,29 +309,40 @@ class TcpConnection:
 
     async def _read_loop(self) -> None:
         try:
-            if self._pending_input:
-                data, self._pending_input = self._pending_input, b""
-                self._dispatch(self._session.receive_data(data))
             while not self.is_closed:
                 received = await self._tcp.receive_some(RECEIVE_BYTES)
                 if not received:
                     self._close("the peer closed the TCP connection", "peer")
                     return
                 self.last_received_at = trio.current_time()
-                plain = self._channel.receive_data(received)
-                if plain:
-                    self._dispatch(self._session.receive_data(plain))
+                if not self._feed(self._channel.receive_data(received)):
+                    return
                 if self._channel.peer_closed:
                     self._close("the peer closed the TLS session", "peer")
                     return
                 self._wake_writer()
                 while self._session.pending_output_bytes > MAX_CONTROL_BACKLOG_BYTES and not self.is_closed:
                     await self._progress_lot.park()
-        except RemoteProtocolError as exc:
-            logger.debug("%r: protocol error from the peer: %s", self, exc)
-            self._close(f"protocol error: {exc}", "peer")
+        except RemoteProtocolError as exc:  # the peer's TLS
+            self._protocol_error(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._close(f"connection lost: {exc!r}", "network")
+
+    def _feed(self, plain: bytes) -> bool:
+        """Feed decrypted bytes to yamux; False (and the connection closed) on a protocol error."""
+        if not plain:
+            return True
+        try:
+            events = self._session.receive_data(plain)
+        except RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return False
+        self._dispatch(events)
+        return True
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        logger.debug("%r: protocol error from the peer: %s", self, exc)
+        self._close(f"protocol error: {exc}", "peer")
 
     def _dispatch(self, events: list[Event]) -> None:
         for event in events:

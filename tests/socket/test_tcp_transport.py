@@ -20,7 +20,7 @@ from lattica.net.stream import QuicStream
 from lattica.net.tcp_connection import TcpConnection, tls_handshake
 from lattica.net.tcp_transport import TcpTransport
 from lattica.net.tls_channel import TlsChannel
-from lattica.net.yamux import FLAG_SYN, TYPE_DATA, TYPE_WINDOW_UPDATE, encode_header
+from lattica.net.yamux import FLAG_ACK, FLAG_SYN, TYPE_DATA, TYPE_PING, TYPE_WINDOW_UPDATE, encode_header
 from lattica.node import Node
 from tests.socket.conftest import MakeUdpEndpoint
 
@@ -331,3 +331,25 @@ async def test_a_node_listens_for_tcp_only_when_asked_and_serves_rpc_over_it() -
         connection = await client.tcp.connect(PeerAddr(("127.0.0.1", udp_port), server.peer_id))
         assert await client.rpc.ping(connection) >= 0
         assert client.connections.connections() == []  # the ping did not use QUIC
+
+
+async def test_frames_that_arrive_with_the_handshake_are_answered(
+    make_transport: MakeTransport,
+) -> None:
+    """A client's Finished and first yamux ping often share one TCP segment; the server must
+    still answer the ping (it once queued the answer with no writer awake to send it)."""
+    _server, address = await make_transport()
+    tcp = await trio.open_tcp_stream(*address)
+    channel = TlsChannel(Identity.generate(), is_client=True)
+    channel.start()
+    with trio.fail_after(10):
+        while not channel.handshake_complete:
+            await tcp.send_all(channel.data_to_send())
+            channel.receive_data(await tcp.receive_some(65536))
+        channel.send(encode_header(TYPE_PING, FLAG_SYN, 0, 7))
+        await tcp.send_all(channel.data_to_send())  # Finished and the ping, in one send
+        answer = b""
+        while len(answer) < 12:
+            answer += channel.receive_data(await tcp.receive_some(65536))
+    assert answer[:12] == encode_header(TYPE_PING, FLAG_ACK, 0, 7)
+    await tcp.aclose()
