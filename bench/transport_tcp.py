@@ -49,6 +49,7 @@ from _transport_modes import (
     _report_sent,
     lattica_receiver,
     lattica_sender,
+    send_payload,
 )
 
 MODES = ("sslstream", "tls-tcp", "quic")
@@ -89,16 +90,6 @@ async def _receive_to_eof(stream: trio.abc.Stream) -> None:
         tally.add(data)
     tally.report()
     await stream.send_all(ACK)
-
-
-async def _send_payload(stream: trio.abc.HalfCloseableStream, transfer: Transfer) -> None:
-    # The same sender protocol as bench/_transport_modes.py (half-close, then the ACK).
-    clock = _Clock()
-    for chunk in transfer.chunks():
-        await stream.send_all(chunk)
-    await stream.send_eof()
-    _check_ack(await stream.receive_some(1))
-    _report_sent(transfer, clock)
 
 
 async def sslstream_receiver(port: int, total_bytes: int) -> None:
@@ -183,7 +174,7 @@ async def tls_tcp_sender(port: int, peer: str, transfer: Transfer) -> None:
         connection = await transport.connect(PeerAddr((LOOPBACK, port), PeerId.parse(peer)))
         stream = await connection.open_stream()
         async with stream:
-            await _send_payload(stream, transfer)
+            await send_payload(stream, transfer)
         nursery.cancel_scope.cancel()
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from typing import Final, Literal
 
 import trio
@@ -34,7 +33,7 @@ from lattica.errors import ConnectError, RemoteProtocolError
 from lattica.identity import PeerId
 from lattica.net.address import format_host_port
 from lattica.net.datagram import Address
-from lattica.net.stream import QuicStream
+from lattica.net.stream import IncomingStreams, QuicStream
 from lattica.net.tls_channel import TlsChannel
 from lattica.net.yamux import (
     GO_AWAY_NORMAL,
@@ -121,8 +120,7 @@ class TcpConnection:
         self._idle_close_s = idle_close_s
         self._pending_input = received_with_handshake
         self._streams: dict[int, QuicStream] = {}
-        self._incoming: deque[QuicStream] = deque()
-        self._incoming_lot = trio.lowlevel.ParkingLot()
+        self._incoming = IncomingStreams()
         self._progress_lot = trio.lowlevel.ParkingLot()
         self._output_lot = trio.lowlevel.ParkingLot()
         self._closed_event = trio.Event()
@@ -185,12 +183,7 @@ class TcpConnection:
 
     async def accept_stream(self) -> QuicStream:
         """The next stream the peer opened. Raises like :meth:`open_stream` once closed."""
-        while True:
-            if self._incoming:
-                await trio.lowlevel.checkpoint()
-                return self._incoming.popleft()
-            self.check_open()
-            await self._incoming_lot.park()
+        return await self._incoming.accept(self.check_open)
 
     async def aclose(self, reason: str = "closed") -> None:
         """Close the connection (yamux Go Away, TLS close_notify, then TCP). Idempotent.
@@ -303,7 +296,7 @@ class TcpConnection:
             stream.on_connection_closed()
         self._closed_event.set()
         self._confirmed_or_closed.set()
-        self._incoming_lot.unpark_all()
+        self._incoming.wake()
         self._progress_lot.unpark_all()
         self._wake_writer()
 
@@ -355,9 +348,8 @@ class TcpConnection:
             elif isinstance(event, StreamOpened):
                 stream = QuicStream(self, event.stream_id)
                 self._streams[event.stream_id] = stream
-                self._incoming.append(stream)
                 self.last_stream_activity_at = trio.current_time()
-                self._incoming_lot.unpark_all()
+                self._incoming.push(stream)
             elif isinstance(event, StreamReset):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
