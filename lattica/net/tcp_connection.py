@@ -156,6 +156,11 @@ class TcpConnection:
         return self.close_reason is not None
 
     @property
+    def queued_output_bytes(self) -> int:
+        """Bytes of yamux frames waiting for the writer (bounded; see the module's invariants)."""
+        return self._session.pending_output_bytes
+
+    @property
     def open_stream_count(self) -> int:
         """Streams of this connection the application has not closed yet."""
         return len(self._streams)

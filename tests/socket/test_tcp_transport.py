@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 
 from lattica.config import NodeConfig
 from lattica.errors import ConnectError, DialSelfError, PeerIdMismatchError, RpcError
@@ -17,7 +18,12 @@ from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
 from lattica.net.datagram import Address
 from lattica.net.stream import QuicStream
-from lattica.net.tcp_connection import TcpConnection, tls_handshake
+from lattica.net.tcp_connection import (
+    MAX_CONTROL_BACKLOG_BYTES,
+    RECEIVE_BYTES,
+    TcpConnection,
+    tls_handshake,
+)
 from lattica.net.tcp_transport import TcpTransport
 from lattica.net.tls_channel import TlsChannel
 from lattica.net.yamux import FLAG_ACK, FLAG_SYN, TYPE_DATA, TYPE_PING, TYPE_WINDOW_UPDATE, encode_header
@@ -352,4 +358,37 @@ async def test_frames_that_arrive_with_the_handshake_are_answered(
         while len(answer) < 12:
             answer += channel.receive_data(await tcp.receive_some(65536))
     assert answer[:12] == encode_header(TYPE_PING, FLAG_ACK, 0, 7)
+    await tcp.aclose()
+
+
+async def test_a_peer_that_floods_pings_and_never_reads_stalls_only_itself(
+    make_transport: MakeTransport,
+) -> None:
+    """Our answers pile up only to a bound, then we stop reading: the flood stops in the
+    kernel's socket buffers, and our memory for this peer stays bounded."""
+    server, address = await make_transport()
+    tcp, channel = await _authenticated_raw_peer(address)
+    pings = b"".join(encode_header(TYPE_PING, FLAG_SYN, 0, n) for n in range(5000))
+    sent_batches = 0
+
+    async def flood() -> None:
+        nonlocal sent_batches
+        while True:
+            channel.send(pings)
+            await tcp.send_all(channel.data_to_send())
+            sent_batches += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        with trio.fail_after(10):
+            # Every task blocked for 0.1 s: the server has bytes to read but does not read.
+            await trio.testing.wait_all_tasks_blocked(0.1)
+        (connection,) = server.connections()
+        batches_when_stalled = sent_batches
+        await trio.testing.wait_all_tasks_blocked(0.1)
+        assert sent_batches == batches_when_stalled  # the flood is stuck in the socket
+        queued = connection.queued_output_bytes
+        assert MAX_CONTROL_BACKLOG_BYTES < queued <= MAX_CONTROL_BACKLOG_BYTES + RECEIVE_BYTES
+        assert not connection.is_closed
+        nursery.cancel_scope.cancel()
     await tcp.aclose()
