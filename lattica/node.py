@@ -31,6 +31,7 @@ from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
 from lattica.net import Connection, ConnectionManager, Endpoint, EndpointSocketError, Rpc
 from lattica.net.address import PeerAddr, format_host_port
+from lattica.net.bulk_path import BulkPath
 from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.interfaces import dialable_hosts
 from lattica.net.tcp_transport import TcpTransport
@@ -96,6 +97,8 @@ class Node:
         self.tcp = TcpTransport(
             identity, net, stream_handler=self.rpc.serve_stream, idle_close_s=net.idle_close_s
         )
+        # For bulk transfer: `await node.bulk.connection(peer)` is TCP where direct, else QUIC.
+        self.bulk = BulkPath(self.connections, self.tcp)
         self.dht_store = DhtStore(database or ":memory:", own_key=identity.peer_id.dht_key())
         self.dht = Dht(
             identity,

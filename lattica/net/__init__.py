@@ -7,6 +7,7 @@ Layers inside this package, bottom up: ``datagram`` (socket interface), ``tls_id
 The TLS 1.3-over-TCP fast path beside QUIC: ``yamux`` (sans-I/O stream multiplexer),
 ``tls_channel`` (sans-I/O TLS with peer-id authentication), ``tcp_connection`` (trio driver)
 and ``tcp_transport`` (listener and dialer); its streams are ``QuicStream`` objects too.
+``bulk_path`` picks TLS-over-TCP where the peer accepts it directly, else QUIC.
 """
 
 from lattica.net.address import (
@@ -16,6 +17,7 @@ from lattica.net.address import (
     network_address,
     parse_host_port,
 )
+from lattica.net.bulk_path import BulkPath
 from lattica.net.config import ALPN_PROTOCOL, EndpointConfig
 from lattica.net.connection import Connection
 from lattica.net.datagram import Address, DatagramSocket, UdpSocket
@@ -31,6 +33,7 @@ __all__ = [
     "ERROR_CODES",
     "PING_PROTOCOL",
     "Address",
+    "BulkPath",
     "ConnectReport",
     "Connection",
     "ConnectionManager",

@@ -392,3 +392,24 @@ async def test_a_peer_that_floods_pings_and_never_reads_stalls_only_itself(
         assert not connection.is_closed
         nursery.cancel_scope.cancel()
     await tcp.aclose()
+
+
+async def test_bulk_path_uses_tcp_where_the_peer_accepts_it_and_quic_elsewhere() -> None:
+    listening = NodeConfig(net=NetConfig(tcp_listen=True))
+    async with (
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), listening) as fast,
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0)) as quic_only,
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0)) as client,
+    ):
+        to_fast = await client.bulk.connection(PeerAddr(fast.socket.local_address, fast.peer_id))
+        assert isinstance(to_fast, TcpConnection)
+        assert to_fast.peer_id == fast.peer_id
+        assert await client.bulk.connection(fast.peer_id) is to_fast  # reused
+        assert await client.rpc.ping(to_fast) >= 0
+
+        address = quic_only.socket.local_address
+        to_quic = await client.bulk.connection(PeerAddr(address, quic_only.peer_id))
+        assert not isinstance(to_quic, TcpConnection)
+        assert to_quic.peer_id == quic_only.peer_id
+        assert client.bulk.tcp_recently_failed(address)  # not tried again for a while
+        assert await client.rpc.ping(to_quic) >= 0

@@ -113,4 +113,3 @@ async def test_streams_of_a_connection_we_closed_raise_closed_and_the_peer_sees_
             await peer_stream.receive_some()
         with pytest.raises(trio.BrokenResourceError):
             await server.accept_stream()
-
