@@ -36,6 +36,8 @@ class CrdtConfig:
     """Bytes of envelopes in one sync reply or push at most (one envelope always fits)."""
     fanout: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     """Replicas a new update is pushed to by each replica that accepts it."""
+    push_delay_s: Annotated[float, msgspec.Meta(ge=0.0, le=60.0)] = 0.05
+    """How long new envelopes wait to be pushed together (one message per replica per batch)."""
     max_replicas: Count = 64
     """Replicas remembered per space (from the DHT, from peers that contacted us)."""
     anti_entropy_interval_s: Seconds = 10.0

@@ -263,8 +263,14 @@ class CrdtService:
         The object is replaced when a revoke forces a rebuild: call again after changes."""
         return self._space(space_ref).replica.doc
 
+    def replica(self, space_ref: str | SpaceId) -> SpaceReplica:
+        """The sans-I/O replica of a held space: its envelopes (``log``), version vector and
+        writer list, for inspection and export. Change it only through this service."""
+        return self._space(space_ref).replica
+
     async def wait_change(self, space_ref: str | SpaceId) -> None:
-        """Return after the next change to the space (local or replicated)."""
+        """Return after the next envelope is applied to the space here (a local write, a
+        replicated update, a writer-list change), whether or not it changed a visible value."""
         await self._space(space_ref).changed.wait()
 
     def changes(self, space_ref: str | SpaceId) -> trio.MemoryReceiveChannel[Change]:
@@ -350,6 +356,7 @@ class CrdtService:
         if envelope is None:
             return
         await self._persist(space, [envelope])
+        self._publish(space, [])
         self._enqueue(space, [envelope])
 
     async def join_space(self, space_ref: str | SpaceId, *, peers: Sequence[PeerId] = ()) -> SpaceInfo:
@@ -451,6 +458,8 @@ class CrdtService:
     async def _pusher(self, space: _Space) -> None:
         while True:
             await space.outbox_ready.wait()
+            # Let a burst gather: one push per replica carries all of it.
+            await trio.sleep(self.config.push_delay_s)
             space.outbox_ready = trio.Event()
             batch, space.outbox = space.outbox, []
             targets = sorted(space.replicas)
@@ -512,13 +521,21 @@ class CrdtService:
                 self._remember(space, PeerId(key))
             except LatticaError:
                 continue
-        await self._accept(space, reply.envelopes, source=peer, rate_limited=False)
+        # Pulled envelopes are not gossiped on: whoever lacks them pulls them in its own
+        # anti-entropy round, and a joiner would otherwise re-push the whole history.
+        await self._accept(space, reply.envelopes, source=peer, rate_limited=False, forward=False)
 
-    async def _accept(self, space: _Space, envelopes: list[Envelope], *, source: PeerId, rate_limited: bool) -> int:
+    async def _accept(
+        self, space: _Space, envelopes: list[Envelope], *, source: PeerId, rate_limited: bool, forward: bool = True
+    ) -> int:
         """Verify, rate-limit, apply, persist, publish and forward; returns how many applied."""
         now = trio.current_time()
         verified: list[Envelope] = []
+        replica = space.replica
         for envelope in envelopes:
+            held = replica.log.get(envelope.author, {}).get(envelope.seq)
+            if held is not None and held == envelope:
+                continue  # gossip brings most envelopes more than once: skip the signature check
             try:
                 verify_envelope(envelope)
             except MalformedEnvelopeError:
@@ -530,14 +547,15 @@ class CrdtService:
             verified.append(envelope)
         if not verified:
             return 0
-        result = space.replica.offer(verified)
+        result = replica.offer(verified)
         self.stats.refused += len(result.refused)
         if self.store is not None:
             for author, after_seq in result.removed:
                 await self.store.remove_after(space.replica.space_id, author, after_seq)
         await self._persist(space, result.applied)
-        self._publish(space, result.changes)
-        self._enqueue(space, result.applied, source)
+        self._publish(space, result.changes, applied=bool(result.applied or result.removed))
+        if forward:
+            self._enqueue(space, result.applied, source)
         return len(result.applied)
 
     async def _persist(self, space: _Space, envelopes: list[Envelope]) -> None:
@@ -550,7 +568,11 @@ class CrdtService:
             replica = space.replica
             await self.store.save_snapshot(replica.space_id, replica.doc.get_update(), dict(replica.version_vector))
 
-    def _publish(self, space: _Space, changes: list[Change]) -> None:
+    def _publish(self, space: _Space, changes: list[Change], *, applied: bool = True) -> None:
+        if applied:
+            # Any applied envelope wakes wait_change, even one whose effect lost a conflict.
+            space.changed.set()
+            space.changed = trio.Event()
         if not changes:
             return
         keep = []
@@ -565,8 +587,6 @@ class CrdtService:
             else:
                 keep.append(channel)
         space.subscribers = keep
-        space.changed.set()
-        space.changed = trio.Event()
 
     def _bucket(self, space: _Space, author: bytes) -> _TokenBucket:
         bucket = space.buckets.get(author)

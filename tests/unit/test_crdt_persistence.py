@@ -116,7 +116,7 @@ async def test_only_the_owner_grants() -> None:
         other = CrdtService(WRITER, NoRpc(), None, None, CrdtConfig())  # type: ignore[arg-type]
         await nursery.start(other.run)
         # A replica of the owner's space, as a join would make it.
-        other._restore(encode_genesis(owner._spaces[info.space_id].replica.genesis), [], None, {})
+        other._restore(encode_genesis(owner.replica(info.space_id).genesis), [], None, {})
         with pytest.raises(NotOwnerError):
             await other.grant(info.space_id, OWNER.peer_id)
         nursery.cancel_scope.cancel()
