@@ -9,10 +9,13 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lattica.crdt import CrdtConfig, CrdtService, NotOwnerError, SpaceLimitError, SpaceStore, UnknownSpaceError
 from lattica.crdt.errors import RateLimitedError
 from lattica.crdt.space_id import encode_genesis
+from lattica.errors import RpcError
 from lattica.identity import Identity
 from lattica.storage import SqliteWriter
 
@@ -119,4 +122,19 @@ async def test_only_the_owner_grants() -> None:
         other._restore(encode_genesis(owner.replica(info.space_id).genesis), [], None, {})
         with pytest.raises(NotOwnerError):
             await other.grant(info.space_id, OWNER.peer_id)
+        nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+async def test_a_malformed_request_ends_only_that_request(data: bytes) -> None:
+    crdt = service(None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(crdt.run)
+        await crdt.create_space("s")
+        try:
+            await crdt._handle_request(WRITER.peer_id, data)  # the RPC layer's entry point
+        except RpcError as exc:
+            assert exc.code in {"protocol-error", "not-found"}
+        assert crdt.get("s") == {}
         nursery.cancel_scope.cancel()
