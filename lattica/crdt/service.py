@@ -445,8 +445,9 @@ class CrdtService:
     async def _space_loop(self, space: _Space) -> None:
         interval = self.config.anti_entropy_interval_s
         next_discovery = trio.current_time()
+        # The first round runs at once: a node restarted after being offline catches up now,
+        # not one interval later.
         while True:
-            await trio.sleep(interval * (0.5 + self._rng.random()))
             if trio.current_time() >= next_discovery and self.dht is not None:
                 next_discovery = trio.current_time() + self.config.discovery_interval_s
                 for peer in await self._find_replicas(space.replica.space_id):
@@ -454,6 +455,8 @@ class CrdtService:
             if space.replicas:
                 peer = self._rng.choice(sorted(space.replicas))
                 await self._sync_with(space, peer)
+            # Jittered, so replicas started together do not sync in lockstep.
+            await trio.sleep(interval * (0.5 + self._rng.random()))
 
     async def _pusher(self, space: _Space) -> None:
         while True:

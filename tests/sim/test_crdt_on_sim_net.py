@@ -16,7 +16,16 @@ import pytest
 import trio
 import trio.testing
 
-from lattica.crdt import ROOT_MAP, EnvelopeKind, NotWriterError, SpaceId, sign_envelope, yrs_client_id
+from lattica.crdt import (
+    ROOT_MAP,
+    EnvelopeKind,
+    JoinError,
+    NotWriterError,
+    SpaceId,
+    sign_envelope,
+    space_cid,
+    yrs_client_id,
+)
 from lattica.crdt.sync import PROTOCOL_ID, Push, encode_message
 from lattica.errors import RpcError
 from lattica.identity import Identity
@@ -206,4 +215,20 @@ async def test_unauthorized_and_revoked_writers_are_refused_by_every_replica(
             vector = node.crdt.info(space).version_vector
             assert vector.get(stranger.peer_id) is None and vector[writer.peer_id] == 1
             assert node.crdt.info(space).writers == [owner.peer_id]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_joiner_finds_replicas_through_the_dht(autojump_clock: trio.testing.MockClock) -> None:
+    async with Network(seed=5) as net, trio.open_nursery() as nursery:
+        cluster = DhtCluster(net, nursery, 6, node_config=NODE_CONFIG)
+        await cluster.start_all(range(6), seeds=[0])
+        owner, joiner = cluster.nodes[1], cluster.nodes[4]
+        space = (await owner.crdt.create_space("found")).space_id
+        await owner.crdt.set(space, "where", "dht")
+        await owner.dht.provide(space_cid(space))  # what create_space started in the background
+        info = await joiner.crdt.join_space(str(space))  # no peers named: provider records only
+        assert info.owner == owner.peer_id
+        assert joiner.crdt.get(space) == {"where": "dht"}
+        with pytest.raises(JoinError):
+            await joiner.crdt.join_space(str(SpaceId(bytes(32))))
         nursery.cancel_scope.cancel()
