@@ -24,10 +24,13 @@ WRITER = Identity.from_seed(hashlib.sha256(b"writer").digest())
 
 
 class NoRpc:
-    """The service only registers its handler here; these tests never touch the network."""
+    """No network: the handler is registered, every call fails as if the peer were away."""
 
     def add_handler(self, protocol_id: str, handler: Any) -> None:
         self.protocol_id = protocol_id
+
+    async def request(self, *args: Any, **kwargs: Any) -> bytes:
+        raise RpcError("connect-failed", "no network in unit tests")
 
 
 def service(writer: SqliteWriter | None, **config: Any) -> CrdtService:
