@@ -61,6 +61,7 @@ from lattica.dht import Dht, QuorumError
 from lattica.errors import LatticaError, RpcError
 from lattica.identity import Identity, PeerId
 from lattica.net import Rpc
+from lattica.storage import StorageError
 
 log = logging.getLogger("lattica.crdt")
 
@@ -332,7 +333,7 @@ class CrdtService:
                 f"more than crdt.max_updates_per_s ({self.config.max_updates_per_s:g}) updates; try again shortly"
             )
         envelope, changes = space.replica.write(self.identity, mutate)
-        await self._persist(space, [envelope])
+        await self._persist_local(space, envelope)
         self._publish(space, changes)
         self._enqueue(space, [envelope])
         return WriteResult(space.replica.space_id, key, me, envelope.seq, len(envelope.body))
@@ -355,7 +356,7 @@ class CrdtService:
         envelope = replica.grant(self.identity, peer) if grant else replica.revoke(self.identity, peer)
         if envelope is None:
             return
-        await self._persist(space, [envelope])
+        await self._persist_local(space, envelope)
         self._publish(space, [])
         self._enqueue(space, [envelope])
 
@@ -561,6 +562,17 @@ class CrdtService:
             self._enqueue(space, result.applied, source)
         return len(result.applied)
 
+    async def _persist_local(self, space: _Space, envelope: Envelope) -> None:
+        """Log this node's own new envelope; if that fails it is undone here (never
+        acknowledged, never sent) and the storage error propagates."""
+        try:
+            await self._persist(space, [envelope])
+        except Exception:
+            # Not on cancellation: a cancelled waiter's write still commits (SqliteWriter), so
+            # the envelope stays and anti-entropy serves it.
+            space.replica.undo_local(envelope)
+            raise
+
     async def _persist(self, space: _Space, envelopes: list[Envelope]) -> None:
         if not envelopes or self.store is None:
             return
@@ -569,7 +581,11 @@ class CrdtService:
         if space.updates_since_snapshot >= self.config.compact_every_updates:
             space.updates_since_snapshot = 0
             replica = space.replica
-            await self.store.save_snapshot(replica.space_id, replica.doc.get_update(), dict(replica.version_vector))
+            try:
+                await self.store.save_snapshot(replica.space_id, replica.doc.get_update(), dict(replica.version_vector))
+            except StorageError as exc:
+                # The envelopes are committed; without a new snapshot a restart replays more.
+                log.warning("could not write the snapshot of space %s: %s", replica.space_id.short(), exc)
 
     def _publish(self, space: _Space, changes: list[Change], *, applied: bool = True) -> None:
         if applied:

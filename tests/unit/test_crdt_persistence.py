@@ -17,7 +17,7 @@ from lattica.crdt.errors import RateLimitedError
 from lattica.crdt.space_id import encode_genesis
 from lattica.errors import RpcError
 from lattica.identity import Identity
-from lattica.storage import SqliteWriter
+from lattica.storage import DiskFullError, SqliteWriter
 
 OWNER = Identity.from_seed(hashlib.sha256(b"owner").digest())
 WRITER = Identity.from_seed(hashlib.sha256(b"writer").digest())
@@ -141,3 +141,31 @@ async def test_a_malformed_request_ends_only_that_request(data: bytes) -> None:
             assert exc.code in {"protocol-error", "not-found"}
         assert crdt.get("s") == {}
         nursery.cancel_scope.cancel()
+
+
+class FailingStore(SpaceStore):
+    """A log whose writes fail the way a full disk makes them fail."""
+
+    async def append(self, space: Any, envelopes: Any) -> None:
+        raise DiskFullError("disk full", path="x", cause="SQLITE_FULL")
+
+
+async def test_a_write_the_log_refused_is_undone_and_raises() -> None:
+    writer = SqliteWriter(":memory:")
+    crdt = CrdtService(OWNER, NoRpc(), None, FailingStore(writer), CrdtConfig())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(crdt.run)
+        crdt.store = None  # create the space in memory, then let the log fail
+        await crdt.create_space("s", writers=[WRITER.peer_id])
+        crdt.store = FailingStore(writer)
+        with pytest.raises(DiskFullError):
+            await crdt.set("s", "k", 1)
+        with pytest.raises(DiskFullError):
+            await crdt.revoke("s", WRITER.peer_id)
+        assert crdt.get("s") == {}
+        info = crdt.info("s")
+        assert info.version_vector[OWNER.peer_id] == 1 and WRITER.peer_id in info.writers
+        crdt.store = None
+        assert (await crdt.set("s", "k", 2)).seq == 2  # the seq was not used up
+        nursery.cancel_scope.cancel()
+    writer.close()
