@@ -393,7 +393,11 @@ class CrdtService:
             for other in candidates:
                 self._remember(space, other)
             await self._absorb(space, peer, reply)
-            await self._sync_with(space, peer)
+            # Fetch the history now from the first replica that serves it whole; if none does,
+            # the space is held anyway and anti-entropy goes on fetching it.
+            for source in [peer, *(c for c in candidates if c != peer)]:
+                if await self._sync_with(space, source):
+                    break
             self._announce(space_id)
             return self.info(space_id)
         detail = "; ".join(failures[:3]) or "no replica found in the DHT"
@@ -642,9 +646,15 @@ class CrdtService:
             reply: SyncReply | PushReply = PushReply(applied)
         else:
             theirs = vector_from_wire(request.version_vector)
-            missing, more = replica.missing_for(
-                theirs, max_envelopes=self.config.batch_envelopes, max_bytes=self.config.batch_bytes
-            )
+            if request.want_genesis:
+                # A joiner's first question stays small (one round trip even on a lossy path);
+                # the history follows in batches of its own sync requests.
+                missing: list[Envelope] = []
+                more = bool(replica.log)
+            else:
+                missing, more = replica.missing_for(
+                    theirs, max_envelopes=self.config.batch_envelopes, max_bytes=self.config.batch_bytes
+                )
             others = [p.key for p in sorted(space.replicas) if p != peer]
             self._rng.shuffle(others)
             reply = SyncReply(
