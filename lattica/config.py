@@ -3,8 +3,8 @@
 ``NodeConfig`` has a few top-level settings (``listen``, ``bootstrap``, ``log_level``) and one
 section per layer: ``net`` (:class:`~lattica.net.config.NetConfig`), ``dht``
 (:class:`~lattica.dht.config.DhtConfig`), ``content``
-(:class:`~lattica.content.config.ContentConfig`) and ``nat`` (:class:`~lattica.nat.config.NatConfig`);
-``crdt`` will join them.
+(:class:`~lattica.content.config.ContentConfig`), ``nat`` (:class:`~lattica.nat.config.NatConfig`)
+and ``crdt`` (:class:`~lattica.crdt.config.CrdtConfig`).
 Each setting has exactly one default, in its section's class. In ``config.toml`` a section is a
 TOML table (``[net]``, ``[dht]``). ``docs/config.md`` is generated from these classes
 (``python -m lattica.config_docs``).
@@ -28,6 +28,7 @@ import msgspec
 
 from lattica.config_schema import iter_settings, toml_value, unknown_keys
 from lattica.content.config import ContentConfig
+from lattica.crdt.config import CrdtConfig
 from lattica.dht.config import DhtConfig
 from lattica.errors import LatticaError
 from lattica.home_layout import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, IDENTITY_FILE, default_home
@@ -81,6 +82,8 @@ class NodeConfig:
     """Content settings: chunk size and the bounds on manifests."""
     nat: NatConfig = field(default_factory=NatConfig)
     """NAT traversal: observed addresses, reachability (AutoNAT) and the relay (``[nat.relay]``)."""
+    crdt: CrdtConfig = field(default_factory=CrdtConfig)
+    """Replicated spaces (CRDT) settings."""
 
     def with_overrides(self, **overrides: Any) -> NodeConfig:
         """A copy with the given non-``None`` top-level settings replaced (CLI flags win over
