@@ -1,8 +1,9 @@
 """Node configuration: one tree of settings, read from ``config.toml`` and overridden by flags.
 
 ``NodeConfig`` has a few top-level settings (``listen``, ``bootstrap``, ``log_level``) and one
-section per layer: ``net`` (:class:`~lattica.net.config.NetConfig`) and ``dht``
-(:class:`~lattica.dht.config.DhtConfig`); ``content``, ``nat`` and ``crdt`` will join them.
+section per layer: ``net`` (:class:`~lattica.net.config.NetConfig`), ``dht``
+(:class:`~lattica.dht.config.DhtConfig`) and ``crdt`` (:class:`~lattica.crdt.config.CrdtConfig`);
+``content`` and ``nat`` will join them.
 Each setting has exactly one default, in its section's class. In ``config.toml`` a section is a
 TOML table (``[net]``, ``[dht]``). ``docs/config.md`` is generated from these classes
 (``python -m lattica.config_docs``).
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import msgspec
 
 from lattica.config_schema import iter_settings, toml_value, unknown_keys
+from lattica.crdt.config import CrdtConfig
 from lattica.dht.config import DhtConfig
 from lattica.errors import LatticaError
 from lattica.home_layout import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, IDENTITY_FILE, default_home
@@ -73,6 +75,8 @@ class NodeConfig:
     """Transport, connection and RPC settings."""
     dht: DhtConfig = field(default_factory=DhtConfig)
     """DHT settings."""
+    crdt: CrdtConfig = field(default_factory=CrdtConfig)
+    """Replicated spaces (CRDT) settings."""
 
     def with_overrides(self, **overrides: Any) -> NodeConfig:
         """A copy with the given non-``None`` top-level settings replaced (CLI flags win over

@@ -3,7 +3,8 @@
 A node owns exactly one :class:`~lattica.net.datagram.DatagramSocket` (a kernel UDP socket or a
 ``sim_net`` socket: the node cannot tell) and runs, in order of start-up, the QUIC endpoint, the
 STUN responder (``node.nat``), the connection manager, the RPC layer and the services built on
-RPC. Leaving the ``async with`` block cancels them all and closes the socket.
+RPC (the DHT, and replicated spaces as ``node.crdt``). Leaving the ``async with`` block
+cancels them all and closes the socket.
 
     async with Node(identity, socket, NodeConfig()) as node:
         await node.connect(PeerAddr.parse("PEERID@127.0.0.1:4001"))
@@ -26,6 +27,7 @@ import trio
 
 from lattica import __version__
 from lattica.config import NodeConfig
+from lattica.crdt import CrdtService, SpaceStore
 from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
@@ -102,6 +104,15 @@ class Node:
             wall_clock=wall_clock,
             rng=rng,
         )
+        # Replicated spaces share the DHT's sqlite writer: one group commit for lattica.db.
+        self.crdt = CrdtService(
+            identity,
+            self.rpc,
+            self.dht,
+            SpaceStore(self.dht_store.writer),
+            self.config.crdt,
+            rng=random.Random(rng.random()) if rng else None,
+        )
         self.joined_dht = trio.Event()
         self._advertise_hosts = list(advertise_hosts) if advertise_hosts else None
         self._stack: AsyncExitStack | None = None
@@ -142,6 +153,7 @@ class Node:
             await nursery.start(self.nat.run)
             await nursery.start(self.connections.run)
             await nursery.start(self.dht.run)
+            await nursery.start(self.crdt.run)
             self._nursery = nursery
             self.started_at = trio.current_time()
         except BaseException as exc:
