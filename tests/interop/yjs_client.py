@@ -57,11 +57,23 @@ class YjsClient:
         return result
 
     def encode(
-        self, roots: Roots, edits: Sequence[Mapping[str, Any]], base: Iterable[bytes] = ()
+        self,
+        roots: Roots,
+        edits: Sequence[Mapping[str, Any]],
+        base: Iterable[bytes] = (),
+        *,
+        client_id: int | None = None,
     ) -> tuple[bytes, dict[str, Any]]:
         """A Yjs update holding ``edits`` made on top of ``base`` (only what the edits added), and
-        the JSON of Yjs's document afterwards."""
-        request = {"op": "encode", "roots": dict(roots), "edits": list(edits), "base": [_b64(u) for u in base]}
+        the JSON of Yjs's document afterwards; ``client_id`` sets the Yjs client that writes."""
+        request: dict[str, Any] = {
+            "op": "encode",
+            "roots": dict(roots),
+            "edits": list(edits),
+            "base": [_b64(u) for u in base],
+        }
+        if client_id is not None:
+            request["client_id"] = client_id
         answer = self._run(request)
         return base64.b64decode(answer["update"]), answer["json"]
 

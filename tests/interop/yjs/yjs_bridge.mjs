@@ -4,9 +4,10 @@
 //
 //   {"op": "decode", "roots": {"m": "map"}, "updates": [B64, ...]}
 //       -> {"json": {"m": {...}}}            apply the updates in order, print the document
-//   {"op": "encode", "roots": {...}, "base": [B64, ...], "edits": [EDIT, ...]}
+//   {"op": "encode", "roots": {...}, "base": [B64, ...], "edits": [EDIT, ...], "client_id": N}
 //       -> {"update": B64, "json": {...}}   apply base, make the edits in one transaction, print
-//                                            only what the edits added (a delta against base)
+//                                            only what the edits added (a delta against base);
+//                                            client_id (optional) is the Yjs client writing
 //
 // roots name the document's top-level types and their kinds ("map", "array", "text"): a Yjs
 // document does not record the kind of a root, the reader has to know it.
@@ -16,6 +17,9 @@
 // {"$array": [...]}, {"$text": "..."}.
 
 import * as Y from "yjs";
+
+// Yjs logs through console.log (e.g. when it renames its client); stdout carries only the answer.
+console.log = (...args) => console.error(...args);
 
 const b64decode = (text) => new Uint8Array(Buffer.from(text, "base64"));
 const b64encode = (bytes) => Buffer.from(bytes).toString("base64");
@@ -72,6 +76,8 @@ function handle(request) {
   }
   if (request.op === "encode") {
     for (const update of request.base || []) Y.applyUpdate(doc, b64decode(update));
+    // Set after the base: Yjs renames a client whose id shows up in a remote update.
+    if (request.client_id !== undefined) doc.clientID = request.client_id;
     const before = Y.encodeStateVector(doc);
     doc.transact(() => { for (const change of request.edits) edit(doc, roots, change); });
     return { update: b64encode(Y.encodeStateAsUpdate(doc, before)), json: toJSON(doc, roots) };
