@@ -71,3 +71,15 @@ MAX_BOOTSTRAP_PEERS = 64
 
 MAX_DIAL_STRING_CHARS = 320
 """Longest ``PEERID@HOST:PORT`` accepted (52-char id, 255-char DNS name, port)."""
+
+MAX_SPACE_NAME_CHARS = 128
+"""Longest local name of a space (``lattica.crdt.space_id``'s limit)."""
+
+MAX_SPACE_REF_CHARS = 128
+"""Longest SPACE argument: a space id (52 characters) or a local name."""
+
+MAX_SPACE_WRITERS = 64
+"""Most writers one ``state create`` grants (more: ``state grant`` one at a time)."""
+
+MAX_STATE_KEY_BYTES = 512
+"""Longest key of ``state set``/``state get``, UTF-8 bytes."""
