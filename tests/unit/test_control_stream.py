@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from lattica.control import ControlError, MethodRegistry, Stream, Subscription, call, codec, limits, subscribe
@@ -187,7 +188,7 @@ async def test_a_subscriber_that_falls_behind_gets_overflow_after_what_was_buffe
             for n in range(count):
                 await source.push.send({"n": n, "pad": big})
                 pushed += 1
-                await trio.sleep(0)  # let the server take it, as a live service's fanout would
+                await trio.lowlevel.checkpoint()  # let the server take it, as a live fanout would
         with trio.fail_after(10):
             await source.closed.wait()  # ended by the overflow, before the client read anything
         assert pushed < count
