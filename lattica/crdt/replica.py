@@ -166,6 +166,9 @@ class SpaceReplica:
         self.log: dict[bytes, dict[int, Envelope]] = {}
         self.size_bytes = 0
         self._pending: dict[tuple[bytes, int], Envelope] = {}
+        self.highest_seen: dict[bytes, int] = {}
+        """Writer -> highest seq of any validly signed envelope seen (even refused ones): a
+        re-grant starts after it, so updates made while revoked stay refused."""
         self._current: Envelope | None = None
         self._changes: list[Change] = []
         self.doc, self.root = self._new_doc()
@@ -239,7 +242,10 @@ class SpaceReplica:
             raise NotOwnerError(f"only the owner {self.owner} may change the writers of {self.space_id}")
         if peer == self.owner:
             raise ValueError("the owner is always a writer")
-        op = AclOp(peer.key, self.version_vector.get(peer.key, 0))
+        accepted = self.version_vector.get(peer.key, 0)
+        # A revoke names the last seq accepted; a grant starts after everything ever seen.
+        after = accepted if kind is EnvelopeKind.REVOKE else max(accepted, self.highest_seen.get(peer.key, 0))
+        op = AclOp(peer.key, after)
         envelope = sign_envelope(identity, self.space_id, self._next_local_seq(), kind, encode_acl_op(op))
         result = self.offer([envelope])
         if result.refused:
@@ -281,11 +287,14 @@ class SpaceReplica:
             # Not a writer yet: its grant may still be on its way; it is retried by sync.
             result.refused.append(Refused(PeerId(author), seq, "unauthorized"))
             return
+        self.highest_seen[author] = max(self.highest_seen.get(author, 0), seq)
         have = self.version_vector.get(author, 0)
         if seq <= have:
             held = self.log.get(author, {}).get(seq)
-            reason = "replayed" if held is not None and held.digest == envelope.digest else (
-                "equivocation" if held is not None else "revoked"
+            reason = (
+                "replayed"
+                if held is not None and held.digest == envelope.digest
+                else ("equivocation" if held is not None else "revoked")
             )
             result.refused.append(Refused(PeerId(author), seq, reason))
             return

@@ -1,14 +1,16 @@
 """The values rule: what ``set`` accepts, and how ``get`` hands it back.
 
-pycrdt (Yrs) stores numbers the way Yjs does: an ``int`` whose magnitude fits in 53 bits
-becomes a JavaScript number (a float), a larger one a BigInt; bytes come back as ``bytearray``.
+pycrdt (Yrs) stores an ``int`` that a float64 holds exactly as a JavaScript number (so ``1``
+comes back as ``1.0`` and ``2**62`` as ``4.611686018427388e+18``), any other int as a BigInt;
+bytes come back as ``bytearray``. (Yrs' test is ``v as f64 as i64 == v`` with a saturating
+cast, so ``2**63 - 1`` alone would be stored, lossily, as the float ``2**63``.)
 The rule, applied by :func:`check_value` on the way in and :func:`to_plain` on the way out
 (both the Python API and the CLI use it):
 
-* Accepted: ``None``, ``bool``, ``int`` in the signed 64-bit range, finite ``float``, ``str``,
+* Accepted: ``None``, ``bool``, ``int`` in ``[-2**63, 2**63 - 2]``, finite ``float``, ``str``,
   ``bytes``, and lists/tuples and dicts with ``str`` keys of those, nested at most
   :data:`MAX_DEPTH` levels. Anything else raises :class:`InvalidValueError` (a Python int
-  outside int64 would even panic inside Yrs).
+  outside int64 even panics inside Yrs).
 * Returned: a float with an integral value (``2.0``) comes back as ``int`` (``2``) -- JSON and
   JavaScript have one number type, so ``1`` and ``1.0`` are the same stored value and the int
   is what a caller almost always stored. A float with a fraction stays a float. ``bytearray``
@@ -30,7 +32,7 @@ from lattica.crdt.errors import InvalidValueError
 
 MAX_DEPTH = 32
 _INT64_MIN = -(1 << 63)
-_INT64_MAX = (1 << 63) - 1
+_INT_MAX = (1 << 63) - 2  # 2**63 - 1 is stored as the float 2**63 (see the module docstring)
 
 
 def check_value(value: Any, *, _depth: int = 0) -> Any:
@@ -40,8 +42,8 @@ def check_value(value: Any, *, _depth: int = 0) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, int):
-        if not _INT64_MIN <= value <= _INT64_MAX:
-            raise InvalidValueError("integers are limited to the signed 64-bit range")
+        if not _INT64_MIN <= value <= _INT_MAX:
+            raise InvalidValueError("integers are limited to -2**63 .. 2**63-2")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -64,7 +66,7 @@ def check_value(value: Any, *, _depth: int = 0) -> Any:
 def to_plain(value: Any) -> Any:
     """A value read from pycrdt as what the caller stored (see the module rule)."""
     if isinstance(value, float):
-        if value.is_integer() and abs(value) <= 2**53:
+        if value.is_integer() and abs(value) <= 2**63:
             return int(value)
         return value
     if isinstance(value, bytearray):
