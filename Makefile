@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/daemon.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/cli.py
+	$(BIN)/python bench/crdt.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
