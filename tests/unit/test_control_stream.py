@@ -14,10 +14,18 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lattica.control import ControlError, MethodRegistry, Stream, Subscription, call, codec, limits, subscribe
 from lattica.control.messages import NoParams
 from lattica.control.server import ControlServer
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 class Source:
@@ -254,3 +262,16 @@ def test_stream_lines_round_trip_with_their_more_flag() -> None:
     with pytest.raises(ControlError) as info:
         codec.decode_stream_reply(codec.encode_error(ControlError("overflow", "behind")).strip())
     assert info.value.code == "overflow"
+
+
+@settings(derandomize=True, max_examples=300, deadline=None, database=None)
+@given(
+    st.binary(max_size=200) | st.builds(lambda v, m: codec.encode_result(v, more=m)[:-1], json_values, st.booleans())
+)
+def test_stream_line_decoder_gives_a_result_or_a_typed_error(line: bytes) -> None:
+    try:
+        result, more = codec.decode_stream_reply(line)
+    except ControlError:
+        return
+    assert isinstance(more, bool)
+    msgspec.json.encode(result)  # a plain JSON value, never a half-built object
