@@ -237,6 +237,25 @@ class SpaceReplica:
         changes = [Change(c.key, c.value, self.local, seq, c.deleted) for c in changes]
         return envelope, changes
 
+    def undo_local(self, envelope: Envelope) -> None:
+        """Take back this node's newest envelope (its log write failed, so it was never
+        acknowledged nor sent): drop it and rebuild the document without it.
+
+        Raises :class:`ValueError` unless ``envelope`` is this node's newest envelope.
+        """
+        held = self.log.get(self.local.key, {})
+        if envelope.author != self.local.key or max(held, default=0) != envelope.seq:
+            raise ValueError("only this node's newest envelope can be undone")
+        self.size_bytes -= held.pop(envelope.seq).wire_size()
+        self.version_vector[self.local.key] = envelope.seq - 1
+        if envelope.kind == EnvelopeKind.UPDATE:
+            self._rebuild()
+        else:  # a writer-list change: fold the owner's remaining ones again
+            self.acl = AccessList(self.owner)
+            for seq in sorted(held):
+                if held[seq].kind != EnvelopeKind.UPDATE:
+                    self.acl.apply(EnvelopeKind(held[seq].kind), decode_acl_op(held[seq].body))
+
     def _acl_envelope(self, identity: Identity, kind: EnvelopeKind, peer: PeerId) -> Envelope:
         if identity.peer_id != self.owner:
             raise NotOwnerError(f"only the owner {self.owner} may change the writers of {self.space_id}")

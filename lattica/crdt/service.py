@@ -61,6 +61,7 @@ from lattica.dht import Dht, QuorumError
 from lattica.errors import LatticaError, RpcError
 from lattica.identity import Identity, PeerId
 from lattica.net import Rpc
+from lattica.storage import StorageError
 
 log = logging.getLogger("lattica.crdt")
 
@@ -263,8 +264,14 @@ class CrdtService:
         The object is replaced when a revoke forces a rebuild: call again after changes."""
         return self._space(space_ref).replica.doc
 
+    def replica(self, space_ref: str | SpaceId) -> SpaceReplica:
+        """The sans-I/O replica of a held space: its envelopes (``log``), version vector and
+        writer list, for inspection and export. Change it only through this service."""
+        return self._space(space_ref).replica
+
     async def wait_change(self, space_ref: str | SpaceId) -> None:
-        """Return after the next change to the space (local or replicated)."""
+        """Return after the next envelope is applied to the space here (a local write, a
+        replicated update, a writer-list change), whether or not it changed a visible value."""
         await self._space(space_ref).changed.wait()
 
     def changes(self, space_ref: str | SpaceId) -> trio.MemoryReceiveChannel[Change]:
@@ -326,7 +333,7 @@ class CrdtService:
                 f"more than crdt.max_updates_per_s ({self.config.max_updates_per_s:g}) updates; try again shortly"
             )
         envelope, changes = space.replica.write(self.identity, mutate)
-        await self._persist(space, [envelope])
+        await self._persist_local(space, envelope)
         self._publish(space, changes)
         self._enqueue(space, [envelope])
         return WriteResult(space.replica.space_id, key, me, envelope.seq, len(envelope.body))
@@ -349,7 +356,8 @@ class CrdtService:
         envelope = replica.grant(self.identity, peer) if grant else replica.revoke(self.identity, peer)
         if envelope is None:
             return
-        await self._persist(space, [envelope])
+        await self._persist_local(space, envelope)
+        self._publish(space, [])
         self._enqueue(space, [envelope])
 
     async def join_space(self, space_ref: str | SpaceId, *, peers: Sequence[PeerId] = ()) -> SpaceInfo:
@@ -385,7 +393,11 @@ class CrdtService:
             for other in candidates:
                 self._remember(space, other)
             await self._absorb(space, peer, reply)
-            await self._sync_with(space, peer)
+            # Fetch the history now from the first replica that serves it whole; if none does,
+            # the space is held anyway and anti-entropy goes on fetching it.
+            for source in [peer, *(c for c in candidates if c != peer)]:
+                if await self._sync_with(space, source):
+                    break
             self._announce(space_id)
             return self.info(space_id)
         detail = "; ".join(failures[:3]) or "no replica found in the DHT"
@@ -438,8 +450,9 @@ class CrdtService:
     async def _space_loop(self, space: _Space) -> None:
         interval = self.config.anti_entropy_interval_s
         next_discovery = trio.current_time()
+        # The first round runs at once: a node restarted after being offline catches up now,
+        # not one interval later.
         while True:
-            await trio.sleep(interval * (0.5 + self._rng.random()))
             if trio.current_time() >= next_discovery and self.dht is not None:
                 next_discovery = trio.current_time() + self.config.discovery_interval_s
                 for peer in await self._find_replicas(space.replica.space_id):
@@ -447,10 +460,14 @@ class CrdtService:
             if space.replicas:
                 peer = self._rng.choice(sorted(space.replicas))
                 await self._sync_with(space, peer)
+            # Jittered, so replicas started together do not sync in lockstep.
+            await trio.sleep(interval * (0.5 + self._rng.random()))
 
     async def _pusher(self, space: _Space) -> None:
         while True:
             await space.outbox_ready.wait()
+            # Let a burst gather: one push per replica carries all of it.
+            await trio.sleep(self.config.push_delay_s)
             space.outbox_ready = trio.Event()
             batch, space.outbox = space.outbox, []
             targets = sorted(space.replicas)
@@ -512,13 +529,21 @@ class CrdtService:
                 self._remember(space, PeerId(key))
             except LatticaError:
                 continue
-        await self._accept(space, reply.envelopes, source=peer, rate_limited=False)
+        # Pulled envelopes are not gossiped on: whoever lacks them pulls them in its own
+        # anti-entropy round, and a joiner would otherwise re-push the whole history.
+        await self._accept(space, reply.envelopes, source=peer, rate_limited=False, forward=False)
 
-    async def _accept(self, space: _Space, envelopes: list[Envelope], *, source: PeerId, rate_limited: bool) -> int:
+    async def _accept(
+        self, space: _Space, envelopes: list[Envelope], *, source: PeerId, rate_limited: bool, forward: bool = True
+    ) -> int:
         """Verify, rate-limit, apply, persist, publish and forward; returns how many applied."""
         now = trio.current_time()
         verified: list[Envelope] = []
+        replica = space.replica
         for envelope in envelopes:
+            held = replica.log.get(envelope.author, {}).get(envelope.seq)
+            if held is not None and held == envelope:
+                continue  # gossip brings most envelopes more than once: skip the signature check
             try:
                 verify_envelope(envelope)
             except MalformedEnvelopeError:
@@ -530,15 +555,27 @@ class CrdtService:
             verified.append(envelope)
         if not verified:
             return 0
-        result = space.replica.offer(verified)
+        result = replica.offer(verified)
         self.stats.refused += len(result.refused)
         if self.store is not None:
             for author, after_seq in result.removed:
                 await self.store.remove_after(space.replica.space_id, author, after_seq)
         await self._persist(space, result.applied)
-        self._publish(space, result.changes)
-        self._enqueue(space, result.applied, source)
+        self._publish(space, result.changes, applied=bool(result.applied or result.removed))
+        if forward:
+            self._enqueue(space, result.applied, source)
         return len(result.applied)
+
+    async def _persist_local(self, space: _Space, envelope: Envelope) -> None:
+        """Log this node's own new envelope; if that fails it is undone here (never
+        acknowledged, never sent) and the storage error propagates."""
+        try:
+            await self._persist(space, [envelope])
+        except Exception:
+            # Not on cancellation: a cancelled waiter's write still commits (SqliteWriter), so
+            # the envelope stays and anti-entropy serves it.
+            space.replica.undo_local(envelope)
+            raise
 
     async def _persist(self, space: _Space, envelopes: list[Envelope]) -> None:
         if not envelopes or self.store is None:
@@ -548,9 +585,17 @@ class CrdtService:
         if space.updates_since_snapshot >= self.config.compact_every_updates:
             space.updates_since_snapshot = 0
             replica = space.replica
-            await self.store.save_snapshot(replica.space_id, replica.doc.get_update(), dict(replica.version_vector))
+            try:
+                await self.store.save_snapshot(replica.space_id, replica.doc.get_update(), dict(replica.version_vector))
+            except StorageError as exc:
+                # The envelopes are committed; without a new snapshot a restart replays more.
+                log.warning("could not write the snapshot of space %s: %s", replica.space_id.short(), exc)
 
-    def _publish(self, space: _Space, changes: list[Change]) -> None:
+    def _publish(self, space: _Space, changes: list[Change], *, applied: bool = True) -> None:
+        if applied:
+            # Any applied envelope wakes wait_change, even one whose effect lost a conflict.
+            space.changed.set()
+            space.changed = trio.Event()
         if not changes:
             return
         keep = []
@@ -565,8 +610,6 @@ class CrdtService:
             else:
                 keep.append(channel)
         space.subscribers = keep
-        space.changed.set()
-        space.changed = trio.Event()
 
     def _bucket(self, space: _Space, author: bytes) -> _TokenBucket:
         bucket = space.buckets.get(author)
@@ -603,9 +646,15 @@ class CrdtService:
             reply: SyncReply | PushReply = PushReply(applied)
         else:
             theirs = vector_from_wire(request.version_vector)
-            missing, more = replica.missing_for(
-                theirs, max_envelopes=self.config.batch_envelopes, max_bytes=self.config.batch_bytes
-            )
+            if request.want_genesis:
+                # A joiner's first question stays small (one round trip even on a lossy path);
+                # the history follows in batches of its own sync requests.
+                missing: list[Envelope] = []
+                more = bool(replica.log)
+            else:
+                missing, more = replica.missing_for(
+                    theirs, max_envelopes=self.config.batch_envelopes, max_bytes=self.config.batch_bytes
+                )
             others = [p.key for p in sorted(space.replicas) if p != peer]
             self._rng.shuffle(others)
             reply = SyncReply(

@@ -9,22 +9,28 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lattica.crdt import CrdtConfig, CrdtService, NotOwnerError, SpaceLimitError, SpaceStore, UnknownSpaceError
 from lattica.crdt.errors import RateLimitedError
 from lattica.crdt.space_id import encode_genesis
+from lattica.errors import RpcError
 from lattica.identity import Identity
-from lattica.storage import SqliteWriter
+from lattica.storage import DiskFullError, SqliteWriter
 
 OWNER = Identity.from_seed(hashlib.sha256(b"owner").digest())
 WRITER = Identity.from_seed(hashlib.sha256(b"writer").digest())
 
 
 class NoRpc:
-    """The service only registers its handler here; these tests never touch the network."""
+    """No network: the handler is registered, every call fails as if the peer were away."""
 
     def add_handler(self, protocol_id: str, handler: Any) -> None:
         self.protocol_id = protocol_id
+
+    async def request(self, *args: Any, **kwargs: Any) -> bytes:
+        raise RpcError("connect-failed", "no network in unit tests")
 
 
 def service(writer: SqliteWriter | None, **config: Any) -> CrdtService:
@@ -116,7 +122,50 @@ async def test_only_the_owner_grants() -> None:
         other = CrdtService(WRITER, NoRpc(), None, None, CrdtConfig())  # type: ignore[arg-type]
         await nursery.start(other.run)
         # A replica of the owner's space, as a join would make it.
-        other._restore(encode_genesis(owner._spaces[info.space_id].replica.genesis), [], None, {})
+        other._restore(encode_genesis(owner.replica(info.space_id).genesis), [], None, {})
         with pytest.raises(NotOwnerError):
             await other.grant(info.space_id, OWNER.peer_id)
         nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+async def test_a_malformed_request_ends_only_that_request(data: bytes) -> None:
+    crdt = service(None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(crdt.run)
+        await crdt.create_space("s")
+        try:
+            await crdt._handle_request(WRITER.peer_id, data)  # the RPC layer's entry point
+        except RpcError as exc:
+            assert exc.code in {"protocol-error", "not-found"}
+        assert crdt.get("s") == {}
+        nursery.cancel_scope.cancel()
+
+
+class FailingStore(SpaceStore):
+    """A log whose writes fail the way a full disk makes them fail."""
+
+    async def append(self, space: Any, envelopes: Any) -> None:
+        raise DiskFullError("disk full", path="x", cause="SQLITE_FULL")
+
+
+async def test_a_write_the_log_refused_is_undone_and_raises() -> None:
+    writer = SqliteWriter(":memory:")
+    crdt = CrdtService(OWNER, NoRpc(), None, FailingStore(writer), CrdtConfig())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(crdt.run)
+        crdt.store = None  # create the space in memory, then let the log fail
+        await crdt.create_space("s", writers=[WRITER.peer_id])
+        crdt.store = FailingStore(writer)
+        with pytest.raises(DiskFullError):
+            await crdt.set("s", "k", 1)
+        with pytest.raises(DiskFullError):
+            await crdt.revoke("s", WRITER.peer_id)
+        assert crdt.get("s") == {}
+        info = crdt.info("s")
+        assert info.version_vector[OWNER.peer_id] == 1 and WRITER.peer_id in info.writers
+        crdt.store = None
+        assert (await crdt.set("s", "k", 2)).seq == 2  # the seq was not used up
+        nursery.cancel_scope.cancel()
+    writer.close()
