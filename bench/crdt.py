@@ -344,6 +344,9 @@ def main() -> int:
             strict_exception_groups=True,
         )  # fmt: skip
         heals.append(result)
+        # The 200-replica run takes minutes of CPU: say where it is.
+        done = "converged" if result.converged else f"FAILED ({result.error})"
+        print(f"heal, {size} replicas: {done}, {result.cpu_s:.0f} s CPU", file=sys.stderr, flush=True)
     write_modes = trio.run(write_run, writes)
     print_tables(heals, write_modes)
     path = write_results(
