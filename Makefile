@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/store_cap.py
 	$(BIN)/python bench/cli.py
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/crdt.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import sys
 from pathlib import Path
@@ -20,8 +21,11 @@ import typer
 from lattica.control.limits import (
     MAX_CID_BYTES,
     MAX_DIAL_STRING_CHARS,
+    MAX_JSON_DEPTH,
     MAX_KEY_BYTES,
     MAX_RECORD_TTL_S,
+    MAX_SPACE_REF_CHARS,
+    MAX_STATE_KEY_BYTES,
     MAX_VALUE_BYTES,
     MIN_RECORD_TTL_S,
 )
@@ -71,15 +75,70 @@ def check_cid(text: str) -> str:
 
 def check_peer_id(text: str) -> str:
     """``text`` if it looks like a peer id (52 lowercase base32 characters, canonical)."""
+    return _check_base32_id(text, "peer id")
+
+
+def check_space_id(text: str) -> str:
+    """``text`` if it looks like a space id (the same form as a peer id)."""
+    return _check_base32_id(text, "space id")
+
+
+def _check_base32_id(text: str, what: str) -> str:
     if not _PEER_ID.fullmatch(text):
-        raise typer.BadParameter(f"{text!r} is not a peer id (52 lowercase base32 characters)")
+        raise typer.BadParameter(f"{text!r} is not a {what} (52 lowercase base32 characters)")
     try:
         canonical = base64.b32encode(base64.b32decode(text.upper() + "====")).decode().rstrip("=").lower()
     except (binascii.Error, ValueError):
         canonical = ""
     if canonical != text:
-        raise typer.BadParameter(f"{text!r} is not a canonical peer id")
+        raise typer.BadParameter(f"{text!r} is not a canonical {what}")
     return text
+
+
+def check_space_ref(text: str) -> str:
+    """A SPACE argument: a space id or a local name, within the length limit."""
+    if not text or len(text) > MAX_SPACE_REF_CHARS:
+        raise typer.BadParameter(f"a space is its id or its local name (1 to {MAX_SPACE_REF_CHARS} characters)")
+    return text
+
+
+def check_state_key(text: str) -> str:
+    """A key of a replicated space within the limit (UTF-8 bytes)."""
+    if not text or len(text.encode("utf-8", errors="surrogateescape")) > MAX_STATE_KEY_BYTES:
+        raise typer.BadParameter(f"a key is 1 to {MAX_STATE_KEY_BYTES} bytes of UTF-8")
+    return text
+
+
+def parse_json_value(text: str) -> object:
+    """``state set --json-value``: the JSON document ``text``; raises ``typer.BadParameter`` for
+    invalid JSON, NaN/Infinity (JSON has none) or nesting deeper than the control API carries."""
+
+    def refuse_constant(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        value = json.loads(text, parse_constant=refuse_constant)
+    except RecursionError:
+        raise typer.BadParameter("the JSON value is nested too deeply", param_hint="VALUE") from None
+    except ValueError as exc:
+        hint = f"not JSON ({exc}); drop --json-value to store it as text"
+        raise typer.BadParameter(hint, param_hint="VALUE") from None
+    # The request wraps the value in two levels ({"params": {"value": ...}}).
+    if _json_depth(value) > MAX_JSON_DEPTH - 2:
+        too_deep = f"the JSON value is nested deeper than {MAX_JSON_DEPTH - 2} levels"
+        raise typer.BadParameter(too_deep, param_hint="VALUE")
+    return value
+
+
+def _json_depth(value: object) -> int:
+    """Levels of nested arrays/objects, counted as the control codec counts them."""
+    depth, level = 0, [value]
+    while True:
+        containers = [item for item in level if isinstance(item, dict | list)]
+        if not containers:
+            return depth
+        depth += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
 
 
 def check_dial_string(text: str) -> str:

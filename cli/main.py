@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli import dht_commands, relay_commands
+from cli import dht_commands, relay_commands, state_commands
 from cli.arguments import check_dial_string, check_ping_target
 from cli.daemon_client import HomeOption, JsonOption, call_daemon, resolve_home
 from cli.exit_codes import FAILURE, OK, USAGE, exit_code_for
@@ -41,6 +41,7 @@ app = typer.Typer(
 )
 app.add_typer(dht_commands.app, name="dht")
 app.add_typer(relay_commands.app, name="relay")
+app.add_typer(state_commands.app, name="state")
 
 
 def _show_version(value: bool) -> None:

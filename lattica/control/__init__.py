@@ -17,9 +17,9 @@ This package's ``__init__`` re-exports only what loads without trio, aioquic or 
 """
 
 from lattica.control import codec, limits
-from lattica.control.client import call
+from lattica.control.client import Subscription, call, subscribe
 from lattica.control.errors import ControlDecodeError, ControlError, DaemonNotRunningError
-from lattica.control.registry import Method, MethodRegistry
+from lattica.control.registry import Method, MethodRegistry, Stream
 
 __all__ = [
     "ControlDecodeError",
@@ -27,7 +27,10 @@ __all__ = [
     "DaemonNotRunningError",
     "Method",
     "MethodRegistry",
+    "Stream",
+    "Subscription",
     "call",
     "codec",
     "limits",
+    "subscribe",
 ]

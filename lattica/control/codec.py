@@ -46,6 +46,10 @@ class LineBuffer:
         """Append received bytes."""
         self._buffer += data
 
+    def pending_bytes(self) -> int:
+        """Bytes received after the last complete line returned."""
+        return len(self._buffer)
+
     def next_line(self) -> bytes | None:
         """The next complete line without its newline, or None until one has arrived.
 
@@ -117,9 +121,14 @@ def decode_params(request: Request, params_type: type[T]) -> T:
         raise ControlError(INVALID_PARAMS, f"{request.method}: params nested too deeply") from None
 
 
-def encode_result(result: object) -> bytes:
-    """A success reply line, newline included (``result`` may hold msgspec Structs)."""
-    return _encoder.encode(Reply(ok=True, result=result)) + b"\n"
+def encode_result(result: object, *, more: bool = False) -> bytes:
+    """A success reply line, newline included (``result`` may hold msgspec Structs); ``more``
+    marks a line of a stream that is not its last. Raises ``TypeError`` for results JSON cannot
+    carry."""
+    if more:
+        return _encoder.encode(Reply(ok=True, result=result, more=True)) + b"\n"
+    # The same bytes as before streams existed: older CLIs read these lines unchanged.
+    return _encoder.encode({"ok": True, "result": result, "error": None}) + b"\n"
 
 
 def encode_error(error: ControlError) -> bytes:
@@ -131,9 +140,15 @@ def encode_error(error: ControlError) -> bytes:
 def decode_reply(line: bytes) -> Any:
     """The result of a reply line; raises :class:`ControlError` carrying the daemon's error, or
     :class:`ControlDecodeError` (``bad-reply``) when the line is not a reply."""
+    return decode_stream_reply(line)[0]
+
+
+def decode_stream_reply(line: bytes) -> tuple[Any, bool]:
+    """``(result, more)`` of one line of a stream (``more`` is False on its last line); raises
+    like :func:`decode_reply`."""
     reply = _decode(_reply_decoder, line, BAD_REPLY, "reply from the daemon")
     if reply.ok:
-        return reply.result
+        return reply.result, reply.more
     if reply.error is None:
         raise ControlDecodeError(BAD_REPLY, "the daemon reported a failure without saying which")
     raise ControlError(reply.error.code, reply.error.message, reply.error.hint)

@@ -29,7 +29,12 @@ DAEMON_NOT_RUNNING = "daemon-not-running"
 BAD_REPLY = "bad-reply"
 """The daemon's reply could not be decoded (client side only)."""
 BUSY = "busy"
-"""The daemon is serving its limit of control connections; try again."""
+"""The daemon is serving its limit of control connections (or streams); try again."""
+FORBIDDEN = "forbidden"
+"""This node may not do that (not the space's owner, not one of its writers)."""
+OVERFLOW = "overflow"
+"""A streaming client fell more than :data:`~lattica.control.limits.STREAM_BUFFER_ITEMS` lines
+behind; its stream was ended (it would have missed items)."""
 
 USAGE_CODES = frozenset({INVALID_PARAMS, TOO_LARGE})
 """Codes that mean "the caller asked wrongly" rather than "the operation failed"."""

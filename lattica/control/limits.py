@@ -23,7 +23,16 @@ MAX_CONNECTIONS = 64
 """Control connections served at once; more are answered ``busy`` and closed at once."""
 
 REQUEST_TIMEOUT_S = 30.0
-"""How long a connected client may take to send its request line."""
+"""How long a connected client may take to send its request line, and to take each reply line
+(also each line of a stream: a subscriber that stops reading is dropped after this long)."""
+
+MAX_STREAMS = 16
+"""Streaming calls (``state.watch``) served at once, out of :data:`MAX_CONNECTIONS`: watchers
+never take every slot, so ``lattica status`` still answers. More are answered ``busy``."""
+
+STREAM_BUFFER_ITEMS = 256
+"""Lines the daemon buffers for one streaming client. A subscriber that falls further behind is
+sent ``overflow`` and its stream ends: it lost changes, and must not cost the node memory."""
 
 DEFAULT_CALL_TIMEOUT_S = 120.0
 """How long the CLI waits for a reply (a cold DHT lookup can take tens of seconds)."""
@@ -62,3 +71,15 @@ MAX_BOOTSTRAP_PEERS = 64
 
 MAX_DIAL_STRING_CHARS = 320
 """Longest ``PEERID@HOST:PORT`` accepted (52-char id, 255-char DNS name, port)."""
+
+MAX_SPACE_NAME_CHARS = 128
+"""Longest local name of a space (``lattica.crdt.space_id``'s limit)."""
+
+MAX_SPACE_REF_CHARS = 128
+"""Longest SPACE argument: a space id (52 characters) or a local name."""
+
+MAX_SPACE_WRITERS = 64
+"""Most writers one ``state create`` grants (more: ``state grant`` one at a time)."""
+
+MAX_STATE_KEY_BYTES = 512
+"""Longest key of ``state set``/``state get``, UTF-8 bytes."""

@@ -4,6 +4,11 @@ service that registers it (``lattica/control/node_methods.py``, ``lattica/contro
 Request line: ``{"method": "dht.get", "params": {...}}``.
 Reply line: ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": {"code": "...", "message": "...", "hint": "..." | null}}``.
+
+A streaming method (``state.watch``) answers with many reply lines on one connection: every line
+but the last carries ``"more": true`` (the first says the subscription is in place, each later
+one is an item); the last is a plain reply, ``{"ok": true, "result": null}`` when the stream
+ended normally or an error reply (``overflow``, ``timeout``, ...).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Reply(msgspec.Struct):
     ok: bool
     result: Any = None
     error: ErrorBody | None = None
+    more: bool = False
+    """True on every line of a stream but its last."""
 
 
 class NoParams(msgspec.Struct, forbid_unknown_fields=True):

@@ -557,11 +557,14 @@ class CrdtService:
             return 0
         result = replica.offer(verified)
         self.stats.refused += len(result.refused)
+        # Published with no await after the offer: the document already shows these changes,
+        # and a watcher that subscribes while the log write below is pending must not be sent
+        # changes from before it subscribed.
+        self._publish(space, result.changes, applied=bool(result.applied or result.removed))
         if self.store is not None:
             for author, after_seq in result.removed:
                 await self.store.remove_after(space.replica.space_id, author, after_seq)
         await self._persist(space, result.applied)
-        self._publish(space, result.changes, applied=bool(result.applied or result.removed))
         if forward:
             self._enqueue(space, result.applied, source)
         return len(result.applied)

@@ -34,6 +34,10 @@ print(json.dumps({"code": code, "modules": sorted({m.split(".")[0] for m in sys.
         ["dht", "providers", "cid"],
         ["dht", "routing"],
         ["dht", "bootstrap"],
+        ["state", "ls"],
+        ["state", "get", "catalog", "key"],
+        ["state", "set", "catalog", "key", "[1, 2]", "--json-value"],
+        ["state", "watch", "catalog"],
     ],
 )
 def test_client_commands_do_not_import_the_node(args: list[str], tmp_path: Path) -> None:
