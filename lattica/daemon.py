@@ -24,6 +24,7 @@ from lattica.control.server import ControlServer
 from lattica.control.services import build_registry
 from lattica.errors import LatticaError
 from lattica.home import init_home
+from lattica.home_layout import BLOCKS_DIR
 from lattica.home_warnings import identity_warnings
 from lattica.log_file import LogFileHandler
 from lattica.net.address import InvalidAddressError, parse_host_port
@@ -104,7 +105,7 @@ async def run_daemon(
         except OSError as exc:
             raise DaemonError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            node = Node(identity, sock, config, database=home / DATABASE_FILE)
+            node = Node(identity, sock, config, database=home / DATABASE_FILE, blocks_dir=home / BLOCKS_DIR)
             try:
                 async with trio.open_nursery() as nursery, node:
                     server = ControlServer(home / CONTROL_SOCKET, build_registry(node, warnings=warnings))

@@ -26,6 +26,7 @@ import trio
 
 from lattica import __version__
 from lattica.config import NodeConfig
+from lattica.content.exchange_service import ContentService
 from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
@@ -58,7 +59,8 @@ class Node:
 
     ``config`` is the whole settings tree: ``config.net`` configures the endpoint, connection
     manager and RPC layer, ``config.dht`` the DHT (``config.bootstrap`` is appended to its
-    ``bootstrap_peers``). Raises :class:`~lattica.config.ConfigError` for a ``bootstrap`` entry
+    ``bootstrap_peers``). With ``blocks_dir`` the node holds and serves content
+    (``node.content``, its index in ``database``). Raises :class:`~lattica.config.ConfigError` for a ``bootstrap`` entry
     that does not parse.
     """
 
@@ -70,6 +72,7 @@ class Node:
         *,
         advertise_hosts: Sequence[str] | None = None,
         database: Path | None = None,
+        blocks_dir: Path | None = None,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -106,6 +109,15 @@ class Node:
             config=replace(self.config.dht, bootstrap_peers=self.config.bootstrap_peers()),
             wall_clock=wall_clock,
             rng=rng,
+        )
+        # Content needs a place for chunk files: only nodes given one (the daemon: home/blocks)
+        # hold and serve content.
+        self.content: ContentService | None = (
+            None
+            if blocks_dir is None
+            else ContentService(
+                self.rpc, self.connections, self.dht, blocks_dir, self.dht_store.writer, self.config.content
+            )
         )
         self.joined_dht = trio.Event()
         self._advertise_hosts = list(advertise_hosts) if advertise_hosts else None
@@ -147,6 +159,8 @@ class Node:
             await nursery.start(self.nat.run)
             await nursery.start(self.connections.run)
             await nursery.start(self.dht.run)
+            if self.content is not None:
+                await nursery.start(self.content.run)
             self._nursery = nursery
             self.started_at = trio.current_time()
         except BaseException as exc:
