@@ -133,6 +133,8 @@ class ContentService:
                     while True:
                         if not queue:
                             if reader_done:
+                                # FIN, not a reset: a reset could discard the last pieces.
+                                await stream.send_eof()
                                 nursery.cancel_scope.cancel()
                                 return
                             await wake.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lattica.control.content_methods import register_content_methods
 from lattica.control.dht_methods import register_dht_methods
 from lattica.control.nat_methods import register_nat_methods
 from lattica.control.node_methods import register_node_methods
@@ -15,7 +16,11 @@ from lattica.node import Node
 ServiceRegistration = Callable[[MethodRegistry, Node], None]
 """Registers one service's methods for a running node."""
 
-SERVICE_REGISTRATIONS: tuple[ServiceRegistration, ...] = (register_dht_methods, register_nat_methods)
+SERVICE_REGISTRATIONS: tuple[ServiceRegistration, ...] = (
+    register_dht_methods,
+    register_nat_methods,
+    register_content_methods,
+)
 """Each service's registration function, besides the node's own methods."""
 
 
