@@ -11,10 +11,11 @@ Steps (:func:`fetch_content`):
    store holds: a resumed fetch asks for nothing it already verified.
 3. **Transfer.** One exchange stream per peer (:class:`_PeerLink`); a peer is used once it
    answers that it holds the manifest. :class:`~lattica.content.fetch_scheduler.FetchScheduler`
-   decides what to ask whom; arrived blocks are handed to
-   :meth:`~lattica.content.block_store.BlockStore.put_many` in batches of up to
-   ``fetch_batch_bytes`` (verified there, so nothing unverified is stored; a bad block drops
-   its peer). At most the peers' windows of chunks are in memory, never a whole file.
+   decides what to ask whom. Each block is hashed as it arrives (a bad one drops its peer) and
+   handed to a storer task that writes batches of up to ``fetch_batch_bytes`` with
+   :meth:`~lattica.content.block_store.BlockStore.put_many` (which verifies again: nothing
+   unverified is stored) while the transfer goes on. In memory: the peers' windows plus at
+   most two batches, never a whole file.
 4. **Export** (with ``out_dir``): whole files atomically through
    :func:`~lattica.content.export.export`; safetensors files under ``tensors`` as a valid
    safetensors file of just the selected tensors.
@@ -27,6 +28,7 @@ CLI, a daemon stop) leaves the fetch resumable by the same call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,7 +40,7 @@ import trio
 
 from lattica.content.block_store import BlockStore
 from lattica.content.blocking_io import run_blocking
-from lattica.content.cid import Cid
+from lattica.content.cid import Cid, blake3_digest
 from lattica.content.config import ContentConfig
 from lattica.content.errors import ContentError, MalformedContentError, NoTensorsSelectedError
 from lattica.content.exchange_messages import BUSY, PROTOCOL_ID
@@ -154,7 +156,12 @@ class _Gone:
     hostile: bool = False
 
 
-_LinkEvent = _Ready | _Gone | BlockReceived | BlockRefused
+@dataclass(frozen=True)
+class _Stored:
+    """The storer wrote a batch (sent with no peer)."""
+
+
+_LinkEvent = _Ready | _Gone | _Stored | BlockReceived | BlockRefused
 
 
 class _PeerLink:
@@ -162,7 +169,7 @@ class _PeerLink:
     scheduler's requests. Events go to the fetch loop's channel as ``(peer, event)``."""
 
     def __init__(
-        self, peer: PeerId, manifest_digest: bytes, events: trio.MemorySendChannel[tuple[PeerId, _LinkEvent]]
+        self, peer: PeerId, manifest_digest: bytes, events: trio.MemorySendChannel[tuple[PeerId | None, _LinkEvent]]
     ) -> None:
         self.peer = peer
         self.client = ExchangeClient()
@@ -345,7 +352,7 @@ async def _transfer(deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progre
     requested: set[bytes] = set()
     sizes = {w.chunk_id: w.size for w in wanted}
     still_missing = set(sizes)
-    send, receive = trio.open_memory_channel[tuple[PeerId, _LinkEvent]](math.inf)
+    send, receive = trio.open_memory_channel[tuple[PeerId | None, _LinkEvent]](math.inf)
     links: dict[PeerId, _PeerLink] = {}
     banned: set[PeerId] = set()
     busy_until: dict[PeerId, float] = {}
@@ -407,11 +414,33 @@ async def _transfer(deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progre
                     return True
             return False
 
+        # Verified chunks are written by one storer task, a batch at a time, while the
+        # transfer goes on: a flush to disk per chunk would cap the rate at the disk's sync
+        # latency. ``batch`` fills while the storer is busy; a capacity-0 channel hands it over
+        # only when the storer is waiting, and the storer's _Stored event wakes this loop.
+        store_send, store_receive = trio.open_memory_channel[list[tuple[PeerId, bytes, bytes]]](0)
+        stored_all = trio.Event()
+
+        async def storer() -> None:
+            async for pending in store_receive:
+                await _store_batch(deps.store, pending, progress)
+                await send.send((None, _Stored()))
+            stored_all.set()
+
+        nursery.start_soon(storer)
         start_search()
         stalled_since = trio.current_time()
-        batch: list[tuple[PeerId, BlockReceived]] = []
+        batch: list[tuple[PeerId, bytes, bytes]] = []
         batch_bytes = 0
         done = False
+
+        def hand_over() -> None:
+            nonlocal batch, batch_bytes
+            if batch:
+                with contextlib.suppress(trio.WouldBlock):  # the storer is busy: keep filling
+                    store_send.send_nowait(batch)
+                    batch, batch_bytes = [], 0
+
         while not done:
             timer = scheduler.next_timer()
             if stalled_since is not None:
@@ -420,20 +449,18 @@ async def _transfer(deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progre
                 if not searching:
                     # Look for providers again now and then while stalled.
                     timer = min(timer, trio.current_time() + min(5.0, config.fetch_stall_timeout_s / 4))
-            item: tuple[PeerId, _LinkEvent] | None = None
-            if not batch:
+            if batch_bytes >= config.fetch_batch_bytes:
+                # Back-pressure: stop taking blocks until the storer takes this batch.
+                await store_send.send(batch)
+                batch, batch_bytes = [], 0
+            item: tuple[PeerId | None, _LinkEvent] | None = None
+            try:
+                item = receive.receive_nowait()
+            except trio.WouldBlock:
+                hand_over()  # idle moment: let the storer have what we hold
                 with trio.move_on_at(math.inf if timer is None else timer):
                     item = await receive.receive()
-            else:
-                try:
-                    item = receive.receive_nowait()
-                except trio.WouldBlock:
-                    item = None
             now = trio.current_time()
-            if item is None and batch:
-                done = apply(await _store_batch(deps.store, scheduler, batch, progress, still_missing))
-                batch, batch_bytes = [], 0
-                continue
             if item is None:
                 if stalled_since is not None and now >= stalled_since + config.fetch_stall_timeout_s:
                     raise FetchFailedError(
@@ -445,12 +472,18 @@ async def _transfer(deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progre
                 done = apply(scheduler.handle_timer(now))
                 continue
             peer, event = item
+            if peer is None or isinstance(event, _Stored):  # the storer is free again
+                continue
             if isinstance(event, BlockReceived):
-                batch.append((peer, event))
-                batch_bytes += len(event.data)
-                if batch_bytes >= config.fetch_batch_bytes:
-                    done = apply(await _store_batch(deps.store, scheduler, batch, progress, still_missing))
-                    batch, batch_bytes = [], 0
+                if event.digest not in still_missing:
+                    done = apply(scheduler.chunk_received(peer, event.digest, now))  # an endgame copy
+                elif blake3_digest(event.data) != event.digest:
+                    done = apply(scheduler.chunk_bad(peer, event.digest, now))
+                else:
+                    still_missing.discard(event.digest)
+                    batch.append((peer, event.digest, event.data))
+                    batch_bytes += len(event.data)
+                    done = apply(scheduler.chunk_received(peer, event.digest, now))
             elif isinstance(event, BlockRefused):
                 if event.code == BUSY:
                     busy_until[peer] = now + 5.0
@@ -472,31 +505,24 @@ async def _transfer(deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progre
                     progress.dropped[str(peer)] = event.reason
                 links.pop(peer, None)
                 done = apply(scheduler.remove_peer(peer, now))
+        for link in links.values():
+            link.scope.cancel()
+        if batch:
+            await store_send.send(batch)
+        await store_send.aclose()
+        await stored_all.wait()
         nursery.cancel_scope.cancel()
 
 
-async def _store_batch(
-    store: BlockStore,
-    scheduler: FetchScheduler,
-    batch: list[tuple[PeerId, BlockReceived]],
-    progress: FetchProgress,
-    still_missing: set[bytes],
-) -> list[object]:
-    result = await store.put_many([(event.data, event.digest) for _peer, event in batch])
-    stored, rejected = set(result.stored), set(result.rejected)
-    now = trio.current_time()
-    outputs: list[object] = []
-    for peer, event in batch:
-        if event.digest in rejected:
-            outputs += scheduler.chunk_bad(peer, event.digest, now)
-        elif event.digest in stored:
-            if event.digest in still_missing:  # an endgame duplicate is counted once
-                still_missing.discard(event.digest)
-                progress.held_bytes += len(event.data)
-                progress.received_bytes += len(event.data)
-                key = str(peer)
-                progress.peer_bytes[key] = progress.peer_bytes.get(key, 0) + len(event.data)
-            outputs += scheduler.chunk_received(peer, event.digest, now)
+async def _store_batch(store: BlockStore, batch: list[tuple[PeerId, bytes, bytes]], progress: FetchProgress) -> None:
+    """Write verified chunks (``put_many`` hashes them again: nothing unverified is stored)."""
+    result = await store.put_many([(data, digest) for _peer, digest, data in batch])
+    if result.rejected:  # verified on arrival: only memory corruption could get here
+        raise FetchFailedError(f"{len(result.rejected)} verified chunk(s) changed before they were stored")
+    for peer, _digest, data in batch:
+        progress.held_bytes += len(data)
+        progress.received_bytes += len(data)
+        key = str(peer)
+        progress.peer_bytes[key] = progress.peer_bytes.get(key, 0) + len(data)
     if progress.on_update is not None:
         progress.on_update(progress)
-    return outputs
