@@ -82,6 +82,7 @@ class ContentService:
         self.jobs: dict[int, FetchJob] = {}
         self._job_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        self._announcing: set[trio.Event] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the exchange protocol and run fetches until cancelled."""
@@ -200,13 +201,23 @@ class ContentService:
         """Provide ``cid`` through the DHT in the background (a failure is logged: with no DHT
         peers, connected peers still find the content by asking)."""
         if self._nursery is not None:
-            self._nursery.start_soon(self._provide, cid)
+            done = trio.Event()
+            self._announcing.add(done)
+            self._nursery.start_soon(self._provide, cid, done)
 
-    async def _provide(self, cid: Cid) -> None:
+    async def announcements_done(self) -> None:
+        """Wait until the announcements started so far have ended (tests, orderly stops)."""
+        for done in list(self._announcing):
+            await done.wait()
+
+    async def _provide(self, cid: Cid, done: trio.Event) -> None:
         try:
             await self.dht.provide(cid.to_bytes())
         except LatticaError as exc:
             log.info("announcing %s in the DHT failed: %s", cid, exc)
+        finally:
+            self._announcing.discard(done)
+            done.set()
 
     async def find_candidates(self, cid: Cid) -> list[PeerId]:
         """Peers that may hold ``cid``: connected peers first, then DHT providers."""

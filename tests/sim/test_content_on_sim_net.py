@@ -8,7 +8,7 @@ import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
 from lattica.node import Node
 from sim_net import Host, LinkConfig, Network
+from tests.sim.dht_cluster import FAST_DHT
 from tests.unit.content_samples import KIB, random_bytes
 
 PORT = 4001
@@ -62,8 +63,12 @@ class Cluster:
         self.scopes[i].cancel()
 
 
+def addr(i: int) -> PeerAddr:
+    return PeerAddr((f"10.0.0.{i + 1}", PORT), identity(i).peer_id)
+
+
 @asynccontextmanager
-async def cluster(tmp_path: Path, count: int, seed: int = 1) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, count: int, seed: int = 1, *, dht: bool = False) -> AsyncIterator[Cluster]:
     async with Network(seed=seed) as net, trio.open_nursery() as nursery:
         hosts = [net.add_host(f"10.0.0.{i + 1}", up=UPLINK, down=DOWNLINK) for i in range(count)]
         nodes: list[Node] = []
@@ -72,8 +77,11 @@ async def cluster(tmp_path: Path, count: int, seed: int = 1) -> AsyncIterator[Cl
         async def run(i: int, *, task_status: trio.TaskStatus[Node]) -> None:
             with trio.CancelScope() as scope:
                 scopes.append(scope)
+                config = CONFIG
+                if dht and i:  # everyone joins the DHT through node 0
+                    config = replace(CONFIG, dht=replace(FAST_DHT, bootstrap_peers=(addr(0),)))
                 node = Node(
-                    identity(i), hosts[i].bind(PORT), CONFIG, blocks_dir=tmp_path / f"node{i}", rng=random.Random(i)
+                    identity(i), hosts[i].bind(PORT), config, blocks_dir=tmp_path / f"node{i}", rng=random.Random(i)
                 )
                 async with node:
                     task_status.started(node)
@@ -205,3 +213,27 @@ async def test_fetch_without_any_provider_fails_and_keeps_nothing_pinned_wrongly
         with pytest.raises(FetchFailedError, match="cannot get the manifest"):
             await c.content(1).fetch(Cid.parse(cid_text))
         assert c.content(1).store.roots() == []
+
+
+async def test_providers_are_found_through_dht_provider_records(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path, 512 * KIB)
+    async with cluster(tmp_path, 4, dht=True) as c:
+        for node in c.nodes[1:]:
+            await node.joined_dht.wait()
+        cid_text = await publish_everywhere(c, source, range(1, 3))
+        cid = Cid.parse(cid_text)
+        for i in (1, 2):
+            await c.content(i).dht.provide(cid.to_bytes())
+        # Node 3 was never told about the seeders: the DHT's provider records name them.
+        found = await c.content(3).dht.find_providers(cid.to_bytes())
+        assert {r.provider_id for r in found.providers} == {c.nodes[1].peer_id, c.nodes[2].peer_id}
+        result = await c.content(3).fetch(cid, out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert set(result.peer_bytes) <= {str(c.nodes[1].peer_id), str(c.nodes[2].peer_id)}  # not node 0
+        assert sum(result.peer_bytes.values()) == 512 * KIB
+        # Having all of it, node 3 now announces itself: a downloader becomes a seeder.
+        await c.content(3).announcements_done()
+        providers = await c.content(0).dht.find_providers(cid.to_bytes())
+        assert {r.provider_id for r in providers.providers} == {c.nodes[i].peer_id for i in (1, 2, 3)}

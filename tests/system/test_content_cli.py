@@ -62,6 +62,13 @@ def test_publish_on_a_fetch_on_b_byte_identical(start_daemon: Any, model_folder:
     assert again.returncode == 0 and again.stdout.count("\n") == 1 and "fetched" in again.stdout
     verified = lattica_json("verify", cid, home=b.home)
     assert verified["bad"] == 0 and verified["missing"] == 0 and verified["repair_fetch_id"] is None
+    # Damage one chunk on B's disk: verify finds it, drops it and fetches it again from A.
+    victim = max((p for p in (b.home / "blocks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    repaired = lattica_json("verify", cid, home=b.home)
+    assert repaired["bad"] == 1 and repaired["repair"]["state"] == "done"
+    assert repaired["repair"]["received_bytes"] == victim.stat().st_size
+    assert lattica_json("verify", cid, home=b.home)["bad"] == 0
 
 
 def test_kill_9_mid_fetch_then_restart_resumes(start_daemon: Any, model_folder: Path, tmp_path: Path) -> None:
