@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -83,6 +84,12 @@ def _peak_rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmHWM in /proc status")
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
@@ -130,9 +137,11 @@ def run_lattica(tmp: Path, source: Path, expected_sha256: str) -> dict[str, Any]
         cid = _cli(a.home, "publish", str(source))["cid"]
         publish_s = time.perf_counter() - began
         out = tmp / "out"
+        cpu_before = _cpu_s(a.process.pid) + _cpu_s(b.process.pid)
         began = time.perf_counter()
         fetched = _cli(b.home, "fetch", cid, "-o", str(out))
         fetch_s = time.perf_counter() - began
+        cpu_s = _cpu_s(a.process.pid) + _cpu_s(b.process.pid) - cpu_before
         rss = _peak_rss_bytes(b.process.pid)
         identical = _sha256(out / source.name) == expected_sha256
         return {
@@ -140,6 +149,8 @@ def run_lattica(tmp: Path, source: Path, expected_sha256: str) -> dict[str, Any]
             "fetch_s": fetch_s,
             "daemon_reported_s": fetched["seconds"],
             "mb_per_s": source.stat().st_size / fetch_s / MB,
+            "cpu_s": cpu_s,
+            "mb_per_cpu_s": source.stat().st_size / cpu_s / MB,
             "peak_rss_bytes": rss,
             "identical": identical,
         }
@@ -203,12 +214,21 @@ def run_nginx(tmp: Path, source: Path, expected_sha256: str) -> dict[str, Any]:
                 break
             time.sleep(0.05)
         out = tmp / "curl.out"
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
+                                                   text=True, check=False).stdout.split()]
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_before = sum(_cpu_s(w) for w in workers)
         began = time.perf_counter()
         subprocess.run(["curl", "-fsk", "--tlsv1.3", "-o", str(out), url], check=True)
         fetch_s = time.perf_counter() - began
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        curl_cpu_s = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+        cpu_s = curl_cpu_s + sum(_cpu_s(w) for w in workers) - cpu_before
         return {
             "fetch_s": fetch_s,
             "mb_per_s": source.stat().st_size / fetch_s / MB,
+            "cpu_s": cpu_s,
+            "mb_per_cpu_s": source.stat().st_size / cpu_s / MB if cpu_s > 0 else None,
             "identical": _sha256(out) == expected_sha256,
         }
     finally:
@@ -247,22 +267,26 @@ def main(argv: list[str]) -> int:
         good = [r for r in results if "mb_per_s" in r]
         rate = Spread.of([r["mb_per_s"] for r in good])
         rss = max((r["peak_rss_bytes"] for r in good if "peak_rss_bytes" in r), default=None)
+        per_cpu = Spread.of([r["mb_per_cpu_s"] for r in good if r.get("mb_per_cpu_s")])
         note = next((r.get("skipped") or r.get("error") for r in results if "mb_per_s" not in r), None)
         rows.append(
             {
                 "mode": label,
                 "mb_per_s": None if rate is None else dataclasses.asdict(rate),
+                "mb_per_cpu_s": None if per_cpu is None else dataclasses.asdict(per_cpu),
                 "peak_rss_bytes": rss,
                 "identical": all(r["identical"] for r in good) if good else None,
                 "note": note,
             }
         )
-    rows.insert(1, {"mode": "lattica fetch, TLS-over-TCP", "mb_per_s": None, "peak_rss_bytes": None,
+    rows.insert(1, {"mode": "lattica fetch, TLS-over-TCP", "mb_per_s": None, "mb_per_cpu_s": None,
+                    "peak_rss_bytes": None,
                     "identical": None, "note": "not in this tree (branch tls-tcp not merged)"})
     print(f"\nsingle source, {args.size_mib} MiB random file, 127.0.0.1, {args.runs} run(s) per mode")
-    print(f"{'mode':<34} {'MB/s':>8} {'peak RSS':>10}  note")
+    print(f"{'mode':<34} {'MB/s':>8} {'MB/CPU-s':>9} {'peak RSS':>10}  note")
     for row in rows:
         rate_text = f"{row['mb_per_s']['median']:8.1f}" if row["mb_per_s"] else f"{'-':>8}"
+        rate_text += f" {row['mb_per_cpu_s']['median']:9.1f}" if row["mb_per_cpu_s"] else f" {'-':>9}"
         rss_text = f"{row['peak_rss_bytes'] / 2**20:7.0f} MiB" if row["peak_rss_bytes"] else f"{'-':>10}"
         print(f"{row['mode']:<34} {rate_text} {rss_text}  {row['note'] or ''}")
     path = write_results(
