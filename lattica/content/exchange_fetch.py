@@ -65,6 +65,7 @@ log = logging.getLogger("lattica.content.fetch")
 
 _MANIFEST_TIMEOUT_S = 30.0
 _RECEIVE_BYTES = 1 << 20
+_BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
 
 
 class FetchFailedError(ContentError):
@@ -101,6 +102,8 @@ class FetchProgress:
     finished_at: float | None = None
     error: str | None = None
     paths: list[str] = field(default_factory=list)
+    busy_refusals: int = 0
+    """Times a peer refused because it was serving its limit of uploads (it is retried later)."""
     dropped: dict[str, str] = field(default_factory=dict)
     """Peers dropped for bad data or errors, and why."""
     on_update: Callable[[FetchProgress], None] | None = field(default=None, repr=False)
@@ -486,7 +489,8 @@ async def _transfer(deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progre
                     done = apply(scheduler.chunk_received(peer, event.digest, now))
             elif isinstance(event, BlockRefused):
                 if event.code == BUSY:
-                    busy_until[peer] = now + 5.0
+                    progress.busy_refusals += 1
+                    busy_until[peer] = now + _BUSY_RETRY_S
                     close(peer)
                     done = apply(scheduler.remove_peer(peer, now))
                 else:

@@ -160,12 +160,11 @@ class ContentService:
     async def _answer(
         self, stream: QuicStream, server: ExchangeServer, request: BlockWanted | HasAsked, busy: bool
     ) -> None:
-        if isinstance(request, HasAsked):
-            held = not busy and self.store.has(request.digest)
-            await _send(stream, server.has_reply(request.id, held))
-            return
-        if busy:
+        if busy:  # the client tries again later or elsewhere
             await _send(stream, server.refuse(request.id, BUSY))
+            return
+        if isinstance(request, HasAsked):
+            await _send(stream, server.has_reply(request.id, self.store.has(request.digest)))
             return
         try:
             total = self.store.block_length(request.digest)

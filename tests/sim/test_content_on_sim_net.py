@@ -68,7 +68,9 @@ def addr(i: int) -> PeerAddr:
 
 
 @asynccontextmanager
-async def cluster(tmp_path: Path, count: int, seed: int = 1, *, dht: bool = False) -> AsyncIterator[Cluster]:
+async def cluster(
+    tmp_path: Path, count: int, seed: int = 1, *, dht: bool = False, configs: dict[int, NodeConfig] | None = None
+) -> AsyncIterator[Cluster]:
     async with Network(seed=seed) as net, trio.open_nursery() as nursery:
         hosts = [net.add_host(f"10.0.0.{i + 1}", up=UPLINK, down=DOWNLINK) for i in range(count)]
         nodes: list[Node] = []
@@ -77,7 +79,7 @@ async def cluster(tmp_path: Path, count: int, seed: int = 1, *, dht: bool = Fals
         async def run(i: int, *, task_status: trio.TaskStatus[Node]) -> None:
             with trio.CancelScope() as scope:
                 scopes.append(scope)
-                config = CONFIG
+                config = (configs or {}).get(i, CONFIG)
                 if dht and i:  # everyone joins the DHT through node 0
                     config = replace(CONFIG, dht=replace(FAST_DHT, bootstrap_peers=(addr(0),)))
                 node = Node(
@@ -237,3 +239,28 @@ async def test_providers_are_found_through_dht_provider_records(
         await c.content(3).announcements_done()
         providers = await c.content(0).dht.find_providers(cid.to_bytes())
         assert {r.provider_id for r in providers.providers} == {c.nodes[i].peer_id for i in (1, 2, 3)}
+
+
+async def test_a_busy_seeder_refuses_and_is_retried_later(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path, 512 * KIB)
+    one_upload = replace(CONFIG, content=replace(CONTENT, max_uploads=1))
+    async with cluster(tmp_path, 3, configs={0: one_upload}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        await connect_all(c, 2, range(1))
+        results: dict[int, FetchProgress] = {}
+
+        async def fetch(i: int) -> None:
+            results[i] = await c.content(i).fetch(cid, out_dir=tmp_path / f"out{i}")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch, 1)
+            nursery.start_soon(fetch, 2)
+        for i in (1, 2):
+            assert (tmp_path / f"out{i}" / "data.bin").read_bytes() == source.read_bytes()
+        # Both completed from the one seeder: one was refused while the other held the only
+        # upload slot, and came back later.
+        assert sorted(r.busy_refusals > 0 for r in results.values()) == [False, True]
+        assert all(r.peer_bytes == {str(c.nodes[0].peer_id): 512 * KIB} for r in results.values())
