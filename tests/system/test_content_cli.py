@@ -71,29 +71,56 @@ def test_publish_on_a_fetch_on_b_byte_identical(start_daemon: Any, model_folder:
     assert lattica_json("verify", cid, home=b.home)["bad"] == 0
 
 
-def test_kill_9_mid_fetch_then_restart_resumes(start_daemon: Any, model_folder: Path, tmp_path: Path) -> None:
-    a, b = pair(start_daemon)
-    cid = lattica_json("publish", str(model_folder), home=a.home)["cid"]
-    fetch = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "fetch", cid, "--json", "--home", str(b.home)],
+def _start_fetch(cid: str, home: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "fetch", cid, "--json", "--home", str(home)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=_env(),
     )
+
+
+def _wait_held_above(cid: str, home: Path, floor: int, fetch: subprocess.Popen[bytes]) -> int:
+    while True:  # each ls is a CLI round trip (tenths of a second); the fetch takes seconds
+        row = ls(home).get(cid)
+        held = 0 if row is None else int(row["held_bytes"])
+        if held > floor:
+            return held
+        assert fetch.poll() is None, "the fetch finished before it could be interrupted"
+
+
+def _reap(fetch: subprocess.Popen[bytes]) -> None:
+    if fetch.poll() is None:
+        fetch.kill()
+        fetch.wait()
+    fetch.stdout.close()  # type: ignore[union-attr]
+    fetch.stderr.close()  # type: ignore[union-attr]
+
+
+def test_ctrl_c_then_kill_9_mid_fetch_then_restart_resumes(
+    start_daemon: Any, model_folder: Path, tmp_path: Path
+) -> None:
+    a, b = pair(start_daemon)
+    cid = lattica_json("publish", str(model_folder), home=a.home)["cid"]
+    # Ctrl-C in the CLI stops the daemon's fetch and keeps what arrived.
+    fetch = _start_fetch(cid, b.home)
     try:
-        held = 0
-        while held == 0:  # each ls is a CLI round trip; the fetch takes seconds
-            row = ls(b.home).get(cid)
-            held = 0 if row is None else row["held_bytes"]
-            assert fetch.poll() is None, "the fetch finished before it could be interrupted"
+        _wait_held_above(cid, b.home, 0, fetch)
+        fetch.send_signal(signal.SIGINT)
+        assert fetch.wait(timeout=30) == 130
+        assert b"run the same command to resume" in fetch.stderr.read()  # type: ignore[union-attr]
+    finally:
+        _reap(fetch)
+    held = ls(b.home)[cid]["held_bytes"]
+    assert ls(b.home)[cid]["held_bytes"] == held  # the daemon's fetch really stopped
+    # kill -9 of the fetching daemon in the middle of the resumed fetch.
+    fetch = _start_fetch(cid, b.home)
+    try:
+        _wait_held_above(cid, b.home, held, fetch)
         b.stop(signal.SIGKILL)
         fetch.wait(timeout=30)
     finally:
-        if fetch.poll() is None:
-            fetch.kill()
-            fetch.wait()
-        fetch.stdout.close()  # type: ignore[union-attr]
-        fetch.stderr.close()  # type: ignore[union-attr]
+        _reap(fetch)
     b2 = start_daemon("b", "--bootstrap", a.addr)
     row = ls(b2.home)[cid]
     assert not row["complete"] and row["held_bytes"] > 0  # what was acknowledged survived kill -9
