@@ -313,11 +313,13 @@ async def fetch_content(
     progress.started_at = trio.current_time()
     if not cid.is_manifest:
         raise FetchFailedError(f"{cid} names a single chunk; fetch takes a manifest id")
+    candidates: list[PeerId] | None = None  # looked up once, when first needed
     if store.has(cid.digest):
         manifest = store.manifest(cid)
         await store.add_root(store.read_block(cid.digest), manifest, pinned=True)
     else:
-        encoded, manifest = await _fetch_manifest(cid, await deps.find_candidates(cid), deps.open_stream, config)
+        candidates = await deps.find_candidates(cid)
+        encoded, manifest = await _fetch_manifest(cid, candidates, deps.open_stream, config)
         await store.add_root(encoded, manifest, pinned=True)
     plan = plan_fetch(manifest, include, exclude, tensors)
     progress.total_bytes = sum(plan.chunks.values())
@@ -325,7 +327,9 @@ async def fetch_content(
     progress.held_bytes = progress.total_bytes - sum(plan.chunks[d] for d in missing)
     if missing:
         progress.state = "fetching"
-        await _transfer(deps, cid, [WantedChunk(d, plan.chunks[d]) for d in missing], progress)
+        if candidates is None:
+            candidates = await deps.find_candidates(cid)
+        await _transfer(deps, cid, [WantedChunk(d, plan.chunks[d]) for d in missing], progress, candidates)
     if out_dir is not None:
         progress.state = "exporting"
         progress.paths = await run_blocking(lambda: _export(store, plan, out_dir))
@@ -345,7 +349,9 @@ def _export(store: BlockStore, plan: FetchPlan, out_dir: Path) -> list[str]:
     return paths
 
 
-async def _transfer(deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progress: FetchProgress) -> None:
+async def _transfer(
+    deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progress: FetchProgress, candidates: list[PeerId]
+) -> None:
     config = deps.config
     scheduler = FetchScheduler(
         wanted,
@@ -431,7 +437,7 @@ async def _transfer(deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progre
             stored_all.set()
 
         nursery.start_soon(storer)
-        start_search()
+        connect(candidates)  # looked up already; the DHT is asked again only on a stall
         stalled_since = trio.current_time()
         batch: list[tuple[PeerId, bytes, bytes]] = []
         batch_bytes = 0
