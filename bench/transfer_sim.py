@@ -7,7 +7,7 @@ it. Reports the virtual completion time of ``node.content.fetch`` against the id
 ``size / 40 MB/s`` (the seeders' uplinks together) and how the bytes were spread. The issue's
 target is at most 1.11x the ideal; the difference is a fixed start-up cost (QUIC slow start on
 fresh connections, the manifest and ``Has`` round trips), so the ratio falls with the size.
-CPU cost is real: ~0.7 s of CPU per MiB on this machine.
+CPU cost is real: ~0.35 s of CPU per MiB on this machine.
 
 Usage::
 
