@@ -73,6 +73,11 @@ class Child:
             raise
         return cls(process, stderr_file, argv)
 
+    @property
+    def pid(self) -> int:
+        """The child's process id (to read its ``/proc`` counters)."""
+        return self._process.pid
+
     async def read_message(self) -> dict[str, Any]:
         """The next JSON object the child prints; raises :class:`ChildFailed` at EOF."""
         stdout = self._process.stdout

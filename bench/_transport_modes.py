@@ -123,6 +123,17 @@ def _check_ack(data: bytes) -> None:
         raise ConnectionError(f"expected the one-byte acknowledgement, got {data!r}")
 
 
+async def send_payload(stream: trio.abc.HalfCloseableStream, transfer: Transfer) -> None:
+    """The sender's side of the protocol on a trio stream: time the writes, the half-close and
+    the receiver's acknowledgement, then report."""
+    clock = _Clock()
+    for chunk in transfer.chunks():
+        await stream.send_all(chunk)
+    await stream.send_eof()
+    _check_ack(await stream.receive_some(1))
+    _report_sent(transfer, clock)
+
+
 # --- plain trio TCP: the ceiling -------------------------------------------------------------
 
 
@@ -145,12 +156,7 @@ async def tcp_sender(port: int, transfer: Transfer) -> None:
     """Send ``transfer`` over one TCP connection to the loopback receiver and report."""
     stream = await trio.open_tcp_stream(LOOPBACK, port)
     async with stream:
-        clock = _Clock()
-        for chunk in transfer.chunks():
-            await stream.send_all(chunk)
-        await stream.send_eof()
-        _check_ack(await stream.receive_some(1))
-        _report_sent(transfer, clock)
+        await send_payload(stream, transfer)
 
 
 # --- aioquic's own asyncio API ---------------------------------------------------------------
@@ -308,12 +314,7 @@ async def lattica_sender(port: int, peer: str, transfer: Transfer) -> None:
         conn = await endpoint.connect((LOOPBACK, port), expected_peer=PeerId.parse(peer))
         stream = await conn.open_stream()
         async with stream:
-            clock = _Clock()
-            for chunk in transfer.chunks():
-                await stream.send_all(chunk)
-            await stream.send_eof()
-            _check_ack(await stream.receive_some(1))
-            _report_sent(transfer, clock)
+            await send_payload(stream, transfer)
         nursery.cancel_scope.cancel()
 
 

@@ -7,8 +7,8 @@ storing and the atomic export included). MB/s is 10^6 bytes per second of that t
 fetching daemon's peak RSS is ``VmHWM`` from ``/proc/PID/status`` after the fetch. The output
 file is checked byte for byte (SHA-256).
 
-Transports: QUIC through ``node.rpc`` (what the exchange uses today). TLS-over-TCP is not in
-this tree yet (branch ``tls-tcp``); its row says so.
+Transports: QUIC, and TLS-over-TCP (both daemons with ``[net] tcp_listen = true``: the
+exchange then takes TCP for the transfer, ``node.bulk``).
 
 Baseline in the same run: ``curl`` fetching the same file over HTTPS (TLS 1.3, self-signed
 certificate) from a local ``nginx`` -- what a user would do instead. Skipped with a note when
@@ -38,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +127,26 @@ def _stop(daemon: DaemonProcess | None) -> None:
         daemon.process.stdout.close()
 
 
-def run_lattica(tmp: Path, source: Path, expected_sha256: str) -> dict[str, Any]:
-    """One QUIC run: publish on A, fetch on B through the CLI."""
+def _home(path: Path, *, tcp: bool) -> Path:
+    path.mkdir(mode=0o700)
+    if tcp:  # both ends run TLS-over-TCP; the exchange then takes it for the transfer
+        (path / "config.toml").write_text("[net]\ntcp_listen = true\n")
+    return path
+
+
+def run_lattica(tmp: Path, source: Path, expected_sha256: str, *, tcp: bool = False) -> dict[str, Any]:
+    """One run: publish on A, fetch on B through the CLI (over TLS-over-TCP with ``tcp``)."""
     a = b = None
     try:
-        a = start_daemon_process(tmp / "a", "--listen", "127.0.0.1:0", env=_env(), cwd=REPO_ROOT)
+        a = start_daemon_process(_home(tmp / "a", tcp=tcp), "--listen", "127.0.0.1:0", env=_env(), cwd=REPO_ROOT)
         b = start_daemon_process(
-            tmp / "b", "--listen", "127.0.0.1:0", "--bootstrap", a.addr_on("127.0.0.1"), env=_env(), cwd=REPO_ROOT
+            _home(tmp / "b", tcp=tcp),
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap",
+            a.addr_on("127.0.0.1"),
+            env=_env(),
+            cwd=REPO_ROOT,
         )
         began = time.perf_counter()
         cid = _cli(a.home, "publish", str(source))["cid"]
@@ -245,6 +260,7 @@ def main(argv: list[str]) -> int:
     started_at = utc_now()
     size = args.size_mib << 20
     quic: list[dict[str, Any]] = []
+    tcp: list[dict[str, Any]] = []
     nginx: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lattica-bench-transfer-") as tmp_text:
         tmp = Path(tmp_text)
@@ -254,7 +270,12 @@ def main(argv: list[str]) -> int:
         expected = _random_file(source, size)
         source.chmod(0o644)
         for index in range(args.runs):  # alternated, so load changes hit both modes alike
-            for name, runner, results in (("quic", run_lattica, quic), ("nginx", run_nginx, nginx)):
+            modes: tuple[tuple[str, Callable[[Path, Path, str], dict[str, Any]], list[dict[str, Any]]], ...] = (
+                ("quic", run_lattica, quic),
+                ("tcp", partial(run_lattica, tcp=True), tcp),
+                ("nginx", run_nginx, nginx),
+            )
+            for name, runner, results in modes:
                 work = tmp / f"{name}-{index}"
                 work.mkdir()
                 try:
@@ -263,7 +284,12 @@ def main(argv: list[str]) -> int:
                     results.append({"error": f"{type(exc).__name__}: {exc}"})
                 print(f"run {index + 1}/{args.runs} {name}: {results[-1]}", file=sys.stderr, flush=True)
     rows = []
-    for label, results in (("lattica fetch, QUIC", quic), ("curl + nginx, HTTPS (baseline)", nginx)):
+    labelled = (
+        ("lattica fetch, QUIC", quic),
+        ("lattica fetch, TLS-over-TCP", tcp),
+        ("curl + nginx, HTTPS (baseline)", nginx),
+    )
+    for label, results in labelled:
         good = [r for r in results if "mb_per_s" in r]
         rate = Spread.of([r["mb_per_s"] for r in good])
         rss = max((r["peak_rss_bytes"] for r in good if "peak_rss_bytes" in r), default=None)
@@ -279,9 +305,6 @@ def main(argv: list[str]) -> int:
                 "note": note,
             }
         )
-    rows.insert(1, {"mode": "lattica fetch, TLS-over-TCP", "mb_per_s": None, "mb_per_cpu_s": None,
-                    "peak_rss_bytes": None,
-                    "identical": None, "note": "not in this tree (branch tls-tcp not merged)"})
     print(f"\nsingle source, {args.size_mib} MiB random file, 127.0.0.1, {args.runs} run(s) per mode")
     print(f"{'mode':<34} {'MB/s':>8} {'MB/CPU-s':>9} {'peak RSS':>10}  note")
     for row in rows:
@@ -297,12 +320,12 @@ def main(argv: list[str]) -> int:
             "size_bytes": size,
             "runs": args.runs,
             "rows": rows,
-            "samples": {"quic": quic, "nginx": nginx},
+            "samples": {"quic": quic, "tcp": tcp, "nginx": nginx},
             "machine": machine_info(["aioquic", "msgspec", "blake3", "trio"]),
         },
     )
     print(f"results: {path}")
-    return 0 if all(r.get("identical", True) for r in quic + nginx) else 1
+    return 0 if all(r.get("identical", True) for r in quic + tcp + nginx) else 1
 
 
 if __name__ == "__main__":

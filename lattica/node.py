@@ -30,10 +30,12 @@ from lattica.content.exchange_service import ContentService
 from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
-from lattica.net import Connection, ConnectionManager, Endpoint, Rpc
+from lattica.net import Connection, ConnectionManager, Endpoint, EndpointSocketError, Rpc
 from lattica.net.address import PeerAddr, format_host_port
+from lattica.net.bulk_path import BulkPath
 from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.interfaces import dialable_hosts
+from lattica.net.tcp_transport import TcpTransport
 
 log = logging.getLogger("lattica.node")
 
@@ -94,6 +96,12 @@ class Node:
             request_timeout_s=net.rpc_request_timeout_s,
             max_concurrent_inbound=net.rpc_max_concurrent_inbound,
         )
+        # TLS-over-TCP: dials work always; it listens only if config.net.tcp_listen asks.
+        self.tcp = TcpTransport(
+            identity, net, stream_handler=self.rpc.serve_stream, idle_close_s=net.idle_close_s
+        )
+        # For bulk transfer: `await node.bulk.connection(peer)` is TCP where direct, else QUIC.
+        self.bulk = BulkPath(self.connections, self.tcp)
         self.dht_store = DhtStore(
             database or ":memory:",
             own_key=identity.peer_id.dht_key(),
@@ -116,7 +124,13 @@ class Node:
             None
             if blocks_dir is None
             else ContentService(
-                self.rpc, self.connections, self.dht, blocks_dir, self.dht_store.writer, self.config.content
+                self.rpc,
+                self.connections,
+                self.dht,
+                blocks_dir,
+                self.dht_store.writer,
+                self.config.content,
+                bulk=self.bulk if self.config.net.tcp_listen else None,
             )
         )
         self.joined_dht = trio.Event()
@@ -158,6 +172,9 @@ class Node:
             await nursery.start(self.endpoint.run)
             await nursery.start(self.nat.run)
             await nursery.start(self.connections.run)
+            await nursery.start(self.tcp.run)
+            if self.config.net.tcp_listen:
+                await self._listen_tcp()
             await nursery.start(self.dht.run)
             if self.content is not None:
                 await nursery.start(self.content.run)
@@ -183,6 +200,18 @@ class Node:
         if stack is None:
             return None
         return await stack.__aexit__(exc_type, exc, tb)
+
+    async def _listen_tcp(self) -> None:
+        host, udp_port = self.socket.local_address
+        port = self.config.net.tcp_port or udp_port
+        try:
+            # "::" is a dual-stack UDP socket; trio binds "::" v6-only, so None = both families.
+            await self.tcp.listen(None if host == "::" else host, port)
+        except OSError as exc:
+            raise EndpointSocketError(
+                f"cannot listen for TLS-over-TCP on {format_host_port((host, port))}: "
+                f"{exc.strerror or exc}"
+            ) from None
 
     async def _join_dht(self) -> None:
         """Bootstrap until it works: an unreachable bootstrap peer is retried with backoff

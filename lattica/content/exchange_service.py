@@ -34,9 +34,10 @@ from lattica.content.exchange_messages import BUSY, NOT_FOUND, PROTOCOL_ID, TOO_
 from lattica.content.exchange_protocol import BlockWanted, ExchangeServer, HasAsked, RequestCancelled
 from lattica.content.publish import PublishResult, publish
 from lattica.dht import Dht
-from lattica.errors import LatticaError, RemoteProtocolError
+from lattica.errors import ConnectError, LatticaError, RemoteProtocolError, RpcError
 from lattica.identity import PeerId
 from lattica.net import ConnectionManager, Rpc
+from lattica.net.bulk_path import BulkPath
 from lattica.net.stream import QuicStream
 from lattica.storage import SqliteWriter
 
@@ -61,7 +62,10 @@ class FetchJob:
 
 class ContentService:
     """Content on one node (see the module docstring). ``blocks_dir`` holds the chunk files;
-    ``db`` is the node's database writer (the index tables are created in it)."""
+    ``db`` is the node's database writer (the index tables are created in it). With ``bulk``
+    (the node's :class:`~lattica.net.bulk_path.BulkPath`) fetches run over TLS-over-TCP where
+    the peer accepts it directly, else QUIC; the node passes it only when it runs TCP itself
+    (``net.tcp_listen``), so a node on sim_net never dials the kernel's TCP."""
 
     def __init__(
         self,
@@ -71,11 +75,13 @@ class ContentService:
         blocks_dir: Path,
         db: SqliteWriter,
         config: ContentConfig,
+        bulk: BulkPath | None = None,
     ) -> None:
         self.rpc = rpc
         self.connections = connections
         self.dht = dht
         self.config = config
+        self.bulk = bulk
         self.store = BlockStore(blocks_dir, db, max_manifest_bytes=config.max_manifest_bytes)
         self.uploads = 0
         """Exchange streams being served now."""
@@ -231,7 +237,18 @@ class ContentService:
 
     def fetch_deps(self) -> FetchDeps:
         """What :func:`~lattica.content.exchange_fetch.fetch_content` needs of this node."""
-        return FetchDeps(self.store, self.config, self.rpc.open_stream, self.find_candidates)
+        return FetchDeps(self.store, self.config, self._open_stream, self.find_candidates)
+
+    async def _open_stream(self, peer: PeerId, protocol_id: str) -> QuicStream:
+        # Bulk data takes TLS-over-TCP where the peer accepts it directly, else QUIC (see
+        # ``bulk`` in the class docstring).
+        if self.bulk is None:
+            return await self.rpc.open_stream(peer, protocol_id)
+        try:
+            connection = await self.bulk.connection(peer)
+        except ConnectError as exc:
+            raise RpcError("connect-failed", str(exc)) from exc
+        return await self.rpc.open_stream(connection, protocol_id)
 
     async def fetch(
         self,

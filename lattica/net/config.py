@@ -9,8 +9,14 @@ Field types carry their bounds (:mod:`lattica.setting_types`, checked when a fil
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
 
 from lattica.setting_types import ByteSize, Count, Seconds
+
+TcpPort = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+"""A TCP port number; 0 means "the same number as the node's UDP port"."""
 
 ALPN_PROTOCOL = "lattica/1"
 
@@ -65,4 +71,9 @@ class NetConfig(EndpointConfig):
     rpc_max_concurrent_inbound: Count = 512
     """Requests all peers together may have running at once on this node; more are answered
     ``busy`` (peer ids are free, so the per-peer cap alone bounds nothing)."""
+    tcp_listen: bool = False
+    """Also accept TLS 1.3-over-TCP connections (the fast path for bulk transfer on direct
+    routes), on the host of ``listen``. Off unless asked: it opens a second port."""
+    tcp_port: TcpPort = 0
+    """TCP port for ``tcp_listen``; 0: the same port number as the UDP socket."""
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from typing import Literal, Protocol
 
 import trio
@@ -58,7 +57,7 @@ from lattica.net.connection_state import (
     StreamSendRefused,
 )
 from lattica.net.datagram import Address
-from lattica.net.stream import QuicStream
+from lattica.net.stream import IncomingStreams, QuicStream
 
 logger = logging.getLogger("lattica.net.connection")
 
@@ -109,9 +108,8 @@ class Connection:
         self._auth_error: LatticaError | None = None
         self._closed_event = trio.Event()
         self._streams: dict[int, QuicStream] = {}
-        self._incoming: deque[QuicStream] = deque()
+        self._incoming = IncomingStreams()
         # One wake-up primitive for "something changed": trio's ParkingLot (no Event re-creation).
-        self._incoming_lot = trio.lowlevel.ParkingLot()
         self._progress_lot = trio.lowlevel.ParkingLot()
         self._timer_scope: trio.CancelScope | None = None
         self._transmitting = False
@@ -192,12 +190,7 @@ class Connection:
 
     async def accept_stream(self) -> QuicStream:
         """The next stream the peer opened. Raises like :meth:`open_stream` once closed."""
-        while True:
-            if self._incoming:
-                await trio.lowlevel.checkpoint()
-                return self._incoming.popleft()
-            self.check_open()
-            await self._incoming_lot.park()
+        return await self._incoming.accept(self.check_open)
 
     async def aclose(self, reason: str = "") -> None:
         """Close the connection (QUIC CONNECTION_CLOSE with ``reason``). Idempotent.
@@ -337,8 +330,7 @@ class Connection:
             elif isinstance(event, StreamOpened):
                 stream = QuicStream(self, event.stream_id)
                 self._streams[event.stream_id] = stream
-                self._incoming.append(stream)
-                self._incoming_lot.unpark_all()
+                self._incoming.push(stream)
             elif isinstance(event, Authenticated):
                 self._auth_done.set()
                 logger.debug("%r authenticated", self)
@@ -363,7 +355,7 @@ class Connection:
                 self._closed_event.set()
                 for stream in list(self._streams.values()):
                     stream.on_connection_closed()
-                self._incoming_lot.unpark_all()
+                self._incoming.wake()
                 self._progress_lot.unpark_all()
                 logger.debug("%r closed (%s): %s", self, event.initiator, event.reason)
             elif isinstance(event, ConnectionTerminated):

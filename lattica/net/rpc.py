@@ -41,6 +41,7 @@ from lattica.net.datagram import Address
 from lattica.net.manager import ConnectionManager
 from lattica.net.rpc_messages import Error, Request, Response, RpcMessage, StreamHeader
 from lattica.net.stream import QuicStream
+from lattica.net.tcp_connection import TcpConnection
 from lattica.wire import decode_frame, encode_frame
 
 logger = logging.getLogger("lattica.net.rpc")
@@ -61,6 +62,9 @@ ERROR_CODES: Final = frozenset(
 )
 
 RequestHandler = Callable[[PeerId, bytes], Awaitable[bytes]]
+Target = PeerId | PeerAddr | Connection | TcpConnection
+"""Whom a call goes to: a peer (dialled over QUIC if needed) or a given connection of either
+transport (QUIC :class:`Connection` or TLS-over-TCP :class:`TcpConnection`)."""
 StreamProtocolHandler = Callable[[QuicStream, PeerId], Awaitable[None]]
 
 _MAX_HEADER_FRAME_BYTES = 1024
@@ -164,7 +168,7 @@ class Rpc:
 
     async def request(
         self,
-        peer: PeerId | PeerAddr | Connection,
+        peer: Target,
         protocol_id: str,
         payload: bytes,
         *,
@@ -181,7 +185,7 @@ class Rpc:
         :class:`~lattica.errors.PeerIdMismatchError`.
         """
         self._check_protocol_id(protocol_id)
-        connection: Connection | None = None
+        connection: Connection | TcpConnection | None = None
         sent_at = 0.0
         try:
             with trio.fail_after(timeout_s):
@@ -190,14 +194,14 @@ class Rpc:
                 async with stream:
                     return await self._exchange(stream, payload)
         except trio.TooSlowError:
-            if connection is not None:
+            if isinstance(connection, Connection):
                 with trio.CancelScope(shield=True):
                     await self.manager.close_if_silent_since(connection, sent_at)
             raise RpcError(
                 "timeout", f"no answer to {protocol_id} within {timeout_s:g} s"
             ) from None
 
-    async def open_stream(self, peer: PeerId | PeerAddr | Connection, protocol_id: str) -> QuicStream:
+    async def open_stream(self, peer: Target, protocol_id: str) -> QuicStream:
         """Open a stream speaking ``protocol_id`` (its header already sent) to ``peer``.
 
         Raises :class:`RpcError` (``connect-failed``, ``connection-lost``) or
@@ -206,7 +210,7 @@ class Rpc:
         _connection, stream = await self._open(peer, protocol_id)
         return stream
 
-    async def ping(self, peer: PeerId | PeerAddr | Connection, *, timeout_s: float = 10.0) -> float:
+    async def ping(self, peer: Target, *, timeout_s: float = 10.0) -> float:
         """Round-trip time of one ``/lattica/ping/1`` echo in seconds (``trio.current_time()``),
         including the dial if there was no connection yet."""
         nonce = os.urandom(16)
@@ -217,9 +221,10 @@ class Rpc:
         return trio.current_time() - start
 
     async def _open(
-        self, peer: PeerId | PeerAddr | Connection, protocol_id: str
-    ) -> tuple[Connection, QuicStream]:
-        if isinstance(peer, Connection):
+        self, peer: Target, protocol_id: str
+    ) -> tuple[Connection | TcpConnection, QuicStream]:
+        connection: Connection | TcpConnection
+        if isinstance(peer, Connection | TcpConnection):
             connection = peer
         else:
             try:
@@ -265,6 +270,14 @@ class Rpc:
         raise RpcError("protocol-error", f"unexpected {type(reply).__name__} frame")
 
     # -- serving --------------------------------------------------------------------------
+
+    async def serve_stream(self, stream: QuicStream) -> None:
+        """Serve one stream a peer opened, on any transport: read its header, run the handler.
+
+        The connection manager calls it for QUIC streams; hand it to
+        :class:`~lattica.net.tcp_transport.TcpTransport` as its stream handler for TLS-over-TCP.
+        Never raises for what the peer sent."""
+        await self._serve_stream(stream)
 
     async def _serve_stream(self, stream: QuicStream) -> None:
         peer = stream.connection.peer_id

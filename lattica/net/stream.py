@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -283,3 +284,31 @@ class QuicStream(trio.abc.HalfCloseableStream):
             stop_receive=not self._receive_finished,
         )
         await self.connection.transmit()
+
+
+class IncomingStreams:
+    """Streams a peer opened that the application has not accepted yet: the accept queue of one
+    connection (QUIC or TLS-over-TCP). Bounded by the connection's stream limit."""
+
+    def __init__(self) -> None:
+        self._streams: deque[QuicStream] = deque()
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def push(self, stream: QuicStream) -> None:
+        """A peer opened ``stream``: queue it and wake an acceptor."""
+        self._streams.append(stream)
+        self._lot.unpark_all()
+
+    def wake(self) -> None:
+        """Wake acceptors so they see the connection closed."""
+        self._lot.unpark_all()
+
+    async def accept(self, check_open: Callable[[], None]) -> QuicStream:
+        """The next queued stream; ``check_open()`` raises once the connection closed and the
+        queue is empty (``trio.ClosedResourceError`` / ``trio.BrokenResourceError``)."""
+        while True:
+            if self._streams:
+                await trio.lowlevel.checkpoint()
+                return self._streams.popleft()
+            check_open()
+            await self._lot.park()

@@ -1,0 +1,325 @@
+"""The TLS 1.3-over-TCP transport: a listener and a dialer of :class:`TcpConnection`.
+
+The fast path for bulk transfer on direct routes (aioquic's pure-Python packet code holds QUIC
+near 30-40 MB/s here; see docs/benchmarks.md). Same identity and mutual authentication as QUIC,
+same streams (:class:`~lattica.net.stream.QuicStream`), so an :class:`~lattica.net.rpc.Rpc`
+serves and calls over it unchanged (``rpc.serve_stream`` as the stream handler,
+``rpc.request(tcp_connection, ...)`` to call).
+
+Rules:
+
+* **Listen only where asked.** :meth:`TcpTransport.listen` binds exactly the host and port it
+  is given; nothing listens until it is called.
+* **Hostile input ends one connection at most.** A handshake must finish within
+  ``handshake_timeout_s``; at most ``MAX_CONCURRENT_HANDSHAKES`` run at once and at most
+  ``max_connections`` connections live (more are closed at accept); every error a peer can
+  cause (TLS, certificate, yamux framing, flow control, too many streams) closes that
+  connection. A stream handler's own bug is logged and closes that peer's connection.
+* **Identity.** A dial to ``PEERID@HOST:PORT`` fails with
+  :class:`~lattica.errors.PeerIdMismatchError` (and the connection is closed) when the peer
+  there proves another id; a dial that reaches this node itself fails with
+  :class:`~lattica.errors.DialSelfError`. Hosts must be IP literals: no name is resolved here.
+* **Reuse.** :meth:`TcpTransport.connect` reuses a live connection to the same peer id;
+  concurrent dials to one peer are not merged (both connections work; the newest is reused).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+
+from lattica.errors import (
+    ConnectError,
+    ConnectTimeoutError,
+    DialSelfError,
+    PeerIdMismatchError,
+    RemoteProtocolError,
+)
+from lattica.identity import Identity, PeerId
+from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, network_address
+from lattica.net.config import EndpointConfig
+from lattica.net.datagram import Address
+from lattica.net.log_once import LogOnce
+from lattica.net.stream import QuicStream
+from lattica.net.tcp_connection import TcpConnection, tls_handshake
+from lattica.net.tls_channel import TlsChannel
+from lattica.net.yamux import INITIAL_STREAM_WINDOW_BYTES
+
+logger = logging.getLogger("lattica.net.tcp")
+
+MAX_CONCURRENT_HANDSHAKES: Final = 64
+"""Inbound TLS handshakes in progress at once; more connections are closed at accept."""
+
+StreamHandler = Callable[[QuicStream], Awaitable[None]]
+
+
+class TcpTransport:
+    """Listener and dialer of mutually authenticated TLS 1.3-over-TCP connections.
+
+    ``config`` supplies the handshake timeout, keepalive and idle timers, the per-connection
+    stream limit (``max_incoming_streams``), the per-stream receive window
+    (``stream_receive_window_bytes``, at least yamux's 256 KiB) and ``max_connections``.
+    ``stream_handler(stream)`` runs in its own task for every stream a peer opens; the stream
+    is closed when it returns. Run :meth:`run` (``nursery.start``) before anything else.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: EndpointConfig | None = None,
+        *,
+        stream_handler: StreamHandler | None = None,
+        idle_close_s: float | None = 300.0,
+    ) -> None:
+        self.identity = identity
+        self.config = config or EndpointConfig()
+        self.idle_close_s = idle_close_s
+        self._stream_handler = stream_handler
+        self._by_peer: dict[PeerId, list[TcpConnection]] = {}
+        self._handshakes = 0
+        self._nursery: trio.Nursery | None = None
+        self._log_once = LogOnce(logger)
+        self.listen_addresses: list[Address] = []
+        """Where :meth:`listen` bound (host, port), in call order."""
+        self.refused_connections = 0
+        """Inbound TCP connections closed at accept because of the limits (monotonic)."""
+
+    @property
+    def peer_id(self) -> PeerId:
+        """This node's own peer id."""
+        return self.identity.peer_id
+
+    def set_stream_handler(self, handler: StreamHandler) -> None:
+        """Replace the handler of streams peers open (e.g. ``rpc.serve_stream``)."""
+        self._stream_handler = handler
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own every listener and connection until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def _require_nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("TcpTransport.run() is not running")
+        return self._nursery
+
+    # -- connections ----------------------------------------------------------------------
+
+    def connection(self, peer_id: PeerId) -> TcpConnection | None:
+        """The newest live connection to ``peer_id``, or None."""
+        for connection in reversed(self._by_peer.get(peer_id, ())):
+            if not connection.is_closed:
+                return connection
+        return None
+
+    def connections(self) -> list[TcpConnection]:
+        """Every live connection."""
+        return [c for cs in self._by_peer.values() for c in cs if not c.is_closed]
+
+    # -- listening ------------------------------------------------------------------------
+
+    async def listen(self, host: str | None, port: int) -> Address:
+        """Accept connections on ``host:port`` (an IP literal, or None for every address of
+        both families; port 0 picks one); returns the last bound address (all are in
+        :attr:`listen_addresses`). Raises ``OSError`` if the address cannot be bound."""
+        nursery = self._require_nursery()
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound: Address | None = None
+        for listener in listeners:
+            sockname = listener.socket.getsockname()
+            bound = (str(sockname[0]), int(sockname[1]))
+            self.listen_addresses.append(bound)
+            nursery.start_soon(self._accept_loop, listener)
+        assert bound is not None
+        return bound
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        async with listener:
+            while True:
+                try:
+                    tcp = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: wait rather than spin or crash
+                    self._log_once.warning("accept", "accepting a TCP connection failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                if (
+                    self._handshakes >= MAX_CONCURRENT_HANDSHAKES
+                    or len(self.connections()) >= self.config.max_connections
+                ):
+                    self.refused_connections += 1
+                    self._log_once.warning("limit", "refusing TCP connections over the limits (counted, not logged)")
+                    await tcp.aclose()
+                    continue
+                self._require_nursery().start_soon(self._serve_inbound, tcp)
+
+    async def _serve_inbound(self, tcp: trio.SocketStream) -> None:
+        try:
+            peername = tcp.socket.getpeername()
+        except OSError:  # already gone
+            await tcp.aclose()
+            return
+        remote: Address = (str(peername[0]), int(peername[1]))
+        channel = TlsChannel(self.identity, is_client=False)
+        self._handshakes += 1
+        try:
+            with trio.fail_after(self.config.handshake_timeout_s):
+                leftover = await tls_handshake(tcp, channel)
+        except (
+            trio.TooSlowError,
+            RemoteProtocolError,
+            ConnectError,
+            trio.BrokenResourceError,
+            OSError,
+        ) as exc:
+            logger.debug("TLS handshake from %s failed: %r", format_host_port(remote), exc)
+            with trio.CancelScope(shield=True):
+                await _send_then_close(tcp, channel)
+            return
+        finally:
+            self._handshakes -= 1
+        connection = self._connection_for(tcp, channel, remote, leftover)
+        if connection.peer_id == self.peer_id:
+            await connection.aclose("a connection from ourselves")
+        await self._run_connection(connection)
+
+    # -- dialling -------------------------------------------------------------------------
+
+    async def connect(self, peer: PeerAddr, *, timeout_s: float | None = None) -> TcpConnection:
+        """A connection to ``peer``: a live one to the same peer id, or a new dial.
+
+        ``timeout_s`` (default: the handshake timeout) bounds TCP connect, TLS handshake and
+        the peer's confirmation. Raises :class:`~lattica.errors.ConnectTimeoutError`,
+        :class:`~lattica.errors.ConnectError`, :class:`~lattica.errors.DialSelfError` or
+        :class:`~lattica.errors.PeerIdMismatchError`."""
+        if peer.peer_id is not None:
+            if peer.peer_id == self.peer_id:
+                raise DialSelfError("refusing to dial this node's own peer id")
+            existing = self.connection(peer.peer_id)
+            if existing is not None:
+                await trio.lowlevel.checkpoint()
+                return existing
+        try:
+            host, port = network_address(*peer.address)
+        except InvalidAddressError as exc:
+            raise ConnectError(f"cannot dial {peer}: {exc}") from None
+        limit_s = self.config.handshake_timeout_s if timeout_s is None else timeout_s
+        try:
+            with trio.fail_after(limit_s):
+                return await self._dial(peer, host, port)
+        except trio.TooSlowError:
+            raise ConnectTimeoutError(f"no TLS-over-TCP connection to {peer} within {limit_s:g} s") from None
+
+    async def _dial(self, peer: PeerAddr, host: str, port: int) -> TcpConnection:
+        where = format_host_port((host, port))
+        try:
+            tcp = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise ConnectError(f"TCP connect to {where} failed: {exc.strerror or exc}") from None
+        channel = TlsChannel(self.identity, is_client=True)
+        try:
+            leftover = await tls_handshake(tcp, channel)
+        except (RemoteProtocolError, trio.BrokenResourceError, OSError) as exc:
+            with trio.CancelScope(shield=True):
+                await _send_then_close(tcp, channel)
+            raise ConnectError(f"TLS handshake with {where} failed: {exc}") from None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+            raise
+        proven = channel.peer_id
+        if (peer.peer_id is not None and proven != peer.peer_id) or proven == self.peer_id:
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+            if proven == self.peer_id:
+                raise DialSelfError(f"{where} is this node itself")
+            raise PeerIdMismatchError(f"dialled {peer.peer_id} at {where} but the peer there proved to be {proven}")
+        connection = self._connection_for(tcp, channel, (host, port), leftover)
+        await self._require_nursery().start(self._run_connection, connection)
+        try:
+            await connection.wait_confirmed()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await connection.aclose("dial abandoned")
+            raise
+        return connection
+
+    # -- running connections --------------------------------------------------------------
+
+    def _connection_for(
+        self, tcp: trio.SocketStream, channel: TlsChannel, remote: Address, leftover: bytes
+    ) -> TcpConnection:
+        config = self.config
+        return TcpConnection(
+            tcp,
+            channel,
+            remote_address=remote,
+            max_streams=config.max_incoming_streams,
+            stream_window_bytes=max(INITIAL_STREAM_WINDOW_BYTES, config.stream_receive_window_bytes),
+            keepalive_interval_s=config.keepalive_interval_s,
+            idle_timeout_s=config.idle_timeout_s,
+            idle_close_s=self.idle_close_s,
+            received_with_handshake=leftover,
+        )
+
+    async def _run_connection(
+        self, connection: TcpConnection, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        peers = self._by_peer.setdefault(connection.peer_id, [])
+        peers.append(connection)
+        try:
+            await self._serve_connection(connection, task_status)
+        except Exception:
+            # A bug on our side while serving one peer: that peer's connection ends, not the node.
+            logger.exception("serving %r failed", connection)
+        finally:
+            peers.remove(connection)
+            if not peers:
+                del self._by_peer[connection.peer_id]
+
+    async def _serve_connection(self, connection: TcpConnection, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(connection.run)
+                task_status.started()
+                while True:
+                    try:
+                        stream = await connection.accept_stream()
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
+                    nursery.start_soon(self._handle_stream, connection, stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await connection.aclose("no longer served")
+
+    async def _handle_stream(self, connection: TcpConnection, stream: QuicStream) -> None:
+        try:
+            if self._stream_handler is not None:
+                await self._stream_handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError) as exc:
+            logger.debug("stream from %s ended: %r", connection.peer_id, exc)
+        except Exception:
+            logger.exception("a stream handler failed on a stream from %s", connection.peer_id)
+            await connection.aclose("local stream handler error")
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+async def _send_then_close(tcp: trio.SocketStream, channel: TlsChannel) -> None:
+    # Tell the peer why (a TLS alert) if we can, quickly; then close.
+    with trio.move_on_after(1.0):
+        try:
+            alert = channel.data_to_send()
+            if alert:
+                await tcp.send_all(alert)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await tcp.aclose()

@@ -1,0 +1,173 @@
+"""TLS 1.3 with mutual peer-id authentication over any byte stream, sans-I/O (pyOpenSSL).
+
+The same identity as QUIC (:mod:`lattica.net.tls_identity`): each side presents the self-signed
+certificate of its Ed25519 node key, and the peer id of the other side *is* that certificate's
+public key. TLS 1.3 CertificateVerify (RFC 8446 section 4.4.3) is a signature over the handshake
+transcript with that key, so a peer proves its id by key possession, bound to this very
+handshake; nothing a man in the middle relays or replays can produce it for another session.
+
+Why pyOpenSSL: the stdlib ``ssl`` module has no certificate-verify callback, so a server that
+requests a client certificate rejects every self-signed one; and Python 3.11 offers neither a
+keying-material exporter nor a TLS 1.3 channel binding to bind an application-level proof to
+the session. pyOpenSSL's ``set_verify`` callback lets both sides accept any certificate *chain*
+(there is no CA) while OpenSSL still checks the CertificateVerify signature; its memory BIOs
+make the channel sans-I/O: bytes in, bytes out, no socket, no clock (see docs/decisions.md).
+
+Invariants:
+
+* TLS 1.3 only; ALPN ``lattica-tcp/1`` required on both sides (yamux follows at once, there is
+  no further negotiation); no session tickets or resumption (every connection presents and
+  proves its certificate).
+* The server requires a client certificate (``VERIFY_FAIL_IF_NO_PEER_CERT``).
+* :attr:`TlsChannel.peer_id` is set only once the handshake completed with an Ed25519
+  certificate; every failure the peer causes is a :class:`~lattica.errors.RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Final
+
+from OpenSSL import SSL
+
+from lattica.errors import LocalProtocolError, RemoteProtocolError
+from lattica.identity import Identity, PeerId
+from lattica.net.tls_identity import certificate_for, peer_id_from_certificate, private_key_for
+
+ALPN_TCP_PROTOCOL: Final = b"lattica-tcp/1"
+"""ALPN id of Lattica over TLS 1.3 over TCP: yamux (:mod:`lattica.net.yamux`) inside."""
+
+# SSL_read returns at most one TLS record (16 KiB of plaintext) per call, and pyOpenSSL
+# allocates the buffer it asks for on every call: ask for one record's worth.
+_RECORD_BYTES = 16 * 1024
+# The write BIO is drained this much per call.
+_BIO_READ_BYTES = 256 * 1024
+
+
+def _accept_any_chain(connection: SSL.Connection, certificate: object, error_number: int, depth: int, ok: int) -> bool:
+    # There is no CA: the chain is not what authenticates a peer, the key is (checked after the
+    # handshake by peer_id_from_certificate). OpenSSL verifies CertificateVerify regardless.
+    return True
+
+
+def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
+    if ALPN_TCP_PROTOCOL in offered:
+        return ALPN_TCP_PROTOCOL
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _context(identity: Identity, *, is_client: bool, present_certificate: bool) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    context.set_options(SSL.OP_NO_TICKET)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if present_certificate:
+        context.use_certificate(certificate_for(identity))
+        context.use_privatekey(private_key_for(identity))
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_any_chain)
+    if is_client:
+        context.set_alpn_protos([ALPN_TCP_PROTOCOL])
+    else:
+        context.set_alpn_select_callback(_select_alpn)
+    return context
+
+
+class TlsChannel:
+    """One side of a TLS 1.3 session over a byte stream; authenticates the peer's id.
+
+    Feed what the transport received to :meth:`receive_data` (it returns decrypted application
+    bytes), hand application bytes to :meth:`send`, and send :meth:`data_to_send` to the
+    transport. ``present_certificate=False`` exists only so tests can play a client without a
+    certificate.
+    """
+
+    def __init__(self, identity: Identity, *, is_client: bool, present_certificate: bool = True) -> None:
+        self.is_client = is_client
+        context = _context(identity, is_client=is_client, present_certificate=present_certificate)
+        self._tls = SSL.Connection(context, None)
+        if is_client:
+            self._tls.set_connect_state()
+        else:
+            self._tls.set_accept_state()
+        self.peer_id: PeerId | None = None
+        """The peer's proven id, once :attr:`handshake_complete`."""
+        self.handshake_complete = False
+        self.peer_closed = False
+        """The peer sent close_notify: it will send no more application data."""
+
+    def start(self) -> None:
+        """Begin the handshake (the client's ClientHello lands in :meth:`data_to_send`)."""
+        self._advance_handshake()
+
+    def _advance_handshake(self) -> None:
+        try:
+            self._tls.do_handshake()
+        except SSL.WantReadError:
+            return
+        except SSL.Error as exc:
+            raise RemoteProtocolError(f"TLS handshake failed: {_describe(exc)}") from None
+        if self._tls.get_alpn_proto_negotiated() != ALPN_TCP_PROTOCOL:
+            raise RemoteProtocolError("the peer does not speak lattica-tcp/1 (ALPN)")
+        certificate = self._tls.get_peer_certificate(as_cryptography=True)
+        self.peer_id = peer_id_from_certificate(certificate)
+        self.handshake_complete = True
+
+    def receive_data(self, data: bytes | bytearray) -> bytes:
+        """Feed bytes from the transport; returns the application bytes they completed.
+
+        Raises :class:`RemoteProtocolError` if the peer's TLS is invalid, fails to
+        authenticate, or sends after close_notify."""
+        if data:
+            self._tls.bio_write(data)
+        if not self.handshake_complete:
+            self._advance_handshake()
+            if not self.handshake_complete:
+                return b""
+        parts: list[bytes] = []
+        while True:
+            try:
+                parts.append(self._tls.recv(_RECORD_BYTES))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.peer_closed = True
+                break
+            except SSL.Error as exc:
+                raise RemoteProtocolError(f"TLS error: {_describe(exc)}") from None
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def send(self, data: bytes) -> None:
+        """Encrypt application bytes (they land in :meth:`data_to_send`).
+
+        Raises :class:`LocalProtocolError` before the handshake completed."""
+        if not self.handshake_complete:
+            raise LocalProtocolError("TLS application data before the handshake completed")
+        if data:
+            self._tls.sendall(data)
+
+    def close(self) -> None:
+        """Queue our close_notify alert (no application data may follow). Idempotent."""
+        # A broken session has nothing to say goodbye on.
+        with contextlib.suppress(SSL.Error):
+            self._tls.shutdown()
+
+    def data_to_send(self) -> bytes:
+        """Everything the TLS layer wants to send to the transport now."""
+        parts: list[bytes] = []
+        while True:
+            try:
+                parts.append(self._tls.bio_read(_BIO_READ_BYTES))
+            except SSL.WantReadError:
+                break
+        return b"".join(parts)
+
+
+def _describe(exc: SSL.Error) -> str:
+    # SSL.Error args are a list of (library, function, reason) tuples; the reason is what helps.
+    try:
+        reasons = [str(entry[-1]) for entry in exc.args[0]]
+    except (IndexError, TypeError):
+        return str(exc) or type(exc).__name__
+    return "; ".join(reasons) or type(exc).__name__

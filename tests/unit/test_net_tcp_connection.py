@@ -1,0 +1,115 @@
+"""The TLS-over-TCP connection driver over in-memory streams, in virtual time (no sockets):
+keepalive, idle timeout, idle close, and closing semantics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from lattica.identity import Identity
+from lattica.net.tcp_connection import TcpConnection, tls_handshake
+from lattica.net.tls_channel import TlsChannel
+
+CLIENT = Identity.from_seed(b"1" * 32)
+SERVER = Identity.from_seed(b"2" * 32)
+
+
+@pytest.fixture
+def mock_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+@asynccontextmanager
+async def connected_pair(
+    *, client_options: dict[str, float | None] | None = None, **options: float | None
+) -> AsyncIterator[tuple[TcpConnection, TcpConnection, trio.Nursery]]:
+    """Two connections over an in-memory byte stream pair, handshaken and running."""
+    client_tcp, server_tcp = trio.testing.memory_stream_pair()
+    client_channel = TlsChannel(CLIENT, is_client=True)
+    server_channel = TlsChannel(SERVER, is_client=False)
+    leftovers: dict[str, bytes] = {}
+
+    async def handshake(name: str, tcp: trio.abc.Stream, channel: TlsChannel) -> None:
+        leftovers[name] = await tls_handshake(tcp, channel)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake, "client", client_tcp, client_channel)
+        nursery.start_soon(handshake, "server", server_tcp, server_channel)
+
+    def make(tcp: trio.abc.Stream, channel: TlsChannel, name: str, extra: dict[str, float | None]) -> TcpConnection:
+        return TcpConnection(
+            tcp,
+            channel,
+            remote_address=("127.0.0.1", 1),
+            received_with_handshake=leftovers[name],
+            **{**options, **extra},  # type: ignore[arg-type]
+        )
+
+    client = make(client_tcp, client_channel, "client", client_options or {})
+    server = make(server_tcp, server_channel, "server", {})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await nursery.start(server.run)
+        yield client, server, nursery
+        nursery.cancel_scope.cancel()
+
+
+async def test_keepalive_pings_keep_an_idle_connection_up(mock_clock: trio.testing.MockClock) -> None:
+    async with connected_pair(keepalive_interval_s=5.0, idle_timeout_s=12.0) as (client, server, _):
+        await client.wait_confirmed()
+        await trio.sleep(100.0)
+        assert not client.is_closed and not server.is_closed
+
+
+async def test_a_silent_peer_is_dropped_after_the_idle_timeout(mock_clock: trio.testing.MockClock) -> None:
+    # The server never pings (its keepalive is longer than the client's idle timeout).
+    async with connected_pair(
+        keepalive_interval_s=50.0,
+        idle_timeout_s=100.0,
+        client_options={"keepalive_interval_s": 1000.0, "idle_timeout_s": 10.0},
+    ) as (client, _server, _):
+        start = trio.current_time()
+        await client.wait_closed()
+        assert client.close_initiator == "network"
+        assert trio.current_time() - start == pytest.approx(10.0)
+
+
+async def test_a_connection_without_streams_is_closed_after_idle_close(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with connected_pair(keepalive_interval_s=5.0, idle_timeout_s=12.0, idle_close_s=30.0) as (
+        client,
+        server,
+        _,
+    ):
+        stream = await client.open_stream()
+        await trio.sleep(60.0)
+        assert not client.is_closed  # a stream is open
+        await stream.aclose()
+        closed_at = trio.current_time()
+        await client.wait_closed()
+        assert client.close_initiator == "local"
+        assert trio.current_time() - closed_at <= 30.0 + 5.0
+        await server.wait_closed()
+        assert server.close_initiator == "peer"
+
+
+async def test_streams_of_a_connection_we_closed_raise_closed_and_the_peer_sees_broken(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with connected_pair() as (client, server, _):
+        stream = await client.open_stream()
+        await stream.send_all(b"x")
+        peer_stream = await server.accept_stream()
+        await client.aclose("done")
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"y")
+        with pytest.raises(trio.BrokenResourceError):
+            await peer_stream.receive_some()
+            await peer_stream.receive_some()
+        with pytest.raises(trio.BrokenResourceError):
+            await server.accept_stream()

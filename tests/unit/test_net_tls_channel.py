@@ -1,0 +1,106 @@
+"""The sans-I/O TLS channel: two channels pumped in memory prove each other's peer ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from lattica.errors import LocalProtocolError, RemoteProtocolError
+from lattica.identity import Identity
+from lattica.net.tls_channel import TlsChannel
+
+CLIENT = Identity.from_seed(b"c" * 32)
+SERVER = Identity.from_seed(b"s" * 32)
+
+
+def handshake(client: TlsChannel, server: TlsChannel) -> None:
+    """Pump handshake bytes until neither side has anything to send."""
+    client.start()
+    server.start()
+    for _ in range(10):
+        to_server = client.data_to_send()
+        to_client = server.data_to_send()
+        if not to_server and not to_client:
+            return
+        server.receive_data(to_server)
+        client.receive_data(to_client)
+
+
+def test_both_sides_prove_their_peer_ids() -> None:
+    client = TlsChannel(CLIENT, is_client=True)
+    server = TlsChannel(SERVER, is_client=False)
+    handshake(client, server)
+    assert client.handshake_complete and server.handshake_complete
+    assert client.peer_id == SERVER.peer_id
+    assert server.peer_id == CLIENT.peer_id
+
+
+def test_application_bytes_round_trip_encrypted() -> None:
+    client = TlsChannel(CLIENT, is_client=True)
+    server = TlsChannel(SERVER, is_client=False)
+    handshake(client, server)
+    secret = b"model weights " * 1000
+    client.send(secret)
+    wire = client.data_to_send()
+    assert b"model weights" not in wire
+    assert server.receive_data(wire) == secret
+
+
+def test_a_client_without_a_certificate_is_refused_by_the_server() -> None:
+    client = TlsChannel(CLIENT, is_client=True, present_certificate=False)
+    server = TlsChannel(SERVER, is_client=False)
+    with pytest.raises(RemoteProtocolError, match="certificate"):
+        handshake(client, server)
+    assert server.peer_id is None
+    # The client finished first (TLS 1.3); the server's alert then breaks it.
+    with pytest.raises(RemoteProtocolError):
+        client.receive_data(server.data_to_send())
+
+
+def test_a_tampered_record_is_a_remote_protocol_error() -> None:
+    client = TlsChannel(CLIENT, is_client=True)
+    server = TlsChannel(SERVER, is_client=False)
+    handshake(client, server)
+    client.send(b"pay 10 to alice")
+    wire = bytearray(client.data_to_send())
+    wire[-3] ^= 0x01
+    with pytest.raises(RemoteProtocolError):
+        server.receive_data(bytes(wire))
+
+
+def test_a_relay_that_forwards_bytes_learns_nothing_and_changes_no_identity() -> None:
+    """A man in the middle that relays the handshake cannot make either side see another id:
+    CertificateVerify signs this handshake's transcript with the certificate's key."""
+    client = TlsChannel(CLIENT, is_client=True)
+    server = TlsChannel(SERVER, is_client=False)
+    relayed: list[bytes] = []
+    client.start()
+    for _ in range(10):
+        to_server, to_client = client.data_to_send(), server.data_to_send()
+        relayed += [to_server, to_client]
+        if not to_server and not to_client:
+            break
+        server.receive_data(to_server)
+        client.receive_data(to_client)
+    assert (client.peer_id, server.peer_id) == (SERVER.peer_id, CLIENT.peer_id)
+    client.send(b"the secret")
+    wire = client.data_to_send()
+    assert b"the secret" not in b"".join([*relayed, wire])
+
+
+def test_a_man_in_the_middle_with_its_own_key_is_seen_as_itself() -> None:
+    mitm = Identity.from_seed(b"m" * 32)
+    client = TlsChannel(CLIENT, is_client=True)
+    impostor = TlsChannel(mitm, is_client=False)
+    handshake(client, impostor)
+    assert client.peer_id == mitm.peer_id != SERVER.peer_id
+
+
+def test_sending_before_the_handshake_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        TlsChannel(CLIENT, is_client=True).send(b"early")
+
+
+def test_garbage_instead_of_a_handshake_is_a_remote_protocol_error() -> None:
+    server = TlsChannel(SERVER, is_client=False)
+    with pytest.raises(RemoteProtocolError):
+        server.receive_data(b"GET / HTTP/1.1\r\n\r\n")
