@@ -199,7 +199,8 @@ ClientEvent = BlockReceived | BlockRefused | HasAnswered
 class _Pending:
     digest: bytes
     max_bytes: int | None  # None: a Has request
-    received: bytearray
+    pieces: list[bytes]  # joined once, when the block is whole
+    received: int = 0
     total: int | None = None
 
 
@@ -229,13 +230,13 @@ class ExchangeClient:
     def want(self, digest: bytes, max_bytes: int) -> tuple[int, bytes]:
         """Ask for block ``digest`` of at most ``max_bytes``; returns the request id and frame."""
         request_id = self._new_id()
-        self._pending[request_id] = _Pending(digest, max_bytes, bytearray())
+        self._pending[request_id] = _Pending(digest, max_bytes, [])
         return request_id, _frame(Want(request_id, digest, max_bytes))
 
     def has(self, digest: bytes) -> tuple[int, bytes]:
         """Ask whether the server holds ``digest``; returns the request id and frame."""
         request_id = self._new_id()
-        self._pending[request_id] = _Pending(digest, None, bytearray())
+        self._pending[request_id] = _Pending(digest, None, [])
         return request_id, _frame(Has(request_id, digest))
 
     def cancel(self, request_id: int) -> bytes:
@@ -280,13 +281,15 @@ class ExchangeClient:
             raise RemoteProtocolError(f"block of {message.total} bytes; at most {pending.max_bytes} were asked for")
         if pending.total is None:
             pending.total = message.total
-        if message.total != pending.total or message.offset != len(pending.received):
+        if message.total != pending.total or message.offset != pending.received:
             raise RemoteProtocolError(f"piece of request {message.id} does not continue its block")
         if message.offset + len(message.data) > message.total:
             raise RemoteProtocolError(f"piece of request {message.id} runs past its block")
-        pending.received += message.data
-        if len(pending.received) < pending.total:
+        pending.pieces.append(message.data)
+        pending.received += len(message.data)
+        if pending.received < pending.total:
             return None
         del self._pending[message.id]
-        return BlockReceived(message.id, pending.digest, bytes(pending.received))
+        data = pending.pieces[0] if len(pending.pieces) == 1 else b"".join(pending.pieces)
+        return BlockReceived(message.id, pending.digest, data)
 
