@@ -123,6 +123,15 @@ def _check_ack(data: bytes) -> None:
         raise ConnectionError(f"expected the one-byte acknowledgement, got {data!r}")
 
 
+async def receive_payload(stream: trio.abc.Stream) -> None:
+    """The receiver's side on a trio stream: count bytes to EOF, report, acknowledge."""
+    tally = _ReceiveTally()
+    while data := await stream.receive_some(RECEIVE_BYTES):
+        tally.add(data)
+    tally.report()
+    await stream.send_all(ACK)
+
+
 async def send_payload(stream: trio.abc.HalfCloseableStream, transfer: Transfer) -> None:
     """The sender's side of the protocol on a trio stream: time the writes, the half-close and
     the receiver's acknowledgement, then report."""
@@ -145,11 +154,7 @@ async def tcp_receiver(port: int) -> None:
     async with listener:
         stream = await listener.accept()
     async with stream:
-        tally = _ReceiveTally()
-        while data := await stream.receive_some(RECEIVE_BYTES):
-            tally.add(data)
-        tally.report()
-        await stream.send_all(ACK)
+        await receive_payload(stream)
 
 
 async def tcp_sender(port: int, transfer: Transfer) -> None:

@@ -49,6 +49,7 @@ from _transport_modes import (
     _report_sent,
     lattica_receiver,
     lattica_sender,
+    receive_payload,
     send_payload,
 )
 
@@ -82,14 +83,6 @@ def _identity_files(directory: Path) -> tuple[Any, Path, Path]:
         )
     )
     return identity, cert_path, key_path
-
-
-async def _receive_to_eof(stream: trio.abc.Stream) -> None:
-    tally = _ReceiveTally()
-    while data := await stream.receive_some(RECEIVE_BYTES):
-        tally.add(data)
-    tally.report()
-    await stream.send_all(ACK)
 
 
 async def sslstream_receiver(port: int, total_bytes: int) -> None:
@@ -146,7 +139,7 @@ async def tls_tcp_receiver(port: int) -> None:
     done = trio.Event()
 
     async def handle(stream: QuicStream) -> None:
-        await _receive_to_eof(stream)
+        await receive_payload(stream)
         with contextlib.suppress(trio.BrokenResourceError):
             await stream.send_eof()
         done.set()

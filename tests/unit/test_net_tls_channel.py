@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lattica.errors import LocalProtocolError, RemoteProtocolError
 from lattica.identity import Identity
@@ -104,3 +106,35 @@ def test_garbage_instead_of_a_handshake_is_a_remote_protocol_error() -> None:
     server = TlsChannel(SERVER, is_client=False)
     with pytest.raises(RemoteProtocolError):
         server.receive_data(b"GET / HTTP/1.1\r\n\r\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=6), st.booleans())
+def test_any_bytes_give_application_bytes_or_a_remote_protocol_error(
+    chunks: list[bytes], is_client: bool
+) -> None:
+    channel = TlsChannel(SERVER, is_client=is_client)
+    channel.start()
+    try:
+        for chunk in chunks:
+            assert isinstance(channel.receive_data(chunk), bytes)
+    except RemoteProtocolError:
+        return
+    assert channel.peer_id is None or channel.handshake_complete
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 255))
+def test_a_corrupted_handshake_flight_is_a_remote_protocol_error_or_harmless(
+    position: int, flip: int
+) -> None:
+    client = TlsChannel(CLIENT, is_client=True)
+    server = TlsChannel(SERVER, is_client=False)
+    client.start()
+    hello = bytearray(client.data_to_send())
+    hello[position % len(hello)] ^= flip
+    try:
+        server.receive_data(bytes(hello))
+    except RemoteProtocolError:
+        return
+    assert server.peer_id is None  # one flight cannot authenticate anyone
