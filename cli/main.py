@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli import dht_commands, relay_commands, state_commands
+from cli import content_commands, dht_commands, relay_commands, state_commands
 from cli.arguments import check_dial_string, check_ping_target
 from cli.daemon_client import HomeOption, JsonOption, call_daemon, resolve_home
 from cli.exit_codes import FAILURE, OK, USAGE, exit_code_for
@@ -377,6 +377,9 @@ def _check_utf8(args: list[str]) -> None:
                 hint="keys and values on the command line are UTF-8 text; binary values go through "
                 "`lattica dht put KEY --file PATH` (or - for stdin)",
             ) from None
+
+
+content_commands.register(app)
 
 
 def _print_traceback() -> None:

@@ -25,6 +25,7 @@ from lattica.control.server import ControlServer
 from lattica.control.services import build_registry
 from lattica.errors import LatticaError
 from lattica.home import init_home
+from lattica.home_layout import BLOCKS_DIR
 from lattica.home_warnings import identity_warnings
 from lattica.log_file import LogFileHandler
 from lattica.net.address import InvalidAddressError, parse_host_port
@@ -116,6 +117,7 @@ async def run_daemon(
                 sock,
                 config,
                 database=home / DATABASE_FILE,
+                blocks_dir=home / BLOCKS_DIR,
                 dial_back_socket_factory=lambda: UdpSocket.bind(host, 0),
             )
             try:

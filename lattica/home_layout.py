@@ -13,6 +13,7 @@ CONFIG_FILE = "config.toml"
 IDENTITY_FILE = "identity.key"
 CONTROL_SOCKET = "control.sock"
 DATABASE_FILE = "lattica.db"
+BLOCKS_DIR = "blocks"
 
 
 def default_home() -> Path:

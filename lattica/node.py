@@ -27,6 +27,7 @@ import trio
 
 from lattica import __version__
 from lattica.config import NodeConfig
+from lattica.content.exchange_service import ContentService
 from lattica.crdt import CrdtService, SpaceStore
 from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.dht.messages import PROTOCOL_ID as DHT_PROTOCOL_ID
@@ -72,7 +73,8 @@ class Node:
     manager and RPC layer, ``config.dht`` the DHT (``config.bootstrap`` is appended to its
     ``bootstrap_peers``), ``config.nat`` identify, observed addresses and reachability
     (``node.reachability``; a node found private runs the DHT in client mode).
-    ``dial_back_socket_factory()`` opens a fresh ephemeral UDP socket for AutoNAT dial-backs
+    With ``blocks_dir`` the node holds and serves content (``node.content``, its index in
+    ``database``). ``dial_back_socket_factory()`` opens a fresh ephemeral UDP socket for AutoNAT dial-backs
     to other nodes (without it the node refuses to dial back). Raises
     :class:`~lattica.config.ConfigError` for a ``bootstrap`` entry that does not parse.
     """
@@ -85,6 +87,7 @@ class Node:
         *,
         advertise_hosts: Sequence[str] | None = None,
         database: Path | None = None,
+        blocks_dir: Path | None = None,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         dial_back_socket_factory: DialBackSocketFactory | None = None,
@@ -154,6 +157,21 @@ class Node:
             self.config.crdt,
             rng=random.Random(rng.random()) if rng else None,
         )
+        # Content needs a place for chunk files: only nodes given one (the daemon: home/blocks)
+        # hold and serve content.
+        self.content: ContentService | None = (
+            None
+            if blocks_dir is None
+            else ContentService(
+                self.rpc,
+                self.connections,
+                self.dht,
+                blocks_dir,
+                self.dht_store.writer,
+                self.config.content,
+                bulk=self.bulk if self.config.net.tcp_listen else None,
+            )
+        )
         self.joined_dht = trio.Event()
         self._advertise_hosts = list(advertise_hosts) if advertise_hosts else None
         self._stack: AsyncExitStack | None = None
@@ -209,6 +227,8 @@ class Node:
             await nursery.start(self.relay_client.run)
             await nursery.start(self.reachability.run)
             await nursery.start(self.crdt.run)
+            if self.content is not None:
+                await nursery.start(self.content.run)
             self._nursery = nursery
             self.started_at = trio.current_time()
         except BaseException as exc:

@@ -20,11 +20,12 @@ from lattica.content.manifest import (
 )
 from lattica.content.paths import DEFAULT_MAX_PATH_BYTES
 from lattica.content.safetensors_header import DEFAULT_MAX_HEADER_BYTES
+from lattica.setting_types import ByteSize, Count, Seconds
 
 
 @dataclass(frozen=True, kw_only=True)
 class ContentConfig:
-    """Chunking and the bounds on manifests (sizes in bytes)."""
+    """Chunking, the bounds on manifests (sizes in bytes) and the exchange protocol's limits."""
 
     chunk_bytes: Annotated[int, msgspec.Meta(ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)] = 1 << 20
     """Chunk size for new content (tensors of a safetensors file are packed up to it)."""
@@ -38,3 +39,20 @@ class ContentConfig:
     """Longest relative path in a manifest, UTF-8 bytes."""
     max_safetensors_header_bytes: Annotated[int, msgspec.Meta(ge=1 << 10, le=100_000_000)] = DEFAULT_MAX_HEADER_BYTES
     """Largest safetensors JSON header parsed (real models: well under 1 MiB)."""
+    max_uploads: Count = 32
+    """Exchange streams this node serves at once (all peers); more are refused ``busy``."""
+    max_requests_per_stream: Count = 64
+    """Block requests one exchange stream may have in flight; more end that stream."""
+    upload_timeout_s: Seconds = 30.0
+    """An upload stream idle this long with nothing asked, or whose peer takes no bytes for
+    this long, is closed (it would hold an upload slot)."""
+    fetch_max_window: Annotated[int, msgspec.Meta(ge=1, le=48)] = 16
+    """Most chunk requests in flight to one peer (below ``max_requests_per_stream`` of peers
+    running the defaults); the window grows to it with the peer's rate."""
+    fetch_request_timeout_s: Seconds = 30.0
+    """A chunk not delivered this long after it was asked for is asked elsewhere."""
+    fetch_stall_timeout_s: Seconds = 60.0
+    """A fetch fails (keeping what it stored) after this long without any peer able to supply
+    the missing chunks."""
+    fetch_batch_bytes: ByteSize = 8 << 20
+    """Verified chunks are written and indexed in batches of up to this many bytes."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lattica.control.content_methods import register_content_methods
 from lattica.control.crdt_methods import register_crdt_methods
 from lattica.control.dht_methods import register_dht_methods
 from lattica.control.nat_methods import register_nat_methods
@@ -20,6 +21,7 @@ ServiceRegistration = Callable[[MethodRegistry, Node], None]
 SERVICE_REGISTRATIONS: tuple[ServiceRegistration, ...] = (
     register_dht_methods,
     register_nat_methods,
+    register_content_methods,
     register_crdt_methods,
     register_relay_methods,
 )

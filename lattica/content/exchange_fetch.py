@@ -1,0 +1,538 @@
+"""The fetch driver: one content id from many peers into the block store, then out to files.
+
+Steps (:func:`fetch_content`):
+
+1. **Manifest.** From the store if held; else from the first candidate peer that sends a
+   block hashing to the id's digest and decoding as a canonical manifest within this node's
+   caps. It is stored as a pinned root *before* any chunk, so ``gc`` cannot collect a partial
+   fetch and a restart knows what it was fetching.
+2. **What is missing.** The chunks of the selected files (``include``/``exclude`` globs) or
+   only of the selected tensors (``tensors`` patterns on safetensors files), less what the
+   store holds: a resumed fetch asks for nothing it already verified.
+3. **Transfer.** One exchange stream per peer (:class:`_PeerLink`); a peer is used once it
+   answers that it holds the manifest. :class:`~lattica.content.fetch_scheduler.FetchScheduler`
+   decides what to ask whom. Each block is hashed as it arrives (a bad one drops its peer) and
+   handed to a storer task that writes batches of up to ``fetch_batch_bytes`` with
+   :meth:`~lattica.content.block_store.BlockStore.put_many` (which verifies again: nothing
+   unverified is stored) while the transfer goes on. In memory: the peers' windows plus at
+   most two batches, never a whole file.
+4. **Export** (with ``out_dir``): whole files atomically through
+   :func:`~lattica.content.export.export`; safetensors files under ``tensors`` as a valid
+   safetensors file of just the selected tensors.
+
+Candidates are the connected peers plus the DHT's provider records; when the scheduler
+reports a stall it looks again, and fails with :class:`FetchFailedError` (keeping everything
+stored) after ``fetch_stall_timeout_s`` without progress. Cancelling the task (Ctrl-C in the
+CLI, a daemon stop) leaves the fetch resumable by the same call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from lattica.content.block_store import BlockStore
+from lattica.content.blocking_io import run_blocking
+from lattica.content.cid import Cid, blake3_digest
+from lattica.content.config import ContentConfig
+from lattica.content.errors import ContentError, MalformedContentError, NoTensorsSelectedError
+from lattica.content.exchange_messages import BUSY, PROTOCOL_ID
+from lattica.content.exchange_protocol import BlockReceived, BlockRefused, ExchangeClient, HasAnswered
+from lattica.content.export import export_files, select_files
+from lattica.content.fetch_scheduler import (
+    CancelChunk,
+    FetchComplete,
+    FetchScheduler,
+    FetchStalled,
+    PeerDropped,
+    RequestChunk,
+    WantedChunk,
+)
+from lattica.content.manifest import FileEntry, Manifest, decode_manifest
+from lattica.content.tensor_select import TensorSelection, select_tensors, write_selected_safetensors
+from lattica.errors import LatticaError, RemoteProtocolError
+from lattica.identity import PeerId
+from lattica.net.stream import QuicStream
+
+log = logging.getLogger("lattica.content.fetch")
+
+_MANIFEST_TIMEOUT_S = 30.0
+_RECEIVE_BYTES = 1 << 20
+_BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
+
+
+class FetchFailedError(ContentError):
+    """A fetch cannot go on (no provider, no valid manifest, nobody has the missing chunks);
+    what was verified so far stays stored and a later fetch resumes from it."""
+
+
+class StreamOpener(Protocol):
+    """Opens an exchange stream to a peer (``Rpc.open_stream``); raises ``LatticaError``."""
+
+    async def __call__(self, peer: PeerId, protocol_id: str) -> QuicStream: ...
+
+
+@dataclass
+class FetchProgress:
+    """Live numbers of one fetch (read by ``content.fetch_status``); bytes are chunk bytes."""
+
+    cid: str
+    state: str = "finding"
+    """``finding`` (manifest), ``fetching``, ``exporting``, ``done`` or ``failed``."""
+    total_bytes: int = 0
+    """Bytes of the chunks this fetch needs (held ones included)."""
+    held_bytes: int = 0
+    """Of those, bytes verified and stored."""
+    received_bytes: int = 0
+    """Bytes received from peers and stored by this fetch."""
+    peer_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes stored per peer (text peer id)."""
+    chunks_requested: int = 0
+    """Distinct chunks asked of peers (what a resumed fetch keeps low)."""
+    requests_sent: int = 0
+    """Chunk requests sent, endgame duplicates included."""
+    started_at: float = 0.0
+    finished_at: float | None = None
+    error: str | None = None
+    paths: list[str] = field(default_factory=list)
+    busy_refusals: int = 0
+    """Times a peer refused because it was serving its limit of uploads (it is retried later)."""
+    dropped: dict[str, str] = field(default_factory=dict)
+    """Peers dropped for bad data or errors, and why."""
+    on_update: Callable[[FetchProgress], None] | None = field(default=None, repr=False)
+    """Called after each stored batch (progress displays, tests)."""
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    """What a fetch needs: the files to write whole, the tensor selections, their chunks."""
+
+    files: tuple[FileEntry, ...]
+    selections: tuple[TensorSelection, ...]
+    chunks: dict[bytes, int]
+
+
+def plan_fetch(
+    manifest: Manifest, include: Sequence[str] = (), exclude: Sequence[str] = (), tensors: Sequence[str] = ()
+) -> FetchPlan:
+    """The files and chunks a fetch of ``manifest`` needs. With ``tensors``, each selected
+    safetensors file contributes only the chunks of its matching tensors (files without a
+    match are left out) and other files are fetched whole. Raises
+    :class:`NoTensorsSelectedError` when ``tensors`` matches nothing at all."""
+    files: list[FileEntry] = []
+    selections: list[TensorSelection] = []
+    chunks: dict[bytes, int] = {}
+    for entry in select_files(manifest, include, exclude):
+        if tensors and entry.safetensors is not None:
+            try:
+                selection = select_tensors(entry, tensors)
+            except NoTensorsSelectedError:
+                continue
+            selections.append(selection)
+            chunks.update((c.digest, c.length) for c in selection.chunks)
+        else:
+            files.append(entry)
+            chunks.update((c.digest, c.length) for c in entry.chunks)
+    if tensors and not selections:
+        raise NoTensorsSelectedError(f"no tensor matches {', '.join(tensors)}")
+    return FetchPlan(tuple(files), tuple(selections), chunks)
+
+
+# -- one peer ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ready:
+    held: bool
+
+
+@dataclass(frozen=True)
+class _Gone:
+    reason: str
+    hostile: bool = False
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """The storer wrote a batch (sent with no peer)."""
+
+
+_LinkEvent = _Ready | _Gone | _Stored | BlockReceived | BlockRefused
+
+
+class _PeerLink:
+    """One exchange stream to one peer: asks whether it holds the manifest, then carries the
+    scheduler's requests. Events go to the fetch loop's channel as ``(peer, event)``."""
+
+    def __init__(
+        self, peer: PeerId, manifest_digest: bytes, events: trio.MemorySendChannel[tuple[PeerId | None, _LinkEvent]]
+    ) -> None:
+        self.peer = peer
+        self.client = ExchangeClient()
+        self.ids: dict[bytes, int] = {}
+        self.scope = trio.CancelScope()
+        self._events = events
+        self._outbox_send, self._outbox = trio.open_memory_channel[bytes](math.inf)
+        _id, frame = self.client.has(manifest_digest)
+        self._outbox_send.send_nowait(frame)
+
+    def request(self, digest: bytes, size: int) -> None:
+        request_id, frame = self.client.want(digest, size)
+        self.ids[digest] = request_id
+        self._outbox_send.send_nowait(frame)
+
+    def cancel(self, digest: bytes) -> None:
+        request_id = self.ids.pop(digest, None)
+        if request_id is not None and (frame := self.client.cancel(request_id)):
+            self._outbox_send.send_nowait(frame)
+
+    async def run(self, open_stream: StreamOpener) -> None:
+        with self.scope:
+            try:
+                stream = await open_stream(self.peer, PROTOCOL_ID)
+            except LatticaError as exc:
+                await self._events.send((self.peer, _Gone(f"cannot open a stream: {exc}")))
+                return
+            gone: _Gone | None = None
+            try:
+                async with stream, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write, stream)
+                    await self._read(stream)
+                    nursery.cancel_scope.cancel()
+            except* RemoteProtocolError as group:
+                gone = _Gone(f"protocol error: {group.exceptions[0]}", hostile=True)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                gone = _Gone(f"stream lost: {group.exceptions[0]}")
+            if gone is not None:
+                await self._events.send((self.peer, gone))
+
+    async def _write(self, stream: QuicStream) -> None:
+        async for frame in self._outbox:
+            await stream.send_all(frame)
+
+    async def _read(self, stream: QuicStream) -> None:
+        while True:
+            data = await stream.receive_some(_RECEIVE_BYTES)
+            if not data:
+                self.client.end_of_stream()
+                await self._events.send((self.peer, _Gone("the peer closed the stream")))
+                return
+            for event in self.client.receive(data):
+                if isinstance(event, HasAnswered):
+                    await self._events.send((self.peer, _Ready(event.held)))
+                else:
+                    if self.ids.get(event.digest) == event.id:
+                        del self.ids[event.digest]
+                    await self._events.send((self.peer, event))
+
+
+# -- the fetch ---------------------------------------------------------------------------------
+
+
+async def _fetch_manifest(
+    cid: Cid, candidates: Sequence[PeerId], open_stream: StreamOpener, config: ContentConfig
+) -> tuple[bytes, Manifest]:
+    errors: list[str] = []
+    for peer in candidates:
+        try:
+            with trio.fail_after(_MANIFEST_TIMEOUT_S):
+                stream = await open_stream(peer, PROTOCOL_ID)
+                async with stream:
+                    client = ExchangeClient()
+                    _id, frame = client.want(cid.digest, config.max_manifest_bytes)
+                    await stream.send_all(frame)
+                    await stream.send_eof()  # one request: the server ends the stream after it
+                    reply = None
+                    while reply is None:
+                        data = await stream.receive_some(_RECEIVE_BYTES)
+                        if not data:
+                            client.end_of_stream()
+                            raise RemoteProtocolError("stream ended before the manifest")
+                        events = client.receive(data)
+                        reply = events[0] if events else None
+            if isinstance(reply, BlockRefused):
+                errors.append(f"{peer}: {reply.code}")
+                continue
+            assert isinstance(reply, BlockReceived)
+            manifest = decode_manifest(
+                reply.data,
+                expected=cid,
+                max_manifest_bytes=config.max_manifest_bytes,
+                max_files=config.max_files,
+                max_chunks=config.max_chunks,
+                max_path_bytes=config.max_path_bytes,
+                max_header_bytes=config.max_safetensors_header_bytes,
+            )
+            return reply.data, manifest
+        except trio.TooSlowError:
+            errors.append(f"{peer}: no manifest within {_MANIFEST_TIMEOUT_S:g} s")
+        except MalformedContentError as exc:
+            log.warning("peer %s sent a bad manifest for %s: %s", peer, cid, exc)
+            errors.append(f"{peer}: bad manifest ({exc})")
+        except (LatticaError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            errors.append(f"{peer}: {exc}")
+    detail = "; ".join(errors[:5]) if errors else "no provider or connected peer found"
+    raise FetchFailedError(f"cannot get the manifest of {cid}: {detail}")
+
+
+@dataclass
+class FetchDeps:
+    """What a fetch uses of the node: its store, settings, stream opener and provider search."""
+
+    store: BlockStore
+    config: ContentConfig
+    open_stream: StreamOpener
+    find_candidates: Callable[[Cid], Awaitable[list[PeerId]]]
+    """Peers that may hold a content id: connected peers and DHT providers, not this node."""
+
+
+async def fetch_content(
+    deps: FetchDeps,
+    cid: Cid,
+    *,
+    out_dir: Path | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    tensors: Sequence[str] = (),
+    progress: FetchProgress | None = None,
+) -> FetchProgress:
+    """Fetch ``cid`` (see the module docstring) and return its final progress record.
+
+    Raises :class:`FetchFailedError`, :class:`~lattica.content.errors.InvalidCidError` for a
+    chunk id, :class:`NoTensorsSelectedError`, :class:`~lattica.content.errors.UnsafePathError`
+    and :class:`~lattica.storage.DiskFullError` / ``OSError`` from storing or exporting."""
+    store, config = deps.store, deps.config
+    progress = progress or FetchProgress(str(cid))
+    progress.started_at = trio.current_time()
+    if not cid.is_manifest:
+        raise FetchFailedError(f"{cid} names a single chunk; fetch takes a manifest id")
+    candidates: list[PeerId] | None = None  # looked up once, when first needed
+    if store.has(cid.digest):
+        manifest = store.manifest(cid)
+        await store.add_root(store.read_block(cid.digest), manifest, pinned=True)
+    else:
+        candidates = await deps.find_candidates(cid)
+        encoded, manifest = await _fetch_manifest(cid, candidates, deps.open_stream, config)
+        await store.add_root(encoded, manifest, pinned=True)
+    plan = plan_fetch(manifest, include, exclude, tensors)
+    progress.total_bytes = sum(plan.chunks.values())
+    missing = store.missing(plan.chunks)
+    progress.held_bytes = progress.total_bytes - sum(plan.chunks[d] for d in missing)
+    if missing:
+        progress.state = "fetching"
+        if candidates is None:
+            candidates = await deps.find_candidates(cid)
+        await _transfer(deps, cid, [WantedChunk(d, plan.chunks[d]) for d in missing], progress, candidates)
+    if out_dir is not None:
+        progress.state = "exporting"
+        progress.paths = await run_blocking(lambda: _export(store, plan, out_dir))
+    progress.state = "done"
+    progress.finished_at = trio.current_time()
+    return progress
+
+
+def _export(store: BlockStore, plan: FetchPlan, out_dir: Path) -> list[str]:
+    paths = [str(p) for p in export_files(store, plan.files, out_dir)]
+    for selection in plan.selections:
+        # The manifest's paths were checked on decode (relative, no "..", no clashes).
+        target = out_dir / selection.file.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_selected_safetensors(selection, store.read_block, target)
+        paths.append(str(target))
+    return paths
+
+
+async def _transfer(
+    deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progress: FetchProgress, candidates: list[PeerId]
+) -> None:
+    config = deps.config
+    scheduler = FetchScheduler(
+        wanted,
+        max_window=config.fetch_max_window,
+        request_timeout_s=config.fetch_request_timeout_s,
+    )
+    requested: set[bytes] = set()
+    sizes = {w.chunk_id: w.size for w in wanted}
+    still_missing = set(sizes)
+    send, receive = trio.open_memory_channel[tuple[PeerId | None, _LinkEvent]](math.inf)
+    links: dict[PeerId, _PeerLink] = {}
+    banned: set[PeerId] = set()
+    busy_until: dict[PeerId, float] = {}
+    stalled_since: float | None = None
+    searching = False
+
+    async with trio.open_nursery() as nursery:
+
+        def connect(peers: Sequence[PeerId]) -> None:
+            now = trio.current_time()
+            for peer in peers:
+                if peer in links or peer in banned or busy_until.get(peer, 0.0) > now:
+                    continue
+                link = _PeerLink(peer, cid.digest, send)
+                links[peer] = link
+                nursery.start_soon(link.run, deps.open_stream)
+
+        async def search() -> None:
+            nonlocal searching
+            try:
+                connect(await deps.find_candidates(cid))
+            finally:
+                searching = False
+
+        def start_search() -> None:
+            nonlocal searching
+            if not searching:
+                searching = True
+                nursery.start_soon(search)
+
+        def close(peer: PeerId) -> None:
+            link = links.pop(peer, None)
+            if link is not None:
+                link.scope.cancel()
+
+        def apply(outputs: Sequence[object]) -> bool:
+            nonlocal stalled_since
+            progress.requests_sent = scheduler.requests_sent
+            for out in outputs:
+                if isinstance(out, RequestChunk):
+                    link = links.get(out.peer)  # type: ignore[call-overload]
+                    if link is not None:
+                        link.request(out.chunk_id, sizes[out.chunk_id])
+                        requested.add(out.chunk_id)
+                        progress.chunks_requested = len(requested)
+                elif isinstance(out, CancelChunk):
+                    link = links.get(out.peer)  # type: ignore[call-overload]
+                    if link is not None:
+                        link.cancel(out.chunk_id)
+                elif isinstance(out, PeerDropped):
+                    log.info("fetch of %s: dropped peer %s: %s", cid, out.peer, out.reason)
+                    progress.dropped[str(out.peer)] = out.reason
+                    banned.add(out.peer)  # type: ignore[arg-type]
+                    close(out.peer)  # type: ignore[arg-type]
+                elif isinstance(out, FetchStalled):
+                    stalled_since = stalled_since if stalled_since is not None else trio.current_time()
+                    start_search()
+                elif isinstance(out, FetchComplete):
+                    return True
+            return False
+
+        # Verified chunks are written by one storer task, a batch at a time, while the
+        # transfer goes on: a flush to disk per chunk would cap the rate at the disk's sync
+        # latency. ``batch`` fills while the storer is busy; a capacity-0 channel hands it over
+        # only when the storer is waiting, and the storer's _Stored event wakes this loop.
+        store_send, store_receive = trio.open_memory_channel[list[tuple[PeerId, bytes, bytes]]](0)
+        stored_all = trio.Event()
+
+        async def storer() -> None:
+            async for pending in store_receive:
+                await _store_batch(deps.store, pending, progress)
+                await send.send((None, _Stored()))
+            stored_all.set()
+
+        nursery.start_soon(storer)
+        connect(candidates)  # looked up already; the DHT is asked again only on a stall
+        stalled_since = trio.current_time()
+        batch: list[tuple[PeerId, bytes, bytes]] = []
+        batch_bytes = 0
+        done = False
+
+        def hand_over() -> None:
+            nonlocal batch, batch_bytes
+            if batch:
+                with contextlib.suppress(trio.WouldBlock):  # the storer is busy: keep filling
+                    store_send.send_nowait(batch)
+                    batch, batch_bytes = [], 0
+
+        while not done:
+            timer = scheduler.next_timer()
+            if stalled_since is not None:
+                stall_deadline = stalled_since + config.fetch_stall_timeout_s
+                timer = stall_deadline if timer is None else min(timer, stall_deadline)
+                if not searching:
+                    # Look for providers again now and then while stalled.
+                    timer = min(timer, trio.current_time() + min(5.0, config.fetch_stall_timeout_s / 4))
+            if batch_bytes >= config.fetch_batch_bytes:
+                # Back-pressure: stop taking blocks until the storer takes this batch.
+                await store_send.send(batch)
+                batch, batch_bytes = [], 0
+            item: tuple[PeerId | None, _LinkEvent] | None = None
+            try:
+                item = receive.receive_nowait()
+            except trio.WouldBlock:
+                hand_over()  # idle moment: let the storer have what we hold
+                with trio.move_on_at(math.inf if timer is None else timer):
+                    item = await receive.receive()
+            now = trio.current_time()
+            if item is None:
+                if stalled_since is not None and now >= stalled_since + config.fetch_stall_timeout_s:
+                    raise FetchFailedError(
+                        f"no peer could supply {len(scheduler.missing)} missing chunk(s) of {cid} "
+                        f"for {config.fetch_stall_timeout_s:g} s (what arrived is kept; fetch again to resume)"
+                    )
+                if stalled_since is not None:
+                    start_search()
+                done = apply(scheduler.handle_timer(now))
+                continue
+            peer, event = item
+            if peer is None or isinstance(event, _Stored):  # the storer is free again
+                continue
+            if isinstance(event, BlockReceived):
+                if event.digest not in still_missing:
+                    done = apply(scheduler.chunk_received(peer, event.digest, now))  # an endgame copy
+                elif blake3_digest(event.data) != event.digest:
+                    done = apply(scheduler.chunk_bad(peer, event.digest, now))
+                else:
+                    still_missing.discard(event.digest)
+                    batch.append((peer, event.digest, event.data))
+                    batch_bytes += len(event.data)
+                    done = apply(scheduler.chunk_received(peer, event.digest, now))
+            elif isinstance(event, BlockRefused):
+                if event.code == BUSY:
+                    progress.busy_refusals += 1
+                    busy_until[peer] = now + _BUSY_RETRY_S
+                    close(peer)
+                    done = apply(scheduler.remove_peer(peer, now))
+                else:
+                    done = apply(scheduler.chunk_refused(peer, event.digest, now))
+            elif isinstance(event, _Ready):
+                if event.held and peer in links:
+                    stalled_since = None
+                    done = apply(scheduler.add_peer(peer, now))
+                else:
+                    close(peer)
+                    banned.add(peer)
+            else:  # _Gone
+                log.info("fetch of %s: peer %s gone: %s", cid, peer, event.reason)
+                if event.hostile:
+                    banned.add(peer)
+                    progress.dropped[str(peer)] = event.reason
+                links.pop(peer, None)
+                done = apply(scheduler.remove_peer(peer, now))
+        for link in links.values():
+            link.scope.cancel()
+        if batch:
+            await store_send.send(batch)
+        await store_send.aclose()
+        await stored_all.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _store_batch(store: BlockStore, batch: list[tuple[PeerId, bytes, bytes]], progress: FetchProgress) -> None:
+    """Write verified chunks (``put_many`` hashes them again: nothing unverified is stored)."""
+    result = await store.put_many([(data, digest) for _peer, digest, data in batch])
+    if result.rejected:  # verified on arrival: only memory corruption could get here
+        raise FetchFailedError(f"{len(result.rejected)} verified chunk(s) changed before they were stored")
+    for peer, _digest, data in batch:
+        progress.held_bytes += len(data)
+        progress.received_bytes += len(data)
+        key = str(peer)
+        progress.peer_bytes[key] = progress.peer_bytes.get(key, 0) + len(data)
+    if progress.on_update is not None:
+        progress.on_update(progress)

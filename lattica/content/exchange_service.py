@@ -1,0 +1,317 @@
+"""``node.content``: the node's block store, the exchange server, publishing and fetching.
+
+:class:`ContentService` opens a :class:`~lattica.content.block_store.BlockStore` in the node's
+``blocks/`` directory with the node's sqlite writer, serves ``/lattica/content/1`` streams
+(:mod:`lattica.content.exchange_protocol`) from it, publishes files and folders and fetches
+content ids (:mod:`lattica.content.exchange_fetch`), and announces every root it holds whole
+through ``dht.provide`` (a downloader becomes a seeder).
+
+Serving limits (``[content]`` settings): at most ``max_uploads`` streams at once (others get
+``busy`` for each request), ``max_requests_per_stream`` requests in flight per stream (more is
+a protocol error that ends the stream), an idle stream or one whose reader takes nothing for
+``upload_timeout_s`` is closed, and at most 1 MiB of a block is read into memory at a time.
+
+Fetches started through :meth:`ContentService.start_fetch` run in the service's nursery and are
+tracked by id, so a control client can poll them (``content.fetch_status``) and cancel them;
+cancelling keeps what was verified (the next fetch of the id resumes from it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from lattica.content.block_store import BlockStore
+from lattica.content.cid import Cid
+from lattica.content.config import ContentConfig
+from lattica.content.exchange_fetch import FetchDeps, FetchProgress, fetch_content
+from lattica.content.exchange_messages import BUSY, NOT_FOUND, PROTOCOL_ID, TOO_LARGE
+from lattica.content.exchange_protocol import BlockWanted, ExchangeServer, HasAsked, RequestCancelled
+from lattica.content.publish import PublishResult, publish
+from lattica.dht import Dht
+from lattica.errors import ConnectError, LatticaError, RemoteProtocolError, RpcError
+from lattica.identity import PeerId
+from lattica.net import ConnectionManager, Rpc
+from lattica.net.bulk_path import BulkPath
+from lattica.net.stream import QuicStream
+from lattica.storage import SqliteWriter
+
+log = logging.getLogger("lattica.content")
+
+_READ_BYTES = 1 << 20
+_RECEIVE_BYTES = 64 * 1024
+_MAX_FINISHED_FETCHES = 64
+
+
+@dataclass
+class FetchJob:
+    """A fetch running (or finished) in the service: its id, parameters and progress."""
+
+    id: int
+    cid: Cid
+    out_dir: Path | None
+    progress: FetchProgress
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    finished: trio.Event = field(default_factory=trio.Event)
+
+
+class ContentService:
+    """Content on one node (see the module docstring). ``blocks_dir`` holds the chunk files;
+    ``db`` is the node's database writer (the index tables are created in it). With ``bulk``
+    (the node's :class:`~lattica.net.bulk_path.BulkPath`) fetches run over TLS-over-TCP where
+    the peer accepts it directly, else QUIC; the node passes it only when it runs TCP itself
+    (``net.tcp_listen``), so a node on sim_net never dials the kernel's TCP."""
+
+    def __init__(
+        self,
+        rpc: Rpc,
+        connections: ConnectionManager,
+        dht: Dht,
+        blocks_dir: Path,
+        db: SqliteWriter,
+        config: ContentConfig,
+        bulk: BulkPath | None = None,
+    ) -> None:
+        self.rpc = rpc
+        self.connections = connections
+        self.dht = dht
+        self.config = config
+        self.bulk = bulk
+        self.store = BlockStore(blocks_dir, db, max_manifest_bytes=config.max_manifest_bytes)
+        self.uploads = 0
+        """Exchange streams being served now."""
+        self.jobs: dict[int, FetchJob] = {}
+        self._job_ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self._announcing: set[trio.Event] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the exchange protocol and run fetches until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.rpc.add_stream_handler(PROTOCOL_ID, self._serve)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    async def _serve(self, stream: QuicStream, peer: PeerId) -> None:
+        busy = self.uploads >= self.config.max_uploads
+        if not busy:
+            self.uploads += 1
+        server = ExchangeServer(max_outstanding=self.config.max_requests_per_stream)
+        queue: dict[int, BlockWanted | HasAsked] = {}  # by request id, in arrival order
+        wake = trio.Event()
+        reader_done = False
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    nonlocal reader_done
+                    while True:
+                        data = b""
+                        with trio.move_on_after(self.config.upload_timeout_s) as idle:
+                            data = await stream.receive_some(_RECEIVE_BYTES)
+                        if idle.cancelled_caught:
+                            if server.outstanding or queue:
+                                continue
+                            log.debug("closing an idle content stream from %s", peer)
+                            nursery.cancel_scope.cancel()
+                            return
+                        if not data:
+                            server.end_of_stream()
+                            reader_done = True
+                            wake.set()
+                            return
+                        for event in server.receive(data):
+                            if isinstance(event, RequestCancelled):
+                                queue.pop(event.id, None)
+                            else:
+                                queue[event.id] = event
+                        wake.set()
+
+                async def writer() -> None:
+                    nonlocal wake
+                    while True:
+                        if not queue:
+                            if reader_done:
+                                # FIN, not a reset: a reset could discard the last pieces.
+                                await stream.send_eof()
+                                nursery.cancel_scope.cancel()
+                                return
+                            await wake.wait()
+                            wake = trio.Event()
+                            continue
+                        request = queue.pop(next(iter(queue)))
+                        with trio.fail_after(self.config.upload_timeout_s):
+                            await self._answer(stream, server, request, busy)
+
+                nursery.start_soon(writer)
+                await reader()
+        except* RemoteProtocolError as group:
+            log.info("content stream from %s ended: %s", peer, group.exceptions[0])
+        except* trio.TooSlowError:
+            log.info("content stream from %s ended: it took no bytes for %g s", peer, self.config.upload_timeout_s)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away or reset the stream: its transfer ends, nothing else
+        finally:
+            if not busy:
+                self.uploads -= 1
+
+    async def _answer(
+        self, stream: QuicStream, server: ExchangeServer, request: BlockWanted | HasAsked, busy: bool
+    ) -> None:
+        if busy:  # the client tries again later or elsewhere
+            await _send(stream, server.refuse(request.id, BUSY))
+            return
+        if isinstance(request, HasAsked):
+            await _send(stream, server.has_reply(request.id, self.store.has(request.digest)))
+            return
+        try:
+            total = self.store.block_length(request.digest)
+        except LatticaError:
+            await _send(stream, server.refuse(request.id, NOT_FOUND))
+            return
+        if total > request.max_bytes:
+            await _send(stream, server.refuse(request.id, TOO_LARGE))
+            return
+        offset = 0
+        while server.is_wanted(request.id):
+            length = min(_READ_BYTES, total - offset)
+            try:
+                data = await self.store.read(request.digest, offset, length)
+            except (LatticaError, OSError) as exc:
+                log.warning("cannot read block %s to serve it: %s", request.digest.hex(), exc)
+                await _send(stream, server.refuse(request.id, NOT_FOUND))
+                return
+            for frame in server.block_frames(request.id, offset, total, data):
+                await _send(stream, frame)
+            offset += length
+
+    # -- publishing and fetching -----------------------------------------------------------------
+
+    async def publish(self, path: Path, *, name: str | None = None, tags: Sequence[str] = ()) -> PublishResult:
+        """Publish a file or folder into the store (pinned) and announce it in the background.
+        Raises what :func:`~lattica.content.publish.publish` raises."""
+        result = await publish(self.store, path, name=name, tags=tuple(tags), config=self.config)
+        self.announce(result.cid)
+        return result
+
+    def announce(self, cid: Cid) -> None:
+        """Provide ``cid`` through the DHT in the background (a failure is logged: with no DHT
+        peers, connected peers still find the content by asking)."""
+        if self._nursery is not None:
+            done = trio.Event()
+            self._announcing.add(done)
+            self._nursery.start_soon(self._provide, cid, done)
+
+    async def announcements_done(self) -> None:
+        """Wait until the announcements started so far have ended (tests, orderly stops)."""
+        for done in list(self._announcing):
+            await done.wait()
+
+    async def _provide(self, cid: Cid, done: trio.Event) -> None:
+        try:
+            await self.dht.provide(cid.to_bytes())
+        except LatticaError as exc:
+            log.info("announcing %s in the DHT failed: %s", cid, exc)
+        finally:
+            self._announcing.discard(done)
+            done.set()
+
+    async def find_candidates(self, cid: Cid) -> list[PeerId]:
+        """Peers that may hold ``cid``: connected peers first, then DHT providers."""
+        me = self.dht.peer_id
+        peers = [c.peer_id for c in self.connections.connections()]
+        try:
+            result = await self.dht.find_providers(cid.to_bytes())
+            peers += [record.provider_id for record in result.providers]
+        except LatticaError as exc:
+            log.info("provider lookup for %s failed: %s", cid, exc)
+        return [p for p in dict.fromkeys(peers) if p != me]
+
+    def fetch_deps(self) -> FetchDeps:
+        """What :func:`~lattica.content.exchange_fetch.fetch_content` needs of this node."""
+        return FetchDeps(self.store, self.config, self._open_stream, self.find_candidates)
+
+    async def _open_stream(self, peer: PeerId, protocol_id: str) -> QuicStream:
+        # Bulk data takes TLS-over-TCP where the peer accepts it directly, else QUIC (see
+        # ``bulk`` in the class docstring).
+        if self.bulk is None:
+            return await self.rpc.open_stream(peer, protocol_id)
+        try:
+            connection = await self.bulk.connection(peer)
+        except ConnectError as exc:
+            raise RpcError("connect-failed", str(exc)) from exc
+        return await self.rpc.open_stream(connection, protocol_id)
+
+    async def fetch(
+        self,
+        cid: Cid,
+        *,
+        out_dir: Path | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        tensors: Sequence[str] = (),
+        progress: FetchProgress | None = None,
+    ) -> FetchProgress:
+        """Fetch ``cid`` here (and export it to ``out_dir``), then announce it. Raises what
+        :func:`~lattica.content.exchange_fetch.fetch_content` raises."""
+        deps = self.fetch_deps()
+        result = await fetch_content(
+            deps, cid, out_dir=out_dir, include=include, exclude=exclude, tensors=tensors, progress=progress
+        )
+        # Announced only when held whole: a provider must be able to serve every chunk.
+        if not self.store.missing(self.store.manifest(cid).unique_chunks()):
+            self.announce(cid)
+        return result
+
+    def start_fetch(
+        self,
+        cid: Cid,
+        *,
+        out_dir: Path | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        tensors: Sequence[str] = (),
+    ) -> FetchJob:
+        """Run :meth:`fetch` in the background; poll the returned job's ``progress``."""
+        if self._nursery is None:
+            raise RuntimeError("the content service is not running")
+        job = FetchJob(next(self._job_ids), cid, out_dir, FetchProgress(str(cid)))
+        self.jobs[job.id] = job
+        finished = [j for j in self.jobs.values() if j.finished.is_set()]
+        for old in finished[: max(0, len(finished) - _MAX_FINISHED_FETCHES)]:
+            del self.jobs[old.id]
+
+        async def run() -> None:
+            try:
+                with job.scope:
+                    await self.fetch(
+                        cid, out_dir=out_dir, include=include, exclude=exclude, tensors=tensors, progress=job.progress
+                    )
+                if job.scope.cancelled_caught:
+                    job.progress.state = "cancelled"
+            except (LatticaError, OSError) as exc:
+                job.progress.state = "failed"
+                job.progress.error = str(exc)
+            except Exception as exc:
+                log.exception("fetch of %s failed", cid)
+                job.progress.state = "failed"
+                job.progress.error = f"internal error: {type(exc).__name__}"
+            finally:
+                job.progress.finished_at = trio.current_time()
+                job.finished.set()
+
+        self._nursery.start_soon(run)
+        return job
+
+
+async def _send(stream: QuicStream, frame: bytes) -> None:
+    if frame:
+        await stream.send_all(frame)

@@ -1,0 +1,266 @@
+"""Multi-peer content fetch between real nodes on sim_net, in virtual time: 1 publisher and
+4 seeders on 10 MB/s uplinks with 5% loss; corrupt and vanishing seeders; resume."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from lattica.config import NodeConfig
+from lattica.content import Cid, ContentConfig
+from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
+from lattica.content.exchange_service import ContentService
+from lattica.identity import Identity
+from lattica.net.address import PeerAddr
+from lattica.net.config import NetConfig
+from lattica.node import Node
+from sim_net import Host, LinkConfig, Network
+from tests.sim.dht_cluster import FAST_DHT
+from tests.unit.content_samples import KIB, random_bytes
+
+PORT = 4001
+# 10 MB/s uplinks; 2.53% loss on each access link gives 1 - 0.9747**2 = 5% per path.
+UPLINK = LinkConfig(latency_s=0.01, loss=0.0253, bandwidth_bps=80e6, queue_bytes=512 * KIB)
+DOWNLINK = LinkConfig(latency_s=0.01, loss=0.0253)
+DARK = LinkConfig(loss=1.0)
+CONTENT = ContentConfig(chunk_bytes=32 * KIB, fetch_request_timeout_s=5.0, fetch_stall_timeout_s=20.0)
+CONFIG = NodeConfig(net=NetConfig(keepalive_interval_s=math.inf), content=CONTENT)
+SIZE = 2 * 1024 * KIB
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def identity(i: int) -> Identity:
+    return Identity.from_seed(hashlib.sha256(b"content-sim-%d" % i).digest())
+
+
+@dataclass
+class Cluster:
+    net: Network
+    nodes: list[Node]
+    scopes: list[trio.CancelScope]
+    hosts: list[Host]
+
+    def content(self, i: int) -> ContentService:
+        service = self.nodes[i].content
+        assert service is not None
+        return service
+
+    def crash(self, i: int) -> None:
+        self.hosts[i].set_link(DARK)
+        self.scopes[i].cancel()
+
+
+def addr(i: int) -> PeerAddr:
+    return PeerAddr((f"10.0.0.{i + 1}", PORT), identity(i).peer_id)
+
+
+@asynccontextmanager
+async def cluster(
+    tmp_path: Path, count: int, seed: int = 1, *, dht: bool = False, configs: dict[int, NodeConfig] | None = None
+) -> AsyncIterator[Cluster]:
+    async with Network(seed=seed) as net, trio.open_nursery() as nursery:
+        hosts = [net.add_host(f"10.0.0.{i + 1}", up=UPLINK, down=DOWNLINK) for i in range(count)]
+        nodes: list[Node] = []
+        scopes: list[trio.CancelScope] = []
+
+        async def run(i: int, *, task_status: trio.TaskStatus[Node]) -> None:
+            with trio.CancelScope() as scope:
+                scopes.append(scope)
+                config = (configs or {}).get(i, CONFIG)
+                if dht and i:  # everyone joins the DHT through node 0
+                    config = replace(CONFIG, dht=replace(FAST_DHT, bootstrap_peers=(addr(0),)))
+                node = Node(
+                    identity(i), hosts[i].bind(PORT), config, blocks_dir=tmp_path / f"node{i}", rng=random.Random(i)
+                )
+                async with node:
+                    task_status.started(node)
+                    await trio.sleep_forever()
+
+        async with AsyncExitStack():
+            for i in range(count):
+                nodes.append(await nursery.start(run, i))
+            yield Cluster(net, nodes, scopes, hosts)
+            nursery.cancel_scope.cancel()
+
+
+async def publish_everywhere(c: Cluster, source: Path, indices: range) -> str:
+    cids = {str((await c.content(i).publish(source)).cid) for i in indices}
+    assert len(cids) == 1  # the same bytes give the same id on every node
+    return cids.pop()
+
+
+async def connect_all(c: Cluster, downloader: int, seeders: range) -> None:
+    for i in seeders:
+        node = c.nodes[i]
+        await c.nodes[downloader].connect(PeerAddr(node.listen_addresses()[0], node.peer_id))
+
+
+def source_file(tmp_path: Path, size: int = SIZE) -> Path:
+    path = tmp_path / "data.bin"
+    path.write_bytes(random_bytes(size, seed=7))
+    return path
+
+
+def when(progress: FetchProgress, fraction: float, event: trio.Event) -> Callable[[FetchProgress], None]:
+    def check(p: FetchProgress) -> None:
+        if p.received_bytes >= fraction * p.total_bytes:
+            event.set()
+
+    return check
+
+
+async def test_fetch_from_publisher_and_four_seeders_under_loss(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path)
+    async with cluster(tmp_path, 6) as c:
+        cid = await publish_everywhere(c, source, range(5))
+        await connect_all(c, 5, range(5))
+        result = await c.content(5).fetch(Cid.parse(cid), out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert result.received_bytes == SIZE and result.held_bytes == SIZE
+        assert len(result.peer_bytes) >= 3  # the load was spread over the sources
+        assert result.chunks_requested == SIZE // (32 * KIB)
+        report = await c.content(5).store.verify()
+        assert report.ok
+
+
+async def test_corrupt_seeder_is_detected_and_dropped(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    source = source_file(tmp_path, 1024 * KIB)
+    async with cluster(tmp_path, 3) as c:
+        cid = await publish_everywhere(c, source, range(2))
+        store = c.content(1).store
+        manifest = store.manifest(Cid.parse(cid))
+        for chunk in manifest.files[0].chunks:  # node 1 now serves garbage for every chunk
+            path = store.block_path(chunk.digest)
+            path.write_bytes(bytes(len(path.read_bytes())))
+        await connect_all(c, 2, range(2))
+        result = await c.content(2).fetch(Cid.parse(cid), out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        bad = str(c.nodes[1].peer_id)
+        assert bad in result.dropped and "verification" in result.dropped[bad]
+        assert result.peer_bytes.get(bad, 0) == 0
+        assert (await c.content(2).store.verify()).ok
+
+
+async def test_a_seeder_vanishing_mid_transfer_does_not_stall(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path)
+    async with cluster(tmp_path, 4) as c:
+        cid = await publish_everywhere(c, source, range(3))
+        await connect_all(c, 3, range(3))
+        third = trio.Event()
+        progress = FetchProgress(cid)
+        progress.on_update = when(progress, 1 / 3, third)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: c.content(3).fetch(Cid.parse(cid), out_dir=tmp_path / "out", progress=progress))
+            await third.wait()
+            vanished = str(c.nodes[0].peer_id)
+            before = progress.peer_bytes.get(vanished, 0)
+            c.crash(0)
+        assert progress.state == "done"
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert before > 0 and progress.peer_bytes[vanished] == before  # nothing more came from it
+        # Crashed at a third: it was replaced well before the stall timeout.
+        assert progress.finished_at is not None
+        assert progress.finished_at - progress.started_at < CONTENT.fetch_stall_timeout_s
+
+
+async def test_an_interrupted_fetch_resumes_with_only_the_missing_chunks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path)
+    async with cluster(tmp_path, 3) as c:
+        cid_text = await publish_everywhere(c, source, range(2))
+        await connect_all(c, 2, range(2))
+        cid = Cid.parse(cid_text)
+        half = trio.Event()
+        first = FetchProgress(cid_text)
+        first.on_update = when(first, 0.5, half)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: c.content(2).fetch(cid, progress=first))
+            await half.wait()
+            nursery.cancel_scope.cancel()
+        store = c.content(2).store
+        chunks = store.manifest(cid).unique_chunks()
+        missing = store.missing(chunks)
+        assert 0 < len(missing) < len(chunks) // 2 + 1
+        second = await c.content(2).fetch(cid, out_dir=tmp_path / "out")
+        assert second.chunks_requested == len(missing)
+        assert second.received_bytes == sum(chunks[d] for d in missing)
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+
+
+async def test_fetch_without_any_provider_fails_and_keeps_nothing_pinned_wrongly(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path, 64 * KIB)
+    async with cluster(tmp_path, 2) as c:
+        cid_text = await publish_everywhere(c, source, range(1))
+        # Node 1 is connected to nobody and the DHT is empty: no manifest anywhere.
+        with pytest.raises(FetchFailedError, match="cannot get the manifest"):
+            await c.content(1).fetch(Cid.parse(cid_text))
+        assert c.content(1).store.roots() == []
+
+
+async def test_providers_are_found_through_dht_provider_records(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path, 512 * KIB)
+    async with cluster(tmp_path, 4, dht=True) as c:
+        for node in c.nodes[1:]:
+            await node.joined_dht.wait()
+        cid_text = await publish_everywhere(c, source, range(1, 3))
+        cid = Cid.parse(cid_text)
+        for i in (1, 2):
+            await c.content(i).dht.provide(cid.to_bytes())
+        # Node 3 was never told about the seeders: the DHT's provider records name them.
+        found = await c.content(3).dht.find_providers(cid.to_bytes())
+        assert {r.provider_id for r in found.providers} == {c.nodes[1].peer_id, c.nodes[2].peer_id}
+        result = await c.content(3).fetch(cid, out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert set(result.peer_bytes) <= {str(c.nodes[1].peer_id), str(c.nodes[2].peer_id)}  # not node 0
+        assert sum(result.peer_bytes.values()) == 512 * KIB
+        # Having all of it, node 3 now announces itself: a downloader becomes a seeder.
+        await c.content(3).announcements_done()
+        providers = await c.content(0).dht.find_providers(cid.to_bytes())
+        assert {r.provider_id for r in providers.providers} == {c.nodes[i].peer_id for i in (1, 2, 3)}
+
+
+async def test_a_busy_seeder_refuses_and_is_retried_later(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path, 512 * KIB)
+    one_upload = replace(CONFIG, content=replace(CONTENT, max_uploads=1))
+    async with cluster(tmp_path, 3, configs={0: one_upload}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        await connect_all(c, 2, range(1))
+        results: dict[int, FetchProgress] = {}
+
+        async def fetch(i: int) -> None:
+            results[i] = await c.content(i).fetch(cid, out_dir=tmp_path / f"out{i}")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch, 1)
+            nursery.start_soon(fetch, 2)
+        for i in (1, 2):
+            assert (tmp_path / f"out{i}" / "data.bin").read_bytes() == source.read_bytes()
+        # Both completed from the one seeder: one was refused while the other held the only
+        # upload slot, and came back later.
+        assert sorted(r.busy_refusals > 0 for r in results.values()) == [False, True]
+        assert all(r.peer_bytes == {str(c.nodes[0].peer_id): 512 * KIB} for r in results.values())

@@ -1,0 +1,156 @@
+"""The content exchange protocol's sans-I/O sides: requests, pieces, cancels, refusals, and
+hostile bytes in both directions (a typed error or valid events, never anything else)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lattica.content.exchange_messages import MAX_PIECE_BYTES, NOT_FOUND, Piece, Want
+from lattica.content.exchange_protocol import (
+    BlockReceived,
+    BlockRefused,
+    BlockWanted,
+    ExchangeClient,
+    ExchangeServer,
+    HasAnswered,
+    HasAsked,
+    RequestCancelled,
+)
+from lattica.errors import FrameTooLargeError, RemoteProtocolError
+from lattica.wire import encode_frame
+from tests.unit.content_samples import fuzz, random_bytes
+
+DIGEST = bytes(range(32))
+OTHER = bytes(32)
+
+
+def frame(message: object) -> bytes:
+    return encode_frame(message, max_frame_bytes=1 << 21)
+
+
+def test_a_block_crosses_in_pieces_and_arrives_whole() -> None:
+    client, server = ExchangeClient(), ExchangeServer()
+    data = random_bytes(2 * MAX_PIECE_BYTES + 17, seed=1)
+    request_id, request = client.want(DIGEST, len(data))
+    assert server.receive(request) == [BlockWanted(request_id, DIGEST, len(data))]
+    frames = server.block_frames(request_id, 0, len(data), data)
+    assert len(frames) == 3 and not server.is_wanted(request_id)
+    events = [e for f in frames for e in client.receive(f)]
+    assert events == [BlockReceived(request_id, DIGEST, data)]
+    assert client.outstanding == 0 and server.outstanding == 0
+
+
+def test_pipelined_requests_ranged_reads_has_and_refusal() -> None:
+    client, server = ExchangeClient(), ExchangeServer()
+    a, fa = client.want(DIGEST, 10)
+    b, fb = client.want(OTHER, 10)
+    c, fc = client.has(OTHER)
+    assert server.receive(fa + fb + fc) == [BlockWanted(a, DIGEST, 10), BlockWanted(b, OTHER, 10), HasAsked(c, OTHER)]
+    replies = server.refuse(b, NOT_FOUND) + server.has_reply(c, False)
+    replies += b"".join(server.block_frames(a, 0, 10, b"01234")) + b"".join(server.block_frames(a, 5, 10, b"56789"))
+    assert client.receive(replies) == [
+        BlockRefused(b, OTHER, NOT_FOUND),
+        HasAnswered(c, OTHER, False),
+        BlockReceived(a, DIGEST, b"0123456789"),
+    ]
+
+
+def test_cancel_stops_the_server_and_late_pieces_are_ignored() -> None:
+    client, server = ExchangeClient(), ExchangeServer()
+    request_id, request = client.want(DIGEST, 100)
+    server.receive(request)
+    late = server.block_frames(request_id, 0, 100, b"x" * 50)
+    assert server.receive(client.cancel(request_id)) == [RequestCancelled(request_id)]
+    assert server.block_frames(request_id, 50, 100, b"y" * 50) == []
+    assert server.refuse(request_id, NOT_FOUND) == b""
+    assert client.receive(b"".join(late)) == []
+    assert client.cancel(request_id) == b""  # already forgotten: nothing to send
+
+
+def test_server_bounds_requests_in_flight_and_wants_increasing_ids() -> None:
+    server = ExchangeServer(max_outstanding=2)
+    server.receive(frame(Want(0, DIGEST, 1)) + frame(Want(1, DIGEST, 1)))
+    with pytest.raises(RemoteProtocolError, match="in flight"):
+        server.receive(frame(Want(2, DIGEST, 1)))
+    with pytest.raises(RemoteProtocolError, match="does not increase"):
+        ExchangeServer().receive(frame(Want(5, DIGEST, 1)) + frame(Want(5, DIGEST, 1)))
+    with pytest.raises(FrameTooLargeError):
+        ExchangeServer().receive(b"\x00\x01\x00\x00\x01")
+
+
+@pytest.mark.parametrize(
+    ("piece", "error"),
+    [
+        (Piece(7, 0, 4, b"abcd"), "never made"),
+        (Piece(0, 0, 200, b"abcd"), "at most 100"),
+        (Piece(0, 2, 4, b"ab"), "does not continue"),
+        (Piece(0, 0, 4, b"abcdef"), "runs past"),
+    ],
+)
+def test_client_refuses_pieces_that_do_not_fit_what_it_asked(piece: Piece, error: str) -> None:
+    client = ExchangeClient()
+    client.want(DIGEST, 100)
+    with pytest.raises(RemoteProtocolError, match=error):
+        client.receive(frame(piece))
+
+
+def test_a_piece_for_a_has_request_is_an_error() -> None:
+    client = ExchangeClient()
+    request_id, _ = client.has(DIGEST)
+    with pytest.raises(RemoteProtocolError, match="has-request"):
+        client.receive(frame(Piece(request_id, 0, 1, b"a")))
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.binary(max_size=40) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=5),
+    max_leaves=12,
+)
+
+
+# Shaped like the real messages ([tag, fields...]) so that decoding gets past the tag.
+_tagged = st.builds(
+    lambda tag, rest: [tag, *rest],
+    st.sampled_from(["want", "has", "cancel", "piece", "has-reply", "refused"]),
+    st.lists(
+        st.integers(-1, 3) | st.sampled_from([64, 2**32]) | st.binary(max_size=40) | st.booleans()
+        | st.sampled_from(["busy", "nope"]) | st.just(DIGEST),
+        max_size=4,
+    ),
+)
+
+
+def _as_frame(value: object) -> bytes:
+    body = msgspec.msgpack.encode(value)
+    return len(body + b"\x01").to_bytes(4, "big") + b"\x01" + body
+
+
+@fuzz
+@given(st.lists(st.binary(max_size=64) | (_values | _tagged).map(_as_frame), max_size=6))
+def test_server_decoder_gives_events_or_a_typed_error(chunks: list[bytes]) -> None:
+    server = ExchangeServer(max_outstanding=4)
+    try:
+        for chunk in chunks:
+            for event in server.receive(chunk):
+                assert isinstance(event, BlockWanted | HasAsked | RequestCancelled)
+    except RemoteProtocolError:
+        pass
+
+
+@fuzz
+@given(st.lists(st.binary(max_size=64) | (_values | _tagged).map(_as_frame), max_size=6))
+def test_client_decoder_gives_events_or_a_typed_error(chunks: list[bytes]) -> None:
+    client = ExchangeClient()
+    client.want(DIGEST, 64)
+    client.has(OTHER)
+    try:
+        for chunk in chunks:
+            for event in client.receive(chunk):
+                assert isinstance(event, BlockReceived | BlockRefused | HasAnswered)
+                if isinstance(event, BlockReceived):
+                    assert len(event.data) <= 64
+    except RemoteProtocolError:
+        pass

@@ -1,0 +1,45 @@
+"""What a fetch asks for: whole files by glob, or only the chunks of selected tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lattica.content import ContentConfig, Manifest, NoTensorsSelectedError
+from lattica.content.exchange_fetch import plan_fetch
+from lattica.content.publish import publish
+from tests.unit.content_samples import KIB, open_store, safetensors_bytes, tensors
+
+
+async def _manifest(tmp_path: Path) -> Manifest:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    arrays = tensors(3, {"encoder.layer.0.w": (64, 256), "encoder.layer.1.w": (64, 256), "head": (16,)})
+    (folder / "model.safetensors").write_bytes(safetensors_bytes(arrays))
+    (folder / "config.json").write_bytes(b"{}")
+    with open_store(tmp_path / "store") as store:
+        return (await publish(store, folder, config=ContentConfig(chunk_bytes=64 * KIB))).manifest
+
+
+async def test_globs_pick_whole_files(tmp_path: Path) -> None:
+    manifest = await _manifest(tmp_path)
+    plan = plan_fetch(manifest, include=["*.json"])
+    assert [f.path for f in plan.files] == ["config.json"] and not plan.selections
+    assert plan.chunks == {c.digest: c.length for c in manifest.file("config.json").chunks}
+    everything = plan_fetch(manifest)
+    assert everything.chunks == manifest.unique_chunks()
+    assert [f.path for f in plan_fetch(manifest, exclude=["*.safetensors"]).files] == ["config.json"]
+
+
+async def test_tensor_patterns_take_only_their_chunks(tmp_path: Path) -> None:
+    manifest = await _manifest(tmp_path)
+    weights = manifest.file("model.safetensors")
+    plan = plan_fetch(manifest, tensors=["encoder.layer.0.*"])
+    assert [f.path for f in plan.files] == ["config.json"]  # other files still come whole
+    (selection,) = plan.selections
+    assert [t.name for t in selection.tensors] == ["encoder.layer.0.w"]
+    tensor_chunks = {c.digest for c in selection.chunks}
+    assert tensor_chunks <= set(plan.chunks) and len(tensor_chunks) < len(weights.chunks)
+    with pytest.raises(NoTensorsSelectedError):
+        plan_fetch(manifest, tensors=["decoder.*"])
