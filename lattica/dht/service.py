@@ -95,6 +95,9 @@ from lattica.storage import StorageError
 
 log = logging.getLogger(__name__)
 
+_SEED_FACTOR = 3
+"""Routing-table peers handed to a lookup, as a multiple of ``k`` per path (see ``_run_query``)."""
+
 R = TypeVar("R", bound=Response)
 V = TypeVar("V")
 
@@ -693,7 +696,12 @@ class Dht:
         config = self.config
         target = query.target
         if not seeds:
-            seeds = [n.peer_id for n in self.routing_table.closest(target, config.k * config.disjoint_paths)]
+            # More seeds than the lookup shows at once: each path's heap exposes only its k closest,
+            # so the extra ones stay out of the way unless the closest fail. Without them a lookup
+            # whose k closest known peers all left (the holders of a record, after churn) ends
+            # with no answer at all, until maintenance evicts the dead from the table.
+            seed_count = config.k * config.disjoint_paths * _SEED_FACTOR
+            seeds = [n.peer_id for n in self.routing_table.closest(target, seed_count)]
         deadline = trio.current_time() + config.lookup_timeout_s
         lookup: Lookup[V] = Lookup(
             target,

@@ -558,3 +558,22 @@ async def test_overlapping_calls_each_return_their_own_lookup_stats(autojump_clo
         local = await nodes[1].dht.get(b"a")
         assert local.record is not None and local.stats is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lookup_whose_closest_known_peers_all_left_still_reaches_live_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The holders of a record are exactly the k peers its writer knows closest to its key; when
+    # they all leave, the writer's (re)publish lookup must fall back on the next-closest peers it
+    # knows, not end with no answer until maintenance has evicted the dead.
+    config = DhtConfig(k=5, query_timeout_s=1.0, lookup_timeout_s=30.0)
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 30, config)
+        writer = nodes[3]
+        target = record_key(writer.identity.peer_id.key, b"after-churn")
+        gone = writer.dht.routing_table.closest(target, config.k)
+        assert len(gone) == config.k
+        net.dead.update(n.peer_id for n in gone)
+        put = await writer.dht.put(b"after-churn", b"v", ttl_s=3600)
+        assert put.acks >= 1
+        nursery.cancel_scope.cancel()
