@@ -32,6 +32,7 @@ from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
 from lattica.nat.autonat import ReachabilityStatus
 from lattica.nat.autonat_service import DialBackSocketFactory, ReachabilityService
+from lattica.nat.hole_punch_service import HolePunchService
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayClient
 from lattica.nat.relay_service import RelayService
@@ -134,6 +135,15 @@ class Node:
             random_bytes=rng.randbytes if rng else os.urandom,
         )
         self.reachability.add_listener(self._reachability_changed)
+        # Relayed connections are upgraded to direct ones when the NATs allow it.
+        self.hole_punch = HolePunchService(
+            self.rpc,
+            self.nat,
+            self.reachability.book,
+            self.listen_addresses,
+            random_bytes=rng.randbytes if rng else os.urandom,
+        )
+        self.reachability.add_address_listener(self.hole_punch.addresses_changed)
         self._reachability_changed(self.reachability.status())
         self.joined_dht = trio.Event()
         self._advertise_hosts = list(advertise_hosts) if advertise_hosts else None
@@ -186,6 +196,7 @@ class Node:
             await nursery.start(self.dht.run)
             await nursery.start(self.relay_client.run)
             await nursery.start(self.reachability.run)
+            await nursery.start(self.hole_punch.run)
             self._nursery = nursery
             self.started_at = trio.current_time()
         except BaseException as exc:

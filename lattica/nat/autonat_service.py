@@ -134,6 +134,7 @@ class ReachabilityService:
         self.nonce_mismatches = 0
         self.identify_failures = 0
         self._listeners: list[ReachabilityListener] = []
+        self._address_listeners: list[Callable[[], None]] = []
         self._last_reachability = self.reachability()
         self._recheck_wanted = False
         self._recheck_lot = trio.lowlevel.ParkingLot()
@@ -150,6 +151,11 @@ class ReachabilityService:
         """Call ``listener(status)`` (synchronously, must not block) on every change of
         :meth:`reachability`."""
         self._listeners.append(listener)
+
+    def add_address_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (synchronously, must not block) whenever the believed observed
+        addresses or the mapping behaviour change (hole punching retries then)."""
+        self._address_listeners.append(listener)
 
     def status(self) -> ReachabilityStatus:
         """The tracker's status, with the config override applied."""
@@ -204,6 +210,8 @@ class ReachabilityService:
         shape = (self.book.believed_set(now), self.book.mapping_behaviour(now))
         if shape != self._last_shape:
             self._last_shape = shape
+            for address_listener in self._address_listeners:
+                address_listener()
             if self.tracker.forget():
                 self._notify()
             self._want_recheck()

@@ -1,0 +1,127 @@
+"""Hole punching between real ``Node``s on sim_net, in virtual time: two nodes behind
+port-restricted NATs reach each other through a public relay, then upgrade to a direct QUIC
+connection; the relayed one is closed once idle, and new streams take the direct path."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from lattica.config import NodeConfig
+from lattica.identity import Identity, PeerId
+from lattica.nat.config import NatConfig
+from lattica.nat.relay_address import RelayedAddr
+from lattica.nat.relay_config import RelayConfig
+from lattica.node import Node
+from sim_net import Filtering, LinkConfig, Mapping, Network
+from sim_net import NatConfig as SimNatConfig
+
+PORT = 4001
+LINK = LinkConfig(latency_s=0.025)
+NAT_LINK = LinkConfig(latency_s=0.005)
+PORT_RESTRICTED = SimNatConfig(mapping=Mapping.ENDPOINT_INDEPENDENT, filtering=Filtering.ADDRESS_AND_PORT_DEPENDENT)
+SYMMETRIC = SimNatConfig(mapping=Mapping.ADDRESS_AND_PORT_DEPENDENT, filtering=Filtering.ADDRESS_AND_PORT_DEPENDENT)
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def identity(i: int) -> Identity:
+    return Identity.from_seed(hashlib.sha256(b"punch-node-%d" % i).digest())
+
+
+def config(**relay: object) -> NodeConfig:
+    return NodeConfig(nat=NatConfig(relay=RelayConfig(**relay)))  # type: ignore[arg-type]
+
+
+@dataclass
+class Scene:
+    relay: Node
+    a: Node
+    b: Node
+
+    def b_relayed(self) -> RelayedAddr:
+        [address] = self.b.relay_client.relayed_addresses()
+        return RelayedAddr.parse(address)
+
+
+@asynccontextmanager
+async def scene(*, seed: int, nat_a: SimNatConfig, nat_b: SimNatConfig) -> AsyncIterator[Scene]:
+    """A public relay; a and b each behind its own NAT, b holding a reservation on the relay."""
+    async with Network(seed=seed) as net, AsyncExitStack() as stack:
+        relay_host = net.add_host("198.51.100.1", LINK)
+        relay = await stack.enter_async_context(
+            Node(identity(100), relay_host.bind(PORT), config(service=True), rng=random.Random(seed))
+        )
+        relay_string = f"{relay.peer_id}@198.51.100.1:{PORT}"
+        nodes = []
+        for i, (nat_ip, nat_config) in enumerate((("203.0.113.1", nat_a), ("203.0.113.2", nat_b))):
+            host = net.add_nat(nat_ip, nat_config).add_host("192.168.1.10", NAT_LINK)
+            settings = config(relays=(relay_string,), reservations=1)
+            nodes.append(
+                await stack.enter_async_context(
+                    Node(identity(i), host.bind(PORT), settings, rng=random.Random(seed + i))
+                )
+            )
+        yield Scene(relay, nodes[0], nodes[1])
+
+
+async def wait_attempt_over(node: Node, peer: PeerId) -> None:
+    while node.hole_punch.direct_after_s(peer) is None and (
+        peer in node.hole_punch.active() or node.hole_punch.stats.attempts == 0
+    ):
+        await node.hole_punch.wait_changed()
+
+
+async def test_two_port_restricted_nats_upgrade_a_relayed_connection_to_direct(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scene(seed=31, nat_a=PORT_RESTRICTED, nat_b=PORT_RESTRICTED) as s:
+        await s.a.relay_client.wait_reservations()
+        await s.b.relay_client.wait_reservations()
+        first = await s.a.ping(s.b_relayed(), timeout_s=10)
+        assert first.relayed_via == s.relay.peer_id
+        [relayed] = [c for c in s.a.connections.connections() if c.peer_id == s.b.peer_id]
+        with trio.fail_after(60):
+            await wait_attempt_over(s.b, s.a.peer_id)
+        # b accepted the relayed connection, so b initiated; both ends see the direct path.
+        direct_after_s = s.b.hole_punch.direct_after_s(s.a.peer_id)
+        assert direct_after_s is not None and 0 < direct_after_s < 5
+        assert s.b.hole_punch.stats.punches_sent > 0
+        with trio.fail_after(10):
+            while s.a.hole_punch.direct_after_s(s.b.peer_id) is None:
+                await s.a.hole_punch.wait_changed()
+        # New streams take the direct connection: a ping by peer id goes around the relay.
+        result = await s.a.ping(s.b.peer_id, timeout_s=10)
+        assert result.relayed_via is None
+        assert result.remote_address == ("203.0.113.2", PORT)
+        # The relayed connection is closed once idle, at both ends; the direct one stays.
+        assert relayed.relayed_via == s.relay.peer_id
+        with trio.fail_after(10):
+            await relayed.wait_closed()
+        [direct] = [c for c in s.b.connections.connections() if c.peer_id == s.a.peer_id]
+        assert direct.relayed_via is None
+
+
+async def test_symmetric_nat_on_one_side_keeps_the_relayed_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scene(seed=32, nat_a=SYMMETRIC, nat_b=PORT_RESTRICTED) as s:
+        await s.b.relay_client.wait_reservations()
+        await s.a.ping(s.b_relayed(), timeout_s=10)
+        with trio.fail_after(120):
+            await wait_attempt_over(s.b, s.a.peer_id)
+        assert s.b.hole_punch.direct_after_s(s.a.peer_id) is None
+        assert s.b.hole_punch.stats.failed == 1
+        # The relay is the fallback path: the peer is still reachable by id.
+        result = await s.a.ping(s.b.peer_id, timeout_s=10)
+        assert result.relayed_via == s.relay.peer_id
