@@ -230,7 +230,8 @@ def status(home: HomeOption = None, json: JsonOption = False) -> None:
 @app.command(epilog=_example("lattica peers", "lattica peers --json"))
 def peers(home: HomeOption = None, json: JsonOption = False) -> None:
     """One row per open connection: peer id, remote address, round-trip time, direction, path
-    (direct, or relayed via a relay's peer id) and for how long."""
+    (direct, or relayed via a relay's peer id; how long hole punching took when it made a
+    direct path) and for how long."""
     result = call_daemon(home, "peers")
     if json:
         print_json(result)
@@ -244,12 +245,20 @@ def peers(home: HomeOption = None, json: JsonOption = False) -> None:
                 r["remote_addr"],
                 r["rtt_ms"],
                 r["direction"],
-                f"relayed via {r['via']}" if r.get("via") else r.get("path", "direct"),
+                _path_text(r),
                 r.get("connected_s"),
             ]
             for r in result
         ],
     )
+
+
+def _path_text(row: dict[str, Any]) -> str:
+    if row.get("via"):
+        return f"relayed via {row['via']}"
+    if row.get("direct_after_s") is not None:
+        return f"direct (hole punched after {row['direct_after_s']} s)"
+    return str(row.get("path", "direct"))
 
 
 def _ping_line(result: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from lattica.errors import ConnectError, ConnectTimeoutError, DialSelfError
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayRefusedError
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port
+from lattica.net.connection import Connection
 from lattica.node import Node
 
 DialString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DIAL_STRING_CHARS)]
@@ -59,6 +60,9 @@ class PeerRow(msgspec.Struct):
     """The relay's peer id when ``path`` is ``relayed``."""
     connected_s: float = 0.0
     """Seconds since the connection was authenticated."""
+    direct_after_s: float | None = None
+    """For a direct connection that replaced a relayed one by hole punching: seconds from the
+    relayed connection to the direct path; None otherwise."""
 
 
 class PingParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -146,6 +150,7 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
                 path="direct" if c.relayed_via is None else "relayed",
                 via=None if c.relayed_via is None else str(c.relayed_via),
                 connected_s=round(now - c.established_at, 3),
+                direct_after_s=_direct_after_s(node, c),
             )
             for c in node.connections.connections()
         ]
@@ -193,3 +198,10 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
     registry.add("peers", NoParams, peers)
     registry.add("ping", PingParams, ping)
     registry.add("connect", ConnectParams, connect)
+
+
+def _direct_after_s(node: Node, connection: Connection) -> float | None:
+    if connection.relayed_via is not None:
+        return None
+    seconds = node.hole_punch.direct_after_s(connection.peer_id)
+    return None if seconds is None else round(seconds, 3)

@@ -236,8 +236,11 @@ class HolePunchService:
             or peer_id in self._attempts
             or len(self._attempts) >= self._max_concurrent
         ):
-            # Typed refusal: the stream ends without an answer; the initiator's round times out.
+            # Refusal: the stream is finished without an answer (FIN, not a reset, so it is
+            # told apart from a failure); the initiator's attempt ends.
             self.stats.refused += 1
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_eof()
             return
         machine = HolePunch(
             Role.RESPONDER,

@@ -15,8 +15,13 @@ import trio
 import trio.testing
 
 from lattica.config import NodeConfig
+from lattica.control.messages import NoParams
+from lattica.control.node_methods import register_node_methods
+from lattica.control.registry import MethodRegistry
 from lattica.identity import Identity, PeerId
 from lattica.nat.config import NatConfig
+from lattica.nat.hole_punch import PROTOCOL_ID, Connect, Sync
+from lattica.nat.hole_punch_service import encode_message_frame, receive_message_frame
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_config import RelayConfig
 from lattica.node import Node
@@ -110,6 +115,15 @@ async def test_two_port_restricted_nats_upgrade_a_relayed_connection_to_direct(
             await relayed.wait_closed()
         [direct] = [c for c in s.b.connections.connections() if c.peer_id == s.a.peer_id]
         assert direct.relayed_via is None
+        # The control API's peers rows say so, with the time it took.
+        registry = MethodRegistry()
+        register_node_methods(registry, s.b)
+        peers = registry.get("peers")
+        assert peers is not None
+        rows = {row.peer_id: row for row in await peers.handler(NoParams())}  # type: ignore[attr-defined]
+        assert rows[str(s.a.peer_id)].path == "direct"
+        assert rows[str(s.a.peer_id)].direct_after_s == round(direct_after_s, 3)
+        assert rows[str(s.relay.peer_id)].direct_after_s is None
 
 
 async def test_symmetric_nat_on_one_side_keeps_the_relayed_connection(
@@ -125,3 +139,38 @@ async def test_symmetric_nat_on_one_side_keeps_the_relayed_connection(
         # The relay is the fallback path: the peer is still reachable by id.
         result = await s.a.ping(s.b.peer_id, timeout_s=10)
         assert result.relayed_via == s.relay.peer_id
+
+
+async def test_bad_hole_punching_input_ends_only_that_exchange(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scene(seed=33, nat_a=SYMMETRIC, nat_b=PORT_RESTRICTED) as s:
+        await s.b.relay_client.wait_reservations()
+        await s.a.ping(s.b_relayed(), timeout_s=10)
+        with trio.fail_after(120):
+            await wait_attempt_over(s.b, s.a.peer_id)
+        [relayed] = [c for c in s.b.connections.connections() if c.peer_id == s.a.peer_id]
+        # Out of turn: a responder must get Connect first, never Sync.
+        stream = await s.b.rpc.open_stream(relayed, PROTOCOL_ID)
+        await stream.send_all(encode_message_frame(Sync()))
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+            await receive_message_frame(stream)  # a resets it
+        assert s.a.hole_punch.stats.protocol_errors == 1
+        # Garbage: a typed decode error, same ending.
+        stream = await s.b.rpc.open_stream(relayed, PROTOCOL_ID)
+        await stream.send_all(b"\x00\x05\xc1\xc1\xc1\xc1\xc1")
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+            await receive_message_frame(stream)
+        assert s.a.hole_punch.stats.protocol_errors == 2
+        # An exchange over a direct connection is refused: hole punching is for relayed ones.
+        relay_connection = s.a.connections.connection(s.relay.peer_id)
+        assert relay_connection is not None and relay_connection.relayed_via is None
+        stream = await s.relay.rpc.open_stream(s.a.peer_id, PROTOCOL_ID)
+        await stream.send_all(encode_message_frame(Connect(addresses=[("198.51.100.1", PORT)])))
+        with trio.fail_after(10):
+            assert await receive_message_frame(stream) is None  # finished without an answer
+        assert s.a.hole_punch.stats.refused == 1
+        assert s.a.hole_punch.stats.attempts == 3  # b's real one, then the two bad ones
+        # The relayed connection and the node carry on.
+        assert not relayed.is_closed
+        assert (await s.a.ping(s.b.peer_id, timeout_s=10)).relayed_via == s.relay.peer_id
