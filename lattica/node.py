@@ -35,6 +35,7 @@ from lattica.nat.autonat_service import DialBackSocketFactory, ReachabilityServi
 from lattica.nat.hole_punch_service import HolePunchService
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayClient
+from lattica.nat.relay_messages import HOP_PROTOCOL
 from lattica.nat.relay_service import RelayService
 from lattica.net import Connection, ConnectionManager, ConnectReport, Endpoint, Rpc
 from lattica.net.address import PeerAddr, format_host_port
@@ -42,6 +43,9 @@ from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.interfaces import dialable_hosts
 
 log = logging.getLogger("lattica.node")
+
+MAX_DISCOVERED_RELAYS = 8
+"""Most relays a private node picks up from its connected peers (see ``Node._find_relays``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,9 @@ class Node:
             random_bytes=rng.randbytes if rng else os.urandom,
         )
         self.reachability.add_address_listener(self.hole_punch.addresses_changed)
+        self._discovered_relays: set[PeerId] = set()
+        self.reachability.add_listener(lambda _status: self._find_relays())
+        self.reachability.add_identify_listener(lambda _peer: self._find_relays())
         self._reachability_changed(self.reachability.status())
         self.joined_dht = trio.Event()
         self._advertise_hosts = list(advertise_hosts) if advertise_hosts else None
@@ -164,8 +171,32 @@ class Node:
         return self._nursery
 
     def _served_protocols(self) -> list[str]:
-        # A DHT client does not serve the DHT to strangers: identify leaves it out.
-        return [p for p in self.rpc.protocols() if not (p == DHT_PROTOCOL_ID and self.dht.client_mode)]
+        # A DHT client does not serve the DHT to strangers, nor a node without the relay service
+        # relaying (its HOP handler only refuses): identify leaves them out.
+        hidden = {DHT_PROTOCOL_ID} if self.dht.client_mode else set()
+        if not self.config.nat.relay.service:
+            hidden.add(HOP_PROTOCOL)
+        return [p for p in self.rpc.protocols() if p not in hidden]
+
+    def _find_relays(self) -> None:
+        """A private node without configured relays reserves on connected peers that serve the
+        relay protocol (at most :data:`MAX_DISCOVERED_RELAYS` of them, the client holds
+        ``nat.relay.reservations`` at once): that is what makes it reachable through a relay
+        without any setup."""
+        if self.config.nat.relay.relays or not self.reachability.relay_reservation_wanted:
+            return
+        for peer, protocols in list(self.reachability.peer_protocols.items()):
+            if len(self._discovered_relays) >= MAX_DISCOVERED_RELAYS:
+                return
+            if HOP_PROTOCOL not in protocols or peer in self._discovered_relays:
+                continue
+            connection = self.connections.connection(peer)
+            # Only an address we dialled is known to work for others too.
+            if connection is None or connection.relayed_via is not None or connection.direction != "outbound":
+                continue
+            self._discovered_relays.add(peer)
+            log.info("reserving on relay %s, found among connected peers", peer)
+            self.relay_client.add_relay(PeerAddr(connection.remote_address, peer))
 
     def _reachability_changed(self, status: ReachabilityStatus) -> None:
         # Only a node found private leaves server mode; "unknown" keeps the configured mode, or

@@ -135,6 +135,7 @@ class ReachabilityService:
         self.identify_failures = 0
         self._listeners: list[ReachabilityListener] = []
         self._address_listeners: list[Callable[[], None]] = []
+        self._identify_listeners: list[Callable[[PeerId], None]] = []
         self._last_reachability = self.reachability()
         self._recheck_wanted = False
         self._recheck_lot = trio.lowlevel.ParkingLot()
@@ -156,6 +157,11 @@ class ReachabilityService:
         """Call ``listener()`` (synchronously, must not block) whenever the believed observed
         addresses or the mapping behaviour change (hole punching retries then)."""
         self._address_listeners.append(listener)
+
+    def add_identify_listener(self, listener: Callable[[PeerId], None]) -> None:
+        """Call ``listener(peer)`` (synchronously, must not block) after each identify exchange
+        that recorded ``peer``'s protocols in :attr:`peer_protocols`."""
+        self._identify_listeners.append(listener)
 
     def status(self) -> ReachabilityStatus:
         """The tracker's status, with the config override applied."""
@@ -249,6 +255,8 @@ class ReachabilityService:
     def _take_identify(self, peer: PeerId, remote: Address, message: IdentifyMessage) -> None:
         if len(self.peer_protocols) < _MAX_KNOWN_PEERS or peer in self.peer_protocols:
             self.peer_protocols[peer] = frozenset(message.protocols)
+            for identify_listener in self._identify_listeners:
+                identify_listener(peer)
         observed = message.observed()
         if observed is not None:
             self._observed(observer_group(remote[0]), observed)

@@ -24,6 +24,8 @@ from lattica.nat.hole_punch import PROTOCOL_ID, Connect, Sync
 from lattica.nat.hole_punch_service import encode_message_frame, receive_message_frame
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_config import RelayConfig
+from lattica.nat.relay_messages import HOP_PROTOCOL
+from lattica.net.address import PeerAddr
 from lattica.node import Node
 from sim_net import Filtering, LinkConfig, Mapping, Network
 from sim_net import NatConfig as SimNatConfig
@@ -174,3 +176,38 @@ async def test_bad_hole_punching_input_ends_only_that_exchange(
         # The relayed connection and the node carry on.
         assert not relayed.is_closed
         assert (await s.a.ping(s.b.peer_id, timeout_s=10)).relayed_via == s.relay.peer_id
+
+
+async def test_a_private_node_reserves_on_a_connected_relay_and_is_reached_then_upgraded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with Network(seed=34) as net, AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(
+            Node(identity(100), net.add_host("198.51.100.1", LINK).bind(PORT), config(service=True))
+        )
+        plain = await stack.enter_async_context(
+            Node(identity(101), net.add_host("198.51.100.2", LINK).bind(PORT), config())
+        )
+        private = NodeConfig(nat=NatConfig(reachability="private"))
+        b_host = net.add_nat("203.0.113.2", PORT_RESTRICTED).add_host("192.168.1.10", NAT_LINK)
+        b = await stack.enter_async_context(Node(identity(1), b_host.bind(PORT), private, rng=random.Random(1)))
+        a_host = net.add_nat("203.0.113.1", PORT_RESTRICTED).add_host("192.168.1.10", NAT_LINK)
+        a = await stack.enter_async_context(Node(identity(0), a_host.bind(PORT), config(), rng=random.Random(0)))
+        # b knows no relay; it connects to two public peers, only one of which relays.
+        assert b.relay_client.reservations() == []
+        await b.connect(PeerAddr(("198.51.100.2", PORT), plain.peer_id))
+        await b.connect(PeerAddr(("198.51.100.1", PORT), relay.peer_id))
+        with trio.fail_after(30):
+            await b.relay_client.wait_reservations()
+        [reservation] = b.relay_client.reservations()
+        assert reservation.relay.peer_id == relay.peer_id
+        # The peer without the relay service was never asked (identify does not list HOP).
+        assert plain.relay_service.stats.refusals == {}
+        assert HOP_PROTOCOL not in b.reachability.peer_protocols[plain.peer_id]
+        [b_relayed] = b.relay_client.relayed_addresses()
+        result = await a.ping(RelayedAddr.parse(b_relayed), timeout_s=10)
+        assert result.relayed_via == relay.peer_id
+        with trio.fail_after(60):
+            while b.hole_punch.direct_after_s(a.peer_id) is None:
+                await b.hole_punch.wait_changed()
+        assert (await a.ping(b.peer_id, timeout_s=10)).relayed_via is None
