@@ -35,6 +35,7 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -65,7 +66,10 @@ from lattica.net.stream import QuicStream
 
 log = logging.getLogger("lattica.nat.hole_punch")
 
+_V = TypeVar("_V")
 _LENGTH = struct.Struct(">H")
+_MAX_REMEMBERED_PEERS = 1024
+"""Peers whose relayed-connection time is kept for a late direct connection."""
 _IDLE_CHECK_S = 1.0
 """How often a superseded relayed connection is checked for open streams (seconds)."""
 
@@ -134,6 +138,8 @@ class HolePunchService:
         self._attempts: dict[PeerId, _Attempt] = {}
         self._failed_at: dict[PeerId, tuple[float, frozenset[Address]]] = {}
         self._direct_after_s: dict[PeerId, float] = {}
+        self._relayed_at: dict[PeerId, float] = {}
+        """When the relayed connection of each peer's latest attempt came up (bounded)."""
         self._changed = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         rpc.add_stream_handler(PROTOCOL_ID, self._serve)
@@ -204,6 +210,16 @@ class HolePunchService:
             if attempt is not None:
                 with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                     attempt.inbox.send_nowait(connection)
+            elif (relayed_at := self._relayed_at.pop(connection.peer_id, None)) is not None:
+                # The direct connection finished its handshake here after the attempt ended
+                # (typically the peer saw it first and closed the relayed connection): it still
+                # is the upgrade.
+                _remember(self._direct_after_s, connection.peer_id, trio.current_time() - relayed_at)
+                self._changed.unpark_all()
+                for relayed in self._rpc.manager.connections():
+                    ours = relayed.direction == "inbound" and relayed.peer_id == connection.peer_id
+                    if ours and relayed.relayed_via is not None and self._nursery is not None:
+                        self._nursery.start_soon(self._close_when_idle, relayed)
             await trio.lowlevel.checkpoint()
             return
         if self._should_initiate(connection):
@@ -259,6 +275,7 @@ class HolePunchService:
         inbox_send, inbox = trio.open_memory_channel[_InboxItem](16)
         attempt = _Attempt(peer, machine, relayed, inbox_send)
         self._attempts[peer] = attempt
+        _remember(self._relayed_at, peer, relayed.established_at)
         self.stats.attempts += 1
         self._changed.unpark_all()
         outcome: PunchSucceeded | PunchFailed | None = None
@@ -278,7 +295,8 @@ class HolePunchService:
             self._changed.unpark_all()
         if isinstance(outcome, PunchSucceeded):
             self.stats.succeeded += 1
-            self._direct_after_s[peer] = outcome.time_to_direct_s
+            _remember(self._direct_after_s, peer, outcome.time_to_direct_s)
+            self._relayed_at.pop(peer, None)
             self._failed_at.pop(peer, None)
             log.info(
                 "direct path to %s at %s after %.3f s (%d round(s))",
@@ -287,11 +305,14 @@ class HolePunchService:
                 outcome.time_to_direct_s,
                 outcome.rounds,
             )
-            if self._nursery is not None:
+            # The initiator closes the relayed connection: the responder's direct dial may
+            # complete at the responder before the initiator sees it, and closing then would end
+            # the initiator's attempt first.
+            if self._nursery is not None and machine.role is Role.INITIATOR:
                 self._nursery.start_soon(self._close_when_idle, relayed)
         else:
             self.stats.failed += 1
-            self._failed_at[peer] = (trio.current_time(), frozenset(self._candidates()))
+            _remember(self._failed_at, peer, (trio.current_time(), frozenset(self._candidates())))
             log.info("no direct path to %s: %s", peer, outcome.reason if outcome else "cancelled")
 
     async def _drive(
@@ -377,6 +398,14 @@ class HolePunchService:
                 self.stats.relayed_closed += 1
                 return
             await trio.sleep(_IDLE_CHECK_S)
+
+
+def _remember(table: dict[PeerId, _V], peer: PeerId, value: _V) -> None:
+    """Set ``table[peer]`` as the newest entry, dropping the oldest beyond the bound."""
+    table.pop(peer, None)
+    table[peer] = value
+    while len(table) > _MAX_REMEMBERED_PEERS:
+        del table[next(iter(table))]
 
 
 class _Timer:
