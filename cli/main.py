@@ -276,6 +276,7 @@ def _ping_line(result: dict[str, Any]) -> str:
     epilog=_example(
         "lattica ping 127.0.0.1:4001",
         "lattica ping PEERID@203.0.113.7:4001 --count 10 --json",
+        "lattica ping PEERID   # an open connection, the DHT, or the peer's relays",
     )
 )
 def ping(
@@ -284,7 +285,8 @@ def ping(
         typer.Argument(
             callback=check_ping_target,
             help="PEERID@HOST:PORT (the peer's identity is checked), HOST:PORT (learned from the handshake), "
-            "or RELAYPEERID@HOST:PORT/relay/PEERID (through that relay).",
+            "RELAYPEERID@HOST:PORT/relay/PEERID (through that relay), or PEERID (an open connection, "
+            "its addresses in the DHT, or the relays it published).",
         ),
     ],
     count: Annotated[int, typer.Option("--count", "-c", min=1, max=MAX_PING_COUNT, help="Pings to send.")] = 4,

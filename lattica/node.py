@@ -12,6 +12,7 @@ RPC. Leaving the ``async with`` block cancels them all and closes the socket.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -28,6 +29,7 @@ from lattica import __version__
 from lattica.config import NodeConfig
 from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.dht.messages import PROTOCOL_ID as DHT_PROTOCOL_ID
+from lattica.errors import ConnectError, DialSelfError, LatticaError
 from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
 from lattica.nat.autonat import ReachabilityStatus
@@ -36,6 +38,12 @@ from lattica.nat.hole_punch_service import HolePunchService
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayClient
 from lattica.nat.relay_messages import HOP_PROTOCOL
+from lattica.nat.relay_record import (
+    RELAYED_ADDRESSES_KEY,
+    RelayRecordDecodeError,
+    decode_relayed_addresses,
+    encode_relayed_addresses,
+)
 from lattica.nat.relay_service import RelayService
 from lattica.net import Connection, ConnectionManager, ConnectReport, Endpoint, Rpc
 from lattica.net.address import PeerAddr, format_host_port
@@ -43,6 +51,9 @@ from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.interfaces import dialable_hosts
 
 log = logging.getLogger("lattica.node")
+
+RELAYED_RECORD_RETRY_S = 60.0
+"""How soon a failed publication of our relayed addresses is tried again (seconds)."""
 
 MAX_DISCOVERED_RELAYS = 8
 """Most relays a private node picks up from its connected peers (see ``Node._find_relays``)."""
@@ -153,6 +164,9 @@ class Node:
         self.reachability.add_identify_listener(lambda _peer: self._find_relays())
         self._reachability_changed(self.reachability.status())
         self.joined_dht = trio.Event()
+        self.published_relayed_addresses: list[str] = []
+        """Relayed addresses last put in the DHT (:mod:`lattica.nat.relay_record`)."""
+        self._published = trio.lowlevel.ParkingLot()
         self._advertise_hosts = list(advertise_hosts) if advertise_hosts else None
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -228,6 +242,7 @@ class Node:
             await nursery.start(self.relay_client.run)
             await nursery.start(self.reachability.run)
             await nursery.start(self.hole_punch.run)
+            nursery.start_soon(self._publish_relayed_addresses)
             self._nursery = nursery
             self.started_at = trio.current_time()
         except BaseException as exc:
@@ -277,15 +292,18 @@ class Node:
         :meth:`ConnectionManager.connect_and_report`; raises its errors."""
         if isinstance(peer, RelayedAddr):
             return await self.relay_client.connect(peer, timeout_s=timeout_s)
+        if isinstance(peer, PeerId):
+            return (await self._connect_peer(peer, timeout_s=timeout_s)).connection
         return await self.connections.connect(peer, timeout_s=timeout_s)
 
     async def ping(self, peer: PeerAddr | PeerId | RelayedAddr, *, timeout_s: float = 10.0) -> PingResult:
         """Reach ``peer`` and time one ``/lattica/ping/1`` echo over the connection used.
 
         ``PeerAddr``: that address is dialled unless a connection to exactly that address is
-        open (the result says which); ``PeerId``: any connection to it, else its known
-        addresses; ``RelayedAddr``: a live connection to the target through that relay, else a
-        new circuit. ``timeout_s`` bounds dial and echo together. Raises
+        open (the result says which); ``PeerId``: any connection to it (direct preferred),
+        else its known addresses, else the DHT's (``find_peer``), else through the relays of its
+        relayed-address record (:mod:`lattica.nat.relay_record`); ``RelayedAddr``: a live
+        connection to the target through that relay, else a new circuit. ``timeout_s`` bounds dial and echo together. Raises
         :class:`~lattica.errors.ConnectError` (including
         :class:`~lattica.errors.DialSelfError` for this node's own id or address),
         :class:`~lattica.errors.PeerIdMismatchError` or :class:`~lattica.errors.RpcError`.
@@ -294,6 +312,8 @@ class Node:
         began = trio.current_time()
         if isinstance(peer, RelayedAddr):
             report = await self._connect_relayed(peer, timeout_s=timeout_s)
+        elif isinstance(peer, PeerId):
+            report = await self._connect_peer(peer, timeout_s=timeout_s)
         else:
             report = await self.connections.connect_and_report(peer, timeout_s=timeout_s)
         connect_s = trio.current_time() - began
@@ -314,6 +334,78 @@ class Node:
                 await trio.lowlevel.checkpoint()
                 return ConnectReport(connection, reused=True)
         return ConnectReport(await self.relay_client.connect(peer, timeout_s=timeout_s), reused=False)
+
+    async def _connect_peer(self, peer: PeerId, *, timeout_s: float | None) -> ConnectReport:
+        """A connection to ``peer`` by id: an open one (direct preferred), else its known
+        addresses, else where the DHT says it is (``find_peer``), else through the relays its
+        relayed-address record names. Raises the first dial's :class:`ConnectError` when no
+        route works (or a timeout error after ``timeout_s``)."""
+        deadline = trio.current_time() + (math.inf if timeout_s is None else timeout_s)
+
+        def remaining() -> float:
+            return max(deadline - trio.current_time(), 0.0)
+
+        try:
+            return await self.connections.connect_and_report(peer, timeout_s=remaining())
+        except ConnectError as exc:
+            first_error = exc
+        if isinstance(first_error, DialSelfError):
+            raise first_error
+        with trio.move_on_at(deadline):
+            try:
+                found = await self.dht.find_peer(peer)
+            except LatticaError as exc:
+                log.debug("find_peer %s failed: %s", peer, exc)
+            else:
+                if found.addresses and found.addresses != self.connections.addresses(peer):
+                    self.connections.add_addresses(peer, found.addresses)
+                    try:
+                        return await self.connections.connect_and_report(peer, timeout_s=remaining())
+                    except ConnectError as exc:
+                        log.debug("dialling %s at %s failed: %s", peer, found.addresses, exc)
+            for relayed in await self._relayed_addresses_of(peer):
+                try:
+                    connection = await self.relay_client.connect(relayed, timeout_s=remaining())
+                except ConnectError as exc:
+                    log.debug("dialling %s through %s failed: %s", peer, relayed.relay, exc)
+                    continue
+                return ConnectReport(connection, reused=False)
+        raise first_error
+
+    async def _relayed_addresses_of(self, peer: PeerId) -> list[RelayedAddr]:
+        """What ``peer``'s relayed-address record in the DHT says (empty: none, or invalid)."""
+        try:
+            record = (await self.dht.get(RELAYED_ADDRESSES_KEY, writer=peer)).record
+            return [] if record is None else decode_relayed_addresses(record.value, peer)
+        except RelayRecordDecodeError as exc:
+            log.info("ignoring the relayed-address record of %s: %s", peer, exc)
+        except LatticaError as exc:
+            log.debug("no relayed-address record of %s: %s", peer, exc)
+        return []
+
+    async def _publish_relayed_addresses(self) -> None:
+        """Keep our relayed-address record in the DHT in step with our reservations (the DHT
+        republishes a record while it lives); a failed put is retried after
+        :data:`RELAYED_RECORD_RETRY_S`."""
+        while True:
+            current = self.relay_client.relayed_addresses()
+            if current and current != self.published_relayed_addresses:
+                try:
+                    value = encode_relayed_addresses([RelayedAddr.parse(a) for a in current])
+                    await self.dht.put(RELAYED_ADDRESSES_KEY, value)
+                except LatticaError as exc:
+                    log.info("could not publish our relayed addresses yet: %s", exc)
+                    with trio.move_on_after(RELAYED_RECORD_RETRY_S):
+                        await self.relay_client.wait_changed()
+                    continue
+                self.published_relayed_addresses = current
+                self._published.unpark_all()
+                log.info("published relayed addresses %s", current)
+            await self.relay_client.wait_changed()
+
+    async def wait_relayed_addresses_published(self) -> None:
+        """Wait until our relayed-address record is next put in the DHT."""
+        await self._published.park()
 
     def uptime_s(self) -> float:
         """Seconds since start (trio's clock, so virtual time under sim_net)."""

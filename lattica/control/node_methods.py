@@ -17,7 +17,8 @@ from lattica.control.errors import FAILED, INVALID_PARAMS, TIMEOUT, ControlError
 from lattica.control.limits import MAX_DIAL_STRING_CHARS, MAX_PING_TIMEOUT_S
 from lattica.control.messages import NoParams
 from lattica.control.registry import MethodRegistry
-from lattica.errors import ConnectError, ConnectTimeoutError, DialSelfError
+from lattica.errors import ConnectError, ConnectTimeoutError, DialSelfError, InvalidPeerIdError
+from lattica.identity import PeerId
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayRefusedError
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port
@@ -66,8 +67,9 @@ class PeerRow(msgspec.Struct):
 
 
 class PingParams(msgspec.Struct, forbid_unknown_fields=True):
-    """``ping``: ``PEERID@HOST:PORT`` (identity checked), ``HOST:PORT``, or a relayed address
-    ``RELAYPEERID@HOST:PORT/relay/PEERID``."""
+    """``ping``: ``PEERID@HOST:PORT`` (identity checked), ``HOST:PORT``, a relayed address
+    ``RELAYPEERID@HOST:PORT/relay/PEERID``, or a bare ``PEERID`` (found as
+    :meth:`~lattica.node.Node.ping` says)."""
 
     addr: DialString
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_PING_TIMEOUT_S)] = 10.0
@@ -110,8 +112,17 @@ def parse_peer_addr(text: str, *, field: str = "addr") -> PeerAddr:
         raise ControlError(INVALID_PARAMS, f"{field}: {exc}", hint="use PEERID@HOST:PORT or HOST:PORT") from None
 
 
-def parse_target(text: str, *, field: str = "addr") -> PeerAddr | RelayedAddr:
-    """A dial string or a relayed address; raises :class:`ControlError` (``invalid-params``)."""
+def parse_target(text: str, *, field: str = "addr") -> PeerAddr | RelayedAddr | PeerId:
+    """A dial string, a relayed address or a bare peer id (reached through an open connection,
+    known addresses, the DHT, or the relays its relayed-address record names); raises
+    :class:`ControlError` (``invalid-params``)."""
+    if "@" not in text and ":" not in text and "/" not in text:
+        try:
+            return PeerId.parse(text)
+        except InvalidPeerIdError as exc:
+            raise ControlError(
+                INVALID_PARAMS, f"{field}: {exc}", hint="use PEERID, PEERID@HOST:PORT or HOST:PORT"
+            ) from None
     if not RelayedAddr.looks_relayed(text):
         return parse_peer_addr(text, field=field)
     try:

@@ -25,6 +25,7 @@ from lattica.nat.hole_punch_service import encode_message_frame, receive_message
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_config import RelayConfig
 from lattica.nat.relay_messages import HOP_PROTOCOL
+from lattica.nat.relay_record import RELAYED_ADDRESSES_KEY
 from lattica.net.address import PeerAddr
 from lattica.node import Node
 from sim_net import Filtering, LinkConfig, Mapping, Network
@@ -211,3 +212,37 @@ async def test_a_private_node_reserves_on_a_connected_relay_and_is_reached_then_
             while b.hole_punch.direct_after_s(a.peer_id) is None:
                 await b.hole_punch.wait_changed()
         assert (await a.ping(b.peer_id, timeout_s=10)).relayed_via is None
+
+
+async def test_ping_by_peer_id_finds_a_nated_node_through_its_relay_record_then_goes_direct(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with Network(seed=35) as net, AsyncExitStack() as stack:
+        seed_host = net.add_host("198.51.100.1", LINK)
+        seed = await stack.enter_async_context(Node(identity(100), seed_host.bind(PORT), config(service=True)))
+        seed_string = f"{seed.peer_id}@198.51.100.1:{PORT}"
+        # b: private, knows only the bootstrap peer (which happens to serve relaying).
+        private = NodeConfig(bootstrap=(seed_string,), nat=NatConfig(reachability="private"))
+        b_host = net.add_nat("203.0.113.2", PORT_RESTRICTED).add_host("192.168.1.10", NAT_LINK)
+        b = await stack.enter_async_context(Node(identity(1), b_host.bind(PORT), private, rng=random.Random(1)))
+        a_host = net.add_nat("203.0.113.1", PORT_RESTRICTED).add_host("192.168.1.10", NAT_LINK)
+        a_config = NodeConfig(bootstrap=(seed_string,))
+        a = await stack.enter_async_context(Node(identity(0), a_host.bind(PORT), a_config, rng=random.Random(0)))
+        with trio.fail_after(60):
+            await b.joined_dht.wait()
+            await a.joined_dht.wait()
+            await b.relay_client.wait_reservations()
+            while not b.published_relayed_addresses:
+                await b.wait_relayed_addresses_published()
+        # Its relayed addresses are in the DHT, signed by b.
+        assert (await seed.dht.get(RELAYED_ADDRESSES_KEY, writer=b.peer_id)).record is not None
+        # The DHT hands out no private address of b; a knows nothing but b's peer id.
+        assert (await a.dht.find_peer(b.peer_id)).addresses is None
+        assert a.connections.addresses(b.peer_id) == []
+        first = await a.ping(b.peer_id, timeout_s=30)
+        assert first.peer_id == b.peer_id and first.relayed_via == seed.peer_id
+        with trio.fail_after(60):
+            while b.hole_punch.direct_after_s(a.peer_id) is None:
+                await b.hole_punch.wait_changed()
+        again = await a.ping(b.peer_id, timeout_s=10)
+        assert again.relayed_via is None and again.reused_connection
