@@ -303,8 +303,8 @@ class Node:
         open (the result says which); ``PeerId``: any connection to it (direct preferred),
         else its known addresses, else the DHT's (``find_peer``), else through the relays of its
         relayed-address record (:mod:`lattica.nat.relay_record`); ``RelayedAddr``: a live
-        connection to the target through that relay, else a new circuit. ``timeout_s`` bounds dial and echo together. Raises
-        :class:`~lattica.errors.ConnectError` (including
+        connection to the target through that relay, else a new circuit. ``timeout_s`` bounds
+        dial and echo together. Raises :class:`~lattica.errors.ConnectError` (including
         :class:`~lattica.errors.DialSelfError` for this node's own id or address),
         :class:`~lattica.errors.PeerIdMismatchError` or :class:`~lattica.errors.RpcError`.
         """
