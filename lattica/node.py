@@ -342,11 +342,16 @@ class Node:
         route works (or a timeout error after ``timeout_s``)."""
         deadline = trio.current_time() + (math.inf if timeout_s is None else timeout_s)
 
-        def remaining() -> float:
-            return max(deadline - trio.current_time(), 0.0)
+        def remaining() -> float | None:
+            return None if timeout_s is None else max(deadline - trio.current_time(), 0.0)
+
+        def half() -> float | None:
+            left = remaining()
+            return None if left is None else left / 2
 
         try:
-            return await self.connections.connect_and_report(peer, timeout_s=remaining())
+            # Known addresses get half the time at most, for the same reason as below.
+            return await self.connections.connect_and_report(peer, timeout_s=half())
         except ConnectError as exc:
             first_error = exc
         if isinstance(first_error, DialSelfError):
@@ -360,7 +365,9 @@ class Node:
                 if found.addresses and found.addresses != self.connections.addresses(peer):
                     self.connections.add_addresses(peer, found.addresses)
                     try:
-                        return await self.connections.connect_and_report(peer, timeout_s=remaining())
+                        # Half the time at most: a NATed peer's public address may well be
+                        # filtered, and its relays are still to be tried.
+                        return await self.connections.connect_and_report(peer, timeout_s=half())
                     except ConnectError as exc:
                         log.debug("dialling %s at %s failed: %s", peer, found.addresses, exc)
             for relayed in await self._relayed_addresses_of(peer):
