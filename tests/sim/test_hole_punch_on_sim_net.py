@@ -8,7 +8,7 @@ import hashlib
 import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import trio
@@ -246,3 +246,32 @@ async def test_ping_by_peer_id_finds_a_nated_node_through_its_relay_record_then_
                 await b.hole_punch.wait_changed()
         again = await a.ping(b.peer_id, timeout_s=10)
         assert again.relayed_via is None and again.reused_connection
+
+
+@pytest.mark.parametrize("hairpinning", [True, False])
+async def test_two_nodes_behind_one_nat_go_direct_with_or_without_hairpinning(
+    autojump_clock: trio.testing.MockClock, hairpinning: bool
+) -> None:
+    async with Network(seed=36) as net, AsyncExitStack() as stack:
+        relay_host = net.add_host("198.51.100.1", LINK)
+        relay = await stack.enter_async_context(Node(identity(100), relay_host.bind(PORT), config(service=True)))
+        relay_string = f"{relay.peer_id}@198.51.100.1:{PORT}"
+        nat = net.add_nat("203.0.113.1", replace(PORT_RESTRICTED, hairpinning=hairpinning))
+        settings = config(relays=(relay_string,), reservations=1)
+        a = await stack.enter_async_context(
+            Node(identity(0), nat.add_host("192.168.1.10", NAT_LINK).bind(PORT), settings, rng=random.Random(0))
+        )
+        b = await stack.enter_async_context(
+            Node(identity(1), nat.add_host("192.168.1.11", NAT_LINK).bind(PORT), settings, rng=random.Random(1))
+        )
+        await a.relay_client.wait_reservations()
+        await b.relay_client.wait_reservations()
+        [b_relayed] = b.relay_client.relayed_addresses()
+        await a.ping(RelayedAddr.parse(b_relayed), timeout_s=10)
+        with trio.fail_after(60):
+            await wait_attempt_over(b, a.peer_id)
+        result = await a.ping(b.peer_id, timeout_s=10)
+        assert result.relayed_via is None
+        if not hairpinning:
+            # Only the LAN address can work: the NAT does not loop its public address back.
+            assert result.remote_address == ("192.168.1.11", PORT)
