@@ -157,6 +157,7 @@ class Node:
             self.reachability.book,
             self.listen_addresses,
             random_bytes=rng.randbytes if rng else os.urandom,
+            config=self.config.nat.hole_punch,
         )
         self.reachability.add_address_listener(self.hole_punch.addresses_changed)
         self._discovered_relays: set[PeerId] = set()

@@ -56,6 +56,7 @@ from lattica.nat.hole_punch import (
     SendMessage,
     SendPunches,
 )
+from lattica.nat.hole_punch_config import HolePunchConfig
 from lattica.nat.observed import ObservedAddressBook
 from lattica.nat.service import NatService
 from lattica.nat.stun import encode_binding_request, new_transaction_id
@@ -105,11 +106,11 @@ class _Attempt:
 class HolePunchService:
     """Drives hole punching for one node (see the module docstring).
 
-    ``own_addresses()`` gives the node's listen addresses; ``book`` its observed-address book.
-    Construction registers the stream handler and the connection hooks on ``rpc``; :meth:`run`
-    (``nursery.start``) hosts the attempts until cancelled. ``round_timeout_s`` and ``rounds``
-    configure each attempt (:class:`~lattica.nat.hole_punch.HolePunch`), ``retry_after_s`` (seconds)
-    spaces attempts to one peer whose last attempt failed, ``max_concurrent`` bounds attempts.
+    ``own_addresses()`` gives the node's listen addresses; ``book`` its observed-address book;
+    ``config`` the ``[nat.hole_punch]`` settings (with ``enabled`` off the service starts no
+    attempt and refuses every exchange). Construction registers the stream handler and the
+    connection hooks on ``rpc``; :meth:`run` (``nursery.start``) hosts the attempts until
+    cancelled.
     """
 
     def __init__(
@@ -120,21 +121,20 @@ class HolePunchService:
         own_addresses: Callable[[], list[Address]],
         *,
         random_bytes: Callable[[int], bytes],
-        rounds: int = hole_punch.DEFAULT_ROUNDS,
-        round_timeout_s: float = hole_punch.DEFAULT_ROUND_TIMEOUT_S,
-        retry_after_s: float = 300.0,
-        max_concurrent: int = 16,
+        config: HolePunchConfig | None = None,
     ) -> None:
+        config = config or HolePunchConfig()
+        self.config = config
         self.stats = HolePunchStats()
         self._rpc = rpc
         self._nat = nat
         self._book = book
         self._own_addresses = own_addresses
         self._random_bytes = random_bytes
-        self._rounds = rounds
-        self._round_timeout_s = round_timeout_s
-        self._retry_after_s = retry_after_s
-        self._max_concurrent = max_concurrent
+        self._rounds = config.rounds
+        self._round_timeout_s = config.round_timeout_s
+        self._retry_after_s = config.retry_after_s
+        self._max_concurrent = config.max_concurrent
         self._attempts: dict[PeerId, _Attempt] = {}
         self._failed_at: dict[PeerId, tuple[float, frozenset[Address]]] = {}
         self._direct_after_s: dict[PeerId, float] = {}
@@ -189,7 +189,9 @@ class HolePunchService:
         return list(ordered)[:MAX_PUNCH_ADDRESSES]
 
     def _should_initiate(self, connection: Connection) -> bool:
-        if connection.relayed_via is None or connection.direction != "inbound" or connection.is_closed:
+        if not self.config.enabled or connection.is_closed:
+            return False
+        if connection.relayed_via is None or connection.direction != "inbound":
             return False
         peer = connection.peer_id
         if peer in self._attempts or len(self._attempts) >= self._max_concurrent:
@@ -247,7 +249,8 @@ class HolePunchService:
     async def _serve(self, stream: QuicStream, peer_id: PeerId) -> None:
         connection = stream.connection
         if (
-            not isinstance(connection, Connection)
+            not self.config.enabled
+            or not isinstance(connection, Connection)
             or connection.relayed_via is None
             or peer_id in self._attempts
             or len(self._attempts) >= self._max_concurrent

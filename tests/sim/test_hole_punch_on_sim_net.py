@@ -21,6 +21,7 @@ from lattica.control.registry import MethodRegistry
 from lattica.identity import Identity, PeerId
 from lattica.nat.config import NatConfig
 from lattica.nat.hole_punch import PROTOCOL_ID, Connect, Sync
+from lattica.nat.hole_punch_config import HolePunchConfig
 from lattica.nat.hole_punch_service import encode_message_frame, receive_message_frame
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_config import RelayConfig
@@ -275,3 +276,35 @@ async def test_two_nodes_behind_one_nat_go_direct_with_or_without_hairpinning(
         if not hairpinning:
             # Only the LAN address can work: the NAT does not loop its public address back.
             assert result.remote_address == ("192.168.1.11", PORT)
+
+
+async def test_hole_punching_switched_off_keeps_the_relayed_path(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with Network(seed=37) as net, AsyncExitStack() as stack:
+        relay_host = net.add_host("198.51.100.1", LINK)
+        relay = await stack.enter_async_context(Node(identity(100), relay_host.bind(PORT), config(service=True)))
+        relay_string = f"{relay.peer_id}@198.51.100.1:{PORT}"
+        off = NodeConfig(
+            nat=NatConfig(
+                relay=RelayConfig(relays=(relay_string,), reservations=1),
+                hole_punch=HolePunchConfig(enabled=False),
+            )
+        )
+        nodes = []
+        for i in range(2):
+            host = net.add_nat(f"203.0.113.{i + 1}", PORT_RESTRICTED).add_host("192.168.1.10", NAT_LINK)
+            nodes.append(await stack.enter_async_context(Node(identity(i), host.bind(PORT), off, rng=random.Random(i))))
+        a, b = nodes
+        await b.relay_client.wait_reservations()
+        [b_relayed] = b.relay_client.relayed_addresses()
+        await a.ping(RelayedAddr.parse(b_relayed), timeout_s=10)
+        # An exchange a peer starts anyway is refused.
+        [relayed] = [c for c in b.connections.connections() if c.peer_id == a.peer_id]
+        stream = await b.rpc.open_stream(relayed, PROTOCOL_ID)
+        await stream.send_all(encode_message_frame(Connect(addresses=[("203.0.113.2", PORT)])))
+        with trio.fail_after(10):
+            assert await receive_message_frame(stream) is None
+        assert a.hole_punch.stats.refused == 1
+        assert a.hole_punch.stats.attempts == b.hole_punch.stats.attempts == 0
+        assert (await a.ping(b.peer_id, timeout_s=10)).relayed_via == relay.peer_id
