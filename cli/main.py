@@ -363,8 +363,23 @@ def _nat_status(home: Path | None, json: bool) -> None:
             ("dht mode", result["dht_mode"]),
             ("relay wanted", "yes" if result["relay_reservation_wanted"] else "no"),
             *[("relay reservation", r) for r in result["relay_reservations"]],
+            *_hole_punch_fields(result.get("hole_punch")),
         ]
     )
+
+
+def _hole_punch_fields(row: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    if not row:
+        return []
+    if not row["enabled"]:
+        return [("hole punching", "off")]
+    return [
+        (
+            "hole punching",
+            f"{row['succeeded']} direct, {row['failed']} failed of {row['attempts']} attempt(s), "
+            f"{row['active']} running, {row['refused']} refused",
+        )
+    ]
 
 
 def _take_debug_flag(args: list[str]) -> tuple[list[str], bool]:

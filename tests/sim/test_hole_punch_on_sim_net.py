@@ -16,6 +16,7 @@ import trio.testing
 
 from lattica.config import NodeConfig
 from lattica.control.messages import NoParams
+from lattica.control.nat_methods import register_nat_methods
 from lattica.control.node_methods import register_node_methods
 from lattica.control.registry import MethodRegistry
 from lattica.identity import Identity, PeerId
@@ -128,6 +129,13 @@ async def test_two_port_restricted_nats_upgrade_a_relayed_connection_to_direct(
         assert rows[str(s.a.peer_id)].path == "direct"
         assert rows[str(s.a.peer_id)].direct_after_s == round(direct_after_s, 3)
         assert rows[str(s.relay.peer_id)].direct_after_s is None
+        # nat.status counts it.
+        register_nat_methods(registry, s.b)
+        nat_status = registry.get("nat.status")
+        assert nat_status is not None
+        status = await nat_status.handler(NoParams())
+        assert status.hole_punch is not None  # type: ignore[attr-defined]
+        assert (status.hole_punch.attempts, status.hole_punch.succeeded, status.hole_punch.active) == (1, 1, 0)  # type: ignore[attr-defined]
 
 
 async def test_symmetric_nat_on_one_side_keeps_the_relayed_connection(
