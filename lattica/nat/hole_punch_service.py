@@ -374,6 +374,11 @@ class HolePunchService:
 
     async def _dial(self, attempt: _Attempt, address: Address) -> None:
         # The result comes back through the manager's on_connected hook, like an inbound one.
+        if address in self._own_addresses():
+            # The peer's LAN address can equal ours (two home networks alike): that dial would
+            # only reach ourselves.
+            await trio.lowlevel.checkpoint()
+            return
         try:
             await self._rpc.manager.endpoint.connect(
                 address, expected_peer=attempt.peer_id, timeout_s=self._round_timeout_s
