@@ -21,22 +21,30 @@ from typing import Any
 
 import pytest
 
+from lattica.control.client import call
+from lattica.control.errors import ControlError
+from lattica.nat.relay_record import RELAYED_ADDRESSES_KEY
 from tests.netns.harness import NetnsDaemon, require_netns, start_daemon_in, stop_daemons
 
 pytestmark = pytest.mark.netns
 
 DIRECT_WITHIN_S = 20.0
+RECORD_WITHIN_S = 30.0
 
 
 @pytest.fixture(scope="module")
 def punch_daemons(netns_bed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NetnsDaemon]]:
-    """pub1 with the relay service, and one daemon behind each NAT; stopped afterwards."""
+    """pub1 with the relay service (and the DHT's bootstrap peer), and one daemon behind each
+    NAT; stopped afterwards. cone2-pc and sym-pc join the DHT through pub1; cone1-pc does not:
+    two cone hosts both in the DHT may dial each other at once during their lookups, and such a
+    simultaneous open is already a (lucky) hole punch -- the first test wants ours."""
     require_netns()
     homes = tmp_path_factory.mktemp("punch-homes")
-    names = ["pub1", "cone1-pc", "cone2-pc", "sym-pc"]
-    extra = {"pub1": ("--relay-service",)}
+    names = ["cone1-pc", "cone2-pc", "sym-pc"]
     daemons: dict[str, NetnsDaemon] = {}
     try:
+        daemons["pub1"] = start_daemon_in(netns_bed.hosts["pub1"], homes / "pub1", "--relay-service")
+        extra = {name: ("--bootstrap", daemons["pub1"].dial) for name in ("cone2-pc", "sym-pc")}
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             futures = {
                 name: pool.submit(start_daemon_in, netns_bed.hosts[name], homes / name, *extra.get(name, ()))
@@ -111,3 +119,30 @@ def test_a_symmetric_nat_on_one_side_still_gets_a_working_connection(
     second = a.cli("ping", relayed, "--count", "1")
     assert second["peer_id"] == s.peer_id
     assert {row["path"] for row in _rows_for(a, s.peer_id)} <= {"direct", "relayed"}
+
+
+def test_ping_by_peer_id_alone_reaches_a_nated_host_through_its_published_relay(
+    netns_bed: Any, punch_daemons: dict[str, NetnsDaemon]
+) -> None:
+    # cone2-pc holds a reservation on pub1 since the first test and published its relayed
+    # address in the DHT; sym-pc never talked to it and knows nothing but its peer id.
+    s, b, relay = punch_daemons["sym-pc"], punch_daemons["cone2-pc"], punch_daemons["pub1"]
+    assert b.peer_id not in {row["peer_id"] for row in s.peer_rows()}
+    # Both join the DHT only once their first lookups' dials to each other's (filtered) public
+    # addresses time out (~10 s; reachability is still "unknown" with one observer), and b
+    # publishes after that: wait for its record to be readable from s.
+    deadline = time.monotonic() + RECORD_WITHIN_S
+    params = {"key": RELAYED_ADDRESSES_KEY.decode(), "peer": b.peer_id}
+    while True:
+        try:
+            call(s.started.control_socket, "dht.get", params, timeout_s=RECORD_WITHIN_S)
+            break
+        except ControlError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{b.peer_id}'s relayed-address record not in the DHT within {RECORD_WITHIN_S:g} s")
+            time.sleep(0.5)
+    result = call(s.started.control_socket, "ping", {"addr": b.peer_id, "timeout_s": 30.0}, timeout_s=40.0)
+    assert result["peer_id"] == b.peer_id
+    # A symmetric NAT on the dialling side: relayed through pub1 (or direct, if punched).
+    rows = _rows_for(s, b.peer_id)
+    assert rows and all(row["via"] in (None, relay.peer_id) for row in rows)
