@@ -136,6 +136,8 @@ class HolePunchService:
         self._retry_after_s = config.retry_after_s
         self._max_concurrent = config.max_concurrent
         self._attempts: dict[PeerId, _Attempt] = {}
+        self._starting: set[PeerId] = set()
+        """Peers we initiate with, from the check until the attempt ended."""
         self._failed_at: dict[PeerId, tuple[float, frozenset[Address]]] = {}
         self._direct_after_s: dict[PeerId, float] = {}
         self._relayed_at: dict[PeerId, float] = {}
@@ -194,7 +196,9 @@ class HolePunchService:
         if connection.relayed_via is None or connection.direction != "inbound":
             return False
         peer = connection.peer_id
-        if peer in self._attempts or len(self._attempts) >= self._max_concurrent:
+        if peer in self._attempts or peer in self._starting:
+            return False
+        if len(self._starting.union(self._attempts)) >= self._max_concurrent:
             return False
         direct = self._rpc.manager.connection(peer)
         if direct is not None and direct.relayed_via is None:
@@ -238,13 +242,19 @@ class HolePunchService:
             round_timeout_s=self._round_timeout_s,
             first_contact_at=relayed.established_at,
         )
+        # Held until the attempt ends: opening the stream waits, and another trigger (a new
+        # connection, an address change) must not start a second attempt meanwhile.
+        self._starting.add(relayed.peer_id)
         try:
-            stream = await self._rpc.open_stream(relayed, PROTOCOL_ID)
-        except LatticaError as exc:
-            log.debug("cannot start hole punching with %s: %s", relayed.peer_id, exc)
-            return
-        async with stream:
-            await self._run_attempt(machine, relayed, stream)
+            try:
+                stream = await self._rpc.open_stream(relayed, PROTOCOL_ID)
+            except LatticaError as exc:
+                log.debug("cannot start hole punching with %s: %s", relayed.peer_id, exc)
+                return
+            async with stream:
+                await self._run_attempt(machine, relayed, stream)
+        finally:
+            self._starting.discard(relayed.peer_id)
 
     async def _serve(self, stream: QuicStream, peer_id: PeerId) -> None:
         connection = stream.connection
@@ -253,7 +263,8 @@ class HolePunchService:
             or not isinstance(connection, Connection)
             or connection.relayed_via is None
             or peer_id in self._attempts
-            or len(self._attempts) >= self._max_concurrent
+            or peer_id in self._starting
+            or len(self._starting.union(self._attempts)) >= self._max_concurrent
         ):
             # Refusal: the stream is finished without an answer (FIN, not a reset, so it is
             # told apart from a failure); the initiator's attempt ends.

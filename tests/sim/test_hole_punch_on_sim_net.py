@@ -29,6 +29,7 @@ from lattica.nat.relay_config import RelayConfig
 from lattica.nat.relay_messages import HOP_PROTOCOL
 from lattica.nat.relay_record import RELAYED_ADDRESSES_KEY
 from lattica.net.address import PeerAddr
+from lattica.net.connection import Connection
 from lattica.node import Node
 from sim_net import Filtering, LinkConfig, Mapping, Network
 from sim_net import NatConfig as SimNatConfig
@@ -316,3 +317,23 @@ async def test_hole_punching_switched_off_keeps_the_relayed_path(
         assert a.hole_punch.stats.refused == 1
         assert a.hole_punch.stats.attempts == b.hole_punch.stats.attempts == 0
         assert (await a.ping(b.peer_id, timeout_s=10)).relayed_via == relay.peer_id
+
+
+async def test_triggers_racing_at_connection_time_start_one_attempt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scene(seed=38, nat_a=PORT_RESTRICTED, nat_b=PORT_RESTRICTED) as s:
+        await s.b.relay_client.wait_reservations()
+
+        async def address_change_now(connection: Connection) -> None:
+            # An observed-address change lands while the relayed connection's own attempt is
+            # still opening its stream.
+            s.b.hole_punch.addresses_changed()
+            await trio.lowlevel.checkpoint()
+
+        s.b.connections.on_connected(address_change_now)
+        await s.a.ping(s.b_relayed(), timeout_s=10)
+        with trio.fail_after(60):
+            await wait_attempt_over(s.b, s.a.peer_id)
+        assert s.b.hole_punch.stats.attempts == 1
+        assert s.b.hole_punch.direct_after_s(s.a.peer_id) is not None
