@@ -154,7 +154,11 @@ def check_dial_string(text: str) -> str:
 
 
 def check_ping_target(text: str) -> str:
-    """``text`` if it is a dial string or a relayed address ``RELAYPEERID@HOST:PORT/relay/PEERID``."""
+    """``text`` if it is a dial string, a relayed address ``RELAYPEERID@HOST:PORT/relay/PEERID``
+    or a bare peer id."""
+    if "@" not in text and ":" not in text and "/" not in text:
+        check_peer_id(text)
+        return text
     relay, separator, target = text.partition("/relay/")
     if not separator:
         return check_dial_string(text)

@@ -231,7 +231,8 @@ def status(home: HomeOption = None, json: JsonOption = False) -> None:
 @app.command(epilog=_example("lattica peers", "lattica peers --json"))
 def peers(home: HomeOption = None, json: JsonOption = False) -> None:
     """One row per open connection: peer id, remote address, round-trip time, direction, path
-    (direct, or relayed via a relay's peer id) and for how long."""
+    (direct, or relayed via a relay's peer id; how long hole punching took when it made a
+    direct path) and for how long."""
     result = call_daemon(home, "peers")
     if json:
         print_json(result)
@@ -245,12 +246,20 @@ def peers(home: HomeOption = None, json: JsonOption = False) -> None:
                 r["remote_addr"],
                 r["rtt_ms"],
                 r["direction"],
-                f"relayed via {r['via']}" if r.get("via") else r.get("path", "direct"),
+                _path_text(r),
                 r.get("connected_s"),
             ]
             for r in result
         ],
     )
+
+
+def _path_text(row: dict[str, Any]) -> str:
+    if row.get("via"):
+        return f"relayed via {row['via']}"
+    if row.get("direct_after_s") is not None:
+        return f"direct (hole punched after {row['direct_after_s']} s)"
+    return str(row.get("path", "direct"))
 
 
 def _ping_line(result: dict[str, Any]) -> str:
@@ -268,6 +277,7 @@ def _ping_line(result: dict[str, Any]) -> str:
     epilog=_example(
         "lattica ping 127.0.0.1:4001",
         "lattica ping PEERID@203.0.113.7:4001 --count 10 --json",
+        "lattica ping PEERID   # an open connection, the DHT, or the peer's relays",
     )
 )
 def ping(
@@ -276,7 +286,8 @@ def ping(
         typer.Argument(
             callback=check_ping_target,
             help="PEERID@HOST:PORT (the peer's identity is checked), HOST:PORT (learned from the handshake), "
-            "or RELAYPEERID@HOST:PORT/relay/PEERID (through that relay).",
+            "RELAYPEERID@HOST:PORT/relay/PEERID (through that relay), or PEERID (an open connection, "
+            "its addresses in the DHT, or the relays it published).",
         ),
     ],
     count: Annotated[int, typer.Option("--count", "-c", min=1, max=MAX_PING_COUNT, help="Pings to send.")] = 4,
@@ -353,8 +364,23 @@ def _nat_status(home: Path | None, json: bool) -> None:
             ("dht mode", result["dht_mode"]),
             ("relay wanted", "yes" if result["relay_reservation_wanted"] else "no"),
             *[("relay reservation", r) for r in result["relay_reservations"]],
+            *_hole_punch_fields(result.get("hole_punch")),
         ]
     )
+
+
+def _hole_punch_fields(row: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    if not row:
+        return []
+    if not row["enabled"]:
+        return [("hole punching", "off")]
+    return [
+        (
+            "hole punching",
+            f"{row['succeeded']} direct, {row['failed']} failed of {row['attempts']} attempt(s), "
+            f"{row['active']} running, {row['refused']} refused",
+        )
+    ]
 
 
 def _take_debug_flag(args: list[str]) -> tuple[list[str], bool]:

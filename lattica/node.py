@@ -13,6 +13,7 @@ cancels them all and closes the socket.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -31,12 +32,21 @@ from lattica.content.exchange_service import ContentService
 from lattica.crdt import CrdtService, SpaceStore
 from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.dht.messages import PROTOCOL_ID as DHT_PROTOCOL_ID
+from lattica.errors import ConnectError, DialSelfError, LatticaError
 from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
 from lattica.nat.autonat import ReachabilityStatus
 from lattica.nat.autonat_service import DialBackSocketFactory, ReachabilityService
+from lattica.nat.hole_punch_service import HolePunchService
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayClient
+from lattica.nat.relay_messages import HOP_PROTOCOL
+from lattica.nat.relay_record import (
+    RELAYED_ADDRESSES_KEY,
+    RelayRecordDecodeError,
+    decode_relayed_addresses,
+    encode_relayed_addresses,
+)
 from lattica.nat.relay_service import RelayService
 from lattica.net import Connection, ConnectionManager, ConnectReport, Endpoint, EndpointSocketError, Rpc
 from lattica.net.address import PeerAddr, format_host_port
@@ -46,6 +56,12 @@ from lattica.net.interfaces import dialable_hosts
 from lattica.net.tcp_transport import TcpTransport
 
 log = logging.getLogger("lattica.node")
+
+RELAYED_RECORD_RETRY_S = 60.0
+"""How soon a failed publication of our relayed addresses is tried again (seconds)."""
+
+MAX_DISCOVERED_RELAYS = 8
+"""Most relays a private node picks up from its connected peers (see ``Node._find_relays``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +163,19 @@ class Node:
             random_bytes=rng.randbytes if rng else os.urandom,
         )
         self.reachability.add_listener(self._reachability_changed)
+        # Relayed connections are upgraded to direct ones when the NATs allow it.
+        self.hole_punch = HolePunchService(
+            self.rpc,
+            self.nat,
+            self.reachability.book,
+            self.listen_addresses,
+            random_bytes=rng.randbytes if rng else os.urandom,
+            config=self.config.nat.hole_punch,
+        )
+        self.reachability.add_address_listener(self.hole_punch.addresses_changed)
+        self._discovered_relays: set[PeerId] = set()
+        self.reachability.add_listener(lambda _status: self._find_relays())
+        self.reachability.add_identify_listener(lambda _peer: self._find_relays())
         self._reachability_changed(self.reachability.status())
         # Replicated spaces share the DHT's sqlite writer: one group commit for lattica.db.
         self.crdt = CrdtService(
@@ -173,6 +202,9 @@ class Node:
             )
         )
         self.joined_dht = trio.Event()
+        self.published_relayed_addresses: list[str] = []
+        """Relayed addresses last put in the DHT (:mod:`lattica.nat.relay_record`)."""
+        self._published = trio.lowlevel.ParkingLot()
         self._advertise_hosts = list(advertise_hosts) if advertise_hosts else None
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
@@ -191,8 +223,32 @@ class Node:
         return self._nursery
 
     def _served_protocols(self) -> list[str]:
-        # A DHT client does not serve the DHT to strangers: identify leaves it out.
-        return [p for p in self.rpc.protocols() if not (p == DHT_PROTOCOL_ID and self.dht.client_mode)]
+        # A DHT client does not serve the DHT to strangers, nor a node without the relay service
+        # relaying (its HOP handler only refuses): identify leaves them out.
+        hidden = {DHT_PROTOCOL_ID} if self.dht.client_mode else set()
+        if not self.config.nat.relay.service:
+            hidden.add(HOP_PROTOCOL)
+        return [p for p in self.rpc.protocols() if p not in hidden]
+
+    def _find_relays(self) -> None:
+        """A private node without configured relays reserves on connected peers that serve the
+        relay protocol (at most :data:`MAX_DISCOVERED_RELAYS` of them, the client holds
+        ``nat.relay.reservations`` at once): that is what makes it reachable through a relay
+        without any setup."""
+        if self.config.nat.relay.relays or not self.reachability.relay_reservation_wanted:
+            return
+        for peer, protocols in list(self.reachability.peer_protocols.items()):
+            if len(self._discovered_relays) >= MAX_DISCOVERED_RELAYS:
+                return
+            if HOP_PROTOCOL not in protocols or peer in self._discovered_relays:
+                continue
+            connection = self.connections.connection(peer)
+            # Only an address we dialled is known to work for others too.
+            if connection is None or connection.relayed_via is not None or connection.direction != "outbound":
+                continue
+            self._discovered_relays.add(peer)
+            log.info("reserving on relay %s, found among connected peers", peer)
+            self.relay_client.add_relay(PeerAddr(connection.remote_address, peer))
 
     def _reachability_changed(self, status: ReachabilityStatus) -> None:
         # Only a node found private leaves server mode; "unknown" keeps the configured mode, or
@@ -226,6 +282,8 @@ class Node:
             await nursery.start(self.dht.run)
             await nursery.start(self.relay_client.run)
             await nursery.start(self.reachability.run)
+            await nursery.start(self.hole_punch.run)
+            nursery.start_soon(self._publish_relayed_addresses)
             await nursery.start(self.crdt.run)
             if self.content is not None:
                 await nursery.start(self.content.run)
@@ -290,16 +348,19 @@ class Node:
         :meth:`ConnectionManager.connect_and_report`; raises its errors."""
         if isinstance(peer, RelayedAddr):
             return await self.relay_client.connect(peer, timeout_s=timeout_s)
+        if isinstance(peer, PeerId):
+            return (await self._connect_peer(peer, timeout_s=timeout_s)).connection
         return await self.connections.connect(peer, timeout_s=timeout_s)
 
     async def ping(self, peer: PeerAddr | PeerId | RelayedAddr, *, timeout_s: float = 10.0) -> PingResult:
         """Reach ``peer`` and time one ``/lattica/ping/1`` echo over the connection used.
 
         ``PeerAddr``: that address is dialled unless a connection to exactly that address is
-        open (the result says which); ``PeerId``: any connection to it, else its known
-        addresses; ``RelayedAddr``: a live connection to the target through that relay, else a
-        new circuit. ``timeout_s`` bounds dial and echo together. Raises
-        :class:`~lattica.errors.ConnectError` (including
+        open (the result says which); ``PeerId``: any connection to it (direct preferred),
+        else its known addresses, else the DHT's (``find_peer``), else through the relays of its
+        relayed-address record (:mod:`lattica.nat.relay_record`); ``RelayedAddr``: a live
+        connection to the target through that relay, else a new circuit. ``timeout_s`` bounds
+        dial and echo together. Raises :class:`~lattica.errors.ConnectError` (including
         :class:`~lattica.errors.DialSelfError` for this node's own id or address),
         :class:`~lattica.errors.PeerIdMismatchError` or :class:`~lattica.errors.RpcError`.
         """
@@ -307,6 +368,8 @@ class Node:
         began = trio.current_time()
         if isinstance(peer, RelayedAddr):
             report = await self._connect_relayed(peer, timeout_s=timeout_s)
+        elif isinstance(peer, PeerId):
+            report = await self._connect_peer(peer, timeout_s=timeout_s)
         else:
             report = await self.connections.connect_and_report(peer, timeout_s=timeout_s)
         connect_s = trio.current_time() - began
@@ -327,6 +390,85 @@ class Node:
                 await trio.lowlevel.checkpoint()
                 return ConnectReport(connection, reused=True)
         return ConnectReport(await self.relay_client.connect(peer, timeout_s=timeout_s), reused=False)
+
+    async def _connect_peer(self, peer: PeerId, *, timeout_s: float | None) -> ConnectReport:
+        """A connection to ``peer`` by id: an open one (direct preferred), else its known
+        addresses, else where the DHT says it is (``find_peer``), else through the relays its
+        relayed-address record names. Raises the first dial's :class:`ConnectError` when no
+        route works (or a timeout error after ``timeout_s``)."""
+        deadline = trio.current_time() + (math.inf if timeout_s is None else timeout_s)
+
+        def remaining() -> float | None:
+            return None if timeout_s is None else max(deadline - trio.current_time(), 0.0)
+
+        def half() -> float | None:
+            left = remaining()
+            return None if left is None else left / 2
+
+        try:
+            # Known addresses get half the time at most, for the same reason as below.
+            return await self.connections.connect_and_report(peer, timeout_s=half())
+        except ConnectError as exc:
+            first_error = exc
+        if isinstance(first_error, DialSelfError):
+            raise first_error
+        with trio.move_on_at(deadline):
+            try:
+                found = await self.dht.find_peer(peer)
+            except LatticaError as exc:
+                log.debug("find_peer %s failed: %s", peer, exc)
+            else:
+                if found.addresses and found.addresses != self.connections.addresses(peer):
+                    self.connections.add_addresses(peer, found.addresses)
+                    try:
+                        # Half the time at most: a NATed peer's public address may well be
+                        # filtered, and its relays are still to be tried.
+                        return await self.connections.connect_and_report(peer, timeout_s=half())
+                    except ConnectError as exc:
+                        log.debug("dialling %s at %s failed: %s", peer, found.addresses, exc)
+            for relayed in await self._relayed_addresses_of(peer):
+                try:
+                    connection = await self.relay_client.connect(relayed, timeout_s=remaining())
+                except ConnectError as exc:
+                    log.debug("dialling %s through %s failed: %s", peer, relayed.relay, exc)
+                    continue
+                return ConnectReport(connection, reused=False)
+        raise first_error
+
+    async def _relayed_addresses_of(self, peer: PeerId) -> list[RelayedAddr]:
+        """What ``peer``'s relayed-address record in the DHT says (empty: none, or invalid)."""
+        try:
+            record = (await self.dht.get(RELAYED_ADDRESSES_KEY, writer=peer)).record
+            return [] if record is None else decode_relayed_addresses(record.value, peer)
+        except RelayRecordDecodeError as exc:
+            log.info("ignoring the relayed-address record of %s: %s", peer, exc)
+        except LatticaError as exc:
+            log.debug("no relayed-address record of %s: %s", peer, exc)
+        return []
+
+    async def _publish_relayed_addresses(self) -> None:
+        """Keep our relayed-address record in the DHT in step with our reservations (the DHT
+        republishes a record while it lives); a failed put is retried after
+        :data:`RELAYED_RECORD_RETRY_S`."""
+        while True:
+            current = self.relay_client.relayed_addresses()
+            if current and current != self.published_relayed_addresses:
+                try:
+                    value = encode_relayed_addresses([RelayedAddr.parse(a) for a in current])
+                    await self.dht.put(RELAYED_ADDRESSES_KEY, value)
+                except LatticaError as exc:
+                    log.info("could not publish our relayed addresses yet: %s", exc)
+                    with trio.move_on_after(RELAYED_RECORD_RETRY_S):
+                        await self.relay_client.wait_changed()
+                    continue
+                self.published_relayed_addresses = current
+                self._published.unpark_all()
+                log.info("published relayed addresses %s", current)
+            await self.relay_client.wait_changed()
+
+    async def wait_relayed_addresses_published(self) -> None:
+        """Wait until our relayed-address record is next put in the DHT."""
+        await self._published.park()
 
     def uptime_s(self) -> float:
         """Seconds since start (trio's clock, so virtual time under sim_net)."""

@@ -43,6 +43,20 @@ class ObservedAddressRow(msgspec.Struct):
     """Distinct observer groups (IPv4 addresses, IPv6 /56s, STUN servers) reporting it."""
 
 
+class HolePunchRow(msgspec.Struct):
+    """``nat.status``: hole punching over relayed connections (counters since start)."""
+
+    enabled: bool
+    active: int
+    """Attempts running now."""
+    attempts: int
+    succeeded: int
+    failed: int
+    refused: int
+    """Exchanges peers started that this node refused (busy, not relayed, switched off)."""
+    punches_sent: int
+
+
 class NatStatusResult(msgspec.Struct):
     """``nat.status``: what this node knows about its NAT."""
 
@@ -66,6 +80,8 @@ class NatStatusResult(msgspec.Struct):
     """This node's relayed addresses, one per relay holding a reservation for it
     (``RELAYPEERID@HOST:PORT/relay/OURPEERID``)."""
     checks_done: int
+    hole_punch: HolePunchRow | None = None
+    """Hole-punching counters since start."""
 
 
 def register_nat_methods(registry: MethodRegistry, node: Node) -> None:
@@ -90,6 +106,15 @@ def register_nat_methods(registry: MethodRegistry, node: Node) -> None:
             relay_reservation_wanted=service.relay_reservation_wanted,
             relay_reservations=node.relay_client.relayed_addresses(),
             checks_done=service.checks_done,
+            hole_punch=HolePunchRow(
+                enabled=node.hole_punch.config.enabled,
+                active=len(node.hole_punch.active()),
+                attempts=node.hole_punch.stats.attempts,
+                succeeded=node.hole_punch.stats.succeeded,
+                failed=node.hole_punch.stats.failed,
+                refused=node.hole_punch.stats.refused,
+                punches_sent=node.hole_punch.stats.punches_sent,
+            ),
         )
 
     registry.add("nat.status", NoParams, nat_status)

@@ -17,10 +17,12 @@ from lattica.control.errors import FAILED, INVALID_PARAMS, TIMEOUT, ControlError
 from lattica.control.limits import MAX_DIAL_STRING_CHARS, MAX_PING_TIMEOUT_S
 from lattica.control.messages import NoParams
 from lattica.control.registry import MethodRegistry
-from lattica.errors import ConnectError, ConnectTimeoutError, DialSelfError
+from lattica.errors import ConnectError, ConnectTimeoutError, DialSelfError, InvalidPeerIdError
+from lattica.identity import PeerId
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayRefusedError
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port
+from lattica.net.connection import Connection
 from lattica.node import Node
 
 DialString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DIAL_STRING_CHARS)]
@@ -59,11 +61,15 @@ class PeerRow(msgspec.Struct):
     """The relay's peer id when ``path`` is ``relayed``."""
     connected_s: float = 0.0
     """Seconds since the connection was authenticated."""
+    direct_after_s: float | None = None
+    """For a direct connection that replaced a relayed one by hole punching: seconds from the
+    relayed connection to the direct path; None otherwise."""
 
 
 class PingParams(msgspec.Struct, forbid_unknown_fields=True):
-    """``ping``: ``PEERID@HOST:PORT`` (identity checked), ``HOST:PORT``, or a relayed address
-    ``RELAYPEERID@HOST:PORT/relay/PEERID``."""
+    """``ping``: ``PEERID@HOST:PORT`` (identity checked), ``HOST:PORT``, a relayed address
+    ``RELAYPEERID@HOST:PORT/relay/PEERID``, or a bare ``PEERID`` (found as
+    :meth:`~lattica.node.Node.ping` says)."""
 
     addr: DialString
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_PING_TIMEOUT_S)] = 10.0
@@ -106,8 +112,17 @@ def parse_peer_addr(text: str, *, field: str = "addr") -> PeerAddr:
         raise ControlError(INVALID_PARAMS, f"{field}: {exc}", hint="use PEERID@HOST:PORT or HOST:PORT") from None
 
 
-def parse_target(text: str, *, field: str = "addr") -> PeerAddr | RelayedAddr:
-    """A dial string or a relayed address; raises :class:`ControlError` (``invalid-params``)."""
+def parse_target(text: str, *, field: str = "addr") -> PeerAddr | RelayedAddr | PeerId:
+    """A dial string, a relayed address or a bare peer id (reached through an open connection,
+    known addresses, the DHT, or the relays its relayed-address record names); raises
+    :class:`ControlError` (``invalid-params``)."""
+    if "@" not in text and ":" not in text and "/" not in text:
+        try:
+            return PeerId.parse(text)
+        except InvalidPeerIdError as exc:
+            raise ControlError(
+                INVALID_PARAMS, f"{field}: {exc}", hint="use PEERID, PEERID@HOST:PORT or HOST:PORT"
+            ) from None
     if not RelayedAddr.looks_relayed(text):
         return parse_peer_addr(text, field=field)
     try:
@@ -146,6 +161,7 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
                 path="direct" if c.relayed_via is None else "relayed",
                 via=None if c.relayed_via is None else str(c.relayed_via),
                 connected_s=round(now - c.established_at, 3),
+                direct_after_s=_direct_after_s(node, c),
             )
             for c in node.connections.connections()
         ]
@@ -193,3 +209,10 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
     registry.add("peers", NoParams, peers)
     registry.add("ping", PingParams, ping)
     registry.add("connect", ConnectParams, connect)
+
+
+def _direct_after_s(node: Node, connection: Connection) -> float | None:
+    if connection.relayed_via is not None:
+        return None
+    seconds = node.hole_punch.direct_after_s(connection.peer_id)
+    return None if seconds is None else round(seconds, 3)

@@ -560,6 +560,12 @@ class Dht:
             # dial, an address it does not own. One socket serves a node's dials and its
             # listening, so the address its connection comes from is the one to give out.
             addresses = [observed]
+        elif self._transport.reached_through_relay(peer):
+            # Behind a NAT (that is why a relay carries it): its claimed addresses are private
+            # ones nobody can dial, and it cannot serve the DHT to strangers. Remember nothing
+            # and treat it as a client; its relayed addresses come from its relay record.
+            addresses = []
+            client = True
         self._health.on_success(peer)
         if addresses:
             self._remember(peer, addresses)

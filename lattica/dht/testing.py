@@ -29,6 +29,8 @@ class MemoryNetwork:
     nodes: dict[PeerId, MemoryTransport] = field(default_factory=dict)
     listeners: dict[Address, PeerId] = field(default_factory=dict)
     dead: set[PeerId] = field(default_factory=set)
+    relayed: set[PeerId] = field(default_factory=set)
+    """Peers every node sees as reached through a relay (``reached_through_relay``)."""
     latency_s: float = 0.0
     requests: int = 0
 
@@ -63,9 +65,17 @@ class MemoryTransport:
                 known.append(address)
 
     def observed_address(self, peer: PeerId) -> Address | None:
-        """The first address ``peer`` listens on (in memory every request comes from there)."""
+        """The first address ``peer`` listens on (in memory every request comes from there);
+        None for a peer marked as reached through a relay (a relayed connection shows the
+        relay's address, not the peer's)."""
+        if peer in self.network.relayed:
+            return None
         node = self.network.nodes.get(peer)
         return node.addresses[0] if node is not None and node.addresses else None
+
+    def reached_through_relay(self, peer: PeerId) -> bool:
+        """Whether the test marked ``peer`` as reached through a relay (``network.relayed``)."""
+        return peer in self.network.relayed
 
     async def request(
         self,

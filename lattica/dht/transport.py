@@ -11,7 +11,9 @@ Contract assumed by the DHT:
   :class:`~lattica.errors.ConnectError` or :class:`~lattica.errors.PeerIdMismatchError` on
   failure.
 * ``observed_address(peer)`` is the remote address of the live connection to ``peer`` (what the
-  network shows), or None when there is none.
+  network shows), or None when there is none (or it runs through a relay).
+* ``reached_through_relay(peer)`` is True when the only live connection to ``peer`` runs through
+  a relay circuit: the peer is behind a NAT, and the addresses it claims cannot be dialled.
 """
 
 from __future__ import annotations
@@ -47,4 +49,8 @@ class RpcTransport(Protocol):
 
     def observed_address(self, peer: PeerId) -> Address | None:
         """Where the live connection to ``peer`` comes from, or None (see the module docstring)."""
+        ...
+
+    def reached_through_relay(self, peer: PeerId) -> bool:
+        """True when ``peer`` is connected only through a relay (see the module docstring)."""
         ...

@@ -134,6 +134,8 @@ class ReachabilityService:
         self.nonce_mismatches = 0
         self.identify_failures = 0
         self._listeners: list[ReachabilityListener] = []
+        self._address_listeners: list[Callable[[], None]] = []
+        self._identify_listeners: list[Callable[[PeerId], None]] = []
         self._last_reachability = self.reachability()
         self._recheck_wanted = False
         self._recheck_lot = trio.lowlevel.ParkingLot()
@@ -150,6 +152,16 @@ class ReachabilityService:
         """Call ``listener(status)`` (synchronously, must not block) on every change of
         :meth:`reachability`."""
         self._listeners.append(listener)
+
+    def add_address_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (synchronously, must not block) whenever the believed observed
+        addresses or the mapping behaviour change (hole punching retries then)."""
+        self._address_listeners.append(listener)
+
+    def add_identify_listener(self, listener: Callable[[PeerId], None]) -> None:
+        """Call ``listener(peer)`` (synchronously, must not block) after each identify exchange
+        that recorded ``peer``'s protocols in :attr:`peer_protocols`."""
+        self._identify_listeners.append(listener)
 
     def status(self) -> ReachabilityStatus:
         """The tracker's status, with the config override applied."""
@@ -204,6 +216,8 @@ class ReachabilityService:
         shape = (self.book.believed_set(now), self.book.mapping_behaviour(now))
         if shape != self._last_shape:
             self._last_shape = shape
+            for address_listener in self._address_listeners:
+                address_listener()
             if self.tracker.forget():
                 self._notify()
             self._want_recheck()
@@ -241,6 +255,8 @@ class ReachabilityService:
     def _take_identify(self, peer: PeerId, remote: Address, message: IdentifyMessage) -> None:
         if len(self.peer_protocols) < _MAX_KNOWN_PEERS or peer in self.peer_protocols:
             self.peer_protocols[peer] = frozenset(message.protocols)
+            for identify_listener in self._identify_listeners:
+                identify_listener(peer)
         observed = message.observed()
         if observed is not None:
             self._observed(observer_group(remote[0]), observed)

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from lattica.nat.hole_punch_config import HolePunchConfig
 from lattica.nat.relay_config import RelayConfig
 from lattica.setting_types import Count, Seconds
 
@@ -53,3 +54,5 @@ class NatConfig:
     """Dial-backs all peers together may ask of us per minute (burst as many)."""
     relay: RelayConfig = field(default_factory=RelayConfig)
     """Relay service and relay client settings (``[nat.relay]``)."""
+    hole_punch: HolePunchConfig = field(default_factory=HolePunchConfig)
+    """Hole punching over relayed connections (``[nat.hole_punch]``)."""

@@ -198,11 +198,16 @@ class ConnectionManager:
     # -- connections ----------------------------------------------------------------------
 
     def connection(self, peer_id: PeerId) -> Connection | None:
-        """The newest live connection to ``peer_id``, if any."""
+        """The newest live direct connection to ``peer_id``, else the newest relayed one, if any
+        (path policy: prefer direct, keep the relay as fallback)."""
+        fallback: Connection | None = None
         for connection in reversed(self._by_peer.get(peer_id, ())):
-            if not connection.is_closed:
+            if connection.is_closed:
+                continue
+            if connection.relayed_via is None:
                 return connection
-        return None
+            fallback = fallback or connection
+        return fallback
 
     def connections(self) -> list[Connection]:
         """Every live connection (at most a transient two per peer, see module notes)."""

@@ -148,6 +148,12 @@ class Rpc:
             return None
         return connection.remote_address
 
+    def reached_through_relay(self, peer: PeerId) -> bool:
+        """True when the preferred live connection to ``peer`` runs through a relay (the manager
+        prefers direct ones, so then there is no direct connection)."""
+        connection = self.manager.connection(peer)
+        return connection is not None and connection.relayed_via is not None
+
     def protocols(self) -> list[str]:
         """Protocol ids this node answers (request/response and stream protocols), sorted."""
         return sorted({*self._handlers, *self._stream_handlers})

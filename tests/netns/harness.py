@@ -111,13 +111,15 @@ def stop_daemons(daemons: list[NetnsDaemon], timeout_s: float = 10.0) -> None:
             process.stdout.close()
 
 
-def start_daemon_in(host: Any, home: Path) -> NetnsDaemon:
-    """Start ``lattica daemon`` inside ``host``'s namespace on ``host.ip:4001``; wait until ready."""
+def start_daemon_in(host: Any, home: Path, *extra: str) -> NetnsDaemon:
+    """Start ``lattica daemon`` inside ``host``'s namespace on ``host.ip:4001`` (``extra``:
+    more daemon options); wait until ready."""
     env = {k: v for k, v in os.environ.items() if k != "LATTICA_HOME"}
     started = start_daemon_process(
         home,
         "--listen",
         f"{host.ip}:{DAEMON_PORT}",
+        *extra,
         env=env,
         timeout_s=START_TIMEOUT_S,
         command_prefix=host.exec_prefix(),

@@ -3,6 +3,7 @@ a node that pings through it -- only through the ``lattica`` CLI."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +13,19 @@ from .conftest import lattica, lattica_json
 pytestmark = pytest.mark.system
 
 
-def test_ping_through_a_relay_and_peers_shows_the_relayed_path(start_daemon: Any) -> None:
+def without_hole_punching(home: Path) -> None:
+    """Initialise ``home`` with ``[nat.hole_punch] enabled = false``: on loopback nothing stops a
+    hole punch, which would move the pair off the relay before ``peers`` is read."""
+    assert lattica("init", home=home).returncode == 0
+    config = home / "config.toml"
+    head, section, tail = config.read_text().partition("[nat.hole_punch]\n")
+    assert section and "# enabled = true" in tail
+    config.write_text(head + section + tail.replace("# enabled = true", "enabled = false", 1))
+
+
+def test_ping_through_a_relay_and_peers_shows_the_relayed_path(start_daemon: Any, tmp_path: Path) -> None:
     relay = start_daemon("relay", "--relay-service")
+    without_hole_punching(tmp_path / "b")
     b = start_daemon("b")
     a = start_daemon("a")
 

@@ -206,6 +206,24 @@ async def test_client_mode_node_is_not_added_to_tables(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_reached_through_a_relay_is_neither_remembered_nor_tabled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # It runs in server mode and claims its (private) listen address; the nodes it talks to see
+    # it only through a relay, so that address is not believed, stored or handed out.
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_network(nursery, 8)
+        nated = make_node(net, 100)
+        net.relayed.add(nated.identity.peer_id)
+        await nursery.start(nated.dht.run)
+        await nated.dht.bootstrap([nodes[0].peer_addr])
+        assert len(nated.dht.routing_table) == 8
+        assert all(nated.identity.peer_id not in n.dht.routing_table for n in nodes)
+        assert all(nated.identity.peer_id not in n.transport.address_book for n in nodes)
+        assert (await nodes[2].dht.find_peer(nated.identity.peer_id)).addresses is None
+        nursery.cancel_scope.cancel()
+
+
 async def test_bootstrap_with_no_reachable_peer_raises(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
