@@ -6,7 +6,7 @@ section per layer: ``net`` (:class:`~lattica.net.config.NetConfig`), ``dht``
 (:class:`~lattica.content.config.ContentConfig`), ``nat`` (:class:`~lattica.nat.config.NatConfig`)
 and ``crdt`` (:class:`~lattica.crdt.config.CrdtConfig`).
 Each setting has exactly one default, in its section's class. In ``config.toml`` a section is a
-TOML table (``[net]``, ``[dht]``). ``docs/config.md`` is generated from these classes
+TOML table (``[net]``, ``[dht]``, ``[nat.relay]``, ...). ``docs/config.md`` is generated from these classes
 (``python -m lattica.config_docs``).
 
 Loading (:func:`load_config`) is strict: an unknown key, a wrong type, a value out of bounds

@@ -27,7 +27,8 @@ _INTRO = """\
 
 A node reads `config.toml` in its home (`lattica init` writes one with every setting, those at
 their default commented out). Command-line flags (`--listen`, `--bootstrap`) override the file.
-Top-level settings come first; each layer has its own TOML table (`[net]`, `[dht]`, `[crdt]`).
+Top-level settings come first; each layer has its own TOML table (`[net]`, `[dht]`,
+`[content]`, `[crdt]`, `[nat]` with `[nat.relay]` and `[nat.hole_punch]`).
 
 Loading is strict: an unknown key, a value of the wrong type, a number out of its bounds (`nan`
 and `inf` included) or an address that does not parse stops the daemon with one line naming the
