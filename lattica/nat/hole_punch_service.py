@@ -63,7 +63,7 @@ from lattica.nat.stun import encode_binding_request, new_transaction_id
 from lattica.net.connection import Connection
 from lattica.net.datagram import Address
 from lattica.net.rpc import Rpc
-from lattica.net.stream import QuicStream
+from lattica.net.stream import QuicStream, TruncatedFrameError, receive_exactly, receive_exactly_or_eof
 
 log = logging.getLogger("lattica.nat.hole_punch")
 
@@ -446,26 +446,14 @@ async def receive_message_frame(stream: QuicStream) -> HolePunchMessage | None:
     Raises :class:`~lattica.nat.hole_punch.HolePunchDecodeError` for a frame over
     :data:`~lattica.nat.hole_punch.MAX_MESSAGE_BYTES`, a truncated or invalid one; trio's
     stream errors for a broken stream."""
-    prefix = await _receive_exactly(stream, _LENGTH.size, allow_eof=True)
-    if prefix is None:
-        return None
-    (length,) = _LENGTH.unpack(prefix)
-    if length > MAX_MESSAGE_BYTES:
-        raise HolePunchDecodeError(f"hole-punching frame of {length} bytes (limit {MAX_MESSAGE_BYTES})")
-    body = await _receive_exactly(stream, length, allow_eof=False)
-    assert body is not None
+    try:
+        prefix = await receive_exactly_or_eof(stream, _LENGTH.size, what="a hole-punching frame")
+        if prefix is None:
+            return None
+        (length,) = _LENGTH.unpack(prefix)
+        if length > MAX_MESSAGE_BYTES:
+            raise HolePunchDecodeError(f"hole-punching frame of {length} bytes (limit {MAX_MESSAGE_BYTES})")
+        body = await receive_exactly(stream, length, what="a hole-punching frame")
+    except TruncatedFrameError as exc:
+        raise HolePunchDecodeError(str(exc)) from exc
     return hole_punch.decode_message(body)
-
-
-async def _receive_exactly(stream: QuicStream, n_bytes: int, *, allow_eof: bool) -> bytes | None:
-    parts: list[bytes] = []
-    missing = n_bytes
-    while missing:
-        data = await stream.receive_some(missing)
-        if not data:
-            if allow_eof and missing == n_bytes:
-                return None
-            raise HolePunchDecodeError(f"the stream ended {missing} bytes into a hole-punching frame")
-        parts.append(data)
-        missing -= len(data)
-    return b"".join(parts)

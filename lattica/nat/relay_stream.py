@@ -10,29 +10,17 @@ from __future__ import annotations
 import struct
 from typing import Any, cast
 
-from lattica.errors import MalformedMessageError, RemoteProtocolError
+from lattica.errors import MalformedMessageError
 from lattica.nat.relay_messages import (
     MAX_RELAY_FRAME_BYTES,
     HopMessage,
     StopMessage,
     check_control_frame_length,
 )
-from lattica.net.stream import QuicStream
+from lattica.net.stream import QuicStream, receive_exactly
 from lattica.wire import decode_frame, encode_frame
 
 _LENGTH = struct.Struct(">I")
-
-
-async def _receive_exactly(stream: QuicStream, n_bytes: int) -> bytes:
-    parts: list[bytes] = []
-    missing = n_bytes
-    while missing:
-        data = await stream.receive_some(missing)
-        if not data:
-            raise RemoteProtocolError(f"the stream ended {missing} bytes into a relay frame")
-        parts.append(data)
-        missing -= len(data)
-    return b"".join(parts)
 
 
 async def receive_hop_message(stream: QuicStream) -> HopMessage:
@@ -50,10 +38,10 @@ async def _receive_relay_message(stream: QuicStream, message_type: Any) -> Any:
 
     Raises a :class:`~lattica.errors.RemoteProtocolError` subclass for an oversize, truncated or
     invalid frame, and trio's stream errors for a broken or closed stream."""
-    prefix = await _receive_exactly(stream, _LENGTH.size)
+    prefix = await receive_exactly(stream, _LENGTH.size, what="a relay frame")
     (length,) = _LENGTH.unpack(prefix)
     check_control_frame_length(length)
-    body = await _receive_exactly(stream, length)
+    body = await receive_exactly(stream, length, what="a relay frame")
     try:
         return decode_frame(prefix + body, message_type, max_frame_bytes=MAX_RELAY_FRAME_BYTES)
     except RecursionError:

@@ -40,7 +40,7 @@ from lattica.net.connection import Connection
 from lattica.net.datagram import Address
 from lattica.net.manager import ConnectionManager
 from lattica.net.rpc_messages import Error, Request, Response, RpcMessage, StreamHeader
-from lattica.net.stream import QuicStream
+from lattica.net.stream import QuicStream, receive_exactly
 from lattica.net.tcp_connection import TcpConnection
 from lattica.wire import decode_frame, encode_frame
 
@@ -79,26 +79,14 @@ class _FrameTooLarge(Exception):
         self.length = length
 
 
-async def _receive_exactly(stream: QuicStream, n_bytes: int) -> bytes:
-    parts: list[bytes] = []
-    missing = n_bytes
-    while missing:
-        data = await stream.receive_some(missing)
-        if not data:
-            raise RemoteProtocolError(f"stream ended {missing} bytes into a frame")
-        parts.append(data)
-        missing -= len(data)
-    return b"".join(parts)
-
-
 async def _receive_message(stream: QuicStream, max_frame_bytes: int) -> RpcMessage:
     """Read exactly one frame. Raises ``_FrameTooLarge`` before reading an oversize body,
     ``RemoteProtocolError`` on a malformed or truncated frame."""
-    prefix = await _receive_exactly(stream, 4)
+    prefix = await receive_exactly(stream, 4)
     (length,) = _LENGTH.unpack(prefix)
     if length > max_frame_bytes:
         raise _FrameTooLarge(length)
-    body = await _receive_exactly(stream, length)
+    body = await receive_exactly(stream, length)
     try:
         return decode_frame(prefix + body, RpcMessage, max_frame_bytes=max_frame_bytes)  # type: ignore[arg-type]
     except RecursionError:

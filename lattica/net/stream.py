@@ -21,6 +21,7 @@ from typing import Protocol
 
 import trio
 
+from lattica.errors import RemoteProtocolError
 from lattica.identity import PeerId
 
 # What ``receive_some()`` without ``max_bytes`` returns at most.
@@ -312,3 +313,33 @@ class IncomingStreams:
                 return self._streams.popleft()
             check_open()
             await self._lot.park()
+
+
+class TruncatedFrameError(RemoteProtocolError):
+    """A stream ended in the middle of a length-prefixed frame."""
+
+
+async def receive_exactly(stream: QuicStream, n_bytes: int, *, what: str = "a frame") -> bytes:
+    """Exactly ``n_bytes`` from ``stream`` (a frame's length prefix or body), however the peer
+    split them. Raises :class:`TruncatedFrameError` (``what`` names the frame in its message)
+    when the stream ends first; trio's stream errors when it breaks."""
+    data = await receive_exactly_or_eof(stream, n_bytes, what=what)
+    if data is None:
+        raise TruncatedFrameError(f"the stream ended before {what}")
+    return data
+
+
+async def receive_exactly_or_eof(stream: QuicStream, n_bytes: int, *, what: str = "a frame") -> bytes | None:
+    """Like :func:`receive_exactly`, but a stream that ends cleanly before the first byte gives
+    ``None`` (the peer sent no more frames); an end after a partial read is still an error."""
+    parts: list[bytes] = []
+    missing = n_bytes
+    while missing:
+        data = await stream.receive_some(missing)
+        if not data:
+            if missing == n_bytes and n_bytes:
+                return None
+            raise TruncatedFrameError(f"the stream ended {missing} bytes into {what}")
+        parts.append(data)
+        missing -= len(data)
+    return b"".join(parts)
