@@ -106,10 +106,6 @@ class Connection:
         self.direction: Literal["inbound", "outbound"] = state.direction
         self.path: Path = state.path
         """Where this connection's datagrams go: an address, or a relay circuit."""
-        path = state.path
-        self.remote_address: Address = path.relay_address if isinstance(path, RelayedPath) else path
-        """The peer's network address; for a relayed connection, the relay's (never the peer's:
-        do not remember it as the peer's address, see :attr:`relayed_via`)."""
         self._auth_done = trio.Event()
         self._auth_error: LatticaError | None = None
         self._closed_event = trio.Event()
@@ -120,6 +116,14 @@ class Connection:
         self._timer_scope: trio.CancelScope | None = None
         self._transmitting = False
         self._transmit_again = False
+
+    @property
+    def remote_address(self) -> Address:
+        """The peer's network address as of the latest datagram sent (it follows the peer when
+        its NAT rebinds it to a new port); for a relayed connection, the relay's (never the
+        peer's: do not remember it as the peer's address, see :attr:`relayed_via`)."""
+        path = self._state.current_path
+        return path.relay_address if isinstance(path, RelayedPath) else path
 
     def __repr__(self) -> str:
         peer = self._state.peer_id

@@ -191,7 +191,11 @@ class ConnectionState(Generic[PathT]):
         self._quic = quic
         self.direction: Direction = direction
         self.path: PathT = path
-        """Where datagrams go (the object the state was created with; not interpreted)."""
+        """The path the state was created with (not interpreted)."""
+        self.current_path: PathT = path
+        """The path the latest datagrams went to: differs from :attr:`path` once aioquic has
+        validated a new one, e.g. after the peer's NAT rebound it to another port (RFC 9000
+        section 9.3)."""
         self._config = config
         self._expected_peer = expected_peer
         self._peer_id: PeerId | None = None
@@ -356,7 +360,10 @@ class ConnectionState(Generic[PathT]):
         if self._terminate_after_send:
             self._terminate()
         # aioquic hands back the path object it was given (its NetworkAddress is Any).
-        return cast("list[tuple[bytes, PathT]]", datagrams)
+        typed = cast("list[tuple[bytes, PathT]]", datagrams)
+        if typed:
+            self.current_path = typed[-1][1]
+        return typed
 
     def next_event(self) -> ConnectionEvent | None:
         """The next event, oldest first, or None."""

@@ -31,7 +31,7 @@ from lattica.nat.relay_record import RELAYED_ADDRESSES_KEY
 from lattica.net.address import PeerAddr
 from lattica.net.connection import Connection
 from lattica.node import Node
-from sim_net import Filtering, LinkConfig, Mapping, Network
+from sim_net import Filtering, LinkConfig, Mapping, Network, PortAllocation
 from sim_net import NatConfig as SimNatConfig
 
 PORT = 4001
@@ -337,3 +337,33 @@ async def test_triggers_racing_at_connection_time_start_one_attempt(
             await wait_attempt_over(s.b, s.a.peer_id)
         assert s.b.hole_punch.stats.attempts == 1
         assert s.b.hole_punch.direct_after_s(s.a.peer_id) is not None
+
+
+async def test_a_nat_mapping_that_expires_between_keepalives_loses_no_reservation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # b's NAT forgets an idle mapping after 5 s and picks a random port for the next one, while
+    # b's connections send a keepalive only every 15 s: every keepalive leaves from a new
+    # public port. The relay must follow b to it (QUIC NAT rebinding) and a's circuit to b
+    # must still work.
+    forgetful = SimNatConfig(
+        mapping=Mapping.ENDPOINT_INDEPENDENT,
+        filtering=Filtering.ADDRESS_AND_PORT_DEPENDENT,
+        port_allocation=PortAllocation.RANDOM,
+        mapping_timeout_s=5.0,
+    )
+    async with scene(seed=40, nat_a=PORT_RESTRICTED, nat_b=forgetful) as s:
+        keepalive_s = s.b.config.net.keepalive_interval_s
+        assert forgetful.mapping_timeout_s < keepalive_s
+        await s.b.relay_client.wait_reservations()
+
+        def b_as_the_relay_sees_it() -> tuple[str, int]:
+            [connection] = [c for c in s.relay.connections.connections() if c.peer_id == s.b.peer_id]
+            return connection.remote_address
+
+        before = b_as_the_relay_sees_it()
+        await trio.sleep(3 * keepalive_s)  # idle: the mapping lapses before each keepalive
+        assert b_as_the_relay_sees_it() != before
+        assert len(s.b.relay_client.reservations()) == 1
+        result = await s.a.ping(s.b_relayed(), timeout_s=20)
+        assert result.relayed_via == s.relay.peer_id
