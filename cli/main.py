@@ -223,6 +223,7 @@ def status(home: HomeOption = None, json: JsonOption = False) -> None:
             ("uptime", f"{result['uptime_s']:.0f} s"),
             ("connected peers", result["connected_peers"]),
             *[("listening", a) for a in result["listen_addrs"]],
+            *[("listening (tcp)", a) for a in result.get("tcp_listen_addrs", [])],
             *[("warning", w) for w in result.get("warnings", [])],
         ]
     )

@@ -45,6 +45,8 @@ class StatusResult(msgspec.Struct):
     connected_peers: int
     warnings: list[str]
     """Conditions the owner should act on (e.g. a new identity over an old database)."""
+    tcp_listen_addrs: list[str] = []
+    """``PEERID@HOST:PORT`` where TLS-over-TCP is accepted (empty unless ``net.tcp_listen``)."""
 
 
 class PeerRow(msgspec.Struct):
@@ -148,6 +150,7 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
             listen_addrs=node.dial_strings(),
             connected_peers=len({c.peer_id for c in node.connections.connections()}),
             warnings=list(owner_warnings),
+            tcp_listen_addrs=[f"{node.peer_id}@{format_host_port(a)}" for a in node.tcp.listen_addresses],
         )
 
     async def peers(_: NoParams) -> list[PeerRow]:

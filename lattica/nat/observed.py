@@ -24,11 +24,11 @@ peers see different ports for our one socket: an endpoint-dependent ("symmetric"
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
+from lattica.net.address import address_group
 from lattica.net.datagram import Address
 
 MappingBehaviour = Literal["unknown", "endpoint-independent", "endpoint-dependent"]
@@ -41,15 +41,7 @@ def observer_group(reporter_ip: str) -> str:
 
     ``reporter_ip`` must be an IP literal (a connection's remote address); anything else is
     its own group by its text (emulated or unusual addresses still count once each)."""
-    try:
-        ip = ipaddress.ip_address(reporter_ip)
-    except ValueError:
-        return reporter_ip
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 56), strict=False))
-    return str(ip)
+    return address_group(reporter_ip, ipv6_prefix_bits=56)
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,24 @@ def canonical_ip(host: str) -> str | None:
     return str(ip)
 
 
+def address_group(host: str, *, ipv6_prefix_bits: int) -> str:
+    """The group an address counts in for per-source limits: an IPv4 address (IPv4-mapped IPv6
+    as plain IPv4), or the IPv6 ``/ipv6_prefix_bits`` network (text), since one host or site is
+    routinely given a whole IPv6 prefix (RFC 4291 section 2.5.1).
+
+    ``host`` should be an IP literal (a connection's remote address); anything else is its own
+    group by its text (emulated or unusual addresses still count once each)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix_bits), strict=False))
+    return str(ip)
+
+
 def is_dns_name(host: str) -> bool:
     """Whether ``host`` is a syntactically valid DNS name that cannot be read as an IP address
     (RFC 1123 labels; the last label not numeric). A trailing root dot is allowed."""

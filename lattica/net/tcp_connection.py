@@ -61,21 +61,29 @@ _CLOSE_DRAIN_S: Final = 2.0
 CloseInitiator = Literal["local", "peer", "network"]
 
 
-async def tls_handshake(tcp: trio.abc.Stream, channel: TlsChannel) -> bytes:
+async def tls_handshake(
+    tcp: trio.abc.Stream, channel: TlsChannel, *, first_receive_timeout_s: float | None = None
+) -> bytes:
     """Run ``channel``'s handshake over ``tcp``; returns application bytes that arrived with it.
 
-    The caller bounds the time. Raises :class:`~lattica.errors.RemoteProtocolError` (the peer's
-    TLS or certificate is invalid), :class:`~lattica.errors.ConnectError` (the peer closed), or
-    ``trio.BrokenResourceError`` (the network failed)."""
+    The caller bounds the whole time; ``first_receive_timeout_s`` (if not None) also bounds the
+    wait for the peer's first bytes (``trio.TooSlowError``), so a server drops a silent socket
+    early: a real client sends its ClientHello at once (RFC 8446 section 2). Raises
+    :class:`~lattica.errors.RemoteProtocolError` (the peer's TLS or certificate is invalid),
+    :class:`~lattica.errors.ConnectError` (the peer closed), or ``trio.BrokenResourceError`` (the
+    network failed)."""
     channel.start()
     leftover = b""
+    first_limit_s = math.inf if first_receive_timeout_s is None else first_receive_timeout_s
     while True:
         outgoing = channel.data_to_send()
         if outgoing:
             await tcp.send_all(outgoing)
         if channel.handshake_complete:
             return leftover
-        data = await tcp.receive_some(RECEIVE_BYTES)
+        with trio.fail_after(first_limit_s):
+            data = await tcp.receive_some(RECEIVE_BYTES)
+        first_limit_s = math.inf
         if not data:
             raise ConnectError("the peer closed the connection during the TLS handshake")
         leftover = channel.receive_data(data)

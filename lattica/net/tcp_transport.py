@@ -11,8 +11,10 @@ Rules:
 * **Listen only where asked.** :meth:`TcpTransport.listen` binds exactly the host and port it
   is given; nothing listens until it is called.
 * **Hostile input ends one connection at most.** A handshake must finish within
-  ``handshake_timeout_s``; at most ``MAX_CONCURRENT_HANDSHAKES`` run at once and at most
-  ``max_connections`` connections live (more are closed at accept); every error a peer can
+  ``handshake_timeout_s`` and send its first bytes within ``FIRST_BYTES_TIMEOUT_S``; at most
+  ``MAX_CONCURRENT_HANDSHAKES`` run at once, at most ``MAX_HANDSHAKES_PER_IP`` of them from one
+  source address, and at most ``max_connections`` connections live (more are closed at
+  accept), so idle sockets from one address cannot lock others out; every error a peer can
   cause (TLS, certificate, yamux framing, flow control, too many streams) closes that
   connection. A stream handler's own bug is logged and closes that peer's connection.
 * **Identity.** A dial to ``PEERID@HOST:PORT`` fails with
@@ -39,7 +41,13 @@ from lattica.errors import (
     RemoteProtocolError,
 )
 from lattica.identity import Identity, PeerId
-from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port, network_address
+from lattica.net.address import (
+    InvalidAddressError,
+    PeerAddr,
+    address_group,
+    format_host_port,
+    network_address,
+)
 from lattica.net.config import EndpointConfig
 from lattica.net.datagram import Address
 from lattica.net.log_once import LogOnce
@@ -52,6 +60,15 @@ logger = logging.getLogger("lattica.net.tcp")
 
 MAX_CONCURRENT_HANDSHAKES: Final = 64
 """Inbound TLS handshakes in progress at once; more connections are closed at accept."""
+
+MAX_HANDSHAKES_PER_IP: Final = 8
+"""Inbound TLS handshakes in progress at once from one source (an IPv4 address or an IPv6 /64);
+more from it are closed at accept, so one address cannot hold the global
+``MAX_CONCURRENT_HANDSHAKES``."""
+
+FIRST_BYTES_TIMEOUT_S: Final = 3.0
+"""Seconds an inbound TCP client has to send its first TLS bytes (the ClientHello, which a real
+client sends at once); a silent socket is dropped then, not after ``handshake_timeout_s``."""
 
 StreamHandler = Callable[[QuicStream], Awaitable[None]]
 
@@ -80,6 +97,7 @@ class TcpTransport:
         self._stream_handler = stream_handler
         self._by_peer: dict[PeerId, list[TcpConnection]] = {}
         self._handshakes = 0
+        self._handshakes_by_source: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._log_once = LogOnce(logger)
         self.listen_addresses: list[Address] = []
@@ -150,28 +168,35 @@ class TcpTransport:
                     self._log_once.warning("accept", "accepting a TCP connection failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
+                try:
+                    peername = tcp.socket.getpeername()
+                except OSError:  # already gone
+                    await tcp.aclose()
+                    continue
+                remote: Address = (str(peername[0]), int(peername[1]))
+                source = address_group(remote[0], ipv6_prefix_bits=64)
                 if (
                     self._handshakes >= MAX_CONCURRENT_HANDSHAKES
+                    or self._handshakes_by_source.get(source, 0) >= MAX_HANDSHAKES_PER_IP
                     or len(self.connections()) >= self.config.max_connections
                 ):
                     self.refused_connections += 1
                     self._log_once.warning("limit", "refusing TCP connections over the limits (counted, not logged)")
                     await tcp.aclose()
                     continue
-                self._require_nursery().start_soon(self._serve_inbound, tcp)
+                # Counted here, before the task starts, so a burst of accepts sees its own slots.
+                self._handshakes += 1
+                self._handshakes_by_source[source] = self._handshakes_by_source.get(source, 0) + 1
+                self._require_nursery().start_soon(self._serve_inbound, tcp, remote, source)
 
-    async def _serve_inbound(self, tcp: trio.SocketStream) -> None:
-        try:
-            peername = tcp.socket.getpeername()
-        except OSError:  # already gone
-            await tcp.aclose()
-            return
-        remote: Address = (str(peername[0]), int(peername[1]))
+    async def _serve_inbound(self, tcp: trio.SocketStream, remote: Address, source: str) -> None:
         channel = TlsChannel(self.identity, is_client=False)
-        self._handshakes += 1
+        timeout_s = self.config.handshake_timeout_s
         try:
-            with trio.fail_after(self.config.handshake_timeout_s):
-                leftover = await tls_handshake(tcp, channel)
+            with trio.fail_after(timeout_s):
+                leftover = await tls_handshake(
+                    tcp, channel, first_receive_timeout_s=min(FIRST_BYTES_TIMEOUT_S, timeout_s)
+                )
         except (
             trio.TooSlowError,
             RemoteProtocolError,
@@ -185,6 +210,11 @@ class TcpTransport:
             return
         finally:
             self._handshakes -= 1
+            left = self._handshakes_by_source[source] - 1
+            if left:
+                self._handshakes_by_source[source] = left
+            else:
+                del self._handshakes_by_source[source]
         connection = self._connection_for(tcp, channel, remote, leftover)
         if connection.peer_id == self.peer_id:
             await connection.aclose("a connection from ourselves")

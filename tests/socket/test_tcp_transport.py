@@ -11,9 +11,12 @@ import trio
 import trio.testing
 
 from lattica.config import NodeConfig
+from lattica.control.messages import NoParams
+from lattica.control.node_methods import register_node_methods
+from lattica.control.registry import MethodRegistry
 from lattica.errors import ConnectError, DialSelfError, PeerIdMismatchError, RpcError
 from lattica.identity import Identity, PeerId
-from lattica.net import ConnectionManager, EndpointConfig, Rpc, UdpSocket
+from lattica.net import ConnectionManager, EndpointConfig, Rpc, UdpSocket, tcp_transport
 from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
 from lattica.net.datagram import Address
@@ -24,7 +27,7 @@ from lattica.net.tcp_connection import (
     TcpConnection,
     tls_handshake,
 )
-from lattica.net.tcp_transport import TcpTransport
+from lattica.net.tcp_transport import MAX_CONCURRENT_HANDSHAKES, MAX_HANDSHAKES_PER_IP, TcpTransport
 from lattica.net.tls_channel import TlsChannel
 from lattica.net.yamux import FLAG_ACK, FLAG_SYN, TYPE_DATA, TYPE_PING, TYPE_WINDOW_UPDATE, encode_header
 from lattica.node import Node
@@ -295,6 +298,42 @@ async def test_a_silent_tcp_client_is_dropped_after_the_handshake_timeout(
     await tcp.aclose()
 
 
+async def _idle_sockets_from(source_ip: str, address: Address, count: int) -> list[trio.socket.SocketType]:
+    # On loopback every 127.x.y.z is ours: binding the source makes these a different IP.
+    socks = []
+    for _ in range(count):
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        await sock.bind((source_ip, 0))
+        await sock.connect(address)
+        socks.append(sock)
+    return socks
+
+
+async def test_idle_sockets_from_one_ip_do_not_stop_a_genuine_dial(make_transport: MakeTransport) -> None:
+    server, address = await make_transport(config=EndpointConfig(handshake_timeout_s=10.0))
+    idle = await _idle_sockets_from("127.0.0.2", address, MAX_CONCURRENT_HANDSHAKES + 6)
+    try:
+        client, _ = await make_transport()
+        connection = await client.connect(PeerAddr(address, server.peer_id), timeout_s=5.0)
+        assert connection.peer_id == server.peer_id
+        # Those beyond the per-IP cap were closed at accept, not left waiting.
+        assert server.refused_connections >= len(idle) - MAX_HANDSHAKES_PER_IP
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+async def test_a_client_that_sends_no_tls_bytes_is_dropped_before_the_handshake_timeout(
+    make_transport: MakeTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tcp_transport, "FIRST_BYTES_TIMEOUT_S", 0.2)
+    _server, address = await make_transport(config=EndpointConfig(handshake_timeout_s=600.0))
+    tcp = await trio.open_tcp_stream(*address)
+    with trio.fail_after(10):  # a guard only: without the first-bytes limit this waits 600 s
+        assert await tcp.receive_some(100) == b""
+    await tcp.aclose()
+
+
 async def test_dialling_a_closed_port_is_a_connect_error(make_transport: MakeTransport) -> None:
     client, _ = await make_transport()
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -337,6 +376,13 @@ async def test_a_node_listens_for_tcp_only_when_asked_and_serves_rpc_over_it() -
         connection = await client.tcp.connect(PeerAddr(("127.0.0.1", udp_port), server.peer_id))
         assert await client.rpc.ping(connection) >= 0
         assert client.connections.connections() == []  # the ping did not use QUIC
+        # `lattica status` shows where TCP is accepted, and only where it is.
+        for node, expected in ((server, [f"{server.peer_id}@127.0.0.1:{udp_port}"]), (client, [])):
+            registry = MethodRegistry()
+            register_node_methods(registry, node)
+            status = registry.get("status")
+            assert status is not None
+            assert (await status.handler(NoParams())).tcp_listen_addrs == expected  # type: ignore[attr-defined]
 
 
 async def test_frames_that_arrive_with_the_handshake_are_answered(

@@ -10,6 +10,7 @@ from lattica.identity import Identity, PeerId
 from lattica.net.address import (
     InvalidAddressError,
     PeerAddr,
+    address_group,
     canonical_ip,
     family_mismatch,
     format_host_port,
@@ -318,3 +319,20 @@ def test_family_mismatch_says_when_a_socket_cannot_reach_an_address(
     assert (reason is None) == reachable
     if reason is not None:
         assert local in reason and remote in reason
+
+
+@pytest.mark.parametrize(
+    ("host", "group"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # a v4 client on a dual-stack listener
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),  # the same /64: the same source
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("not-an-ip", "not-an-ip"),
+    ],
+)
+def test_an_address_group_is_an_ipv4_address_or_an_ipv6_prefix(host: str, group: str) -> None:
+    # The TCP listener's per-source handshake cap counts by these (IPv6 /64).
+    assert address_group(host, ipv6_prefix_bits=64) == group
