@@ -30,6 +30,12 @@ class CrdtConfig:
     """Spaces this node holds at most (created plus joined)."""
     max_pending: Count = 1024
     """Out-of-order envelopes buffered per space until the missing ones arrive."""
+    max_pending_per_author: Count = 256
+    """Out-of-order envelopes of one author buffered per space (one writer cannot fill the
+    buffer that the other writers' out-of-order envelopes need)."""
+    max_pending_bytes: Annotated[int, msgspec.Meta(ge=MAX_BODY_BYTES * 2, le=1 << 32)] = 8 << 20
+    """Bytes of out-of-order envelopes buffered per space at most (the memory a peer can make
+    a space hold beyond what it accepted)."""
     batch_envelopes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
     """Envelopes in one sync reply or push at most."""
     batch_bytes: Annotated[int, msgspec.Meta(ge=4096, le=16 << 20)] = 128 * 1024

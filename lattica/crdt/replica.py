@@ -6,8 +6,13 @@ version vector and the pycrdt document. It never reads a clock, never sleeps, ne
 Rules (invariants):
 
 * An envelope is applied only when it is the author's next seq (``vv[author] + 1``); later ones
-  wait in a bounded buffer (``max_pending``, at most ``max_ahead`` seqs ahead); the version
-  vector maps author -> highest contiguous settled seq and is the whole sync summary.
+  wait in a bounded buffer (``max_pending`` in all, ``max_pending_per_author`` per author,
+  ``max_pending_bytes`` of envelopes, at most ``max_ahead`` seqs ahead); the version vector maps
+  author -> highest contiguous settled seq and is the whole sync summary.
+* Only what could be applied once the missing seqs arrive is buffered: the author may write
+  that seq under the current writer list (a revoked writer's seqs past its cutoff are refused
+  at once) and the body is within ``max_update_bytes``. A revoke drops the revoked writer's
+  buffered envelopes past its cutoff.
 * Applied means: signature checked (by the decoder), the author allowed to write that seq
   (:class:`~lattica.crdt.access.AccessList`), the body within ``max_update_bytes``, the Yrs
   update's structs all under the author's client id, and Yrs accepted the bytes. Any failure
@@ -106,6 +111,8 @@ class ReplicaLimits:
     max_update_bytes: int = 256 * 1024
     max_space_bytes: int = 64 << 20
     max_pending: int = 1024
+    max_pending_per_author: int = 256
+    max_pending_bytes: int = 8 << 20
     max_ahead: int = 4096
     max_authors: int = 1024
 
@@ -166,6 +173,9 @@ class SpaceReplica:
         self.log: dict[bytes, dict[int, Envelope]] = {}
         self.size_bytes = 0
         self._pending: dict[tuple[bytes, int], Envelope] = {}
+        self._pending_per_author: dict[bytes, int] = {}
+        self.pending_bytes = 0
+        """Wire bytes of the envelopes waiting in the out-of-order buffer (``max_pending_bytes``)."""
         self.highest_seen: dict[bytes, int] = {}
         """Writer -> highest seq of any validly signed envelope seen (even refused ones): a
         re-grant starts after it, so updates made while revoked stay refused."""
@@ -318,21 +328,63 @@ class SpaceReplica:
             result.refused.append(Refused(PeerId(author), seq, reason))
             return
         if seq > have + 1:
-            if seq > have + self.limits.max_ahead:
-                result.refused.append(Refused(PeerId(author), seq, "too-far-ahead"))
-            elif (author, seq) in self._pending:
-                result.refused.append(Refused(PeerId(author), seq, "replayed"))
-            elif len(self._pending) >= self.limits.max_pending:
-                result.refused.append(Refused(PeerId(author), seq, "buffer-full"))
+            refusal = self._buffer_refusal(envelope, have)
+            if refusal is not None:
+                result.refused.append(Refused(PeerId(author), seq, refusal[0], refusal[1]))
             else:
-                self._pending[(author, seq)] = envelope
+                self._pend(envelope)
                 result.buffered += 1
             return
         self._apply_next(envelope, result)
         self._drain_pending(result)
 
+    def _buffer_refusal(self, envelope: Envelope, have: int) -> tuple[str, str] | None:
+        """Why an out-of-order envelope may not wait in the buffer, or None. Refused here is
+        what this replica could not apply when its turn came under the writer list it holds
+        now; a re-grant that arrives later makes sync offer such envelopes again."""
+        author, seq = envelope.author, envelope.seq
+        limits = self.limits
+        if envelope.kind != EnvelopeKind.UPDATE and author != self.owner.key:
+            return ("unauthorized", "only the owner changes the writer list")
+        if not self.acl.allows(author, seq):
+            return ("revoked", "past the writer's cutoff")
+        if len(envelope.body) > limits.max_update_bytes:
+            return ("too-large", f"{len(envelope.body)} > {limits.max_update_bytes} bytes")
+        if seq > have + limits.max_ahead:
+            return ("too-far-ahead", f"more than {limits.max_ahead} seqs ahead")
+        if (author, seq) in self._pending:
+            return ("replayed", "already buffered")
+        if self._pending_per_author.get(author, 0) >= limits.max_pending_per_author:
+            return ("buffer-full", f"{limits.max_pending_per_author} envelopes of this author wait")
+        if len(self._pending) >= limits.max_pending:
+            return ("buffer-full", f"{limits.max_pending} envelopes wait")
+        if self.pending_bytes + envelope.wire_size() > limits.max_pending_bytes:
+            return ("buffer-full", f"{limits.max_pending_bytes} bytes wait")
+        return None
+
+    def _pend(self, envelope: Envelope) -> None:
+        self._pending[(envelope.author, envelope.seq)] = envelope
+        self._pending_per_author[envelope.author] = self._pending_per_author.get(envelope.author, 0) + 1
+        self.pending_bytes += envelope.wire_size()
+
+    def _unpend(self, key: tuple[bytes, int]) -> Envelope | None:
+        envelope = self._pending.pop(key, None)
+        if envelope is not None:
+            left = self._pending_per_author[key[0]] - 1
+            if left:
+                self._pending_per_author[key[0]] = left
+            else:
+                del self._pending_per_author[key[0]]
+            self.pending_bytes -= envelope.wire_size()
+        return envelope
+
+    @property
+    def pending_count(self) -> int:
+        """Envelopes waiting in the out-of-order buffer."""
+        return len(self._pending)
+
     def _pending_authors(self) -> set[bytes]:
-        return {a for a, _ in self._pending}
+        return set(self._pending_per_author)
 
     def _drain_pending(self, result: OfferResult) -> None:
         progress = True
@@ -344,10 +396,10 @@ class SpaceReplica:
                 if skip_to is not None:
                     self.version_vector[author] = skip_to
                     for key in [k for k in self._pending if k[0] == author and k[1] <= skip_to]:
-                        del self._pending[key]
+                        self._unpend(key)
                     progress = True
                     continue
-                envelope = self._pending.pop((author, have + 1), None)
+                envelope = self._unpend((author, have + 1))
                 if envelope is not None:
                     self._apply_next(envelope, result)
                     progress = True
@@ -410,7 +462,7 @@ class SpaceReplica:
         held = self.log.get(op.peer, {})
         doomed = [s for s in held if s > op.after_seq]
         for key in [k for k in self._pending if k[0] == op.peer and k[1] > op.after_seq]:
-            del self._pending[key]
+            self._unpend(key)
         if not doomed:
             return
         for s in doomed:

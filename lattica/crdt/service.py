@@ -44,6 +44,7 @@ from lattica.crdt.replica import Change, ReplicaLimits, SpaceReplica
 from lattica.crdt.space_id import Genesis, SpaceId, decode_genesis, encode_genesis, make_genesis
 from lattica.crdt.store import SpaceStore
 from lattica.crdt.sync import (
+    MAX_BATCH,
     MAX_REPLICAS_SHARED,
     PROTOCOL_ID,
     Push,
@@ -174,6 +175,8 @@ class CrdtService:
             max_update_bytes=self.config.max_update_bytes,
             max_space_bytes=self.config.max_space_bytes,
             max_pending=self.config.max_pending,
+            max_pending_per_author=self.config.max_pending_per_author,
+            max_pending_bytes=self.config.max_pending_bytes,
         )
         rpc.add_handler(PROTOCOL_ID, self._handle_request)
 
@@ -535,10 +538,13 @@ class CrdtService:
 
     async def _accept(
         self, space: _Space, envelopes: list[Envelope], *, source: PeerId, rate_limited: bool, forward: bool = True
-    ) -> int:
-        """Verify, rate-limit, apply, persist, publish and forward; returns how many applied."""
+    ) -> tuple[int, list[str]]:
+        """Verify, rate-limit, apply, persist, publish and forward; returns how many applied and
+        the refusal reason of each envelope refused (``bad-signature``, ``rate-limited`` or one
+        of :data:`~lattica.crdt.replica.REFUSAL_REASONS`); buffered envelopes are neither."""
         now = trio.current_time()
         verified: list[Envelope] = []
+        refused: list[str] = []
         replica = space.replica
         for envelope in envelopes:
             held = replica.log.get(envelope.author, {}).get(envelope.seq)
@@ -548,15 +554,18 @@ class CrdtService:
                 verify_envelope(envelope)
             except MalformedEnvelopeError:
                 self.stats.refused += 1
+                refused.append("bad-signature")
                 continue
             if rate_limited and not self._bucket(space, envelope.author).take(now):
                 self.stats.refused += 1
+                refused.append("rate-limited")
                 continue
             verified.append(envelope)
         if not verified:
-            return 0
+            return 0, refused
         result = replica.offer(verified)
         self.stats.refused += len(result.refused)
+        refused.extend(r.reason for r in result.refused)
         # Published with no await after the offer: the document already shows these changes,
         # and a watcher that subscribes while the log write below is pending must not be sent
         # changes from before it subscribed.
@@ -567,7 +576,7 @@ class CrdtService:
         await self._persist(space, result.applied)
         if forward:
             self._enqueue(space, result.applied, source)
-        return len(result.applied)
+        return len(result.applied), refused
 
     async def _persist_local(self, space: _Space, envelope: Envelope) -> None:
         """Log this node's own new envelope; if that fails it is undone here (never
@@ -645,8 +654,9 @@ class CrdtService:
         self._remember(space, peer)
         replica = space.replica
         if isinstance(request, Push):
-            applied = await self._accept(space, request.envelopes, source=peer, rate_limited=True)
-            reply: SyncReply | PushReply = PushReply(applied)
+            applied, refused = await self._accept(space, request.envelopes, source=peer, rate_limited=True)
+            # One reason per refused envelope of the push (at most MAX_BATCH, like the push).
+            reply: SyncReply | PushReply = PushReply(applied, refused[:MAX_BATCH])
         else:
             theirs = vector_from_wire(request.version_vector)
             if request.want_genesis:

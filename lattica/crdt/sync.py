@@ -64,7 +64,9 @@ class Push(msgspec.Struct, frozen=True, tag="push"):
 
 
 class PushReply(msgspec.Struct, frozen=True, tag="push-reply"):
-    """How many of a push were applied, and the refusal reasons (bounded)."""
+    """How many of a push were applied, and one refusal reason per refused envelope (bounded):
+    ``bad-signature``, ``rate-limited`` or one of ``lattica.crdt.REFUSAL_REASONS``. Envelopes
+    buffered until their predecessors arrive are in neither."""
 
     applied: int
     refused: Annotated[list[str], msgspec.Meta(max_length=MAX_BATCH)] = []

@@ -203,3 +203,68 @@ def test_garbage_writer_list_operations_are_refused(body: bytes) -> None:
         envelope = sign_envelope(OWNER, GENESIS.space_id, 1, kind, body)
         result = reader.offer([envelope])
         assert result.applied or result.refused[0].reason == "invalid-acl-op"
+
+
+def writer_updates(first_seq: int, count: int, body_bytes: int = 64) -> list[Envelope]:
+    """WRITER's envelopes ``first_seq..`` with ``body_bytes`` bodies (never applied: only buffered)."""
+    return [
+        sign_envelope(WRITER, GENESIS.space_id, seq, EnvelopeKind.UPDATE, bytes(body_bytes))
+        for seq in range(first_seq, first_seq + count)
+    ]
+
+
+def granted_then_revoked() -> tuple[SpaceReplica, Envelope]:
+    owner_side = replica(OWNER)
+    owner_side.grant(OWNER, WRITER.peer_id)
+    revoke = owner_side.revoke(OWNER, WRITER.peer_id)
+    assert revoke is not None
+    return owner_side, revoke
+
+
+def test_a_revoked_writers_envelopes_past_its_cutoff_are_refused_not_buffered() -> None:
+    owner_side, _ = granted_then_revoked()
+    result = owner_side.offer(writer_updates(10, 50, body_bytes=10_000))
+    assert result.buffered == 0
+    assert {r.reason for r in result.refused} == {"revoked"} and len(result.refused) == 50
+    assert owner_side.pending_count == 0 and owner_side.pending_bytes == 0
+
+
+def test_a_revoke_drops_the_revoked_writers_buffered_envelopes() -> None:
+    owner_side = replica(OWNER)
+    grant = owner_side.grant(OWNER, WRITER.peer_id)
+    reader = replica(READER)
+    reader.offer([grant])  # type: ignore[list-item]
+    assert reader.offer(writer_updates(5, 20)).buffered == 20
+    assert reader.pending_bytes > 0
+    revoke = owner_side.revoke(OWNER, WRITER.peer_id)  # cutoff 0: nothing of WRITER's counts
+    reader.offer([revoke])  # type: ignore[list-item]
+    assert reader.pending_count == 0 and reader.pending_bytes == 0
+
+
+def test_an_out_of_order_envelope_above_the_size_limit_is_refused_before_buffering() -> None:
+    reader = replica(READER, max_update_bytes=1000)
+    reader.offer([replica(OWNER).grant(OWNER, WRITER.peer_id)])  # type: ignore[list-item]
+    result = reader.offer(writer_updates(5, 3, body_bytes=5000))
+    assert [r.reason for r in result.refused] == ["too-large"] * 3
+    assert reader.pending_count == 0
+
+
+def test_one_writer_cannot_fill_the_buffer_the_others_need() -> None:
+    owner_side = replica(OWNER)
+    grant = owner_side.grant(OWNER, WRITER.peer_id)
+    owner_updates = [owner_side.write(OWNER, put(f"k{i}", i))[0] for i in range(4)]
+    reader = replica(READER, max_pending=10, max_pending_per_author=5)
+    reader.offer([grant])  # type: ignore[list-item]
+    flood = reader.offer(writer_updates(5, 20))
+    assert flood.buffered == 5 and {r.reason for r in flood.refused} == {"buffer-full"}
+    # The owner's seq 2 (the grant) is applied; its updates 3.. wait for nothing else.
+    honest = reader.offer(owner_updates[1:])
+    assert honest.buffered == 3 and not honest.refused
+
+
+def test_the_buffer_holds_at_most_max_pending_bytes() -> None:
+    reader = replica(READER, max_pending_bytes=50_000)
+    reader.offer([replica(OWNER).grant(OWNER, WRITER.peer_id)])  # type: ignore[list-item]
+    result = reader.offer(writer_updates(5, 20, body_bytes=10_000))
+    assert result.buffered == 4 and [r.reason for r in result.refused] == ["buffer-full"] * 16
+    assert 40_000 <= reader.pending_bytes <= 50_000
