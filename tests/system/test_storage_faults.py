@@ -88,11 +88,11 @@ def test_full_disk_fails_the_put_in_one_line_and_the_daemon_keeps_serving(tmp_pa
         # No peers: the put fails its quorum, but the record is stored locally first.
         lattica("dht", "put", "before", "kept", home=home)
         assert lattica("dht", "get", "before", home=home).stdout.strip() == "kept"
-        with (small_disk / "filler").open("wb") as filler:
+        # Unbuffered: a buffered file that hit ENOSPC would raise it again when closed.
+        with (small_disk / "filler").open("wb", buffering=0) as filler:
             try:
                 while True:
                     filler.write(b"\0" * 65536)
-                    filler.flush()
             except OSError:
                 pass
         result = lattica("dht", "put", "after", "x" * 30_000, home=home)
