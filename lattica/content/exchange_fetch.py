@@ -56,7 +56,7 @@ from lattica.content.fetch_scheduler import (
     WantedChunk,
 )
 from lattica.content.manifest import FileEntry, Manifest, decode_manifest
-from lattica.content.tensor_select import TensorSelection, select_tensors, write_selected_safetensors
+from lattica.content.tensor_select import TensorSelection, select_tensors
 from lattica.errors import LatticaError, RemoteProtocolError
 from lattica.identity import PeerId
 from lattica.net.stream import QuicStream
@@ -339,14 +339,8 @@ async def fetch_content(
 
 
 def _export(store: BlockStore, plan: FetchPlan, out_dir: Path) -> list[str]:
-    paths = [str(p) for p in export_files(store, plan.files, out_dir)]
-    for selection in plan.selections:
-        # The manifest's paths were checked on decode (relative, no "..", no clashes).
-        target = out_dir / selection.file.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_selected_safetensors(selection, store.read_block, target)
-        paths.append(str(target))
-    return paths
+    # Whole files and tensor selections share one contained writer (no symlink followed).
+    return [str(p) for p in export_files(store, plan.files, out_dir, plan.selections)]
 
 
 async def _transfer(

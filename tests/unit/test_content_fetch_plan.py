@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from lattica.content import ContentConfig, Manifest, NoTensorsSelectedError
-from lattica.content.exchange_fetch import plan_fetch
+from lattica.content import ContentConfig, Manifest, NoTensorsSelectedError, UnsafePathError
+from lattica.content.block_store import BlockStore
+from lattica.content.cid import Cid
+from lattica.content.exchange_fetch import FetchDeps, fetch_content, plan_fetch
 from lattica.content.publish import publish
+from lattica.identity import PeerId
+from lattica.net.stream import QuicStream
 from tests.unit.content_samples import KIB, open_store, safetensors_bytes, tensors
 
 
@@ -43,3 +47,35 @@ async def test_tensor_patterns_take_only_their_chunks(tmp_path: Path) -> None:
     assert tensor_chunks <= set(plan.chunks) and len(tensor_chunks) < len(weights.chunks)
     with pytest.raises(NoTensorsSelectedError):
         plan_fetch(manifest, tensors=["decoder.*"])
+
+
+def _local_deps(store: BlockStore) -> FetchDeps:
+    """Deps of a fetch whose content is all held here: it never opens a stream."""
+
+    async def no_stream(peer: PeerId, protocol_id: str) -> QuicStream:
+        raise AssertionError("a fetch of held content opened a stream")
+
+    async def no_peers(cid: Cid) -> list[PeerId]:
+        return []
+
+    return FetchDeps(store, ContentConfig(), no_stream, no_peers)
+
+
+async def test_a_tensors_fetch_does_not_follow_a_symlink_out_of_the_output_folder(tmp_path: Path) -> None:
+    # Review finding: `fetch -o DIR --tensors` followed DIR/sub -> elsewhere and wrote there.
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    arrays = tensors(3, {"encoder.layer.0.w": (64, 64), "head": (16,)})
+    (src / "sub" / "model.safetensors").write_bytes(safetensors_bytes(arrays))
+    elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "sub").symlink_to(elsewhere)
+    with open_store(tmp_path / "store") as store:
+        cid = (await publish(store, src)).cid
+        with pytest.raises(UnsafePathError, match="symlink"):
+            await fetch_content(_local_deps(store), cid, out_dir=out, tensors=["encoder.*"])
+        assert list(elsewhere.iterdir()) == []
+        (out / "sub").unlink()
+        await fetch_content(_local_deps(store), cid, out_dir=out, tensors=["encoder.*"])
+    assert (out / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o644
