@@ -66,6 +66,8 @@ log = logging.getLogger("lattica.content.fetch")
 _MANIFEST_TIMEOUT_S = 30.0
 _RECEIVE_BYTES = 1 << 20
 _BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
+_MANIFEST_BUSY_FIRST_S = 0.5  # first pause before asking busy peers for a manifest again
+_MANIFEST_BUSY_MAX_S = 8.0  # longest pause between those asks
 
 
 class FetchFailedError(ContentError):
@@ -236,48 +238,80 @@ class _PeerLink:
 # -- the fetch ---------------------------------------------------------------------------------
 
 
+async def _ask_manifest(
+    cid: Cid, peer: PeerId, open_stream: StreamOpener, config: ContentConfig
+) -> tuple[bytes, Manifest] | str:
+    """The manifest from one peer, or the refusal code it answered (``busy``, ``not-found``).
+    Raises ``trio.TooSlowError``, :class:`MalformedContentError`, ``LatticaError`` and trio's
+    stream errors."""
+    with trio.fail_after(_MANIFEST_TIMEOUT_S):
+        stream = await open_stream(peer, PROTOCOL_ID)
+        async with stream:
+            client = ExchangeClient()
+            _id, frame = client.want(cid.digest, config.max_manifest_bytes)
+            await stream.send_all(frame)
+            await stream.send_eof()  # one request: the server ends the stream after it
+            reply = None
+            while reply is None:
+                data = await stream.receive_some(_RECEIVE_BYTES)
+                if not data:
+                    client.end_of_stream()
+                    raise RemoteProtocolError("stream ended before the manifest")
+                events = client.receive(data)
+                reply = events[0] if events else None
+    if isinstance(reply, BlockRefused):
+        return reply.code
+    assert isinstance(reply, BlockReceived)
+    manifest = decode_manifest(
+        reply.data,
+        expected=cid,
+        max_manifest_bytes=config.max_manifest_bytes,
+        max_files=config.max_files,
+        max_chunks=config.max_chunks,
+        max_path_bytes=config.max_path_bytes,
+        max_header_bytes=config.max_safetensors_header_bytes,
+    )
+    return reply.data, manifest
+
+
 async def _fetch_manifest(
     cid: Cid, candidates: Sequence[PeerId], open_stream: StreamOpener, config: ContentConfig
 ) -> tuple[bytes, Manifest]:
+    """The manifest from the first candidate that sends a valid one. Peers that answer
+    ``busy`` are asked again after a doubling pause (``_MANIFEST_BUSY_FIRST_S`` up to
+    ``_MANIFEST_BUSY_MAX_S``) for at most ``fetch_stall_timeout_s``: a busy seeder is a
+    moment's wait, not a failed fetch. Raises :class:`FetchFailedError`."""
     errors: list[str] = []
-    for peer in candidates:
-        try:
-            with trio.fail_after(_MANIFEST_TIMEOUT_S):
-                stream = await open_stream(peer, PROTOCOL_ID)
-                async with stream:
-                    client = ExchangeClient()
-                    _id, frame = client.want(cid.digest, config.max_manifest_bytes)
-                    await stream.send_all(frame)
-                    await stream.send_eof()  # one request: the server ends the stream after it
-                    reply = None
-                    while reply is None:
-                        data = await stream.receive_some(_RECEIVE_BYTES)
-                        if not data:
-                            client.end_of_stream()
-                            raise RemoteProtocolError("stream ended before the manifest")
-                        events = client.receive(data)
-                        reply = events[0] if events else None
-            if isinstance(reply, BlockRefused):
-                errors.append(f"{peer}: {reply.code}")
+    asking = list(candidates)
+    pause = _MANIFEST_BUSY_FIRST_S
+    give_up_at = trio.current_time() + config.fetch_stall_timeout_s
+    while True:
+        busy: list[PeerId] = []
+        for peer in asking:
+            try:
+                answer = await _ask_manifest(cid, peer, open_stream, config)
+            except trio.TooSlowError:
+                errors.append(f"{peer}: no manifest within {_MANIFEST_TIMEOUT_S:g} s")
                 continue
-            assert isinstance(reply, BlockReceived)
-            manifest = decode_manifest(
-                reply.data,
-                expected=cid,
-                max_manifest_bytes=config.max_manifest_bytes,
-                max_files=config.max_files,
-                max_chunks=config.max_chunks,
-                max_path_bytes=config.max_path_bytes,
-                max_header_bytes=config.max_safetensors_header_bytes,
-            )
-            return reply.data, manifest
-        except trio.TooSlowError:
-            errors.append(f"{peer}: no manifest within {_MANIFEST_TIMEOUT_S:g} s")
-        except MalformedContentError as exc:
-            log.warning("peer %s sent a bad manifest for %s: %s", peer, cid, exc)
-            errors.append(f"{peer}: bad manifest ({exc})")
-        except (LatticaError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            errors.append(f"{peer}: {exc}")
+            except MalformedContentError as exc:
+                log.warning("peer %s sent a bad manifest for %s: %s", peer, cid, exc)
+                errors.append(f"{peer}: bad manifest ({exc})")
+                continue
+            except (LatticaError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                errors.append(f"{peer}: {exc}")
+                continue
+            if isinstance(answer, tuple):
+                return answer
+            if answer == BUSY:
+                busy.append(peer)
+            else:
+                errors.append(f"{peer}: {answer}")
+        if not busy or trio.current_time() + pause > give_up_at:
+            errors += [f"{peer}: {BUSY}" for peer in busy]
+            break
+        await trio.sleep(pause)
+        pause = min(2 * pause, _MANIFEST_BUSY_MAX_S)
+        asking = busy
     detail = "; ".join(errors[:5]) if errors else "no provider or connected peer found"
     raise FetchFailedError(f"cannot get the manifest of {cid}: {detail}")
 
