@@ -42,7 +42,7 @@ from lattica.content.block_store import BlockStore
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import Cid, blake3_digest
 from lattica.content.config import ContentConfig
-from lattica.content.errors import ContentError, MalformedContentError, NoTensorsSelectedError
+from lattica.content.errors import ChunkMismatchError, ContentError, MalformedContentError, NoTensorsSelectedError
 from lattica.content.exchange_messages import BUSY, PROTOCOL_ID
 from lattica.content.exchange_protocol import BlockReceived, BlockRefused, ExchangeClient, HasAnswered
 from lattica.content.export import export_files, select_files
@@ -348,6 +348,7 @@ async def fetch_content(
     if not cid.is_manifest:
         raise FetchFailedError(f"{cid} names a single chunk; fetch takes a manifest id")
     candidates: list[PeerId] | None = None  # looked up once, when first needed
+    was_pinned = any(r.pinned for r in store.roots() if r.cid == cid)
     if store.has(cid.digest):
         manifest = store.manifest(cid)
         await store.add_root(store.read_block(cid.digest), manifest, pinned=True)
@@ -355,6 +356,38 @@ async def fetch_content(
         candidates = await deps.find_candidates(cid)
         encoded, manifest = await _fetch_manifest(cid, candidates, deps.open_stream, config)
         await store.add_root(encoded, manifest, pinned=True)
+    try:
+        await _fetch_planned(deps, cid, manifest, out_dir, include, exclude, tensors, progress, candidates)
+    except ChunkMismatchError as exc:
+        # The chunks match the id but a file does not match its SHA-256: the manifest lies,
+        # and every copy of this id will. Unpinned and marked so gc frees it and ls shows it.
+        await store.mark_failed(cid, str(exc))
+        raise
+    except Exception:
+        # A pin this fetch added must not outlive it (gc could never free a dead fetch); what
+        # was verified stays stored until gc, so fetching again still resumes. A cancelled
+        # fetch (Ctrl-C, daemon stop) keeps its pin: it is meant to be resumed.
+        if not was_pinned:
+            await store.set_pinned(cid, False)
+        raise
+    progress.state = "done"
+    progress.finished_at = trio.current_time()
+    return progress
+
+
+async def _fetch_planned(
+    deps: FetchDeps,
+    cid: Cid,
+    manifest: Manifest,
+    out_dir: Path | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    tensors: Sequence[str],
+    progress: FetchProgress,
+    candidates: list[PeerId] | None,
+) -> None:
+    """Steps 2 to 4 of :func:`fetch_content` once the manifest is stored."""
+    store = deps.store
     plan = plan_fetch(manifest, include, exclude, tensors)
     progress.total_bytes = sum(plan.chunks.values())
     missing = store.missing(plan.chunks)
@@ -365,11 +398,12 @@ async def fetch_content(
             candidates = await deps.find_candidates(cid)
         await _transfer(deps, cid, [WantedChunk(d, plan.chunks[d]) for d in missing], progress, candidates)
     if out_dir is not None:
-        progress.state = "exporting"
+        progress.state = "exporting"  # export checks each whole file's SHA-256
         progress.paths = await run_blocking(lambda: _export(store, plan, out_dir))
-    progress.state = "done"
-    progress.finished_at = trio.current_time()
-    return progress
+    elif plan.files:
+        bad = await run_blocking(lambda: store.file_sha256_mismatches(plan.files))
+        if bad:
+            raise ChunkMismatchError(f"{bad[0]}: SHA-256 differs from the manifest's ({len(bad)} file(s))")
 
 
 def _export(store: BlockStore, plan: FetchPlan, out_dir: Path) -> list[str]:

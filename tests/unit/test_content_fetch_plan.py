@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from lattica.content import ContentConfig, Manifest, NoTensorsSelectedError, UnsafePathError
+from lattica.content import ChunkMismatchError, ContentConfig, Manifest, NoTensorsSelectedError, UnsafePathError
 from lattica.content.block_store import BlockStore
 from lattica.content.cid import Cid
 from lattica.content.exchange_fetch import FetchDeps, fetch_content, plan_fetch
+from lattica.content.manifest import encode_manifest
 from lattica.content.publish import publish
 from lattica.identity import PeerId
 from lattica.net.stream import QuicStream
@@ -79,3 +82,50 @@ async def test_a_tensors_fetch_does_not_follow_a_symlink_out_of_the_output_folde
         (out / "sub").unlink()
         await fetch_content(_local_deps(store), cid, out_dir=out, tensors=["encoder.*"])
     assert (out / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+async def _lying_manifest(tmp_path: Path, store: BlockStore) -> tuple[Cid, bytes]:
+    """A manifest listing the chunks of a tampered copy while claiming the genuine file's
+    SHA-256 (the review's lying manifest); only its manifest block is stored, as after a
+    peer sent it. Returns its id and the genuine file's SHA-256."""
+    folder = tmp_path / "pub"
+    folder.mkdir()
+    genuine = safetensors_bytes(tensors(4, {"encoder.layer.0.w": (64, 64), "head": (16,)}))
+    tampered = genuine[:-64] + b"\0" * 64
+    (folder / "model.safetensors").write_bytes(tampered)
+    real = hashlib.sha256(genuine).digest()
+    manifest = (await publish(store, folder, pinned=False)).manifest
+    files = tuple(msgspec.structs.replace(f, sha256=real) for f in manifest.files)
+    lie = msgspec.structs.replace(manifest, files=files)
+    encoded = encode_manifest(lie)
+    await store.put(encoded)
+    return Cid.for_manifest(encoded), real
+
+
+@pytest.mark.parametrize("export", [True, False])
+async def test_a_manifest_whose_file_sha256_lies_is_marked_failed_unpinned_and_collectable(
+    tmp_path: Path, export: bool
+) -> None:
+    # Review finding: the fetch failed "SHA-256 differs" but the root stayed pinned and
+    # "complete" forever (gc never freed it, ls showed nothing wrong).
+    with open_store(tmp_path / "store") as store:
+        cid, _real = await _lying_manifest(tmp_path, store)
+        with pytest.raises(ChunkMismatchError, match="SHA-256 differs"):
+            await fetch_content(_local_deps(store), cid, out_dir=tmp_path / "out" if export else None)
+        (root,) = [r for r in store.roots() if r.cid == cid]
+        assert not root.pinned and root.failed is not None and "SHA-256" in root.failed
+        assert store.file_sha256_mismatches(store.manifest(cid).files) == ["model.safetensors"]
+        assert (await store.gc()).roots_removed == 2  # the lie and the unpinned tampered publish
+        assert store.roots() == []
+
+
+async def test_a_fetch_that_fails_after_its_manifest_arrived_leaves_no_pin(tmp_path: Path) -> None:
+    # Review finding: any failure after the manifest was stored left the root pinned forever.
+    with open_store(tmp_path / "store") as store:
+        folder = tmp_path / "m"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(safetensors_bytes(tensors(2, {"w": (8, 8)})))
+        cid = (await publish(store, folder, pinned=False)).cid
+        with pytest.raises(NoTensorsSelectedError):
+            await fetch_content(_local_deps(store), cid, tensors=["nomatch.*"])
+        assert [r.pinned for r in store.roots()] == [False]
