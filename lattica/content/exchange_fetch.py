@@ -42,7 +42,13 @@ from lattica.content.block_store import BlockStore
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import Cid, blake3_digest
 from lattica.content.config import ContentConfig
-from lattica.content.errors import ChunkMismatchError, ContentError, MalformedContentError, NoTensorsSelectedError
+from lattica.content.errors import (
+    ChunkMismatchError,
+    ContentError,
+    MalformedContentError,
+    NoFilesSelectedError,
+    NoTensorsSelectedError,
+)
 from lattica.content.exchange_messages import BUSY, PROTOCOL_ID
 from lattica.content.exchange_protocol import BlockReceived, BlockRefused, ExchangeClient, HasAnswered
 from lattica.content.export import export_files, select_files
@@ -127,11 +133,16 @@ def plan_fetch(
     """The files and chunks a fetch of ``manifest`` needs. With ``tensors``, each selected
     safetensors file contributes only the chunks of its matching tensors (files without a
     match are left out) and other files are fetched whole. Raises
+    :class:`NoFilesSelectedError` when the globs leave no file and
     :class:`NoTensorsSelectedError` when ``tensors`` matches nothing at all."""
     files: list[FileEntry] = []
     selections: list[TensorSelection] = []
     chunks: dict[bytes, int] = {}
-    for entry in select_files(manifest, include, exclude):
+    selected = select_files(manifest, include, exclude)
+    if not selected and manifest.files:  # a typo in a glob must not look like a finished fetch
+        globs = [*include, *(f"not {p}" for p in exclude)]
+        raise NoFilesSelectedError(f"no file of {manifest.name!r} matches {', '.join(globs)}")
+    for entry in selected:
         if tensors and entry.safetensors is not None:
             try:
                 selection = select_tensors(entry, tensors)
@@ -340,7 +351,8 @@ async def fetch_content(
     """Fetch ``cid`` (see the module docstring) and return its final progress record.
 
     Raises :class:`FetchFailedError`, :class:`~lattica.content.errors.InvalidCidError` for a
-    chunk id, :class:`NoTensorsSelectedError`, :class:`~lattica.content.errors.UnsafePathError`
+    chunk id, :class:`NoFilesSelectedError`, :class:`NoTensorsSelectedError`,
+    :class:`~lattica.content.errors.UnsafePathError`
     and :class:`~lattica.storage.DiskFullError` / ``OSError`` from storing or exporting."""
     store, config = deps.store, deps.config
     progress = progress or FetchProgress(str(cid))

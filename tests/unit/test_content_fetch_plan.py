@@ -8,7 +8,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from lattica.content import ChunkMismatchError, ContentConfig, Manifest, NoTensorsSelectedError, UnsafePathError
+from lattica.content import (
+    ChunkMismatchError,
+    ContentConfig,
+    Manifest,
+    NoFilesSelectedError,
+    NoTensorsSelectedError,
+    UnsafePathError,
+)
 from lattica.content.block_store import BlockStore
 from lattica.content.cid import Cid
 from lattica.content.exchange_fetch import FetchDeps, fetch_content, plan_fetch
@@ -129,3 +136,14 @@ async def test_a_fetch_that_fails_after_its_manifest_arrived_leaves_no_pin(tmp_p
         with pytest.raises(NoTensorsSelectedError):
             await fetch_content(_local_deps(store), cid, tensors=["nomatch.*"])
         assert [r.pinned for r in store.roots()] == [False]
+
+
+async def test_globs_that_match_no_file_fail_the_fetch(tmp_path: Path) -> None:
+    # Review finding: `fetch --include nomatch` exited 0 having fetched 0 B.
+    manifest = await _manifest(tmp_path)
+    with pytest.raises(NoFilesSelectedError, match="nomatch"):
+        plan_fetch(manifest, include=["nomatch"])
+    with pytest.raises(NoFilesSelectedError):
+        plan_fetch(manifest, exclude=["*"])
+    with open_store(tmp_path / "store") as store, pytest.raises(NoFilesSelectedError):
+        await fetch_content(_local_deps(store), Cid.for_manifest(encode_manifest(manifest)), include=["nomatch"])
