@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from lattica.content import (
@@ -23,7 +21,7 @@ from lattica.content.manifest import encode_manifest
 from lattica.content.publish import publish
 from lattica.identity import PeerId
 from lattica.net.stream import QuicStream
-from tests.unit.content_samples import KIB, open_store, safetensors_bytes, tensors
+from tests.unit.content_samples import KIB, lying_manifest, open_store, safetensors_bytes, tensors
 
 
 async def _manifest(tmp_path: Path) -> Manifest:
@@ -91,24 +89,6 @@ async def test_a_tensors_fetch_does_not_follow_a_symlink_out_of_the_output_folde
     assert (out / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
-async def _lying_manifest(tmp_path: Path, store: BlockStore) -> tuple[Cid, bytes]:
-    """A manifest listing the chunks of a tampered copy while claiming the genuine file's
-    SHA-256 (the review's lying manifest); only its manifest block is stored, as after a
-    peer sent it. Returns its id and the genuine file's SHA-256."""
-    folder = tmp_path / "pub"
-    folder.mkdir()
-    genuine = safetensors_bytes(tensors(4, {"encoder.layer.0.w": (64, 64), "head": (16,)}))
-    tampered = genuine[:-64] + b"\0" * 64
-    (folder / "model.safetensors").write_bytes(tampered)
-    real = hashlib.sha256(genuine).digest()
-    manifest = (await publish(store, folder, pinned=False)).manifest
-    files = tuple(msgspec.structs.replace(f, sha256=real) for f in manifest.files)
-    lie = msgspec.structs.replace(manifest, files=files)
-    encoded = encode_manifest(lie)
-    await store.put(encoded)
-    return Cid.for_manifest(encoded), real
-
-
 @pytest.mark.parametrize("export", [True, False])
 async def test_a_manifest_whose_file_sha256_lies_is_marked_failed_unpinned_and_collectable(
     tmp_path: Path, export: bool
@@ -116,7 +96,7 @@ async def test_a_manifest_whose_file_sha256_lies_is_marked_failed_unpinned_and_c
     # Review finding: the fetch failed "SHA-256 differs" but the root stayed pinned and
     # "complete" forever (gc never freed it, ls showed nothing wrong).
     with open_store(tmp_path / "store") as store:
-        cid, _real = await _lying_manifest(tmp_path, store)
+        cid, _real = await lying_manifest(tmp_path, store)
         with pytest.raises(ChunkMismatchError, match="SHA-256 differs"):
             await fetch_content(_local_deps(store), cid, out_dir=tmp_path / "out" if export else None)
         (root,) = [r for r in store.roots() if r.cid == cid]
