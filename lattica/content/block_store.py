@@ -498,6 +498,12 @@ class BlockStore:
             result.append(RootInfo(cid, name, total, chunk_bytes, referenced - manifest_bytes, bool(pinned), failed))
         return result
 
+    def is_pinned(self, cid: Cid) -> bool:
+        """Whether root ``cid`` is held here and pinned."""
+        query = "SELECT pinned FROM content_roots WHERE cid = ?"
+        row = self.db.read(lambda c: c.execute(query, (str(cid),)).fetchone())
+        return bool(row and row[0])
+
     async def mark_failed(self, cid: Cid, reason: str) -> None:
         """Record that root ``cid`` is bad (``reason``: e.g. a file's SHA-256 differs from
         its manifest's) and unpin it, so :meth:`gc` can free it and :meth:`roots` shows it.

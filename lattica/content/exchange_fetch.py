@@ -360,7 +360,7 @@ async def fetch_content(
     if not cid.is_manifest:
         raise FetchFailedError(f"{cid} names a single chunk; fetch takes a manifest id")
     candidates: list[PeerId] | None = None  # looked up once, when first needed
-    was_pinned = any(r.pinned for r in store.roots() if r.cid == cid)
+    was_pinned = store.is_pinned(cid)
     if store.has(cid.digest):
         manifest = store.manifest(cid)
         await store.add_root(store.read_block(cid.digest), manifest, pinned=True)
