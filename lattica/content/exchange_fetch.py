@@ -5,7 +5,9 @@ Steps (:func:`fetch_content`):
 1. **Manifest.** From the store if held; else from the first candidate peer that sends a
    block hashing to the id's digest and decoding as a canonical manifest within this node's
    caps. It is stored as a pinned root *before* any chunk, so ``gc`` cannot collect a partial
-   fetch and a restart knows what it was fetching.
+   fetch and a restart knows what it was fetching. A fetch that then fails drops the pin it
+   added (a cancelled one keeps it, to be resumed); one whose file does not match the
+   manifest's SHA-256 marks the root failed (:meth:`~lattica.content.block_store.BlockStore.mark_failed`).
 2. **What is missing.** The chunks of the selected files (``include``/``exclude`` globs) or
    only of the selected tensors (``tensors`` patterns on safetensors files), less what the
    store holds: a resumed fetch asks for nothing it already verified.
@@ -17,8 +19,10 @@ Steps (:func:`fetch_content`):
    unverified is stored) while the transfer goes on. In memory: the peers' windows plus at
    most two batches, never a whole file.
 4. **Export** (with ``out_dir``): whole files atomically through
-   :func:`~lattica.content.export.export`; safetensors files under ``tensors`` as a valid
-   safetensors file of just the selected tensors.
+   :func:`~lattica.content.export.export_files`, checked against their SHA-256; safetensors
+   files under ``tensors`` as a valid safetensors file of just the selected tensors (checked
+   against the chunk ids only), through the same contained writer. Without ``out_dir`` the
+   whole files are still checked against their SHA-256.
 
 Candidates are the connected peers plus the DHT's provider records; when the scheduler
 reports a stall it looks again, and fails with :class:`FetchFailedError` (keeping everything
