@@ -19,7 +19,7 @@ of the previous pair, and there is no ``conntrack`` tool here to flush them. Bui
 
 Needs root; not part of ``make bench`` (like ``bench/netns_testbed.py``). Usage::
 
-    sudo .venv/bin/python bench/nat_netns.py                        # all 12 pairs, ~2 min
+    sudo .venv/bin/python bench/nat_netns.py                        # all 12 pairs, ~1.5 min
     sudo .venv/bin/python bench/nat_netns.py --pairs cone1-pc:cone2-pc,sym-pc:pub2 --wait-s 5
 
 Prints a table and writes ``bench/results/nat_netns-<UTC>.json``. Everything (daemons, the
