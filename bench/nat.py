@@ -18,7 +18,7 @@ Usage::
     .venv/bin/python bench/nat.py --types public,port-restricted,symmetric
 
 Exit status: 0 when no pair failed and every pair expected direct went direct, 1 otherwise,
-2 on usage errors. (The netns half -- real kernel NATs -- is tests/netns/test_hole_punch*.py;
+2 on usage errors. (The same table on real kernel NATs is bench/nat_netns.py;
 it needs root.)
 """
 

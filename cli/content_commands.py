@@ -35,7 +35,8 @@ TensorsOption = Annotated[
     typer.Option(
         "--tensors",
         help="Only tensors whose name matches this pattern, e.g. 'encoder.layer.0.*' (repeatable); "
-        "each safetensors file is written with just those tensors.",
+        "each safetensors file is written with just those tensors. Verified against the manifest's "
+        "chunk hashes (the CID) only: a partial file cannot be checked against the file's SHA-256.",
     ),
 ]
 CidArgument = Annotated[str, typer.Argument(callback=check_cid, help="Content id (from publish).")]
@@ -181,7 +182,8 @@ def ls(home: HomeOption = None, json: JsonOption = False) -> None:
         f"{len(rows)} root(s)",
         ["cid", "name", "size", "held", "pinned"],
         [
-            [r["cid"], r["name"], _size(r["total_bytes"]), "complete" if r["complete"] else _size(r["held_bytes"]),
+            [r["cid"], r["name"], _size(r["total_bytes"]),
+             "FAILED" if r.get("failed") else "complete" if r["complete"] else _size(r["held_bytes"]),
              "yes" if r["pinned"] else "no"]
             for r in rows
         ],
@@ -213,7 +215,8 @@ def gc(home: HomeOption = None, json: JsonOption = False) -> None:
 
 
 def verify(cid: CidArgument, home: HomeOption = None, json: JsonOption = False) -> None:
-    """Re-hash CID's chunks on disk; bad or missing ones are removed and fetched again."""
+    """Re-hash CID's chunks on disk (bad or missing ones are removed and fetched again), then
+    check each whole file against the manifest's SHA-256 (exit 1 on a mismatch)."""
     result = call_daemon(home, "content.verify", {"cid": cid}, timeout_s=_LONG_CALL_S)
     repaired = None
     if result["repair_fetch_id"] is not None:
@@ -226,7 +229,9 @@ def verify(cid: CidArgument, home: HomeOption = None, json: JsonOption = False) 
         print_line(f"checked {result['checked']} chunk(s): {result['bad']} bad, {result['missing']} missing")
         if repaired is not None:
             print_line("repaired: fetched again" if repaired else f"repair failed: {result['repair']['error']}")
-    if repaired is False:
+        for path in result.get("sha256_mismatch", []):
+            print_line(f"{path}: SHA-256 differs from the manifest's (the manifest is wrong; marked failed, unpinned)")
+    if repaired is False or result.get("sha256_mismatch"):
         raise typer.Exit(1)
 
 

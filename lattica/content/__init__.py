@@ -30,6 +30,7 @@ from lattica.content.errors import (
     MalformedContentError,
     MalformedManifestError,
     MalformedSafetensorsError,
+    NoFilesSelectedError,
     NoTensorsSelectedError,
     UnsafePathError,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "MalformedManifestError",
     "MalformedSafetensorsError",
     "Manifest",
+    "NoFilesSelectedError",
     "NoTensorsSelectedError",
     "SafetensorsIndex",
     "TensorInfo",

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import sqlite3
 import sys
@@ -55,6 +56,7 @@ from lattica.content.manifest import (
     DEFAULT_MAX_MANIFEST_BYTES,
     MAX_CHUNK_BYTES,
     ChunkRef,
+    FileEntry,
     Manifest,
     decode_manifest,
 )
@@ -83,6 +85,10 @@ CREATE TABLE IF NOT EXISTS content_refs (
     PRIMARY KEY (root, digest)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS content_refs_by_digest ON content_refs (digest);
+CREATE TABLE IF NOT EXISTS content_failed (
+    cid TEXT PRIMARY KEY,
+    reason TEXT NOT NULL
+);
 """
 
 
@@ -98,6 +104,9 @@ class RootInfo:
     chunk_bytes: int
     held_bytes: int
     pinned: bool
+    failed: str | None = None
+    """Why this root is known bad (a file whose bytes do not hash to the manifest's
+    SHA-256), or ``None``. A failed root is unpinned and never announced."""
 
     @property
     def complete(self) -> bool:
@@ -474,7 +483,8 @@ class BlockStore:
         """Every manifest held, oldest first, with how much of it is stored here."""
         # held: stored chunks the root references, less its own manifest block.
         query = (
-            "SELECT r.cid, r.name, r.total_bytes, r.chunk_bytes, r.pinned, COALESCE(SUM(b.length), 0)"
+            "SELECT r.cid, r.name, r.total_bytes, r.chunk_bytes, r.pinned, COALESCE(SUM(b.length), 0),"
+            " (SELECT reason FROM content_failed x WHERE x.cid = r.cid)"
             " FROM content_roots r"
             " LEFT JOIN content_refs f ON f.root = r.cid"
             " LEFT JOIN content_blocks b ON b.digest = f.digest"
@@ -482,11 +492,48 @@ class BlockStore:
         )
         rows = self.db.read(lambda c: c.execute(query).fetchall())
         result = []
-        for text, name, total, chunk_bytes, pinned, referenced in rows:
+        for text, name, total, chunk_bytes, pinned, referenced, failed in rows:
             cid = Cid.parse(text)
             manifest_bytes = self.block_length(cid.digest) if self.has(cid.digest) else 0
-            result.append(RootInfo(cid, name, total, chunk_bytes, referenced - manifest_bytes, bool(pinned)))
+            result.append(RootInfo(cid, name, total, chunk_bytes, referenced - manifest_bytes, bool(pinned), failed))
         return result
+
+    def is_pinned(self, cid: Cid) -> bool:
+        """Whether root ``cid`` is held here and pinned."""
+        query = "SELECT pinned FROM content_roots WHERE cid = ?"
+        row = self.db.read(lambda c: c.execute(query, (str(cid),)).fetchone())
+        return bool(row and row[0])
+
+    async def mark_failed(self, cid: Cid, reason: str) -> None:
+        """Record that root ``cid`` is bad (``reason``: e.g. a file's SHA-256 differs from
+        its manifest's) and unpin it, so :meth:`gc` can free it and :meth:`roots` shows it.
+        The mark goes when the root is collected."""
+
+        def update(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE content_roots SET pinned = 0 WHERE cid = ?", (str(cid),))
+            conn.execute(
+                "INSERT INTO content_failed (cid, reason) VALUES (?, ?)"
+                " ON CONFLICT (cid) DO UPDATE SET reason = excluded.reason",
+                (str(cid), reason),
+            )
+
+        await self.db.write(update)
+
+    def file_sha256_mismatches(self, files: Iterable[FileEntry]) -> list[str]:
+        """Paths of ``files`` (a manifest's entries) held whole here whose bytes do not hash to
+        the manifest's SHA-256 (a manifest can list the chunks of other bytes than the file it
+        claims; its chunk ids alone cannot tell). Files missing a chunk are skipped. Blocking:
+        reads every byte of the held files."""
+        bad = []
+        for entry in files:
+            if self.missing(c.digest for c in entry.chunks):
+                continue
+            whole = hashlib.sha256()
+            for piece in self.iter_file(entry.chunks):
+                whole.update(piece)
+            if whole.digest() != entry.sha256:
+                bad.append(entry.path)
+        return bad
 
     async def set_pinned(self, cid: Cid, pinned: bool) -> None:
         """Pin (keep through :meth:`gc`) or unpin a root; raises :class:`ChunkNotFoundError`
@@ -551,6 +598,7 @@ class BlockStore:
         def collect(conn: sqlite3.Connection) -> tuple[int, list[tuple[bytes, int]]]:
             roots = conn.execute("DELETE FROM content_roots WHERE pinned = 0 RETURNING cid").fetchall()
             conn.executemany("DELETE FROM content_refs WHERE root = ?", roots)
+            conn.executemany("DELETE FROM content_failed WHERE cid = ?", roots)
             garbage = conn.execute(
                 "SELECT digest, length FROM content_blocks"
                 " WHERE NOT EXISTS (SELECT 1 FROM content_refs WHERE content_refs.digest = content_blocks.digest)"

@@ -41,6 +41,9 @@ class ContentConfig:
     """Largest safetensors JSON header parsed (real models: well under 1 MiB)."""
     max_uploads: Count = 32
     """Exchange streams this node serves at once (all peers); more are refused ``busy``."""
+    max_uploads_per_peer: Count = 4
+    """Exchange streams this node serves at once to one peer; more are refused ``busy``, so
+    one peer cannot hold every upload slot (a fetch uses one stream per peer)."""
     max_requests_per_stream: Count = 64
     """Block requests one exchange stream may have in flight; more end that stream."""
     upload_timeout_s: Seconds = 30.0

@@ -53,3 +53,7 @@ class ChunkNotFoundError(ContentError, KeyError):
 
 class NoTensorsSelectedError(ContentError):
     """Tensor patterns matched no tensor of the file."""
+
+
+class NoFilesSelectedError(ContentError):
+    """``include``/``exclude`` globs left no file of the manifest to fetch."""

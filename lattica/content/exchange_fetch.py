@@ -5,7 +5,9 @@ Steps (:func:`fetch_content`):
 1. **Manifest.** From the store if held; else from the first candidate peer that sends a
    block hashing to the id's digest and decoding as a canonical manifest within this node's
    caps. It is stored as a pinned root *before* any chunk, so ``gc`` cannot collect a partial
-   fetch and a restart knows what it was fetching.
+   fetch and a restart knows what it was fetching. A fetch that then fails drops the pin it
+   added (a cancelled one keeps it, to be resumed); one whose file does not match the
+   manifest's SHA-256 marks the root failed (:meth:`~lattica.content.block_store.BlockStore.mark_failed`).
 2. **What is missing.** The chunks of the selected files (``include``/``exclude`` globs) or
    only of the selected tensors (``tensors`` patterns on safetensors files), less what the
    store holds: a resumed fetch asks for nothing it already verified.
@@ -17,8 +19,10 @@ Steps (:func:`fetch_content`):
    unverified is stored) while the transfer goes on. In memory: the peers' windows plus at
    most two batches, never a whole file.
 4. **Export** (with ``out_dir``): whole files atomically through
-   :func:`~lattica.content.export.export`; safetensors files under ``tensors`` as a valid
-   safetensors file of just the selected tensors.
+   :func:`~lattica.content.export.export_files`, checked against their SHA-256; safetensors
+   files under ``tensors`` as a valid safetensors file of just the selected tensors (checked
+   against the chunk ids only), through the same contained writer. Without ``out_dir`` the
+   whole files are still checked against their SHA-256.
 
 Candidates are the connected peers plus the DHT's provider records; when the scheduler
 reports a stall it looks again, and fails with :class:`FetchFailedError` (keeping everything
@@ -42,7 +46,13 @@ from lattica.content.block_store import BlockStore
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import Cid, blake3_digest
 from lattica.content.config import ContentConfig
-from lattica.content.errors import ContentError, MalformedContentError, NoTensorsSelectedError
+from lattica.content.errors import (
+    ChunkMismatchError,
+    ContentError,
+    MalformedContentError,
+    NoFilesSelectedError,
+    NoTensorsSelectedError,
+)
 from lattica.content.exchange_messages import BUSY, PROTOCOL_ID
 from lattica.content.exchange_protocol import BlockReceived, BlockRefused, ExchangeClient, HasAnswered
 from lattica.content.export import export_files, select_files
@@ -56,7 +66,7 @@ from lattica.content.fetch_scheduler import (
     WantedChunk,
 )
 from lattica.content.manifest import FileEntry, Manifest, decode_manifest
-from lattica.content.tensor_select import TensorSelection, select_tensors, write_selected_safetensors
+from lattica.content.tensor_select import TensorSelection, select_tensors
 from lattica.errors import LatticaError, RemoteProtocolError
 from lattica.identity import PeerId
 from lattica.net.stream import QuicStream
@@ -66,6 +76,8 @@ log = logging.getLogger("lattica.content.fetch")
 _MANIFEST_TIMEOUT_S = 30.0
 _RECEIVE_BYTES = 1 << 20
 _BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
+_MANIFEST_BUSY_FIRST_S = 0.5  # first pause before asking busy peers for a manifest again
+_MANIFEST_BUSY_MAX_S = 8.0  # longest pause between those asks
 
 
 class FetchFailedError(ContentError):
@@ -125,11 +137,16 @@ def plan_fetch(
     """The files and chunks a fetch of ``manifest`` needs. With ``tensors``, each selected
     safetensors file contributes only the chunks of its matching tensors (files without a
     match are left out) and other files are fetched whole. Raises
+    :class:`NoFilesSelectedError` when the globs leave no file and
     :class:`NoTensorsSelectedError` when ``tensors`` matches nothing at all."""
     files: list[FileEntry] = []
     selections: list[TensorSelection] = []
     chunks: dict[bytes, int] = {}
-    for entry in select_files(manifest, include, exclude):
+    selected = select_files(manifest, include, exclude)
+    if not selected and manifest.files:  # a typo in a glob must not look like a finished fetch
+        globs = [*include, *(f"not {p}" for p in exclude)]
+        raise NoFilesSelectedError(f"no file of {manifest.name!r} matches {', '.join(globs)}")
+    for entry in selected:
         if tensors and entry.safetensors is not None:
             try:
                 selection = select_tensors(entry, tensors)
@@ -236,48 +253,80 @@ class _PeerLink:
 # -- the fetch ---------------------------------------------------------------------------------
 
 
+async def _ask_manifest(
+    cid: Cid, peer: PeerId, open_stream: StreamOpener, config: ContentConfig
+) -> tuple[bytes, Manifest] | str:
+    """The manifest from one peer, or the refusal code it answered (``busy``, ``not-found``).
+    Raises ``trio.TooSlowError``, :class:`MalformedContentError`, ``LatticaError`` and trio's
+    stream errors."""
+    with trio.fail_after(_MANIFEST_TIMEOUT_S):
+        stream = await open_stream(peer, PROTOCOL_ID)
+        async with stream:
+            client = ExchangeClient()
+            _id, frame = client.want(cid.digest, config.max_manifest_bytes)
+            await stream.send_all(frame)
+            await stream.send_eof()  # one request: the server ends the stream after it
+            reply = None
+            while reply is None:
+                data = await stream.receive_some(_RECEIVE_BYTES)
+                if not data:
+                    client.end_of_stream()
+                    raise RemoteProtocolError("stream ended before the manifest")
+                events = client.receive(data)
+                reply = events[0] if events else None
+    if isinstance(reply, BlockRefused):
+        return reply.code
+    assert isinstance(reply, BlockReceived)
+    manifest = decode_manifest(
+        reply.data,
+        expected=cid,
+        max_manifest_bytes=config.max_manifest_bytes,
+        max_files=config.max_files,
+        max_chunks=config.max_chunks,
+        max_path_bytes=config.max_path_bytes,
+        max_header_bytes=config.max_safetensors_header_bytes,
+    )
+    return reply.data, manifest
+
+
 async def _fetch_manifest(
     cid: Cid, candidates: Sequence[PeerId], open_stream: StreamOpener, config: ContentConfig
 ) -> tuple[bytes, Manifest]:
+    """The manifest from the first candidate that sends a valid one. Peers that answer
+    ``busy`` are asked again after a doubling pause (``_MANIFEST_BUSY_FIRST_S`` up to
+    ``_MANIFEST_BUSY_MAX_S``) for at most ``fetch_stall_timeout_s``: a busy seeder is a
+    moment's wait, not a failed fetch. Raises :class:`FetchFailedError`."""
     errors: list[str] = []
-    for peer in candidates:
-        try:
-            with trio.fail_after(_MANIFEST_TIMEOUT_S):
-                stream = await open_stream(peer, PROTOCOL_ID)
-                async with stream:
-                    client = ExchangeClient()
-                    _id, frame = client.want(cid.digest, config.max_manifest_bytes)
-                    await stream.send_all(frame)
-                    await stream.send_eof()  # one request: the server ends the stream after it
-                    reply = None
-                    while reply is None:
-                        data = await stream.receive_some(_RECEIVE_BYTES)
-                        if not data:
-                            client.end_of_stream()
-                            raise RemoteProtocolError("stream ended before the manifest")
-                        events = client.receive(data)
-                        reply = events[0] if events else None
-            if isinstance(reply, BlockRefused):
-                errors.append(f"{peer}: {reply.code}")
+    asking = list(candidates)
+    pause = _MANIFEST_BUSY_FIRST_S
+    give_up_at = trio.current_time() + config.fetch_stall_timeout_s
+    while True:
+        busy: list[PeerId] = []
+        for peer in asking:
+            try:
+                answer = await _ask_manifest(cid, peer, open_stream, config)
+            except trio.TooSlowError:
+                errors.append(f"{peer}: no manifest within {_MANIFEST_TIMEOUT_S:g} s")
                 continue
-            assert isinstance(reply, BlockReceived)
-            manifest = decode_manifest(
-                reply.data,
-                expected=cid,
-                max_manifest_bytes=config.max_manifest_bytes,
-                max_files=config.max_files,
-                max_chunks=config.max_chunks,
-                max_path_bytes=config.max_path_bytes,
-                max_header_bytes=config.max_safetensors_header_bytes,
-            )
-            return reply.data, manifest
-        except trio.TooSlowError:
-            errors.append(f"{peer}: no manifest within {_MANIFEST_TIMEOUT_S:g} s")
-        except MalformedContentError as exc:
-            log.warning("peer %s sent a bad manifest for %s: %s", peer, cid, exc)
-            errors.append(f"{peer}: bad manifest ({exc})")
-        except (LatticaError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            errors.append(f"{peer}: {exc}")
+            except MalformedContentError as exc:
+                log.warning("peer %s sent a bad manifest for %s: %s", peer, cid, exc)
+                errors.append(f"{peer}: bad manifest ({exc})")
+                continue
+            except (LatticaError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                errors.append(f"{peer}: {exc}")
+                continue
+            if isinstance(answer, tuple):
+                return answer
+            if answer == BUSY:
+                busy.append(peer)
+            else:
+                errors.append(f"{peer}: {answer}")
+        if not busy or trio.current_time() + pause > give_up_at:
+            errors += [f"{peer}: {BUSY}" for peer in busy]
+            break
+        await trio.sleep(pause)
+        pause = min(2 * pause, _MANIFEST_BUSY_MAX_S)
+        asking = busy
     detail = "; ".join(errors[:5]) if errors else "no provider or connected peer found"
     raise FetchFailedError(f"cannot get the manifest of {cid}: {detail}")
 
@@ -306,7 +355,8 @@ async def fetch_content(
     """Fetch ``cid`` (see the module docstring) and return its final progress record.
 
     Raises :class:`FetchFailedError`, :class:`~lattica.content.errors.InvalidCidError` for a
-    chunk id, :class:`NoTensorsSelectedError`, :class:`~lattica.content.errors.UnsafePathError`
+    chunk id, :class:`NoFilesSelectedError`, :class:`NoTensorsSelectedError`,
+    :class:`~lattica.content.errors.UnsafePathError`
     and :class:`~lattica.storage.DiskFullError` / ``OSError`` from storing or exporting."""
     store, config = deps.store, deps.config
     progress = progress or FetchProgress(str(cid))
@@ -314,6 +364,7 @@ async def fetch_content(
     if not cid.is_manifest:
         raise FetchFailedError(f"{cid} names a single chunk; fetch takes a manifest id")
     candidates: list[PeerId] | None = None  # looked up once, when first needed
+    was_pinned = store.is_pinned(cid)
     if store.has(cid.digest):
         manifest = store.manifest(cid)
         await store.add_root(store.read_block(cid.digest), manifest, pinned=True)
@@ -321,6 +372,38 @@ async def fetch_content(
         candidates = await deps.find_candidates(cid)
         encoded, manifest = await _fetch_manifest(cid, candidates, deps.open_stream, config)
         await store.add_root(encoded, manifest, pinned=True)
+    try:
+        await _fetch_planned(deps, cid, manifest, out_dir, include, exclude, tensors, progress, candidates)
+    except ChunkMismatchError as exc:
+        # The chunks match the id but a file does not match its SHA-256: the manifest lies,
+        # and every copy of this id will. Unpinned and marked so gc frees it and ls shows it.
+        await store.mark_failed(cid, str(exc))
+        raise
+    except Exception:
+        # A pin this fetch added must not outlive it (gc could never free a dead fetch); what
+        # was verified stays stored until gc, so fetching again still resumes. A cancelled
+        # fetch (Ctrl-C, daemon stop) keeps its pin: it is meant to be resumed.
+        if not was_pinned:
+            await store.set_pinned(cid, False)
+        raise
+    progress.state = "done"
+    progress.finished_at = trio.current_time()
+    return progress
+
+
+async def _fetch_planned(
+    deps: FetchDeps,
+    cid: Cid,
+    manifest: Manifest,
+    out_dir: Path | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    tensors: Sequence[str],
+    progress: FetchProgress,
+    candidates: list[PeerId] | None,
+) -> None:
+    """Steps 2 to 4 of :func:`fetch_content` once the manifest is stored."""
+    store = deps.store
     plan = plan_fetch(manifest, include, exclude, tensors)
     progress.total_bytes = sum(plan.chunks.values())
     missing = store.missing(plan.chunks)
@@ -331,22 +414,17 @@ async def fetch_content(
             candidates = await deps.find_candidates(cid)
         await _transfer(deps, cid, [WantedChunk(d, plan.chunks[d]) for d in missing], progress, candidates)
     if out_dir is not None:
-        progress.state = "exporting"
+        progress.state = "exporting"  # export checks each whole file's SHA-256
         progress.paths = await run_blocking(lambda: _export(store, plan, out_dir))
-    progress.state = "done"
-    progress.finished_at = trio.current_time()
-    return progress
+    elif plan.files:
+        bad = await run_blocking(lambda: store.file_sha256_mismatches(plan.files))
+        if bad:
+            raise ChunkMismatchError(f"{bad[0]}: SHA-256 differs from the manifest's ({len(bad)} file(s))")
 
 
 def _export(store: BlockStore, plan: FetchPlan, out_dir: Path) -> list[str]:
-    paths = [str(p) for p in export_files(store, plan.files, out_dir)]
-    for selection in plan.selections:
-        # The manifest's paths were checked on decode (relative, no "..", no clashes).
-        target = out_dir / selection.file.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_selected_safetensors(selection, store.read_block, target)
-        paths.append(str(target))
-    return paths
+    # Whole files and tensor selections share one contained writer (no symlink followed).
+    return [str(p) for p in export_files(store, plan.files, out_dir, plan.selections)]
 
 
 async def _transfer(

@@ -6,9 +6,10 @@
 content ids (:mod:`lattica.content.exchange_fetch`), and announces every root it holds whole
 through ``dht.provide`` (a downloader becomes a seeder).
 
-Serving limits (``[content]`` settings): at most ``max_uploads`` streams at once (others get
-``busy`` for each request), ``max_requests_per_stream`` requests in flight per stream (more is
-a protocol error that ends the stream), an idle stream or one whose reader takes nothing for
+Serving limits (``[content]`` settings): at most ``max_uploads`` streams at once and
+``max_uploads_per_peer`` to one peer (others get ``busy`` for each request),
+``max_requests_per_stream`` requests in flight per stream (more is a protocol error that ends
+the stream), an idle stream or one whose reader takes nothing for
 ``upload_timeout_s`` is closed, and at most 1 MiB of a block is read into memory at a time.
 
 Fetches started through :meth:`ContentService.start_fetch` run in the service's nursery and are
@@ -85,6 +86,8 @@ class ContentService:
         self.store = BlockStore(blocks_dir, db, max_manifest_bytes=config.max_manifest_bytes)
         self.uploads = 0
         """Exchange streams being served now."""
+        self.uploads_by_peer: dict[PeerId, int] = {}
+        """Of those, per peer (entries removed at zero)."""
         self.jobs: dict[int, FetchJob] = {}
         self._job_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -101,9 +104,13 @@ class ContentService:
     # -- serving ---------------------------------------------------------------------------------
 
     async def _serve(self, stream: QuicStream, peer: PeerId) -> None:
-        busy = self.uploads >= self.config.max_uploads
+        # The per-peer cap keeps one peer from holding every slot (review finding: 32 idle
+        # streams from one peer made every other fetch from this node fail "busy").
+        held = self.uploads_by_peer.get(peer, 0)
+        busy = self.uploads >= self.config.max_uploads or held >= self.config.max_uploads_per_peer
         if not busy:
             self.uploads += 1
+            self.uploads_by_peer[peer] = held + 1
         server = ExchangeServer(max_outstanding=self.config.max_requests_per_stream)
         queue: dict[int, BlockWanted | HasAsked] = {}  # by request id, in arrival order
         wake = trio.Event()
@@ -162,6 +169,11 @@ class ContentService:
         finally:
             if not busy:
                 self.uploads -= 1
+                left = self.uploads_by_peer[peer] - 1
+                if left:
+                    self.uploads_by_peer[peer] = left
+                else:
+                    del self.uploads_by_peer[peer]
 
     async def _answer(
         self, stream: QuicStream, server: ExchangeServer, request: BlockWanted | HasAsked, busy: bool

@@ -11,7 +11,7 @@ index carries everything the header said (``__metadata__`` included).
 selected tensors: a new header (``__metadata__`` first, then the tensors in their original
 order with recomputed, contiguous offsets; padded with spaces to a multiple of 8 bytes as the
 reference writer does), then each tensor's bytes copied from the chunks a chunk at a time.
-The file appears atomically (temporary file, fsync, rename).
+The file appears atomically and contained (:mod:`lattica.content.contained_write`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lattica.content.block_store import write_file_atomically
 from lattica.content.chunk_ranges import ReadChunk, chunks_covering, iter_range
+from lattica.content.contained_write import open_output_folder, write_contained
 from lattica.content.errors import ContentError, NoTensorsSelectedError
 from lattica.content.manifest import ChunkRef, FileEntry
 from lattica.content.safetensors_header import METADATA_KEY, TensorInfo
@@ -81,22 +81,21 @@ def selected_header(selection: TensorSelection) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def write_selected_safetensors(
-    selection: TensorSelection, read: ReadChunk, out: Path, *, tmp_dir: Path | None = None
-) -> int:
-    """Write the selected tensors as a safetensors file at ``out``; returns its size in bytes.
+def selected_pieces(selection: TensorSelection, read: ReadChunk) -> Iterator[bytes]:
+    """The bytes of the safetensors file of just the selected tensors, a piece at a time.
 
     ``read(digest, offset, length)`` returns bytes of a chunk (e.g.
-    :meth:`~lattica.content.block_store.BlockStore.read_block`); blocking, so call it on a
-    worker thread. ``tmp_dir`` (default: ``out``'s folder) must be on the same file system.
-    Raises what ``read`` raises, :class:`~lattica.storage.DiskFullError` and ``OSError``."""
-    header = selected_header(selection)
-    chunks = selection.file.chunks
+    :meth:`~lattica.content.block_store.BlockStore.read_block`); blocking."""
+    yield selected_header(selection)
+    for tensor in selection.tensors:
+        yield from iter_range(selection.file.chunks, tensor.begin, tensor.end, read)
 
-    def pieces() -> Iterator[bytes]:
-        yield header
-        for tensor in selection.tensors:
-            yield from iter_range(chunks, tensor.begin, tensor.end, read)
 
-    write_file_atomically(out, pieces(), tmp_dir or out.parent)
-    return len(header) + sum(t.nbytes for t in selection.tensors)
+def write_selected_safetensors(selection: TensorSelection, read: ReadChunk, out: Path) -> int:
+    """Write the selected tensors as a safetensors file at ``out`` (the manifest's mode),
+    through :func:`~lattica.content.contained_write.write_contained` in ``out``'s folder;
+    returns its size in bytes. Blocking, so call it on a worker thread. Raises what ``read``
+    raises, :class:`~lattica.storage.DiskFullError` and ``OSError``."""
+    with open_output_folder(out.parent) as folder_fd:
+        write_contained(folder_fd, out.parent, out.name, selected_pieces(selection, read), mode=selection.file.mode)
+    return len(selected_header(selection)) + sum(t.nbytes for t in selection.tensors)

@@ -5,7 +5,8 @@ A fetch runs in the daemon, not in the CLI: ``content.fetch`` starts it and retu
 ``content.fetch_status`` reports its progress (the CLI polls it for the progress bar) and
 ``content.fetch_cancel`` stops it, keeping what was verified so the next fetch resumes.
 ``content.verify`` re-hashes a root's chunks, drops bad ones and starts a fetch that repairs
-what is bad or missing. Paths are the daemon's: the CLI sends absolute ones.
+what is bad or missing; when all are good it checks each whole file against the manifest's
+SHA-256 and marks the root failed (unpinned) on a mismatch. Paths are the daemon's: the CLI sends absolute ones.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated
 import msgspec
 import trio
 
+from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import Cid
 from lattica.content.errors import ChunkNotFoundError, ContentError, InvalidCidError
 from lattica.content.exchange_fetch import FetchProgress
@@ -124,6 +126,8 @@ class RootRow(msgspec.Struct):
     chunk_bytes: int
     complete: bool
     pinned: bool
+    failed: str | None = None
+    """Why the root is known bad (a file's SHA-256 differs from its manifest's), or null."""
 
 
 class PinReply(msgspec.Struct):
@@ -150,6 +154,9 @@ class VerifyReply(msgspec.Struct):
     bad: int
     missing: int
     repair_fetch_id: int | None
+    sha256_mismatch: list[str] = []
+    """Files held whole whose bytes do not hash to the manifest's SHA-256 (their chunks match
+    the id: the manifest itself lies); the root is then marked failed and unpinned."""
 
 
 def _cid(text: str) -> Cid:
@@ -242,7 +249,7 @@ def register_content_methods(registry: MethodRegistry, node: Node) -> None:
 
     async def ls(_: NoParams) -> list[RootRow]:
         return [
-            RootRow(str(r.cid), r.name, r.total_bytes, r.held_bytes, r.chunk_bytes, r.complete, r.pinned)
+            RootRow(str(r.cid), r.name, r.total_bytes, r.held_bytes, r.chunk_bytes, r.complete, r.pinned, r.failed)
             for r in store.roots()
         ]
 
@@ -274,9 +281,15 @@ def register_content_methods(registry: MethodRegistry, node: Node) -> None:
             raise ControlError(FAILED, f"the stored manifest of {cid} is damaged: {exc}") from None
         report = await store.verify(list(manifest.unique_chunks()), drop_bad=True)
         repair = None
+        mismatched: list[str] = []
         if report.bad or report.missing:
             repair = content.start_fetch(cid).id
-        return VerifyReply(str(cid), report.checked, len(report.bad), len(report.missing), repair)
+        else:
+            # Chunks can all match the id while a file does not match its SHA-256.
+            mismatched = await run_blocking(lambda: store.file_sha256_mismatches(manifest.files))
+            if mismatched:
+                await store.mark_failed(cid, f"{mismatched[0]}: SHA-256 differs from the manifest's")
+        return VerifyReply(str(cid), report.checked, len(report.bad), len(report.missing), repair, mismatched)
 
     registry.add("content.publish", PublishParams, publish)
     registry.add("content.fetch", FetchParams, fetch)

@@ -18,6 +18,8 @@ import trio.testing
 from lattica.config import NodeConfig
 from lattica.content import Cid, ContentConfig
 from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
+from lattica.content.exchange_messages import PROTOCOL_ID
+from lattica.content.exchange_protocol import ExchangeClient
 from lattica.content.exchange_service import ContentService
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
@@ -264,3 +266,69 @@ async def test_a_busy_seeder_refuses_and_is_retried_later(
         # upload slot, and came back later.
         assert sorted(r.busy_refusals > 0 for r in results.values()) == [False, True]
         assert all(r.peer_bytes == {str(c.nodes[0].peer_id): 512 * KIB} for r in results.values())
+
+
+async def _hog(c: Cluster, by: int, of: int, streams: int, stop: trio.Event) -> None:
+    """Node ``by`` holds ``streams`` exchange streams open to node ``of``, each kept alive
+    with a ``Has`` every 10 s (below ``upload_timeout_s``), as the review's hog did."""
+
+    async def hold() -> None:
+        stream = await c.nodes[by].rpc.open_stream(c.nodes[of].peer_id, PROTOCOL_ID)
+        client = ExchangeClient()
+        async with stream:  # closed (and the slot freed) once told to stop
+            while not stop.is_set():
+                _id, frame = client.has(b"\x01" * 32)
+                await stream.send_all(frame)
+                with trio.move_on_after(10):
+                    await stream.receive_some(65536)
+                with trio.move_on_after(10):
+                    await stop.wait()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(streams):
+            nursery.start_soon(hold)
+
+
+async def test_one_peer_cannot_hold_every_upload_slot(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # Review finding: one peer's idle streams took all of max_uploads and every other peer's
+    # fetch failed "busy" at once. The per-peer cap leaves the other slots to others.
+    source = source_file(tmp_path, 128 * KIB)
+    capped = replace(CONFIG, content=replace(CONTENT, max_uploads=4, max_uploads_per_peer=2))
+    async with cluster(tmp_path, 3, configs={0: capped}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        await connect_all(c, 2, range(1))
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_hog, c, 1, 0, 4, stop)
+            await trio.sleep(2)
+            assert c.content(0).uploads == 2  # the hog got its share, not every slot
+            result = await c.content(2).fetch(cid, out_dir=tmp_path / "out")
+            stop.set()
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert result.peer_bytes == {str(c.nodes[0].peer_id): 128 * KIB}
+
+
+async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path, 64 * KIB)
+    one_upload = replace(CONFIG, content=replace(CONTENT, max_uploads=1))
+    async with cluster(tmp_path, 3, configs={0: one_upload}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        await connect_all(c, 2, range(1))
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_hog, c, 1, 0, 1, stop)
+            await trio.sleep(2)
+            assert c.content(0).uploads == 1  # the only slot is taken
+            nursery.start_soon(_release, stop, 3.0)
+            await c.content(2).fetch(cid, out_dir=tmp_path / "out")
+            assert stop.is_set()  # it got the manifest only after the slot was freed
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+
+
+async def _release(stop: trio.Event, after_s: float) -> None:
+    await trio.sleep(after_s)
+    stop.set()

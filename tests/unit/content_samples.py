@@ -3,6 +3,7 @@ content tests. Seeded: the same call gives the same bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import struct
@@ -10,11 +11,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import msgspec
 import numpy as np
 from hypothesis import settings
 from safetensors.numpy import save
 
 from lattica.content.block_store import BlockStore
+from lattica.content.cid import Cid
+from lattica.content.manifest import encode_manifest
+from lattica.content.publish import publish
 from lattica.storage import SqliteWriter
 
 KIB = 1 << 10
@@ -56,3 +61,21 @@ def open_store(directory: Path) -> Iterator[BlockStore]:
         yield BlockStore(directory / "blocks", writer)
     finally:
         writer.close()
+
+
+async def lying_manifest(tmp_path: Path, store: BlockStore) -> tuple[Cid, bytes]:
+    """A manifest listing the chunks of a tampered copy while claiming the genuine file's
+    SHA-256 (the review's lying manifest); only its manifest block is stored, as after a
+    peer sent it. Returns its id and the genuine file's SHA-256."""
+    folder = tmp_path / "pub"
+    folder.mkdir()
+    genuine = safetensors_bytes(tensors(4, {"encoder.layer.0.w": (64, 64), "head": (16,)}))
+    tampered = genuine[:-64] + b"\0" * 64
+    (folder / "model.safetensors").write_bytes(tampered)
+    real = hashlib.sha256(genuine).digest()
+    manifest = (await publish(store, folder, pinned=False)).manifest
+    files = tuple(msgspec.structs.replace(f, sha256=real) for f in manifest.files)
+    lie = msgspec.structs.replace(manifest, files=files)
+    encoded = encode_manifest(lie)
+    await store.put(encoded)
+    return Cid.for_manifest(encoded), real

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from lattica.content import ChunkMismatchError, ChunkNotFoundError, UnsafePathError
-from lattica.content.export import export, select_files
+from lattica.content.export import export, export_files, select_files
 from lattica.content.publish import publish
-from tests.unit.content_samples import KIB, open_store, random_bytes
+from lattica.content.tensor_select import select_tensors
+from tests.unit.content_samples import KIB, open_store, random_bytes, safetensors_bytes, tensors
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -76,3 +77,28 @@ async def test_missing_or_damaged_chunks_leave_no_file(tmp_path: Path) -> None:
         with pytest.raises(ChunkNotFoundError):
             await export(store, manifest, tmp_path / "out", include=["weights/a.bin"])
         assert list((tmp_path / "out" / "weights").iterdir()) == []
+
+
+async def test_a_tensor_selection_is_written_contained_with_the_manifest_mode(tmp_path: Path) -> None:
+    # Review finding: `fetch --tensors` followed a symlink planted where a parent folder goes
+    # and wrote outside -o; it must be refused like a whole-file export, and nothing written.
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    arrays = tensors(5, {"encoder.layer.0.w": (64, 64), "head": (16,)})
+    (src / "sub" / "model.safetensors").write_bytes(safetensors_bytes(arrays))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(elsewhere)
+    with open_store(tmp_path / "store") as store:
+        manifest = (await publish(store, src)).manifest
+        selection = select_tensors(manifest.file("sub/model.safetensors"), ["encoder.*"])
+        with pytest.raises(UnsafePathError, match="symlink"):
+            export_files(store, [], out, [selection])
+        assert list(elsewhere.iterdir()) == []
+        (out / "sub").unlink()
+        (written,) = export_files(store, [], out, [selection])
+    assert written == out / "sub" / "model.safetensors"
+    assert written.stat().st_mode & 0o777 == 0o644
+    assert not [p for p in out.rglob("*.tmp")]

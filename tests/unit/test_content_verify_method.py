@@ -1,0 +1,30 @@
+"""``content.verify``: a manifest whose chunks match its id but whose file SHA-256 lies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+from lattica.control.content_methods import CidParams, VerifyReply, register_content_methods
+from lattica.control.registry import MethodRegistry
+from lattica.node import Node
+from tests.unit.content_samples import lying_manifest, open_store
+
+
+async def test_verify_checks_whole_files_against_the_manifest_sha256(tmp_path: Path) -> None:
+    # Review finding: `lattica verify` said 0 bad for content whose file SHA-256 differs.
+    with open_store(tmp_path / "store") as store:
+        cid, _real = await lying_manifest(tmp_path, store)
+        await store.add_root(store.read_block(cid.digest), store.manifest(cid), pinned=True)
+        node = SimpleNamespace(content=SimpleNamespace(store=store))  # verify starts no fetch here
+        registry = MethodRegistry()
+        register_content_methods(registry, cast(Node, node))
+        method = registry.get("content.verify")
+        assert method is not None
+        reply = await method.handler(CidParams(str(cid)))
+        assert isinstance(reply, VerifyReply)
+        assert (reply.bad, reply.missing, reply.repair_fetch_id) == (0, 0, None)
+        assert reply.sha256_mismatch == ["model.safetensors"]
+        (root,) = [r for r in store.roots() if r.cid == cid]
+        assert not root.pinned and root.failed is not None
