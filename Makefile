@@ -41,6 +41,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/cli.py
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/crdt.py
+	$(BIN)/python bench/nat.py
+	$(BIN)/python bench/transport_tcp.py
+	$(BIN)/python bench/chunk_hash.py
+	$(BIN)/python bench/publish.py
+	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/transfer_sim.py
+# Root only (network namespaces): bench/netns_testbed.py, bench/nat_netns.py.
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
