@@ -39,7 +39,7 @@ TensorsOption = Annotated[
         "chunk hashes (the CID) only: a partial file cannot be checked against the file's SHA-256.",
     ),
 ]
-CidArgument = Annotated[str, typer.Argument(callback=check_cid, help="Content id (from publish).")]
+CidArgument = Annotated[str, typer.Argument(metavar="CID", callback=check_cid, help="Content id (from publish).")]
 
 
 def _example(*lines: str) -> str:
@@ -55,7 +55,7 @@ def _size(n: float) -> str:
 
 
 def publish(
-    path: Annotated[Path, typer.Argument(help="File or folder (e.g. a Hugging Face model folder).")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="File or folder (e.g. a Hugging Face model folder).")],
     name: Annotated[str | None, typer.Option("--name", help="Name recorded in the manifest.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag recorded in the manifest (repeatable).")] = None,
     home: HomeOption = None,

@@ -41,10 +41,13 @@ _TTL_HELP = (
     )
 )
 def put(
-    key: Annotated[str, typer.Argument(callback=check_key, help="Record key (in your own namespace).")],
+    key: Annotated[str, typer.Argument(metavar="KEY", callback=check_key, help="Record key (in your own namespace).")],
     value: Annotated[
         str | None,
-        typer.Argument(help=f"Value as UTF-8 text, or - to read stdin; at most {MAX_VALUE_BYTES // 1024} KiB."),
+        typer.Argument(
+            metavar="VALUE",
+            help=f"Value as UTF-8 text, or - to read stdin; at most {MAX_VALUE_BYTES // 1024} KiB.",
+        ),
     ] = None,
     file: Annotated[
         Path | None, typer.Option("--file", "-f", help="Read the value (any bytes) from this file (- for stdin).")
@@ -91,7 +94,7 @@ def _print_value(result: dict[str, object]) -> None:
     )
 )
 def get(
-    key: Annotated[str, typer.Argument(callback=check_key, help="Record key.")],
+    key: Annotated[str, typer.Argument(metavar="KEY", callback=check_key, help="Record key.")],
     peer: Annotated[
         str | None,
         typer.Option(
@@ -136,7 +139,7 @@ def get(
 
 @app.command(epilog=_example("lattica dht provide bafy-model-shard-17"))
 def provide(
-    cid: Annotated[str, typer.Argument(callback=check_cid, help="Content id this node can serve.")],
+    cid: Annotated[str, typer.Argument(metavar="CID", callback=check_cid, help="Content id this node can serve.")],
     home: HomeOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -150,7 +153,7 @@ def provide(
 
 @app.command(epilog=_example("lattica dht providers bafy-model-shard-17 --count 5"))
 def providers(
-    cid: Annotated[str, typer.Argument(callback=check_cid, help="Content id.")],
+    cid: Annotated[str, typer.Argument(metavar="CID", callback=check_cid, help="Content id.")],
     count: Annotated[int, typer.Option("--count", min=1, max=MAX_PROVIDERS, help="How many to find.")] = 20,
     home: HomeOption = None,
     json: JsonOption = False,
@@ -190,6 +193,7 @@ def bootstrap(
     peer: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="PEER",
             callback=check_dial_strings, help="PEERID@HOST:PORT to join through.", show_default="configured peers"
         ),
     ] = None,

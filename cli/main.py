@@ -285,6 +285,7 @@ def ping(
     addr: Annotated[
         str,
         typer.Argument(
+            metavar="ADDR",
             callback=check_ping_target,
             help="PEERID@HOST:PORT (the peer's identity is checked), HOST:PORT (learned from the handshake), "
             "RELAYPEERID@HOST:PORT/relay/PEERID (through that relay), or PEERID (an open connection, "
@@ -328,6 +329,7 @@ def nat(
     addr: Annotated[
         str | None,
         typer.Argument(
+            metavar="ADDR",
             callback=lambda text: None if text is None else check_dial_string(text),
             help="A peer's IP:PORT to ask for our address (STUN); without it, show reachability.",
         ),

@@ -49,7 +49,11 @@ def status(home: HomeOption = None, json: JsonOption = False) -> None:
 
 @app.command(epilog=_example("lattica relay reserve PEERID@198.51.100.7:4001"))
 def reserve(
-    addr: Annotated[str, typer.Argument(callback=check_dial_string, help="The relay, PEERID@HOST:PORT.")],
+    addr: Annotated[str, typer.Argument(
+        metavar="ADDR",
+        callback=check_dial_string,
+        help="The relay, PEERID@HOST:PORT.",
+    )],
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, max=MAX_PING_TIMEOUT_S, help="Seconds to wait for the relay.")
     ] = 10.0,

@@ -29,7 +29,11 @@ app = typer.Typer(
 )
 
 SpaceArgument = Annotated[
-    str, typer.Argument(callback=check_space_ref, help="Space id, or the local name of a space held here.")
+    str, typer.Argument(
+        metavar="SPACE",
+        callback=check_space_ref,
+        help="Space id, or the local name of a space held here.",
+    )
 ]
 
 
@@ -62,7 +66,11 @@ def _shown(value: Any) -> str:
     )
 )
 def create(
-    name: Annotated[str, typer.Argument(callback=_check_name, help="Local name of the space (an alias here).")],
+    name: Annotated[str, typer.Argument(
+        metavar="NAME",
+        callback=_check_name,
+        help="Local name of the space (an alias here).",
+    )],
     writer: Annotated[
         list[str] | None,
         typer.Option("--writer", callback=_check_writers, help="Peer id allowed to write (repeatable)."),
@@ -89,7 +97,7 @@ def _access(method: str, verb: str, space: str, peer: str, home: Any, json: bool
 @app.command(epilog=_example("lattica state grant catalog PEERID"))
 def grant(
     space: SpaceArgument,
-    peer: Annotated[str, typer.Argument(callback=check_peer_id, help="Peer id to let write.")],
+    peer: Annotated[str, typer.Argument(metavar="PEER", callback=check_peer_id, help="Peer id to let write.")],
     home: HomeOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -100,7 +108,7 @@ def grant(
 @app.command(epilog=_example("lattica state revoke catalog PEERID"))
 def revoke(
     space: SpaceArgument,
-    peer: Annotated[str, typer.Argument(callback=check_peer_id, help="Peer id to stop.")],
+    peer: Annotated[str, typer.Argument(metavar="PEER", callback=check_peer_id, help="Peer id to stop.")],
     home: HomeOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -115,8 +123,8 @@ def revoke(
 ))  # fmt: skip
 def set_value(
     space: SpaceArgument,
-    key: Annotated[str, typer.Argument(callback=check_state_key, help="Key in the space.")],
-    value: Annotated[str, typer.Argument(help="The value: text, or JSON with --json-value.")],
+    key: Annotated[str, typer.Argument(metavar="KEY", callback=check_state_key, help="Key in the space.")],
+    value: Annotated[str, typer.Argument(metavar="VALUE", help="The value: text, or JSON with --json-value.")],
     json_value: Annotated[
         bool, typer.Option("--json-value", help="VALUE is JSON (number, bool, null, list, object).")
     ] = False,
@@ -142,7 +150,11 @@ def set_value(
 def get(
     space: SpaceArgument,
     key: Annotated[
-        str | None, typer.Argument(callback=lambda v: None if v is None else check_state_key(v), help="Key.")
+        str | None, typer.Argument(
+            metavar="KEY",
+            callback=lambda v: None if v is None else check_state_key(v),
+            help="Key.",
+        )
     ] = None,
     home: HomeOption = None,
     json: JsonOption = False,
@@ -206,7 +218,11 @@ def watch(space: SpaceArgument, home: HomeOption = None, json: JsonOption = Fals
     )
 )
 def join(
-    space_id: Annotated[str, typer.Argument(callback=check_space_id, help="The space id (from `state create`).")],
+    space_id: Annotated[str, typer.Argument(
+        metavar="SPACE_ID",
+        callback=check_space_id,
+        help="The space id (from `state create`).",
+    )],
     peer: Annotated[
         list[str] | None,
         typer.Option(
