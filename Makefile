@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/publish.py
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/transfer_sim.py
+	$(BIN)/python bench/transfer_dedupe.py
 # Root only (network namespaces): bench/netns_testbed.py, bench/nat_netns.py.
 
 clean:
