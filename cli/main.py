@@ -221,12 +221,17 @@ def status(home: HomeOption = None, json: JsonOption = False) -> None:
             ("peer id", result["peer_id"]),
             ("version", result["version"]),
             ("uptime", f"{result['uptime_s']:.0f} s"),
-            ("connected peers", result["connected_peers"]),
+            ("connected peers", _peer_count(result)),
             *[("listening", a) for a in result["listen_addrs"]],
             *[("listening (tcp)", a) for a in result.get("tcp_listen_addrs", [])],
             *[("warning", w) for w in result.get("warnings", [])],
         ]
     )
+
+
+def _peer_count(status: dict[str, Any]) -> str:
+    relayed = status.get("relayed_only_peers", 0)
+    return f"{status['connected_peers']}" + (f" ({relayed} through a relay only)" if relayed else "")
 
 
 @app.command(epilog=_example("lattica peers", "lattica peers --json"))

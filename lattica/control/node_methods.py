@@ -47,6 +47,8 @@ class StatusResult(msgspec.Struct):
     """Conditions the owner should act on (e.g. a new identity over an old database)."""
     tcp_listen_addrs: list[str] = []
     """``PEERID@HOST:PORT`` where TLS-over-TCP is accepted (empty unless ``net.tcp_listen``)."""
+    relayed_only_peers: int = 0
+    """Connected peers reached only through a relay (no direct connection to them yet)."""
 
 
 class PeerRow(msgspec.Struct):
@@ -149,6 +151,7 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
             uptime_s=round(node.uptime_s(), 3),
             listen_addrs=node.dial_strings(),
             connected_peers=len({c.peer_id for c in node.connections.connections()}),
+            relayed_only_peers=_relayed_only_peers(node),
             warnings=list(owner_warnings),
             tcp_listen_addrs=[f"{node.peer_id}@{format_host_port(a)}" for a in node.tcp.listen_addresses],
         )
@@ -219,3 +222,11 @@ def _direct_after_s(node: Node, connection: Connection) -> float | None:
         return None
     seconds = node.hole_punch.direct_after_s(connection.peer_id)
     return None if seconds is None else round(seconds, 3)
+
+
+def _relayed_only_peers(node: Node) -> int:
+    """Peers whose every open connection runs through a relay."""
+    paths: dict[object, set[bool]] = {}
+    for connection in node.connections.connections():
+        paths.setdefault(connection.peer_id, set()).add(connection.relayed_via is not None)
+    return sum(1 for relayed in paths.values() if relayed == {True})

@@ -43,6 +43,9 @@ def test_ping_through_a_relay_and_peers_shows_the_relayed_path(start_daemon: Any
     assert peers[b.peer_id]["path"] == "relayed" and peers[b.peer_id]["via"] == relay.peer_id
     assert peers[relay.peer_id]["path"] == "direct" and peers[relay.peer_id]["via"] is None
     assert peers[b.peer_id]["connected_s"] >= 0
+    status = lattica_json("status", home=a.home)
+    assert status["connected_peers"] == 2 and status["relayed_only_peers"] == 1
+    assert "1 through a relay only" in lattica("status", home=a.home).stdout
 
     status = lattica_json("relay", "status", home=relay.home)
     assert status["service"]["enabled"] is True
