@@ -15,11 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -157,3 +158,23 @@ def netns_daemons(netns_bed: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         yield daemons
     finally:
         stop_daemons(list(daemons.values()))
+
+
+T = TypeVar("T")
+
+
+def poll_daemon(check: Callable[[], T | None], *, within_s: float, what: str, every_s: float = 0.2) -> T:
+    """Ask a daemon in another namespace (through its control socket) until ``check`` returns a
+    value, or fail the test after ``within_s`` saying ``what`` did not happen.
+
+    A poll, not an event: the daemon is another process and its control API has no
+    subscription for connection paths or DHT records, so the test re-asks at ``every_s``
+    (bounded by ``within_s``; a real-time testbed has no virtual clock)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = check()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {within_s:g} s")
+        time.sleep(every_s)

@@ -14,7 +14,6 @@ under a second inside the testbed).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,7 +23,7 @@ import pytest
 from lattica.control.client import call
 from lattica.control.errors import ControlError
 from lattica.nat.relay_record import RELAYED_ADDRESSES_KEY
-from tests.netns.harness import NetnsDaemon, require_netns, start_daemon_in, stop_daemons
+from tests.netns.harness import NetnsDaemon, poll_daemon, require_netns, start_daemon_in, stop_daemons
 
 pytestmark = pytest.mark.netns
 
@@ -68,14 +67,11 @@ def _rows_for(daemon: NetnsDaemon, peer_id: str) -> list[dict[str, Any]]:
 
 
 def _wait_direct(daemon: NetnsDaemon, peer_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + DIRECT_WITHIN_S
-    while True:
-        direct = [row for row in _rows_for(daemon, peer_id) if row["path"] == "direct"]
-        if direct:
-            return direct[0]
-        if time.monotonic() > deadline:
-            pytest.fail(f"no direct connection to {peer_id} within {DIRECT_WITHIN_S:g} s: {_rows_for(daemon, peer_id)}")
-        time.sleep(0.2)
+    def direct() -> dict[str, Any] | None:
+        rows = [row for row in _rows_for(daemon, peer_id) if row["path"] == "direct"]
+        return rows[0] if rows else None
+
+    return poll_daemon(direct, within_s=DIRECT_WITHIN_S, what=f"a direct connection to {peer_id}")
 
 
 def _relayed_address(target: NetnsDaemon, relay: NetnsDaemon) -> str:
@@ -131,16 +127,21 @@ def test_ping_by_peer_id_alone_reaches_a_nated_host_through_its_published_relay(
     # Both join the DHT only once their first lookups' dials to each other's (filtered) public
     # addresses time out (~10 s; reachability is still "unknown" with one observer), and b
     # publishes after that: wait for its record to be readable from s.
-    deadline = time.monotonic() + RECORD_WITHIN_S
     params = {"key": RELAYED_ADDRESSES_KEY.decode(), "peer": b.peer_id}
-    while True:
+
+    def record_readable() -> bool | None:
         try:
             call(s.started.control_socket, "dht.get", params, timeout_s=RECORD_WITHIN_S)
-            break
         except ControlError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"{b.peer_id}'s relayed-address record not in the DHT within {RECORD_WITHIN_S:g} s")
-            time.sleep(0.5)
+            return None
+        return True
+
+    poll_daemon(
+        record_readable,
+        within_s=RECORD_WITHIN_S,
+        what=f"{b.peer_id}'s relayed-address record in the DHT",
+        every_s=0.5,
+    )
     result = call(s.started.control_socket, "ping", {"addr": b.peer_id, "timeout_s": 30.0}, timeout_s=40.0)
     assert result["peer_id"] == b.peer_id
     # A symmetric NAT on the dialling side: relayed through pub1 (or direct, if punched).
