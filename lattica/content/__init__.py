@@ -32,6 +32,7 @@ from lattica.content.errors import (
     MalformedSafetensorsError,
     NoFilesSelectedError,
     NoTensorsSelectedError,
+    OutputBusyError,
     UnsafePathError,
 )
 from lattica.content.manifest import (
@@ -74,6 +75,7 @@ __all__ = [
     "Manifest",
     "NoFilesSelectedError",
     "NoTensorsSelectedError",
+    "OutputBusyError",
     "SafetensorsIndex",
     "TensorInfo",
     "UnsafePathError",

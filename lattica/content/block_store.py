@@ -38,6 +38,7 @@ import os
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -258,6 +259,10 @@ class BlockStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = trio.Lock()
         self._fanout_ready: set[str] = set()
+        # Blocks written but not indexed yet (write_unindexed .. index_written), per digest a
+        # count of writers; orphan removal skips them. Read and written on worker threads.
+        self._unindexed: dict[bytes, int] = {}
+        self._unindexed_lock = threading.Lock()
         db.write_blocking(self._create_schema)
 
     @staticmethod
@@ -392,26 +397,71 @@ class BlockStore:
         def write_all() -> tuple[list[bytes], list[bytes], list[tuple[bytes, int]]]:
             stored: list[bytes] = []
             rejected: list[bytes] = []
-            written: list[tuple[bytes, int]] = []
-            new: set[bytes] = set()
+            verified: list[tuple[bytes | memoryview, bytes]] = []
             for data, digest in chunks:
                 if blake3_digest(data) != digest:
                     rejected.append(digest)
                     continue
                 stored.append(digest)
-                if digest not in new and not self.has(digest):
-                    self.write_block_file(digest, data, durable=False)
-                    written.append((digest, len(data)))
-                    new.add(digest)
-            if written:
-                self.sync_to_disk()
-            return stored, rejected, written
+                verified.append((data, digest))
+            return stored, rejected, self.write_unindexed(verified)
 
         async with self._lock:
             stored, rejected, written = await run_blocking(write_all)
-            if written:
-                await self.index_blocks(written)
+            await self.index_written(written)
         return BatchPutResult(tuple(stored), tuple(rejected))
+
+    def write_unindexed(self, chunks: Sequence[tuple[bytes | memoryview, bytes]]) -> list[tuple[bytes, int]]:
+        """Write the files of verified chunks (``(data, digest)``, each already hashed to its
+        digest by the caller) that are not stored yet, without flushing them to disk and
+        without indexing them; returns ``(digest, length)`` of the files written, which the
+        caller must pass to :meth:`index_written` (also after an error). Blocking: call it
+        on a worker thread. Until then :meth:`gc` leaves them alone, and after a crash they
+        are unindexed orphans (a later fetch writes them again).
+
+        For bulk writers that flush many batches at once: a fetch writes a batch at a time
+        while the transfer goes on and makes them durable every ``fetch_sync_bytes``. Raises
+        :class:`ContentTooLargeError` (before anything is written),
+        :class:`~lattica.storage.DiskFullError` and ``OSError``."""
+        for data, _ in chunks:
+            if len(data) > self.max_chunk_bytes:
+                raise ContentTooLargeError(f"chunk of {len(data)} bytes exceeds the cap of {self.max_chunk_bytes}")
+        absent = set(self.missing(digest for _data, digest in chunks))  # one query, not one per chunk
+        written: list[tuple[bytes, int]] = []
+        try:
+            for data, digest in chunks:
+                if digest not in absent:
+                    continue
+                absent.discard(digest)
+                with self._unindexed_lock:  # before the file exists: gc must never see it unclaimed
+                    self._unindexed[digest] = self._unindexed.get(digest, 0) + 1
+                written.append((digest, len(data)))
+                self.write_block_file(digest, data, durable=False)
+        except BaseException:
+            self._release([digest for digest, _ in written])  # orphans now, for gc to remove
+            raise
+        return written
+
+    async def index_written(self, blocks: Sequence[tuple[bytes, int]]) -> None:
+        """Flush the files :meth:`write_unindexed` wrote to disk (one :func:`sync_filesystem`)
+        and index them in one transaction: from then on they are stored. Releases them
+        whatever happens. Raises :class:`~lattica.storage.DiskFullError`, ``OSError`` and
+        :class:`~lattica.storage.StorageError`."""
+        try:
+            if blocks:
+                await run_blocking(self.sync_to_disk)
+                await self.index_blocks(blocks)
+        finally:
+            self._release([digest for digest, _ in blocks])
+
+    def _release(self, digests: Iterable[bytes]) -> None:
+        with self._unindexed_lock:
+            for digest in digests:
+                left = self._unindexed.get(digest, 0) - 1
+                if left > 0:
+                    self._unindexed[digest] = left
+                else:
+                    self._unindexed.pop(digest, None)
 
     async def _store_verified(self, digest: bytes, data: bytes | memoryview) -> None:
         async with self._lock:
@@ -620,6 +670,8 @@ class BlockStore:
     def _remove_orphans(self) -> int:
         """Delete temporary files and block files without an index row (called under the lock)."""
         indexed: set[bytes] = self.db.read(lambda c: {r[0] for r in c.execute("SELECT digest FROM content_blocks")})
+        with self._unindexed_lock:
+            indexed |= self._unindexed.keys()  # being written by a fetch: not orphans
         removed = 0
         for entry in self.root.iterdir():
             if entry.name == TMP_DIR or (entry.is_dir() and len(entry.name) == 2):

@@ -58,4 +58,12 @@ class ContentConfig:
     """A fetch fails (keeping what it stored) after this long without any peer able to supply
     the missing chunks."""
     fetch_batch_bytes: ByteSize = 8 << 20
-    """Verified chunks are written and indexed in batches of up to this many bytes."""
+    """Verified chunks are written to disk in batches of up to this many bytes (the most a
+    fetch holds in memory besides the peers' windows is two batches)."""
+    fetch_sync_bytes: ByteSize = 64 << 20
+    """Written chunks are flushed to disk and indexed (acknowledged) every this many bytes:
+    one file-system sync per step, not per batch. A fetch killed before a step completes
+    fetches at most this much again."""
+    fetch_sync_interval_s: Seconds = 2.0
+    """... and at least this often while chunks arrive (a slow fetch acknowledges its progress
+    in time too, not only every ``fetch_sync_bytes``)."""

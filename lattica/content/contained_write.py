@@ -1,26 +1,29 @@
-"""Writing one file under an output folder without ever following a symlink out of it.
+"""Writing files under an output folder without ever following a symlink out of it.
 
-:func:`write_contained` is the one writer for everything a fetch or an export puts in a
-user's folder (whole files and tensor selections alike): the manifest path is checked again
+:class:`ContainedFile` is the one way anything a fetch or an export puts in a user's folder
+gets there (whole files written as their chunks arrive, files exported from the store, tensor
+selections alike): the manifest path is checked again
 (:func:`~lattica.content.paths.check_relative_path`) and walked one component at a time from
 the folder's directory descriptor with ``O_NOFOLLOW``, so a symlink (or a file) planted where
 a parent folder should be is refused (:class:`~lattica.content.errors.UnsafePathError`),
 never followed. The bytes go to a temporary file in the final directory, which is fsynced,
 given the manifest's mode and renamed over the final name: never a half-written file under
-its final name, never anything outside the folder.
+its final name, never anything outside the folder. :func:`write_contained` writes a stream of
+pieces that way in one call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lattica.content.errors import ChunkMismatchError, UnsafePathError
+from lattica.content.errors import ChunkMismatchError, OutputBusyError, UnsafePathError
 from lattica.content.paths import check_relative_path
 from lattica.storage import DiskFullError
 
@@ -36,6 +39,130 @@ def _open_directory(parent_fd: int, name: str) -> int:
     return os.open(name, flags, dir_fd=parent_fd)
 
 
+def named_os_error(exc: OSError, where: Path) -> OSError | DiskFullError:
+    """``exc`` as the error to raise for a write to ``where``: a
+    :class:`~lattica.storage.DiskFullError` naming the path when the disk (or quota) is full,
+    else ``exc`` itself."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(
+            f"{where}: disk full ({exc.strerror}); free some space",
+            path=str(where),
+            cause=exc.strerror or "ENOSPC",
+        )
+    return exc
+
+
+class ContainedFile:
+    """A temporary file beside ``path``'s final name under the folder open as ``root_fd``,
+    renamed into place by :meth:`commit` or removed by :meth:`discard` (blocking calls).
+
+    ``path`` is a manifest's relative path (``out_dir`` names the folder in messages), ``mode``
+    the permission bits the final file gets. ``temporary`` names the temporary file (default:
+    a random hidden name); such a file is locked (``flock``) while it is written, and one
+    found unlocked under that name (left by a killed fetch) is replaced, while a locked one
+    raises :class:`~lattica.content.errors.OutputBusyError`.
+    Write through :attr:`fd` (``os.pwrite`` / ``os.write``). Raises :class:`UnsafePathError`
+    (a bad path, or a parent that is a symlink or a file),
+    :class:`~lattica.storage.DiskFullError` and ``OSError``; after an error in the
+    constructor nothing is left behind."""
+
+    def __init__(self, root_fd: int, out_dir: Path, path: str, *, mode: int, temporary: str | None = None) -> None:
+        check_relative_path(path)
+        self.final = out_dir / path
+        self.mode = mode
+        *directories, self._name = path.split("/")
+        self._temporary = temporary or f".{self._name[:200]}.{secrets.token_hex(6)}.tmp"
+        self._fds = [root_fd]
+        self.fd = -1
+        try:
+            for directory in directories:
+                try:
+                    self._fds.append(_open_directory(self._fds[-1], directory))
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafePathError(f"{self.final}: a parent is a symlink or a file; not followed") from None
+                    raise
+            if temporary is not None:
+                self._remove_stale()
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            try:
+                self.fd = os.open(self._temporary, flags, 0o600, dir_fd=self._parent)
+            except FileExistsError:  # another fetch made it between our check and now
+                raise OutputBusyError(f"{self.final}: another fetch is writing this file") from None
+            if temporary is not None:
+                # Held while this file is written: how a later fetch tells a live temporary
+                # file from one left by a killed process (the kernel drops the lock on exit).
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._close_directories()
+            raise named_os_error(exc, self.final) from exc
+        except BaseException:
+            self._close_directories()
+            raise
+
+    def _remove_stale(self) -> None:
+        try:
+            fd = os.open(self._temporary, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._parent)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            os.unlink(self._temporary, dir_fd=self._parent)  # a planted symlink: unlink never follows it
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputBusyError(f"{self.final}: another fetch is writing this file") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temporary, dir_fd=self._parent)
+        finally:
+            os.close(fd)
+
+    @property
+    def _parent(self) -> int:
+        return self._fds[-1]
+
+    def commit(self) -> Path:
+        """Give the file its mode, fsync it, rename it over the final name and fsync the
+        directory; returns the final path. Closes the file either way (on an error the
+        temporary file is removed). Raises :class:`~lattica.storage.DiskFullError` and
+        ``OSError``."""
+        try:
+            os.fchmod(self.fd, self.mode)
+            os.fsync(self.fd)
+            os.replace(self._temporary, self._name, src_dir_fd=self._parent, dst_dir_fd=self._parent)
+            os.fsync(self._parent)
+        except OSError as exc:
+            self.discard()
+            raise named_os_error(exc, self.final) from exc
+        except BaseException:
+            self.discard()
+            raise
+        self._close()
+        return self.final
+
+    def discard(self) -> None:
+        """Remove the temporary file and close everything (idempotent; never raises ``OSError``
+        for a file already gone)."""
+        if self.fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temporary, dir_fd=self._parent)
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._close_directories()
+
+    def _close_directories(self) -> None:
+        for fd in self._fds[1:]:
+            os.close(fd)
+        del self._fds[1:]
+
+
 def write_contained(
     root_fd: int,
     out_dir: Path,
@@ -46,55 +173,32 @@ def write_contained(
     sha256: bytes | None = None,
 ) -> Path:
     """Write ``pieces`` to ``path`` (a manifest's relative path) under the folder open as
-    ``root_fd`` (``out_dir`` names it in messages); returns ``out_dir / path``. Blocking.
+    ``root_fd`` (``out_dir`` names it in messages) through a :class:`ContainedFile`; returns
+    ``out_dir / path``. Blocking.
 
     ``mode`` is the file's permission bits (the manifest's). With ``sha256``, the file is
     renamed into place only if its bytes hash to it. Raises :class:`UnsafePathError` (a bad
     path, or a parent that is a symlink or a file), :class:`ChunkMismatchError` (SHA-256
     differs), :class:`~lattica.storage.DiskFullError` and ``OSError``; on any error nothing
     is left under the final name or as a temporary file."""
-    check_relative_path(path)
-    *directories, name = path.split("/")
-    fds = [root_fd]
+    target = ContainedFile(root_fd, out_dir, path, mode=mode)
     try:
-        for directory in directories:
-            try:
-                fds.append(_open_directory(fds[-1], directory))
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePathError(f"{out_dir / path}: a parent is a symlink or a file; not followed") from None
-                raise
-        parent = fds[-1]
-        temporary = f".{name[:200]}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=parent)
-        try:
-            whole = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
-                for piece in pieces:
-                    if sha256 is not None:
-                        whole.update(piece)
-                    out.write(piece)
-                out.flush()
-                if sha256 is not None and whole.digest() != sha256:
-                    raise ChunkMismatchError(f"{out_dir / path}: SHA-256 differs from the manifest's; not written")
-                os.fchmod(out.fileno(), mode)
-                os.fsync(out.fileno())
-            os.replace(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
-            os.fsync(parent)
-        except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=parent)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(
-                    f"{out_dir / path}: disk full ({exc.strerror}); free some space",
-                    path=str(out_dir / path),
-                    cause=exc.strerror or "ENOSPC",
-                ) from exc
-            raise
-    finally:
-        for fd in fds[1:]:
-            os.close(fd)
-    return out_dir / path
+        whole = hashlib.sha256()
+        for piece in pieces:
+            if sha256 is not None:
+                whole.update(piece)
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(target.fd, view) :]
+        if sha256 is not None and whole.digest() != sha256:
+            raise ChunkMismatchError(f"{out_dir / path}: SHA-256 differs from the manifest's; not written")
+    except OSError as exc:
+        target.discard()
+        raise named_os_error(exc, target.final) from exc
+    except BaseException:
+        target.discard()
+        raise
+    return target.commit()
 
 
 @contextlib.contextmanager

@@ -57,3 +57,8 @@ class NoTensorsSelectedError(ContentError):
 
 class NoFilesSelectedError(ContentError):
     """``include``/``exclude`` globs left no file of the manifest to fetch."""
+
+
+class OutputBusyError(ContentError):
+    """Another fetch (in this node or another process) is writing the same file into the same
+    folder right now; this one does not touch it."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ from lattica.content.fetch_scheduler import (
     RequestChunk,
     WantedChunk,
 )
+from lattica.content.file_assembly import FileAssembly
 from lattica.content.manifest import FileEntry, Manifest, decode_manifest
 from lattica.content.tensor_select import TensorSelection, select_tensors
 from lattica.errors import LatticaError, RemoteProtocolError
@@ -78,6 +80,7 @@ _RECEIVE_BYTES = 1 << 20
 _BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
 _MANIFEST_BUSY_FIRST_S = 0.5  # first pause before asking busy peers for a manifest again
 _MANIFEST_BUSY_MAX_S = 8.0  # longest pause between those asks
+_FLUSH_ON_EXIT_S = 30.0  # a cancelled fetch waits at most this long to acknowledge what it wrote
 
 
 class FetchFailedError(ContentError):
@@ -340,6 +343,8 @@ class FetchDeps:
     open_stream: StreamOpener
     find_candidates: Callable[[Cid], Awaitable[list[PeerId]]]
     """Peers that may hold a content id: connected peers and DHT providers, not this node."""
+    connected_peers: Callable[[], list[PeerId]] = list
+    """Peers connected now (asked first: a DHT lookup can wait seconds on a dead node)."""
 
 
 async def fetch_content(
@@ -369,8 +374,16 @@ async def fetch_content(
         manifest = store.manifest(cid)
         await store.add_root(store.read_block(cid.digest), manifest, pinned=True)
     else:
-        candidates = await deps.find_candidates(cid)
-        encoded, manifest = await _fetch_manifest(cid, candidates, deps.open_stream, config)
+        found = None
+        connected = deps.connected_peers()
+        if connected:  # most fetches name content a connected peer holds: no lookup needed
+            with contextlib.suppress(FetchFailedError):
+                found = await _fetch_manifest(cid, connected, deps.open_stream, config)
+        if found is None:
+            candidates = await deps.find_candidates(cid)
+            asked = set(connected)
+            found = await _fetch_manifest(cid, [p for p in candidates if p not in asked], deps.open_stream, config)
+        encoded, manifest = found
         await store.add_root(encoded, manifest, pinned=True)
     try:
         await _fetch_planned(deps, cid, manifest, out_dir, include, exclude, tensors, progress, candidates)
@@ -408,27 +421,52 @@ async def _fetch_planned(
     progress.total_bytes = sum(plan.chunks.values())
     missing = store.missing(plan.chunks)
     progress.held_bytes = progress.total_bytes - sum(plan.chunks[d] for d in missing)
-    if missing:
-        progress.state = "fetching"
-        if candidates is None:
-            candidates = await deps.find_candidates(cid)
-        await _transfer(deps, cid, [WantedChunk(d, plan.chunks[d]) for d in missing], progress, candidates)
-    if out_dir is not None:
-        progress.state = "exporting"  # export checks each whole file's SHA-256
-        progress.paths = await run_blocking(lambda: _export(store, plan, out_dir))
-    elif plan.files:
-        bad = await run_blocking(lambda: store.file_sha256_mismatches(plan.files))
-        if bad:
-            raise ChunkMismatchError(f"{bad[0]}: SHA-256 differs from the manifest's ({len(bad)} file(s))")
+    assembly: FileAssembly | None = None
+    root_fd = -1
+    try:
+        if out_dir is not None and plan.files:
+            # Whole files are written into place as their chunks are stored (see
+            # :mod:`lattica.content.file_assembly`), not exported after the transfer.
+            root_fd = await run_blocking(lambda: _open_folder(out_dir))
+            assembly = await run_blocking(lambda: FileAssembly(root_fd, out_dir, plan.files, tag=cid.digest.hex()[:16]))
+        absent = set(missing)
+        held = [d for d in plan.chunks if d not in absent]
+        if missing:
+            progress.state = "fetching"
+            wanted = [WantedChunk(d, plan.chunks[d]) for d in missing]
+            await _transfer(deps, cid, wanted, progress, candidates, assembly, held)
+        elif assembly is not None:
+            await run_blocking(lambda: assembly.add_held(held, store.read_block))
+        if out_dir is not None:
+            progress.state = "exporting"  # each whole file is checked against its SHA-256
+            paths = [] if assembly is None else await run_blocking(assembly.finish)
+            if plan.selections:
+                paths += await run_blocking(lambda: export_files(store, (), out_dir, plan.selections))
+            progress.paths = [str(p) for p in paths]
+        elif plan.files:
+            bad = await run_blocking(lambda: store.file_sha256_mismatches(plan.files))
+            if bad:
+                raise ChunkMismatchError(f"{bad[0]}: SHA-256 differs from the manifest's ({len(bad)} file(s))")
+    finally:
+        if assembly is not None:
+            assembly.discard()  # after finish() a no-op; else the temporary files go (a few unlinks)
+        if root_fd >= 0:
+            os.close(root_fd)
 
 
-def _export(store: BlockStore, plan: FetchPlan, out_dir: Path) -> list[str]:
-    # Whole files and tensor selections share one contained writer (no symlink followed).
-    return [str(p) for p in export_files(store, plan.files, out_dir, plan.selections)]
+def _open_folder(out_dir: Path) -> int:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
 
 
 async def _transfer(
-    deps: FetchDeps, cid: Cid, wanted: list[WantedChunk], progress: FetchProgress, candidates: list[PeerId]
+    deps: FetchDeps,
+    cid: Cid,
+    wanted: list[WantedChunk],
+    progress: FetchProgress,
+    candidates: list[PeerId] | None,
+    assembly: FileAssembly | None = None,
+    held: Sequence[bytes] = (),
 ) -> None:
     config = deps.config
     scheduler = FetchScheduler(
@@ -502,20 +540,38 @@ async def _transfer(
             return False
 
         # Verified chunks are written by one storer task, a batch at a time, while the
-        # transfer goes on: a flush to disk per chunk would cap the rate at the disk's sync
-        # latency. ``batch`` fills while the storer is busy; a capacity-0 channel hands it over
-        # only when the storer is waiting, and the storer's _Stored event wakes this loop.
+        # transfer goes on, and made durable and indexed every ``fetch_sync_bytes`` by a
+        # flush that runs beside the next writes: a flush to disk per chunk (or per batch)
+        # would cap the rate at the disk's sync latency. ``batch`` fills while the storer is
+        # busy; a capacity-0 channel hands it over only when the storer is waiting, and the
+        # storer's _Stored event wakes this loop.
         store_send, store_receive = trio.open_memory_channel[list[tuple[PeerId, bytes, bytes]]](0)
         stored_all = trio.Event()
 
         async def storer() -> None:
-            async for pending in store_receive:
-                await _store_batch(deps.store, pending, progress)
-                await send.send((None, _Stored()))
+            if assembly is not None and held:  # chunks held before: copied while the transfer starts
+                await run_blocking(lambda: assembly.add_held(held, deps.store.read_block))
+            async with trio.open_nursery() as flushes:
+                flusher = _Flusher(deps.store, config.fetch_sync_bytes, config.fetch_sync_interval_s, flushes)
+                try:
+                    async for pending in store_receive:
+                        await _write_batch(deps.store, pending, progress, assembly, flusher)
+                        await send.send((None, _Stored()))
+                finally:
+                    # Also when cancelled (Ctrl-C, a daemon stop) or failing: what was
+                    # verified and written is acknowledged, so fetching again resumes after it.
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + _FLUSH_ON_EXIT_S):
+                        await flusher.flush()
             stored_all.set()
 
         nursery.start_soon(storer)
-        connect(candidates)  # looked up already; the DHT is asked again only on a stall
+        if candidates is None:
+            # The connected peers start at once; the DHT's providers join when the lookup
+            # answers (a lookup can wait seconds on a node that is gone).
+            connect(deps.connected_peers())
+            start_search()
+        else:
+            connect(candidates)  # looked up already; the DHT is asked again only on a stall
         stalled_since = trio.current_time()
         batch: list[tuple[PeerId, bytes, bytes]] = []
         batch_bytes = 0
@@ -602,11 +658,74 @@ async def _transfer(
         nursery.cancel_scope.cancel()
 
 
-async def _store_batch(store: BlockStore, batch: list[tuple[PeerId, bytes, bytes]], progress: FetchProgress) -> None:
-    """Write verified chunks (``put_many`` hashes them again: nothing unverified is stored)."""
-    result = await store.put_many([(data, digest) for _peer, digest, data in batch])
-    if result.rejected:  # verified on arrival: only memory corruption could get here
-        raise FetchFailedError(f"{len(result.rejected)} verified chunk(s) changed before they were stored")
+class _Flusher:
+    """Makes written chunks durable and indexed (:meth:`BlockStore.index_written`) once
+    ``sync_bytes`` of them wait or the oldest has waited ``sync_interval_s``, one flush at a
+    time, in a task of ``nursery`` so the next batches are written meanwhile."""
+
+    def __init__(self, store: BlockStore, sync_bytes: int, sync_interval_s: float, nursery: trio.Nursery) -> None:
+        self.store = store
+        self.sync_bytes = sync_bytes
+        self.sync_interval_s = sync_interval_s
+        self.nursery = nursery
+        self.waiting: list[tuple[bytes, int]] = []
+        self.waiting_bytes = 0
+        self.waiting_since = math.inf
+        self.idle = trio.Event()
+        self.idle.set()
+
+    async def add(self, written: list[tuple[bytes, int]]) -> None:
+        now = trio.current_time()
+        if written and not self.waiting:
+            self.waiting_since = now
+        self.waiting += written
+        self.waiting_bytes += sum(length for _, length in written)
+        if self.waiting_bytes >= self.sync_bytes or now - self.waiting_since >= self.sync_interval_s:
+            await self.idle.wait()  # one flush at a time
+            self.idle = trio.Event()
+            self.nursery.start_soon(self._flush, self._take())
+
+    async def flush(self) -> None:
+        """Flush what waits now and return once every flush is done."""
+        await self.idle.wait()
+        self.idle = trio.Event()
+        await self._flush(self._take())
+
+    def _take(self) -> list[tuple[bytes, int]]:
+        blocks, self.waiting, self.waiting_bytes, self.waiting_since = self.waiting, [], 0, math.inf
+        return blocks
+
+    async def _flush(self, blocks: list[tuple[bytes, int]]) -> None:
+        try:
+            await self.store.index_written(blocks)
+        finally:
+            self.idle.set()
+
+
+async def _write_batch(
+    store: BlockStore,
+    batch: list[tuple[PeerId, bytes, bytes]],
+    progress: FetchProgress,
+    assembly: FileAssembly | None,
+    flusher: _Flusher,
+) -> None:
+    """Write chunks verified on arrival (hashed once, in the fetch loop) to the store and into
+    the files being assembled, on one worker thread; the flusher acknowledges them later."""
+
+    def write() -> tuple[list[tuple[bytes, int]], Exception | None]:
+        written = store.write_unindexed([(data, digest) for _peer, digest, data in batch])
+        try:
+            if assembly is not None:
+                for _peer, digest, data in batch:
+                    assembly.add(digest, data)
+        except Exception as exc:  # the chunks are stored all the same: hand them to the flusher
+            return written, exc
+        return written, None
+
+    written, error = await run_blocking(write)
+    await flusher.add(written)
+    if error is not None:
+        raise error
     for peer, _digest, data in batch:
         progress.held_bytes += len(data)
         progress.received_bytes += len(data)

@@ -249,7 +249,12 @@ class ContentService:
 
     def fetch_deps(self) -> FetchDeps:
         """What :func:`~lattica.content.exchange_fetch.fetch_content` needs of this node."""
-        return FetchDeps(self.store, self.config, self._open_stream, self.find_candidates)
+        return FetchDeps(self.store, self.config, self._open_stream, self.find_candidates, self.connected_peers)
+
+    def connected_peers(self) -> list[PeerId]:
+        """Peers this node is connected to now (not itself)."""
+        me = self.dht.peer_id
+        return [p for p in dict.fromkeys(c.peer_id for c in self.connections.connections()) if p != me]
 
     async def _open_stream(self, peer: PeerId, protocol_id: str) -> QuicStream:
         # Bulk data takes TLS-over-TCP where the peer accepts it directly, else QUIC (see

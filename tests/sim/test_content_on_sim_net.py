@@ -332,3 +332,27 @@ async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(
 async def _release(stop: trio.Event, after_s: float) -> None:
     await trio.sleep(after_s)
     stop.set()
+
+
+async def test_a_fetch_from_a_connected_peer_does_not_wait_on_the_dht(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A provider lookup can wait many seconds on a DHT node that is gone (one query timeout per
+    # dead node); the manifest and the chunks a connected peer holds must not wait for it.
+    source = source_file(tmp_path, 256 * KIB)
+    async with cluster(tmp_path, 2) as c:
+        cid_text = await publish_everywhere(c, source, range(1))
+        await connect_all(c, 1, range(1))
+        lookups = 0
+
+        async def hanging_lookup(key: bytes) -> object:
+            nonlocal lookups
+            lookups += 1
+            await trio.sleep_forever()
+
+        monkeypatch.setattr(c.content(1).dht, "find_providers", hanging_lookup)
+        with trio.fail_after(5):  # virtual seconds: the transfer itself takes well under one
+            result = await c.content(1).fetch(Cid.parse(cid_text), out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert result.peer_bytes == {str(c.nodes[0].peer_id): 256 * KIB}
+        assert lookups == 1  # the DHT is still asked, beside the transfer, for more providers

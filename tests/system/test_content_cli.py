@@ -100,6 +100,10 @@ def _reap(fetch: subprocess.Popen[bytes]) -> None:
 def test_ctrl_c_then_kill_9_mid_fetch_then_restart_resumes(
     start_daemon: Any, model_folder: Path, tmp_path: Path
 ) -> None:
+    # B acknowledges what it fetched every 4 MiB (the default step, 64 MiB, would leave little
+    # of a 90 MB model to interrupt between two acknowledgements).
+    (tmp_path / "b").mkdir(mode=0o700)
+    (tmp_path / "b" / "config.toml").write_text(f"[content]\nfetch_sync_bytes = {4 << 20}\n")
     a, b = pair(start_daemon)
     cid = lattica_json("publish", str(model_folder), home=a.home)["cid"]
     # Ctrl-C in the CLI stops the daemon's fetch and keeps what arrived.

@@ -227,3 +227,42 @@ async def test_roots_report_how_much_of_them_is_held(tmp_path: Path) -> None:
         assert fetcher.roots()[0].held_bytes == len(chunk) and not fetcher.roots()[0].complete
         await fetcher.put((folder / "other.bin").read_bytes())
         assert fetcher.roots()[0].complete
+
+
+async def test_blocks_written_but_not_yet_indexed_survive_gc_and_are_stored_once_indexed(tmp_path: Path) -> None:
+    chunks = [random_bytes(32 * KIB, 40 + i) for i in range(3)]
+    pairs = [(data, blake3_digest(data)) for data in chunks]
+    with open_store(tmp_path / "store") as store:
+        already = await store.put(chunks[0])
+        written = await trio.to_thread.run_sync(store.write_unindexed, pairs)
+        assert [digest for digest, _ in written] == [d for _, d in pairs[1:]]  # the stored one is not rewritten
+        assert not store.has(pairs[1][1])  # not acknowledged before index_written
+        report = await store.gc()  # a fetch's flush is due later: its files are not orphans
+        assert report.orphans_removed == 0
+        assert report.blocks_removed == 1 and not store.has(already)  # indexed, unreferenced: collected
+        assert all(store.block_path(d).exists() for d, _ in written)
+        await store.index_written(written)
+        assert all(store.read_block(d) == data for data, d in pairs[1:])
+        # Once indexed they are released: unreferenced blocks go at the next gc like any other.
+        assert (await store.gc()).blocks_removed == 2
+
+
+async def test_a_failed_unindexed_write_leaves_orphans_for_gc(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    pairs = [(random_bytes(8 * KIB, 50 + i), b"") for i in range(3)]
+    pairs = [(data, blake3_digest(data)) for data, _ in pairs]
+    with open_store(tmp_path / "store") as store:
+        real = store.write_block_file
+        calls = 0
+
+        def fail_third(digest: bytes, data: bytes, *, durable: bool = True) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise OSError(5, "Input/output error")
+            real(digest, data, durable=durable)
+
+        monkeypatch.setattr(store, "write_block_file", fail_third)
+        with pytest.raises(OSError, match="Input/output"):
+            await trio.to_thread.run_sync(store.write_unindexed, pairs)
+        report = await store.gc()
+        assert report.orphans_removed == 2  # released: not held back from gc forever

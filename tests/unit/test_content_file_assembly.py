@@ -1,0 +1,193 @@
+"""Whole files written into the output folder as their chunks arrive (FileAssembly): in any
+order, checked against the manifest's SHA-256, atomic, contained, resumable after kill -9."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from lattica.content import ChunkMismatchError, OutputBusyError, UnsafePathError
+from lattica.content.blocking_io import run_blocking
+from lattica.content.cid import blake3_digest
+from lattica.content.contained_write import open_output_folder
+from lattica.content.file_assembly import FileAssembly
+from lattica.content.manifest import ChunkRef, FileEntry
+from lattica.content.publish import publish
+from lattica.storage import DiskFullError
+from tests.conftest import MakeTmpfs
+from tests.unit.content_samples import KIB, open_store, random_bytes
+
+TAG = "00112233aabbccdd"
+
+
+def entry(path: str, data: bytes, chunk: int, *, mode: int = 0o644, sha256: bytes | None = None) -> FileEntry:
+    chunks = tuple(
+        ChunkRef(blake3_digest(data[at : at + chunk]), at, len(data[at : at + chunk]))
+        for at in range(0, len(data), chunk)
+    )
+    return FileEntry(path, len(data), mode, sha256 or hashlib.sha256(data).digest(), chunks)
+
+
+def pieces(file: FileEntry, data: bytes) -> list[tuple[bytes, bytes]]:
+    return [(c.digest, data[c.offset : c.offset + c.length]) for c in file.chunks]
+
+
+@contextmanager
+def folder(out: Path) -> Iterator[int]:
+    with open_output_folder(out) as fd:
+        yield fd
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob("*") if p.name.endswith((".part", ".tmp")))
+
+
+@pytest.mark.parametrize("order", ["in-order", "reversed", "shuffled"])
+def test_chunks_in_any_order_give_the_file_and_its_mode(tmp_path: Path, order: str) -> None:
+    data = random_bytes(300 * KIB + 17, 1)
+    script = b"#!/bin/sh\n"
+    files = [entry("weights/a.bin", data, 64 * KIB), entry("run.sh", script, 64 * KIB, mode=0o755)]
+    arrivals = pieces(files[0], data) + pieces(files[1], script)
+    if order == "reversed":
+        arrivals.reverse()
+    elif order == "shuffled":
+        random.Random(5).shuffle(arrivals)
+    out = tmp_path / "out"
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, files, tag=TAG)
+        assert not (out / "weights" / "a.bin").exists()  # nothing under the final name before finish
+        for digest, piece in arrivals:
+            assembly.add(digest, piece)
+        written = assembly.finish()
+    assert written == [out / "weights" / "a.bin", out / "run.sh"]
+    assert (out / "weights" / "a.bin").read_bytes() == data
+    assert (out / "run.sh").stat().st_mode & 0o777 == 0o755
+    assert leftovers(out) == []
+
+
+def test_a_chunk_that_repeats_is_written_at_every_offset(tmp_path: Path) -> None:
+    block = random_bytes(16 * KIB, 2)
+    data = block + random_bytes(16 * KIB, 3) + block  # the same chunk twice in one file
+    other = block  # and in a second file
+    files = [entry("x.bin", data, 16 * KIB), entry("y.bin", other, 16 * KIB)]
+    out = tmp_path / "out"
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, files, tag=TAG)
+        assert len(assembly.digests) == 2
+        for digest, piece in dict(pieces(files[0], data)).items():  # each distinct chunk once
+            assembly.add(digest, piece)
+        assembly.finish()
+    assert (out / "x.bin").read_bytes() == data
+    assert (out / "y.bin").read_bytes() == other
+
+
+def test_a_manifest_whose_sha256_lies_leaves_no_file(tmp_path: Path) -> None:
+    data = random_bytes(100 * KIB, 4)
+    lying = entry("a.bin", data, 32 * KIB, sha256=hashlib.sha256(b"something else").digest())
+    out = tmp_path / "out"
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, [lying], tag=TAG)
+        for digest, piece in pieces(lying, data):
+            assembly.add(digest, piece)
+        with pytest.raises(ChunkMismatchError, match="SHA-256"):
+            assembly.finish()
+    assert list(out.iterdir()) == []
+
+
+def test_finish_before_every_chunk_arrived_is_refused_and_cleans_up(tmp_path: Path) -> None:
+    data = random_bytes(100 * KIB, 5)
+    file = entry("a.bin", data, 32 * KIB)
+    out = tmp_path / "out"
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, [file], tag=TAG)
+        digest, piece = pieces(file, data)[0]
+        assembly.add(digest, piece)
+        assert assembly.missing() == ["a.bin"]
+        with pytest.raises(ValueError, match="not every chunk"):
+            assembly.finish()
+    assert list(out.iterdir()) == []
+
+
+def test_a_leftover_from_a_killed_fetch_is_replaced_and_a_live_one_is_not_touched(tmp_path: Path) -> None:
+    data = random_bytes(64 * KIB, 6)
+    file = entry("a.bin", data, 32 * KIB)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".a.bin.{TAG}.part"
+    stale.write_bytes(b"garbage from a fetch killed with kill -9")
+    with folder(out) as fd:
+        live = FileAssembly(fd, out, [file], tag=TAG)  # replaces the unlocked leftover
+        assert stale.stat().st_size == len(data)
+        with pytest.raises(OutputBusyError, match="another fetch"):
+            FileAssembly(fd, out, [file], tag=TAG)  # the same file, locked by `live`
+        for digest, piece in pieces(file, data):
+            live.add(digest, piece)
+        live.finish()
+    assert (out / "a.bin").read_bytes() == data
+    assert leftovers(out) == []
+
+
+def test_a_symlink_planted_under_the_temporary_name_is_removed_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    data = random_bytes(10 * KIB, 7)
+    file = entry("a.bin", data, 4 * KIB)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".a.bin.{TAG}.part").symlink_to(victim)
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, [file], tag=TAG)
+        for digest, piece in pieces(file, data):
+            assembly.add(digest, piece)
+        assembly.finish()
+    assert victim.read_bytes() == b"precious"
+    assert (out / "a.bin").read_bytes() == data
+
+
+def test_a_symlinked_parent_is_refused_and_nothing_is_left(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").symlink_to(elsewhere)
+    files = [entry("ok.bin", b"fine", 4), entry("weights/a.bin", b"data", 4)]
+    with folder(out) as fd, pytest.raises(UnsafePathError, match="symlink"):
+        FileAssembly(fd, out, files, tag=TAG)
+    assert list(elsewhere.iterdir()) == []
+    assert leftovers(out) == []
+
+
+def test_a_file_larger_than_the_disk_fails_up_front_by_name(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
+    disk = make_tmpfs(1)
+    file = FileEntry("big.bin", 4 << 20, 0o644, b"\0" * 32, ())
+    with folder(disk) as fd, pytest.raises(DiskFullError, match="disk full") as caught:
+        FileAssembly(fd, disk, [file], tag=TAG)
+    assert caught.value.path == str(disk / "big.bin")
+    assert leftovers(disk) == []
+
+
+async def test_chunks_held_in_the_store_are_copied_in(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    data = random_bytes(200 * KIB, 8)
+    (source / "a.bin").write_bytes(data)
+    out = tmp_path / "out"
+    with open_store(tmp_path / "store") as store:
+        manifest = (await publish(store, source / "a.bin")).manifest
+        file = manifest.files[0]
+
+        def assemble() -> list[Path]:
+            with folder(out) as fd:
+                assembly = FileAssembly(fd, out, [file], tag=TAG)
+                assembly.add_held([c.digest for c in file.chunks], store.read_block)
+                return assembly.finish()
+
+        assert await run_blocking(assemble) == [out / "a.bin"]
+    assert (out / "a.bin").read_bytes() == data
+    assert os.stat(out / "a.bin").st_size == len(data)
