@@ -33,6 +33,14 @@ from lattica.net.datagram import UdpSocket
 from lattica.net.endpoint import EndpointSocketError
 from lattica.node import Node
 
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""How long the event loop's thread may hold the GIL while a worker thread waits for it
+(``sys.setswitchinterval``; CPython's default is 0.005 s). A fetch's storer thread (block files,
+the files being assembled, SHA-256) releases the GIL for each system call and then waits up to
+this long to get it back from the busy event loop: at the default that capped a 256 MiB fetch
+over TLS-over-TCP near the storer's pace, and 0.5 ms was faster in every interleaved pair of
+runs (``docs/decisions.md``)."""
+
 log = logging.getLogger("lattica.daemon")
 
 
@@ -90,6 +98,7 @@ async def run_daemon(
 ) -> None:
     """Run a node for ``home`` until SIGINT/SIGTERM; ``relay_service`` turns on
     ``nat.relay.service`` whatever the file says. Raises :class:`DaemonError` on bad start."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     identity, created = init_home(home)
     warnings = identity_warnings(home, created)
     config = load_config(home / CONFIG_FILE)
