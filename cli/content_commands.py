@@ -1,7 +1,8 @@
 """``lattica publish/fetch/ls/pin/unpin/gc/verify``: content through the daemon's content service.
 
-A fetch runs inside the daemon (``content.fetch``); this command polls its progress
-(``content.fetch_status``) and draws a progress bar (bytes, rate, ETA, peers) when stdout is a
+A fetch runs inside the daemon (``content.fetch``); this command follows its progress
+(``content.fetch_status`` with ``wait_s``: each call returns when the fetch ends or after
+0.25 s, so the end is seen at once) and draws a progress bar (bytes, rate, ETA, peers) when stdout is a
 terminal, nothing when it is a pipe. Ctrl-C cancels the daemon's fetch, which keeps every
 verified chunk: the same command resumes it.
 """
@@ -9,7 +10,6 @@ verified chunk: the same command resumes it.
 # No `from __future__ import annotations`: typer would eval every annotation string at start-up.
 import contextlib
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +20,7 @@ from cli.daemon_client import HomeOption, JsonOption, call_daemon
 from cli.output import print_json, print_line, print_table, stdout_is_terminal
 from lattica.control.errors import FAILED, ControlError
 
-_POLL_S = 0.25
+_POLL_S = 0.25  # the daemon answers after this long, or at once when the fetch ends
 _LONG_CALL_S = 24 * 3600.0  # publishing a large folder hashes every byte
 
 GlobOption = Annotated[
@@ -95,10 +95,9 @@ def _follow(home: Path | None, fetch_id: int, show_bar: bool) -> dict[str, Any]:
     try:
         if not show_bar:
             while True:
-                status = call_daemon(home, "content.fetch_status", {"fetch_id": fetch_id})
+                status = call_daemon(home, "content.fetch_status", {"fetch_id": fetch_id, "wait_s": _POLL_S})
                 if status["state"] in ("done", "failed", "cancelled"):
                     return status
-                time.sleep(_POLL_S)
         from rich.progress import (  # only a terminal pays for rich
             BarColumn,
             DownloadColumn,
@@ -119,7 +118,7 @@ def _follow(home: Path | None, fetch_id: int, show_bar: bool) -> dict[str, Any]:
         with Progress(*columns, transient=False) as bar:
             task = bar.add_task("finding", total=None, peers=0)
             while True:
-                status = call_daemon(home, "content.fetch_status", {"fetch_id": fetch_id})
+                status = call_daemon(home, "content.fetch_status", {"fetch_id": fetch_id, "wait_s": _POLL_S})
                 bar.update(
                     task,
                     description=status["state"],
@@ -129,7 +128,6 @@ def _follow(home: Path | None, fetch_id: int, show_bar: bool) -> dict[str, Any]:
                 )
                 if status["state"] in ("done", "failed", "cancelled"):
                     return status
-                time.sleep(_POLL_S)
     except KeyboardInterrupt:
         with contextlib.suppress(ControlError):  # the daemon may be gone; nothing to undo then
             call_daemon(home, "content.fetch_cancel", {"fetch_id": fetch_id}, timeout_s=10.0)

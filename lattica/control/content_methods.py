@@ -84,6 +84,19 @@ class FetchIdParams(msgspec.Struct, forbid_unknown_fields=True):
     fetch_id: FetchId
 
 
+MAX_STATUS_WAIT_S = 5.0
+"""Longest ``wait_s`` of ``content.fetch_status`` (a control connection is not held longer)."""
+
+
+class FetchStatusParams(msgspec.Struct, forbid_unknown_fields=True):
+    """``content.fetch_status``: which fetch; with ``wait_s`` > 0 the reply waits up to that many
+    seconds for the fetch to end (a progress display polls without sleeping, and learns of the
+    end at once rather than up to one poll interval late)."""
+
+    fetch_id: FetchId
+    wait_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_STATUS_WAIT_S)] = 0.0
+
+
 class PeerShare(msgspec.Struct):
     """Bytes one peer delivered to a fetch."""
 
@@ -238,8 +251,12 @@ def register_content_methods(registry: MethodRegistry, node: Node) -> None:
             raise ControlError(NOT_FOUND, f"no fetch with id {params.fetch_id}")
         return job
 
-    async def status(params: FetchIdParams) -> FetchStatus:
-        return fetch_status(job_of(params))
+    async def status(params: FetchStatusParams) -> FetchStatus:
+        job = job_of(FetchIdParams(params.fetch_id))
+        if params.wait_s > 0:
+            with trio.move_on_after(params.wait_s):
+                await job.finished.wait()
+        return fetch_status(job)
 
     async def cancel(params: FetchIdParams) -> FetchStatus:
         job = job_of(params)
@@ -293,7 +310,7 @@ def register_content_methods(registry: MethodRegistry, node: Node) -> None:
 
     registry.add("content.publish", PublishParams, publish)
     registry.add("content.fetch", FetchParams, fetch)
-    registry.add("content.fetch_status", FetchIdParams, status)
+    registry.add("content.fetch_status", FetchStatusParams, status)
     registry.add("content.fetch_cancel", FetchIdParams, cancel)
     registry.add("content.ls", NoParams, ls)
     registry.add("content.pin", CidParams, pin)
