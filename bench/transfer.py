@@ -59,6 +59,7 @@ sys.path.insert(0, str(BENCH_DIR.parent))  # ``lattica`` and ``cli`` from this w
 
 import transfer_sdk  # noqa: E402
 from _harness import REPO_ROOT, Spread, load_average, machine_info, utc_now, write_results  # noqa: E402
+from transfer_sdk import process_cpu_s  # noqa: E402
 
 from lattica.daemon_process import DaemonProcess, start_daemon_process  # noqa: E402
 
@@ -100,12 +101,6 @@ def _peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc status")
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _sha256(path: Path) -> str:
@@ -175,13 +170,13 @@ def run_lattica(tmp: Path, source: Path, expected_sha256: str, *, tcp: bool = Fa
         cid = _cli(a.home, "publish", str(source))["cid"]
         publish_s = time.perf_counter() - began
         out = tmp / "out"
-        daemons_before = _cpu_s(a.process.pid) + _cpu_s(b.process.pid)
+        daemons_before = process_cpu_s(a.process.pid) + process_cpu_s(b.process.pid)
         cli_before = _children_cpu_s()
         began = time.perf_counter()
         fetched = _cli(b.home, "fetch", cid, "-o", str(out))
         fetch_s = time.perf_counter() - began
         cli_cpu_s = _children_cpu_s() - cli_before
-        daemons_cpu_s = _cpu_s(a.process.pid) + _cpu_s(b.process.pid) - daemons_before
+        daemons_cpu_s = process_cpu_s(a.process.pid) + process_cpu_s(b.process.pid) - daemons_before
         cpu_s = daemons_cpu_s + cli_cpu_s
         rss = _peak_rss_bytes(b.process.pid)
         identical = _sha256(out / source.name) == expected_sha256
@@ -259,9 +254,12 @@ def run_nginx(tmp: Path, source: Path, expected_sha256: str) -> dict[str, Any]:
         out = tmp / "curl.out"
         workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
                                                    text=True, check=False).stdout.split()]
-        cpu_before = sum(_cpu_s(w) for w in workers)
+        cpu_before = sum(process_cpu_s(w) for w in workers)
         began = time.perf_counter()
-        curl = subprocess.Popen(["curl", "-fsk", "--tlsv1.3", "-o", str(out), url], stdin=subprocess.DEVNULL)
+        curl = subprocess.Popen(
+            ["curl", "-fsk", "--tlsv1.3", "--max-time", f"{FETCH_TIMEOUT_S:.0f}", "-o", str(out), url],
+            stdin=subprocess.DEVNULL,
+        )
         # wait4: this one child's own CPU and peak RSS (RUSAGE_CHILDREN's maxrss would be the
         # largest of every child reaped so far, daemons and CLI commands included).
         _, status, usage = os.wait4(curl.pid, 0)
@@ -270,7 +268,7 @@ def run_nginx(tmp: Path, source: Path, expected_sha256: str) -> dict[str, Any]:
         if curl.returncode != 0:
             raise RuntimeError(f"curl exited with {curl.returncode}")
         curl_cpu_s = usage.ru_utime + usage.ru_stime
-        cpu_s = curl_cpu_s + sum(_cpu_s(w) for w in workers) - cpu_before
+        cpu_s = curl_cpu_s + sum(process_cpu_s(w) for w in workers) - cpu_before
         return {
             "fetch_s": fetch_s,
             "mb_per_s": source.stat().st_size / fetch_s / MB,

@@ -124,8 +124,8 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds another process has used so far (``/proc/PID/stat``)."""
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all threads (``/proc/PID/stat``)."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -227,9 +227,9 @@ def role_driver(args: argparse.Namespace) -> None:
         )
         # Blocking reads are bounded: the receiver's alarm ends it (EOF) if it hangs.
         started = json.loads(receiver.stdout.readline() or "null")  # type: ignore[union-attr]
-        provider_cpu_before = _process_cpu_s(provider.pid) if started else 0.0
+        provider_cpu_before = process_cpu_s(provider.pid) if started else 0.0
         line = receiver.stdout.readline() if started else ""  # type: ignore[union-attr]
-        provider_cpu_s = _process_cpu_s(provider.pid) - provider_cpu_before if line else 0.0
+        provider_cpu_s = process_cpu_s(provider.pid) - provider_cpu_before if line else 0.0
         if receiver.wait() != 0 or not line:
             _say({"error": f"receiver exited with {receiver.returncode}"})
             return
