@@ -19,7 +19,8 @@ Modes (``--modes``, default all), interleaved run by run so load changes hit the
 * ``sdk``: the Lattica SDK (PyPI ``lattica``), ``put_block``/``get_block`` and
   ``rpc_stream_iter`` on the same bytes, through ``bench/transfer_sdk.py`` (its own venv, one
   lo-only network namespace per transfer). Root only: unprivileged runs print a note and leave
-  these rows out.
+  these rows out. Mind the memory: ``get_block`` returns the block in memory and its receiver
+  peaked at ~5 GiB for 1 GiB (1.3 GiB for 256 MiB), the provider holding another copy or two.
 
 Per size the table gives each mode's MB/s (median, min-max when runs > 1), MB per CPU-second,
 peak RSS of the fetching process and whether every output was byte-identical, then the issue's
