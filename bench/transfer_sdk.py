@@ -21,8 +21,14 @@ key and storage directories; the receiver bootstraps through the provider):
   ``bytes`` chunks; the receiver times iterating the stub until the last chunk, hashing as it goes.
 
 MB/s is 10^6 bytes per second of the timed call (the connection is already up: the bootstrap
-happens in ``build()``). Peak RSS is the receiver's ``VmHWM`` after the transfer (for
-``bitswap`` it includes the returned block itself). The received bytes are checked (SHA-256).
+happens in ``build()``). MB per CPU-second counts both nodes' user+system CPU (all threads)
+over the timed call. Peak RSS is the receiver's ``VmHWM`` after the transfer (for ``bitswap``
+it includes the returned block itself). The received bytes are checked (SHA-256).
+
+``bench/transfer.py`` runs the same transfers next to its own modes in one run
+(:func:`sdk_unavailable_reason`, :func:`ensure_sdk_venv`, :func:`run_mode`); the block is
+``random.Random(seed)`` drawn 1 MiB at a time, the same bytes as that script's file for the
+same seed.
 
 Usage (root)::
 
@@ -41,6 +47,8 @@ import hashlib
 import json
 import os
 import random
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +118,19 @@ def _service_class() -> Any:
     return BlobService
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process, all threads (the SDK's Rust runtime included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all threads (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _say(message: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -143,6 +164,8 @@ def role_receiver(args: argparse.Namespace) -> None:
         while args.peer_id not in node.get_all_peers() and time.monotonic() < deadline:
             time.sleep(0.05)
         digest = hashlib.sha256()
+        _say({"started": True})  # the driver samples the provider's CPU from here on
+        cpu_before = _cpu_s()
         started = time.perf_counter()
         if args.mode == "bitswap":
             _source, data = node.get_block(args.cid, timeout_secs=int(args.timeout_s))
@@ -154,11 +177,13 @@ def role_receiver(args: argparse.Namespace) -> None:
                 received += len(chunk)
                 digest.update(chunk)
         elapsed = time.perf_counter() - started
+        cpu_s = _cpu_s() - cpu_before
         _say(
             {
                 "bytes": received,
                 "seconds": round(elapsed, 4),
                 "mb_per_s": round(received / MB / elapsed, 1),
+                "receiver_cpu_s": round(cpu_s, 3),
                 "sha256": digest.hexdigest(),
                 "peak_rss_bytes": _peak_rss_bytes(),
             }
@@ -200,17 +225,19 @@ def role_driver(args: argparse.Namespace) -> None:
             stdout=subprocess.PIPE,
             text=True,
         )
-        try:
-            out, _ = receiver.communicate(timeout=args.timeout_s + START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _say({"error": f"no result within {args.timeout_s + START_TIMEOUT_S:.0f} s"})
-            return
-        lines = out.strip().splitlines()
-        if receiver.returncode != 0 or not lines:
+        # Blocking reads are bounded: the receiver's alarm ends it (EOF) if it hangs.
+        started = json.loads(receiver.stdout.readline() or "null")  # type: ignore[union-attr]
+        provider_cpu_before = process_cpu_s(provider.pid) if started else 0.0
+        line = receiver.stdout.readline() if started else ""  # type: ignore[union-attr]
+        provider_cpu_s = process_cpu_s(provider.pid) - provider_cpu_before if line else 0.0
+        if receiver.wait() != 0 or not line:
             _say({"error": f"receiver exited with {receiver.returncode}"})
             return
-        result = json.loads(lines[-1])
-        result["identical"] = result.pop("sha256") == offer["sha256"] and result["bytes"] == args.size
+        result = json.loads(line)
+        result["provider_cpu_s"] = round(provider_cpu_s, 3)
+        result["cpu_s"] = round(result["receiver_cpu_s"] + provider_cpu_s, 3)
+        result["mb_per_cpu_s"] = round(result["bytes"] / MB / result["cpu_s"], 1) if result["cpu_s"] > 0 else None
+        result["identical"] = result["sha256"] == offer["sha256"] and result["bytes"] == args.size
         _say(result)
     finally:
         for child in (receiver, provider):
@@ -235,8 +262,22 @@ def ensure_sdk_venv() -> str:
     return found.stdout.strip()
 
 
+def sdk_unavailable_reason() -> str | None:
+    """Why this process cannot run the SDK baseline (not root, no ``unshare``), or ``None``."""
+    if os.geteuid() != 0:
+        return "needs root (unshare -n: the SDK runs only in a lo-only network namespace)"
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare and ip (util-linux, iproute2)"
+    return None
+
+
 def run_mode(mode: str, size: int, seed: int, timeout_s: float) -> dict[str, Any]:
-    """One transfer in a fresh namespace; the receiver's result or ``{"error": ...}``."""
+    """One transfer in a fresh namespace (root): the receiver's result or ``{"error": ...}``.
+
+    The result holds ``bytes``, ``seconds``, ``mb_per_s``, ``cpu_s`` (both nodes, over the timed
+    call), ``mb_per_cpu_s``, ``peak_rss_bytes`` (the receiver's), ``sha256`` of what arrived and
+    ``identical`` (it matches what the provider offered); ``mode`` is one of :data:`MODES`.
+    """
     argv = ["unshare", "-n", str(SDK_PYTHON), "-I", str(Path(__file__).resolve()), "--role", "driver"]
     argv += ["--mode", mode, "--size", str(size), "--seed", str(seed), "--timeout-s", str(timeout_s)]
     try:
@@ -259,8 +300,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--timeout-s", type=float, default=180.0, help="per transfer")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (unshare -n)", file=sys.stderr)
+    reason = sdk_unavailable_reason()
+    if reason is not None:
+        print(reason, file=sys.stderr)
         return 2
     sys.path.insert(0, str(BENCH_DIR))
     from _harness import Spread, machine_info, utc_now, write_results
@@ -273,23 +315,26 @@ def main() -> int:
         for mode in args.modes:
             samples[mode].append(run_mode(mode, size, args.seed, args.timeout_s))
             print(f"run {index + 1}/{args.runs} {mode}: {samples[mode][-1]}", file=sys.stderr, flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for mode, results in samples.items():
         good = [r for r in results if "mb_per_s" in r]
         rate = Spread.of([r["mb_per_s"] for r in good])
+        per_cpu = Spread.of([r["mb_per_cpu_s"] for r in good if r.get("mb_per_cpu_s")])
         rows.append(
             {
                 "mode": f"Lattica SDK {version}, {mode}",
                 "mb_per_s": None if rate is None else dataclasses.asdict(rate),
+                "mb_per_cpu_s": None if per_cpu is None else dataclasses.asdict(per_cpu),
                 "peak_rss_bytes": max((r["peak_rss_bytes"] or 0 for r in good), default=None),
                 "identical": all(r["identical"] for r in good) if good else None,
                 "note": next((r["error"] for r in results if "error" in r), None),
             }
         )
     print(f"\nLattica SDK {version}, {args.size_mib} MiB random block, lo-only netns, {args.runs} run(s) per mode")
-    print(f"{'mode':<40} {'MB/s':>8} {'receiver peak RSS':>18}  note")
+    print(f"{'mode':<40} {'MB/s':>8} {'MB/CPU-s':>9} {'receiver peak RSS':>18}  note")
     for row in rows:
         rate_text = f"{row['mb_per_s']['median']:8.1f}" if row["mb_per_s"] else f"{'-':>8}"
+        rate_text += f" {row['mb_per_cpu_s']['median']:9.1f}" if row["mb_per_cpu_s"] else f" {'-':>9}"
         rss_text = f"{row['peak_rss_bytes'] / 2**20:14.0f} MiB" if row["peak_rss_bytes"] else f"{'-':>18}"
         print(f"{row['mode']:<40} {rate_text} {rss_text}  {row['note'] or ''}")
     path = write_results(
