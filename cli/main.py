@@ -236,19 +236,20 @@ def _peer_count(status: dict[str, Any]) -> str:
 
 @app.command(epilog=_example("lattica peers", "lattica peers --json"))
 def peers(home: HomeOption = None, json: JsonOption = False) -> None:
-    """One row per open connection: peer id, remote address, round-trip time, direction, path
-    (direct, or relayed via a relay's peer id; how long hole punching took when it made a
-    direct path) and for how long."""
+    """One row per open connection: peer id, transport (QUIC, or TLS-over-TCP for bulk
+    transfers), remote address, round-trip time, direction, path (direct, or relayed via a
+    relay's peer id; how long hole punching took when it made a direct path) and for how long."""
     result = call_daemon(home, "peers")
     if json:
         print_json(result)
         return
     print_table(
         f"{len(result)} connection(s)",
-        ["peer id", "remote address", "rtt (ms)", "direction", "path", "connected (s)"],
+        ["peer id", "transport", "remote address", "rtt (ms)", "direction", "path", "connected (s)"],
         [
             [
                 r["peer_id"],
+                r.get("transport", "quic"),
                 r["remote_addr"],
                 r["rtt_ms"],
                 r["direction"],

@@ -68,6 +68,8 @@ class PeerRow(msgspec.Struct):
     direct_after_s: float | None = None
     """For a direct connection that replaced a relayed one by hole punching: seconds from the
     relayed connection to the direct path; None otherwise."""
+    transport: str = "quic"
+    """``quic``, or ``tcp`` for a TLS-over-TCP connection (bulk transfers, ``net.tcp_listen``)."""
 
 
 class PingParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -170,6 +172,16 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
                 direct_after_s=_direct_after_s(node, c),
             )
             for c in node.connections.connections()
+        ] + [
+            PeerRow(
+                peer_id=str(c.peer_id),
+                remote_addr=format_host_port(c.remote_address),
+                rtt_ms=None,
+                direction=c.direction,
+                connected_s=round(now - c.established_at, 3),
+                transport="tcp",
+            )
+            for c in node.tcp.connections()
         ]
 
     async def ping(params: PingParams) -> PingResult:

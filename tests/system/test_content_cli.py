@@ -173,3 +173,19 @@ def test_two_folders_sharing_tensors_share_chunks(start_daemon: Any, tmp_path: P
     assert sum(p.stat().st_size for p in blocks) < 7 * (1 << 20)  # the shared 4 MiB is held once
     assert json.loads(json.dumps(ls(b.home)))  # both roots listed
     assert {base["cid"], tuned["cid"]} <= set(ls(b.home))
+
+
+def test_a_fetch_over_tls_over_tcp_shows_in_peers(start_daemon: Any, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir(mode=0o700)
+        (tmp_path / name / "config.toml").write_text("[net]\ntcp_listen = true\n")
+    a, b = pair(start_daemon)
+    source = tmp_path / "data.bin"
+    source.write_bytes(np.random.default_rng(9).bytes(3 << 20))
+    cid = lattica_json("publish", str(source), home=a.home)["cid"]
+    lattica_json("fetch", cid, "-o", str(tmp_path / "out"), home=b.home)
+    assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+    rows = lattica_json("peers", home=b.home)
+    assert sorted((r["peer_id"], r["transport"]) for r in rows) == [(a.peer_id, "quic"), (a.peer_id, "tcp")]
+    table = lattica("peers", home=b.home).stdout
+    assert "tcp" in table and "quic" in table
