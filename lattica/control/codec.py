@@ -85,12 +85,20 @@ def check_depth(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
             depth -= 1
 
 
+# A high-surrogate escape (\uD800-\uDBFF) with no low one after it: text no UTF-8 can carry.
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])")
+
+
 def _decode(decoder: msgspec.json.Decoder[T], line: bytes, code: str, what: str) -> T:
     check_depth(line)
     try:
         return decoder.decode(line)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ControlDecodeError(code, f"malformed {what}: {exc}") from None
+        detail = str(exc)
+        if "truncated" in detail and _LONE_SURROGATE.search(line):
+            # msgspec reports a lone surrogate escape as truncated input, which misleads.
+            detail = "a \\u escape is an unpaired UTF-16 surrogate, which is not text"
+        raise ControlDecodeError(code, f"malformed {what}: {detail}") from None
     except RecursionError:  # unreachable after check_depth; kept so no input can escape untyped
         raise ControlDecodeError(code, f"{what} nested too deeply") from None
 

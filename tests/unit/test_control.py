@@ -323,3 +323,12 @@ async def test_clients_beyond_the_connection_cap_are_answered_busy_at_once(tmp_p
         await trio.testing.wait_all_tasks_blocked()
         assert await trio.to_thread.run_sync(call, path, "echo", {}) == {"x": None, "text": None}
         nursery.cancel_scope.cancel()
+
+
+def test_a_lone_surrogate_escape_is_named_not_called_truncated() -> None:
+    # msgspec reports an unpaired \ud800 as "Input data was truncated" (review finding).
+    with pytest.raises(ControlDecodeError, match="unpaired UTF-16 surrogate"):
+        codec.decode_request(b'{"method":"status","params":{"x":"\\ud800"}}')
+    assert codec.decode_request(b'{"method":"status","params":{"x":"\\ud83d\\ude00"}}').method == "status"
+    with pytest.raises(ControlDecodeError, match="truncated"):
+        codec.decode_request(b'{"method":"status","par')
