@@ -77,11 +77,14 @@ class ContainedFile:
         try:
             for directory in directories:
                 try:
-                    self._fds.append(_open_directory(self._fds[-1], directory))
+                    opened = _open_directory(self._fds[-1], directory)
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise UnsafePathError(f"{self.final}: a parent is a symlink or a file; not followed") from None
                     raise
+                # Only the parent stays open: a fetch may hold many of these files at once.
+                self._close_directories()
+                self._fds.append(opened)
             if temporary is not None:
                 self._remove_stale()
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)

@@ -6,9 +6,11 @@ instead writes each verified chunk at its offset(s) in a temporary file beside t
 (:class:`~lattica.content.contained_write.ContainedFile`: contained, no symlink followed) as
 soon as it is stored, and feeds the file's SHA-256 in file order: a chunk that arrives in
 order is hashed from memory; one that arrives early is hashed when the gap before it fills,
-read back from the temporary file (page cache), so nothing is held in memory. :meth:`finish`
-hashes what is left, checks each file against the manifest's SHA-256 and renames it into
-place (fsynced): never a half-written file under its final name.
+read back from the temporary file (page cache), so nothing is held in memory. When a file's
+last chunk is written its hash is complete: the file is checked against the manifest's
+SHA-256 and renamed into place (fsynced) at once, never a half-written file under its final
+name. A temporary file is created with the file's first chunk, so the files open at once are
+the ones with chunks in flight, not all the manifest lists.
 
 Temporary files are named ``.NAME.CIDPREFIX.part`` so a fetch killed with ``kill -9`` and
 started again replaces its own leftover instead of littering the folder. All methods block
@@ -27,6 +29,7 @@ from pathlib import Path
 from lattica.content.contained_write import ContainedFile, named_os_error
 from lattica.content.errors import ChunkMismatchError
 from lattica.content.manifest import FileEntry
+from lattica.content.paths import check_relative_path
 
 ReadBlock = Callable[[bytes], bytes]
 """``read(digest) -> bytes``: a whole stored chunk (``BlockStore.read_block``)."""
@@ -48,11 +51,14 @@ def _reserve(fd: int, size: int) -> None:
 @dataclass
 class _Assembled:
     entry: FileEntry
-    target: ContainedFile
+    temporary: str
+    target: ContainedFile | None = None
     sha256: hashlib._Hash = field(default_factory=hashlib.sha256)
     written: list[bool] = field(default_factory=list)
     hashed: int = 0
     """Chunks hashed so far (a prefix of the file's chunk list)."""
+    final: Path | None = None
+    """Where the file went once it was complete, checked and renamed into place."""
 
 
 class FileAssembly:
@@ -60,57 +66,57 @@ class FileAssembly:
     as ``root_fd`` (``out_dir`` names it in messages); ``tag`` (a hex prefix of the content
     id) names the temporary files.
 
-    Raises what :class:`~lattica.content.contained_write.ContainedFile` raises when a file
-    cannot be created (:class:`~lattica.content.errors.UnsafePathError`,
-    :class:`~lattica.storage.DiskFullError`, ``OSError``); nothing is left behind then."""
+    A file's temporary file is created when its first chunk arrives and the file is checked
+    and renamed into place as soon as its last one is written, so the files open at once are
+    those with chunks in flight (a fetch asks for chunks in file order), not every file of the
+    manifest. Every path is checked up front; raises
+    :class:`~lattica.content.errors.UnsafePathError` for a bad one."""
 
     def __init__(self, root_fd: int, out_dir: Path, files: Sequence[FileEntry], *, tag: str) -> None:
+        self._root_fd = root_fd
+        self._out_dir = out_dir
         self._files: list[_Assembled] = []
         self._places: dict[bytes, list[tuple[_Assembled, int]]] = {}
-        try:
-            for entry in files:
-                name = entry.path.rsplit("/", 1)[-1]
-                target = ContainedFile(
-                    root_fd, out_dir, entry.path, mode=entry.mode, temporary=f".{name[:200]}.{tag}.part"
-                )
-                assembled = _Assembled(entry, target, written=[False] * len(entry.chunks))
-                self._files.append(assembled)
-                try:
-                    _reserve(target.fd, entry.size)
-                except OSError as exc:
-                    raise named_os_error(exc, target.final) from exc
-                for index, chunk in enumerate(entry.chunks):
-                    self._places.setdefault(chunk.digest, []).append((assembled, index))
-        except OSError as exc:
-            self.discard()
-            raise named_os_error(exc, out_dir) from exc
-        except BaseException:
-            self.discard()
-            raise
+        for entry in files:
+            check_relative_path(entry.path)
+            name = entry.path.rsplit("/", 1)[-1]
+            assembled = _Assembled(entry, f".{name[:200]}.{tag}.part", written=[False] * len(entry.chunks))
+            self._files.append(assembled)
+            for index, chunk in enumerate(entry.chunks):
+                self._places.setdefault(chunk.digest, []).append((assembled, index))
 
     @property
     def digests(self) -> set[bytes]:
         """The chunks the files are made of."""
         return set(self._places)
 
+    @property
+    def open_files(self) -> int:
+        """Temporary files open now (files begun and not finished)."""
+        return sum(1 for a in self._files if a.target is not None)
+
     def add(self, digest: bytes, data: bytes | memoryview) -> None:
-        """Write a verified chunk everywhere it sits and advance the hashes it unblocks.
-        A digest that no file holds is ignored. Raises
+        """Write a verified chunk everywhere it sits, advance the hashes it unblocks and put
+        every file it completes into place. A digest that no file holds is ignored. Raises
+        :class:`ChunkMismatchError` (a completed file does not match its SHA-256: it is
+        removed), :class:`~lattica.content.errors.OutputBusyError`,
+        :class:`~lattica.content.errors.UnsafePathError`,
         :class:`~lattica.storage.DiskFullError` and ``OSError``."""
         for assembled, index in self._places.get(digest, ()):
-            if assembled.written[index]:
+            if assembled.final is not None or assembled.written[index]:
                 continue
+            target = self._begin(assembled)
             chunk = assembled.entry.chunks[index]
             try:
                 view = memoryview(data)
                 offset = chunk.offset
                 while view:
-                    done = os.pwrite(assembled.target.fd, view, offset)
+                    done = os.pwrite(target.fd, view, offset)
                     view, offset = view[done:], offset + done
             except OSError as exc:
-                raise named_os_error(exc, assembled.target.final) from exc
+                raise named_os_error(exc, target.final) from exc
             assembled.written[index] = True
-            self._advance(assembled, digest, data)
+            self._advance(assembled, target, digest, data)
 
     def add_held(self, held: Sequence[bytes], read: ReadBlock) -> None:
         """:meth:`add` for chunks already in the store (a resumed fetch, chunks shared with
@@ -119,43 +125,63 @@ class FileAssembly:
             if digest in self._places:
                 self.add(digest, read(digest))
 
-    def _advance(self, assembled: _Assembled, digest: bytes | None, data: bytes | memoryview | None) -> None:
+    def _begin(self, assembled: _Assembled) -> ContainedFile:
+        if assembled.target is None:
+            entry = assembled.entry
+            target = ContainedFile(
+                self._root_fd, self._out_dir, entry.path, mode=entry.mode, temporary=assembled.temporary
+            )
+            try:
+                _reserve(target.fd, entry.size)
+            except OSError as exc:
+                target.discard()
+                raise named_os_error(exc, target.final) from exc
+            assembled.target = target
+        return assembled.target
+
+    def _advance(
+        self, assembled: _Assembled, target: ContainedFile, digest: bytes | None, data: bytes | memoryview | None
+    ) -> None:
         chunks = assembled.entry.chunks
         while assembled.hashed < len(chunks) and assembled.written[assembled.hashed]:
             chunk = chunks[assembled.hashed]
             if chunk.digest == digest and data is not None:
                 assembled.sha256.update(data)
             else:  # written earlier, out of order: read it back (page cache, one chunk)
-                assembled.sha256.update(os.pread(assembled.target.fd, chunk.length, chunk.offset))
+                assembled.sha256.update(os.pread(target.fd, chunk.length, chunk.offset))
             assembled.hashed += 1
+        if assembled.hashed == len(chunks):
+            self._complete(assembled, target)
+
+    def _complete(self, assembled: _Assembled, target: ContainedFile) -> None:
+        assembled.target = None
+        if assembled.sha256.digest() != assembled.entry.sha256:
+            target.discard()
+            raise ChunkMismatchError(f"{target.final}: SHA-256 differs from the manifest's; not written")
+        assembled.final = target.commit()
 
     def missing(self) -> list[str]:
-        """Paths of files that still lack a chunk."""
-        return [a.entry.path for a in self._files if not all(a.written)]
+        """Paths of files not in place yet."""
+        return [a.entry.path for a in self._files if a.final is None]
 
     def finish(self) -> list[Path]:
-        """Check every file against its SHA-256 and rename it into place (fsynced); returns
-        the final paths in manifest order. On any error every file not yet renamed is removed.
-        Raises :class:`ChunkMismatchError` (a file's bytes differ from the manifest's
-        SHA-256: the manifest lies), ``ValueError`` when a chunk was never added,
-        :class:`~lattica.storage.DiskFullError` and ``OSError``."""
-        done: list[Path] = []
+        """Put the empty files in place (they have no chunk to complete them) and return
+        every final path in manifest order. Raises ``ValueError`` when a file still lacks a
+        chunk (its temporary file is removed), and what :meth:`add` raises."""
         try:
+            for assembled in self._files:
+                if assembled.final is None and not assembled.entry.chunks:
+                    self._complete(assembled, self._begin(assembled))
             if missing := self.missing():
                 raise ValueError(f"{missing[0]}: not every chunk was written ({len(missing)} file(s))")
-            for assembled in self._files:
-                if assembled.sha256.digest() != assembled.entry.sha256:
-                    raise ChunkMismatchError(
-                        f"{assembled.target.final}: SHA-256 differs from the manifest's; not written"
-                    )
-            for assembled in self._files:
-                done.append(assembled.target.commit())
         except BaseException:
             self.discard()
             raise
-        return done
+        return [a.final for a in self._files if a.final is not None]
 
     def discard(self) -> None:
         """Remove every temporary file not yet renamed into place (idempotent)."""
         for assembled in self._files:
-            assembled.target.discard()
+            if assembled.target is not None:
+                assembled.target.discard()
+                assembled.target = None

@@ -93,10 +93,11 @@ def test_a_manifest_whose_sha256_lies_leaves_no_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with folder(out) as fd:
         assembly = FileAssembly(fd, out, [lying], tag=TAG)
-        for digest, piece in pieces(lying, data):
+        *first, last = pieces(lying, data)
+        for digest, piece in first:
             assembly.add(digest, piece)
         with pytest.raises(ChunkMismatchError, match="SHA-256"):
-            assembly.finish()
+            assembly.add(*last)  # the file is complete: checked at once, before any rename
     assert list(out.iterdir()) == []
 
 
@@ -121,12 +122,15 @@ def test_a_leftover_from_a_killed_fetch_is_replaced_and_a_live_one_is_not_touche
     out.mkdir()
     stale = out / f".a.bin.{TAG}.part"
     stale.write_bytes(b"garbage from a fetch killed with kill -9")
+    (first_digest, first_piece), *rest = pieces(file, data)
     with folder(out) as fd:
-        live = FileAssembly(fd, out, [file], tag=TAG)  # replaces the unlocked leftover
+        live = FileAssembly(fd, out, [file], tag=TAG)
+        live.add(first_digest, first_piece)  # the first chunk replaces the unlocked leftover
         assert stale.stat().st_size == len(data)
+        other = FileAssembly(fd, out, [file], tag=TAG)
         with pytest.raises(OutputBusyError, match="another fetch"):
-            FileAssembly(fd, out, [file], tag=TAG)  # the same file, locked by `live`
-        for digest, piece in pieces(file, data):
+            other.add(first_digest, first_piece)  # the same file, locked by `live`
+        for digest, piece in rest:
             live.add(digest, piece)
         live.finish()
     assert (out / "a.bin").read_bytes() == data
@@ -157,17 +161,23 @@ def test_a_symlinked_parent_is_refused_and_nothing_is_left(tmp_path: Path) -> No
     out.mkdir()
     (out / "weights").symlink_to(elsewhere)
     files = [entry("ok.bin", b"fine", 4), entry("weights/a.bin", b"data", 4)]
-    with folder(out) as fd, pytest.raises(UnsafePathError, match="symlink"):
-        FileAssembly(fd, out, files, tag=TAG)
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, files, tag=TAG)
+        with pytest.raises(UnsafePathError, match="symlink"):
+            assembly.add(*pieces(files[1], b"data")[0])
+        assembly.discard()
     assert list(elsewhere.iterdir()) == []
     assert leftovers(out) == []
+    with pytest.raises(UnsafePathError):  # a path that is bad in itself: refused up front
+        FileAssembly(-1, out, [entry("../escape.bin", b"x", 4)], tag=TAG)
 
 
 def test_a_file_larger_than_the_disk_fails_up_front_by_name(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
     disk = make_tmpfs(1)
-    file = FileEntry("big.bin", 4 << 20, 0o644, b"\0" * 32, ())
+    head = random_bytes(4 * KIB, 9)
+    file = FileEntry("big.bin", 4 << 20, 0o644, b"\0" * 32, (ChunkRef(blake3_digest(head), 0, len(head)),))
     with folder(disk) as fd, pytest.raises(DiskFullError, match="disk full") as caught:
-        FileAssembly(fd, disk, [file], tag=TAG)
+        FileAssembly(fd, disk, [file], tag=TAG).add(blake3_digest(head), head)
     assert caught.value.path == str(disk / "big.bin")
     assert leftovers(disk) == []
 
@@ -191,3 +201,40 @@ async def test_chunks_held_in_the_store_are_copied_in(tmp_path: Path) -> None:
         assert await run_blocking(assemble) == [out / "a.bin"]
     assert (out / "a.bin").read_bytes() == data
     assert os.stat(out / "a.bin").st_size == len(data)
+
+
+def test_files_are_opened_as_their_chunks_come_and_put_in_place_when_complete(tmp_path: Path) -> None:
+    # A folder of thousands of files must not need a descriptor per file (ulimit -n is often
+    # 1024): a file is open from its first chunk to its last, then renamed into place.
+    small = [(f"shards/{i:04d}.json", random_bytes(100 + i, 100 + i)) for i in range(1500)]
+    big_a, big_b = random_bytes(64 * KIB, 1), random_bytes(64 * KIB, 2)
+    files = [entry(path, data, 4 * KIB) for path, data in small]
+    files += [entry("a.bin", big_a, 16 * KIB), entry("b.bin", big_b, 16 * KIB)]
+    out = tmp_path / "out"
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, files, tag=TAG)
+        for file, (_path, data) in zip(files, small, strict=False):
+            assembly.add(*pieces(file, data)[0])
+            assert assembly.open_files == 0  # one chunk: written, checked, renamed, closed
+        interleaved = [p for pair in zip(pieces(files[-2], big_a), pieces(files[-1], big_b), strict=True) for p in pair]
+        for digest, piece in interleaved[:-2]:
+            assembly.add(digest, piece)
+            assert assembly.open_files <= 2
+        assert not (out / "a.bin").exists()
+        for digest, piece in interleaved[-2:]:
+            assembly.add(digest, piece)
+        assert assembly.open_files == 0
+        written = assembly.finish()
+    assert len(written) == len(files)
+    assert (out / "shards" / "0999.json").read_bytes() == small[999][1]
+    assert (out / "a.bin").read_bytes() == big_a and (out / "b.bin").read_bytes() == big_b
+    assert leftovers(out) == []
+
+
+def test_an_empty_file_is_put_in_place_by_finish(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, [entry("empty.txt", b"", 4)], tag=TAG)
+        assert assembly.missing() == ["empty.txt"]
+        assert assembly.finish() == [out / "empty.txt"]
+    assert (out / "empty.txt").read_bytes() == b""
