@@ -28,6 +28,7 @@ from pathlib import Path
 import trio
 
 from lattica.content.block_store import BlockStore
+from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import Cid
 from lattica.content.config import ContentConfig
 from lattica.content.exchange_fetch import FetchDeps, FetchProgress, fetch_content
@@ -144,6 +145,7 @@ class ContentService:
 
                 async def writer() -> None:
                     nonlocal wake
+                    ahead: _BlockRead | None = None
                     while True:
                         if not queue:
                             if reader_done:
@@ -155,8 +157,16 @@ class ContentService:
                             wake = trio.Event()
                             continue
                         request = queue.pop(next(iter(queue)))
+                        first = ahead if ahead is not None and ahead.request_id == request.id else None
+                        ahead = None
+                        if not busy and queue and isinstance(following := next(iter(queue.values())), BlockWanted):
+                            # Read the next block while this one is sent: one read ahead per
+                            # stream (a reader thread's latency would otherwise sit between
+                            # every two blocks on the wire).
+                            ahead = _BlockRead(following.id)
+                            nursery.start_soon(ahead.run, self.store, following.digest)
                         with trio.fail_after(self.config.upload_timeout_s):
-                            await self._answer(stream, server, request, busy)
+                            await self._answer(stream, server, request, busy, first)
 
                 nursery.start_soon(writer)
                 await reader()
@@ -176,7 +186,12 @@ class ContentService:
                     del self.uploads_by_peer[peer]
 
     async def _answer(
-        self, stream: QuicStream, server: ExchangeServer, request: BlockWanted | HasAsked, busy: bool
+        self,
+        stream: QuicStream,
+        server: ExchangeServer,
+        request: BlockWanted | HasAsked,
+        busy: bool,
+        first: _BlockRead | None = None,
     ) -> None:
         if busy:  # the client tries again later or elsewhere
             await _send(stream, server.refuse(request.id, BUSY))
@@ -184,11 +199,21 @@ class ContentService:
         if isinstance(request, HasAsked):
             await _send(stream, server.has_reply(request.id, self.store.has(request.digest)))
             return
-        try:
-            total = self.store.block_length(request.digest)
-        except LatticaError:
-            await _send(stream, server.refuse(request.id, NOT_FOUND))
-            return
+        data: bytes | None = None
+        if first is not None:  # read ahead while the previous block was sent
+            await first.done.wait()
+            if isinstance(first.error, OSError):
+                log.warning("cannot read block %s to serve it: %s", request.digest.hex(), first.error)
+            if first.error is not None:
+                await _send(stream, server.refuse(request.id, NOT_FOUND))
+                return
+            total, data = first.total, first.data
+        else:
+            try:
+                total = self.store.block_length(request.digest)
+            except LatticaError:
+                await _send(stream, server.refuse(request.id, NOT_FOUND))
+                return
         if total > request.max_bytes:
             await _send(stream, server.refuse(request.id, TOO_LARGE))
             return
@@ -196,7 +221,8 @@ class ContentService:
         while server.is_wanted(request.id):
             length = min(_READ_BYTES, total - offset)
             try:
-                data = await self.store.read(request.digest, offset, length)
+                if data is None:
+                    data = await self.store.read(request.digest, offset, length)
             except (LatticaError, OSError) as exc:
                 log.warning("cannot read block %s to serve it: %s", request.digest.hex(), exc)
                 await _send(stream, server.refuse(request.id, NOT_FOUND))
@@ -204,6 +230,7 @@ class ContentService:
             for frame in server.block_frames(request.id, offset, total, data):
                 await _send(stream, frame)
             offset += length
+            data = None
 
     # -- publishing and fetching -----------------------------------------------------------------
 
@@ -327,6 +354,30 @@ class ContentService:
 
         self._nursery.start_soon(run)
         return job
+
+
+class _BlockRead:
+    """The first ``_READ_BYTES`` of a block (and its length), read on a worker thread ahead of
+    its turn; ``error`` is the ``LatticaError`` (not stored) or ``OSError`` it raised."""
+
+    def __init__(self, request_id: int) -> None:
+        self.request_id = request_id
+        self.done = trio.Event()
+        self.total = 0
+        self.data = b""
+        self.error: LatticaError | OSError | None = None
+
+    async def run(self, store: BlockStore, digest: bytes) -> None:
+        def load() -> tuple[int, bytes]:
+            total = store.block_length(digest)
+            return total, store.read_block(digest, 0, min(_READ_BYTES, total))
+
+        try:
+            self.total, self.data = await run_blocking(load)
+        except (LatticaError, OSError) as exc:
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 async def _send(stream: QuicStream, frame: bytes) -> None:
