@@ -39,6 +39,13 @@ def _open_directory(parent_fd: int, name: str) -> int:
     return os.open(name, flags, dir_fd=parent_fd)
 
 
+def name_prefix(name: str, max_bytes: int = 96) -> str:
+    """The start of ``name`` for a temporary file's name: at most ``max_bytes`` of UTF-8 (a
+    file name may hold 255 bytes, and a temporary name adds a dot and a suffix to it), cut
+    on a character boundary."""
+    return name.encode()[:max_bytes].decode(errors="ignore")
+
+
 def named_os_error(exc: OSError, where: Path) -> OSError | DiskFullError:
     """``exc`` as the error to raise for a write to ``where``: a
     :class:`~lattica.storage.DiskFullError` naming the path when the disk (or quota) is full,
@@ -71,7 +78,7 @@ class ContainedFile:
         self.final = out_dir / path
         self.mode = mode
         *directories, self._name = path.split("/")
-        self._temporary = temporary or f".{self._name[:200]}.{secrets.token_hex(6)}.tmp"
+        self._temporary = temporary or f".{name_prefix(self._name)}.{secrets.token_hex(6)}.tmp"
         self._fds = [root_fd]
         self.fd = -1
         try:
@@ -128,14 +135,32 @@ class ContainedFile:
         return self._fds[-1]
 
     def commit(self) -> Path:
-        """Give the file its mode, fsync it, rename it over the final name and fsync the
+        """Give the file its mode, fsync it, put it under the final name and fsync the
         directory; returns the final path. Closes the file either way (on an error the
-        temporary file is removed). Raises :class:`~lattica.storage.DiskFullError` and
-        ``OSError``."""
+        temporary file is removed). Raises :class:`~lattica.content.errors.OutputBusyError`
+        when the temporary name no longer holds this file and it cannot be linked by its
+        descriptor, :class:`~lattica.storage.DiskFullError` and ``OSError``.
+
+        What goes under the final name is the file this object wrote, never whatever is under
+        the temporary name now: another writer (a second fetch whose manifest names a file
+        ``.x.<hex>.part``, say) may have replaced that name meanwhile. The file is linked by its
+        descriptor (``/proc/self/fd``) to a fresh random name, which is renamed over the final
+        one; without ``/proc`` the temporary name is renamed after checking it is still ours.
+        A file whose only name was taken over cannot be linked again (the kernel refuses to link
+        a file with no name left): that raises ``OutputBusyError`` and nothing is put in place."""
         try:
             os.fchmod(self.fd, self.mode)
             os.fsync(self.fd)
-            os.replace(self._temporary, self._name, src_dir_fd=self._parent, dst_dir_fd=self._parent)
+            source = f".{secrets.token_hex(8)}.lattica-commit.tmp"
+            try:
+                os.link(f"/proc/self/fd/{self.fd}", source, dst_dir_fd=self._parent, follow_symlinks=True)
+            except OSError:
+                if not self._holds_this_file(self._temporary):
+                    raise OutputBusyError(f"{self.final}: its temporary file was replaced by another writer") from None
+                source = self._temporary
+            os.replace(source, self._name, src_dir_fd=self._parent, dst_dir_fd=self._parent)
+            if source != self._temporary and self._holds_this_file(self._temporary):
+                os.unlink(self._temporary, dir_fd=self._parent)
             os.fsync(self._parent)
         except OSError as exc:
             self.discard()
@@ -147,12 +172,20 @@ class ContainedFile:
         return self.final
 
     def discard(self) -> None:
-        """Remove the temporary file and close everything (idempotent; never raises ``OSError``
-        for a file already gone)."""
-        if self.fd >= 0:
+        """Remove the temporary file (if its name still holds this file) and close everything
+        (idempotent; never raises ``OSError`` for a file already gone)."""
+        if self.fd >= 0 and self._holds_this_file(self._temporary):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._temporary, dir_fd=self._parent)
         self._close()
+
+    def _holds_this_file(self, name: str) -> bool:
+        try:
+            there = os.stat(name, dir_fd=self._parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self.fd)
+        return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
 
     def _close(self) -> None:
         if self.fd >= 0:

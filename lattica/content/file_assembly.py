@@ -12,7 +12,8 @@ SHA-256 and renamed into place (fsynced) at once, never a half-written file unde
 name. A temporary file is created with the file's first chunk, so the files open at once are
 the ones with chunks in flight, not all the manifest lists.
 
-Temporary files are named ``.NAME.CIDPREFIX.part`` so a fetch killed with ``kill -9`` and
+Temporary files are named ``.NAME.<16 hex of the id><8 hex of the path>.part`` (``NAME`` cut to
+96 bytes) so a fetch killed with ``kill -9`` and
 started again replaces its own leftover instead of littering the folder. All methods block
 (file I/O, hashing): call them from a worker thread.
 """
@@ -26,13 +27,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lattica.content.contained_write import ContainedFile, named_os_error
+from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error
 from lattica.content.errors import ChunkMismatchError
 from lattica.content.manifest import FileEntry
 from lattica.content.paths import check_relative_path
 
 ReadBlock = Callable[[bytes], bytes]
 """``read(digest) -> bytes``: a whole stored chunk (``BlockStore.read_block``)."""
+
+
+def temporary_name(path: str, tag: str) -> str:
+    """The temporary file's name (in the final file's folder) for the manifest path ``path``
+    of a fetch whose content id starts with ``tag``: the same on every try, so a restarted
+    fetch finds its leftover; the path's own hash keeps names unique when two files share a
+    long prefix."""
+    name = path.rsplit("/", 1)[-1]
+    unique = hashlib.sha256(path.encode()).hexdigest()[:8]
+    return f".{name_prefix(name)}.{tag}{unique}.part"
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -79,8 +90,7 @@ class FileAssembly:
         self._places: dict[bytes, list[tuple[_Assembled, int]]] = {}
         for entry in files:
             check_relative_path(entry.path)
-            name = entry.path.rsplit("/", 1)[-1]
-            assembled = _Assembled(entry, f".{name[:200]}.{tag}.part", written=[False] * len(entry.chunks))
+            assembled = _Assembled(entry, temporary_name(entry.path, tag), written=[False] * len(entry.chunks))
             self._files.append(assembled)
             for index, chunk in enumerate(entry.chunks):
                 self._places.setdefault(chunk.digest, []).append((assembled, index))

@@ -16,7 +16,7 @@ from lattica.content import ChunkMismatchError, OutputBusyError, UnsafePathError
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import blake3_digest
 from lattica.content.contained_write import open_output_folder
-from lattica.content.file_assembly import FileAssembly
+from lattica.content.file_assembly import FileAssembly, temporary_name
 from lattica.content.manifest import ChunkRef, FileEntry
 from lattica.content.publish import publish
 from lattica.storage import DiskFullError
@@ -120,7 +120,7 @@ def test_a_leftover_from_a_killed_fetch_is_replaced_and_a_live_one_is_not_touche
     file = entry("a.bin", data, 32 * KIB)
     out = tmp_path / "out"
     out.mkdir()
-    stale = out / f".a.bin.{TAG}.part"
+    stale = out / temporary_name("a.bin", TAG)
     stale.write_bytes(b"garbage from a fetch killed with kill -9")
     (first_digest, first_piece), *rest = pieces(file, data)
     with folder(out) as fd:
@@ -144,7 +144,7 @@ def test_a_symlink_planted_under_the_temporary_name_is_removed_not_followed(tmp_
     file = entry("a.bin", data, 4 * KIB)
     out = tmp_path / "out"
     out.mkdir()
-    (out / f".a.bin.{TAG}.part").symlink_to(victim)
+    (out / temporary_name("a.bin", TAG)).symlink_to(victim)
     with folder(out) as fd:
         assembly = FileAssembly(fd, out, [file], tag=TAG)
         for digest, piece in pieces(file, data):
@@ -206,7 +206,7 @@ async def test_chunks_held_in_the_store_are_copied_in(tmp_path: Path) -> None:
 def test_files_are_opened_as_their_chunks_come_and_put_in_place_when_complete(tmp_path: Path) -> None:
     # A folder of thousands of files must not need a descriptor per file (ulimit -n is often
     # 1024): a file is open from its first chunk to its last, then renamed into place.
-    small = [(f"shards/{i:04d}.json", random_bytes(100 + i, 100 + i)) for i in range(1500)]
+    small = [(f"shards/{i:04d}.json", random_bytes(100 + i, 100 + i)) for i in range(300)]
     big_a, big_b = random_bytes(64 * KIB, 1), random_bytes(64 * KIB, 2)
     files = [entry(path, data, 4 * KIB) for path, data in small]
     files += [entry("a.bin", big_a, 16 * KIB), entry("b.bin", big_b, 16 * KIB)]
@@ -226,7 +226,7 @@ def test_files_are_opened_as_their_chunks_come_and_put_in_place_when_complete(tm
         assert assembly.open_files == 0
         written = assembly.finish()
     assert len(written) == len(files)
-    assert (out / "shards" / "0999.json").read_bytes() == small[999][1]
+    assert (out / "shards" / "0299.json").read_bytes() == small[299][1]
     assert (out / "a.bin").read_bytes() == big_a and (out / "b.bin").read_bytes() == big_b
     assert leftovers(out) == []
 
@@ -238,3 +238,44 @@ def test_an_empty_file_is_put_in_place_by_finish(tmp_path: Path) -> None:
         assert assembly.missing() == ["empty.txt"]
         assert assembly.finish() == [out / "empty.txt"]
     assert (out / "empty.txt").read_bytes() == b""
+
+
+def test_a_file_swapped_in_under_the_temporary_name_never_reaches_the_final_name(tmp_path: Path) -> None:
+    # Review finding: a second fetch whose manifest names a file `.<name>.<tag>.part` replaced
+    # the first fetch's temporary file, and the first fetch renamed the stranger into place.
+    data = random_bytes(40 * KIB, 10)
+    file = entry("model.bin", data, 16 * KIB)
+    out = tmp_path / "out"
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, [file], tag=TAG)
+        (first_digest, first_piece), *rest = pieces(file, data)
+        assembly.add(first_digest, first_piece)
+        part = out / temporary_name("model.bin", TAG)
+        evil = out / "evil"
+        evil.write_bytes(b"EVIL WEIGHTS")
+        evil.replace(part)  # another writer's rename over our temporary name
+        *middle, last = rest
+        for digest, piece in middle:
+            assembly.add(digest, piece)
+        # Our file lost its only name: it cannot be put in place, and the stranger is not.
+        with pytest.raises(OutputBusyError, match="replaced by another writer"):
+            assembly.add(*last)
+    assert not (out / "model.bin").exists()
+    assert part.read_bytes() == b"EVIL WEIGHTS"  # not ours: left alone, not deleted either
+
+
+def test_long_names_get_unique_temporary_names_that_fit(tmp_path: Path) -> None:
+    # Review finding: names sharing their first 200 characters collided, and 80 CJK characters
+    # (240 bytes) made a temporary name longer than 255 bytes.
+    names = ["A" * 200 + "x", "A" * 200 + "y", "模" * 80]
+    files = [entry(name, name.encode(), 64) for name in names]
+    out = tmp_path / "out"
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, files, tag=TAG)
+        for file, name in zip(files, names, strict=True):
+            for digest, piece in pieces(file, name.encode()):
+                assembly.add(digest, piece)
+        assembly.finish()
+    for name in names:
+        assert (out / name).read_bytes() == name.encode()
+    assert all(len(temporary_name(n, TAG).encode()) <= 255 for n in names)
