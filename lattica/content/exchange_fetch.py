@@ -36,7 +36,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -484,7 +484,7 @@ async def _transfer(
     stalled_since: float | None = None
     searching = False
 
-    async with trio.open_nursery() as nursery:
+    async with _first_error_nursery() as nursery:
 
         def connect(peers: Sequence[PeerId]) -> None:
             now = trio.current_time()
@@ -656,6 +656,30 @@ async def _transfer(
         await store_send.aclose()
         await stored_all.wait()
         nursery.cancel_scope.cancel()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _first_error_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery whose failure is its first error itself, not an ``ExceptionGroup``: callers
+    (and the user) see ``FetchFailedError`` or ``DiskFullError`` with its message. A group
+    holding a ``trio.Cancelled`` passes unchanged (trio needs it); further errors are logged."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        errors = _leaves(group)
+        if any(isinstance(exc, trio.Cancelled) for exc in errors):
+            raise
+        for extra in errors[1:]:
+            log.info("fetch: a further error in the same failure: %r", extra)
+        raise errors[0] from None
 
 
 class _Flusher:

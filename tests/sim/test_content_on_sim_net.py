@@ -356,3 +356,21 @@ async def test_a_fetch_from_a_connected_peer_does_not_wait_on_the_dht(
         assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
         assert result.peer_bytes == {str(c.nodes[0].peer_id): 256 * KIB}
         assert lookups == 1  # the DHT is still asked, beside the transfer, for more providers
+
+
+async def test_a_fetch_nobody_can_finish_fails_with_its_own_error(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: a failure inside the transfer reached the user as "internal error:
+    # ExceptionGroup" instead of the fetch's own message.
+    source = source_file(tmp_path, 256 * KIB)
+    async with cluster(tmp_path, 2) as c:
+        cid = await publish_everywhere(c, source, range(1))
+        store = c.content(0).store
+        for chunk in store.manifest(Cid.parse(cid)).files[0].chunks:  # the only seeder lies
+            path = store.block_path(chunk.digest)
+            path.write_bytes(bytes(len(path.read_bytes())))
+        await connect_all(c, 1, range(1))
+        with pytest.raises(FetchFailedError, match="no peer could supply"):
+            await c.content(1).fetch(Cid.parse(cid), out_dir=tmp_path / "out")
+        assert not (tmp_path / "out" / "data.bin").exists()
