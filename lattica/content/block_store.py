@@ -263,6 +263,8 @@ class BlockStore:
         # count of writers; orphan removal skips them. Read and written on worker threads.
         self._unindexed: dict[bytes, int] = {}
         self._unindexed_lock = threading.Lock()
+        # Fetches running per root: (how many, whether the root was pinned before the first).
+        self._fetching: dict[Cid, tuple[int, bool]] = {}
         db.write_blocking(self._create_schema)
 
     @staticmethod
@@ -584,6 +586,22 @@ class BlockStore:
             if whole.digest() != entry.sha256:
                 bad.append(entry.path)
         return bad
+
+    def fetch_started(self, cid: Cid) -> None:
+        """Count a fetch of ``cid`` as running (before it pins the root); with the first one,
+        remember whether the root was pinned before any fetch pinned it."""
+        count, pinned_before = self._fetching.get(cid, (0, self.is_pinned(cid)))
+        self._fetching[cid] = (count + 1, pinned_before)
+
+    def fetch_ended(self, cid: Cid) -> bool:
+        """Count a fetch of ``cid`` as ended; True when it was the last one running and the root
+        was not pinned before the fetches began (a failed fetch then drops the pin it added;
+        one that fails while another fetch of the same root runs must not)."""
+        count, pinned_before = self._fetching.pop(cid, (1, True))
+        if count > 1:
+            self._fetching[cid] = (count - 1, pinned_before)
+            return False
+        return not pinned_before
 
     async def set_pinned(self, cid: Cid, pinned: bool) -> None:
         """Pin (keep through :meth:`gc`) or unpin a root; raises :class:`ChunkNotFoundError`

@@ -369,36 +369,54 @@ async def fetch_content(
     if not cid.is_manifest:
         raise FetchFailedError(f"{cid} names a single chunk; fetch takes a manifest id")
     candidates: list[PeerId] | None = None  # looked up once, when first needed
-    was_pinned = store.is_pinned(cid)
-    if store.has(cid.digest):
-        manifest = store.manifest(cid)
-        await store.add_root(store.read_block(cid.digest), manifest, pinned=True)
-    else:
-        found = None
-        connected = deps.connected_peers()
-        if connected:  # most fetches name content a connected peer holds: no lookup needed
-            with contextlib.suppress(FetchFailedError):
-                found = await _fetch_manifest(cid, connected, deps.open_stream, config)
-        if found is None:
-            candidates = await deps.find_candidates(cid)
-            asked = set(connected)
-            found = await _fetch_manifest(cid, [p for p in candidates if p not in asked], deps.open_stream, config)
-        encoded, manifest = found
-        await store.add_root(encoded, manifest, pinned=True)
+    store.fetch_started(cid)
+    ended = False
+
+    def end() -> bool:
+        nonlocal ended
+        ended = True
+        return store.fetch_ended(cid)
+
     try:
+        if store.has(cid.digest):
+            manifest = store.manifest(cid)
+            await store.add_root(store.read_block(cid.digest), manifest, pinned=True)
+        else:
+            connected = deps.connected_peers()
+            errors: list[str] = []
+            found = None
+            if connected:  # most fetches name content a connected peer holds: no lookup needed
+                try:
+                    found = await _fetch_manifest(cid, connected, deps.open_stream, config)
+                except FetchFailedError as exc:
+                    errors.append(str(exc))
+            if found is None:
+                candidates = await deps.find_candidates(cid)
+                asked = set(connected)
+                others = [p for p in candidates if p not in asked]
+                if not others and errors:
+                    raise FetchFailedError(errors[0])  # what the connected peers said, not "nobody"
+                found = await _fetch_manifest(cid, others, deps.open_stream, config)
+            encoded, manifest = found
+            await store.add_root(encoded, manifest, pinned=True)
         await _fetch_planned(deps, cid, manifest, out_dir, include, exclude, tensors, progress, candidates)
     except ChunkMismatchError as exc:
         # The chunks match the id but a file does not match its SHA-256: the manifest lies,
         # and every copy of this id will. Unpinned and marked so gc frees it and ls shows it.
+        end()
         await store.mark_failed(cid, str(exc))
         raise
     except Exception:
-        # A pin this fetch added must not outlive it (gc could never free a dead fetch); what
-        # was verified stays stored until gc, so fetching again still resumes. A cancelled
-        # fetch (Ctrl-C, daemon stop) keeps its pin: it is meant to be resumed.
-        if not was_pinned:
+        # A pin the fetches added must not outlive them (gc could never free a dead fetch);
+        # what was verified stays stored until gc, so fetching again still resumes. A cancelled
+        # fetch (Ctrl-C, daemon stop) keeps its pin: it is meant to be resumed. Another fetch
+        # of the same root still running keeps it too (review finding: it was unpinned).
+        if end() and store.has(cid.digest):
             await store.set_pinned(cid, False)
         raise
+    finally:
+        if not ended:  # success or cancellation: the pin stays
+            end()
     progress.state = "done"
     progress.finished_at = trio.current_time()
     return progress

@@ -266,3 +266,18 @@ async def test_a_failed_unindexed_write_leaves_orphans_for_gc(tmp_path: Path, mo
             await trio.to_thread.run_sync(store.write_unindexed, pairs)
         report = await store.gc()
         assert report.orphans_removed == 2  # released: not held back from gc forever
+
+
+async def test_only_the_last_of_concurrent_fetches_may_drop_the_pin_they_added(tmp_path: Path) -> None:
+    # Review finding: a fetch that failed unpinned content another fetch of it was still
+    # fetching (and then completed), so the next gc freed it.
+    with open_store(tmp_path / "store") as store:
+        result = await publish(store, _folder(tmp_path / "a", {"x.bin": random_bytes(5000, 60)}))
+        await store.set_pinned(result.cid, False)
+        store.fetch_started(result.cid)  # fetch 1 (the root was not pinned before it)
+        store.fetch_started(result.cid)  # fetch 2 joins
+        assert store.fetch_ended(result.cid) is False  # fetch 1 fails: fetch 2 still runs
+        assert store.fetch_ended(result.cid) is True  # the last one may drop the pin
+        await store.set_pinned(result.cid, True)
+        store.fetch_started(result.cid)  # pinned by the user before: never dropped
+        assert store.fetch_ended(result.cid) is False
