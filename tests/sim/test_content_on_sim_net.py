@@ -374,3 +374,16 @@ async def test_a_fetch_nobody_can_finish_fails_with_its_own_error(
         with pytest.raises(FetchFailedError, match="no peer could supply"):
             await c.content(1).fetch(Cid.parse(cid), out_dir=tmp_path / "out")
         assert not (tmp_path / "out" / "data.bin").exists()
+
+
+async def test_what_connected_peers_answered_for_the_manifest_is_reported(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: every connected peer's answer was dropped and the user read "no provider
+    # or connected peer found".
+    source = source_file(tmp_path, 64 * KIB)
+    async with cluster(tmp_path, 3) as c:
+        cid_text = await publish_everywhere(c, source, range(2, 3))  # only node 2 holds it
+        await connect_all(c, 1, range(1))  # node 1 knows only node 0, which does not
+        with pytest.raises(FetchFailedError, match=f"{c.nodes[0].peer_id}: not-found"):
+            await c.content(1).fetch(Cid.parse(cid_text))
