@@ -285,6 +285,10 @@ class ExchangeClient:
             raise RemoteProtocolError(f"piece of request {message.id} does not continue its block")
         if message.offset + len(message.data) > message.total:
             raise RemoteProtocolError(f"piece of request {message.id} runs past its block")
+        if not message.data and message.total:
+            # Only an empty block is sent as an empty piece; endless empty pieces of a block
+            # would cost a list entry and a turn each, forever (review finding).
+            raise RemoteProtocolError(f"empty piece of request {message.id}, a block of {message.total} bytes")
         pending.pieces.append(message.data)
         pending.received += len(message.data)
         if pending.received < pending.total:

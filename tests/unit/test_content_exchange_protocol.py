@@ -88,6 +88,7 @@ def test_server_bounds_requests_in_flight_and_wants_increasing_ids() -> None:
         (Piece(0, 0, 200, b"abcd"), "at most 100"),
         (Piece(0, 2, 4, b"ab"), "does not continue"),
         (Piece(0, 0, 4, b"abcdef"), "runs past"),
+        (Piece(0, 0, 4, b""), "empty piece"),  # review finding: endless empty pieces
     ],
 )
 def test_client_refuses_pieces_that_do_not_fit_what_it_asked(piece: Piece, error: str) -> None:
