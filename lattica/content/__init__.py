@@ -33,6 +33,7 @@ from lattica.content.errors import (
     NoFilesSelectedError,
     NoTensorsSelectedError,
     OutputBusyError,
+    OutputConflictError,
     UnsafePathError,
 )
 from lattica.content.manifest import (
@@ -76,6 +77,7 @@ __all__ = [
     "NoFilesSelectedError",
     "NoTensorsSelectedError",
     "OutputBusyError",
+    "OutputConflictError",
     "SafetensorsIndex",
     "TensorInfo",
     "UnsafePathError",

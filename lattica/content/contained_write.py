@@ -49,14 +49,16 @@ def name_prefix(name: str, max_bytes: int = 96) -> str:
 def named_os_error(exc: OSError, where: Path) -> OSError | DiskFullError:
     """``exc`` as the error to raise for a write to ``where``: a
     :class:`~lattica.storage.DiskFullError` naming the path when the disk (or quota) is full,
-    else ``exc`` itself."""
+    else the same kind of ``OSError`` naming ``where`` (not the temporary file's name)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(
             f"{where}: disk full ({exc.strerror}); free some space",
             path=str(where),
             cause=exc.strerror or "ENOSPC",
         )
-    return exc
+    if exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, str(where))
 
 
 class ContainedFile:

@@ -62,3 +62,8 @@ class NoFilesSelectedError(ContentError):
 class OutputBusyError(ContentError):
     """Another fetch (in this node or another process) is writing the same file into the same
     folder right now; this one does not touch it."""
+
+
+class OutputConflictError(ContentError):
+    """A file of the content cannot be written where it belongs in the output folder (a folder
+    holds its name); nothing was fetched."""

@@ -447,6 +447,7 @@ async def _fetch_planned(
             # :mod:`lattica.content.file_assembly`), not exported after the transfer.
             root_fd = await run_blocking(lambda: _open_folder(out_dir))
             assembly = await run_blocking(lambda: FileAssembly(root_fd, out_dir, plan.files, tag=cid.digest.hex()[:16]))
+            await run_blocking(assembly.check_targets)
         absent = set(missing)
         held = [d for d in plan.chunks if d not in absent]
         if missing:

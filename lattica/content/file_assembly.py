@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error
-from lattica.content.errors import ChunkMismatchError
+from lattica.content.errors import ChunkMismatchError, OutputConflictError
 from lattica.content.manifest import FileEntry
 from lattica.content.paths import check_relative_path
 
@@ -94,6 +94,20 @@ class FileAssembly:
             self._files.append(assembled)
             for index, chunk in enumerate(entry.chunks):
                 self._places.setdefault(chunk.digest, []).append((assembled, index))
+
+    def check_targets(self) -> None:
+        """Refuse, before anything is fetched, what would make putting a file in place fail
+        after its bytes arrived: an output folder this process cannot write to, or a file's
+        final name taken by a folder. Files already there are replaced (as ``cp`` and
+        ``curl -o`` do). Advisory: the checks that keep writes inside the folder happen when
+        each file is written. Raises ``PermissionError`` and
+        :class:`~lattica.content.errors.OutputConflictError`."""
+        if not os.access(self._out_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "cannot write into the output folder", str(self._out_dir))
+        for assembled in self._files:
+            final = self._out_dir / assembled.entry.path
+            if os.path.isdir(final) and not os.path.islink(final):
+                raise OutputConflictError(f"{final} is a folder; {assembled.entry.path} is a file of the content")
 
     @property
     def digests(self) -> set[bytes]:

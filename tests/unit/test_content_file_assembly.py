@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from lattica.content import ChunkMismatchError, OutputBusyError, UnsafePathError
+from lattica.content import ChunkMismatchError, OutputBusyError, OutputConflictError, UnsafePathError
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import blake3_digest
 from lattica.content.contained_write import open_output_folder
@@ -279,3 +280,33 @@ def test_long_names_get_unique_temporary_names_that_fit(tmp_path: Path) -> None:
     for name in names:
         assert (out / name).read_bytes() == name.encode()
     assert all(len(temporary_name(n, TAG).encode()) <= 255 for n in names)
+
+
+def test_a_folder_where_a_file_belongs_is_refused_before_anything_is_fetched(tmp_path: Path) -> None:
+    # Review finding: found only after the whole download, with 12 of 13 files in place and
+    # "[Errno 21] Is a directory: '.vocab.txt.<hex>.part' -> 'vocab.txt'".
+    out = tmp_path / "out"
+    (out / "vocab.txt").mkdir(parents=True)
+    (out / "config.json").write_text("old")  # an existing file is replaced, as cp does
+    files = [entry("config.json", b"{}", 4), entry("vocab.txt", b"words", 4)]
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, files, tag=TAG)
+        with pytest.raises(OutputConflictError, match=r"vocab.txt is a folder"):
+            assembly.check_targets()
+        (out / "vocab.txt").rmdir()
+        assembly.check_targets()
+
+
+def test_a_read_only_output_folder_is_named(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
+    disk = make_tmpfs(1)
+    (disk / "models").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    out = disk / "models"
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, [entry("a.bin", b"data", 4)], tag=TAG)
+        with pytest.raises(PermissionError, match="cannot write into the output folder") as caught:
+            assembly.check_targets()
+        assert caught.value.filename == str(out)
+        with pytest.raises(OSError, match="Read-only") as written:
+            assembly.add(*pieces(assembly_entry := entry("a.bin", b"data", 4), b"data")[0])
+        assert written.value.filename == str(out / assembly_entry.path)  # the file, not its .part
