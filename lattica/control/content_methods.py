@@ -86,6 +86,9 @@ class FetchIdParams(msgspec.Struct, forbid_unknown_fields=True):
 
 MAX_STATUS_WAIT_S = 5.0
 """Longest ``wait_s`` of ``content.fetch_status`` (a control connection is not held longer)."""
+MAX_WAITING_STATUS_CALLS = 8
+"""``content.fetch_status`` calls that may wait at once; later ones answer at once, so waiting
+calls can never hold every control connection slot (review finding)."""
 
 
 class FetchStatusParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -251,11 +254,18 @@ def register_content_methods(registry: MethodRegistry, node: Node) -> None:
             raise ControlError(NOT_FOUND, f"no fetch with id {params.fetch_id}")
         return job
 
+    waiting = 0
+
     async def status(params: FetchStatusParams) -> FetchStatus:
+        nonlocal waiting
         job = job_of(FetchIdParams(params.fetch_id))
-        if params.wait_s > 0:
-            with trio.move_on_after(params.wait_s):
-                await job.finished.wait()
+        if params.wait_s > 0 and waiting < MAX_WAITING_STATUS_CALLS:
+            waiting += 1
+            try:
+                with trio.move_on_after(params.wait_s):
+                    await job.finished.wait()
+            finally:
+                waiting -= 1
         return fetch_status(job)
 
     async def cancel(params: FetchIdParams) -> FetchStatus:

@@ -13,7 +13,12 @@ import trio.testing
 from lattica.content import Cid
 from lattica.content.exchange_fetch import FetchProgress
 from lattica.content.exchange_service import FetchJob
-from lattica.control.content_methods import FetchStatus, FetchStatusParams, register_content_methods
+from lattica.control.content_methods import (
+    MAX_WAITING_STATUS_CALLS,
+    FetchStatus,
+    FetchStatusParams,
+    register_content_methods,
+)
 from lattica.control.registry import MethodRegistry
 from lattica.node import Node
 
@@ -63,3 +68,21 @@ def test_wait_s_is_bounded() -> None:
         msgspec.convert({"fetch_id": 1, "wait_s": 3600}, FetchStatusParams)
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"fetch_id": 1, "wait_s": -1}, FetchStatusParams)
+
+
+async def test_waiting_calls_are_capped_so_they_cannot_hold_every_control_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    job = FetchJob(1, CID, None, FetchProgress(str(CID), state="fetching"))
+    status = status_method(job)
+    returned: list[float] = []
+
+    async def ask() -> None:
+        await status(FetchStatusParams(1, wait_s=5.0))
+        returned.append(trio.current_time())
+
+    began = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(MAX_WAITING_STATUS_CALLS + 3):
+            nursery.start_soon(ask)
+    assert sorted(t - began for t in returned) == [0.0] * 3 + [5.0] * MAX_WAITING_STATUS_CALLS
