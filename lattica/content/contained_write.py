@@ -39,6 +39,57 @@ def _open_directory(parent_fd: int, name: str) -> int:
     return os.open(name, flags, dir_fd=parent_fd)
 
 
+def remove_unlocked(parent_fd: int, name: str) -> bool:
+    """Remove the file ``name`` in the folder open as ``parent_fd`` unless another process or
+    descriptor holds its ``flock`` (a fetch still writing it); a symlink there is removed, never
+    followed. Returns False when it is locked, True otherwise (removed, or not there)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        os.unlink(name, dir_fd=parent_fd)  # a planted symlink: unlink never follows it
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=parent_fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_stale_in(root_fd: int, path: str, name: str) -> None:
+    """:func:`remove_unlocked` for ``name`` in the folder of the manifest path ``path`` under
+    the folder open as ``root_fd``, walking existing folders only (``O_NOFOLLOW``: a symlinked
+    or missing folder means there is nothing of ours to remove). Never raises for a locked
+    file; raises ``OSError`` for other failures."""
+    *directories, _ = path.split("/")
+    fd = root_fd
+    try:
+        for directory in directories:
+            try:
+                opened = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    return
+                raise
+            if fd != root_fd:
+                os.close(fd)
+            fd = opened
+        remove_unlocked(fd, name)
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
 def name_prefix(name: str, max_bytes: int = 96) -> str:
     """The start of ``name`` for a temporary file's name: at most ``max_bytes`` of UTF-8 (a
     file name may hold 255 bytes, and a temporary name adds a dot and a suffix to it), cut
@@ -113,24 +164,8 @@ class ContainedFile:
             raise
 
     def _remove_stale(self) -> None:
-        try:
-            fd = os.open(self._temporary, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._parent)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            os.unlink(self._temporary, dir_fd=self._parent)  # a planted symlink: unlink never follows it
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise OutputBusyError(f"{self.final}: another fetch is writing this file") from None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._temporary, dir_fd=self._parent)
-        finally:
-            os.close(fd)
+        if not remove_unlocked(self._parent, self._temporary):
+            raise OutputBusyError(f"{self.final}: another fetch is writing this file")
 
     @property
     def _parent(self) -> int:

@@ -441,12 +441,15 @@ async def _fetch_planned(
     progress.held_bytes = progress.total_bytes - sum(plan.chunks[d] for d in missing)
     assembly: FileAssembly | None = None
     root_fd = -1
+    tag = cid.digest.hex()[:16]
     try:
+        if out_dir is not None:
+            root_fd = await run_blocking(lambda: _open_folder(out_dir))
+            await run_blocking(lambda: FileAssembly.remove_leftovers(root_fd, manifest.files, tag=tag))
         if out_dir is not None and plan.files:
             # Whole files are written into place as their chunks are stored (see
             # :mod:`lattica.content.file_assembly`), not exported after the transfer.
-            root_fd = await run_blocking(lambda: _open_folder(out_dir))
-            assembly = await run_blocking(lambda: FileAssembly(root_fd, out_dir, plan.files, tag=cid.digest.hex()[:16]))
+            assembly = await run_blocking(lambda: FileAssembly(root_fd, out_dir, plan.files, tag=tag))
             await run_blocking(assembly.check_targets)
         absent = set(missing)
         held = [d for d in plan.chunks if d not in absent]

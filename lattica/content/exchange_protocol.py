@@ -296,4 +296,3 @@ class ExchangeClient:
         del self._pending[message.id]
         data = pending.pieces[0] if len(pending.pieces) == 1 else b"".join(pending.pieces)
         return BlockReceived(message.id, pending.digest, data)
-

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error
+from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error, remove_stale_in
 from lattica.content.errors import ChunkMismatchError, OutputConflictError
 from lattica.content.manifest import FileEntry
 from lattica.content.paths import check_relative_path
@@ -94,6 +94,15 @@ class FileAssembly:
             self._files.append(assembled)
             for index, chunk in enumerate(entry.chunks):
                 self._places.setdefault(chunk.digest, []).append((assembled, index))
+
+    @staticmethod
+    def remove_leftovers(root_fd: int, files: Sequence[FileEntry], *, tag: str) -> None:
+        """Remove the temporary files a killed fetch of the same content left for ``files``
+        (typically every file of the manifest, also those this fetch does not select: a retry
+        with ``--exclude`` must not leave an earlier try's ``.part`` behind). Files another
+        fetch is writing are left alone. Raises ``OSError``."""
+        for entry in files:
+            remove_stale_in(root_fd, entry.path, temporary_name(entry.path, tag))
 
     def check_targets(self) -> None:
         """Refuse, before anything is fetched, what would make putting a file in place fail

@@ -310,3 +310,36 @@ def test_a_read_only_output_folder_is_named(tmp_path: Path, make_tmpfs: MakeTmpf
         with pytest.raises(OSError, match="Read-only") as written:
             assembly.add(*pieces(assembly_entry := entry("a.bin", b"data", 4), b"data")[0])
         assert written.value.filename == str(out / assembly_entry.path)  # the file, not its .part
+
+
+def test_leftovers_of_a_killed_fetch_are_removed_also_for_files_not_selected_now(tmp_path: Path) -> None:
+    # Review finding: kill -9, then the same fetch with --exclude '*.safetensors' left the
+    # earlier try's 87 MiB `.model.safetensors.<hex>.part` behind.
+    files = [entry("model.safetensors", b"weights", 4), entry("sub/config.json", b"{}", 4)]
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    left = [out / temporary_name("model.safetensors", TAG), out / "sub" / temporary_name("sub/config.json", TAG)]
+    for path in left:
+        path.write_bytes(b"left by kill -9")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / temporary_name("x/y.bin", TAG)).write_bytes(b"not ours to touch")
+    (out / "x").symlink_to(elsewhere)
+    with folder(out) as fd:
+        FileAssembly.remove_leftovers(fd, [*files, entry("x/y.bin", b"y", 4)], tag=TAG)
+    assert not left[0].exists() and not left[1].exists()
+    assert (elsewhere / temporary_name("x/y.bin", TAG)).exists()  # a symlinked folder is not walked
+
+
+def test_a_leftover_another_fetch_is_writing_is_not_removed(tmp_path: Path) -> None:
+    data = random_bytes(32 * KIB, 11)
+    file = entry("a.bin", data, 16 * KIB)
+    out = tmp_path / "out"
+    with folder(out) as fd:
+        live = FileAssembly(fd, out, [file], tag=TAG)
+        live.add(*pieces(file, data)[0])  # its temporary file exists and is locked
+        FileAssembly.remove_leftovers(fd, [file], tag=TAG)
+        assert (out / temporary_name("a.bin", TAG)).exists()
+        live.add(*pieces(file, data)[1])
+        live.finish()
+    assert (out / "a.bin").read_bytes() == data
