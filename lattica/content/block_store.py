@@ -336,6 +336,21 @@ class BlockStore:
             raise ChunkNotFoundError(f"block {digest.hex()} is shorter on disk than indexed; run verify")
         return data
 
+    def read_start(self, digest: bytes, max_bytes: int) -> tuple[int, bytes]:
+        """A stored block's length and its first ``max_bytes`` bytes, with one index lookup
+        (serving reads the next block ahead this way). Blocking. Raises
+        :class:`ChunkNotFoundError` when it is not indexed, its file is gone or shorter."""
+        total = self.block_length(digest)
+        length = min(max_bytes, total)
+        try:
+            with self.block_path(digest).open("rb") as file:
+                data = file.read(length)
+        except FileNotFoundError:
+            raise ChunkNotFoundError(f"block {digest.hex()} is indexed but its file is missing; run verify") from None
+        if len(data) != length:
+            raise ChunkNotFoundError(f"block {digest.hex()} is shorter on disk than indexed; run verify")
+        return total, data
+
     async def read(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes:
         """:meth:`read_block` off the event loop."""
         return await run_blocking(lambda: self.read_block(digest, offset, length))

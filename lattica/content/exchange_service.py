@@ -368,12 +368,8 @@ class _BlockRead:
         self.error: LatticaError | OSError | None = None
 
     async def run(self, store: BlockStore, digest: bytes) -> None:
-        def load() -> tuple[int, bytes]:
-            total = store.block_length(digest)
-            return total, store.read_block(digest, 0, min(_READ_BYTES, total))
-
         try:
-            self.total, self.data = await run_blocking(load)
+            self.total, self.data = await run_blocking(lambda: store.read_start(digest, _READ_BYTES))
         except (LatticaError, OSError) as exc:
             self.error = exc
         finally:

@@ -281,3 +281,19 @@ async def test_only_the_last_of_concurrent_fetches_may_drop_the_pin_they_added(t
         await store.set_pinned(result.cid, True)
         store.fetch_started(result.cid)  # pinned by the user before: never dropped
         assert store.fetch_ended(result.cid) is False
+
+
+async def test_read_start_gives_the_length_and_the_first_bytes(tmp_path: Path) -> None:
+    data = random_bytes(100 * KIB, 70)
+    with open_store(tmp_path / "store") as store:
+        digest = await store.put(data)
+        assert store.read_start(digest, 1 << 20) == (len(data), data)
+        assert store.read_start(digest, 10) == (len(data), data[:10])
+        store.block_path(digest).write_bytes(data[:5])
+        with pytest.raises(ChunkNotFoundError, match="shorter"):
+            store.read_start(digest, 10)
+        store.block_path(digest).unlink()
+        with pytest.raises(ChunkNotFoundError, match="missing"):
+            store.read_start(digest, 10)
+        with pytest.raises(ChunkNotFoundError):
+            store.read_start(b"\1" * 32, 10)
