@@ -18,8 +18,8 @@ import trio.testing
 from lattica.config import NodeConfig
 from lattica.content import Cid, ContentConfig
 from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
-from lattica.content.exchange_messages import PROTOCOL_ID
-from lattica.content.exchange_protocol import ExchangeClient
+from lattica.content.exchange_messages import MAX_PIECE_BYTES, PROTOCOL_ID
+from lattica.content.exchange_protocol import BlockReceived, ExchangeClient
 from lattica.content.exchange_service import ContentService
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
@@ -332,3 +332,40 @@ async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(
 async def _release(stop: trio.Event, after_s: float) -> None:
     await trio.sleep(after_s)
     stop.set()
+
+
+async def test_a_cancel_stops_a_block_the_server_has_begun_within_one_piece(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # At the end of a fetch, requests queued at one seeder are cancelled there and asked of a
+    # faster one. The seeder may have begun the block already (it reads the next request while
+    # the last one's bytes still sit in the stream's send buffer): the cancel must stop it
+    # within one piece, not let the whole block go out for nothing.
+    chunk = 1024 * KIB
+    big = replace(CONFIG, content=replace(CONTENT, chunk_bytes=chunk))
+    source = source_file(tmp_path, 3 * chunk)
+    async with cluster(tmp_path, 2, configs={0: big}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        first, second, third = (ref.digest for ref in c.content(0).store.manifest(cid).files[0].chunks)
+        stream = await c.nodes[1].rpc.open_stream(c.nodes[0].peer_id, PROTOCOL_ID)
+        client = ExchangeClient()
+        received = 0
+        arrived: set[bytes] = set()
+        async with stream:
+            ids = {}
+            for digest in (first, second, third):
+                ids[digest], frame = client.want(digest, chunk)
+                await stream.send_all(frame)
+            cancel_sent = False
+            while third not in arrived:
+                data = await stream.receive_some(1 << 20)
+                assert data
+                received += len(data)
+                if not cancel_sent:  # the first bytes are here: the server is busy with `first`
+                    await stream.send_all(client.cancel(ids[second]))
+                    cancel_sent = True
+                arrived |= {event.digest for event in client.receive(data) if isinstance(event, BlockReceived)}
+        assert arrived == {first, third}
+        framing = 16 * KIB
+        assert received <= 2 * chunk + MAX_PIECE_BYTES + framing
