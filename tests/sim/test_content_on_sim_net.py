@@ -34,6 +34,7 @@ PORT = 4001
 UPLINK = LinkConfig(latency_s=0.01, loss=0.0253, bandwidth_bps=80e6, queue_bytes=512 * KIB)
 DOWNLINK = LinkConfig(latency_s=0.01, loss=0.0253)
 DARK = LinkConfig(loss=1.0)
+QUIET = LinkConfig(latency_s=0.01)  # 40 ms round trips, nothing lost, no bandwidth cap
 CONTENT = ContentConfig(chunk_bytes=32 * KIB, fetch_request_timeout_s=5.0, fetch_stall_timeout_s=20.0)
 CONFIG = NodeConfig(net=NetConfig(keepalive_interval_s=math.inf), content=CONTENT)
 SIZE = 2 * 1024 * KIB
@@ -71,10 +72,17 @@ def addr(i: int) -> PeerAddr:
 
 @asynccontextmanager
 async def cluster(
-    tmp_path: Path, count: int, seed: int = 1, *, dht: bool = False, configs: dict[int, NodeConfig] | None = None
+    tmp_path: Path,
+    count: int,
+    seed: int = 1,
+    *,
+    dht: bool = False,
+    configs: dict[int, NodeConfig] | None = None,
+    up: LinkConfig = UPLINK,
+    down: LinkConfig = DOWNLINK,
 ) -> AsyncIterator[Cluster]:
     async with Network(seed=seed) as net, trio.open_nursery() as nursery:
-        hosts = [net.add_host(f"10.0.0.{i + 1}", up=UPLINK, down=DOWNLINK) for i in range(count)]
+        hosts = [net.add_host(f"10.0.0.{i + 1}", up=up, down=down) for i in range(count)]
         nodes: list[Node] = []
         scopes: list[trio.CancelScope] = []
 
@@ -369,3 +377,18 @@ async def test_a_cancel_stops_a_block_the_server_has_begun_within_one_piece(
         assert arrived == {first, third}
         framing = 16 * KIB
         assert received <= 2 * chunk + MAX_PIECE_BYTES + framing
+
+
+async def test_a_connected_peer_without_the_content_says_so_and_its_requests_go_elsewhere(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Node 1 is connected but holds nothing: it is asked Has plus its first chunks at once,
+    # answers "not held", and those chunks come from node 0 instead.
+    source = source_file(tmp_path, 256 * KIB)
+    async with cluster(tmp_path, 3, up=QUIET, down=QUIET) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 2, range(2))
+        result = await c.content(2).fetch(cid, out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert set(result.peer_bytes) == {str(c.nodes[0].peer_id)}
+        assert result.chunks_requested == 256 // 32
