@@ -120,6 +120,8 @@ class PeerStats:
     received_bytes: int
     in_flight: int
     window: int
+    bytes_per_s: float | None = None
+    """Delivery rate measured while the peer was busy (``None`` until two completions)."""
 
 
 class FetchScheduler:
@@ -181,7 +183,7 @@ class FetchScheduler:
     def peers(self) -> dict[PeerKey, PeerStats]:
         """Per-peer progress for the peers in use."""
         return {
-            key: PeerStats(peer.received_bytes, len(peer.in_flight), self._window(peer))
+            key: PeerStats(peer.received_bytes, len(peer.in_flight), self._window(peer), peer.bytes_per_s)
             for key, peer in self._peers.items()
         }
 
@@ -292,8 +294,11 @@ class FetchScheduler:
 
     def _observe_completion(self, state: _Peer, elapsed_s: float, now: float, size: int) -> None:
         state.min_rtt_s = elapsed_s if state.min_rtt_s is None else min(state.min_rtt_s, elapsed_s)
-        if state.last_completion_at is not None and state.in_flight:
-            # Time between completions while more were queued: how long the peer takes per chunk.
+        if state.last_completion_at is not None and now - elapsed_s <= state.last_completion_at:
+            # This chunk was asked for before the previous one arrived, so the peer went on to
+            # it at once: the time between the two is how long it takes per chunk. (Whether more
+            # are queued behind it says nothing about that, and would miss the last sample of
+            # every busy spell.)
             gap = now - state.last_completion_at
             state.service_s = gap if state.service_s is None else 0.75 * state.service_s + 0.25 * gap
             if gap > 0:

@@ -187,6 +187,18 @@ def test_a_seeder_that_stops_answering_is_worked_around_before_its_requests_time
     assert not any(isinstance(e, PeerDropped) for e in swarm.log)
 
 
+def test_the_rate_counts_the_last_chunk_of_a_busy_spell() -> None:
+    # Both chunks are asked for at once; the second arrives 0.1 s after the first, with nothing
+    # queued behind it. The peer was busy on it all that time: 1 MiB per 0.1 s.
+    wanted = chunks(2)
+    scheduler = FetchScheduler(wanted, min_window=2, max_window=2)
+    assert len(scheduler.add_peer("a", 0.0)) == 2
+    scheduler.chunk_received("a", wanted[0].chunk_id, 0.2)
+    assert scheduler.peers()["a"].bytes_per_s is None
+    assert FetchComplete() in scheduler.chunk_received("a", wanted[1].chunk_id, 0.3)
+    assert scheduler.peers()["a"].bytes_per_s == pytest.approx(MIB / 0.1)
+
+
 def test_a_slow_seeder_does_not_hold_up_the_end() -> None:
     wanted = chunks(128)
     seeders = {"fast1": Seeder(10 * MB), "fast2": Seeder(10 * MB), "slow": Seeder(0.2 * MB)}
