@@ -382,8 +382,8 @@ async def test_a_cancel_stops_a_block_the_server_has_begun_within_one_piece(
 async def test_a_connected_peer_without_the_content_says_so_and_its_requests_go_elsewhere(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    # Node 1 is connected but holds nothing: it is asked Has plus its first chunks at once,
-    # answers "not held", and those chunks come from node 0 instead.
+    # Node 1 is connected but holds nothing. Its "not held" answer to the Has (and to any chunk
+    # requests sent along with it) must leave the whole fetch to node 0, without a stall.
     source = source_file(tmp_path, 256 * KIB)
     async with cluster(tmp_path, 3, up=QUIET, down=QUIET) as c:
         cid = Cid.parse(await publish_everywhere(c, source, range(1)))
