@@ -38,7 +38,7 @@ CONNECTION_ID_LENGTH = 8
 # loss Reno halves its window, CUBIC keeps 70% of it. On a path whose bottleneck buffer is
 # below its bandwidth-delay product (common on home uplinks, and on sim_net's 256 KiB queues at
 # 10 MB/s x 40 ms) half a window no longer fills the link, and Reno takes one datagram per
-# round trip to grow back: a 256 MiB four-seeder fetch on sim_net took 7.59 s with Reno, 7.35 s
+# round trip to grow back: a 256 MiB four-seeder fetch on sim_net took 7.63 s with Reno, 7.40 s
 # with CUBIC (ideal 6.71 s; docs/decisions.md has the trade-off). The initial window stays the
 # standard 10 datagrams (RFC 9002 7.2).
 CONGESTION_CONTROL = "cubic"
