@@ -32,7 +32,7 @@ from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import Cid
 from lattica.content.config import ContentConfig
 from lattica.content.exchange_fetch import FetchDeps, FetchProgress, fetch_content
-from lattica.content.exchange_messages import BUSY, NOT_FOUND, PROTOCOL_ID, TOO_LARGE
+from lattica.content.exchange_messages import BUSY, MAX_PIECE_BYTES, NOT_FOUND, PROTOCOL_ID, TOO_LARGE
 from lattica.content.exchange_protocol import BlockWanted, ExchangeServer, HasAsked, RequestCancelled
 from lattica.content.publish import PublishResult, publish
 from lattica.dht import Dht
@@ -227,8 +227,14 @@ class ContentService:
                 log.warning("cannot read block %s to serve it: %s", request.digest.hex(), exc)
                 await _send(stream, server.refuse(request.id, NOT_FOUND))
                 return
-            for frame in server.block_frames(request.id, offset, total, data):
-                await _send(stream, frame)
+            # A piece at a time, asking again before each: a cancel (the fetch moved this
+            # request to a faster peer, or a copy arrived first) stops the block within one
+            # piece instead of after the whole read.
+            for start in range(0, max(len(data), 1), MAX_PIECE_BYTES):
+                for frame in server.block_frames(
+                    request.id, offset + start, total, data[start : start + MAX_PIECE_BYTES]
+                ):
+                    await _send(stream, frame)
             offset += length
             data = None
 

@@ -10,9 +10,17 @@ a clock. The policy is the one BitTorrent and bitswap clients converged on:
   least ``min_window``, at most ``max_window``), measured from its own completions, so a fast
   peer is kept busy and a slow one is not handed chunks it will sit on.
 * **In order, among the chunks a peer has**, so files fill front to back.
-* **Endgame.** When every missing chunk is in flight, a peer with a free slot also asks for one
-  already requested elsewhere (at most ``endgame_copies`` requests per chunk); the first copy
-  to arrive wins and the others are cancelled, so one slow peer cannot hold up the end.
+* **Endgame.** When every missing chunk is in flight, the requests still queued behind others
+  at a peer (seeders serve a stream's requests in order, so those have not started) are moved to
+  a peer with a free slot that will deliver them sooner, by the peers' measured rates: the
+  request is cancelled where it waited and asked here, which costs neither peer any upload. A
+  chunk is moved at most once. A peer with nothing in flight also asks for a copy of the last
+  chunk another peer holds, if it would deliver it sooner, and any peer with a free slot asks
+  for a copy of a chunk held by a stalled peer (one whose current request is overdue by a whole
+  chunk's time); at most ``endgame_copies`` requests per chunk; the first copy to arrive wins
+  and the others are cancelled, so one slow or stalled peer cannot hold up the end. A copy is
+  never made of a chunk with more queued behind it: cancelling a copy its peer had started
+  would cost that peer upload time its other requests need.
 * **Bad data ends the peer.** A chunk that fails verification drops the peer that sent it
   (:class:`PeerDropped`) and the chunk is asked of others. A request that times out
   (``request_timeout_s``) is asked elsewhere; ``max_timeouts`` of them drop the peer. A peer that
@@ -97,6 +105,7 @@ class _Peer:
     timeouts: int = 0
     min_rtt_s: float | None = None  # shortest request-to-completion seen
     service_s: float | None = None  # smoothed time between completions while busy
+    bytes_per_s: float | None = None  # smoothed delivery rate while busy (same samples)
     last_completion_at: float | None = None
     received_bytes: int = 0
 
@@ -111,6 +120,8 @@ class PeerStats:
     received_bytes: int
     in_flight: int
     window: int
+    bytes_per_s: float | None = None
+    """Delivery rate measured while the peer was busy (``None`` until two completions)."""
 
 
 class FetchScheduler:
@@ -149,6 +160,7 @@ class FetchScheduler:
         self._unrequested: set[bytes] = set(self._order)
         self._heap: list[int] = list(range(len(self._order)))
         self._requested_from: dict[bytes, set[PeerKey]] = {}
+        self._moved: set[bytes] = set()  # chunks the endgame moved once already
         self._peers: dict[PeerKey, _Peer] = {}
         self._dropped: set[PeerKey] = set()
         self._stall_reported = False
@@ -171,7 +183,7 @@ class FetchScheduler:
     def peers(self) -> dict[PeerKey, PeerStats]:
         """Per-peer progress for the peers in use."""
         return {
-            key: PeerStats(peer.received_bytes, len(peer.in_flight), self._window(peer))
+            key: PeerStats(peer.received_bytes, len(peer.in_flight), self._window(peer), peer.bytes_per_s)
             for key, peer in self._peers.items()
         }
 
@@ -213,7 +225,7 @@ class FetchScheduler:
         out: list[Action | Event] = []
         if state is not None and chunk_id in state.in_flight:
             requested_at = state.in_flight.pop(chunk_id)
-            self._observe_completion(state, now - requested_at, now)
+            self._observe_completion(state, now - requested_at, now, self._sizes.get(chunk_id, 0))
             state.received_bytes += self._sizes.get(chunk_id, 0)
         if chunk_id in self._missing:
             del self._missing[chunk_id]
@@ -280,12 +292,18 @@ class FetchScheduler:
             self._unrequested.add(chunk_id)
             heapq.heappush(self._heap, self._index[chunk_id])
 
-    def _observe_completion(self, state: _Peer, elapsed_s: float, now: float) -> None:
+    def _observe_completion(self, state: _Peer, elapsed_s: float, now: float, size: int) -> None:
         state.min_rtt_s = elapsed_s if state.min_rtt_s is None else min(state.min_rtt_s, elapsed_s)
-        if state.last_completion_at is not None and state.in_flight:
-            # Time between completions while more were queued: how long the peer takes per chunk.
+        if state.last_completion_at is not None and now - elapsed_s <= state.last_completion_at:
+            # This chunk was asked for before the previous one arrived, so the peer went on to
+            # it at once: the time between the two is how long it takes per chunk. (Whether more
+            # are queued behind it says nothing about that, and would miss the last sample of
+            # every busy spell.)
             gap = now - state.last_completion_at
             state.service_s = gap if state.service_s is None else 0.75 * state.service_s + 0.25 * gap
+            if gap > 0:
+                rate = size / gap
+                state.bytes_per_s = rate if state.bytes_per_s is None else 0.75 * state.bytes_per_s + 0.25 * rate
         state.last_completion_at = now
 
     def _window(self, state: _Peer) -> int:
@@ -307,6 +325,8 @@ class FetchScheduler:
             free = self._window(state) - len(state.in_flight)
             while free > 0:
                 chunk_id = self._next_chunk_for(key, state)
+                if chunk_id is None:
+                    chunk_id = self._endgame_chunk_for(key, state, now, out)
                 if chunk_id is None:
                     break
                 state.in_flight[chunk_id] = now
@@ -333,18 +353,85 @@ class FetchScheduler:
             for index in sorted(self._index[c] for c in self._unrequested):
                 if state.may_have(self._order[index]):
                     return self._order[index]
+        return None
+
+    def _endgame_chunk_for(self, key: PeerKey, state: _Peer, now: float, out: list[Action | Event]) -> bytes | None:
+        """A chunk in flight elsewhere for ``key``'s free slot, or None. Moving a queued
+        request appends its :class:`CancelChunk` to ``out``."""
         # Endgame only once nothing unrequested is left that *anyone* could fetch; by then the
         # missing chunks are the ones in flight, at most the sum of the windows.
         if any(self._anyone_may_have(c) for c in self._unrequested):
             return None
-        best: tuple[int, int, bytes] | None = None
-        for chunk_id, holders in self._requested_from.items():
-            if chunk_id in state.in_flight or not state.may_have(chunk_id) or len(holders) >= self.endgame_copies:
+        rates = self._rates()
+        own_rate = rates[key]
+        own_due = self._due(state, own_rate, now)
+        # When this peer is free for one more chunk: after its own queue. A stalled one is not.
+        free_in_s = own_due[-1][1] if own_due else 0.0
+        if math.isinf(free_in_s):
+            return None
+        candidates: list[tuple[float, int, PeerKey, bytes, int, int]] = []
+        for other_key, other in self._peers.items():
+            if other_key == key:
                 continue
-            candidate = (len(holders), self._index[chunk_id], chunk_id)
-            if best is None or candidate < best:
-                best = candidate
-        return None if best is None else best[2]
+            for position, (chunk_id, due_s) in enumerate(self._due(other, rates[other_key], now)):
+                if chunk_id not in state.in_flight and state.may_have(chunk_id):
+                    candidates.append(
+                        (due_s, self._index[chunk_id], other_key, chunk_id, position, len(other.in_flight))
+                    )
+        # The chunk due last first: that is the one that decides when the fetch ends.
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        for due_s, _index, other_key, chunk_id, position, queued in candidates:
+            size = self._sizes[chunk_id]
+            if position > 0 and chunk_id not in self._moved:
+                # Queued behind other requests, so not started where it waits: move it when it
+                # would arrive sooner from here by half a chunk or more (no churn over ties).
+                if free_in_s + 1.5 * size / own_rate < due_s:
+                    self._moved.add(chunk_id)
+                    del self._peers[other_key].in_flight[chunk_id]
+                    self._forget_request(chunk_id, other_key)
+                    out.append(CancelChunk(other_key, chunk_id))
+                    return chunk_id
+            elif (
+                (math.isinf(due_s) or (not state.in_flight and position == queued - 1))
+                and free_in_s + size / own_rate < due_s
+                and len(self._requested_from.get(chunk_id, ())) < self.endgame_copies
+            ):
+                # A copy: the first to arrive wins. Of a stalled peer's chunks, or of the last
+                # chunk a peer holds on an idle peer; never of one with more queued behind it,
+                # since cancelling a copy that peer had started would cost it upload time its
+                # other requests need.
+                return chunk_id
+        return None
+
+    def _due(self, peer: _Peer, rate: float, now: float) -> list[tuple[bytes, float]]:
+        """When each of ``peer``'s requests should arrive, seconds from ``now``, in the order it
+        serves them, at ``rate`` bytes/s; all ``inf`` once the first is overdue by a whole
+        chunk's time (a stalled peer)."""
+        if not peer.in_flight:
+            return []
+        chunk_ids = list(peer.in_flight)
+        first_time = self._sizes[chunk_ids[0]] / rate
+        started = peer.in_flight[chunk_ids[0]]
+        if peer.last_completion_at is not None:
+            started = max(started, peer.last_completion_at)
+        done_at = started + first_time
+        if now > done_at + first_time:
+            return [(c, math.inf) for c in chunk_ids]
+        due = max(done_at, now) - now
+        out = [(chunk_ids[0], due)]
+        for chunk_id in chunk_ids[1:]:
+            due += self._sizes[chunk_id] / rate
+            out.append((chunk_id, due))
+        return out
+
+    def _rates(self) -> dict[PeerKey, float]:
+        """Each peer's delivery rate, bytes/s, measured while it was busy; peers not measured yet
+        get the mean of the measured ones (all 1.0 when none is: then only queue lengths in
+        bytes compare). Not the first delivery's rate: that one includes the round trip and
+        the connection's slow start, and would make a peer look slower than its neighbours."""
+        known = {k: p.bytes_per_s for k, p in self._peers.items() if p.bytes_per_s}
+        default = sum(known.values()) / len(known) if known else 1.0
+        return {k: known.get(k, default) for k in self._peers}
 
     def _anyone_may_have(self, chunk_id: bytes) -> bool:
         return any(peer.may_have(chunk_id) for peer in self._peers.values())

@@ -18,8 +18,8 @@ import trio.testing
 from lattica.config import NodeConfig
 from lattica.content import Cid, ContentConfig
 from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
-from lattica.content.exchange_messages import PROTOCOL_ID
-from lattica.content.exchange_protocol import ExchangeClient
+from lattica.content.exchange_messages import MAX_PIECE_BYTES, PROTOCOL_ID
+from lattica.content.exchange_protocol import BlockReceived, ExchangeClient
 from lattica.content.exchange_service import ContentService
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
@@ -34,6 +34,7 @@ PORT = 4001
 UPLINK = LinkConfig(latency_s=0.01, loss=0.0253, bandwidth_bps=80e6, queue_bytes=512 * KIB)
 DOWNLINK = LinkConfig(latency_s=0.01, loss=0.0253)
 DARK = LinkConfig(loss=1.0)
+QUIET = LinkConfig(latency_s=0.01)  # 40 ms round trips, nothing lost, no bandwidth cap
 CONTENT = ContentConfig(chunk_bytes=32 * KIB, fetch_request_timeout_s=5.0, fetch_stall_timeout_s=20.0)
 CONFIG = NodeConfig(net=NetConfig(keepalive_interval_s=math.inf), content=CONTENT)
 SIZE = 2 * 1024 * KIB
@@ -71,10 +72,17 @@ def addr(i: int) -> PeerAddr:
 
 @asynccontextmanager
 async def cluster(
-    tmp_path: Path, count: int, seed: int = 1, *, dht: bool = False, configs: dict[int, NodeConfig] | None = None
+    tmp_path: Path,
+    count: int,
+    seed: int = 1,
+    *,
+    dht: bool = False,
+    configs: dict[int, NodeConfig] | None = None,
+    up: LinkConfig = UPLINK,
+    down: LinkConfig = DOWNLINK,
 ) -> AsyncIterator[Cluster]:
     async with Network(seed=seed) as net, trio.open_nursery() as nursery:
-        hosts = [net.add_host(f"10.0.0.{i + 1}", up=UPLINK, down=DOWNLINK) for i in range(count)]
+        hosts = [net.add_host(f"10.0.0.{i + 1}", up=up, down=down) for i in range(count)]
         nodes: list[Node] = []
         scopes: list[trio.CancelScope] = []
 
@@ -387,3 +395,53 @@ async def test_what_connected_peers_answered_for_the_manifest_is_reported(
         await connect_all(c, 1, range(1))  # node 1 knows only node 0, which does not
         with pytest.raises(FetchFailedError, match=f"{c.nodes[0].peer_id}: not-found"):
             await c.content(1).fetch(Cid.parse(cid_text))
+async def test_a_cancel_stops_a_block_the_server_has_begun_within_one_piece(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # At the end of a fetch, requests queued at one seeder are cancelled there and asked of a
+    # faster one. The seeder may have begun the block already (it reads the next request while
+    # the last one's bytes still sit in the stream's send buffer): the cancel must stop it
+    # within one piece, not let the whole block go out for nothing.
+    chunk = 1024 * KIB
+    big = replace(CONFIG, content=replace(CONTENT, chunk_bytes=chunk))
+    source = source_file(tmp_path, 3 * chunk)
+    async with cluster(tmp_path, 2, configs={0: big}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        first, second, third = (ref.digest for ref in c.content(0).store.manifest(cid).files[0].chunks)
+        stream = await c.nodes[1].rpc.open_stream(c.nodes[0].peer_id, PROTOCOL_ID)
+        client = ExchangeClient()
+        received = 0
+        arrived: set[bytes] = set()
+        async with stream:
+            ids = {}
+            for digest in (first, second, third):
+                ids[digest], frame = client.want(digest, chunk)
+                await stream.send_all(frame)
+            cancel_sent = False
+            while third not in arrived:
+                data = await stream.receive_some(1 << 20)
+                assert data
+                received += len(data)
+                if not cancel_sent:  # the first bytes are here: the server is busy with `first`
+                    await stream.send_all(client.cancel(ids[second]))
+                    cancel_sent = True
+                arrived |= {event.digest for event in client.receive(data) if isinstance(event, BlockReceived)}
+        assert arrived == {first, third}
+        framing = 16 * KIB
+        assert received <= 2 * chunk + MAX_PIECE_BYTES + framing
+
+
+async def test_a_connected_peer_without_the_content_says_so_and_its_requests_go_elsewhere(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Node 1 is connected but holds nothing. Its "not held" answer to the Has (and to any chunk
+    # requests sent along with it) must leave the whole fetch to node 0, without a stall.
+    source = source_file(tmp_path, 256 * KIB)
+    async with cluster(tmp_path, 3, up=QUIET, down=QUIET) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 2, range(2))
+        result = await c.content(2).fetch(cid, out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert set(result.peer_bytes) == {str(c.nodes[0].peer_id)}
+        assert result.chunks_requested == 256 // 32

@@ -35,6 +35,7 @@ class Seeder:
     corrupts: set[bytes] = field(default_factory=set)
     silent: bool = False
     leaves_at: float | None = None
+    mutes_at: float | None = None  # stops serving but stays connected (no remove_peer)
     queue: list[tuple[bytes, float]] = field(default_factory=list)
     busy_until: float = 0.0
     served: int = 0
@@ -88,6 +89,8 @@ class Swarm:
             self.apply(self.scheduler.add_peer(name, 0.0, has=seeder.has), 0.0)
             if seeder.leaves_at is not None:
                 self.push(seeder.leaves_at, "leave", name)
+            if seeder.mutes_at is not None:
+                self.push(seeder.mutes_at, "mute", name)
         self.apply(self.scheduler.start(0.0), 0.0)
         while self.events and self.completed_at is None:
             timer = self.scheduler.next_timer()
@@ -106,6 +109,8 @@ class Swarm:
         if kind == "leave":
             seeder.silent = True
             self.apply(self.scheduler.remove_peer(peer, now), now)
+        elif kind == "mute":
+            seeder.silent = True
         elif kind == "arrive" and not seeder.silent:
             if seeder.has is not None and chunk_id not in seeder.has:
                 self.push(now + seeder.one_way_s, "refused", peer, chunk_id)
@@ -149,6 +154,49 @@ def test_four_seeders_at_10_mb_s_finish_within_11_percent_of_the_ideal() -> None
     # Each seeder carried its share, and little was fetched twice.
     assert all(s.served >= 0.2 * 256 for s in swarm.seeders.values())
     assert swarm.scheduler.requests_sent <= 256 + 4 * swarm.scheduler.max_window
+
+
+def test_the_end_of_a_small_fetch_waits_on_no_peer_queue() -> None:
+    # 16 chunks on 4 equal seeders: each must carry 4, and the fetch end one request and one
+    # delivery trip after the ideal (requests left queued at one seeder are moved to a free one).
+    wanted = chunks(16)
+    swarm = Swarm(wanted, {f"s{i}": Seeder(10 * MB, one_way_s=0.02) for i in range(4)})
+    finished = swarm.run()
+    assert finished == pytest.approx(16 * MIB / (40 * MB) + 2 * 0.02)
+    assert [s.served for s in swarm.seeders.values()] == [4, 4, 4, 4]  # nothing sent twice
+
+
+def test_requests_queued_at_a_slower_seeder_move_to_faster_ones_at_the_end() -> None:
+    wanted = chunks(64)
+    seeders = {"a": Seeder(10 * MB), "b": Seeder(10 * MB), "c": Seeder(10 * MB), "half": Seeder(5 * MB)}
+    swarm = Swarm(wanted, seeders)
+    finished = swarm.run()
+    assert finished <= 1.07 * 64 * MIB / (35 * MB)
+    assert any(isinstance(e, CancelChunk) for e in swarm.log)  # a queued request was moved
+    assert sum(s.served for s in seeders.values()) - 64 <= 1  # at most one chunk sent twice
+
+
+def test_a_seeder_that_stops_answering_is_worked_around_before_its_requests_time_out() -> None:
+    wanted = chunks(64)
+    seeders = {f"s{i}": Seeder(10 * MB) for i in range(3)} | {"mute": Seeder(10 * MB, mutes_at=1.0)}
+    swarm = Swarm(wanted, seeders, request_timeout_s=30.0)
+    finished = swarm.run()
+    # Its queued requests move and the one it was serving is copied elsewhere, long before
+    # the 30 s request timeout would have freed them.
+    assert finished < 64 * MIB / (30 * MB) + 1.0
+    assert not any(isinstance(e, PeerDropped) for e in swarm.log)
+
+
+def test_the_rate_counts_the_last_chunk_of_a_busy_spell() -> None:
+    # Both chunks are asked for at once; the second arrives 0.1 s after the first, with nothing
+    # queued behind it. The peer was busy on it all that time: 1 MiB per 0.1 s.
+    wanted = chunks(2)
+    scheduler = FetchScheduler(wanted, min_window=2, max_window=2)
+    assert len(scheduler.add_peer("a", 0.0)) == 2
+    scheduler.chunk_received("a", wanted[0].chunk_id, 0.2)
+    assert scheduler.peers()["a"].bytes_per_s is None
+    assert FetchComplete() in scheduler.chunk_received("a", wanted[1].chunk_id, 0.3)
+    assert scheduler.peers()["a"].bytes_per_s == pytest.approx(MIB / 0.1)
 
 
 def test_a_slow_seeder_does_not_hold_up_the_end() -> None:
