@@ -2,32 +2,38 @@
 
 Steps (:func:`fetch_content`):
 
-1. **Manifest.** From the store if held; else from the first candidate peer that sends a
-   block hashing to the id's digest and decoding as a canonical manifest within this node's
-   caps. It is stored as a pinned root *before* any chunk, so ``gc`` cannot collect a partial
-   fetch and a restart knows what it was fetching. A fetch that then fails drops the pin it
-   added (a cancelled one keeps it, to be resumed); one whose file does not match the
+1. **Manifest.** From the store if held; else from the connected peers first, then from the
+   DHT's providers: the first that sends a block hashing to the id's digest and decoding as a
+   canonical manifest within this node's caps. It is stored as a pinned root *before* any
+   chunk, so ``gc`` cannot collect a partial fetch and a restart knows what it was fetching.
+   A fetch that then fails drops the pin the fetches added once the last one of that root
+   ends (a cancelled one keeps it, to be resumed); one whose file does not match the
    manifest's SHA-256 marks the root failed (:meth:`~lattica.content.block_store.BlockStore.mark_failed`).
 2. **What is missing.** The chunks of the selected files (``include``/``exclude`` globs) or
    only of the selected tensors (``tensors`` patterns on safetensors files), less what the
    store holds: a resumed fetch asks for nothing it already verified.
-3. **Transfer.** One exchange stream per peer (:class:`_PeerLink`); a peer is used once it
-   answers that it holds the manifest. :class:`~lattica.content.fetch_scheduler.FetchScheduler`
-   decides what to ask whom. Each block is hashed as it arrives (a bad one drops its peer) and
-   handed to a storer task that writes batches of up to ``fetch_batch_bytes`` with
-   :meth:`~lattica.content.block_store.BlockStore.put_many` (which verifies again: nothing
-   unverified is stored) while the transfer goes on. In memory: the peers' windows plus at
-   most two batches, never a whole file.
-4. **Export** (with ``out_dir``): whole files atomically through
-   :func:`~lattica.content.export.export_files`, checked against their SHA-256; safetensors
-   files under ``tensors`` as a valid safetensors file of just the selected tensors (checked
-   against the chunk ids only), through the same contained writer. Without ``out_dir`` the
-   whole files are still checked against their SHA-256.
+3. **Transfer.** One exchange stream per peer (:class:`_PeerLink`). Likely holders (the peer
+   that sent the manifest, DHT providers) get their first chunk requests right behind the
+   ``Has`` for the manifest; other connected peers once they answer that they hold it (a peer
+   answering "not held" is dropped and its requests are asked of others). The DHT is asked for
+   providers beside the transfer. :class:`~lattica.content.fetch_scheduler.FetchScheduler`
+   decides what to ask whom. Each block is hashed once, as it arrives (a bad one drops its
+   peer), and handed to a storer task that writes batches of up to ``fetch_batch_bytes`` to
+   the store (:meth:`~lattica.content.block_store.BlockStore.write_unindexed`) and into the
+   files being assembled, while the transfer goes on; every ``fetch_sync_bytes`` or
+   ``fetch_sync_interval_s`` a flush makes them durable and indexes them (acknowledged). In
+   memory: the peers' windows plus at most two batches, never a whole file.
+4. **Files** (with ``out_dir``): whole files are assembled while their chunks arrive and put
+   in place, checked against their SHA-256, as each completes
+   (:mod:`lattica.content.file_assembly`); safetensors files under ``tensors`` are written at
+   the end as a valid safetensors file of just the selected tensors (checked against the
+   chunk ids only), through the same contained writer. Without ``out_dir`` the whole files
+   are checked against their SHA-256 in the store.
 
-Candidates are the connected peers plus the DHT's provider records; when the scheduler
-reports a stall it looks again, and fails with :class:`FetchFailedError` (keeping everything
-stored) after ``fetch_stall_timeout_s`` without progress. Cancelling the task (Ctrl-C in the
-CLI, a daemon stop) leaves the fetch resumable by the same call.
+When the scheduler reports a stall the DHT is asked again, and the fetch fails with
+:class:`FetchFailedError` (keeping everything stored) after ``fetch_stall_timeout_s`` without
+progress. Cancelling the task (Ctrl-C in the CLI, a daemon stop) flushes what was written and
+leaves the fetch resumable by the same call.
 """
 
 from __future__ import annotations
@@ -184,7 +190,12 @@ class _Stored:
     """The storer wrote a batch (sent with no peer)."""
 
 
-_LinkEvent = _Ready | _Gone | _Stored | BlockReceived | BlockRefused
+@dataclass(frozen=True)
+class _Searched:
+    """A provider search ended (sent with no peer): the loop re-arms its stall timer."""
+
+
+_LinkEvent = _Ready | _Gone | _Stored | _Searched | BlockReceived | BlockRefused
 
 
 class _PeerLink:
@@ -294,8 +305,8 @@ async def _ask_manifest(
 
 async def _fetch_manifest(
     cid: Cid, candidates: Sequence[PeerId], open_stream: StreamOpener, config: ContentConfig
-) -> tuple[bytes, Manifest]:
-    """The manifest from the first candidate that sends a valid one. Peers that answer
+) -> tuple[bytes, Manifest, PeerId]:
+    """The manifest from the first candidate that sends a valid one, and that peer. Peers that answer
     ``busy`` are asked again after a doubling pause (``_MANIFEST_BUSY_FIRST_S`` up to
     ``_MANIFEST_BUSY_MAX_S``) for at most ``fetch_stall_timeout_s``: a busy seeder is a
     moment's wait, not a failed fetch. Raises :class:`FetchFailedError`."""
@@ -319,7 +330,7 @@ async def _fetch_manifest(
                 errors.append(f"{peer}: {exc}")
                 continue
             if isinstance(answer, tuple):
-                return answer
+                return (*answer, peer)
             if answer == BUSY:
                 busy.append(peer)
             else:
@@ -332,6 +343,17 @@ async def _fetch_manifest(
         asking = busy
     detail = "; ".join(errors[:5]) if errors else "no provider or connected peer found"
     raise FetchFailedError(f"cannot get the manifest of {cid}: {detail}")
+
+
+@dataclass
+class _Peers:
+    """Whom a transfer starts with: ``likely`` holders get chunk requests right behind their
+    ``Has`` (the peer that sent the manifest, DHT providers), ``ask_first`` peers only once they
+    answer that they hold it; ``search_now`` asks the DHT for providers beside the transfer."""
+
+    likely: list[PeerId] = field(default_factory=list)
+    ask_first: list[PeerId] = field(default_factory=list)
+    search_now: bool = True
 
 
 @dataclass
@@ -368,7 +390,7 @@ async def fetch_content(
     progress.started_at = trio.current_time()
     if not cid.is_manifest:
         raise FetchFailedError(f"{cid} names a single chunk; fetch takes a manifest id")
-    candidates: list[PeerId] | None = None  # looked up once, when first needed
+    peers = _Peers()
     store.fetch_started(cid)
     ended = False
 
@@ -381,6 +403,7 @@ async def fetch_content(
         if store.has(cid.digest):
             manifest = store.manifest(cid)
             await store.add_root(store.read_block(cid.digest), manifest, pinned=True)
+            peers.ask_first = deps.connected_peers()
         else:
             connected = deps.connected_peers()
             errors: list[str] = []
@@ -391,15 +414,19 @@ async def fetch_content(
                 except FetchFailedError as exc:
                     errors.append(str(exc))
             if found is None:
-                candidates = await deps.find_candidates(cid)
                 asked = set(connected)
-                others = [p for p in candidates if p not in asked]
+                others = [p for p in await deps.find_candidates(cid) if p not in asked]
                 if not others and errors:
                     raise FetchFailedError(errors[0])  # what the connected peers said, not "nobody"
                 found = await _fetch_manifest(cid, others, deps.open_stream, config)
-            encoded, manifest = found
+                # Providers the DHT named: likely holders. Connected peers said they lack it.
+                peers = _Peers(likely=others, search_now=False)
+            else:
+                peers.likely = [found[2]]  # it had the manifest: it most likely has the chunks
+                peers.ask_first = [p for p in connected if p != found[2]]
+            encoded, manifest, _source = found
             await store.add_root(encoded, manifest, pinned=True)
-        await _fetch_planned(deps, cid, manifest, out_dir, include, exclude, tensors, progress, candidates)
+        await _fetch_planned(deps, cid, manifest, out_dir, include, exclude, tensors, progress, peers)
     except ChunkMismatchError as exc:
         # The chunks match the id but a file does not match its SHA-256: the manifest lies,
         # and every copy of this id will. Unpinned and marked so gc frees it and ls shows it.
@@ -431,7 +458,7 @@ async def _fetch_planned(
     exclude: Sequence[str],
     tensors: Sequence[str],
     progress: FetchProgress,
-    candidates: list[PeerId] | None,
+    peers: _Peers,
 ) -> None:
     """Steps 2 to 4 of :func:`fetch_content` once the manifest is stored."""
     store = deps.store
@@ -456,7 +483,7 @@ async def _fetch_planned(
         if missing:
             progress.state = "fetching"
             wanted = [WantedChunk(d, plan.chunks[d]) for d in missing]
-            await _transfer(deps, cid, wanted, progress, candidates, assembly, held)
+            await _transfer(deps, cid, wanted, progress, peers, assembly, held)
         elif assembly is not None:
             await run_blocking(lambda: assembly.add_held(held, store.read_block))
         if out_dir is not None:
@@ -486,7 +513,7 @@ async def _transfer(
     cid: Cid,
     wanted: list[WantedChunk],
     progress: FetchProgress,
-    candidates: list[PeerId] | None,
+    peers: _Peers,
     assembly: FileAssembly | None = None,
     held: Sequence[bytes] = (),
 ) -> None:
@@ -508,21 +535,30 @@ async def _transfer(
 
     async with _first_error_nursery() as nursery:
 
-        def connect(peers: Sequence[PeerId]) -> None:
+        def connect(found: Sequence[PeerId], *, likely: bool) -> None:
             now = trio.current_time()
-            for peer in peers:
+            for peer in found:
                 if peer in links or peer in banned or busy_until.get(peer, 0.0) > now:
                     continue
                 link = _PeerLink(peer, cid.digest, send)
                 links[peer] = link
                 nursery.start_soon(link.run, deps.open_stream)
+                if likely:
+                    # The first requests go out right behind the Has, not a round trip after
+                    # it: a peer answering "not held" is removed and its requests go
+                    # elsewhere. Peers merely connected wait for their answer (a node may be
+                    # connected to many that hold nothing of this).
+                    apply(scheduler.add_peer(peer, now))
 
         async def search() -> None:
             nonlocal searching
             try:
-                connect(await deps.find_candidates(cid))
+                connect(await deps.find_candidates(cid), likely=True)
             finally:
                 searching = False
+                # The loop may be waiting with no timer for the next search (it armed none
+                # while this one ran): wake it.
+                send.send_nowait((None, _Searched()))
 
         def start_search() -> None:
             nonlocal searching
@@ -587,13 +623,12 @@ async def _transfer(
             stored_all.set()
 
         nursery.start_soon(storer)
-        if candidates is None:
-            # The connected peers start at once; the DHT's providers join when the lookup
-            # answers (a lookup can wait seconds on a node that is gone).
-            connect(deps.connected_peers())
+        connect(peers.likely, likely=True)
+        connect(peers.ask_first, likely=False)
+        if peers.search_now:
+            # The DHT's providers join when the lookup answers (a lookup can wait seconds on
+            # a node that is gone); without it the DHT is asked again only on a stall.
             start_search()
-        else:
-            connect(candidates)  # looked up already; the DHT is asked again only on a stall
         stalled_since = trio.current_time()
         batch: list[tuple[PeerId, bytes, bytes]] = []
         batch_bytes = 0
@@ -637,7 +672,7 @@ async def _transfer(
                 done = apply(scheduler.handle_timer(now))
                 continue
             peer, event = item
-            if peer is None or isinstance(event, _Stored):  # the storer is free again
+            if peer is None or isinstance(event, (_Stored, _Searched)):  # re-arm the timers
                 continue
             if isinstance(event, BlockReceived):
                 if event.digest not in still_missing:
@@ -660,10 +695,11 @@ async def _transfer(
             elif isinstance(event, _Ready):
                 if event.held and peer in links:
                     stalled_since = None
-                    done = apply(scheduler.add_peer(peer, now))
+                    done = apply(scheduler.add_peer(peer, now))  # nothing if it started already
                 else:
                     close(peer)
                     banned.add(peer)
+                    done = apply(scheduler.remove_peer(peer, now))
             else:  # _Gone
                 log.info("fetch of %s: peer %s gone: %s", cid, peer, event.reason)
                 if event.hostile:

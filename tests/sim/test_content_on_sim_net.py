@@ -445,3 +445,33 @@ async def test_a_connected_peer_without_the_content_says_so_and_its_requests_go_
         assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
         assert set(result.peer_bytes) == {str(c.nodes[0].peer_id)}
         assert result.chunks_requested == 256 // 32
+
+
+async def test_chunk_requests_go_out_with_the_has_not_a_round_trip_after_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # One 4 KiB chunk from a connected seeder over 40 ms round trips: the manifest takes one
+    # round trip; the Has for it and the chunk request share the second.
+    source = source_file(tmp_path, 4 * KIB)
+    async with cluster(tmp_path, 2, up=QUIET, down=QUIET) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        began = trio.current_time()
+        result = await c.content(1).fetch(cid)
+        assert result.received_bytes == 4 * KIB
+        assert trio.current_time() - began == pytest.approx(2 * 0.04, abs=0.005)
+
+
+async def test_a_merely_connected_peer_gets_no_chunk_request_before_it_says_it_holds_the_content(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Requests ride along with the Has only to likely holders (the peer that sent the manifest,
+    # DHT providers): a node connected to many peers that hold nothing of this would otherwise
+    # send each of them requests that come back refused, and wait a round trip for those chunks.
+    source = source_file(tmp_path, 256 * KIB)
+    async with cluster(tmp_path, 3, up=QUIET, down=QUIET) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 2, range(2))
+        result = await c.content(2).fetch(cid, out_dir=tmp_path / "out")
+        assert set(result.peer_bytes) == {str(c.nodes[0].peer_id)}
+        assert result.requests_sent == result.chunks_requested == 256 // 32
