@@ -265,6 +265,10 @@ class BlockStore:
         self._unindexed_lock = threading.Lock()
         # Fetches running per root: (how many, whether the root was pinned before the first).
         self._fetching: dict[Cid, tuple[int, bool]] = {}
+        # Blocks a publish indexed before its root exists (counts; trio thread only): gc keeps them.
+        self._protected: dict[bytes, int] = {}
+        # write_unindexed calls running (under _unindexed_lock): their temporary files are live.
+        self._unlocked_writers = 0
         db.write_blocking(self._create_schema)
 
     @staticmethod
@@ -445,6 +449,8 @@ class BlockStore:
                 raise ContentTooLargeError(f"chunk of {len(data)} bytes exceeds the cap of {self.max_chunk_bytes}")
         absent = set(self.missing(digest for _data, digest in chunks))  # one query, not one per chunk
         written: list[tuple[bytes, int]] = []
+        with self._unindexed_lock:
+            self._unlocked_writers += 1
         try:
             for data, digest in chunks:
                 if digest not in absent:
@@ -457,6 +463,9 @@ class BlockStore:
         except BaseException:
             self._release([digest for digest, _ in written])  # orphans now, for gc to remove
             raise
+        finally:
+            with self._unindexed_lock:
+                self._unlocked_writers -= 1
         return written
 
     async def index_written(self, blocks: Sequence[tuple[bytes, int]]) -> None:
@@ -602,6 +611,22 @@ class BlockStore:
                 bad.append(entry.path)
         return bad
 
+    def protect(self, digests: Iterable[bytes]) -> None:
+        """Keep ``gc`` from collecting these blocks although no root references them yet (a
+        publish indexes a file's chunks before the manifest that names them exists); undo with
+        :meth:`unprotect`. Call from the trio thread."""
+        for digest in digests:
+            self._protected[digest] = self._protected.get(digest, 0) + 1
+
+    def unprotect(self, digests: Iterable[bytes]) -> None:
+        """Undo one :meth:`protect` of these blocks."""
+        for digest in digests:
+            left = self._protected.get(digest, 0) - 1
+            if left > 0:
+                self._protected[digest] = left
+            else:
+                self._protected.pop(digest, None)
+
     def fetch_started(self, cid: Cid) -> None:
         """Count a fetch of ``cid`` as running (before it pins the root); with the first one,
         remember whether the root was pinned before any fetch pinned it."""
@@ -676,20 +701,28 @@ class BlockStore:
 
     async def gc(self) -> GcReport:
         """Drop unpinned roots, then delete every block no remaining root references, and
-        orphan and temporary files. Pinned content is never touched."""
+        orphan and temporary files. Pinned content is never touched, nor a root a fetch is
+        fetching (even unpinned), nor the blocks of a publish still running."""
+        fetching: list[str] = []
+        protected: set[bytes] = set()
 
         def collect(conn: sqlite3.Connection) -> tuple[int, list[tuple[bytes, int]]]:
-            roots = conn.execute("DELETE FROM content_roots WHERE pinned = 0 RETURNING cid").fetchall()
+            keep = f" AND cid NOT IN ({','.join('?' * len(fetching))})" if fetching else ""
+            roots = conn.execute(f"DELETE FROM content_roots WHERE pinned = 0{keep} RETURNING cid", fetching).fetchall()
             conn.executemany("DELETE FROM content_refs WHERE root = ?", roots)
             conn.executemany("DELETE FROM content_failed WHERE cid = ?", roots)
-            garbage = conn.execute(
+            unreferenced = conn.execute(
                 "SELECT digest, length FROM content_blocks"
                 " WHERE NOT EXISTS (SELECT 1 FROM content_refs WHERE content_refs.digest = content_blocks.digest)"
             ).fetchall()
+            garbage = [(digest, length) for digest, length in unreferenced if digest not in protected]
             conn.executemany("DELETE FROM content_blocks WHERE digest = ?", ((d,) for d, _ in garbage))
             return len(roots), garbage
 
         async with self._lock:
+            # Taken under the lock: a publish protects a file's chunks before releasing it.
+            fetching += [str(cid) for cid in self._fetching]
+            protected.update(self._protected)
             roots_removed, garbage = await self.db.write(collect)
             await run_blocking(lambda: self._delete_files(d for d, _ in garbage))
             orphans = await run_blocking(self._remove_orphans)
@@ -706,7 +739,12 @@ class BlockStore:
         with self._unindexed_lock:
             indexed |= self._unindexed.keys()  # being written by a fetch: not orphans
         removed = 0
+        with self._unindexed_lock:
+            # A fetch writing now has live temporary files: leave tmp/ to a later gc.
+            skip_tmp = self._unlocked_writers > 0
         for entry in self.root.iterdir():
+            if entry.name == TMP_DIR and skip_tmp:
+                continue
             if entry.name == TMP_DIR or (entry.is_dir() and len(entry.name) == 2):
                 for file in entry.iterdir():
                     try:

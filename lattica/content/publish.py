@@ -175,16 +175,38 @@ async def publish(
     )
     entries: list[FileEntry] = []
     new_chunks = new_bytes = 0
-    for local in files:
-        async with store.writing():
-            chunked = await run_blocking(partial(_chunk_file, store, local, config))
-            await store.index_blocks(chunked.written)
-        entries.append(chunked.entry)
-        new_chunks += len(chunked.written)
-        new_bytes += sum(length for _, length in chunked.written)
+    try:
+        for local in files:
+            async with store.writing():
+                chunked = await run_blocking(partial(_chunk_file, store, local, config))
+                await store.index_blocks(chunked.written)
+                # No root names these chunks until the manifest is added: a gc between two files
+                # would collect them (review finding: a publish "succeeded" with nothing held).
+                store.protect(c.digest for c in chunked.entry.chunks)
+            entries.append(chunked.entry)
+            new_chunks += len(chunked.written)
+            new_bytes += sum(length for _, length in chunked.written)
+        title = target.resolve().name if name is None else name
+        return await _add_manifest(store, target, title, tags, config, pinned, entries, new_chunks, new_bytes)
+    finally:
+        for entry in entries:
+            store.unprotect(c.digest for c in entry.chunks)
+
+
+async def _add_manifest(
+    store: BlockStore,
+    target: Path,
+    name: str,
+    tags: tuple[str, ...],
+    config: ContentConfig,
+    pinned: bool,
+    entries: list[FileEntry],
+    new_chunks: int,
+    new_bytes: int,
+) -> PublishResult:
     manifest = Manifest(
         version=MANIFEST_VERSION,
-        name=target.resolve().name if name is None else name,
+        name=name,
         tags=tuple(sorted(set(tags))),
         chunk_bytes=config.chunk_bytes,
         files=tuple(entries),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from lattica.content import ChunkMismatchError, ChunkNotFoundError, ContentTooLargeError, blake3_digest
@@ -297,3 +298,65 @@ async def test_read_start_gives_the_length_and_the_first_bytes(tmp_path: Path) -
             store.read_start(digest, 10)
         with pytest.raises(ChunkNotFoundError):
             store.read_start(b"\1" * 32, 10)
+
+
+async def test_gc_between_the_files_of_a_publish_collects_none_of_its_chunks(tmp_path: Path) -> None:
+    # Review finding: publish indexes each file's chunks, then adds the root after the last
+    # file; a gc in between took the first files' chunks and the publish "succeeded" anyway.
+    folder = _folder(tmp_path / "m", {"a.bin": random_bytes(300 * KIB, 80), "b.bin": random_bytes(300 * KIB, 81)})
+    with open_store(tmp_path / "store") as store:
+        published = trio.Event()
+        collected = 0
+
+        async def gc_loop() -> None:
+            nonlocal collected
+            while not published.is_set():
+                collected += (await store.gc()).blocks_removed
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gc_loop)
+            await trio.lowlevel.checkpoint()
+            result = await publish(store, folder)
+            published.set()
+        assert collected == 0
+        (root,) = store.roots()
+        assert root.cid == result.cid and root.complete
+        assert (await store.verify()).ok
+        assert store._protected == {}  # released: later gcs see them as any other block
+
+
+async def test_gc_while_a_fetch_writes_leaves_its_temporary_files(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Review finding: gc removed a fetch's temporary block file in blocks/tmp and the fetch
+    # failed with "No such file or directory: .../blocks/tmp/.lattica-....tmp".
+    data = random_bytes(8 * KIB, 82)
+    with open_store(tmp_path / "store") as store:
+        real = store.write_block_file
+        survived: list[bool] = []
+
+        def write_while_gc_runs(digest: bytes, data: bytes, *, durable: bool = True) -> None:
+            live = store.tmp_dir / ".lattica-live.tmp"  # what write_file_atomically has open now
+            live.write_bytes(b"half")
+            store._remove_orphans()  # what gc does on its thread meanwhile
+            survived.append(live.exists())
+            live.unlink()
+            real(digest, data, durable=durable)
+
+        monkeypatch.setattr(store, "write_block_file", write_while_gc_runs)
+        written = await trio.to_thread.run_sync(store.write_unindexed, [(data, blake3_digest(data))])
+        await store.index_written(written)
+        assert survived == [True]
+        (store.tmp_dir / "left-by-a-crash.tmp").write_bytes(b"x")
+        assert (await store.gc()).orphans_removed == 1  # with no writer running, tmp/ is cleaned
+
+
+async def test_gc_keeps_an_unpinned_root_while_a_fetch_of_it_runs(tmp_path: Path) -> None:
+    # Review finding: unpin then gc during a fetch threw the fetched data away.
+    with open_store(tmp_path / "store") as store:
+        result = await publish(store, _folder(tmp_path / "a", {"x.bin": random_bytes(5000, 83)}))
+        store.fetch_started(result.cid)
+        await store.set_pinned(result.cid, False)
+        report = await store.gc()
+        assert (report.roots_removed, report.blocks_removed) == (0, 0)
+        store.fetch_ended(result.cid)
+        assert (await store.gc()).roots_removed == 1
