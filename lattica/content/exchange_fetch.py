@@ -59,6 +59,7 @@ from lattica.content.errors import (
     MalformedContentError,
     NoFilesSelectedError,
     NoTensorsSelectedError,
+    OutputConflictError,
 )
 from lattica.content.exchange_messages import BUSY, PROTOCOL_ID
 from lattica.content.exchange_protocol import BlockReceived, BlockRefused, ExchangeClient, HasAnswered
@@ -504,7 +505,12 @@ async def _fetch_planned(
 
 
 def _open_folder(out_dir: Path) -> int:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputConflictError(f"{out_dir} is a file, not a folder: give -o a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputConflictError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
     return os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
 
 

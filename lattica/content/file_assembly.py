@@ -23,17 +23,24 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error, remove_stale_in
-from lattica.content.errors import ChunkMismatchError, OutputConflictError
+from lattica.content.errors import ChunkMismatchError, OutputBusyError, OutputConflictError
 from lattica.content.manifest import FileEntry
 from lattica.content.paths import check_relative_path
 
 ReadBlock = Callable[[bytes], bytes]
 """``read(digest) -> bytes``: a whole stored chunk (``BlockStore.read_block``)."""
+
+
+# Final paths the assemblies of this process are writing (claimed by check_targets): two
+# fetches of different content must not race to rename different bytes under one name.
+_CLAIMS: set[str] = set()
+_CLAIMS_LOCK = threading.Lock()
 
 
 def temporary_name(path: str, tag: str) -> str:
@@ -86,6 +93,7 @@ class FileAssembly:
     def __init__(self, root_fd: int, out_dir: Path, files: Sequence[FileEntry], *, tag: str) -> None:
         self._root_fd = root_fd
         self._out_dir = out_dir
+        self._claimed: list[str] = []
         self._files: list[_Assembled] = []
         self._places: dict[bytes, list[tuple[_Assembled, int]]] = {}
         for entry in files:
@@ -106,17 +114,40 @@ class FileAssembly:
 
     def check_targets(self) -> None:
         """Refuse, before anything is fetched, what would make putting a file in place fail
-        after its bytes arrived: an output folder this process cannot write to, or a file's
-        final name taken by a folder. Files already there are replaced (as ``cp`` and
-        ``curl -o`` do). Advisory: the checks that keep writes inside the folder happen when
-        each file is written. Raises ``PermissionError`` and
-        :class:`~lattica.content.errors.OutputConflictError`."""
-        if not os.access(self._out_dir, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "cannot write into the output folder", str(self._out_dir))
+        after its bytes arrived, and claim the final names for this fetch. Refused: an output
+        folder on a read-only file system or that this process cannot write to; a file's final
+        name taken by a folder; a file or symlink where the content has a folder; a final name
+        another fetch in this process is writing now (another content with a file of the same
+        name, say). Files already there are replaced (as ``cp`` and ``curl -o`` do). Advisory
+        as to safety: the checks that keep writes inside the folder happen when each file is
+        written. Raises :class:`~lattica.content.errors.OutputConflictError` and
+        :class:`~lattica.content.errors.OutputBusyError`; :meth:`discard` releases the claim."""
+        out = self._out_dir
+        if os.statvfs(out).f_flag & os.ST_RDONLY:
+            raise OutputConflictError(f"{out} is on a read-only file system")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputConflictError(f"{out}: no permission to write there")
         for assembled in self._files:
-            final = self._out_dir / assembled.entry.path
+            *folders, _name = assembled.entry.path.split("/")
+            for depth in range(1, len(folders) + 1):
+                folder = out.joinpath(*folders[:depth])
+                if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+                    kind = "a symlink" if os.path.islink(folder) else "a file"
+                    raise OutputConflictError(f"{folder} is {kind}; the content has a folder there")
+            final = out / assembled.entry.path
             if os.path.isdir(final) and not os.path.islink(final):
                 raise OutputConflictError(f"{final} is a folder; {assembled.entry.path} is a file of the content")
+        self._claim()
+
+    def _claim(self) -> None:
+        base = os.path.realpath(self._out_dir)
+        names = [os.path.join(base, a.entry.path) for a in self._files]
+        with _CLAIMS_LOCK:
+            taken = next((n for n in names if n in _CLAIMS), None)
+            if taken is not None:
+                raise OutputBusyError(f"{taken}: another fetch is writing this file now")
+            _CLAIMS.update(names)
+        self._claimed = names
 
     @property
     def digests(self) -> set[bytes]:
@@ -213,8 +244,12 @@ class FileAssembly:
         return [a.final for a in self._files if a.final is not None]
 
     def discard(self) -> None:
-        """Remove every temporary file not yet renamed into place (idempotent)."""
+        """Remove every temporary file not yet renamed into place and release the final names
+        :meth:`check_targets` claimed (idempotent; call it when the fetch ends, in any way)."""
         for assembled in self._files:
             if assembled.target is not None:
                 assembled.target.discard()
                 assembled.target = None
+        with _CLAIMS_LOCK:
+            _CLAIMS.difference_update(self._claimed)
+        self._claimed = []

@@ -12,11 +12,12 @@ from lattica.content import (
     Manifest,
     NoFilesSelectedError,
     NoTensorsSelectedError,
+    OutputConflictError,
     UnsafePathError,
 )
 from lattica.content.block_store import BlockStore
 from lattica.content.cid import Cid
-from lattica.content.exchange_fetch import FetchDeps, fetch_content, plan_fetch
+from lattica.content.exchange_fetch import FetchDeps, _open_folder, fetch_content, plan_fetch
 from lattica.content.manifest import encode_manifest
 from lattica.content.publish import publish
 from lattica.identity import PeerId
@@ -127,3 +128,12 @@ async def test_globs_that_match_no_file_fail_the_fetch(tmp_path: Path) -> None:
         plan_fetch(manifest, exclude=["*"])
     with open_store(tmp_path / "store") as store, pytest.raises(NoFilesSelectedError):
         await fetch_content(_local_deps(store), Cid.for_manifest(encode_manifest(manifest)), include=["nomatch"])
+
+
+def test_an_output_path_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    # Review finding: `-o` naming an existing file gave "[Errno 17] File exists".
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputConflictError, match="is a file, not a folder"):
+        _open_folder(tmp_path / "afile")
+    with pytest.raises(OutputConflictError, match="cannot create the output folder"):
+        _open_folder(tmp_path / "afile" / "sub")
