@@ -244,17 +244,19 @@ def write_contained(
     *,
     mode: int,
     sha256: bytes | None = None,
+    temporary: str | None = None,
 ) -> Path:
     """Write ``pieces`` to ``path`` (a manifest's relative path) under the folder open as
     ``root_fd`` (``out_dir`` names it in messages) through a :class:`ContainedFile`; returns
     ``out_dir / path``. Blocking.
 
     ``mode`` is the file's permission bits (the manifest's). With ``sha256``, the file is
-    renamed into place only if its bytes hash to it. Raises :class:`UnsafePathError` (a bad
+    renamed into place only if its bytes hash to it. ``temporary`` names the temporary file
+    as :class:`ContainedFile` says (default: random). Raises :class:`UnsafePathError` (a bad
     path, or a parent that is a symlink or a file), :class:`ChunkMismatchError` (SHA-256
     differs), :class:`~lattica.storage.DiskFullError` and ``OSError``; on any error nothing
     is left under the final name or as a temporary file."""
-    target = ContainedFile(root_fd, out_dir, path, mode=mode)
+    target = ContainedFile(root_fd, out_dir, path, mode=mode, temporary=temporary)
     try:
         whole = hashlib.sha256()
         for piece in pieces:

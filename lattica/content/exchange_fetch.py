@@ -491,7 +491,7 @@ async def _fetch_planned(
             progress.state = "exporting"  # each whole file is checked against its SHA-256
             paths = [] if assembly is None else await run_blocking(assembly.finish)
             if plan.selections:
-                paths += await run_blocking(lambda: export_files(store, (), out_dir, plan.selections))
+                paths += await run_blocking(lambda: export_files(store, (), out_dir, plan.selections, tag=tag))
             progress.paths = [str(p) for p in paths]
         elif plan.files:
             bad = await run_blocking(lambda: store.file_sha256_mismatches(plan.files))

@@ -26,6 +26,7 @@ from pathlib import Path
 from lattica.content.block_store import BlockStore
 from lattica.content.blocking_io import run_blocking
 from lattica.content.contained_write import open_output_folder, write_contained
+from lattica.content.file_assembly import temporary_name
 from lattica.content.manifest import FileEntry, Manifest
 from lattica.content.tensor_select import TensorSelection, selected_pieces
 
@@ -42,13 +43,20 @@ def select_files(manifest: Manifest, include: Sequence[str] = (), exclude: Seque
 
 
 def export_files(
-    store: BlockStore, files: Sequence[FileEntry], out_dir: Path, selections: Sequence[TensorSelection] = ()
+    store: BlockStore,
+    files: Sequence[FileEntry],
+    out_dir: Path,
+    selections: Sequence[TensorSelection] = (),
+    *,
+    tag: str | None = None,
 ) -> list[Path]:
     """Write ``files`` (entries of a checked manifest) whole, and each of ``selections`` as a
     safetensors file of just its tensors, under ``out_dir`` (created if missing); returns the
     paths written. Both go through :func:`~lattica.content.contained_write.write_contained`
     (no symlink followed, the manifest's mode); a tensor selection cannot be checked against
-    the file's SHA-256, only its chunks against their ids. Blocking. Raises
+    the file's SHA-256, only its chunks against their ids. ``tag`` (a fetch's, see
+    :func:`~lattica.content.file_assembly.temporary_name`) names the temporary files of
+    tensor selections. Blocking. Raises
     :class:`UnsafePathError`, :class:`ChunkMismatchError`,
     :class:`~lattica.content.errors.ChunkNotFoundError` (a chunk not stored),
     :class:`~lattica.storage.DiskFullError` and ``OSError``."""
@@ -61,7 +69,12 @@ def export_files(
         ]
         for selection in selections:
             pieces = selected_pieces(selection, store.read_block)
-            written.append(write_contained(root_fd, out_dir, selection.file.path, pieces, mode=selection.file.mode))
+            path = selection.file.path
+            # With the fetch's tag, a kill -9 leaves a name the next fetch knows to remove.
+            temporary = None if tag is None else temporary_name(path, tag)
+            written.append(
+                write_contained(root_fd, out_dir, path, pieces, mode=selection.file.mode, temporary=temporary)
+            )
         return written
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from lattica.content import ChunkMismatchError, ChunkNotFoundError, UnsafePathError
 from lattica.content.export import export, export_files, select_files
+from lattica.content.file_assembly import temporary_name
 from lattica.content.publish import publish
 from lattica.content.tensor_select import select_tensors
 from tests.unit.content_samples import KIB, open_store, random_bytes, safetensors_bytes, tensors
@@ -102,3 +103,23 @@ async def test_a_tensor_selection_is_written_contained_with_the_manifest_mode(tm
     assert written == out / "sub" / "model.safetensors"
     assert written.stat().st_mode & 0o777 == 0o644
     assert not [p for p in out.rglob("*.tmp")]
+
+
+async def test_a_tensor_selection_killed_mid_write_leaves_a_name_the_next_fetch_replaces(tmp_path: Path) -> None:
+    # Review finding: kill -9 during a --tensors export left a 68 MiB randomly named .tmp that
+    # nothing removed. With the fetch's tag the temporary name is known, and replaced.
+    src = tmp_path / "src"
+    src.mkdir()
+    arrays = tensors(6, {"encoder.layer.0.w": (64, 64), "head": (16,)})
+    (src / "model.safetensors").write_bytes(safetensors_bytes(arrays))
+    out = tmp_path / "out"
+    out.mkdir()
+    tag = "0123456789abcdef"
+    leftover = out / temporary_name("model.safetensors", tag)
+    leftover.write_bytes(b"half a safetensors file from a killed fetch")
+    with open_store(tmp_path / "store") as store:
+        manifest = (await publish(store, src)).manifest
+        selection = select_tensors(manifest.file("model.safetensors"), ["encoder.*"])
+        (written,) = export_files(store, [], out, [selection], tag=tag)
+    assert written == out / "model.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
