@@ -213,8 +213,9 @@ def gc(home: HomeOption = None, json: JsonOption = False) -> None:
 
 
 def verify(cid: CidArgument, home: HomeOption = None, json: JsonOption = False) -> None:
-    """Re-hash CID's chunks on disk (bad or missing ones are removed and fetched again), then
-    check each whole file against the manifest's SHA-256 (exit 1 on a mismatch)."""
+    """Re-hash CID's chunks on disk (bad or missing ones are removed and, for content held
+    whole, fetched again), then check each whole file against the manifest's SHA-256 (exit 1
+    on a mismatch). Of partial content (--include/--tensors) only the chunks held are checked."""
     result = call_daemon(home, "content.verify", {"cid": cid}, timeout_s=_LONG_CALL_S)
     repaired = None
     if result["repair_fetch_id"] is not None:
@@ -225,6 +226,10 @@ def verify(cid: CidArgument, home: HomeOption = None, json: JsonOption = False) 
         print_json(result)
     else:
         print_line(f"checked {result['checked']} chunk(s): {result['bad']} bad, {result['missing']} missing")
+        if result.get("not_held"):
+            dropped = result["bad"] + result["missing"]
+            again = f"; {dropped} dropped: fetch it again as before to repair them" if dropped else ""
+            print_line(f"partial content: {result['not_held']} chunk(s) were never fetched here{again}")
         if repaired is not None:
             print_line("repaired: fetched again" if repaired else f"repair failed: {result['repair']['error']}")
         for path in result.get("sha256_mismatch", []):

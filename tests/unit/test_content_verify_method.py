@@ -6,6 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
+from lattica.content import Cid
+from lattica.content.publish import publish
 from lattica.control.content_methods import CidParams, VerifyReply, register_content_methods
 from lattica.control.registry import MethodRegistry
 from lattica.node import Node
@@ -28,3 +30,26 @@ async def test_verify_checks_whole_files_against_the_manifest_sha256(tmp_path: P
         assert reply.sha256_mismatch == ["model.safetensors"]
         (root,) = [r for r in store.roots() if r.cid == cid]
         assert not root.pinned and root.failed is not None
+
+
+async def test_verify_of_partial_content_checks_what_is_held_and_fetches_nothing(tmp_path: Path) -> None:
+    # Review finding: verify after a --tensors fetch counted the chunks never fetched as
+    # missing and "repaired" them by downloading the whole model.
+    source = tmp_path / "m"
+    source.mkdir()
+    for i in range(4):
+        (source / f"part{i}.bin").write_bytes(bytes([i]) * 5000)
+    with open_store(tmp_path / "store") as store:
+        result = await publish(store, source)
+        never_fetched = [result.manifest.file("part3.bin").chunks[0].digest]
+        await store._unindex(never_fetched)
+        started: list[Cid] = []
+        content = SimpleNamespace(store=store, start_fetch=lambda cid: started.append(cid))
+        registry = MethodRegistry()
+        register_content_methods(registry, cast(Node, SimpleNamespace(content=content)))
+        method = registry.get("content.verify")
+        assert method is not None
+        reply = await method.handler(CidParams(str(result.cid)))
+        assert isinstance(reply, VerifyReply)
+        assert (reply.checked, reply.bad, reply.missing, reply.not_held) == (3, 0, 0, 1)
+        assert reply.repair_fetch_id is None and started == []
