@@ -171,7 +171,9 @@ def fetch(
 
 
 def ls(home: HomeOption = None, json: JsonOption = False) -> None:
-    """Content held by this node: id, name, size, complete or partial, pinned."""
+    """Content held by this node: id, name, size, held (complete, partial with how much of
+    its chunks, or FAILED), pinned. In --json, ``chunk_bytes`` is the size of the content's
+    distinct chunks and ``held_bytes`` how much of that is stored here."""
     rows = call_daemon(home, "content.ls")
     if json:
         print_json(rows)
@@ -181,7 +183,8 @@ def ls(home: HomeOption = None, json: JsonOption = False) -> None:
         ["cid", "name", "size", "held", "pinned"],
         [
             [r["cid"], r["name"], _size(r["total_bytes"]),
-             "FAILED" if r.get("failed") else "complete" if r["complete"] else _size(r["held_bytes"]),
+             "FAILED" if r.get("failed") else "complete" if r["complete"]
+             else f"partial: {_size(r['held_bytes'])} of {_size(r['chunk_bytes'])}",
              "yes" if r["pinned"] else "no"]
             for r in rows
         ],
