@@ -83,6 +83,7 @@ from lattica.net.stream import QuicStream
 log = logging.getLogger("lattica.content.fetch")
 
 _MANIFEST_TIMEOUT_S = 30.0
+_MANIFEST_PARALLEL = 4  # peers asked for a manifest at once
 _RECEIVE_BYTES = 1 << 20
 _BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
 _MANIFEST_BUSY_FIRST_S = 0.5  # first pause before asking busy peers for a manifest again
@@ -316,26 +317,9 @@ async def _fetch_manifest(
     pause = _MANIFEST_BUSY_FIRST_S
     give_up_at = trio.current_time() + config.fetch_stall_timeout_s
     while True:
-        busy: list[PeerId] = []
-        for peer in asking:
-            try:
-                answer = await _ask_manifest(cid, peer, open_stream, config)
-            except trio.TooSlowError:
-                errors.append(f"{peer}: no manifest within {_MANIFEST_TIMEOUT_S:g} s")
-                continue
-            except MalformedContentError as exc:
-                log.warning("peer %s sent a bad manifest for %s: %s", peer, cid, exc)
-                errors.append(f"{peer}: bad manifest ({exc})")
-                continue
-            except (LatticaError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                errors.append(f"{peer}: {exc}")
-                continue
-            if isinstance(answer, tuple):
-                return (*answer, peer)
-            if answer == BUSY:
-                busy.append(peer)
-            else:
-                errors.append(f"{peer}: {answer}")
+        found, busy = await _ask_manifest_round(cid, asking, open_stream, config, errors)
+        if found is not None:
+            return found
         if not busy or trio.current_time() + pause > give_up_at:
             errors += [f"{peer}: {BUSY}" for peer in busy]
             break
@@ -344,6 +328,49 @@ async def _fetch_manifest(
         asking = busy
     detail = "; ".join(errors[:5]) if errors else "no provider or connected peer found"
     raise FetchFailedError(f"cannot get the manifest of {cid}: {detail}")
+
+
+async def _ask_manifest_round(
+    cid: Cid, asking: Sequence[PeerId], open_stream: StreamOpener, config: ContentConfig, errors: list[str]
+) -> tuple[tuple[bytes, Manifest, PeerId] | None, list[PeerId]]:
+    """Ask ``asking`` for the manifest, ``_MANIFEST_PARALLEL`` at a time: one that never answers
+    must not hold the fetch for its whole timeout before the next is asked (review finding).
+    Returns the first valid manifest with its sender (the other asks are cancelled) and the
+    peers that answered ``busy``; other failures are appended to ``errors``."""
+    busy: list[PeerId] = []
+    found: tuple[bytes, Manifest, PeerId] | None = None
+    limiter = trio.CapacityLimiter(_MANIFEST_PARALLEL)
+    async with trio.open_nursery() as nursery:
+
+        async def ask(peer: PeerId) -> None:
+            nonlocal found
+            async with limiter:
+                if found is not None:
+                    return
+                try:
+                    answer = await _ask_manifest(cid, peer, open_stream, config)
+                except trio.TooSlowError:
+                    errors.append(f"{peer}: no manifest within {_MANIFEST_TIMEOUT_S:g} s")
+                    return
+                except MalformedContentError as exc:
+                    log.warning("peer %s sent a bad manifest for %s: %s", peer, cid, exc)
+                    errors.append(f"{peer}: bad manifest ({exc})")
+                    return
+                except (LatticaError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    errors.append(f"{peer}: {exc}")
+                    return
+                if isinstance(answer, tuple):
+                    if found is None:
+                        found = (*answer, peer)
+                        nursery.cancel_scope.cancel()
+                elif answer == BUSY:
+                    busy.append(peer)
+                else:
+                    errors.append(f"{peer}: {answer}")
+
+        for peer in asking:
+            nursery.start_soon(ask, peer)
+    return found, busy
 
 
 @dataclass

@@ -475,3 +475,23 @@ async def test_a_merely_connected_peer_gets_no_chunk_request_before_it_says_it_h
         result = await c.content(2).fetch(cid, out_dir=tmp_path / "out")
         assert set(result.peer_bytes) == {str(c.nodes[0].peer_id)}
         assert result.requests_sent == result.chunks_requested == 256 // 32
+
+
+async def test_a_silent_peer_does_not_hold_up_the_manifest(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding (suspected): connected peers were asked for the manifest one at a time
+    # with a 30 s timeout each, so a peer that never answers, asked first, cost 30 s.
+    source = source_file(tmp_path, 64 * KIB)
+    async with cluster(tmp_path, 3) as c:
+        cid_text = await publish_everywhere(c, source, range(1, 2))
+
+        async def never_answers(stream: object, peer: object) -> None:
+            await trio.sleep_forever()
+
+        c.nodes[0].rpc.add_stream_handler(PROTOCOL_ID, never_answers)
+        await connect_all(c, 2, range(2))  # node 0 first: it is asked first
+        with trio.fail_after(5):  # virtual seconds, far below the 30 s manifest timeout
+            result = await c.content(2).fetch(Cid.parse(cid_text), out_dir=tmp_path / "out")
+        assert result.peer_bytes == {str(c.nodes[1].peer_id): 64 * KIB}
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
