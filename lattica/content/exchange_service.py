@@ -93,6 +93,7 @@ class ContentService:
         self._job_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self._announcing: set[trio.Event] = set()
+        self._running: dict[Cid, trio.Event] = {}  # the fetch running per content id
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the exchange protocol and run fetches until cancelled."""
@@ -310,12 +311,27 @@ class ContentService:
         tensors: Sequence[str] = (),
         progress: FetchProgress | None = None,
     ) -> FetchProgress:
-        """Fetch ``cid`` here (and export it to ``out_dir``), then announce it. Raises what
+        """Fetch ``cid`` here (and export it to ``out_dir``), then announce it. A fetch of a
+        content id another fetch here is fetching waits for that one first, then takes what it
+        stored (two at once each downloaded everything: chunks written but not yet
+        acknowledged count as missing). Raises what
         :func:`~lattica.content.exchange_fetch.fetch_content` raises."""
-        deps = self.fetch_deps()
-        result = await fetch_content(
-            deps, cid, out_dir=out_dir, include=include, exclude=exclude, tensors=tensors, progress=progress
-        )
+        while (running := self._running.get(cid)) is not None:
+            await running.wait()
+        done = self._running[cid] = trio.Event()
+        try:
+            result = await fetch_content(
+                self.fetch_deps(),
+                cid,
+                out_dir=out_dir,
+                include=include,
+                exclude=exclude,
+                tensors=tensors,
+                progress=progress,
+            )
+        finally:
+            del self._running[cid]
+            done.set()
         # Announced only when held whole: a provider must be able to serve every chunk.
         if not self.store.missing(self.store.manifest(cid).unique_chunks()):
             self.announce(cid)
