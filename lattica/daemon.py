@@ -23,7 +23,7 @@ import trio
 from lattica.config import CONFIG_FILE, CONTROL_SOCKET, DATABASE_FILE, load_config
 from lattica.control.server import ControlServer
 from lattica.control.services import build_registry
-from lattica.errors import LatticaError
+from lattica.errors import LatticaError, leaf_exceptions
 from lattica.home import init_home
 from lattica.home_layout import BLOCKS_DIR
 from lattica.home_warnings import identity_warnings
@@ -82,12 +82,6 @@ def _lock_home(home: Path) -> int:
     return fd
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first exception inside ``group`` that is not itself a group."""
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
 async def run_daemon(
     home: Path,
     *,
@@ -144,7 +138,7 @@ async def run_daemon(
                 failed, _rest = group.split(EndpointSocketError)
                 if failed is None:
                     raise
-                raise DaemonError(f"stopping: {_first_leaf(failed)}") from group
+                raise DaemonError(f"stopping: {leaf_exceptions(failed)[0]}") from group
     finally:
         os.close(lock_fd)
 

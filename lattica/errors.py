@@ -70,3 +70,12 @@ class RpcError(LatticaError):
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
         self.message = message
+
+
+def leaf_exceptions(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside ``group`` and its nested groups that are not groups themselves,
+    in order (what a trio nursery's failure is made of)."""
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves += leaf_exceptions(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return leaves

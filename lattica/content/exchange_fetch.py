@@ -76,7 +76,7 @@ from lattica.content.fetch_scheduler import (
 from lattica.content.file_assembly import FileAssembly
 from lattica.content.manifest import FileEntry, Manifest, decode_manifest
 from lattica.content.tensor_select import TensorSelection, select_tensors
-from lattica.errors import LatticaError, RemoteProtocolError
+from lattica.errors import LatticaError, RemoteProtocolError, leaf_exceptions
 from lattica.identity import PeerId
 from lattica.net.stream import QuicStream
 
@@ -749,13 +749,6 @@ async def _transfer(
         nursery.cancel_scope.cancel()
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return out
-
-
 @contextlib.asynccontextmanager
 async def _first_error_nursery() -> AsyncIterator[trio.Nursery]:
     """A nursery whose failure is its first error itself, not an ``ExceptionGroup``: callers
@@ -765,7 +758,7 @@ async def _first_error_nursery() -> AsyncIterator[trio.Nursery]:
         async with trio.open_nursery() as nursery:
             yield nursery
     except BaseExceptionGroup as group:
-        errors = _leaves(group)
+        errors = leaf_exceptions(group)
         if any(isinstance(exc, trio.Cancelled) for exc in errors):
             raise
         for extra in errors[1:]:

@@ -200,21 +200,17 @@ class ContentService:
         if isinstance(request, HasAsked):
             await _send(stream, server.has_reply(request.id, self.store.has(request.digest)))
             return
-        data: bytes | None = None
-        if first is not None:  # read ahead while the previous block was sent
-            await first.done.wait()
-            if isinstance(first.error, OSError):
-                log.warning("cannot read block %s to serve it: %s", request.digest.hex(), first.error)
-            if first.error is not None:
-                await _send(stream, server.refuse(request.id, NOT_FOUND))
-                return
-            total, data = first.total, first.data
-        else:
-            try:
-                total = self.store.block_length(request.digest)
-            except LatticaError:
-                await _send(stream, server.refuse(request.id, NOT_FOUND))
-                return
+        if first is None:  # not read ahead: read the start of the block now, the same way
+            first = _BlockRead(request.id)
+            await first.run(self.store, request.digest)
+        await first.done.wait()
+        if isinstance(first.error, OSError):
+            log.warning("cannot read block %s to serve it: %s", request.digest.hex(), first.error)
+        if first.error is not None:
+            await _send(stream, server.refuse(request.id, NOT_FOUND))
+            return
+        total = first.total
+        data: bytes | None = first.data
         if total > request.max_bytes:
             await _send(stream, server.refuse(request.id, TOO_LARGE))
             return
