@@ -26,6 +26,18 @@ Invariants:
   references. ``put``/``add_root`` and ``gc`` exclude each other (one ``trio.Lock``), so a
   block being stored is never collected half-way.
 * Reads never load more than the range asked for (at most one chunk).
+
+**Extents: chunks that are ranges of fetched files.** A fetch into a folder writes each
+chunk once, into the file it belongs to (:mod:`lattica.content.file_assembly`); that file is
+hard-linked into ``blocks/files/`` (:meth:`BlockStore.adopt_file`) and its chunks are indexed
+as ``(file, offset)`` ranges of it (table ``content_extents``) instead of being written a
+second time as block files. The output file and the store share one inode, so the bytes can
+change under the store (a user edits the fetched file in place): every read of a whole extent
+is hashed again and one that no longer matches is dropped from the index (so it counts as
+absent and is fetched again) and never served. Nothing here ever writes to, truncates or
+deletes the user's name of such a file; ``gc`` only unlinks the store's own name once no
+extent refers to it. Where the output folder is on another file system the link fails and
+the chunks are stored as block files as before.
 """
 
 from __future__ import annotations
@@ -34,7 +46,10 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import io
+import logging
 import os
+import secrets
 import sqlite3
 import sys
 import tempfile
@@ -63,7 +78,10 @@ from lattica.content.manifest import (
 )
 from lattica.storage import DiskFullError, SqliteWriter
 
+log = logging.getLogger(__name__)
+
 TMP_DIR = "tmp"
+FILES_DIR = "files"
 _READ_PIECE_BYTES = 1 << 20
 
 _SCHEMA = """
@@ -86,6 +104,12 @@ CREATE TABLE IF NOT EXISTS content_refs (
     PRIMARY KEY (root, digest)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS content_refs_by_digest ON content_refs (digest);
+CREATE TABLE IF NOT EXISTS content_extents (
+    digest BLOB PRIMARY KEY,
+    file TEXT NOT NULL,
+    offset INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS content_extents_by_file ON content_extents (file);
 CREATE TABLE IF NOT EXISTS content_failed (
     cid TEXT PRIMARY KEY,
     reason TEXT NOT NULL
@@ -113,6 +137,26 @@ class RootInfo:
     def complete(self) -> bool:
         """Whether every chunk of the manifest is stored here."""
         return self.held_bytes == self.chunk_bytes
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A verified chunk held as bytes ``[offset, offset + length)`` of the file ``file`` in
+    ``blocks/files/`` (a name :meth:`BlockStore.adopt_file` gave), to be indexed by
+    :meth:`BlockStore.index_written`."""
+
+    digest: bytes
+    length: int
+    file: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class _Location:
+    length: int
+    path: Path
+    start: int
+    extent: bool
 
 
 @dataclass(frozen=True)
@@ -257,6 +301,8 @@ class BlockStore:
         self.max_manifest_bytes = max_manifest_bytes
         self.tmp_dir = self.root / TMP_DIR
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.files_dir = self.root / FILES_DIR
+        self.files_dir.mkdir(exist_ok=True, mode=0o700)
         self._lock = trio.Lock()
         self._fanout_ready: set[str] = set()
         # Blocks written but not indexed yet (write_unindexed .. index_written), per digest a
@@ -269,6 +315,9 @@ class BlockStore:
         self._protected: dict[bytes, int] = {}
         # write_unindexed calls running (under _unindexed_lock): their temporary files are live.
         self._unlocked_writers = 0
+        # Files in files/ that running fetches are writing (adopt_file .. release_files), per
+        # name a count: their extents are not indexed yet, so orphan removal must skip them.
+        self._live_files: dict[str, int] = {}
         db.write_blocking(self._create_schema)
 
     @staticmethod
@@ -315,49 +364,105 @@ class BlockStore:
             raise ChunkNotFoundError(f"block {digest.hex()} is not stored")
         return int(row[0])
 
-    def open_block(self, digest: bytes) -> BinaryIO:
-        """The stored block as a file opened for reading (streamed reads); the caller closes it.
-        Raises :class:`ChunkNotFoundError` when it is not indexed or its file is gone."""
-        if not self.has(digest):
+    def _location(self, digest: bytes) -> _Location:
+        query = (
+            "SELECT b.length, e.file, e.offset FROM content_blocks b"
+            " LEFT JOIN content_extents e ON e.digest = b.digest WHERE b.digest = ?"
+        )
+        row = self.db.read(lambda c: c.execute(query, (digest,)).fetchone())
+        if row is None:
             raise ChunkNotFoundError(f"block {digest.hex()} is not stored")
+        length, file, start = row
+        if file is None:
+            return _Location(int(length), self.block_path(digest), 0, False)
+        return _Location(int(length), self.files_dir / file, int(start), True)
+
+    def _pread(self, digest: bytes, where: _Location, offset: int, length: int) -> bytes:
         try:
-            return self.block_path(digest).open("rb")
+            fd = os.open(where.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise ChunkNotFoundError(f"block {digest.hex()} is indexed but its file is missing; run verify") from None
-
-    def read_block(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes:
-        """``length`` bytes of a stored block from ``offset`` (to its end when ``None``), read
-        from disk on this thread (use :meth:`read` from trio). Raises
-        :class:`ChunkNotFoundError`, or ``ValueError`` for a range outside the block."""
-        size = self.block_length(digest)
-        end = size if length is None else offset + length
-        if not 0 <= offset <= end <= size:
-            raise ValueError(f"range [{offset}, {end}) is outside block {digest.hex()} ({size} bytes)")
-        with self.open_block(digest) as file:
-            file.seek(offset)
-            data = file.read(end - offset)
-        if len(data) != end - offset:
+        try:
+            data = os.pread(fd, length, where.start + offset)
+        finally:
+            os.close(fd)
+        if len(data) != length:
             raise ChunkNotFoundError(f"block {digest.hex()} is shorter on disk than indexed; run verify")
         return data
 
-    def read_start(self, digest: bytes, max_bytes: int) -> tuple[int, bytes]:
-        """A stored block's length and its first ``max_bytes`` bytes, with one index lookup
-        (serving reads the next block ahead this way). Blocking. Raises
-        :class:`ChunkNotFoundError` when it is not indexed, its file is gone or shorter."""
-        total = self.block_length(digest)
-        length = min(max_bytes, total)
+    def _read_extent(self, digest: bytes, where: _Location) -> bytes:
+        """A whole extent, hashed again: the file it lies in is also a user's file."""
         try:
-            with self.block_path(digest).open("rb") as file:
-                data = file.read(length)
+            data = self._pread(digest, where, 0, where.length)
+        except ChunkNotFoundError:
+            self._drop_changed(digest, where)
+            raise
+        if blake3_digest(data) != digest:
+            self._drop_changed(digest, where)
+            raise ChunkNotFoundError(
+                f"block {digest.hex()} changed on disk since it was stored (its fetched file was"
+                " edited?); dropped from the index, fetch the content again"
+            )
+        return data
+
+    def _drop_changed(self, digest: bytes, where: _Location) -> None:
+        """Unindex an extent whose bytes changed or went (blocking; called on worker threads),
+        unless the index has moved it elsewhere meanwhile (a later fetch of the same file)."""
+        log.warning("block %s changed on disk since it was stored; dropped from the index", digest.hex())
+        file = where.path.name
+
+        def delete(conn: sqlite3.Connection) -> None:
+            query = "DELETE FROM content_extents WHERE digest = ? AND file = ? AND offset = ?"
+            if conn.execute(query, (digest, file, where.start)).rowcount:
+                conn.execute("DELETE FROM content_blocks WHERE digest = ?", (digest,))
+
+        self.db.write_blocking(delete)
+
+    def open_block(self, digest: bytes) -> BinaryIO:
+        """The stored block as a file opened for reading (streamed reads); the caller closes it.
+        A block held as an extent comes as an in-memory copy, checked (at most one chunk).
+        Raises :class:`ChunkNotFoundError` when it is not indexed or its file is gone."""
+        where = self._location(digest)
+        if where.extent:
+            return io.BytesIO(self._read_extent(digest, where))
+        try:
+            return where.path.open("rb")
         except FileNotFoundError:
             raise ChunkNotFoundError(f"block {digest.hex()} is indexed but its file is missing; run verify") from None
-        if len(data) != length:
-            raise ChunkNotFoundError(f"block {digest.hex()} is shorter on disk than indexed; run verify")
-        return total, data
 
-    async def read(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes:
+    def read_block(self, digest: bytes, offset: int = 0, length: int | None = None, *, check: bool = True) -> bytes:
+        """``length`` bytes of a stored block from ``offset`` (to its end when ``None``), read
+        from disk on this thread (use :meth:`read` from trio). A block held as an extent is
+        read whole and hashed again first (dropped and not found when it changed) unless
+        ``check`` is false (the rest of a block whose start :meth:`read_start` checked).
+        Raises :class:`ChunkNotFoundError`, or ``ValueError`` for a range outside the block."""
+        where = self._location(digest)
+        end = where.length if length is None else offset + length
+        if not 0 <= offset <= end <= where.length:
+            raise ValueError(f"range [{offset}, {end}) is outside block {digest.hex()} ({where.length} bytes)")
+        if where.extent and check:
+            data = self._read_extent(digest, where)
+            return data if (offset, end) == (0, where.length) else data[offset:end]
+        return self._pread(digest, where, offset, end - offset)
+
+    def read_start(self, digest: bytes, max_bytes: int) -> tuple[int, bytes]:
+        """A stored block's length and its first ``max_bytes`` bytes, with one index lookup
+        (serving reads the next block ahead this way). A block held as an extent is hashed
+        whole first (streamed when longer than ``max_bytes``): a changed one is dropped from
+        the index and raises. Blocking. Raises :class:`ChunkNotFoundError` when it is not
+        indexed, its file is gone or shorter, or its extent changed."""
+        where = self._location(digest)
+        length = min(max_bytes, where.length)
+        if where.extent and length == where.length:
+            return where.length, self._read_extent(digest, where)
+        if where.extent and self._hash_location(digest, where) is not True:
+            self._drop_changed(digest, where)
+            raise ChunkNotFoundError(f"block {digest.hex()} changed on disk since it was stored; dropped")
+        return where.length, self._pread(digest, where, 0, length)
+
+    async def read(self, digest: bytes, offset: int = 0, length: int | None = None, *, check: bool = True) -> bytes:
         """:meth:`read_block` off the event loop."""
-        return await run_blocking(lambda: self.read_block(digest, offset, length))
+        return await run_blocking(lambda: self.read_block(digest, offset, length, check=check))
 
     def iter_file(self, chunks: Sequence[ChunkRef], start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of a file whose chunk list is ``chunks``, one piece per chunk
@@ -468,17 +573,86 @@ class BlockStore:
                 self._unlocked_writers -= 1
         return written
 
-    async def index_written(self, blocks: Sequence[tuple[bytes, int]]) -> None:
-        """Flush the files :meth:`write_unindexed` wrote to disk (one :func:`sync_filesystem`)
-        and index them in one transaction: from then on they are stored. Releases them
-        whatever happens. Raises :class:`~lattica.storage.DiskFullError`, ``OSError`` and
-        :class:`~lattica.storage.StorageError`."""
+    async def index_written(self, blocks: Sequence[tuple[bytes, int]], extents: Sequence[Extent] = ()) -> None:
+        """Flush the files :meth:`write_unindexed` wrote, and the files of ``extents``, to disk
+        (one :func:`sync_filesystem`) and index them in one transaction: from then on they are
+        stored. Releases the blocks whatever happens.
+
+        ``extents`` are verified chunks written into files :meth:`adopt_file` linked here; an
+        extent replaces the place a block had before (a refetched file holds all its chunks
+        again), and a file in ``files/`` no extent refers to any more, and no fetch is writing,
+        loses the store's name at once. Raises :class:`~lattica.storage.DiskFullError`,
+        ``OSError`` and :class:`~lattica.storage.StorageError`."""
         try:
-            if blocks:
+            if blocks or extents:
                 await run_blocking(self.sync_to_disk)
+            if blocks:
                 await self.index_blocks(blocks)
+            if extents:
+                unreferenced = await self.db.write(partial(self._insert_extents, extents, time.time()))
+                await run_blocking(partial(self._unlink_files, unreferenced))
         finally:
             self._release([digest for digest, _ in blocks])
+
+    @staticmethod
+    def _insert_extents(extents: Sequence[Extent], now: float, conn: sqlite3.Connection) -> list[str]:
+        before: set[str] = set()
+        for extent in extents:
+            row = conn.execute("SELECT file FROM content_extents WHERE digest = ?", (extent.digest,)).fetchone()
+            if row is not None and row[0] != extent.file:
+                before.add(row[0])
+        conn.executemany(
+            "INSERT OR IGNORE INTO content_blocks (digest, length, added_at) VALUES (?, ?, ?)",
+            ((e.digest, e.length, now) for e in extents),
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO content_extents (digest, file, offset) VALUES (?, ?, ?)",
+            ((e.digest, e.file, e.offset) for e in extents),
+        )
+        query = "SELECT 1 FROM content_extents WHERE file = ? LIMIT 1"
+        return [name for name in sorted(before) if conn.execute(query, (name,)).fetchone() is None]
+
+    def _unlink_files(self, names: Iterable[str]) -> None:
+        for name in names:
+            with self._unindexed_lock:
+                if name in self._live_files:
+                    continue
+            with contextlib.suppress(FileNotFoundError):
+                (self.files_dir / name).unlink()
+
+    def adopt_file(self, fd: int) -> str | None:
+        """Give the open regular file ``fd`` (a fetched file being written) a second name in
+        ``files/`` (a hard link, through ``/proc/self/fd``) so its chunks can be indexed as
+        :class:`Extent` s of it; returns that name, or ``None`` when the file cannot be linked
+        here (another file system, no ``/proc``): its chunks are then stored as block files.
+        The name counts as live (kept by ``gc``) until :meth:`release_files`. Blocking."""
+        name = secrets.token_hex(16)
+        with self._unindexed_lock:
+            self._live_files[name] = self._live_files.get(name, 0) + 1
+        try:
+            # With a directory descriptor os.link calls linkat(AT_SYMLINK_FOLLOW), which follows
+            # the /proc magic link to the open file; plain link() would link the symlink itself.
+            files_fd = os.open(self.files_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=files_fd, follow_symlinks=True)
+            finally:
+                os.close(files_fd)
+        except OSError as exc:
+            self.release_files([name])
+            log.debug("fetched file not linked into the store (%s): chunks go to block files", exc.strerror)
+            return None
+        return name
+
+    def release_files(self, names: Iterable[str]) -> None:
+        """Undo :meth:`adopt_file`'s live mark (a fetch ended): from now on ``gc`` removes such
+        a file once no extent refers to it."""
+        with self._unindexed_lock:
+            for name in names:
+                left = self._live_files.get(name, 0) - 1
+                if left > 0:
+                    self._live_files[name] = left
+                else:
+                    self._live_files.pop(name, None)
 
     def _release(self, digests: Iterable[bytes]) -> None:
         with self._unindexed_lock:
@@ -655,16 +829,33 @@ class BlockStore:
 
     # -- maintenance -----------------------------------------------------------------------------
 
-    def _hash_file(self, digest: bytes) -> bool | None:
-        """Whether the block's file hashes to ``digest`` (``None``: the file is missing)."""
+    def _hash_location(self, digest: bytes, where: _Location) -> bool | None:
+        """Whether the block's bytes at ``where`` hash to ``digest`` (``None``: the file is
+        missing or shorter than the block), one piece in memory at a time."""
         hasher = blake3.blake3()
         try:
-            with self.block_path(digest).open("rb") as file:
-                while piece := file.read(_READ_PIECE_BYTES):
-                    hasher.update(piece)
+            fd = os.open(where.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return None
+        try:
+            done = 0
+            while done < where.length:
+                piece = os.pread(fd, min(_READ_PIECE_BYTES, where.length - done), where.start + done)
+                if not piece:
+                    return None
+                hasher.update(piece)
+                done += len(piece)
+        finally:
+            os.close(fd)
         return hasher.digest() == digest
+
+    def _hash_file(self, digest: bytes) -> bool | None:
+        """Whether the stored block hashes to ``digest`` (``None``: missing, or not indexed)."""
+        try:
+            where = self._location(digest)
+        except ChunkNotFoundError:
+            return None
+        return self._hash_location(digest, where)
 
     async def verify(self, digests: Iterable[bytes] | None = None, *, drop_bad: bool = False) -> VerifyReport:
         """Re-hash stored blocks (all, or those of ``digests``) and report the ones that are
@@ -688,16 +879,24 @@ class BlockStore:
                 bad.append(digest)
         if drop_bad and (bad or missing):
             async with self._lock:
-                await self._unindex([*bad, *missing])
-                for digest in bad:
-                    await run_blocking(partial(self._delete_files, [digest]))
+                extents = await self._unindex([*bad, *missing])
+                # A damaged block file goes; an extent's file is also a user's file: only its
+                # index row goes (gc unlinks the store's name once nothing refers to it).
+                await run_blocking(partial(self._delete_files, [d for d in bad if d not in extents]))
         return VerifyReport(len(wanted), tuple(bad), tuple(missing), drop_bad)
 
-    async def _unindex(self, digests: Sequence[bytes]) -> None:
-        def delete(conn: sqlite3.Connection) -> None:
-            conn.executemany("DELETE FROM content_blocks WHERE digest = ?", ((d,) for d in digests))
+    async def _unindex(self, digests: Sequence[bytes]) -> set[bytes]:
+        """Drop blocks from the index; returns those of them that were extents."""
 
-        await self.db.write(delete)
+        def delete(conn: sqlite3.Connection) -> set[bytes]:
+            extents = set()
+            for digest in digests:
+                conn.execute("DELETE FROM content_blocks WHERE digest = ?", (digest,))
+                if conn.execute("DELETE FROM content_extents WHERE digest = ?", (digest,)).rowcount:
+                    extents.add(digest)
+            return extents
+
+        return await self.db.write(delete)
 
     async def gc(self) -> GcReport:
         """Drop unpinned roots, then delete every block no remaining root references, and
@@ -717,6 +916,7 @@ class BlockStore:
             ).fetchall()
             garbage = [(digest, length) for digest, length in unreferenced if digest not in protected]
             conn.executemany("DELETE FROM content_blocks WHERE digest = ?", ((d,) for d, _ in garbage))
+            conn.executemany("DELETE FROM content_extents WHERE digest = ?", ((d,) for d, _ in garbage))
             return len(roots), garbage
 
         async with self._lock:
@@ -734,18 +934,37 @@ class BlockStore:
                 self.block_path(digest).unlink()
 
     def _remove_orphans(self) -> int:
-        """Delete temporary files and block files without an index row (called under the lock)."""
-        indexed: set[bytes] = self.db.read(lambda c: {r[0] for r in c.execute("SELECT digest FROM content_blocks")})
+        """Delete temporary files, block files without an index row (or whose block is held as
+        an extent now), and files in ``files/`` no extent refers to (the store's name only: a
+        fetched file's own name stays). Called under the lock."""
+
+        def indexed_query(conn: sqlite3.Connection) -> tuple[set[bytes], set[str]]:
+            blocks = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT digest FROM content_blocks b"
+                    " WHERE NOT EXISTS (SELECT 1 FROM content_extents e WHERE e.digest = b.digest)"
+                )
+            }
+            return blocks, {r[0] for r in conn.execute("SELECT DISTINCT file FROM content_extents")}
+
+        indexed, files = self.db.read(indexed_query)
         with self._unindexed_lock:
             indexed |= self._unindexed.keys()  # being written by a fetch: not orphans
-        removed = 0
-        with self._unindexed_lock:
+            files |= self._live_files.keys()
             # A fetch writing now has live temporary files: leave tmp/ to a later gc.
             skip_tmp = self._unlocked_writers > 0
+        removed = 0
         for entry in self.root.iterdir():
             if entry.name == TMP_DIR and skip_tmp:
                 continue
-            if entry.name == TMP_DIR or (entry.is_dir() and len(entry.name) == 2):
+            if entry.name == FILES_DIR:
+                for file in entry.iterdir():
+                    if file.name not in files:
+                        with contextlib.suppress(FileNotFoundError):
+                            file.unlink()
+                        removed += 1
+            elif entry.name == TMP_DIR or (entry.is_dir() and len(entry.name) == 2):
                 for file in entry.iterdir():
                     try:
                         keep = entry.name != TMP_DIR and bytes.fromhex(file.name) in indexed

@@ -49,7 +49,7 @@ from typing import Protocol
 
 import trio
 
-from lattica.content.block_store import BlockStore
+from lattica.content.block_store import BlockStore, Extent
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import Cid, blake3_digest
 from lattica.content.config import ContentConfig
@@ -504,7 +504,9 @@ async def _fetch_planned(
         if out_dir is not None and plan.files:
             # Whole files are written into place as their chunks are stored (see
             # :mod:`lattica.content.file_assembly`), not exported after the transfer.
-            assembly = await run_blocking(lambda: FileAssembly(root_fd, out_dir, plan.files, tag=tag))
+            assembly = await run_blocking(
+                lambda: FileAssembly(root_fd, out_dir, plan.files, tag=tag, adopt=store.adopt_file)
+            )
             await run_blocking(assembly.check_targets)
         absent = set(missing)
         held = [d for d in plan.chunks if d not in absent]
@@ -517,6 +519,8 @@ async def _fetch_planned(
         if out_dir is not None:
             progress.state = "exporting"  # each whole file is checked against its SHA-256
             paths = [] if assembly is None else await run_blocking(assembly.finish)
+            if assembly is not None:  # files completed from held chunks: their chunks move there
+                await store.index_written([], assembly.take_extents())
             if plan.selections:
                 paths += await run_blocking(lambda: export_files(store, (), out_dir, plan.selections, tag=tag))
             progress.paths = [str(p) for p in paths]
@@ -527,6 +531,7 @@ async def _fetch_planned(
     finally:
         if assembly is not None:
             assembly.discard()  # after finish() a no-op; else the temporary files go (a few unlinks)
+            store.release_files(assembly.linked_names)  # indexed by now, or orphans for gc
         if root_fd >= 0:
             os.close(root_fd)
 
@@ -777,35 +782,38 @@ class _Flusher:
         self.sync_interval_s = sync_interval_s
         self.nursery = nursery
         self.waiting: list[tuple[bytes, int]] = []
+        self.waiting_extents: list[Extent] = []
         self.waiting_bytes = 0
         self.waiting_since = math.inf
         self.idle = trio.Event()
         self.idle.set()
 
-    async def add(self, written: list[tuple[bytes, int]]) -> None:
+    async def add(self, written: list[tuple[bytes, int]], extents: list[Extent]) -> None:
         now = trio.current_time()
-        if written and not self.waiting:
+        if (written or extents) and not (self.waiting or self.waiting_extents):
             self.waiting_since = now
         self.waiting += written
-        self.waiting_bytes += sum(length for _, length in written)
+        self.waiting_extents += extents
+        self.waiting_bytes += sum(length for _, length in written) + sum(e.length for e in extents)
         if self.waiting_bytes >= self.sync_bytes or now - self.waiting_since >= self.sync_interval_s:
             await self.idle.wait()  # one flush at a time
             self.idle = trio.Event()
-            self.nursery.start_soon(self._flush, self._take())
+            self.nursery.start_soon(self._flush, *self._take())
 
     async def flush(self) -> None:
         """Flush what waits now and return once every flush is done."""
         await self.idle.wait()
         self.idle = trio.Event()
-        await self._flush(self._take())
+        await self._flush(*self._take())
 
-    def _take(self) -> list[tuple[bytes, int]]:
-        blocks, self.waiting, self.waiting_bytes, self.waiting_since = self.waiting, [], 0, math.inf
-        return blocks
+    def _take(self) -> tuple[list[tuple[bytes, int]], list[Extent]]:
+        taken = self.waiting, self.waiting_extents
+        self.waiting, self.waiting_extents, self.waiting_bytes, self.waiting_since = [], [], 0, math.inf
+        return taken
 
-    async def _flush(self, blocks: list[tuple[bytes, int]]) -> None:
+    async def _flush(self, blocks: list[tuple[bytes, int]], extents: list[Extent]) -> None:
         try:
-            await self.store.index_written(blocks)
+            await self.store.index_written(blocks, extents)
         finally:
             self.idle.set()
 
@@ -817,21 +825,30 @@ async def _write_batch(
     assembly: FileAssembly | None,
     flusher: _Flusher,
 ) -> None:
-    """Write chunks verified on arrival (hashed once, in the fetch loop) to the store and into
-    the files being assembled, on one worker thread; the flusher acknowledges them later."""
+    """Write chunks verified on arrival (hashed once, in the fetch loop) into the files being
+    assembled and, those not written into a file the store adopted, to the store as block
+    files, on one worker thread; the flusher acknowledges them later."""
 
-    def write() -> tuple[list[tuple[bytes, int]], Exception | None]:
-        written = store.write_unindexed([(data, digest) for _peer, digest, data in batch])
-        try:
-            if assembly is not None:
+    def write() -> tuple[list[tuple[bytes, int]], list[Extent], Exception | None]:
+        error: Exception | None = None
+        extents: list[Extent] = []
+        rest = [(data, digest) for _peer, digest, data in batch]
+        if assembly is not None:
+            try:
                 for _peer, digest, data in batch:
                     assembly.add(digest, data)
-        except Exception as exc:  # the chunks are stored all the same: hand them to the flusher
-            return written, exc
-        return written, None
+            except Exception as exc:  # what was written stays acknowledged: see below
+                error = exc
+            extents = assembly.take_extents()
+            rest = [(data, digest) for data, digest in rest if not assembly.is_placed(digest)]
+        try:
+            written = store.write_unindexed(rest)
+        except Exception as exc:  # the extents are still good: hand them to the flusher
+            return [], extents, error or exc
+        return written, extents, error
 
-    written, error = await run_blocking(write)
-    await flusher.add(written)
+    written, extents, error = await run_blocking(write)
+    await flusher.add(written, extents)
     if error is not None:
         raise error
     for peer, _digest, data in batch:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lattica.content.block_store import Extent
 from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error, remove_stale_in
 from lattica.content.errors import ChunkMismatchError, OutputBusyError, OutputConflictError
 from lattica.content.manifest import FileEntry
@@ -35,6 +36,10 @@ from lattica.content.paths import check_relative_path
 
 ReadBlock = Callable[[bytes], bytes]
 """``read(digest) -> bytes``: a whole stored chunk (``BlockStore.read_block``)."""
+
+AdoptFile = Callable[[int], "str | None"]
+"""``adopt(fd) -> name | None``: link a file being assembled into the block store
+(``BlockStore.adopt_file``) so its chunks are stored as extents of it, not a second time."""
 
 
 # Final paths the assemblies of this process are writing (claimed by check_targets): two
@@ -77,6 +82,8 @@ class _Assembled:
     """Chunks hashed so far (a prefix of the file's chunk list)."""
     final: Path | None = None
     """Where the file went once it was complete, checked and renamed into place."""
+    linked: str | None = None
+    """The file's name in the block store (:data:`AdoptFile`), or ``None``."""
 
 
 class FileAssembly:
@@ -88,11 +95,24 @@ class FileAssembly:
     and renamed into place as soon as its last one is written, so the files open at once are
     those with chunks in flight (a fetch asks for chunks in file order), not every file of the
     manifest. Every path is checked up front; raises
-    :class:`~lattica.content.errors.UnsafePathError` for a bad one."""
+    :class:`~lattica.content.errors.UnsafePathError` for a bad one.
 
-    def __init__(self, root_fd: int, out_dir: Path, files: Sequence[FileEntry], *, tag: str) -> None:
+    With ``adopt``, each file is linked into the block store when it is begun, and the chunks
+    written into it are recorded as :class:`~lattica.content.block_store.Extent` s
+    (:meth:`take_extents`) for the store to index: every byte of a fetch is written once. A
+    chunk that arrives is recorded where it is first written; when a file is complete, every
+    chunk of it not recorded yet (chunks held before, copied in) is recorded there too, so
+    the store's older copies can go. Not thread-safe: one thread at a time."""
+
+    def __init__(
+        self, root_fd: int, out_dir: Path, files: Sequence[FileEntry], *, tag: str, adopt: AdoptFile | None = None
+    ) -> None:
         self._root_fd = root_fd
         self._out_dir = out_dir
+        self._adopt = adopt
+        self._placed: set[bytes] = set()
+        self._extents: list[Extent] = []
+        self._linked: list[str] = []
         self._claimed: list[str] = []
         self._files: list[_Assembled] = []
         self._places: dict[bytes, list[tuple[_Assembled, int]]] = {}
@@ -159,9 +179,25 @@ class FileAssembly:
         """Temporary files open now (files begun and not finished)."""
         return sum(1 for a in self._files if a.target is not None)
 
-    def add(self, digest: bytes, data: bytes | memoryview) -> None:
+    @property
+    def linked_names(self) -> list[str]:
+        """The block store names given to the files begun so far (for ``release_files``)."""
+        return list(self._linked)
+
+    def is_placed(self, digest: bytes) -> bool:
+        """Whether the chunk was written into a file linked into the store (an extent)."""
+        return digest in self._placed
+
+    def take_extents(self) -> list[Extent]:
+        """The extents recorded since the last call (the caller indexes them)."""
+        extents, self._extents = self._extents, []
+        return extents
+
+    def add(self, digest: bytes, data: bytes | memoryview, *, held: bool = False) -> None:
         """Write a verified chunk everywhere it sits, advance the hashes it unblocks and put
-        every file it completes into place. A digest that no file holds is ignored. Raises
+        every file it completes into place. ``held``: the chunk came from the store (not
+        recorded as an extent until its file is complete). A digest that no file holds is
+        ignored. Raises
         :class:`ChunkMismatchError` (a completed file does not match its SHA-256: it is
         removed), :class:`~lattica.content.errors.OutputBusyError`,
         :class:`~lattica.content.errors.UnsafePathError`,
@@ -180,6 +216,9 @@ class FileAssembly:
             except OSError as exc:
                 raise named_os_error(exc, target.final) from exc
             assembled.written[index] = True
+            if assembled.linked is not None and not held and digest not in self._placed:
+                self._placed.add(digest)
+                self._extents.append(Extent(digest, chunk.length, assembled.linked, chunk.offset))
             self._advance(assembled, target, digest, data)
 
     def add_held(self, held: Sequence[bytes], read: ReadBlock) -> None:
@@ -187,7 +226,7 @@ class FileAssembly:
         content held before), one chunk in memory at a time."""
         for digest in held:
             if digest in self._places:
-                self.add(digest, read(digest))
+                self.add(digest, read(digest), held=True)
 
     def _begin(self, assembled: _Assembled) -> ContainedFile:
         if assembled.target is None:
@@ -201,6 +240,10 @@ class FileAssembly:
                 target.discard()
                 raise named_os_error(exc, target.final) from exc
             assembled.target = target
+            if self._adopt is not None and entry.chunks:
+                assembled.linked = self._adopt(target.fd)
+                if assembled.linked is not None:
+                    self._linked.append(assembled.linked)
         return assembled.target
 
     def _advance(
@@ -223,6 +266,11 @@ class FileAssembly:
             target.discard()
             raise ChunkMismatchError(f"{target.final}: SHA-256 differs from the manifest's; not written")
         assembled.final = target.commit()
+        if assembled.linked is not None:
+            for chunk in assembled.entry.chunks:
+                if chunk.digest not in self._placed:
+                    self._placed.add(chunk.digest)
+                    self._extents.append(Extent(chunk.digest, chunk.length, assembled.linked, chunk.offset))
 
     def missing(self) -> list[str]:
         """Paths of files not in place yet."""

@@ -140,9 +140,7 @@ async def run_matrix(
         return MatrixRun(results, stats.bytes_forwarded, stats.circuits_opened, trio.current_time() - began)
 
 
-async def _run_pair(
-    x: str, y: str, a: Node, b: Node, relay: Node, timeout_s: float, results: list[PairResult]
-) -> None:
+async def _run_pair(x: str, y: str, a: Node, b: Node, relay: Node, timeout_s: float, results: list[PairResult]) -> None:
     result = PairResult(x, y, "failed", None)
     results.append(result)
     with trio.move_on_after(timeout_s):

@@ -395,6 +395,8 @@ async def test_what_connected_peers_answered_for_the_manifest_is_reported(
         await connect_all(c, 1, range(1))  # node 1 knows only node 0, which does not
         with pytest.raises(FetchFailedError, match=f"{c.nodes[0].peer_id}: not-found"):
             await c.content(1).fetch(Cid.parse(cid_text))
+
+
 async def test_a_cancel_stops_a_block_the_server_has_begun_within_one_piece(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

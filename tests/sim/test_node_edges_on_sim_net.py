@@ -52,9 +52,7 @@ async def test_a_peer_restarted_at_the_same_address_is_reachable_again_within_on
                 first_request_at = trio.current_time()
                 # The restarted node drops the old connection's packets without a word.
                 with pytest.raises(RpcError, match="timeout"):
-                    await a.rpc.request(
-                        restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S
-                    )
+                    await a.rpc.request(restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S)
                 result = await a.ping(restarted.peer_id, timeout_s=REQUEST_TIMEOUT_S)
                 assert not result.reused_connection  # dialled afresh, not the dead connection
                 assert result.peer_id == restarted.peer_id

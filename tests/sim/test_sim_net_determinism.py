@@ -32,9 +32,7 @@ ROUGH = LinkConfig(
 
 async def chatty_scenario(seed: int) -> list[TraceEvent]:
     """Two NATed clients and a server exchange datagrams concurrently over rough links."""
-    nat_config = NatConfig(
-        filtering=Filtering.ENDPOINT_INDEPENDENT, port_allocation=PortAllocation.RANDOM
-    )
+    nat_config = NatConfig(filtering=Filtering.ENDPOINT_INDEPENDENT, port_allocation=PortAllocation.RANDOM)
     async with Network(seed=seed, trace=True) as net:
         server = net.add_host("198.51.100.1", ROUGH).bind(3478)
         nat = net.add_nat("203.0.113.1", nat_config, ROUGH)

@@ -71,9 +71,7 @@ async def test_asymmetric_access_link_delays_each_direction_separately(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with Network(seed=1) as net:
-        slow_down = net.add_host(
-            "198.51.100.1", up=LinkConfig(latency_s=0.01), down=LinkConfig(latency_s=0.2)
-        ).bind(1)
+        slow_down = net.add_host("198.51.100.1", up=LinkConfig(latency_s=0.01), down=LinkConfig(latency_s=0.2)).bind(1)
         other = net.add_host("198.51.100.2").bind(2)
         start = trio.current_time()
         await slow_down.send_to(b"up", other.local_address)

@@ -88,9 +88,7 @@ async def test_address_dependent_mapping_uses_a_new_port_per_destination_ip(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with nat_scene(NatConfig(mapping=Mapping.ADDRESS_DEPENDENT)) as scene:
-        s1a, s1b, s2a = [
-            (await mapped_source(scene.client, s))[1] for s in (scene.s1a, scene.s1b, scene.s2a)
-        ]
+        s1a, s1b, s2a = [(await mapped_source(scene.client, s))[1] for s in (scene.s1a, scene.s1b, scene.s2a)]
         assert s1a == s1b
         assert s2a != s1a
 
@@ -99,9 +97,7 @@ async def test_address_and_port_dependent_mapping_uses_a_new_port_per_destinatio
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with nat_scene(NatConfig(mapping=Mapping.ADDRESS_AND_PORT_DEPENDENT)) as scene:
-        ports = [
-            (await mapped_source(scene.client, s))[1] for s in (scene.s1a, scene.s1b, scene.s2a)
-        ]
+        ports = [(await mapped_source(scene.client, s))[1] for s in (scene.s1a, scene.s1b, scene.s2a)]
         assert len(set(ports)) == 3
         assert len(scene.nat.mappings()) == 3
 

@@ -14,6 +14,7 @@ from lattica.net import UdpSocket
 from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
 from lattica.node import Node
+from tests.conftest import MakeTmpfs
 from tests.unit.content_samples import KIB, random_bytes
 
 CONTENT = ContentConfig(chunk_bytes=64 * KIB)
@@ -36,3 +37,54 @@ async def test_fetch_takes_tcp_where_both_run_it(tmp_path: Path, fetcher_runs_tc
         assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
         assert result.peer_bytes == {str(a.peer_id): source.stat().st_size}
         assert (b.tcp.connection(a.peer_id) is not None) is fetcher_runs_tcp
+
+
+async def test_a_fetched_folder_is_served_from_the_files_it_was_written_to(tmp_path: Path) -> None:
+    # B writes each chunk once, into its output file, and serves C from there (chunks of 2 MiB:
+    # a block is read in 1 MiB steps, the first of which checks the whole range).
+    source = tmp_path / "data.bin"
+    source.write_bytes(random_bytes(5 * 1024 * KIB + 7, seed=12))
+    config = NodeConfig(net=NetConfig(tcp_listen=True), content=ContentConfig(chunk_bytes=2048 * KIB))
+    async with (
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), config, blocks_dir=tmp_path / "b") as b,
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), config, blocks_dir=tmp_path / "c") as c,
+    ):
+        assert b.content is not None and c.content is not None
+        async with Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), config, blocks_dir=tmp_path / "a") as a:
+            assert a.content is not None
+            cid = (await a.content.publish(source)).cid
+            await b.connect(PeerAddr(a.socket.local_address, a.peer_id))
+            await b.content.fetch(cid, out_dir=tmp_path / "out-b")
+        written = tmp_path / "out-b" / "data.bin"
+        (linked,) = (tmp_path / "b" / "files").iterdir()
+        assert written.stat().st_nlink == 2 and linked.samefile(written)
+        await c.connect(PeerAddr(b.socket.local_address, b.peer_id))
+        result = await c.content.fetch(cid, out_dir=tmp_path / "out-c")
+        assert (tmp_path / "out-c" / "data.bin").read_bytes() == source.read_bytes()
+        assert result.peer_bytes == {str(b.peer_id): source.stat().st_size}
+
+
+async def test_a_fetch_into_another_file_system_keeps_its_chunks_as_block_files(
+    tmp_path: Path, make_tmpfs: MakeTmpfs
+) -> None:
+    # The output file cannot be hard-linked into the store across file systems: the fetch
+    # stores the chunks as block files instead, and the file is fetched all the same.
+    out = make_tmpfs(16) / "out"
+    source = tmp_path / "data.bin"
+    source.write_bytes(random_bytes(1024 * KIB + 3, seed=13))
+    async with (
+        Node(
+            Identity.generate(), UdpSocket.bind("127.0.0.1", 0), NodeConfig(content=CONTENT), blocks_dir=tmp_path / "a"
+        ) as a,
+        Node(
+            Identity.generate(), UdpSocket.bind("127.0.0.1", 0), NodeConfig(content=CONTENT), blocks_dir=tmp_path / "b"
+        ) as b,
+    ):
+        assert a.content is not None and b.content is not None
+        cid = (await a.content.publish(source)).cid
+        await b.connect(PeerAddr(a.socket.local_address, a.peer_id))
+        await b.content.fetch(cid, out_dir=out)
+        assert (out / "data.bin").read_bytes() == source.read_bytes()
+        assert list((tmp_path / "b" / "files").iterdir()) == []
+        stored = [p for p in (tmp_path / "b").iterdir() if len(p.name) == 2 for p in p.iterdir()]
+        assert sum(p.stat().st_size for p in stored) > source.stat().st_size  # chunks and manifest

@@ -59,16 +59,12 @@ async def test_binding_a_port_in_use_raises_os_error(receiver: UdpSocket) -> Non
         UdpSocket.bind(LOOPBACK, receiver.local_address[1])
 
 
-async def test_a_datagram_arrives_with_its_sender_address(
-    sender: UdpSocket, receiver: UdpSocket
-) -> None:
+async def test_a_datagram_arrives_with_its_sender_address(sender: UdpSocket, receiver: UdpSocket) -> None:
     await sender.send_to(b"hello", receiver.local_address)
     assert await receive_exactly(receiver, 1) == [(b"hello", sender.local_address)]
 
 
-async def test_receive_batch_returns_every_queued_datagram_at_once(
-    sender: UdpSocket, receiver: UdpSocket
-) -> None:
+async def test_receive_batch_returns_every_queued_datagram_at_once(sender: UdpSocket, receiver: UdpSocket) -> None:
     sent = [b"one", b"two", b"three", b"four"]
     for data in sent:
         await sender.send_to(data, receiver.local_address)
@@ -77,9 +73,7 @@ async def test_receive_batch_returns_every_queued_datagram_at_once(
     assert batch == [(data, sender.local_address) for data in sent]
 
 
-async def test_receive_batch_returns_at_most_max_datagrams(
-    sender: UdpSocket, receiver: UdpSocket
-) -> None:
+async def test_receive_batch_returns_at_most_max_datagrams(sender: UdpSocket, receiver: UdpSocket) -> None:
     sent = [bytes([i]) for i in range(5)]
     for data in sent:
         await sender.send_to(data, receiver.local_address)
@@ -91,9 +85,7 @@ async def test_receive_batch_returns_at_most_max_datagrams(
     assert [data for data, _ in first + second + third] == sent
 
 
-async def test_receive_batch_waits_for_the_first_datagram(
-    sender: UdpSocket, receiver: UdpSocket
-) -> None:
+async def test_receive_batch_waits_for_the_first_datagram(sender: UdpSocket, receiver: UdpSocket) -> None:
     batches: list[list[tuple[bytes, tuple[str, int]]]] = []
 
     async def receive() -> None:
@@ -107,9 +99,7 @@ async def test_receive_batch_waits_for_the_first_datagram(
     assert batches == [[(b"late", sender.local_address)]]
 
 
-async def test_empty_and_large_datagrams_arrive_intact(
-    sender: UdpSocket, receiver: UdpSocket
-) -> None:
+async def test_empty_and_large_datagrams_arrive_intact(sender: UdpSocket, receiver: UdpSocket) -> None:
     large = bytes(range(256)) * 200  # 51 200 bytes, well under the UDP limit
     await sender.send_to(b"", receiver.local_address)
     await sender.send_to(large, receiver.local_address)
@@ -179,9 +169,7 @@ async def test_close_is_idempotent(receiver: UdpSocket) -> None:
         await sock.send_to(b"x", receiver.local_address)
 
 
-async def test_queued_datagrams_are_not_returned_after_close(
-    sender: UdpSocket, receiver: UdpSocket
-) -> None:
+async def test_queued_datagrams_are_not_returned_after_close(sender: UdpSocket, receiver: UdpSocket) -> None:
     await sender.send_to(b"queued", receiver.local_address)
     receiver.close()
     with pytest.raises(trio.ClosedResourceError):

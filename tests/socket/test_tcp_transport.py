@@ -201,9 +201,7 @@ async def test_many_streams_carry_data_concurrently_with_flow_control(
     async with trio.open_nursery() as inner:
         for i in range(len(payloads)):
             inner.start_soon(one, i)
-    assert [hashlib.sha256(replies[i]).digest() for i in range(12)] == [
-        hashlib.sha256(p).digest() for p in payloads
-    ]
+    assert [hashlib.sha256(replies[i]).digest() for i in range(12)] == [hashlib.sha256(p).digest() for p in payloads]
     assert connection.open_stream_count == 0
 
 
@@ -259,8 +257,7 @@ async def _wait_until_closed(tcp: trio.SocketStream, channel: TlsChannel) -> Non
     "frames",
     [
         pytest.param(
-            encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0)
-            + encode_header(TYPE_DATA, 0, 1, 256 * 1024 + 1),
+            encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0) + encode_header(TYPE_DATA, 0, 1, 256 * 1024 + 1),
             id="data-beyond-the-window",
         ),
         pytest.param(
@@ -273,9 +270,7 @@ async def _wait_until_closed(tcp: trio.SocketStream, channel: TlsChannel) -> Non
 async def test_a_hostile_peer_is_disconnected_and_others_are_still_served(
     make_transport: MakeTransport, frames: bytes
 ) -> None:
-    config = EndpointConfig(
-        handshake_timeout_s=2.0, stream_receive_window_bytes=256 * 1024, max_incoming_streams=4
-    )
+    config = EndpointConfig(handshake_timeout_s=2.0, stream_receive_window_bytes=256 * 1024, max_incoming_streams=4)
     server, address = await make_transport(handler=None, config=config)
     tcp, channel = await _authenticated_raw_peer(address)
     channel.send(frames)

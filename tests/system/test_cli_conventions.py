@@ -211,8 +211,6 @@ def test_ping_dials_an_explicit_address_and_says_which_connection_it_used(start_
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    second = lattica(
-        "ping", f"{b.peer_id}@127.0.0.1:{closed_port}", "--count", "1", "--json", home=a.home
-    )
+    second = lattica("ping", f"{b.peer_id}@127.0.0.1:{closed_port}", "--count", "1", "--json", home=a.home)
     assert second.returncode == 1, second.stdout
     assert json.loads(second.stdout)["error"]["code"] in ("timeout", "failed")

@@ -202,9 +202,7 @@ def test_peer_addr_str_round_trips(text: str) -> None:
 
 @deterministic
 @given(st.binary(min_size=32, max_size=32).map(PeerId) | st.none(), hosts, dial_ports)
-def test_any_peer_addr_round_trips_through_its_text(
-    peer_id: PeerId | None, host: str, port: int
-) -> None:
+def test_any_peer_addr_round_trips_through_its_text(peer_id: PeerId | None, host: str, port: int) -> None:
     addr = PeerAddr((host, port), peer_id)
     assert PeerAddr.parse(str(addr)) == addr
 
@@ -253,9 +251,7 @@ def test_dns_names_are_accepted_for_dialling(text: str) -> None:
         ("2001:DB8::1", 4001, ("2001:db8::1", 4001)),
     ],
 )
-def test_network_address_accepts_ip_literals_in_canonical_form(
-    host: str, port: int, expected: tuple[str, int]
-) -> None:
+def test_network_address_accepts_ip_literals_in_canonical_form(host: str, port: int, expected: tuple[str, int]) -> None:
     assert network_address(host, port) == expected
 
 
@@ -312,9 +308,7 @@ def test_network_address_is_a_typed_error_or_a_valid_address(host: object, port:
         ("::1", "127.0.0.1", False),
     ],
 )
-def test_family_mismatch_says_when_a_socket_cannot_reach_an_address(
-    local: str, remote: str, reachable: bool
-) -> None:
+def test_family_mismatch_says_when_a_socket_cannot_reach_an_address(local: str, remote: str, reachable: bool) -> None:
     reason = family_mismatch(local, remote)
     assert (reason is None) == reachable
     if reason is not None:

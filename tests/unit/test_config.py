@@ -130,7 +130,7 @@ def test_old_flat_file_loads_into_the_tree_with_a_warning_per_key(
     [
         ("[dht]\nk = 8\ndht_k = 16\n", "dht.k"),  # a flat key appended below a table
         ("[dht]\nidle_timeout_s = 5\n", "net.idle_timeout_s"),
-        ("[net]\nlisten = \"127.0.0.1:1\"\n", "listen"),
+        ('[net]\nlisten = "127.0.0.1:1"\n', "listen"),
     ],
 )
 def test_a_key_in_the_wrong_table_gets_a_hint(tmp_path: Path, text: str, meant: str) -> None:

@@ -117,8 +117,12 @@ _tagged = st.builds(
     lambda tag, rest: [tag, *rest],
     st.sampled_from(["want", "has", "cancel", "piece", "has-reply", "refused"]),
     st.lists(
-        st.integers(-1, 3) | st.sampled_from([64, 2**32]) | st.binary(max_size=40) | st.booleans()
-        | st.sampled_from(["busy", "nope"]) | st.just(DIGEST),
+        st.integers(-1, 3)
+        | st.sampled_from([64, 2**32])
+        | st.binary(max_size=40)
+        | st.booleans()
+        | st.sampled_from(["busy", "nope"])
+        | st.just(DIGEST),
         max_size=4,
     ),
 )

@@ -434,7 +434,8 @@ async def test_get_answers_at_its_quorum_and_repairs_older_copies_in_the_backgro
 
 
 async def test_a_new_peer_is_on_disk_seconds_after_it_joined_the_table(
-    autojump_clock: trio.testing.MockClock, tmp_path  # type: ignore[no-untyped-def]
+    autojump_clock: trio.testing.MockClock,
+    tmp_path,  # type: ignore[no-untyped-def]
 ) -> None:
     db = tmp_path / "lattica.db"
     async with trio.open_nursery() as nursery:

@@ -199,9 +199,7 @@ def test_verify_rejects_a_signature_with_one_flipped_bit() -> None:
     assert not identity.peer_id.verify(b"record", bytes(signature))
 
 
-@pytest.mark.parametrize(
-    "garbage", [b"", b"\x00", bytes(63), bytes(64), b"\xff" * 64, bytes(65), b"x" * 200]
-)
+@pytest.mark.parametrize("garbage", [b"", b"\x00", bytes(63), bytes(64), b"\xff" * 64, bytes(65), b"x" * 200])
 def test_verify_rejects_garbage_signatures_without_raising(garbage: bytes) -> None:
     assert not _a_peer_id().verify(b"record", garbage)
 

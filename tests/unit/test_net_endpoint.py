@@ -103,9 +103,7 @@ async def test_client_without_certificate_is_rejected(make_endpoint: MakeEndpoin
     # A client with no certificate at all (aioquic's own client would be the same; the Lattica
     # subclass only lets the test read close_event without touching aioquic internals).
     quic = LatticaQuicConnection(
-        configuration=QuicConfiguration(
-            is_client=True, alpn_protocols=[ALPN_PROTOCOL], verify_mode=ssl.CERT_NONE
-        ),
+        configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL], verify_mode=ssl.CERT_NONE),
         max_incoming_streams=8,
         stream_receive_window_bytes=1 << 16,
     )
@@ -122,9 +120,7 @@ async def test_malformed_datagrams_are_dropped_and_counted(
     server, good = await make_endpoint(), await make_endpoint()
     junk_socket = make_socket()
     # A real Initial, truncated: its length field points past the end of the datagram.
-    initial = QuicConnection(
-        configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL])
-    )
+    initial = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL]))
     initial.connect(server.local_address, now=trio.current_time())
     first_datagram = initial.datagrams_to_send(trio.current_time())[0][0]
     malformed = [
@@ -181,9 +177,7 @@ async def test_half_open_handshake_is_dropped_after_the_handshake_timeout(
     make_endpoint: MakeEndpoint, make_socket: MakeSocket, autojump_clock: trio.testing.MockClock
 ) -> None:
     server = await make_endpoint(config=EndpointConfig(handshake_timeout_s=5.0))
-    quic = QuicConnection(
-        configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL])
-    )
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL]))
     sock = make_socket()
     start = trio.current_time()
     quic.connect(server.local_address, now=start)

@@ -21,9 +21,7 @@ async def _manager(
     return manager
 
 
-async def test_connect_reuses_the_live_connection(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_connect_reuses_the_live_connection(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     alice, bob = await make_endpoint(), await make_endpoint()
     manager = await _manager(nursery, alice)
     await _manager(nursery, bob)
@@ -35,9 +33,7 @@ async def test_connect_reuses_the_live_connection(
     assert alice.stats.outbound_connections == 1
 
 
-async def test_concurrent_connect_calls_share_one_dial(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_concurrent_connect_calls_share_one_dial(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     alice, bob = await make_endpoint(), await make_endpoint()
     manager = await _manager(nursery, alice)
     manager.add_addresses(bob.peer_id, [bob.local_address])
@@ -73,9 +69,7 @@ async def test_unknown_peer_id_without_addresses_fails_to_connect(
         await manager.connect(Identity.generate().peer_id)
 
 
-async def test_wrong_peer_at_address_raises_mismatch(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_wrong_peer_at_address_raises_mismatch(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     alice, bob = await make_endpoint(), await make_endpoint()
     manager = await _manager(nursery, alice)
     with pytest.raises(PeerIdMismatchError):
@@ -283,9 +277,7 @@ async def test_a_slow_resolver_is_bounded(
 # --- A node never dials itself (issue 8, B9) -------------------------------------------------
 
 
-async def test_dialling_our_own_peer_id_is_refused(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_dialling_our_own_peer_id_is_refused(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     alice = await make_endpoint()
     manager = await _manager(nursery, alice)
     with pytest.raises(DialSelfError):

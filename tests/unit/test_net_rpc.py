@@ -18,9 +18,7 @@ from lattica.wire import decode_frame
 from .conftest import MakeEndpoint
 
 
-async def _rpc_node(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery, **rpc_options: float
-) -> tuple[Endpoint, Rpc]:
+async def _rpc_node(make_endpoint: MakeEndpoint, nursery: trio.Nursery, **rpc_options: float) -> tuple[Endpoint, Rpc]:
     endpoint = await make_endpoint()
     manager = ConnectionManager(endpoint, idle_close_s=None)
     await nursery.start(manager.run)
@@ -35,9 +33,7 @@ async def _pair(
     return client, server, PeerAddr(server_endpoint.local_address, server_endpoint.peer_id)
 
 
-async def test_request_returns_the_handler_reply(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_request_returns_the_handler_reply(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     client, server, target = await _pair(make_endpoint, nursery)
     seen: list[PeerId] = []
 
@@ -51,17 +47,13 @@ async def test_request_returns_the_handler_reply(
     assert seen == [client.manager.endpoint.peer_id] * 2
 
 
-async def test_builtin_ping_echoes_and_measures_rtt(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_builtin_ping_echoes_and_measures_rtt(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     client, _server, target = await _pair(make_endpoint, nursery)
     rtt = await client.ping(target)
     assert 0 < rtt < 10
 
 
-async def test_unknown_protocol_is_an_rpc_error(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_unknown_protocol_is_an_rpc_error(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     client, _server, target = await _pair(make_endpoint, nursery)
     with pytest.raises(RpcError) as info:
         await client.request(target, "/nobody/home/1", b"x")
@@ -110,9 +102,7 @@ async def test_slow_handler_makes_the_caller_time_out(
     assert trio.current_time() - start == pytest.approx(2.5)
 
 
-async def test_oversize_request_is_refused_as_too_large(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_oversize_request_is_refused_as_too_large(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     client, server, target = await _pair(make_endpoint, nursery, max_request_bytes=1000)
     calls: list[bytes] = []
 
@@ -131,9 +121,7 @@ async def test_oversize_request_is_refused_as_too_large(
 async def test_calls_beyond_the_per_peer_cap_are_refused_as_busy(
     make_endpoint: MakeEndpoint, nursery: trio.Nursery
 ) -> None:
-    client, server, target = await _pair(
-        make_endpoint, nursery, max_concurrent_inbound_per_peer=2
-    )
+    client, server, target = await _pair(make_endpoint, nursery, max_concurrent_inbound_per_peer=2)
     release = trio.Event()
     entered: list[int] = []
     both_running = trio.Event()
@@ -163,9 +151,7 @@ async def test_calls_beyond_the_per_peer_cap_are_refused_as_busy(
     assert await client.request(target, "/test/hold/1", b"") == b"done"  # cap freed again
 
 
-async def test_unreachable_peer_is_connect_failed(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_unreachable_peer_is_connect_failed(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     _, client = await _rpc_node(make_endpoint, nursery)
     with pytest.raises(RpcError) as info:
         await client.request(Identity.generate().peer_id, "/lattica/ping/1", b"")
@@ -255,9 +241,7 @@ async def test_a_request_that_never_arrives_whole_is_dropped_and_frees_its_slot(
     await stream.aclose()
 
 
-async def test_calls_from_all_peers_together_are_capped(
-    make_endpoint: MakeEndpoint, nursery: trio.Nursery
-) -> None:
+async def test_calls_from_all_peers_together_are_capped(make_endpoint: MakeEndpoint, nursery: trio.Nursery) -> None:
     # Peer ids cost nothing to mint, so the per-peer cap alone bounds nothing.
     first, server, target = await _pair(make_endpoint, nursery, max_concurrent_inbound=1)
     _, second = await _rpc_node(make_endpoint, nursery)

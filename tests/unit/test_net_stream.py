@@ -14,9 +14,7 @@ from lattica.net.config import STREAM_SEND_BUFFER_BYTES
 from .conftest import MakeEndpoint
 
 
-async def _pair(
-    make_endpoint: MakeEndpoint, config: EndpointConfig | None = None
-) -> tuple[Connection, Connection]:
+async def _pair(make_endpoint: MakeEndpoint, config: EndpointConfig | None = None) -> tuple[Connection, Connection]:
     """A connected (client side, server side) pair of connections."""
     server: Endpoint = await make_endpoint(config=config)
     client: Endpoint = await make_endpoint(config=config)

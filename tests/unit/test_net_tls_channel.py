@@ -110,9 +110,7 @@ def test_garbage_instead_of_a_handshake_is_a_remote_protocol_error() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=6), st.booleans())
-def test_any_bytes_give_application_bytes_or_a_remote_protocol_error(
-    chunks: list[bytes], is_client: bool
-) -> None:
+def test_any_bytes_give_application_bytes_or_a_remote_protocol_error(chunks: list[bytes], is_client: bool) -> None:
     channel = TlsChannel(SERVER, is_client=is_client)
     channel.start()
     try:
@@ -125,9 +123,7 @@ def test_any_bytes_give_application_bytes_or_a_remote_protocol_error(
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, 10_000), st.integers(0, 255))
-def test_a_corrupted_handshake_flight_is_a_remote_protocol_error_or_harmless(
-    position: int, flip: int
-) -> None:
+def test_a_corrupted_handshake_flight_is_a_remote_protocol_error_or_harmless(position: int, flip: int) -> None:
     client = TlsChannel(CLIENT, is_client=True)
     server = TlsChannel(SERVER, is_client=False)
     client.start()

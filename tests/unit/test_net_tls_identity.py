@@ -121,9 +121,7 @@ def test_client_without_certificate_completes_tls_with_no_peer_certificate() -> 
     # The adapter's contract: the server asked, the client sent nothing, and the server side
     # reports None -- which the connection layer must reject.
     client = QuicConnection(
-        configuration=QuicConfiguration(
-            is_client=True, alpn_protocols=[ALPN_PROTOCOL], verify_mode=ssl.CERT_NONE
-        )
+        configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL], verify_mode=ssl.CERT_NONE)
     )
     server = _handshake(client, Identity.generate())
     assert any(isinstance(e, events.HandshakeCompleted) for e in _events(server))

@@ -85,11 +85,13 @@ msgpack_values = st.recursive(
     | st.text(max_size=10)
     | st.binary(max_size=10)
     | st.sampled_from(["ping", "pong", "type", "nonce", "payload"]),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(
-        st.sampled_from(["type", "nonce", "payload", "x"]) | st.text(max_size=5),
-        inner,
-        max_size=4,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["type", "nonce", "payload", "x"]) | st.text(max_size=5),
+            inner,
+            max_size=4,
+        )
     ),
     max_leaves=12,
 )
@@ -419,9 +421,7 @@ def hostile_streams(draw: st.DrawFn) -> bytes:
 
 @deterministic
 @given(st.data(), st.one_of(hostile_streams(), st.binary(max_size=300)))
-def test_decoder_yields_valid_messages_or_a_remote_protocol_error(
-    data: st.DataObject, stream: bytes
-) -> None:
+def test_decoder_yields_valid_messages_or_a_remote_protocol_error(data: st.DataObject, stream: bytes) -> None:
     decoder: FrameDecoder[Ping | Pong] = FrameDecoder(Message, max_frame_bytes=200)  # type: ignore[arg-type]
     try:
         for chunk in data.draw(chunked(stream)):

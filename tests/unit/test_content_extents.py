@@ -1,0 +1,186 @@
+"""Chunks held as extents of fetched files: a fetch into a folder writes each byte once, the
+store reads it back from the output file's second name under ``blocks/files/``, checks it on
+every whole read, drops what a user changed, and never touches the user's file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from lattica.content import ChunkNotFoundError
+from lattica.content.block_store import BlockStore, Extent
+from lattica.content.blocking_io import run_blocking
+from lattica.content.cid import blake3_digest
+from lattica.content.contained_write import open_output_folder
+from lattica.content.file_assembly import FileAssembly
+from lattica.content.manifest import ChunkRef, FileEntry
+from tests.unit.content_samples import KIB, open_store, random_bytes
+
+TAG = "00112233aabbccdd"
+CHUNK = 64 * KIB
+
+
+def entry(path: str, data: bytes) -> FileEntry:
+    chunks = tuple(
+        ChunkRef(blake3_digest(data[at : at + CHUNK]), at, len(data[at : at + CHUNK]))
+        for at in range(0, len(data), CHUNK)
+    )
+    return FileEntry(path, len(data), 0o644, hashlib.sha256(data).digest(), chunks)
+
+
+def assemble(store: BlockStore, out: Path, file: FileEntry, data: bytes, *, upto: int | None = None) -> FileAssembly:
+    """Write the file's chunks (all, or the first ``upto``) the way a fetch does; returns the
+    assembly (finished when every chunk was written)."""
+    with open_output_folder(out) as fd:
+        assembly = FileAssembly(fd, out, [file], tag=TAG, adopt=store.adopt_file)
+        held = [c.digest for c in file.chunks if store.has(c.digest)]
+        assembly.add_held(held, store.read_block)
+        for chunk in file.chunks[:upto]:
+            if not store.has(chunk.digest):
+                assembly.add(chunk.digest, data[chunk.offset : chunk.offset + chunk.length])
+        if upto is None:
+            assembly.finish()
+        else:
+            assembly.discard()  # what a killed fetch leaves, but for the temporary name
+        return assembly
+
+
+async def fetch_into(store: BlockStore, out: Path, file: FileEntry, data: bytes, *, upto: int | None = None) -> None:
+    assembly = await run_blocking(lambda: assemble(store, out, file, data, upto=upto))
+    await store.index_written([], assembly.take_extents())
+    store.release_files(assembly.linked_names)
+
+
+def block_files(store: BlockStore) -> list[Path]:
+    return [p for p in store.root.iterdir() if len(p.name) == 2 for p in p.iterdir()]
+
+
+async def test_a_fetched_file_is_written_once_and_its_chunks_read_from_it(tmp_path: Path) -> None:
+    data = random_bytes(5 * CHUNK + 123, 1)
+    file = entry("model.bin", data)
+    with open_store(tmp_path / "store") as store:
+        await fetch_into(store, tmp_path / "out", file, data)
+        output = tmp_path / "out" / "model.bin"
+        assert output.read_bytes() == data
+        (linked,) = store.files_dir.iterdir()
+        assert linked.stat().st_ino == output.stat().st_ino and output.stat().st_nlink == 2
+        assert block_files(store) == []  # no second copy
+        assert store.missing(c.digest for c in file.chunks) == []
+        for chunk in file.chunks:
+            piece = data[chunk.offset : chunk.offset + chunk.length]
+            assert store.read_block(chunk.digest) == piece
+            assert store.read_block(chunk.digest, 7, 10) == piece[7:17]
+            assert store.read_start(chunk.digest, 1000) == (chunk.length, piece[:1000])
+        assert (await store.verify()).ok
+
+
+async def test_a_chunk_changed_in_the_output_file_is_dropped_never_read(tmp_path: Path) -> None:
+    data = random_bytes(4 * CHUNK, 2)
+    file = entry("model.bin", data)
+    with open_store(tmp_path / "store") as store:
+        await fetch_into(store, tmp_path / "out", file, data)
+        output = tmp_path / "out" / "model.bin"
+        with output.open("r+b") as edit:  # a user edits the fetched file in place
+            edit.seek(CHUNK + 10)
+            edit.write(b"edited")
+        changed, intact = file.chunks[1], file.chunks[2]
+        with pytest.raises(ChunkNotFoundError, match="changed on disk"):
+            store.read_start(changed.digest, 1 << 20)
+        assert store.missing([changed.digest, intact.digest]) == [changed.digest]
+        assert store.read_block(intact.digest) == data[2 * CHUNK : 3 * CHUNK]
+        # The store never writes to the user's file: the edit is still there.
+        assert output.read_bytes()[CHUNK + 10 : CHUNK + 16] == b"edited"
+        with pytest.raises(ChunkNotFoundError):
+            store.read_block(changed.digest)
+
+
+async def test_verify_drops_a_changed_extent_and_leaves_the_users_file(tmp_path: Path) -> None:
+    data = random_bytes(3 * CHUNK, 3)
+    file = entry("model.bin", data)
+    with open_store(tmp_path / "store") as store:
+        await fetch_into(store, tmp_path / "out", file, data)
+        output = tmp_path / "out" / "model.bin"
+        with output.open("r+b") as edit:
+            edit.write(b"X")
+        report = await store.verify(drop_bad=True)
+        assert report.bad == (file.chunks[0].digest,)
+        assert output.read_bytes()[:1] == b"X" and output.stat().st_size == len(data)
+        assert store.missing(c.digest for c in file.chunks) == [file.chunks[0].digest]
+
+
+async def test_gc_unlinks_the_stores_name_only_and_keeps_it_while_referenced(tmp_path: Path) -> None:
+    data = random_bytes(3 * CHUNK, 4)
+    file = entry("model.bin", data)
+    with open_store(tmp_path / "store") as store:
+        await fetch_into(store, tmp_path / "out", file, data)
+        store.protect(c.digest for c in file.chunks)  # referenced, as a root would
+        await store.gc()
+        assert len(list(store.files_dir.iterdir())) == 1
+        store.unprotect(c.digest for c in file.chunks)
+        report = await store.gc()
+        assert report.blocks_removed == len(file.chunks)
+        assert list(store.files_dir.iterdir()) == []
+        assert (tmp_path / "out" / "model.bin").read_bytes() == data  # the user's copy stays
+
+
+async def test_gc_during_a_fetch_keeps_the_file_it_is_writing(tmp_path: Path) -> None:
+    data = random_bytes(2 * CHUNK, 5)
+    file = entry("model.bin", data)
+    with open_store(tmp_path / "store") as store, open_output_folder(tmp_path / "out") as fd:
+        assembly = FileAssembly(fd, tmp_path / "out", [file], tag=TAG, adopt=store.adopt_file)
+        first = file.chunks[0]
+        assembly.add(first.digest, data[: first.length])  # written, not indexed yet
+        await store.gc()
+        (name,) = assembly.linked_names
+        assert (store.files_dir / name).exists()
+        await store.index_written([], assembly.take_extents())
+        assert store.read_block(first.digest) == data[: first.length]
+        assembly.discard()
+        store.release_files(assembly.linked_names)
+
+
+async def test_a_resumed_file_takes_over_the_chunks_and_the_killed_tries_file_goes(tmp_path: Path) -> None:
+    data = random_bytes(6 * CHUNK, 6)
+    file = entry("model.bin", data)
+    with open_store(tmp_path / "store") as store:
+        await fetch_into(store, tmp_path / "out", file, data, upto=3)  # killed after 3 chunks
+        (killed,) = store.files_dir.iterdir()
+        assert store.missing(c.digest for c in file.chunks) == [c.digest for c in file.chunks[3:]]
+        await fetch_into(store, tmp_path / "out", file, data)  # the restart: 3 copied, 3 fetched
+        assert (tmp_path / "out" / "model.bin").read_bytes() == data
+        (kept,) = store.files_dir.iterdir()
+        assert kept != killed and kept.stat().st_ino == (tmp_path / "out" / "model.bin").stat().st_ino
+        assert all(store.read_block(c.digest) == data[c.offset : c.offset + c.length] for c in file.chunks)
+
+
+async def test_block_files_held_before_give_way_to_the_fetched_file(tmp_path: Path) -> None:
+    data = random_bytes(3 * CHUNK, 7)
+    file = entry("model.bin", data)
+    with open_store(tmp_path / "store") as store:
+        for chunk in file.chunks:
+            await store.put(data[chunk.offset : chunk.offset + chunk.length])
+        assert len(block_files(store)) == 3
+        await fetch_into(store, tmp_path / "out", file, data)  # every chunk held: copied in
+        store.protect(c.digest for c in file.chunks)
+        await store.gc()
+        assert block_files(store) == []  # held once, in the output file
+        assert all(store.read_block(c.digest) == data[c.offset : c.offset + c.length] for c in file.chunks)
+
+
+def test_a_file_the_store_cannot_link_records_no_extents(tmp_path: Path) -> None:
+    data = random_bytes(2 * CHUNK, 8)
+    file = entry("model.bin", data)
+    with open_output_folder(tmp_path / "out") as fd:
+        assembly = FileAssembly(fd, tmp_path / "out", [file], tag=TAG, adopt=lambda _fd: None)
+        for chunk in file.chunks:
+            assembly.add(chunk.digest, data[chunk.offset : chunk.offset + chunk.length])
+        assert not any(assembly.is_placed(c.digest) for c in file.chunks)
+        assert assembly.take_extents() == []
+        assert assembly.finish() == [tmp_path / "out" / "model.bin"]
+
+
+def test_an_extent_names_a_range_of_a_file() -> None:
+    extent = Extent(b"\x01" * 32, 10, "ab" * 16, 20)
+    assert (extent.length, extent.offset) == (10, 20)
