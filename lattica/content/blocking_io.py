@@ -24,4 +24,5 @@ async def run_blocking(fn: Callable[[], T]) -> T:
     if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
         await trio.lowlevel.checkpoint()
         return fn()
-    return await trio.to_thread.run_sync(fn)
+    # A fixed thread name: trio's default formats the function and task names on every call.
+    return await trio.to_thread.run_sync(fn, thread_name="lattica blocking io")

@@ -39,6 +39,13 @@ class ContentConfig:
     """Longest relative path in a manifest, UTF-8 bytes."""
     max_safetensors_header_bytes: Annotated[int, msgspec.Meta(ge=1 << 10, le=100_000_000)] = DEFAULT_MAX_HEADER_BYTES
     """Largest safetensors JSON header parsed (real models: well under 1 MiB)."""
+    publish_link: bool = True
+    """Hold a published file's chunks as ranges of the file itself (a hard link under the
+    node's home, as a fetch does with the files it writes) instead of a copy: a publish
+    writes nothing and the disk holds the bytes once. Every read of such a chunk is checked,
+    so a file edited in place afterwards loses its changed chunks, never serves them. Falls
+    back to a copy where the file cannot be linked (another file system, another owner).
+    ``false``: always keep a private copy."""
     max_uploads: Count = 32
     """Exchange streams this node serves at once (all peers); more are refused ``busy``."""
     max_uploads_per_peer: Count = 4

@@ -37,6 +37,9 @@ DARK = LinkConfig(loss=1.0)
 QUIET = LinkConfig(latency_s=0.01)  # 40 ms round trips, nothing lost, no bandwidth cap
 CONTENT = ContentConfig(chunk_bytes=32 * KIB, fetch_request_timeout_s=5.0, fetch_stall_timeout_s=20.0)
 CONFIG = NodeConfig(net=NetConfig(keepalive_interval_s=math.inf), content=CONTENT)
+# A seeder whose block files a test overwrites to make it lie: published chunks as block files
+# (a chunk held as a range of the published file is checked on every read, never served bad).
+COPYING = replace(CONFIG, content=replace(CONTENT, publish_link=False))
 SIZE = 2 * 1024 * KIB
 
 
@@ -150,7 +153,7 @@ async def test_fetch_from_publisher_and_four_seeders_under_loss(
 
 async def test_corrupt_seeder_is_detected_and_dropped(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     source = source_file(tmp_path, 1024 * KIB)
-    async with cluster(tmp_path, 3) as c:
+    async with cluster(tmp_path, 3, configs={1: COPYING}) as c:
         cid = await publish_everywhere(c, source, range(2))
         store = c.content(1).store
         manifest = store.manifest(Cid.parse(cid))
@@ -372,7 +375,7 @@ async def test_a_fetch_nobody_can_finish_fails_with_its_own_error(
     # Review finding: a failure inside the transfer reached the user as "internal error:
     # ExceptionGroup" instead of the fetch's own message.
     source = source_file(tmp_path, 256 * KIB)
-    async with cluster(tmp_path, 2) as c:
+    async with cluster(tmp_path, 2, configs={0: COPYING}) as c:
         cid = await publish_everywhere(c, source, range(1))
         store = c.content(0).store
         for chunk in store.manifest(Cid.parse(cid)).files[0].chunks:  # the only seeder lies

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lattica.content import ChunkMismatchError, ChunkNotFoundError, UnsafePathError
+from lattica.content import ChunkMismatchError, ChunkNotFoundError, ContentConfig, UnsafePathError
 from lattica.content.export import export, export_files, select_files
 from lattica.content.file_assembly import temporary_name
 from lattica.content.publish import publish
@@ -67,7 +67,8 @@ async def test_a_symlink_planted_in_the_output_folder_is_not_followed(tmp_path: 
 async def test_missing_or_damaged_chunks_leave_no_file(tmp_path: Path) -> None:
     _tree(tmp_path / "src")
     with open_store(tmp_path / "store") as store:
-        manifest = (await publish(store, tmp_path / "src")).manifest
+        # Block files (a copy), so the damage is in the store's own copy, not the source.
+        manifest = (await publish(store, tmp_path / "src", config=ContentConfig(publish_link=False))).manifest
         entry = manifest.file("weights/a.bin")
         damaged = store.block_path(entry.chunks[-1].digest)
         damaged.write_bytes(b"X" + damaged.read_bytes()[1:])

@@ -10,12 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lattica.content import ContentConfig, ContentError, MalformedSafetensorsError, UnsafePathError, manifest_cid
+from lattica.content import (
+    ChunkNotFoundError,
+    ContentConfig,
+    ContentError,
+    MalformedSafetensorsError,
+    UnsafePathError,
+    manifest_cid,
+)
 from lattica.content.export import export
 from lattica.content.publish import publish
+from tests.conftest import MakeTmpfs
 from tests.unit.content_samples import KIB, open_store, random_bytes, safetensors_bytes, tensors
 
 SMALL_CHUNKS = ContentConfig(chunk_bytes=64 * KIB)
+COPYING = ContentConfig(chunk_bytes=64 * KIB, publish_link=False)
 
 
 def _model(root: Path, arrays: dict[str, np.ndarray], extra: dict[str, bytes] | None = None) -> Path:
@@ -174,7 +183,7 @@ async def test_new_blocks_are_flushed_to_disk_before_they_are_indexed(tmp_path: 
 
         monkeypatch.setattr(store, "sync_to_disk", sync)
         monkeypatch.setattr(store, "index_blocks", index)
-        await publish(store, folder, config=SMALL_CHUNKS)
+        await publish(store, folder, config=COPYING)
     # config.json then model.safetensors: each file's blocks flushed once, then indexed.
     assert events[:2] == ["sync", "index 1"]
     assert events[2] == "sync" and events[3].startswith("index ") and int(events[3].split()[1]) > 1
@@ -203,3 +212,36 @@ async def test_publishing_a_large_file_never_holds_it_in_memory(tmp_path: Path) 
     # A chunk or two in flight, never the 48 MiB file.
     assert peak < 4 << 20, peak
     assert export_peak < 4 << 20, export_peak
+
+
+async def test_a_published_file_is_linked_not_copied_and_an_edit_is_never_served(tmp_path: Path) -> None:
+    data = random_bytes(5 * 64 * KIB, 21)
+    (tmp_path / "m").mkdir()
+    source = tmp_path / "m" / "w.bin"
+    source.write_bytes(data)
+    with open_store(tmp_path / "store") as store:
+        result = await publish(store, source, config=SMALL_CHUNKS)
+        assert result.new_chunks == 5 and result.new_bytes == len(data)
+        (linked,) = store.files_dir.iterdir()
+        assert linked.stat().st_ino == source.stat().st_ino  # the same bytes on disk, once
+        blocks = [p for p in store.root.iterdir() if len(p.name) == 2 for p in p.iterdir()]
+        assert len(blocks) == 1  # the manifest only
+        chunks = result.manifest.files[0].chunks
+        with source.open("r+b") as edit:  # edited in place after the publish
+            edit.seek(2 * 64 * KIB)
+            edit.write(b"changed")
+        assert store.read_block(chunks[1].digest) == data[64 * KIB : 2 * 64 * KIB]
+        with pytest.raises(ChunkNotFoundError, match="changed on disk"):
+            store.read_block(chunks[2].digest)
+        assert store.missing(c.digest for c in chunks) == [chunks[2].digest]
+
+
+async def test_a_file_on_another_file_system_is_copied(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
+    data = random_bytes(3 * 64 * KIB, 22)
+    source = make_tmpfs(8) / "w.bin"
+    source.write_bytes(data)
+    with open_store(tmp_path / "store") as store:
+        result = await publish(store, source, config=SMALL_CHUNKS)
+        assert result.new_bytes == len(data) and list(store.files_dir.iterdir()) == []
+        source.unlink()
+        assert b"".join(store.read_block(c.digest) for c in result.manifest.files[0].chunks) == data

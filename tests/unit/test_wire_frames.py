@@ -203,6 +203,31 @@ def test_a_partial_second_frame_stays_buffered() -> None:
     assert decoder.buffered_bytes == 0
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["whole-in-one-feed", "split-across-feeds"])
+def test_a_bad_frame_is_consumed_and_the_next_one_decodes(split: bool) -> None:
+    # Frames inside one feed are decoded in place, split ones from the buffer: both consume
+    # a frame whose body is not a valid message.
+    stream = raw_frame(b"\xc1") + encode_frame(Pong(7, b"after"))
+    decoder: FrameDecoder[Ping | Pong] = FrameDecoder(Message)  # type: ignore[arg-type]
+    decoder.feed(stream[:3] if split else stream)
+    if split:
+        assert decoder.next_message() is None
+        decoder.feed(stream[3:])
+    with pytest.raises(MalformedMessageError):
+        decoder.next_message()
+    assert decoder.next_message() == Pong(7, b"after")
+    assert decoder.buffered_bytes == 0
+
+
+def test_a_fed_bytearray_changed_afterwards_changes_nothing() -> None:
+    received = bytearray(encode_frame(Pong(1, b"original")))
+    decoder: FrameDecoder[Ping | Pong] = FrameDecoder(Message)  # type: ignore[arg-type]
+    decoder.feed(received)  # type: ignore[arg-type]
+    received[-8:] = b"changed!"
+    received += b"grown"  # would raise BufferError if the decoder held a view of it
+    assert decoder.next_message() == Pong(1, b"original")
+
+
 def test_empty_feed_is_harmless() -> None:
     decoder = FrameDecoder(Ping)
     decoder.feed(b"")
