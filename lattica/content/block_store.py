@@ -596,11 +596,14 @@ class BlockStore:
 
     @staticmethod
     def _insert_extents(extents: Sequence[Extent], now: float, conn: sqlite3.Connection) -> list[str]:
+        # The files the re-pointed chunks were in: one query per 500, not one per chunk.
+        placed = {e.digest: e.file for e in extents}
+        wanted = list(placed)
         before: set[str] = set()
-        for extent in extents:
-            row = conn.execute("SELECT file FROM content_extents WHERE digest = ?", (extent.digest,)).fetchone()
-            if row is not None and row[0] != extent.file:
-                before.add(row[0])
+        for start in range(0, len(wanted), 500):
+            batch = wanted[start : start + 500]
+            query = f"SELECT digest, file FROM content_extents WHERE digest IN ({','.join('?' * len(batch))})"
+            before.update(file for digest, file in conn.execute(query, batch) if file != placed[digest])
         conn.executemany(
             "INSERT OR IGNORE INTO content_blocks (digest, length, added_at) VALUES (?, ?, ?)",
             ((e.digest, e.length, now) for e in extents),

@@ -83,11 +83,40 @@ class FrameDecoder(Generic[T]):
         if not data:
             return
         self._spill()
-        if self._buffer or not isinstance(data, bytes):  # a caller may reuse a bytearray
+        if not isinstance(data, bytes):  # a caller may reuse a bytearray: copy it
             self._buffer += data
         else:
-            self._fed, self._fed_at = memoryview(data), 0
+            view = memoryview(data)
+            if self._buffer:  # complete the frame begun in the buffer; the rest stays in place
+                take = self._bytes_to_complete(view)
+                self._buffer += view[:take]
+                view = view[take:]
+            if view:
+                self._fed, self._fed_at = view, 0
         self._check_header()
+
+    def _bytes_to_complete(self, view: memoryview) -> int:
+        """How many bytes of ``view`` belong to the frame(s) the buffer holds (at most all of
+        ``view``). Raises :class:`FrameTooLargeError` for a header announcing too much."""
+        at = 0  # the buffered frames up to the last, incomplete one
+        while len(self._buffer) - at >= HEADER_BYTES:
+            length = self._announced(self._buffer[at : at + HEADER_BYTES])
+            if len(self._buffer) - at < 4 + length:
+                return min(len(view), 4 + length - (len(self._buffer) - at))
+            at += 4 + length
+        missing_header = HEADER_BYTES - (len(self._buffer) - at)
+        if at == len(self._buffer) or len(view) < missing_header:
+            return len(view) if at < len(self._buffer) else 0
+        length = self._announced(self._buffer[at:] + view[:missing_header])
+        return min(len(view), 4 + length - (len(self._buffer) - at))
+
+    def _announced(self, header: bytes | bytearray) -> int:
+        length, _version = _HEADER.unpack(header)
+        if length > self.max_frame_bytes:
+            raise FrameTooLargeError(
+                f"peer announced a {length}-byte frame; the limit is {self.max_frame_bytes}"
+            )
+        return int(length)
 
     def _spill(self) -> None:
         # Move what is left of the last feed into the buffer (a frame split across feeds).
@@ -102,16 +131,19 @@ class FrameDecoder(Generic[T]):
         return len(self._buffer) + (len(self._fed) - self._fed_at if self._fed is not None else 0)
 
     def _check_header(self) -> int | None:
-        if self._fed is not None:  # then the buffer is empty
-            if len(self._fed) - self._fed_at < HEADER_BYTES:
-                return None
-            length, version = _HEADER.unpack_from(self._fed, self._fed_at)
-        else:
+        # The buffer's frames come before the fed bytes.
+        if self._buffer or self._fed is None:
             if len(self._buffer) < HEADER_BYTES:
                 return None
             length, version = _HEADER.unpack_from(self._buffer)
+        else:
+            if len(self._fed) - self._fed_at < HEADER_BYTES:
+                return None
+            length, version = _HEADER.unpack_from(self._fed, self._fed_at)
         if length > self.max_frame_bytes:
-            raise FrameTooLargeError(f"peer announced a {length}-byte frame; the limit is {self.max_frame_bytes}")
+            raise FrameTooLargeError(
+                f"peer announced a {length}-byte frame; the limit is {self.max_frame_bytes}"
+            )
         if length < 1:
             raise MalformedMessageError("zero-length frame")
         if version != WIRE_VERSION:
@@ -125,24 +157,27 @@ class FrameDecoder(Generic[T]):
         (:class:`MalformedMessageError` for a body that is not a valid message, including one
         nested too deeply); the bad frame is consumed."""
         length = self._check_header()
-        if length is None or self.buffered_bytes < 4 + length:
-            if length is not None or self._fed is not None:
-                self._spill()  # a partial frame: keep it, not the whole fed object
-            return None
-        if self._fed is not None:
-            fed, start = self._fed, self._fed_at
-            self._fed_at += 4 + length  # consumed, also when it is bad
+        if self._buffer:
+            if length is None or len(self._buffer) < 4 + length:
+                return None  # a partial frame (then nothing was fed after it)
             try:
-                return self._decode(fed[start + HEADER_BYTES : start + 4 + length])
+                with memoryview(self._buffer) as view:
+                    return self._decode(view[HEADER_BYTES : 4 + length])
             finally:
-                if self._fed_at == len(fed):
-                    fed.release()
-                    self._fed = None
+                del self._buffer[: 4 + length]  # consumed, also when it is bad
+        if self._fed is None:
+            return None
+        if length is None or len(self._fed) - self._fed_at < 4 + length:
+            self._spill()  # a partial frame: keep it, not the whole fed object
+            return None
+        fed, start = self._fed, self._fed_at
+        self._fed_at += 4 + length  # consumed, also when it is bad
         try:
-            with memoryview(self._buffer) as view:
-                return self._decode(view[HEADER_BYTES : 4 + length])
+            return self._decode(fed[start + HEADER_BYTES : start + 4 + length])
         finally:
-            del self._buffer[: 4 + length]  # consumed, also when it is bad
+            if self._fed_at == len(fed):
+                fed.release()
+                self._fed = None
 
     def _decode(self, body: memoryview) -> T:
         # msgspec copies what it keeps (bytes fields): nothing refers to ``body`` afterwards.
