@@ -3,9 +3,12 @@ fresh block store on this machine's disk.
 
 Modes, alternated run by run in one invocation:
 
-* ``publish`` -- :func:`lattica.content.publish.publish` as the node runs it: chunk, hash
-  (BLAKE3 + whole-file SHA-256), write each new block without fsync, one ``syncfs`` per file,
-  then index the file's blocks in one sqlite transaction;
+* ``publish (link)`` -- :func:`lattica.content.publish.publish` as the node runs it by default
+  (``content.publish_link``): chunk and hash (BLAKE3 + whole-file SHA-256), hard-link each file
+  into the store and index its new chunks as ranges of it, one sqlite transaction per file;
+  nothing is written;
+* ``publish (copy)`` -- the same with ``publish_link = false``: each new block written without
+  fsync, one ``syncfs`` per file, then the file's blocks indexed in one transaction;
 * ``put per block`` (baseline) -- the same tensor-aligned chunks stored one by one with
   ``BlockStore.put`` (each block fsynced with its directory, then indexed on its own): the path
   a chunk received from a peer takes today.
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import trio
 
-from lattica.content import plan_chunks, read_safetensors_index
+from lattica.content import ContentConfig, plan_chunks, read_safetensors_index
 from lattica.content.block_store import BlockStore
 from lattica.content.publish import publish
 from lattica.storage import SqliteWriter
@@ -50,6 +53,10 @@ def _model_folder() -> Path:
 
 async def _publish(folder: Path, store: BlockStore) -> int:
     return (await publish(store, folder)).manifest.total_bytes
+
+
+async def _publish_copy(folder: Path, store: BlockStore) -> int:
+    return (await publish(store, folder, config=ContentConfig(publish_link=False))).manifest.total_bytes
 
 
 def _chunks_of_folder(folder: Path) -> Iterator[bytes]:
@@ -75,7 +82,8 @@ async def _run(mode: str, folder: Path, scratch: Path) -> float:
         try:
             store = BlockStore(Path(directory) / "blocks", writer)
             started = time.perf_counter()
-            total = await (_publish if mode == "publish" else _put_each)(folder, store)
+            run = {"publish (link)": _publish, "publish (copy)": _publish_copy}.get(mode, _put_each)
+            total = await run(folder, store)
             return total / (time.perf_counter() - started) / 1e6
         finally:
             writer.close()
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = utc_now()
     folder = _model_folder()
-    modes = ["publish", "put per block"]
+    modes = ["publish (link)", "publish (copy)", "put per block"]
     samples: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.runs):
         for mode in modes:
