@@ -140,55 +140,55 @@ def role_provider(args: argparse.Namespace) -> None:
     """Build a node, offer the block by ``args.mode``, report its address, wait for stdin EOF."""
     signal.alarm(int(args.timeout_s) + 60)
     block = _block(args.size, args.seed)
-    with tempfile.TemporaryDirectory(prefix="sdk-provider-") as work:
-        node = _node(PORT, work, None)
-        service = _service_class()
-        service.block = block
-        service(node)
-        cid = node.put_block(block) if args.mode == "bitswap" else None
-        _say({"peer_id": node.peer_id(), "cid": cid, "sha256": hashlib.sha256(block).hexdigest()})
-        sys.stdin.read()
-        node.close()
+    work = os.path.join(args.work, "provider")  # the driver removes it, also after a kill
+    node = _node(PORT, work, None)
+    service = _service_class()
+    service.block = block
+    service(node)
+    cid = node.put_block(block) if args.mode == "bitswap" else None
+    _say({"peer_id": node.peer_id(), "cid": cid, "sha256": hashlib.sha256(block).hexdigest()})
+    sys.stdin.read()
+    node.close()
 
 
 def role_receiver(args: argparse.Namespace) -> None:
     """Bootstrap through the provider, time the transfer, report MB/s, digest and peak RSS."""
     signal.alarm(int(args.timeout_s) + 30)
-    with tempfile.TemporaryDirectory(prefix="sdk-receiver-") as work:
-        bootstrap = f"/ip4/127.0.0.1/tcp/{PORT}/p2p/{args.peer_id}"
-        node = _node(0, work, bootstrap)
-        service = _service_class()(node)
-        # build() returns before the bootstrap connection is up; a stream call made earlier fails
-        # with "Failed to reconnect to peer". The SDK has no event for it, hence the poll.
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while args.peer_id not in node.get_all_peers() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        digest = hashlib.sha256()
-        _say({"started": True})  # the driver samples the provider's CPU from here on
-        cpu_before = _cpu_s()
-        started = time.perf_counter()
-        if args.mode == "bitswap":
-            _source, data = node.get_block(args.cid, timeout_secs=int(args.timeout_s))
-            received = len(data)
-            digest.update(data)
-        else:
-            received = 0
-            for chunk in service.get_stub(args.peer_id).fetch():
-                received += len(chunk)
-                digest.update(chunk)
-        elapsed = time.perf_counter() - started
-        cpu_s = _cpu_s() - cpu_before
-        _say(
-            {
-                "bytes": received,
-                "seconds": round(elapsed, 4),
-                "mb_per_s": round(received / MB / elapsed, 1),
-                "receiver_cpu_s": round(cpu_s, 3),
-                "sha256": digest.hexdigest(),
-                "peak_rss_bytes": _peak_rss_bytes(),
-            }
-        )
-        node.close()
+    work = os.path.join(args.work, "receiver")
+    bootstrap = f"/ip4/127.0.0.1/tcp/{PORT}/p2p/{args.peer_id}"
+    node = _node(0, work, bootstrap)
+    service = _service_class()(node)
+    # build() returns before the bootstrap connection is up; a stream call made earlier fails
+    # with "Failed to reconnect to peer". The SDK has no event for it, hence the poll.
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while args.peer_id not in node.get_all_peers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    digest = hashlib.sha256()
+    _say({"started": True})  # the driver samples the provider's CPU from here on
+    cpu_before = _cpu_s()
+    started = time.perf_counter()
+    if args.mode == "bitswap":
+        _source, data = node.get_block(args.cid, timeout_secs=int(args.timeout_s))
+        received = len(data)
+        digest.update(data)
+    else:
+        received = 0
+        for chunk in service.get_stub(args.peer_id).fetch():
+            received += len(chunk)
+            digest.update(chunk)
+    elapsed = time.perf_counter() - started
+    cpu_s = _cpu_s() - cpu_before
+    _say(
+        {
+            "bytes": received,
+            "seconds": round(elapsed, 4),
+            "mb_per_s": round(received / MB / elapsed, 1),
+            "receiver_cpu_s": round(cpu_s, 3),
+            "sha256": digest.hexdigest(),
+            "peak_rss_bytes": _peak_rss_bytes(),
+        }
+    )
+    node.close()
 
 
 def _links() -> list[str]:
@@ -212,6 +212,13 @@ def role_driver(args: argparse.Namespace) -> None:
         str(args.timeout_s),
     ]
     me = [sys.executable, "-I", str(Path(__file__).resolve())]
+    # The nodes' stores live under one folder the driver owns: a node killed at the end (the
+    # provider waits for EOF) cleaned up nothing, and each run left its GiB store in /tmp.
+    with tempfile.TemporaryDirectory(prefix="sdk-bench-") as work:
+        _drive(args, me, [*common, "--work", work])
+
+
+def _drive(args: argparse.Namespace, me: list[str], common: list[str]) -> None:
     provider = subprocess.Popen(
         [*me, "--role", "provider", *common], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -364,6 +371,7 @@ def _inner() -> None:
     parser.add_argument("--timeout-s", type=float, required=True)
     parser.add_argument("--peer-id")
     parser.add_argument("--cid")
+    parser.add_argument("--work", help="folder for the nodes' stores (made by the driver)")
     args = parser.parse_args()
     {"driver": role_driver, "provider": role_provider, "receiver": role_receiver}[args.role](args)
 
