@@ -82,6 +82,11 @@ log = logging.getLogger(__name__)
 
 TMP_DIR = "tmp"
 FILES_DIR = "files"
+MAX_EXTENT_BYTES = 1 << 20
+"""Longest chunk held as an extent; longer ones are block files. Serving reads a block in steps
+of this size and must send exactly the bytes it hashed: a longer range of a user's file could
+change between the hash and a later step (review finding), and a peer asking for a 64 MiB
+extent and cancelling would cost a 64 MiB hash for one piece sent."""
 _READ_PIECE_BYTES = 1 << 20
 
 _SCHEMA = """
@@ -430,39 +435,38 @@ class BlockStore:
         except FileNotFoundError:
             raise ChunkNotFoundError(f"block {digest.hex()} is indexed but its file is missing; run verify") from None
 
-    def read_block(self, digest: bytes, offset: int = 0, length: int | None = None, *, check: bool = True) -> bytes:
+    def read_block(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes:
         """``length`` bytes of a stored block from ``offset`` (to its end when ``None``), read
         from disk on this thread (use :meth:`read` from trio). A block held as an extent is
-        read whole and hashed again first (dropped and not found when it changed) unless
-        ``check`` is false (the rest of a block whose start :meth:`read_start` checked).
+        read whole and hashed again first (dropped and not found when it changed).
         Raises :class:`ChunkNotFoundError`, or ``ValueError`` for a range outside the block."""
         where = self._location(digest)
         end = where.length if length is None else offset + length
         if not 0 <= offset <= end <= where.length:
             raise ValueError(f"range [{offset}, {end}) is outside block {digest.hex()} ({where.length} bytes)")
-        if where.extent and check:
+        if where.extent:
             data = self._read_extent(digest, where)
             return data if (offset, end) == (0, where.length) else data[offset:end]
         return self._pread(digest, where, offset, end - offset)
 
     def read_start(self, digest: bytes, max_bytes: int) -> tuple[int, bytes]:
         """A stored block's length and its first ``max_bytes`` bytes, with one index lookup
-        (serving reads the next block ahead this way). A block held as an extent is hashed
-        whole first (streamed when longer than ``max_bytes``): a changed one is dropped from
-        the index and raises. Blocking. Raises :class:`ChunkNotFoundError` when it is not
-        indexed, its file is gone or shorter, or its extent changed."""
+        (serving reads the next block ahead this way). A block held as an extent is read whole
+        and hashed: the bytes returned are the bytes checked, and a changed one is dropped from
+        the index and raises; callers pass ``max_bytes >= MAX_EXTENT_BYTES``. Blocking. Raises
+        :class:`ChunkNotFoundError` when it is not indexed, its file is gone, shorter or
+        unreadable, or its extent changed; ``ValueError`` for an extent longer than
+        ``max_bytes``."""
         where = self._location(digest)
-        length = min(max_bytes, where.length)
-        if where.extent and length == where.length:
+        if where.extent:
+            if where.length > max_bytes:
+                raise ValueError(f"extent of {where.length} bytes read in steps of {max_bytes}: unchecked bytes")
             return where.length, self._read_extent(digest, where)
-        if where.extent and self._hash_location(digest, where) is not True:
-            self._drop_changed(digest, where)
-            raise ChunkNotFoundError(f"block {digest.hex()} changed on disk since it was stored; dropped")
-        return where.length, self._pread(digest, where, 0, length)
+        return where.length, self._pread(digest, where, 0, min(max_bytes, where.length))
 
-    async def read(self, digest: bytes, offset: int = 0, length: int | None = None, *, check: bool = True) -> bytes:
+    async def read(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes:
         """:meth:`read_block` off the event loop."""
-        return await run_blocking(lambda: self.read_block(digest, offset, length, check=check))
+        return await run_blocking(lambda: self.read_block(digest, offset, length))
 
     def iter_file(self, chunks: Sequence[ChunkRef], start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of a file whose chunk list is ``chunks``, one piece per chunk
@@ -647,8 +651,10 @@ class BlockStore:
         return name
 
     def release_files(self, names: Iterable[str]) -> None:
-        """Undo :meth:`adopt_file`'s live mark (a fetch ended): from now on ``gc`` removes such
-        a file once no extent refers to it."""
+        """Undo :meth:`adopt_file`'s live mark (a fetch or publish ended, its extents indexed);
+        a name no extent refers to is unlinked now (the store's name only). Blocking (an index
+        read and an unlink per name), fast."""
+        done: list[str] = []
         with self._unindexed_lock:
             for name in names:
                 left = self._live_files.get(name, 0) - 1
@@ -656,6 +662,15 @@ class BlockStore:
                     self._live_files[name] = left
                 else:
                     self._live_files.pop(name, None)
+                    done.append(name)
+        if done:
+            referenced = self.db.read(partial(self._referenced_files, done))
+            self._unlink_files(n for n in done if n not in referenced)
+
+    @staticmethod
+    def _referenced_files(names: Sequence[str], conn: sqlite3.Connection) -> set[str]:
+        query = "SELECT 1 FROM content_extents WHERE file = ? LIMIT 1"
+        return {n for n in names if conn.execute(query, (n,)).fetchone() is not None}
 
     def _release(self, digests: Iterable[bytes]) -> None:
         with self._unindexed_lock:

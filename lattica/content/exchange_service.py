@@ -27,7 +27,7 @@ from pathlib import Path
 
 import trio
 
-from lattica.content.block_store import BlockStore
+from lattica.content.block_store import MAX_EXTENT_BYTES, BlockStore
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import Cid
 from lattica.content.config import ContentConfig
@@ -45,7 +45,9 @@ from lattica.storage import SqliteWriter
 
 log = logging.getLogger("lattica.content")
 
-_READ_BYTES = 1 << 20
+_READ_BYTES = MAX_EXTENT_BYTES
+"""Serving reads a block in steps of this size: at least the longest extent, which is read
+(and hashed) in one step, so what is sent is what was checked."""
 _RECEIVE_BYTES = 64 * 1024
 _MAX_FINISHED_FETCHES = 64
 
@@ -218,8 +220,8 @@ class ContentService:
         while server.is_wanted(request.id):
             length = min(_READ_BYTES, total - offset)
             try:
-                if data is None:  # read_start checked the whole block (an extent is hashed)
-                    data = await self.store.read(request.digest, offset, length, check=False)
+                if data is None:  # the rest of a block file (an extent came whole, checked)
+                    data = await self.store.read(request.digest, offset, length)
             except (LatticaError, OSError) as exc:
                 log.warning("cannot read block %s to serve it: %s", request.digest.hex(), exc)
                 await _send(stream, server.refuse(request.id, NOT_FOUND))

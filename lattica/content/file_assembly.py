@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lattica.content.block_store import Extent
+from lattica.content.block_store import MAX_EXTENT_BYTES, Extent
 from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error, remove_stale_in
 from lattica.content.errors import ChunkMismatchError, OutputBusyError, OutputConflictError
-from lattica.content.manifest import FileEntry
+from lattica.content.manifest import ChunkRef, FileEntry
 from lattica.content.paths import check_relative_path
 
 ReadBlock = Callable[[bytes], bytes]
@@ -56,6 +56,11 @@ def temporary_name(path: str, tag: str) -> str:
     name = path.rsplit("/", 1)[-1]
     unique = hashlib.sha256(path.encode()).hexdigest()[:8]
     return f".{name_prefix(name)}.{tag}{unique}.part"
+
+
+def _fits(chunk: ChunkRef) -> bool:
+    # Longer chunks stay block files: serving must hash an extent in one read (MAX_EXTENT_BYTES).
+    return chunk.length <= MAX_EXTENT_BYTES
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -216,7 +221,7 @@ class FileAssembly:
             except OSError as exc:
                 raise named_os_error(exc, target.final) from exc
             assembled.written[index] = True
-            if assembled.linked is not None and not held and digest not in self._placed:
+            if assembled.linked is not None and not held and digest not in self._placed and _fits(chunk):
                 self._placed.add(digest)
                 self._extents.append(Extent(digest, chunk.length, assembled.linked, chunk.offset))
             self._advance(assembled, target, digest, data)
@@ -240,7 +245,7 @@ class FileAssembly:
                 target.discard()
                 raise named_os_error(exc, target.final) from exc
             assembled.target = target
-            if self._adopt is not None and entry.chunks:
+            if self._adopt is not None and any(_fits(c) for c in entry.chunks):
                 assembled.linked = self._adopt(target.fd)
                 if assembled.linked is not None:
                     self._linked.append(assembled.linked)
@@ -268,7 +273,7 @@ class FileAssembly:
         assembled.final = target.commit()
         if assembled.linked is not None:
             for chunk in assembled.entry.chunks:
-                if chunk.digest not in self._placed:
+                if chunk.digest not in self._placed and _fits(chunk):
                     self._placed.add(chunk.digest)
                     self._extents.append(Extent(chunk.digest, chunk.length, assembled.linked, chunk.offset))
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from lattica.content.block_store import BlockStore, Extent
+from lattica.content.block_store import MAX_EXTENT_BYTES, BlockStore, Extent
 from lattica.content.blocking_io import run_blocking
 from lattica.content.chunker import plan_chunks
 from lattica.content.cid import Cid, blake3_digest
@@ -150,10 +150,10 @@ def _chunk_file(store: BlockStore, local: LocalFile, config: ContentConfig) -> _
             chunks.append(ChunkRef(digest, offset, length))
             if digest not in written_now and not store.has(digest):
                 written_now.add(digest)
-                if may_link and linked is None:
+                if may_link and linked is None and length <= MAX_EXTENT_BYTES:
                     linked = store.adopt_file(file.fileno())
                     may_link = linked is not None
-                if linked is not None:
+                if linked is not None and length <= MAX_EXTENT_BYTES:  # longer: a block file
                     extents.append(Extent(digest, length, linked, offset))
                     continue
                 store.write_block_file(digest, data, durable=False)

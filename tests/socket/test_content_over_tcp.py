@@ -40,11 +40,11 @@ async def test_fetch_takes_tcp_where_both_run_it(tmp_path: Path, fetcher_runs_tc
 
 
 async def test_a_fetched_folder_is_served_from_the_files_it_was_written_to(tmp_path: Path) -> None:
-    # B writes each chunk once, into its output file, and serves C from there (chunks of 2 MiB:
-    # a block is read in 1 MiB steps, the first of which checks the whole range).
+    # B writes each chunk once, into its output file, and serves C from there, each chunk
+    # hashed again as it is read.
     source = tmp_path / "data.bin"
     source.write_bytes(random_bytes(5 * 1024 * KIB + 7, seed=12))
-    config = NodeConfig(net=NetConfig(tcp_listen=True), content=ContentConfig(chunk_bytes=2048 * KIB))
+    config = NodeConfig(net=NetConfig(tcp_listen=True), content=ContentConfig(chunk_bytes=512 * KIB))
     async with (
         Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), config, blocks_dir=tmp_path / "b") as b,
         Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), config, blocks_dir=tmp_path / "c") as c,

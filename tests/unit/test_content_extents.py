@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from lattica.content import ChunkNotFoundError
-from lattica.content.block_store import BlockStore, Extent
+from lattica.content import ChunkNotFoundError, ContentConfig
+from lattica.content.block_store import MAX_EXTENT_BYTES, BlockStore, Extent
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import blake3_digest
 from lattica.content.contained_write import open_output_folder
 from lattica.content.file_assembly import FileAssembly
 from lattica.content.manifest import ChunkRef, FileEntry
+from lattica.content.publish import publish
 from tests.unit.content_samples import KIB, open_store, random_bytes
 
 TAG = "00112233aabbccdd"
@@ -72,7 +73,10 @@ async def test_a_fetched_file_is_written_once_and_its_chunks_read_from_it(tmp_pa
             piece = data[chunk.offset : chunk.offset + chunk.length]
             assert store.read_block(chunk.digest) == piece
             assert store.read_block(chunk.digest, 7, 10) == piece[7:17]
-            assert store.read_start(chunk.digest, 1000) == (chunk.length, piece[:1000])
+            assert store.read_start(chunk.digest, 1 << 20) == (chunk.length, piece)
+            if chunk.length > 1000:
+                with pytest.raises(ValueError):  # an extent is never served in unchecked steps
+                    store.read_start(chunk.digest, 1000)
         assert (await store.verify()).ok
 
 
@@ -184,3 +188,32 @@ def test_a_file_the_store_cannot_link_records_no_extents(tmp_path: Path) -> None
 def test_an_extent_names_a_range_of_a_file() -> None:
     extent = Extent(b"\x01" * 32, 10, "ab" * 16, 20)
     assert (extent.length, extent.offset) == (10, 20)
+
+
+async def test_chunks_longer_than_one_serving_read_stay_block_files(tmp_path: Path) -> None:
+    # Review finding: a 2 MiB chunk held as an extent was hashed whole, then served in 1 MiB
+    # reads, so an edit between the hash and the second read was sent unchecked.
+    big = 2 * MAX_EXTENT_BYTES
+    data = random_bytes(2 * big + 5, 9)
+    chunks = tuple(
+        ChunkRef(blake3_digest(data[at : at + big]), at, len(data[at : at + big])) for at in range(0, len(data), big)
+    )
+    file = FileEntry("model.bin", len(data), 0o644, hashlib.sha256(data).digest(), chunks)
+    with open_store(tmp_path / "store") as store, open_output_folder(tmp_path / "out") as fd:
+        assembly = FileAssembly(fd, tmp_path / "out", [file], tag=TAG, adopt=store.adopt_file)
+        for chunk in chunks:
+            assembly.add(chunk.digest, data[chunk.offset : chunk.offset + chunk.length])
+        placed = [c.length for c in chunks if assembly.is_placed(c.digest)]
+        assert placed == [5]  # only the short tail fits in one read
+        assert [e.length for e in assembly.take_extents()] == [5]
+        assembly.finish()
+
+
+async def test_a_published_file_with_long_chunks_is_copied(tmp_path: Path) -> None:
+    source = tmp_path / "w.bin"
+    source.write_bytes(random_bytes(4 * MAX_EXTENT_BYTES, 10))  # two chunks of 2 MiB
+    with open_store(tmp_path / "store") as store:
+        result = await publish(store, source, config=ContentConfig(chunk_bytes=2 * MAX_EXTENT_BYTES))
+        assert list(store.files_dir.iterdir()) == []  # nothing linked, nothing left behind
+        assert len(block_files(store)) == 3  # two chunks and the manifest
+        assert store.missing(c.digest for c in result.manifest.files[0].chunks) == []
