@@ -279,6 +279,21 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
+# What makes a stored block's file unreadable for good (gone, a user's chmod of a fetched file
+# held as extents, a folder or symlink put there): the block counts as missing and is fetched
+# again. Transient errors (EMFILE, EIO) are raised as they are.
+_UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _open_for_reading(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink planted in the store: never followed
+            raise NotADirectoryError(errno.ENOTDIR, "a symlink, not followed", str(path)) from None
+        raise
+
+
 def _mkstemp(tmp_dir: Path) -> tuple[int, str]:
     return tempfile.mkstemp(dir=tmp_dir, prefix=".lattica-", suffix=".tmp")
 
@@ -384,9 +399,11 @@ class BlockStore:
 
     def _pread(self, digest: bytes, where: _Location, offset: int, length: int) -> bytes:
         try:
-            fd = os.open(where.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise ChunkNotFoundError(f"block {digest.hex()} is indexed but its file is missing; run verify") from None
+            fd = _open_for_reading(where.path)
+        except _UNREADABLE as exc:
+            raise ChunkNotFoundError(
+                f"block {digest.hex()} is indexed but its file cannot be read ({exc.strerror}); run verify"
+            ) from None
         try:
             data = os.pread(fd, length, where.start + offset)
         finally:
@@ -852,8 +869,8 @@ class BlockStore:
         missing or shorter than the block), one piece in memory at a time."""
         hasher = blake3.blake3()
         try:
-            fd = os.open(where.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
+            fd = _open_for_reading(where.path)
+        except _UNREADABLE:
             return None
         try:
             done = 0

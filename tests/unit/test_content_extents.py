@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lattica.content import ChunkNotFoundError, ContentConfig
+from lattica.content import ChunkNotFoundError, ContentConfig, block_store
 from lattica.content.block_store import MAX_EXTENT_BYTES, BlockStore, Extent
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import blake3_digest
@@ -217,3 +217,27 @@ async def test_a_published_file_with_long_chunks_is_copied(tmp_path: Path) -> No
         assert list(store.files_dir.iterdir()) == []  # nothing linked, nothing left behind
         assert len(block_files(store)) == 3  # two chunks and the manifest
         assert store.missing(c.digest for c in result.manifest.files[0].chunks) == []
+
+
+async def test_an_unreadable_fetched_file_counts_as_missing_not_as_an_error(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Review finding: `chmod 000` on a fetched file (daemon not root) made every verify and
+    # every fetch fail with "Permission denied" while ls said complete.
+    data = random_bytes(3 * CHUNK, 11)
+    file = entry("model.bin", data)
+    with open_store(tmp_path / "store") as store:
+        await fetch_into(store, tmp_path / "out", file, data)
+        real_open = block_store._open_for_reading
+
+        def denied(path: Path) -> int:
+            if path.parent == store.files_dir:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path)
+
+        monkeypatch.setattr(block_store, "_open_for_reading", denied)
+        first, *others = file.chunks
+        with pytest.raises(ChunkNotFoundError, match="cannot be read"):
+            store.read_block(first.digest)
+        assert store.missing([first.digest]) == [first.digest]  # dropped: fetched again
+        report = await store.verify(drop_bad=True)
+        assert set(report.missing) == {c.digest for c in others} and not report.bad
+        assert store.missing(c.digest for c in file.chunks) == [c.digest for c in file.chunks]
