@@ -115,6 +115,9 @@ CREATE TABLE IF NOT EXISTS content_extents (
     offset INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS content_extents_by_file ON content_extents (file);
+CREATE TABLE IF NOT EXISTS content_dropped (
+    digest BLOB PRIMARY KEY
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS content_failed (
     cid TEXT PRIMARY KEY,
     reason TEXT NOT NULL
@@ -375,6 +378,23 @@ class BlockStore:
         present = self.db.read(query)
         return [d for d in wanted if d not in present]
 
+    def dropped(self, digests: Iterable[bytes]) -> set[bytes]:
+        """The digests of ``digests`` this store held once and dropped because their bytes
+        changed or went (on a read, or by :meth:`verify`), not stored again since: a repair
+        fetches them, unlike chunks a partial fetch never asked for."""
+        wanted = list(dict.fromkeys(digests))
+
+        def query(conn: sqlite3.Connection) -> set[bytes]:
+            found: set[bytes] = set()
+            for start in range(0, len(wanted), 500):
+                batch = wanted[start : start + 500]
+                marks = ",".join("?" * len(batch))
+                rows = conn.execute(f"SELECT digest FROM content_dropped WHERE digest IN ({marks})", batch)
+                found.update(row[0] for row in rows)
+            return found
+
+        return self.db.read(query)
+
     def block_length(self, digest: bytes) -> int:
         """Size of a stored block; raises :class:`ChunkNotFoundError`."""
         row = self.db.read(
@@ -437,6 +457,7 @@ class BlockStore:
             query = "DELETE FROM content_extents WHERE digest = ? AND file = ? AND offset = ?"
             if conn.execute(query, (digest, file, where.start)).rowcount:
                 conn.execute("DELETE FROM content_blocks WHERE digest = ?", (digest,))
+                conn.execute("INSERT OR IGNORE INTO content_dropped (digest) VALUES (?)", (digest,))
 
         self.db.write_blocking(delete)
 
@@ -633,6 +654,7 @@ class BlockStore:
             "INSERT OR REPLACE INTO content_extents (digest, file, offset) VALUES (?, ?, ?)",
             ((e.digest, e.file, e.offset) for e in extents),
         )
+        conn.executemany("DELETE FROM content_dropped WHERE digest = ?", ((d,) for d in placed))
         query = "SELECT 1 FROM content_extents WHERE file = ? LIMIT 1"
         return [name for name in sorted(before) if conn.execute(query, (name,)).fetchone() is None]
 
@@ -715,6 +737,7 @@ class BlockStore:
 
         def insert(conn: sqlite3.Connection) -> None:
             conn.executemany("INSERT OR IGNORE INTO content_blocks (digest, length, added_at) VALUES (?, ?, ?)", rows)
+            conn.executemany("DELETE FROM content_dropped WHERE digest = ?", ((d,) for d, _ in blocks))
 
         await self.db.write(insert)
 
@@ -914,19 +937,21 @@ class BlockStore:
                 bad.append(digest)
         if drop_bad and (bad or missing):
             async with self._lock:
-                extents = await self._unindex([*bad, *missing])
+                extents = await self._unindex([*bad, *missing], dropped=True)
                 # A damaged block file goes; an extent's file is also a user's file: only its
                 # index row goes (gc unlinks the store's name once nothing refers to it).
                 await run_blocking(partial(self._delete_files, [d for d in bad if d not in extents]))
         return VerifyReport(len(wanted), tuple(bad), tuple(missing), drop_bad)
 
-    async def _unindex(self, digests: Sequence[bytes]) -> set[bytes]:
-        """Drop blocks from the index; returns those of them that were extents."""
+    async def _unindex(self, digests: Sequence[bytes], *, dropped: bool = False) -> set[bytes]:
+        """Drop blocks from the index (``dropped``: remembered as held once and lost, see
+        :meth:`dropped`); returns those of them that were extents."""
 
         def delete(conn: sqlite3.Connection) -> set[bytes]:
             extents = set()
             for digest in digests:
-                conn.execute("DELETE FROM content_blocks WHERE digest = ?", (digest,))
+                if conn.execute("DELETE FROM content_blocks WHERE digest = ?", (digest,)).rowcount and dropped:
+                    conn.execute("INSERT OR IGNORE INTO content_dropped (digest) VALUES (?)", (digest,))
                 if conn.execute("DELETE FROM content_extents WHERE digest = ?", (digest,)).rowcount:
                     extents.add(digest)
             return extents
@@ -952,6 +977,10 @@ class BlockStore:
             garbage = [(digest, length) for digest, length in unreferenced if digest not in protected]
             conn.executemany("DELETE FROM content_blocks WHERE digest = ?", ((d,) for d, _ in garbage))
             conn.executemany("DELETE FROM content_extents WHERE digest = ?", ((d,) for d, _ in garbage))
+            conn.execute(
+                "DELETE FROM content_dropped"
+                " WHERE NOT EXISTS (SELECT 1 FROM content_refs WHERE content_refs.digest = content_dropped.digest)"
+            )
             return len(roots), garbage
 
         async with self._lock:

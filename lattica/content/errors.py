@@ -51,6 +51,12 @@ class ChunkNotFoundError(ContentError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class HeldChunkLostError(ChunkNotFoundError):
+    """A chunk the store held could not be read back while a fetch copied it into a file (its
+    range of a fetched file was edited, or its file went): the store dropped it, so fetching
+    again gets it from peers (:func:`~lattica.content.exchange_fetch.fetch_content` does, once)."""
+
+
 class NoTensorsSelectedError(ContentError):
     """Tensor patterns matched no tensor of the file."""
 

@@ -56,6 +56,7 @@ from lattica.content.config import ContentConfig
 from lattica.content.errors import (
     ChunkMismatchError,
     ContentError,
+    HeldChunkLostError,
     MalformedContentError,
     NoFilesSelectedError,
     NoTensorsSelectedError,
@@ -454,7 +455,14 @@ async def fetch_content(
                 peers.ask_first = [p for p in connected if p != found[2]]
             encoded, manifest, _source = found
             await store.add_root(encoded, manifest, pinned=True)
-        await _fetch_planned(deps, cid, manifest, out_dir, include, exclude, tensors, progress, peers)
+        try:
+            await _fetch_planned(deps, cid, manifest, out_dir, include, exclude, tensors, progress, peers)
+        except HeldChunkLostError as exc:
+            # A chunk held here was dropped while it was copied into the output (its range of
+            # a fetched file was edited): it counts as missing now, so one more pass gets it
+            # from peers (review finding: the fetch failed, and only a second one succeeded).
+            log.info("fetch of %s: %s; fetching it from peers", cid, exc)
+            await _fetch_planned(deps, cid, manifest, out_dir, include, exclude, tensors, progress, peers)
     except ChunkMismatchError as exc:
         # The chunks match the id but a file does not match its SHA-256: the manifest lies,
         # and every copy of this id will. Unpinned and marked so gc frees it and ls shows it.

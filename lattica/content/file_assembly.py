@@ -30,7 +30,13 @@ from pathlib import Path
 
 from lattica.content.block_store import MAX_EXTENT_BYTES, Extent
 from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error, remove_stale_in
-from lattica.content.errors import ChunkMismatchError, OutputBusyError, OutputConflictError
+from lattica.content.errors import (
+    ChunkMismatchError,
+    ChunkNotFoundError,
+    HeldChunkLostError,
+    OutputBusyError,
+    OutputConflictError,
+)
 from lattica.content.manifest import ChunkRef, FileEntry
 from lattica.content.paths import check_relative_path
 
@@ -228,10 +234,16 @@ class FileAssembly:
 
     def add_held(self, held: Sequence[bytes], read: ReadBlock) -> None:
         """:meth:`add` for chunks already in the store (a resumed fetch, chunks shared with
-        content held before), one chunk in memory at a time."""
+        content held before), one chunk in memory at a time. Raises
+        :class:`~lattica.content.errors.HeldChunkLostError` when one cannot be read back (the
+        store dropped it: fetching again gets it from peers), and what :meth:`add` raises."""
         for digest in held:
             if digest in self._places:
-                self.add(digest, read(digest), held=True)
+                try:
+                    data = read(digest)
+                except ChunkNotFoundError as exc:
+                    raise HeldChunkLostError(str(exc)) from None
+                self.add(digest, data, held=True)
 
     def _begin(self, assembled: _Assembled) -> ContainedFile:
         if assembled.target is None:

@@ -310,13 +310,18 @@ def register_content_methods(registry: MethodRegistry, node: Node) -> None:
         except ContentError as exc:
             raise ControlError(FAILED, f"the stored manifest of {cid} is damaged: {exc}") from None
         chunks = list(manifest.unique_chunks())
-        not_held = set(store.missing(chunks))
+        absent = set(store.missing(chunks))
+        # Chunks held once and dropped since (a seeder found their range of a fetched file
+        # edited) count as bad: the repair fetches them (review finding: verify then said
+        # "never fetched here" and repaired nothing).
+        dropped = store.dropped(absent)
+        not_held = absent - dropped
         # Only what this node holds is checked: a partial fetch's other chunks are not "missing"
         # (review finding: verify of a --tensors fetch downloaded the whole model).
-        report = await store.verify([d for d in chunks if d not in not_held], drop_bad=True)
+        report = await store.verify([d for d in chunks if d not in absent], drop_bad=True)
         repair = None
         mismatched: list[str] = []
-        if (report.bad or report.missing) and not not_held:
+        if (report.bad or report.missing or dropped) and not not_held:
             repair = content.start_fetch(cid).id
         else:
             # Chunks can all match the id while a file does not match its SHA-256.
@@ -324,7 +329,13 @@ def register_content_methods(registry: MethodRegistry, node: Node) -> None:
             if mismatched:
                 await store.mark_failed(cid, f"{mismatched[0]}: SHA-256 differs from the manifest's")
         return VerifyReply(
-            str(cid), report.checked, len(report.bad), len(report.missing), repair, mismatched, len(not_held)
+            str(cid),
+            report.checked,
+            len(report.bad) + len(dropped),
+            len(report.missing),
+            repair,
+            mismatched,
+            len(not_held),
         )
 
     registry.add("content.publish", PublishParams, publish)

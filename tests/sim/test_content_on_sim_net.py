@@ -522,3 +522,22 @@ async def test_two_fetches_of_one_content_at_once_download_it_once(
         assert sorted(r.received_bytes for r in results) == [0, 512 * KIB]
         for name in ("one", "two"):
             assert (tmp_path / name / "data.bin").read_bytes() == source.read_bytes()
+
+
+async def test_a_held_chunk_edited_in_its_fetched_file_is_fetched_again_in_the_same_fetch(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: a fetch into a new folder copies held chunks from the first folder's
+    # file; one edited there was dropped on read and the fetch failed, and only a second
+    # fetch succeeded.
+    source = source_file(tmp_path, 256 * KIB)
+    async with cluster(tmp_path, 2) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        await c.content(1).fetch(cid, out_dir=tmp_path / "first")
+        with (tmp_path / "first" / "data.bin").open("r+b") as edit:
+            edit.seek(100 * KIB)
+            edit.write(b"edited in place")
+        again = await c.content(1).fetch(cid, out_dir=tmp_path / "second")
+        assert (tmp_path / "second" / "data.bin").read_bytes() == source.read_bytes()
+        assert again.received_bytes == 32 * KIB  # the one chunk that changed, from node 0

@@ -6,7 +6,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
-from lattica.content import Cid
+import pytest
+
+from lattica.content import ChunkNotFoundError, Cid
 from lattica.content.publish import publish
 from lattica.control.content_methods import CidParams, VerifyReply, register_content_methods
 from lattica.control.registry import MethodRegistry
@@ -53,3 +55,31 @@ async def test_verify_of_partial_content_checks_what_is_held_and_fetches_nothing
         assert isinstance(reply, VerifyReply)
         assert (reply.checked, reply.bad, reply.missing, reply.not_held) == (3, 0, 0, 1)
         assert reply.repair_fetch_id is None and started == []
+
+
+async def test_verify_repairs_chunks_dropped_since_they_were_held(tmp_path: Path) -> None:
+    # Review finding: a seeder that found a chunk of its fetched file edited dropped it; a
+    # later verify called it "never fetched here" and repaired nothing.
+    source = tmp_path / "m"
+    source.mkdir()
+    for i in range(3):
+        (source / f"part{i}.bin").write_bytes(bytes([i]) * 5000)
+    with open_store(tmp_path / "store") as store:
+        result = await publish(store, source)
+        digest = result.manifest.file("part1.bin").chunks[0].digest
+        (source / "part1.bin").write_bytes(b"X" * 5000)  # edited in place: same inode
+        with pytest.raises(ChunkNotFoundError):
+            store.read_block(digest)  # a read (serving, say) finds it changed and drops it
+        started: list[Cid] = []
+        content = SimpleNamespace(store=store, start_fetch=lambda cid: started.append(cid) or SimpleNamespace(id=7))
+        registry = MethodRegistry()
+        register_content_methods(registry, cast(Node, SimpleNamespace(content=content)))
+        method = registry.get("content.verify")
+        assert method is not None
+        reply = await method.handler(CidParams(str(result.cid)))
+        assert isinstance(reply, VerifyReply)
+        assert (reply.bad, reply.not_held, reply.repair_fetch_id) == (1, 0, 7)
+        assert started == [result.cid]
+        assert store.dropped([digest]) == {digest}
+        await store.put(bytes([1]) * 5000)  # fetched again: no longer counted as dropped
+        assert store.dropped([digest]) == set()
