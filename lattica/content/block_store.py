@@ -342,6 +342,16 @@ class BlockStore:
         # name a count: their extents are not indexed yet, so orphan removal must skip them.
         self._live_files: dict[str, int] = {}
         db.write_blocking(self._create_schema)
+        # No fetch runs yet: a name in files/ no extent refers to is what a killed fetch or
+        # publish left (review finding: a kill -9 left a fallocated file of the full size).
+        self._unlink_files(self._unreferenced_files())
+
+    def _unreferenced_files(self) -> list[str]:
+        names = [entry.name for entry in os.scandir(self.files_dir)]
+        if not names:
+            return []
+        referenced = self.db.read(partial(self._referenced_files, names))
+        return [name for name in names if name not in referenced]
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
@@ -670,8 +680,16 @@ class BlockStore:
         """Give the open regular file ``fd`` (a fetched file being written) a second name in
         ``files/`` (a hard link, through ``/proc/self/fd``) so its chunks can be indexed as
         :class:`Extent` s of it; returns that name, or ``None`` when the file cannot be linked
-        here (another file system, no ``/proc``): its chunks are then stored as block files.
+        here (another file system, no ``/proc``, a file another user owns): its chunks are then
+        stored as block files.
         The name counts as live (kept by ``gc``) until :meth:`release_files`. Blocking."""
+        try:
+            if os.fstat(fd).st_uid != os.geteuid():
+                # Another user's file (root may link it): a link would keep their bytes on their
+                # disk or quota after they delete it, until this node's gc. Copy instead.
+                return None
+        except OSError:
+            return None
         name = secrets.token_hex(16)
         with self._unindexed_lock:
             self._live_files[name] = self._live_files.get(name, 0) + 1

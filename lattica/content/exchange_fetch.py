@@ -507,7 +507,7 @@ async def _fetch_planned(
     tag = cid.digest.hex()[:16]
     try:
         if out_dir is not None:
-            root_fd = await run_blocking(lambda: _open_folder(out_dir))
+            root_fd = await run_blocking(lambda: _open_folder(out_dir, store.root))
             await run_blocking(lambda: FileAssembly.remove_leftovers(root_fd, manifest.files, tag=tag))
         if out_dir is not None and plan.files:
             # Whole files are written into place as their chunks are stored (see
@@ -544,7 +544,12 @@ async def _fetch_planned(
             os.close(root_fd)
 
 
-def _open_folder(out_dir: Path) -> int:
+def _open_folder(out_dir: Path, store_root: Path) -> int:
+    inside = os.path.realpath(out_dir)
+    if os.path.commonpath([inside, os.path.realpath(store_root)]) == os.path.realpath(store_root):
+        # gc removes whatever it does not know under the store (review finding: a fetch into
+        # blocks/files had its files deleted by the next gc).
+        raise OutputConflictError(f"{out_dir} is inside the node's block store ({store_root}): give -o another folder")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise OutputConflictError(f"{out_dir} is a file, not a folder: give -o a folder")
     try:

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from lattica.config import NodeConfig
-from lattica.content import Cid, ContentConfig
+from lattica.content import Cid, ContentConfig, OutputConflictError
 from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
 from lattica.content.exchange_messages import MAX_PIECE_BYTES, PROTOCOL_ID
 from lattica.content.exchange_protocol import BlockReceived, ExchangeClient
@@ -541,3 +541,14 @@ async def test_a_held_chunk_edited_in_its_fetched_file_is_fetched_again_in_the_s
         again = await c.content(1).fetch(cid, out_dir=tmp_path / "second")
         assert (tmp_path / "second" / "data.bin").read_bytes() == source.read_bytes()
         assert again.received_bytes == 32 * KIB  # the one chunk that changed, from node 0
+
+
+async def test_a_fetch_into_the_block_store_is_refused(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # Review finding: `fetch -o HOME/blocks/files` succeeded, and the next gc deleted the file.
+    source = source_file(tmp_path, 64 * KIB)
+    async with cluster(tmp_path, 2) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        with pytest.raises(OutputConflictError, match="inside the node's block store"):
+            await c.content(1).fetch(cid, out_dir=c.content(1).store.files_dir)
+        assert list(c.content(1).store.files_dir.iterdir()) == []

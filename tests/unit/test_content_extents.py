@@ -5,6 +5,7 @@ every whole read, drops what a user changed, and never touches the user's file."
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,36 @@ async def test_an_unreadable_fetched_file_counts_as_missing_not_as_an_error(tmp_
         report = await store.verify(drop_bad=True)
         assert set(report.missing) == {c.digest for c in others} and not report.bad
         assert store.missing(c.digest for c in file.chunks) == [c.digest for c in file.chunks]
+
+
+def test_a_name_a_killed_fetch_left_in_the_store_goes_when_the_store_opens(tmp_path: Path) -> None:
+    # Review finding: after kill -9 early in a fetch (nothing indexed yet), the fetch's file
+    # (fallocated to its full size) kept its store name until gc, beside the next fetch's.
+    out = tmp_path / "out.bin"
+    with open_store(tmp_path / "store") as store:
+        fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            name = store.adopt_file(fd)  # then the process dies: no index, no release
+        finally:
+            os.close(fd)
+        assert name is not None and (store.files_dir / name).exists()
+    with open_store(tmp_path / "store") as store:
+        assert list(store.files_dir.iterdir()) == []
+    assert out.exists()  # the user's name of the file stays
+
+
+def test_another_users_file_is_not_linked(tmp_path: Path) -> None:
+    # Review finding: a root daemon hard-linked files of other users (root is not bound by
+    # fs.protected_hardlinks), so deleting them freed nothing on their disk until our gc.
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    theirs = tmp_path / "theirs.bin"
+    theirs.write_bytes(b"someone else's")
+    os.chown(theirs, 65534, 65534)
+    with open_store(tmp_path / "store") as store:
+        fd = os.open(theirs, os.O_RDONLY)
+        try:
+            assert store.adopt_file(fd) is None
+        finally:
+            os.close(fd)
+        assert list(store.files_dir.iterdir()) == []
