@@ -275,3 +275,21 @@ def test_another_users_file_is_not_linked(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         assert list(store.files_dir.iterdir()) == []
+
+
+async def test_gc_moves_a_shared_chunk_out_of_a_big_file_the_user_deleted(tmp_path: Path) -> None:
+    # Review finding: a small content's one chunk moved into a big fetched file that shares it;
+    # after the big file was deleted and its content collected, gc kept all of it for that chunk.
+    big = random_bytes(10 * CHUNK, 12)
+    small, large = entry("small.bin", big[:CHUNK]), entry("large.bin", big)
+    shared = small.chunks[0].digest
+    with open_store(tmp_path / "store") as store:
+        store.protect([shared])  # the small content's root, still held
+        await fetch_into(store, tmp_path / "x", small, big[:CHUNK])
+        await fetch_into(store, tmp_path / "y", large, big)
+        (tmp_path / "y" / "large.bin").unlink()  # the user deletes the big file
+        await store.gc()  # the big content is unpinned: its other chunks go
+        assert list(store.files_dir.iterdir()) == []  # no 640 KiB file kept for 64 KiB
+        assert store.read_block(shared) == big[:CHUNK]  # now a block file of its own
+        assert store.block_path(shared).exists()
+        assert (tmp_path / "x" / "small.bin").read_bytes() == big[:CHUNK]

@@ -134,6 +134,6 @@ def test_an_output_path_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
     # Review finding: `-o` naming an existing file gave "[Errno 17] File exists".
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputConflictError, match="is a file, not a folder"):
-        _open_folder(tmp_path / "afile")
+        _open_folder(tmp_path / "afile", tmp_path / "store")
     with pytest.raises(OutputConflictError, match="cannot create the output folder"):
-        _open_folder(tmp_path / "afile" / "sub")
+        _open_folder(tmp_path / "afile" / "sub", tmp_path / "store")
