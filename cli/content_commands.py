@@ -4,7 +4,8 @@ A fetch runs inside the daemon (``content.fetch``); this command follows its pro
 (``content.fetch_status`` with ``wait_s``: each call returns when the fetch ends or after
 0.25 s, so the end is seen at once) and draws a progress bar (bytes, rate, ETA, peers) when stdout is a
 terminal, nothing when it is a pipe. Ctrl-C cancels the daemon's fetch, which keeps every
-verified chunk: the same command resumes it.
+verified chunk: the same command resumes it. SIGTERM and SIGHUP do the same
+(:mod:`cli.stop_signals`; the exit code is 128 + the signal's number, as Ctrl-C's is 130).
 """
 
 # No `from __future__ import annotations`: typer would eval every annotation string at start-up.
@@ -18,6 +19,7 @@ import typer
 from cli.arguments import check_cid
 from cli.daemon_client import HomeOption, JsonOption, call_daemon
 from cli.output import print_json, print_line, print_table, stdout_is_terminal
+from cli.stop_signals import StopSignal, stop_signals_interrupt
 from lattica.control.errors import FAILED, ControlError
 
 _POLL_S = 0.25  # the daemon answers after this long, or at once when the fetch ends
@@ -90,49 +92,57 @@ def _fetch_summary(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def _follow(home: Path | None, fetch_id: int, show_bar: bool) -> dict[str, Any]:
-    """Poll the daemon's fetch until it ends; a bar on a terminal. Ctrl-C cancels it there."""
-    status: dict[str, Any] = {}
-    try:
-        if not show_bar:
-            while True:
-                status = call_daemon(home, "content.fetch_status", {"fetch_id": fetch_id, "wait_s": _POLL_S})
-                if status["state"] in ("done", "failed", "cancelled"):
-                    return status
-        from rich.progress import (  # only a terminal pays for rich
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+    """Poll the daemon's fetch until it ends; a bar on a terminal. Ctrl-C, SIGTERM and SIGHUP
+    cancel it there; the command then exits 130, or 128 + the signal's number."""
+    with stop_signals_interrupt():
+        try:
+            return _poll(home, fetch_id, show_bar)
+        except KeyboardInterrupt as stop:
+            with contextlib.suppress(ControlError):  # the daemon may be gone; nothing to undo then
+                call_daemon(home, "content.fetch_cancel", {"fetch_id": fetch_id}, timeout_s=10.0)
+            sys.stderr.write("fetch stopped; what arrived is kept: run the same command to resume\n")
+            if isinstance(stop, StopSignal):
+                raise typer.Exit(stop.exit_code) from None
+            raise
 
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[peers]} peer(s)"),
-        )
-        with Progress(*columns, transient=False) as bar:
-            task = bar.add_task("finding", total=None, peers=0)
-            while True:
-                status = call_daemon(home, "content.fetch_status", {"fetch_id": fetch_id, "wait_s": _POLL_S})
-                bar.update(
-                    task,
-                    description=status["state"],
-                    total=status["total_bytes"] or None,
-                    completed=status["held_bytes"],
-                    peers=len(status["peers"]),
-                )
-                if status["state"] in ("done", "failed", "cancelled"):
-                    return status
-    except KeyboardInterrupt:
-        with contextlib.suppress(ControlError):  # the daemon may be gone; nothing to undo then
-            call_daemon(home, "content.fetch_cancel", {"fetch_id": fetch_id}, timeout_s=10.0)
-        sys.stderr.write("fetch stopped; what arrived is kept: run the same command to resume\n")
-        raise
+
+def _poll(home: Path | None, fetch_id: int, show_bar: bool) -> dict[str, Any]:
+    status: dict[str, Any]
+    if not show_bar:
+        while True:
+            status = call_daemon(home, "content.fetch_status", {"fetch_id": fetch_id, "wait_s": _POLL_S})
+            if status["state"] in ("done", "failed", "cancelled"):
+                return status
+    from rich.progress import (  # only a terminal pays for rich
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[peers]} peer(s)"),
+    )
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("finding", total=None, peers=0)
+        while True:
+            status = call_daemon(home, "content.fetch_status", {"fetch_id": fetch_id, "wait_s": _POLL_S})
+            bar.update(
+                task,
+                description=status["state"],
+                total=status["total_bytes"] or None,
+                completed=status["held_bytes"],
+                peers=len(status["peers"]),
+            )
+            if status["state"] in ("done", "failed", "cancelled"):
+                return status
 
 
 def fetch(

@@ -20,10 +20,11 @@ import fcntl
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lattica.content.errors import ChunkMismatchError, OutputBusyError, UnsafePathError
+from lattica.content.errors import ChunkMismatchError, OutputBusyError, OutputConflictError, UnsafePathError
 from lattica.content.paths import check_relative_path
 from lattica.storage import DiskFullError
 
@@ -39,20 +40,56 @@ def _open_directory(parent_fd: int, name: str) -> int:
     return os.open(name, flags, dir_fd=parent_fd)
 
 
-def remove_unlocked(parent_fd: int, name: str) -> bool:
+def _folder_in_the_way(parent_fd: int, name: str, final: Path | None) -> OutputConflictError:
+    """The error for a folder at ``name`` in the folder open as ``parent_fd``, the temporary
+    name of the file ``final`` (when known)."""
+    if final is None:
+        folder, of = _folder_path(parent_fd) / name, "a temporary file"
+    else:
+        folder, of = final.parent / name, f"{final}'s temporary file"
+    return OutputConflictError(
+        f"{folder} is a folder in the way of {of} (a fetch never removes a folder): move it away and fetch again"
+    )
+
+
+def _is_folder(parent_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _folder_path(fd: int) -> Path:
+    # Only for messages: the folder open as `fd`, as the kernel names it (else unnamed).
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return Path()
+
+
+def remove_unlocked(parent_fd: int, name: str, *, final: Path | None = None) -> bool:
     """Remove the file ``name`` in the folder open as ``parent_fd`` unless another process or
     descriptor holds its ``flock`` (a fetch still writing it); a symlink there is removed, never
-    followed. Returns False when it is locked, True otherwise (removed, or not there)."""
+    followed. Returns False when it is locked, True otherwise (removed, or not there).
+
+    A folder there (the user's, or planted) is never removed: raises
+    :class:`~lattica.content.errors.OutputConflictError` naming it and ``final``, the file whose
+    temporary name ``name`` is (for the message). Raises ``OSError`` otherwise."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent_fd)
     except FileNotFoundError:
         return True
     except OSError as exc:
         if exc.errno != errno.ELOOP:
+            if _is_folder(parent_fd, name):  # one we may not read (EACCES) is in the way too
+                raise _folder_in_the_way(parent_fd, name, final) from None
             raise
         os.unlink(name, dir_fd=parent_fd)  # a planted symlink: unlink never follows it
         return True
     try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            # unlink would fail with a bare "[Errno 21] Is a directory" (review finding).
+            raise _folder_in_the_way(parent_fd, name, final)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -68,7 +105,8 @@ def remove_stale_in(root_fd: int, path: str, name: str) -> None:
     """:func:`remove_unlocked` for ``name`` in the folder of the manifest path ``path`` under
     the folder open as ``root_fd``, walking existing folders only (``O_NOFOLLOW``: a symlinked
     or missing folder means there is nothing of ours to remove). Never raises for a locked
-    file; raises ``OSError`` for other failures."""
+    file; raises :class:`~lattica.content.errors.OutputConflictError` for a folder at ``name``
+    (naming it and the file ``path``), ``OSError`` for other failures."""
     *directories, _ = path.split("/")
     fd = root_fd
     try:
@@ -84,7 +122,7 @@ def remove_stale_in(root_fd: int, path: str, name: str) -> None:
             if fd != root_fd:
                 os.close(fd)
             fd = opened
-        remove_unlocked(fd, name)
+        remove_unlocked(fd, name, final=_folder_path(root_fd) / path)
     finally:
         if fd != root_fd:
             os.close(fd)
@@ -164,7 +202,7 @@ class ContainedFile:
             raise
 
     def _remove_stale(self) -> None:
-        if not remove_unlocked(self._parent, self._temporary):
+        if not remove_unlocked(self._parent, self._temporary, final=self.final):
             raise OutputBusyError(f"{self.final}: another fetch is writing this file")
 
     @property

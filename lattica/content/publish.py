@@ -13,13 +13,19 @@ extent of the file itself, hard-linked into the store (``publish_link``, the def
 is written, the disk holds the bytes once, every later read of it is checked), or written as
 a block where the file cannot be linked. The file's new blocks are flushed to disk together
 (one ``syncfs``, not an fsync per block: 2x faster on this machine) and only then indexed.
-A file that changes size while it is read is refused (:class:`~lattica.content.errors.ContentError`).
+A file that changes size while it is read is refused (:class:`~lattica.content.errors.ContentError`),
+and so is one replaced after the walk: each file is opened without following a symlink and
+without blocking (``O_NOFOLLOW | O_NONBLOCK``) and must still be the regular file the walk
+found (same device and inode). Opening by name a FIFO planted there would otherwise block
+the worker thread forever while it holds the store's write lock (review finding).
 Only the executable bit of a file's mode is kept (0o755 or 0o644).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 import stat
 from dataclasses import dataclass
@@ -47,11 +53,14 @@ from lattica.content.safetensors_header import HEADER_LENGTH_BYTES, SafetensorsI
 
 @dataclass(frozen=True)
 class LocalFile:
-    """A file found by :func:`collect_files`: manifest ``path``, where it is on disk, its mode."""
+    """A file found by :func:`collect_files`: manifest ``path``, where it is on disk (never a
+    symlink: a symlink's resolved target), its mode, and the ``(st_dev, st_ino)`` the walk saw,
+    which the file must still have when it is read."""
 
     path: str
     source: Path
     executable: bool
+    identity: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ def collect_files(target: Path, *, max_files: int, max_path_bytes: int) -> list[
     info = os.lstat(target)
     if stat.S_ISREG(info.st_mode):
         name = target.name
-        found = [LocalFile(name, target, bool(info.st_mode & 0o111))]
+        found = [LocalFile(name, target, bool(info.st_mode & 0o111), (info.st_dev, info.st_ino))]
         check_path_set([name], max_files=max_files, max_path_bytes=max_path_bytes)
         return found
     if not stat.S_ISDIR(info.st_mode):
@@ -103,12 +112,37 @@ def collect_files(target: Path, *, max_files: int, max_path_bytes: int) -> list[
             elif not stat.S_ISREG(info.st_mode):
                 raise UnsafePathError(f"{source}: not a regular file (FIFO, device or socket)")
             relative = (base / name).relative_to(root).as_posix()
-            found.append(LocalFile(relative, source, bool(info.st_mode & 0o111)))
+            found.append(LocalFile(relative, source, bool(info.st_mode & 0o111), (info.st_dev, info.st_ino)))
             if len(found) > max_files:
                 raise ContentTooLargeError(f"{target}: more than {max_files} files")
     found.sort(key=lambda f: f.path)
     check_path_set((f.path for f in found), max_files=max_files, max_path_bytes=max_path_bytes)
     return found
+
+
+def _open_as_walked(local: LocalFile) -> io.BufferedReader:
+    """``local.source`` opened for reading, if it is still the regular file the walk found.
+
+    ``O_NONBLOCK``: a FIFO swapped in since the walk must not block the open (harmless for a
+    regular file); ``O_NOFOLLOW``: ``source`` is never a symlink (the walk resolved those), so
+    one there now is a swap. Raises :class:`ContentError` for a swapped file, ``OSError``."""
+    changed = ContentError(f"{local.source} changed while it was published (no longer the regular file the walk found)")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(local.source, flags)
+    except OSError as exc:
+        # ELOOP: a symlink now; ENXIO: a socket (or a device with nothing behind it).
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            raise changed from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != local.identity:
+            raise changed
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass
@@ -130,7 +164,7 @@ def _chunk_file(store: BlockStore, local: LocalFile, config: ContentConfig) -> _
     linked: str | None = None
     may_link = config.publish_link
     written_now: set[bytes] = set()  # a chunk repeated within the file is written once
-    with local.source.open("rb") as file:
+    with _open_as_walked(local) as file:
         size = os.fstat(file.fileno()).st_size
         index: SafetensorsIndex | None = None
         header = b""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from cli.daemon_client import call_daemon
 from tests.system.conftest import _env, lattica, lattica_json
 
 
@@ -141,6 +142,35 @@ def test_ctrl_c_then_kill_9_mid_fetch_then_restart_resumes(
     result = lattica_json("fetch", cid, "-o", str(out), home=b2.home)
     assert result["received_bytes"] == row["chunk_bytes"] - row["held_bytes"]  # only what was missing
     assert tree(out) == tree(model_folder)
+
+
+def test_sigterm_of_the_cli_cancels_the_daemons_fetch(start_daemon: Any, model_folder: Path, tmp_path: Path) -> None:
+    # Review finding: only Ctrl-C cancelled the daemon's fetch; `kill` of the CLI (SIGTERM)
+    # ended it and left the fetch running in the daemon. SIGHUP takes the same path
+    # (tests/unit/test_cli_stop_signals.py).
+    (tmp_path / "b").mkdir(mode=0o700)
+    (tmp_path / "b" / "config.toml").write_text(f"[content]\nfetch_sync_bytes = {4 << 20}\n")
+    a, b = pair(start_daemon)
+    cid = lattica_json("publish", str(model_folder), home=a.home)["cid"]
+    fetch = _start_fetch(cid, b.home)
+    try:
+        _wait_held_above(cid, b.home, 0, fetch)
+        fetch.send_signal(signal.SIGTERM)
+        code = fetch.wait(timeout=30)
+        stderr = fetch.stderr.read()  # type: ignore[union-attr]
+    finally:
+        _reap(fetch)
+    # The daemon's only fetch (id 1) ended cancelled; without the cancel it would run on to
+    # "done". Each status call returns when the fetch ends or after wait_s.
+    for _ in range(120):
+        status = call_daemon(b.home, "content.fetch_status", {"fetch_id": 1, "wait_s": 0.25})
+        if status["state"] in ("done", "failed", "cancelled"):
+            break
+    assert status["cid"] == cid and status["state"] == "cancelled", status
+    assert code == 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended; Ctrl-C's is 130
+    assert b"run the same command to resume" in stderr
+    row = ls(b.home)[cid]
+    assert not row["complete"] and row["held_bytes"] > 0  # what arrived is kept
 
 
 def test_tensors_output_loads_and_holds_exactly_the_selected(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -295,6 +296,29 @@ def test_a_folder_where_a_file_belongs_is_refused_before_anything_is_fetched(tmp
             assembly.check_targets()
         (out / "vocab.txt").rmdir()
         assembly.check_targets()
+
+
+@pytest.mark.parametrize("where", ["top", "sub"])
+def test_a_folder_at_the_temporary_name_is_a_named_conflict_and_is_kept(tmp_path: Path, where: str) -> None:
+    # Review finding: "error: [Errno 21] Is a directory: '.NAME.<tag><hash>.part'" (unlink of
+    # the folder, after opening and locking it).
+    path = "a.bin" if where == "top" else "sub/a.bin"
+    data = random_bytes(8 * KIB, 11)
+    file = entry(path, data, 4 * KIB)
+    out = tmp_path / "out"
+    in_the_way = out / path.rpartition("/")[0] / temporary_name(path, TAG)
+    (in_the_way / "mine").mkdir(parents=True)
+    message = re.escape(f"{in_the_way} is a folder in the way of {out / path}'s temporary file")
+    with folder(out) as fd:
+        with pytest.raises(OutputConflictError, match=message):
+            FileAssembly.remove_leftovers(fd, [file], tag=TAG)
+        assembly = FileAssembly(fd, out, [file], tag=TAG)
+        digest, piece = pieces(file, data)[0]
+        with pytest.raises(OutputConflictError, match=message):
+            assembly.add(digest, piece)  # where a fetch first writes the file
+        assembly.discard()
+    assert (in_the_way / "mine").is_dir()  # the user's folder is never removed
+    assert not (out / path).exists()
 
 
 def test_a_read_only_output_folder_is_named(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:

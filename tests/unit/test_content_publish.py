@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import trio
 
 from lattica.content import (
     ChunkNotFoundError,
@@ -18,8 +21,9 @@ from lattica.content import (
     UnsafePathError,
     manifest_cid,
 )
+from lattica.content import publish as publish_module
 from lattica.content.export import export
-from lattica.content.publish import publish
+from lattica.content.publish import LocalFile, publish
 from tests.conftest import MakeTmpfs
 from tests.unit.content_samples import KIB, open_store, random_bytes, safetensors_bytes, tensors
 
@@ -245,3 +249,78 @@ async def test_a_file_on_another_file_system_is_copied(tmp_path: Path, make_tmpf
         assert result.new_bytes == len(data) and list(store.files_dir.iterdir()) == []
         source.unlink()
         assert b"".join(store.read_block(c.digest) for c in result.manifest.files[0].chunks) == data
+
+
+def _swap_after_walk(monkeypatch: pytest.MonkeyPatch, swap: Callable[[Path], None]) -> None:
+    """Make publish see a file replaced between the walk and the read of its bytes."""
+    real = publish_module.collect_files
+
+    def collect_then_swap(target: Path, **limits: int) -> list[LocalFile]:
+        found = real(target, **limits)
+        swap(found[0].source)
+        return found
+
+    monkeypatch.setattr(publish_module, "collect_files", collect_then_swap)
+
+
+async def test_a_file_swapped_for_a_fifo_after_the_walk_is_refused_not_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review finding: the file was opened by name, so a FIFO swapped in blocked the open forever
+    # on a worker thread holding the store's write lock. If the open blocks, the guard below
+    # opens the FIFO's write end after a bounded wait: the test then fails, it does not hang.
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"weights")
+
+    def fifo_instead(source: Path) -> None:
+        source.unlink()
+        os.mkfifo(source)
+
+    _swap_after_walk(monkeypatch, fifo_instead)
+    unblocked = False
+    published = trio.Event()
+
+    async def unblock_a_waiting_open() -> None:
+        nonlocal unblocked
+        with trio.move_on_after(10):
+            await published.wait()
+            return
+        with contextlib.suppress(OSError):  # ENXIO: nobody has it open for reading
+            os.close(os.open(folder / "a.bin", os.O_WRONLY | os.O_NONBLOCK))
+            unblocked = True
+
+    with open_store(tmp_path / "store") as store:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(unblock_a_waiting_open)
+            try:
+                swapped = r"a\.bin changed while it was published \(no longer the regular file"
+                with pytest.raises(ContentError, match=swapped):
+                    await publish(store, folder)
+            finally:
+                published.set()
+        assert not unblocked, "publish blocked opening the FIFO"
+        async with store.writing():  # the store's write lock is free again
+            pass
+
+
+@pytest.mark.parametrize("swap", ["other-file", "symlink"])
+async def test_a_file_replaced_after_the_walk_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"walked")
+    (tmp_path / "other.bin").write_bytes(b"planted")
+
+    def replace(source: Path) -> None:
+        if swap == "symlink":
+            source.unlink()
+            source.symlink_to(tmp_path / "other.bin")
+        else:
+            # Renamed over it while the walked file still exists: a new inode, not a reused one.
+            (tmp_path / "other.bin").rename(source)
+
+    _swap_after_walk(monkeypatch, replace)
+    with open_store(tmp_path / "store") as store, pytest.raises(ContentError, match="changed while it was published"):
+        await publish(store, folder)
