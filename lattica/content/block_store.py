@@ -288,6 +288,17 @@ def sync_filesystem(path: Path) -> None:
 _UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+def _digests_in(table: str, wanted: Sequence[bytes], conn: sqlite3.Connection) -> set[bytes]:
+    """The digests of ``wanted`` that have a row in ``table`` (one of ours), 500 per query."""
+    found: set[bytes] = set()
+    for start in range(0, len(wanted), 500):
+        batch = wanted[start : start + 500]
+        marks = ",".join("?" * len(batch))
+        rows = conn.execute(f"SELECT digest FROM {table} WHERE digest IN ({marks})", batch)
+        found.update(row[0] for row in rows)
+    return found
+
+
 def _open_for_reading(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
@@ -375,35 +386,14 @@ class BlockStore:
     def missing(self, digests: Iterable[bytes]) -> list[bytes]:
         """The digests of ``digests`` that are not stored, in the order given, without repeats."""
         wanted = list(dict.fromkeys(digests))
-
-        def query(conn: sqlite3.Connection) -> set[bytes]:
-            present: set[bytes] = set()
-            for start in range(0, len(wanted), 500):
-                batch = wanted[start : start + 500]
-                marks = ",".join("?" * len(batch))
-                rows = conn.execute(f"SELECT digest FROM content_blocks WHERE digest IN ({marks})", batch)
-                present.update(row[0] for row in rows)
-            return present
-
-        present = self.db.read(query)
+        present = self.db.read(partial(_digests_in, "content_blocks", wanted))
         return [d for d in wanted if d not in present]
 
     def dropped(self, digests: Iterable[bytes]) -> set[bytes]:
         """The digests of ``digests`` this store held once and dropped because their bytes
         changed or went (on a read, or by :meth:`verify`), not stored again since: a repair
         fetches them, unlike chunks a partial fetch never asked for."""
-        wanted = list(dict.fromkeys(digests))
-
-        def query(conn: sqlite3.Connection) -> set[bytes]:
-            found: set[bytes] = set()
-            for start in range(0, len(wanted), 500):
-                batch = wanted[start : start + 500]
-                marks = ",".join("?" * len(batch))
-                rows = conn.execute(f"SELECT digest FROM content_dropped WHERE digest IN ({marks})", batch)
-                found.update(row[0] for row in rows)
-            return found
-
-        return self.db.read(query)
+        return self.db.read(partial(_digests_in, "content_dropped", list(dict.fromkeys(digests))))
 
     def block_length(self, digest: bytes) -> int:
         """Size of a stored block; raises :class:`ChunkNotFoundError`."""

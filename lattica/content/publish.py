@@ -184,12 +184,13 @@ def _chunk_file(store: BlockStore, local: LocalFile, config: ContentConfig) -> _
             chunks.append(ChunkRef(digest, offset, length))
             if digest not in written_now and not store.has(digest):
                 written_now.add(digest)
-                if may_link and linked is None and length <= MAX_EXTENT_BYTES:
-                    linked = store.adopt_file(file.fileno())
-                    may_link = linked is not None
-                if linked is not None and length <= MAX_EXTENT_BYTES:  # longer: a block file
-                    extents.append(Extent(digest, length, linked, offset))
-                    continue
+                if may_link and length <= MAX_EXTENT_BYTES:  # longer: a block file
+                    if linked is None:
+                        linked = store.adopt_file(file.fileno())
+                        may_link = linked is not None
+                    if linked is not None:
+                        extents.append(Extent(digest, length, linked, offset))
+                        continue
                 store.write_block_file(digest, data, durable=False)
                 written.append((digest, length))
         if file.read(1):

@@ -16,18 +16,23 @@ from lattica.node import Node
 from tests.unit.content_samples import lying_manifest, open_store
 
 
+async def verify(content: SimpleNamespace, cid: Cid) -> VerifyReply:
+    """``content.verify`` of ``cid`` on a node whose content service is ``content``."""
+    registry = MethodRegistry()
+    register_content_methods(registry, cast(Node, SimpleNamespace(content=content)))
+    method = registry.get("content.verify")
+    assert method is not None
+    reply = await method.handler(CidParams(str(cid)))
+    assert isinstance(reply, VerifyReply)
+    return reply
+
+
 async def test_verify_checks_whole_files_against_the_manifest_sha256(tmp_path: Path) -> None:
     # Review finding: `lattica verify` said 0 bad for content whose file SHA-256 differs.
     with open_store(tmp_path / "store") as store:
         cid, _real = await lying_manifest(tmp_path, store)
         await store.add_root(store.read_block(cid.digest), store.manifest(cid), pinned=True)
-        node = SimpleNamespace(content=SimpleNamespace(store=store))  # verify starts no fetch here
-        registry = MethodRegistry()
-        register_content_methods(registry, cast(Node, node))
-        method = registry.get("content.verify")
-        assert method is not None
-        reply = await method.handler(CidParams(str(cid)))
-        assert isinstance(reply, VerifyReply)
+        reply = await verify(SimpleNamespace(store=store), cid)  # verify starts no fetch here
         assert (reply.bad, reply.missing, reply.repair_fetch_id) == (0, 0, None)
         assert reply.sha256_mismatch == ["model.safetensors"]
         (root,) = [r for r in store.roots() if r.cid == cid]
@@ -46,13 +51,7 @@ async def test_verify_of_partial_content_checks_what_is_held_and_fetches_nothing
         never_fetched = [result.manifest.file("part3.bin").chunks[0].digest]
         await store._unindex(never_fetched)
         started: list[Cid] = []
-        content = SimpleNamespace(store=store, start_fetch=lambda cid: started.append(cid))
-        registry = MethodRegistry()
-        register_content_methods(registry, cast(Node, SimpleNamespace(content=content)))
-        method = registry.get("content.verify")
-        assert method is not None
-        reply = await method.handler(CidParams(str(result.cid)))
-        assert isinstance(reply, VerifyReply)
+        reply = await verify(SimpleNamespace(store=store, start_fetch=lambda cid: started.append(cid)), result.cid)
         assert (reply.checked, reply.bad, reply.missing, reply.not_held) == (3, 0, 0, 1)
         assert reply.repair_fetch_id is None and started == []
 
@@ -72,12 +71,7 @@ async def test_verify_repairs_chunks_dropped_since_they_were_held(tmp_path: Path
             store.read_block(digest)  # a read (serving, say) finds it changed and drops it
         started: list[Cid] = []
         content = SimpleNamespace(store=store, start_fetch=lambda cid: started.append(cid) or SimpleNamespace(id=7))
-        registry = MethodRegistry()
-        register_content_methods(registry, cast(Node, SimpleNamespace(content=content)))
-        method = registry.get("content.verify")
-        assert method is not None
-        reply = await method.handler(CidParams(str(result.cid)))
-        assert isinstance(reply, VerifyReply)
+        reply = await verify(content, result.cid)
         assert (reply.bad, reply.not_held, reply.repair_fetch_id) == (1, 0, 7)
         assert started == [result.cid]
         assert store.dropped([digest]) == {digest}
