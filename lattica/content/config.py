@@ -67,6 +67,12 @@ class ContentConfig:
     fetch_batch_bytes: ByteSize = 8 << 20
     """Verified chunks are written to disk in batches of up to this many bytes (the most a
     fetch holds in memory besides the peers' windows is two batches)."""
+    fetch_direct_io: bool = True
+    """Write the whole pages of fetched files with ``O_DIRECT``: from a reused buffer to the
+    disk, without filling the page cache (on a VM, fresh page-cache pages were the largest
+    cost of a fetch). Falls back to ordinary writes where the file system refuses it (tmpfs).
+    ``false``: ordinary writes, which leave the fetched files in the page cache; better on a
+    disk slower than the network when the files fit in memory."""
     fetch_sync_bytes: ByteSize = 64 << 20
     """Written chunks are flushed to disk and indexed (acknowledged) every this many bytes:
     one file-system sync per step, not per batch. A fetch killed before a step completes

@@ -513,7 +513,14 @@ async def _fetch_planned(
             # Whole files are written into place as their chunks are stored (see
             # :mod:`lattica.content.file_assembly`), not exported after the transfer.
             assembly = await run_blocking(
-                lambda: FileAssembly(root_fd, out_dir, plan.files, tag=tag, adopt=store.adopt_file)
+                lambda: FileAssembly(
+                    root_fd,
+                    out_dir,
+                    plan.files,
+                    tag=tag,
+                    adopt=store.adopt_file,
+                    direct_io=deps.config.fetch_direct_io,
+                )
             )
             await run_blocking(assembly.check_targets)
         absent = set(missing)

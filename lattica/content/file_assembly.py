@@ -30,6 +30,7 @@ from pathlib import Path
 
 from lattica.content.block_store import MAX_EXTENT_BYTES, Extent
 from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error, remove_stale_in
+from lattica.content.direct_write import AlignedBuffer, DirectWriter
 from lattica.content.errors import (
     ChunkMismatchError,
     ChunkNotFoundError,
@@ -87,6 +88,7 @@ class _Assembled:
     entry: FileEntry
     temporary: str
     target: ContainedFile | None = None
+    writer: DirectWriter | None = None
     sha256: hashlib._Hash = field(default_factory=hashlib.sha256)
     written: list[bool] = field(default_factory=list)
     hashed: int = 0
@@ -113,12 +115,25 @@ class FileAssembly:
     (:meth:`take_extents`) for the store to index: every byte of a fetch is written once. A
     chunk that arrives is recorded where it is first written; when a file is complete, every
     chunk of it not recorded yet (chunks held before, copied in) is recorded there too, so
-    the store's older copies can go. Not thread-safe: one thread at a time."""
+    the store's older copies can go.
+
+    With ``direct_io``, the whole pages of each chunk are written with ``O_DIRECT``
+    (:mod:`lattica.content.direct_write`: no page-cache copy; falls back where the file system
+    refuses it). Not thread-safe: one thread at a time."""
 
     def __init__(
-        self, root_fd: int, out_dir: Path, files: Sequence[FileEntry], *, tag: str, adopt: AdoptFile | None = None
+        self,
+        root_fd: int,
+        out_dir: Path,
+        files: Sequence[FileEntry],
+        *,
+        tag: str,
+        adopt: AdoptFile | None = None,
+        direct_io: bool = False,
     ) -> None:
         self._root_fd = root_fd
+        self._direct_io = direct_io
+        self._buffer: AlignedBuffer | None = None
         self._out_dir = out_dir
         self._adopt = adopt
         self._placed: set[bytes] = set()
@@ -219,11 +234,8 @@ class FileAssembly:
             target = self._begin(assembled)
             chunk = assembled.entry.chunks[index]
             try:
-                view = memoryview(data)
-                offset = chunk.offset
-                while view:
-                    done = os.pwrite(target.fd, view, offset)
-                    view, offset = view[done:], offset + done
+                assert assembled.writer is not None  # set with target
+                assembled.writer.write(memoryview(data), chunk.offset)
             except OSError as exc:
                 raise named_os_error(exc, target.final) from exc
             assembled.written[index] = True
@@ -257,11 +269,22 @@ class FileAssembly:
                 target.discard()
                 raise named_os_error(exc, target.final) from exc
             assembled.target = target
+            assembled.writer = DirectWriter(target.fd, self._aligned_buffer())
             if self._adopt is not None and any(_fits(c) for c in entry.chunks):
                 assembled.linked = self._adopt(target.fd)
                 if assembled.linked is not None:
                     self._linked.append(assembled.linked)
         return assembled.target
+
+    def _aligned_buffer(self) -> AlignedBuffer | None:
+        if self._direct_io and self._buffer is None:
+            self._buffer = AlignedBuffer()
+        return self._buffer
+
+    def _close_writer(self, assembled: _Assembled) -> None:
+        if assembled.writer is not None:
+            assembled.writer.close()
+            assembled.writer = None
 
     def _advance(
         self, assembled: _Assembled, target: ContainedFile, digest: bytes | None, data: bytes | memoryview | None
@@ -279,6 +302,7 @@ class FileAssembly:
 
     def _complete(self, assembled: _Assembled, target: ContainedFile) -> None:
         assembled.target = None
+        self._close_writer(assembled)
         if assembled.sha256.digest() != assembled.entry.sha256:
             target.discard()
             raise ChunkMismatchError(f"{target.final}: SHA-256 differs from the manifest's; not written")
@@ -312,9 +336,13 @@ class FileAssembly:
         """Remove every temporary file not yet renamed into place and release the final names
         :meth:`check_targets` claimed (idempotent; call it when the fetch ends, in any way)."""
         for assembled in self._files:
+            self._close_writer(assembled)
             if assembled.target is not None:
                 assembled.target.discard()
                 assembled.target = None
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
         with _CLAIMS_LOCK:
             _CLAIMS.difference_update(self._claimed)
         self._claimed = []

@@ -3,6 +3,7 @@ order, checked against the manifest's SHA-256, atomic, contained, resumable afte
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -50,11 +51,13 @@ def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.rglob("*") if p.name.endswith((".part", ".tmp")))
 
 
+@pytest.mark.parametrize("direct_io", [False, True], ids=["page-cache", "direct"])
 @pytest.mark.parametrize("order", ["in-order", "reversed", "shuffled"])
-def test_chunks_in_any_order_give_the_file_and_its_mode(tmp_path: Path, order: str) -> None:
-    data = random_bytes(300 * KIB + 17, 1)
+def test_chunks_in_any_order_give_the_file_and_its_mode(tmp_path: Path, order: str, direct_io: bool) -> None:
+    # Chunks of 68 KiB + 1 byte: most of each goes direct, and neighbours share a page.
+    data = random_bytes(600 * KIB + 17, 1)
     script = b"#!/bin/sh\n"
-    files = [entry("weights/a.bin", data, 64 * KIB), entry("run.sh", script, 64 * KIB, mode=0o755)]
+    files = [entry("weights/a.bin", data, 68 * KIB + 1), entry("run.sh", script, 64 * KIB, mode=0o755)]
     arrivals = pieces(files[0], data) + pieces(files[1], script)
     if order == "reversed":
         arrivals.reverse()
@@ -62,7 +65,7 @@ def test_chunks_in_any_order_give_the_file_and_its_mode(tmp_path: Path, order: s
         random.Random(5).shuffle(arrivals)
     out = tmp_path / "out"
     with folder(out) as fd:
-        assembly = FileAssembly(fd, out, files, tag=TAG)
+        assembly = FileAssembly(fd, out, files, tag=TAG, direct_io=direct_io)
         assert not (out / "weights" / "a.bin").exists()  # nothing under the final name before finish
         for digest, piece in arrivals:
             assembly.add(digest, piece)
@@ -172,6 +175,24 @@ def test_a_symlinked_parent_is_refused_and_nothing_is_left(tmp_path: Path) -> No
     assert leftovers(out) == []
     with pytest.raises(UnsafePathError):  # a path that is bad in itself: refused up front
         FileAssembly(-1, out, [entry("../escape.bin", b"x", 4)], tag=TAG)
+
+
+def test_a_disk_that_fills_during_direct_writes_is_named(
+    tmp_path: Path, make_tmpfs: MakeTmpfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = make_tmpfs(1)
+    data = random_bytes(2048 * KIB, 10)
+    file = entry("big.bin", data, 256 * KIB)
+
+    def no_fallocate(fd: int, offset: int, size: int) -> None:  # as on a file system without it
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
+    with folder(disk) as fd, pytest.raises(DiskFullError, match="disk full") as caught:
+        assembly = FileAssembly(fd, disk, [file], tag=TAG, direct_io=True)
+        for digest, piece in pieces(file, data):
+            assembly.add(digest, piece)
+    assert caught.value.path == str(disk / "big.bin")
 
 
 def test_a_file_larger_than_the_disk_fails_up_front_by_name(tmp_path: Path, make_tmpfs: MakeTmpfs) -> None:
