@@ -36,7 +36,7 @@ from lattica.content.exchange_messages import (
     Want,
 )
 from lattica.errors import LocalProtocolError, RemoteProtocolError
-from lattica.wire import FrameDecoder, encode_frame
+from lattica.wire import FrameDecoder, encode_frame, encode_frame_with_payload
 
 DEFAULT_MAX_OUTSTANDING = 64
 """Requests a server accepts in flight on one stream (the client's window must stay below)."""
@@ -132,19 +132,24 @@ class ExchangeServer:
         """The client closed its side; raises :class:`RemoteProtocolError` inside a frame."""
         self._decoder.end_of_stream()
 
-    def block_frames(self, request_id: int, offset: int, total: int, data: bytes) -> list[bytes]:
+    def block_frames(self, request_id: int, offset: int, total: int, data: bytes | memoryview) -> list[bytes]:
         """Frames carrying ``data``, bytes ``offset ..`` of a ``total``-byte block, for request
         ``request_id``; the request is answered once the range reaches ``total``. Nothing for
-        a request that was cancelled meanwhile."""
+        a request that was cancelled meanwhile. Each frame copies its part of ``data`` once."""
         if request_id not in self._outstanding:
             return []
         if offset + len(data) >= total:
             self._outstanding.discard(request_id)
         if not data:
             return [_frame(Piece(request_id, offset, total, b""))]
+        view = memoryview(data)
         return [
-            _frame(Piece(request_id, offset + start, total, data[start : start + MAX_PIECE_BYTES]))
-            for start in range(0, len(data), MAX_PIECE_BYTES)
+            encode_frame_with_payload(
+                Piece(request_id, offset + start, total, b""),
+                view[start : start + MAX_PIECE_BYTES],
+                max_frame_bytes=MAX_FRAME_BYTES,
+            )
+            for start in range(0, len(view), MAX_PIECE_BYTES)
         ]
 
     def refuse(self, request_id: int, code: str) -> bytes:

@@ -229,9 +229,10 @@ class ContentService:
             # A piece at a time, asking again before each: a cancel (the fetch moved this
             # request to a faster peer, or a copy arrived first) stops the block within one
             # piece instead of after the whole read.
-            for start in range(0, max(len(data), 1), MAX_PIECE_BYTES):
+            view = memoryview(data)
+            for start in range(0, max(len(view), 1), MAX_PIECE_BYTES):
                 for frame in server.block_frames(
-                    request.id, offset + start, total, data[start : start + MAX_PIECE_BYTES]
+                    request.id, offset + start, total, view[start : start + MAX_PIECE_BYTES]
                 ):
                     await _send(stream, frame)
             offset += length

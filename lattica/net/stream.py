@@ -171,7 +171,10 @@ class QuicStream(trio.abc.HalfCloseableStream):
                 if room <= 0:
                     await self.connection.wait_progress()
                     continue
-                chunk = bytes(view[offset : offset + room])
+                if offset == 0 and room >= len(view) and type(data) is bytes:
+                    chunk = data  # immutable and whole: queued as it is, not copied
+                else:
+                    chunk = bytes(view[offset : offset + room])
                 self._send_stream_data(chunk, end_stream=False)
                 offset += len(chunk)
                 await self.connection.transmit()

@@ -40,8 +40,18 @@ ALPN_TCP_PROTOCOL: Final = b"lattica-tcp/1"
 # SSL_read returns at most one TLS record (16 KiB of plaintext) per call, and pyOpenSSL
 # allocates the buffer it asks for on every call: ask for one record's worth.
 _RECORD_BYTES = 16 * 1024
-# The write BIO is drained this much per call.
+# The write BIO is drained this much per call where its length cannot be asked.
 _BIO_READ_BYTES = 256 * 1024
+
+
+def _mem_bio_length(connection: SSL.Connection) -> int | None:
+    """Bytes waiting in ``connection``'s outgoing memory BIO, or None where this pyOpenSSL has
+    not the (private) handles to ask. Why ask: one ``bio_read`` of exactly that many bytes
+    halves the cost of draining it (measured: 7 against 14 ms per 128 MiB), no join."""
+    try:
+        return int(SSL._lib.BIO_get_mem_data(connection._from_ssl, SSL._ffi.NULL))  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
 
 
 def _accept_any_chain(connection: SSL.Connection, certificate: object, error_number: int, depth: int, ok: int) -> bool:
@@ -155,6 +165,9 @@ class TlsChannel:
 
     def data_to_send(self) -> bytes:
         """Everything the TLS layer wants to send to the transport now."""
+        waiting = _mem_bio_length(self._tls)
+        if waiting is not None:
+            return self._tls.bio_read(waiting) if waiting > 0 else b""
         parts: list[bytes] = []
         while True:
             try:

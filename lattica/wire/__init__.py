@@ -7,6 +7,7 @@ from lattica.wire.frames import (
     FrameDecoder,
     decode_frame,
     encode_frame,
+    encode_frame_with_payload,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "FrameDecoder",
     "decode_frame",
     "encode_frame",
+    "encode_frame_with_payload",
 ]

@@ -41,19 +41,59 @@ T = TypeVar("T")
 _encoder = msgspec.msgpack.Encoder()
 
 
+_BIN8 = struct.Struct(">BB")
+_BIN16 = struct.Struct(">BH")
+_BIN32 = struct.Struct(">BI")
+
+
+def _encode_body(message: Any) -> bytes:
+    try:
+        return _encoder.encode(message)
+    except (TypeError, OverflowError, ValueError) as exc:
+        raise LocalProtocolError(f"cannot encode {type(message).__name__}: {exc}") from exc
+
+
 def encode_frame(message: Any, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
     """Encode one message as a frame.
 
     Raises :class:`LocalProtocolError` when the message cannot be encoded or the encoded frame
     would exceed ``max_frame_bytes``.
     """
-    try:
-        body = _encoder.encode(message)
-    except (TypeError, OverflowError, ValueError) as exc:
-        raise LocalProtocolError(f"cannot encode {type(message).__name__}: {exc}") from exc
+    body = _encode_body(message)
     if len(body) + 1 > max_frame_bytes:
         raise LocalProtocolError(f"message of {len(body)} bytes exceeds the {max_frame_bytes}-byte frame limit")
     return _HEADER.pack(len(body) + 1, WIRE_VERSION) + body
+
+
+_EMPTY_BIN = b"\xc4\x00"  # msgpack bin 8 of length 0: how msgspec encodes b""
+
+
+def encode_frame_with_payload(
+    message: Any, payload: bytes | memoryview, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> bytes:
+    """The frame :func:`encode_frame` gives for ``message`` with its last field set to
+    ``payload``, where ``message`` is an array-like Struct whose last field is ``bytes`` and
+    left empty: the same bytes, built with one copy of ``payload`` (msgspec would copy it into
+    its output, and the header prefix once more). For bulk data (256 KiB pieces of model files)
+    those copies were a tenth of the serving daemon's CPU.
+
+    Raises :class:`LocalProtocolError` like :func:`encode_frame`, and when the message's
+    encoding does not end with an empty ``bytes`` field."""
+    head = _encode_body(message)
+    if not head.endswith(_EMPTY_BIN):
+        raise LocalProtocolError(f"{type(message).__name__} does not end with an empty bytes field")
+    size = len(payload)
+    # The msgpack bin header msgspec writes for a payload of this size (the smallest that fits).
+    if size < 1 << 8:
+        marker = _BIN8.pack(0xC4, size)
+    elif size < 1 << 16:
+        marker = _BIN16.pack(0xC5, size)
+    else:
+        marker = _BIN32.pack(0xC6, size)
+    body_bytes = len(head) - len(_EMPTY_BIN) + len(marker) + size
+    if body_bytes + 1 > max_frame_bytes:
+        raise LocalProtocolError(f"message of {body_bytes} bytes exceeds the {max_frame_bytes}-byte frame limit")
+    return b"".join((_HEADER.pack(body_bytes + 1, WIRE_VERSION), head[: -len(_EMPTY_BIN)], marker, payload))
 
 
 class FrameDecoder(Generic[T]):

@@ -26,6 +26,7 @@ from lattica.wire import (
     FrameDecoder,
     decode_frame,
     encode_frame,
+    encode_frame_with_payload,
 )
 
 deterministic = settings(derandomize=True, max_examples=200, deadline=None, database=None)
@@ -544,3 +545,32 @@ def test_any_nesting_depth_gives_the_message_or_malformed(depth: int) -> None:
         assert depth > 100  # shallow nesting is never refused
         return
     assert message == Hello("p", 1)
+
+
+class Chunk(msgspec.Struct, frozen=True, array_like=True, tag="chunk"):
+    id: int
+    offset: int
+    data: bytes
+
+
+@deterministic
+@given(
+    id=st.integers(0, 2**32 - 1),
+    offset=st.integers(0, 2**40),
+    size=st.sampled_from([0, 1, 255, 256, 65535, 65536, 65537, 262144]) | st.integers(0, 70000),
+    seed=st.integers(0, 255),
+)
+def test_a_frame_built_around_a_payload_is_the_frame_msgspec_builds(id: int, offset: int, size: int, seed: int) -> None:
+    payload = bytes((seed + i) % 251 for i in range(size))
+    built = encode_frame_with_payload(Chunk(id, offset, b""), memoryview(b"xx" + payload)[2:])
+    assert built == encode_frame(Chunk(id, offset, payload))
+    assert decode_frame(built, Chunk) == Chunk(id, offset, payload)
+
+
+def test_a_frame_around_a_payload_is_bounded_and_needs_an_empty_last_bytes_field() -> None:
+    with pytest.raises(LocalProtocolError, match="frame limit"):
+        encode_frame_with_payload(Chunk(1, 2, b""), b"x" * 1000, max_frame_bytes=1000)
+    assert len(encode_frame_with_payload(Chunk(1, 2, b""), b"x" * 980, max_frame_bytes=1000)) <= 1004
+    for not_empty in (Chunk(1, 2, b"x"), Ping(5)):
+        with pytest.raises(LocalProtocolError, match="empty bytes field"):
+            encode_frame_with_payload(not_empty, b"payload")
