@@ -132,6 +132,10 @@ class _Space:
     subscribers: list[trio.MemorySendChannel[Change]] = field(default_factory=list)
     changed: trio.Event = field(default_factory=trio.Event)
     buckets: dict[bytes, _TokenBucket] = field(default_factory=dict)
+    pushing: set[PeerId] = field(default_factory=set)
+    """Replicas with a push of ours in flight (one at a time each)."""
+    syncing: set[PeerId] = field(default_factory=set)
+    """Replicas with an anti-entropy sync of ours in flight (one at a time each)."""
     updates_since_snapshot: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -455,41 +459,63 @@ class CrdtService:
         next_discovery = trio.current_time()
         # The first round runs at once: a node restarted after being offline catches up now,
         # not one interval later.
-        while True:
-            if trio.current_time() >= next_discovery and self.dht is not None:
-                next_discovery = trio.current_time() + self.config.discovery_interval_s
-                for peer in await self._find_replicas(space.replica.space_id):
-                    self._remember(space, peer)
-            if space.replicas:
-                peer = self._rng.choice(sorted(space.replicas))
-                await self._sync_with(space, peer)
-            # Jittered, so replicas started together do not sync in lockstep.
-            await trio.sleep(interval * (0.5 + self._rng.random()))
+        async with trio.open_nursery() as syncs:
+            while True:
+                if trio.current_time() >= next_discovery and self.dht is not None:
+                    next_discovery = trio.current_time() + self.config.discovery_interval_s
+                    for peer in await self._find_replicas(space.replica.space_id):
+                        self._remember(space, peer)
+                # A round does not wait for its sync: one with a gone or partitioned replica
+                # lasts request_timeout_s, and the rounds after it must still reach the others.
+                # At most one sync per replica runs at a time.
+                idle = [peer for peer in sorted(space.replicas) if peer not in space.syncing]
+                if idle:
+                    peer = self._rng.choice(idle)
+                    space.syncing.add(peer)
+                    syncs.start_soon(self._sync_in_round, space, peer)
+                # Jittered, so replicas started together do not sync in lockstep.
+                await trio.sleep(interval * (0.5 + self._rng.random()))
+
+    async def _sync_in_round(self, space: _Space, peer: PeerId) -> None:
+        try:
+            await self._sync_with(space, peer)
+        finally:
+            space.syncing.discard(peer)
 
     async def _pusher(self, space: _Space) -> None:
-        while True:
-            await space.outbox_ready.wait()
-            # Let a burst gather: one push per replica carries all of it.
-            await trio.sleep(self.config.push_delay_s)
-            space.outbox_ready = trio.Event()
-            batch, space.outbox = space.outbox, []
-            targets = sorted(space.replicas)
-            self._rng.shuffle(targets)
-            async with trio.open_nursery() as nursery:
-                for peer in targets[: self.config.fanout]:
+        async with trio.open_nursery() as pushes:
+            while True:
+                await space.outbox_ready.wait()
+                # Let a burst gather: one push per replica carries all of it.
+                await trio.sleep(self.config.push_delay_s)
+                space.outbox_ready = trio.Event()
+                batch, space.outbox = space.outbox, []
+                targets = sorted(space.replicas)
+                self._rng.shuffle(targets)
+                # A replica still busy with an earlier push (gone, partitioned or slow: up to
+                # request_timeout_s) is skipped, not waited for: the next batch goes to replicas
+                # free now. Waiting held every later update back by a timeout per gossip hop
+                # (a partitioned half of 50 replicas took ~80 s to converge); what a skipped
+                # replica misses reaches it through other replicas' pushes or anti-entropy.
+                free = [peer for peer in targets if peer not in space.pushing]
+                for peer in free[: self.config.fanout]:
                     # Never echo an envelope back to the replica it came from.
                     envelopes = [e for e, source in batch if source != peer]
                     if envelopes:
-                        nursery.start_soon(self._push_to, space, peer, envelopes)
+                        space.pushing.add(peer)
+                        pushes.start_soon(self._push_to, space, peer, envelopes)
 
     async def _push_to(self, space: _Space, peer: PeerId, batch: list[Envelope]) -> None:
-        for start in range(0, len(batch), self.config.batch_envelopes):
-            chunk = batch[start : start + self.config.batch_envelopes]
-            try:
-                await self._call(peer, Push(space.replica.space_id.key, chunk))
-            except (LatticaError, RpcError) as exc:
-                log.debug("push to %s failed: %s", peer.short(), exc)
-                return
+        try:
+            for start in range(0, len(batch), self.config.batch_envelopes):
+                chunk = batch[start : start + self.config.batch_envelopes]
+                try:
+                    await self._call(peer, Push(space.replica.space_id.key, chunk))
+                except (LatticaError, RpcError) as exc:
+                    log.debug("push to %s failed: %s", peer.short(), exc)
+                    return
+        finally:
+            space.pushing.discard(peer)
 
     def _enqueue(self, space: _Space, envelopes: list[Envelope], source: PeerId | None = None) -> None:
         if envelopes:

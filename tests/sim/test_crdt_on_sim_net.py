@@ -32,7 +32,7 @@ from lattica.identity import Identity
 from lattica.node import Node
 from sim_net import LinkConfig, Network
 
-from .crdt_cluster import NODE_CONFIG
+from .crdt_cluster import NODE_CONFIG, node_config
 from .dht_cluster import DhtCluster, identity
 
 # 1 - (1 - 0.0513)**2 = 10% loss per path and direction.
@@ -129,7 +129,9 @@ async def test_fifty_replicas_converge_after_a_partition_and_the_heal_sends_only
         async with trio.open_nursery() as both_sides:
             both_sides.start_soon(lambda: write_randomly(nodes, side_a, space, 20, rng, value_bytes=100))
             both_sides.start_soon(lambda: write_randomly(nodes, side_b, space, 20, rng, value_bytes=100))
-        await wait_until_holding(nodes, space, dict.fromkeys(range(size), total + 20), timeout_s=120)
+        # Within 70 s: each half took 80-92 s to converge while replicas waited out pushes and
+        # syncs to the other half (request_timeout_s each); 40-47 s since they do not.
+        await wait_until_holding(nodes, space, dict.fromkeys(range(size), total + 20), timeout_s=70)
 
         sent_before_heal = total_bytes_sent(nodes)
         net.heal(cut)
@@ -154,6 +156,32 @@ async def test_fifty_replicas_converge_after_a_partition_and_the_heal_sends_only
         assert heal_bytes < 5 * missing_deliveries * envelope_bytes
         # ... and nowhere near shipping the document to the replicas of even one half.
         assert heal_bytes < half * doc_bytes / 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_replica_that_is_gone_does_not_hold_back_pushes_to_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Every replica is a push target; anti-entropy is out of the way, so only pushes deliver.
+    config = node_config(fanout=4, anti_entropy_interval_s=3600.0)
+    async with Network(seed=11) as net, trio.open_nursery() as nursery:
+        cluster = DhtCluster(net, nursery, 4, node_config=config)
+        nodes = await start_cluster(cluster, 4)
+        owner = nodes[0]
+        space = (await owner.crdt.create_space("gone")).space_id
+        for node in nodes[1:]:
+            await node.crdt.join_space(space, peers=[owner.peer_id])
+        net.partition(cluster.hosts[3:], cluster.hosts[:3])  # node 3 is gone for the others
+        await owner.crdt.set(space, "first", 1)
+        await wait_until_holding(nodes, space, {1: 1, 2: 1}, timeout_s=5)
+
+        # The push of "first" to node 3 waits out its request timeout (10 s); "second" must not
+        # wait behind it: two push delays and a round trip, not the timeout.
+        started = trio.current_time()
+        await owner.crdt.set(space, "second", 2)
+        await wait_until_holding(nodes, space, {1: 2, 2: 2}, timeout_s=10)
+        assert trio.current_time() - started < 2.0
+        assert owner.crdt.info(space).version_vector == nodes[1].crdt.info(space).version_vector
         nursery.cancel_scope.cancel()
 
 
