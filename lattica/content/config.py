@@ -70,7 +70,8 @@ class ContentConfig:
     fetch_direct_io: bool = True
     """Write the whole pages of fetched files with ``O_DIRECT``: from a reused buffer to the
     disk, without filling the page cache (on a VM, fresh page-cache pages were the largest
-    cost of a fetch). Falls back to ordinary writes where the file system refuses it (tmpfs).
+    cost of a fetch). Falls back to ordinary writes where the file system refuses it (some
+    FUSE file systems).
     ``false``: ordinary writes, which leave the fetched files in the page cache; better on a
     disk slower than the network when the files fit in memory."""
     fetch_sync_bytes: ByteSize = 64 << 20

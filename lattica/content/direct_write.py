@@ -15,8 +15,8 @@ Rules kept:
   (adjacent chunks) both write it through the cache, so no page is ever written both ways.
   The kernel keeps the page cache coherent with direct writes (it flushes and drops cached
   pages in a direct write's range), so reading the file back is always correct.
-* Where the file system refuses ``O_DIRECT`` (tmpfs, many FUSE file systems: ``EINVAL`` when
-  opening or writing), or ``/proc`` is not mounted, the writer falls back to the page cache for
+* Where the file system refuses ``O_DIRECT`` (some FUSE file systems, tmpfs before Linux 6.6:
+  ``EINVAL`` when opening or writing), or ``/proc`` is not mounted, the writer falls back to the page cache for
   the rest of its life and loses nothing: a refused direct write has written nothing.
 * Durability is unchanged: the owner still fsyncs the file before naming it final (a direct
   write may sit in the disk's volatile cache until then).
@@ -94,13 +94,14 @@ class DirectWriter:
         """False once direct writes were found not to work here (or were never asked for)."""
         return self._direct_fd != -1
 
-    def write(self, data: memoryview, offset: int) -> None:
-        """Write ``data`` at byte ``offset``. Raises ``OSError`` (``ENOSPC`` when the disk is
-        full; what a refused direct write raises is not an error: it falls back)."""
+    def write(self, data: memoryview, offset: int, *, cached: bool = False) -> None:
+        """Write ``data`` at byte ``offset``; ``cached``: all of it through the page cache (bytes
+        the caller will read back soon). Raises ``OSError`` (``ENOSPC`` when the disk is full;
+        what a refused direct write raises is not an error: it falls back)."""
         end = offset + len(data)
         first_page = -(-offset // ALIGN_BYTES) * ALIGN_BYTES
         last_page = end // ALIGN_BYTES * ALIGN_BYTES
-        if self._direct_fd == -1 or last_page - first_page < MIN_DIRECT_BYTES:
+        if cached or self._direct_fd == -1 or last_page - first_page < MIN_DIRECT_BYTES:
             pwrite_all(self._fd, data, offset)
             return
         if first_page > offset:

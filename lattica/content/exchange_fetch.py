@@ -723,7 +723,8 @@ async def _transfer(
                 if stalled_since is not None and now >= stalled_since + config.fetch_stall_timeout_s:
                     raise FetchFailedError(
                         f"no peer could supply {len(scheduler.missing)} missing chunk(s) of {cid} "
-                        f"for {config.fetch_stall_timeout_s:g} s (what arrived is kept; fetch again to resume)"
+                        f"for {config.fetch_stall_timeout_s:g} s{_dropped_note(progress.dropped)} "
+                        "(what arrived is kept; fetch again to resume)"
                     )
                 if stalled_since is not None:
                     start_search()
@@ -772,6 +773,16 @@ async def _transfer(
         await store_send.aclose()
         await stored_all.wait()
         nursery.cancel_scope.cancel()
+
+
+def _dropped_note(dropped: dict[str, str]) -> str:
+    """Why peers were dropped, for a stall's message (review finding: a fetch whose only peer
+    lied failed with no word of it): the first two, and how many more."""
+    if not dropped:
+        return ""
+    shown = [f"{peer[:12]}: {reason}" for peer, reason in list(dropped.items())[:2]]
+    more = f" and {len(dropped) - 2} more" if len(dropped) > 2 else ""
+    return f"; dropped {'; '.join(shown)}{more}"
 
 
 @contextlib.asynccontextmanager

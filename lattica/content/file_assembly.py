@@ -134,6 +134,7 @@ class FileAssembly:
         self._root_fd = root_fd
         self._direct_io = direct_io
         self._buffer: AlignedBuffer | None = None
+        self._direct_bytes_closed = 0
         self._out_dir = out_dir
         self._adopt = adopt
         self._placed: set[bytes] = set()
@@ -235,7 +236,11 @@ class FileAssembly:
             chunk = assembled.entry.chunks[index]
             try:
                 assert assembled.writer is not None  # set with target
-                assembled.writer.write(memoryview(data), chunk.offset)
+                # A chunk that arrived before the one ahead of it is read back for the SHA-256
+                # once the gap fills: it goes through the page cache, so that read is not a
+                # disk read (review finding: 64-91 MiB read back per 250 MiB fetch).
+                out_of_order = index != assembled.hashed
+                assembled.writer.write(memoryview(data), chunk.offset, cached=out_of_order)
             except OSError as exc:
                 raise named_os_error(exc, target.final) from exc
             assembled.written[index] = True
@@ -284,7 +289,14 @@ class FileAssembly:
     def _close_writer(self, assembled: _Assembled) -> None:
         if assembled.writer is not None:
             assembled.writer.close()
+            self._direct_bytes_closed += assembled.writer.direct_bytes
             assembled.writer = None
+
+    @property
+    def direct_bytes(self) -> int:
+        """Bytes written with ``O_DIRECT`` so far (``direct_io``: the whole pages of chunks that
+        arrived in file order)."""
+        return self._direct_bytes_closed + sum(a.writer.direct_bytes for a in self._files if a.writer is not None)
 
     def _advance(
         self, assembled: _Assembled, target: ContainedFile, digest: bytes | None, data: bytes | memoryview | None

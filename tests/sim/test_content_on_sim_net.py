@@ -382,7 +382,9 @@ async def test_a_fetch_nobody_can_finish_fails_with_its_own_error(
             path = store.block_path(chunk.digest)
             path.write_bytes(bytes(len(path.read_bytes())))
         await connect_all(c, 1, range(1))
-        with pytest.raises(FetchFailedError, match="no peer could supply"):
+        # ... and says why the only peer was dropped (review finding: it did not).
+        liar = str(c.nodes[0].peer_id)[:12]
+        with pytest.raises(FetchFailedError, match=rf"no peer could supply.*dropped {liar}: .*verification"):
             await c.content(1).fetch(Cid.parse(cid), out_dir=tmp_path / "out")
         assert not (tmp_path / "out" / "data.bin").exists()
 

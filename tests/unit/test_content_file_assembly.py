@@ -72,6 +72,16 @@ def test_chunks_in_any_order_give_the_file_and_its_mode(tmp_path: Path, order: s
         written = assembly.finish()
     assert written == [out / "weights" / "a.bin", out / "run.sh"]
     assert (out / "weights" / "a.bin").read_bytes() == data
+    # Only chunks that arrive in file order go direct: the others are read back for the
+    # SHA-256 and must be in the page cache (review finding: they were read from the disk).
+    if not direct_io:
+        assert assembly.direct_bytes == 0
+    elif order == "in-order":
+        assert assembly.direct_bytes >= len(data) * 3 // 4
+    elif order == "reversed":  # the first chunk only: it arrives last, when nothing is ahead
+        assert 0 < assembly.direct_bytes <= 68 * KIB
+    else:
+        assert assembly.direct_bytes < len(data) // 2
     assert (out / "run.sh").stat().st_mode & 0o777 == 0o755
     assert leftovers(out) == []
 
