@@ -128,6 +128,47 @@ def remove_stale_in(root_fd: int, path: str, name: str) -> None:
             os.close(fd)
 
 
+def open_existing(root_fd: int, path: str) -> int | None:
+    """A read-only descriptor of the regular file at the manifest path ``path`` under the folder
+    open as ``root_fd``, or None when there is none: walked with ``O_NOFOLLOW`` like
+    :class:`ContainedFile` (a symlink anywhere on the way, a FIFO, a folder or nothing gives
+    None, never a block or a followed link). Raises ``OSError`` for other failures (``EACCES``,
+    ``EIO``)."""
+    check_relative_path(path)
+    *directories, name = path.split("/")
+    fd = root_fd
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        for directory in directories:
+            try:
+                opened = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    return None
+                raise
+            if fd != root_fd:
+                os.close(fd)
+            fd = opened
+        try:
+            # Looked at before it is opened: opening a device or FIFO can have effects.
+            seen = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISREG(seen.st_mode):
+                return None
+            file_fd = os.open(name, flags, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                return None
+            raise
+        opened_stat = os.fstat(file_fd)
+        if (opened_stat.st_dev, opened_stat.st_ino) != (seen.st_dev, seen.st_ino):  # swapped meanwhile
+            os.close(file_fd)
+            return None
+        return file_fd
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
 def name_prefix(name: str, max_bytes: int = 96) -> str:
     """The start of ``name`` for a temporary file's name: at most ``max_bytes`` of UTF-8 (a
     file name may hold 255 bytes, and a temporary name adds a dot and a suffix to it), cut

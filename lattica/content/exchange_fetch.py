@@ -500,8 +500,6 @@ async def _fetch_planned(
     store = deps.store
     plan = plan_fetch(manifest, include, exclude, tensors)
     progress.total_bytes = sum(plan.chunks.values())
-    missing = store.missing(plan.chunks)
-    progress.held_bytes = progress.total_bytes - sum(plan.chunks[d] for d in missing)
     assembly: FileAssembly | None = None
     root_fd = -1
     tag = cid.digest.hex()[:16]
@@ -523,6 +521,11 @@ async def _fetch_planned(
                 )
             )
             await run_blocking(assembly.check_targets)
+            # Files already in place byte for byte (a fetch run again) stay as they are.
+            if await run_blocking(assembly.keep_identical):
+                await store.index_written([], assembly.take_extents())
+        missing = store.missing(plan.chunks)
+        progress.held_bytes = progress.total_bytes - sum(plan.chunks[d] for d in missing)
         absent = set(missing)
         held = [d for d in plan.chunks if d not in absent]
         if missing:

@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lattica.content.block_store import MAX_EXTENT_BYTES, Extent
-from lattica.content.contained_write import ContainedFile, name_prefix, named_os_error, remove_stale_in
+from lattica.content.cid import blake3_digest
+from lattica.content.contained_write import (
+    ContainedFile,
+    name_prefix,
+    named_os_error,
+    open_existing,
+    remove_stale_in,
+)
 from lattica.content.direct_write import AlignedBuffer, DirectWriter
 from lattica.content.errors import (
     ChunkMismatchError,
@@ -220,6 +227,52 @@ class FileAssembly:
         extents, self._extents = self._extents, []
         return extents
 
+    def keep_identical(self) -> list[str]:
+        """Leave in place the files whose final name already holds exactly the file: the same
+        size and mode, every chunk's BLAKE3 and the whole file's SHA-256 (a fetch run again into
+        the same folder). Such a file is not written again, needs no room for a second copy,
+        keeps its inode, and with ``adopt`` its chunks are recorded as extents of it
+        (:meth:`take_extents`). A file that differs anywhere is left for the fetch to replace;
+        reading stops at its first differing chunk. Returns the kept files' paths. Raises
+        ``OSError`` (naming the file) for a read that fails."""
+        kept: list[str] = []
+        for assembled in self._files:
+            entry = assembled.entry
+            if assembled.final is not None or assembled.target is not None or not entry.chunks:
+                continue
+            final = self._out_dir / entry.path
+            try:
+                fd = open_existing(self._root_fd, entry.path)
+                if fd is None:
+                    continue
+                try:
+                    if self._is_identical(fd, entry):
+                        assembled.final = final
+                        if self._adopt is not None and any(_fits(c) for c in entry.chunks):
+                            assembled.linked = self._adopt(fd)
+                            if assembled.linked is not None:
+                                self._linked.append(assembled.linked)
+                                self._record_extents(assembled)
+                        kept.append(entry.path)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise named_os_error(exc, final) from exc
+        return kept
+
+    @staticmethod
+    def _is_identical(fd: int, entry: FileEntry) -> bool:
+        status = os.fstat(fd)
+        if status.st_size != entry.size or status.st_mode & 0o7777 != entry.mode:
+            return False
+        whole = hashlib.sha256()
+        for chunk in entry.chunks:  # one chunk in memory at a time
+            data = os.pread(fd, chunk.length, chunk.offset)
+            if len(data) != chunk.length or blake3_digest(data) != chunk.digest:
+                return False
+            whole.update(data)
+        return whole.digest() == entry.sha256
+
     def add(self, digest: bytes, data: bytes | memoryview, *, held: bool = False) -> None:
         """Write a verified chunk everywhere it sits, advance the hashes it unblocks and put
         every file it completes into place. ``held``: the chunk came from the store (not
@@ -319,6 +372,10 @@ class FileAssembly:
             target.discard()
             raise ChunkMismatchError(f"{target.final}: SHA-256 differs from the manifest's; not written")
         assembled.final = target.commit()
+        self._record_extents(assembled)
+
+    def _record_extents(self, assembled: _Assembled) -> None:
+        # A file put (or kept) in place takes over every chunk of it not recorded yet.
         if assembled.linked is not None:
             for chunk in assembled.entry.chunks:
                 if chunk.digest not in self._placed and _fits(chunk):

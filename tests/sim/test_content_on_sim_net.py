@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -26,6 +27,7 @@ from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
 from lattica.node import Node
 from sim_net import Host, LinkConfig, Network
+from tests.conftest import MakeTmpfs
 from tests.sim.dht_cluster import FAST_DHT
 from tests.unit.content_samples import KIB, random_bytes
 
@@ -554,3 +556,47 @@ async def test_a_fetch_into_the_block_store_is_refused(tmp_path: Path, autojump_
         with pytest.raises(OutputConflictError, match="inside the node's block store"):
             await c.content(1).fetch(cid, out_dir=c.content(1).store.files_dir)
         assert list(c.content(1).store.files_dir.iterdir()) == []
+
+
+async def test_fetching_again_into_the_same_folder_keeps_the_files_in_place(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    source = source_file(tmp_path)
+    async with cluster(tmp_path, 2) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        out = tmp_path / "out"
+        await c.content(1).fetch(cid, out_dir=out)
+        before = os.stat(out / "data.bin")
+        await c.content(1).fetch(cid, out_dir=out)
+        after = os.stat(out / "data.bin")
+        # Not written again (it was rewritten whole from the store, needing room for two).
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert (out / "data.bin").read_bytes() == source.read_bytes()
+        store = c.content(1).store
+        assert len(list(store.files_dir.iterdir())) == 1  # one store link to the one file
+        assert store.missing({chunk.digest: chunk.length for chunk in store.manifest(cid).files[0].chunks}) == []
+
+        # A file that differs is not kept: the fetch puts the content back.
+        damaged = bytearray(source.read_bytes())
+        damaged[SIZE // 2] ^= 0xFF
+        fd = os.open(out / "data.bin", os.O_WRONLY)  # in place: the store's link sees it too
+        os.pwrite(fd, damaged[SIZE // 2 : SIZE // 2 + 1], SIZE // 2)
+        os.close(fd)
+        await c.content(1).fetch(cid, out_dir=out)
+        assert (out / "data.bin").read_bytes() == source.read_bytes()
+
+
+async def test_fetching_again_needs_no_room_for_a_second_copy(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, make_tmpfs: MakeTmpfs
+) -> None:
+    # Review finding: on a disk with room for one copy the second fetch failed "disk full".
+    source = source_file(tmp_path)  # 2 MiB
+    disk = make_tmpfs(3)  # another file system than the store: chunks are block files there
+    async with cluster(tmp_path, 2) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        await c.content(1).fetch(cid, out_dir=disk / "out")
+        await c.content(1).fetch(cid, out_dir=disk / "out")
+        assert (disk / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert sorted(p.name for p in (disk / "out").iterdir()) == ["data.bin"]

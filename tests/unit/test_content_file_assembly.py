@@ -18,7 +18,7 @@ import pytest
 from lattica.content import ChunkMismatchError, OutputBusyError, OutputConflictError, UnsafePathError
 from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import blake3_digest
-from lattica.content.contained_write import open_output_folder
+from lattica.content.contained_write import open_existing, open_output_folder
 from lattica.content.file_assembly import FileAssembly, temporary_name
 from lattica.content.manifest import ChunkRef, FileEntry
 from lattica.content.publish import publish
@@ -435,3 +435,45 @@ def test_two_fetches_writing_one_name_into_one_folder_at_once_are_refused(tmp_pa
         first.discard()  # the first fetch ended: the name is free again
         second.check_targets()
         second.discard()
+
+
+def test_a_file_already_in_place_byte_for_byte_is_kept_and_others_are_not(tmp_path: Path) -> None:
+    data = random_bytes(200 * KIB + 3, 11)
+    names = ("same.bin", "edited.bin", "short.bin", "mode.bin")
+    same, edited, short, mode = (entry(name, data, 64 * KIB) for name in names)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("same.bin", "edited.bin", "mode.bin"):
+        (out / name).write_bytes(data)
+        (out / name).chmod(0o644)
+    (out / "mode.bin").chmod(0o600)
+    (out / "edited.bin").write_bytes(data[:-1] + b"\0")
+    (out / "short.bin").write_bytes(data[:-1])
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, [same, edited, short, mode], tag=TAG)
+        assert assembly.keep_identical() == ["same.bin"]
+        assert assembly.missing() == ["edited.bin", "short.bin", "mode.bin"]
+        assert assembly.take_extents() == []  # nothing to record without a store (no adopt)
+
+
+def test_only_a_regular_file_reached_without_symlinks_is_looked_at(tmp_path: Path) -> None:
+    data = random_bytes(64 * KIB, 12)
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "a.bin").write_bytes(data)
+    (elsewhere / "sub").mkdir()
+    (elsewhere / "sub" / "b.bin").write_bytes(data)
+    (out / "a.bin").symlink_to(elsewhere / "a.bin")  # the same bytes, through a symlink
+    (out / "sub").symlink_to(elsewhere / "sub")  # a symlinked parent folder
+    os.mkfifo(out / "fifo.bin")  # opening it for reading must not block
+    (out / "dir.bin").mkdir()
+    files = [entry(name, data, 64 * KIB) for name in ("a.bin", "sub/b.bin", "fifo.bin", "dir.bin", "none.bin")]
+    for file in files:
+        assert file.mode == 0o644
+    (elsewhere / "a.bin").chmod(0o644)
+    (elsewhere / "sub" / "b.bin").chmod(0o644)
+    with folder(out) as fd:
+        for file in files:
+            assert open_existing(fd, file.path) is None
+        assert FileAssembly(fd, out, files, tag=TAG).keep_identical() == []
