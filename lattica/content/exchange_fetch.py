@@ -109,7 +109,8 @@ class FetchProgress:
 
     cid: str
     state: str = "finding"
-    """``finding`` (manifest), ``fetching``, ``exporting``, ``done`` or ``failed``."""
+    """``finding`` (manifest), ``checking`` (files already in the output folder), ``fetching``,
+    ``exporting``, ``done`` or ``failed``."""
     total_bytes: int = 0
     """Bytes of the chunks this fetch needs (held ones included)."""
     held_bytes: int = 0
@@ -522,6 +523,7 @@ async def _fetch_planned(
             )
             await run_blocking(assembly.check_targets)
             # Files already in place byte for byte (a fetch run again) stay as they are.
+            progress.state = "checking"
             if await run_blocking(assembly.keep_identical):
                 await store.index_written([], assembly.take_extents())
         missing = store.missing(plan.chunks)

@@ -108,7 +108,7 @@ class PeerShare(msgspec.Struct):
 
 
 class FetchStatus(msgspec.Struct):
-    """``content.fetch_status``: progress of one fetch (``state``: finding, fetching,
+    """``content.fetch_status``: progress of one fetch (``state``: finding, checking, fetching,
     exporting, done, failed, cancelled); byte counts are chunk bytes."""
 
     fetch_id: int
