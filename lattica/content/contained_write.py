@@ -130,43 +130,57 @@ def remove_stale_in(root_fd: int, path: str, name: str) -> None:
 
 def open_existing(root_fd: int, path: str) -> int | None:
     """A read-only descriptor of the regular file at the manifest path ``path`` under the folder
-    open as ``root_fd``, or None when there is none: walked with ``O_NOFOLLOW`` like
-    :class:`ContainedFile` (a symlink anywhere on the way, a FIFO, a folder or nothing gives
-    None, never a block or a followed link). Raises ``OSError`` for other failures (``EACCES``,
-    ``EIO``)."""
+    open as ``root_fd``, or None when there is none that this process may read: walked with
+    ``O_NOFOLLOW`` like :class:`ContainedFile` (a symlink anywhere on the way, a FIFO, a device,
+    a folder, an unreadable file or nothing gives None, never a followed link). The name is
+    first opened ``O_PATH`` (which opens nothing: no FIFO waits, no device acts), and only a
+    regular file is then opened for reading, through that very descriptor, so a FIFO or device
+    swapped in meanwhile is never opened (review finding: between an ``lstat`` and an ``open``
+    it was). Without ``O_PATH`` or ``/proc`` it gives None. Raises ``OSError`` for other
+    failures (``EIO``)."""
     check_relative_path(path)
+    o_path = getattr(os, "O_PATH", 0)
+    if not o_path:
+        return None
     *directories, name = path.split("/")
     fd = root_fd
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         for directory in directories:
             try:
                 opened = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                if exc.errno in _NOT_THERE:
                     return None
                 raise
             if fd != root_fd:
                 os.close(fd)
             fd = opened
         try:
-            # Looked at before it is opened: opening a device or FIFO can have effects.
-            seen = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if not stat.S_ISREG(seen.st_mode):
-                return None
-            file_fd = os.open(name, flags, dir_fd=fd)
+            handle = os.open(name, o_path | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=fd)
         except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            if exc.errno in _NOT_THERE:
                 return None
             raise
-        opened_stat = os.fstat(file_fd)
-        if (opened_stat.st_dev, opened_stat.st_ino) != (seen.st_dev, seen.st_ino):  # swapped meanwhile
-            os.close(file_fd)
-            return None
-        return file_fd
+        try:
+            if not stat.S_ISREG(os.fstat(handle).st_mode):  # a symlink (O_PATH|O_NOFOLLOW), FIFO, ...
+                return None
+            try:
+                return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                if exc.errno in _NOT_THERE:
+                    return None
+                raise
+        finally:
+            os.close(handle)
     finally:
         if fd != root_fd:
             os.close(fd)
+
+
+# What makes open_existing answer "no file to keep there" rather than fail.
+_NOT_THERE = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM}
+)
 
 
 def name_prefix(name: str, max_bytes: int = 96) -> str:

@@ -86,6 +86,8 @@ log = logging.getLogger("lattica.content.fetch")
 _MANIFEST_TIMEOUT_S = 30.0
 _MANIFEST_PARALLEL = 4  # peers asked for a manifest at once
 _RECEIVE_BYTES = 1 << 20
+# Bytes of files already in the output folder compared per worker-thread step (~50 ms).
+_CHECK_STEP_BYTES = 64 << 20
 _BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
 _MANIFEST_BUSY_FIRST_S = 0.5  # first pause before asking busy peers for a manifest again
 _MANIFEST_BUSY_MAX_S = 8.0  # longest pause between those asks
@@ -524,7 +526,9 @@ async def _fetch_planned(
             await run_blocking(assembly.check_targets)
             # Files already in place byte for byte (a fetch run again) stay as they are.
             progress.state = "checking"
-            if await run_blocking(assembly.keep_identical):
+            while not await run_blocking(lambda: assembly.keep_identical(_CHECK_STEP_BYTES)):
+                pass  # a cancellation point between steps: Ctrl-C and daemon stop stay prompt
+            if assembly.kept:
                 await store.index_written([], assembly.take_extents())
         missing = store.missing(plan.chunks)
         progress.held_bytes = progress.total_bytes - sum(plan.chunks[d] for d in missing)

@@ -90,6 +90,34 @@ def _reserve(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
+class _Comparison:
+    """One existing file being compared with its manifest entry, a chunk at a time."""
+
+    def __init__(self, fd: int, entry: FileEntry) -> None:
+        self.fd = fd
+        self.entry = entry
+        self.next_chunk = 0
+        self.read_bytes = 0
+        self.sha256 = hashlib.sha256()
+
+    def step(self, max_bytes: int) -> bool | None:
+        """Read chunks until ``max_bytes`` were read: True when the file matches, False at the
+        first difference, None when more is left. Raises ``OSError``."""
+        chunks = self.entry.chunks
+        start = self.read_bytes
+        while self.next_chunk < len(chunks):
+            if self.read_bytes - start >= max_bytes:
+                return None
+            chunk = chunks[self.next_chunk]  # one chunk in memory at a time
+            data = os.pread(self.fd, chunk.length, chunk.offset)
+            self.read_bytes += len(data)
+            if len(data) != chunk.length or blake3_digest(data) != chunk.digest:
+                return False
+            self.sha256.update(data)
+            self.next_chunk += 1
+        return self.sha256.digest() == self.entry.sha256
+
+
 @dataclass
 class _Assembled:
     entry: FileEntry
@@ -142,6 +170,10 @@ class FileAssembly:
         self._direct_io = direct_io
         self._buffer: AlignedBuffer | None = None
         self._direct_bytes_closed = 0
+        self._checking = 0
+        self._check: _Comparison | None = None
+        self.kept: list[str] = []
+        """Paths :meth:`keep_identical` left in place."""
         self._out_dir = out_dir
         self._adopt = adopt
         self._placed: set[bytes] = set()
@@ -227,51 +259,72 @@ class FileAssembly:
         extents, self._extents = self._extents, []
         return extents
 
-    def keep_identical(self) -> list[str]:
-        """Leave in place the files whose final name already holds exactly the file: the same
-        size and mode, every chunk's BLAKE3 and the whole file's SHA-256 (a fetch run again into
-        the same folder). Such a file is not written again, needs no room for a second copy,
-        keeps its inode, and with ``adopt`` its chunks are recorded as extents of it
-        (:meth:`take_extents`). A file that differs anywhere is left for the fetch to replace;
-        reading stops at its first differing chunk. Returns the kept files' paths. Raises
-        ``OSError`` (naming the file) for a read that fails."""
-        kept: list[str] = []
-        for assembled in self._files:
-            entry = assembled.entry
-            if assembled.final is not None or assembled.target is not None or not entry.chunks:
-                continue
-            final = self._out_dir / entry.path
-            try:
-                fd = open_existing(self._root_fd, entry.path)
-                if fd is None:
-                    continue
-                try:
-                    if self._is_identical(fd, entry):
-                        assembled.final = final
-                        if self._adopt is not None and any(_fits(c) for c in entry.chunks):
-                            assembled.linked = self._adopt(fd)
-                            if assembled.linked is not None:
-                                self._linked.append(assembled.linked)
-                                self._record_extents(assembled)
-                        kept.append(entry.path)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                raise named_os_error(exc, final) from exc
-        return kept
+    def keep_identical(self, max_bytes: int) -> bool:
+        """Leave in place the files whose final name already holds exactly the file: a regular
+        file of ours (owned by this process's user: another user's could change under the
+        fetched content later) with the same size and mode, every chunk's BLAKE3 and the whole
+        file's SHA-256 (a fetch run again into the same folder). Such a file is not written
+        again, needs no room for a second copy, keeps its inode, and with ``adopt`` its chunks
+        are recorded as extents of it (:meth:`take_extents`). A file that differs anywhere is
+        left for the fetch to replace; reading stops at its first differing chunk.
 
-    @staticmethod
-    def _is_identical(fd: int, entry: FileEntry) -> bool:
-        status = os.fstat(fd)
-        if status.st_size != entry.size or status.st_mode & 0o7777 != entry.mode:
-            return False
-        whole = hashlib.sha256()
-        for chunk in entry.chunks:  # one chunk in memory at a time
-            data = os.pread(fd, chunk.length, chunk.offset)
-            if len(data) != chunk.length or blake3_digest(data) != chunk.digest:
+        Works in steps: reads about ``max_bytes`` and returns False while files are left to
+        look at, True when done, so a caller can stay cancellable between steps (a model folder
+        is gigabytes). :attr:`kept` lists the kept paths. Raises ``OSError`` (naming the file)
+        for a read that fails."""
+        budget = max_bytes
+        while self._checking < len(self._files):
+            assembled = self._files[self._checking]
+            if self._check is None:
+                self._check = self._start_check(assembled)
+                if self._check is None:
+                    self._checking += 1
+                    continue
+            check = self._check
+            read_before = check.read_bytes
+            try:
+                outcome = check.step(budget)
+            except OSError as exc:
+                self._end_check()
+                raise named_os_error(exc, self._out_dir / assembled.entry.path) from exc
+            if outcome is None:  # more to read
                 return False
-            whole.update(data)
-        return whole.digest() == entry.sha256
+            if outcome:
+                assembled.final = self._out_dir / assembled.entry.path
+                self.kept.append(assembled.entry.path)
+                if self._adopt is not None and any(_fits(c) for c in assembled.entry.chunks):
+                    assembled.linked = self._adopt(check.fd)
+                    if assembled.linked is not None:
+                        self._linked.append(assembled.linked)
+                        self._record_extents(assembled)
+            budget -= check.read_bytes - read_before
+            self._end_check()
+            self._checking += 1
+            if budget <= 0:
+                return self._checking >= len(self._files)
+        return True
+
+    def _start_check(self, assembled: _Assembled) -> _Comparison | None:
+        if assembled.final is not None or assembled.target is not None:
+            return None
+        path = assembled.entry.path
+        try:
+            fd = open_existing(self._root_fd, path)
+        except OSError as exc:
+            raise named_os_error(exc, self._out_dir / path) from exc
+        if fd is None:
+            return None
+        status = os.fstat(fd)
+        entry = assembled.entry
+        if status.st_uid != os.geteuid() or status.st_size != entry.size or status.st_mode & 0o7777 != entry.mode:
+            os.close(fd)
+            return None
+        return _Comparison(fd, entry)
+
+    def _end_check(self) -> None:
+        if self._check is not None:
+            os.close(self._check.fd)
+            self._check = None
 
     def add(self, digest: bytes, data: bytes | memoryview, *, held: bool = False) -> None:
         """Write a verified chunk everywhere it sits, advance the hashes it unblocks and put
@@ -307,13 +360,21 @@ class FileAssembly:
         content held before), one chunk in memory at a time. Raises
         :class:`~lattica.content.errors.HeldChunkLostError` when one cannot be read back (the
         store dropped it: fetching again gets it from peers), and what :meth:`add` raises."""
+        lost: list[str] = []
         for digest in held:
             if digest in self._places:
                 try:
                     data = read(digest)
                 except ChunkNotFoundError as exc:
-                    raise HeldChunkLostError(str(exc)) from None
+                    # Go on: every lost chunk is dropped from the store in this one pass, so
+                    # the next gets them all from peers (review finding: a truncated fetched
+                    # file took one fetch per chunk it lost).
+                    lost.append(str(exc))
+                    continue
                 self.add(digest, data, held=True)
+        if lost:
+            more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+            raise HeldChunkLostError(lost[0] + more)
 
     def _begin(self, assembled: _Assembled) -> ContainedFile:
         if assembled.target is None:
@@ -404,6 +465,7 @@ class FileAssembly:
     def discard(self) -> None:
         """Remove every temporary file not yet renamed into place and release the final names
         :meth:`check_targets` claimed (idempotent; call it when the fetch ends, in any way)."""
+        self._end_check()
         for assembled in self._files:
             self._close_writer(assembled)
             if assembled.target is not None:

@@ -600,3 +600,20 @@ async def test_fetching_again_needs_no_room_for_a_second_copy(
         await c.content(1).fetch(cid, out_dir=disk / "out")
         assert (disk / "out" / "data.bin").read_bytes() == source.read_bytes()
         assert sorted(p.name for p in (disk / "out").iterdir()) == ["data.bin"]
+
+
+async def test_fetching_again_after_the_output_was_truncated_restores_it_in_one_fetch(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: every chunk held in the truncated file was found lost one fetch at a time
+    # (57 fetches for the real model); now one pass drops them all and the retry fetches them.
+    source = source_file(tmp_path)
+    async with cluster(tmp_path, 2) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        out = tmp_path / "out"
+        await c.content(1).fetch(cid, out_dir=out)
+        assert len(c.content(1).store.manifest(cid).files[0].chunks) > 2
+        os.truncate(out / "data.bin", 1000)  # in place: the store's ranges of it go too
+        await c.content(1).fetch(cid, out_dir=out)
+        assert (out / "data.bin").read_bytes() == source.read_bytes()
