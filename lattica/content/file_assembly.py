@@ -56,6 +56,9 @@ AdoptFile = Callable[[int], "str | None"]
 (``BlockStore.adopt_file``) so its chunks are stored as extents of it, not a second time."""
 
 
+# Files keep_identical opens at most per step (each costs a path walk and an open).
+_CHECK_FILES_PER_STEP = 256
+
 # Final paths the assemblies of this process are writing (claimed by check_targets): two
 # fetches of different content must not race to rename different bytes under one name.
 _CLAIMS: set[str] = set()
@@ -273,9 +276,13 @@ class FileAssembly:
         is gigabytes). :attr:`kept` lists the kept paths. Raises ``OSError`` (naming the file)
         for a read that fails."""
         budget = max_bytes
+        looked_at = 0
         while self._checking < len(self._files):
             assembled = self._files[self._checking]
             if self._check is None:
+                if looked_at >= _CHECK_FILES_PER_STEP:  # a folder of many small files
+                    return False
+                looked_at += 1
                 self._check = self._start_check(assembled)
                 if self._check is None:
                     self._checking += 1

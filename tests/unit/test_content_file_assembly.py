@@ -502,3 +502,21 @@ def test_only_a_regular_file_reached_without_symlinks_is_looked_at(tmp_path: Pat
         assembly = FileAssembly(fd, out, files, tag=TAG)
         assert assembly.keep_identical(max_bytes=1 << 30)
         assert assembly.kept == []
+
+
+def test_a_folder_of_many_small_files_is_compared_in_steps(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    files = []
+    for i in range(600):
+        data = b"small %d" % i
+        (out / f"f{i}.txt").write_bytes(data)
+        (out / f"f{i}.txt").chmod(0o644)
+        files.append(entry(f"f{i}.txt", data, 64 * KIB))
+    with folder(out) as fd:
+        assembly = FileAssembly(fd, out, files, tag=TAG)
+        steps = 1
+        while not assembly.keep_identical(max_bytes=1 << 30):  # bytes never run out here
+            steps += 1
+        assert steps == 3  # 256 files a step at most
+        assert len(assembly.kept) == 600
