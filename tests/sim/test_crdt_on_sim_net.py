@@ -159,18 +159,26 @@ async def test_fifty_replicas_converge_after_a_partition_and_the_heal_sends_only
         nursery.cancel_scope.cancel()
 
 
+async def push_only_space(cluster: DhtCluster, size: int, name: str) -> tuple[list[Node], SpaceId]:
+    """``size`` nodes replicating one space of node 0's, every replica a push target and
+    anti-entropy out of the way (only pushes deliver); the cluster must use PUSH_ONLY."""
+    nodes = await start_cluster(cluster, size)
+    space = (await nodes[0].crdt.create_space(name)).space_id
+    for node in nodes[1:]:
+        await node.crdt.join_space(space, peers=[nodes[0].peer_id])
+    return nodes, space
+
+
+PUSH_ONLY = node_config(fanout=4, anti_entropy_interval_s=3600.0)
+
+
 async def test_a_replica_that_is_gone_does_not_hold_back_pushes_to_the_others(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # Every replica is a push target; anti-entropy is out of the way, so only pushes deliver.
-    config = node_config(fanout=4, anti_entropy_interval_s=3600.0)
     async with Network(seed=11) as net, trio.open_nursery() as nursery:
-        cluster = DhtCluster(net, nursery, 4, node_config=config)
-        nodes = await start_cluster(cluster, 4)
+        cluster = DhtCluster(net, nursery, 4, node_config=PUSH_ONLY)
+        nodes, space = await push_only_space(cluster, 4, "gone")
         owner = nodes[0]
-        space = (await owner.crdt.create_space("gone")).space_id
-        for node in nodes[1:]:
-            await node.crdt.join_space(space, peers=[owner.peer_id])
         net.partition(cluster.hosts[3:], cluster.hosts[:3])  # node 3 is gone for the others
         await owner.crdt.set(space, "first", 1)
         await wait_until_holding(nodes, space, {1: 1, 2: 1}, timeout_s=5)
@@ -190,14 +198,10 @@ async def test_a_slow_replica_gets_what_it_missed_while_busy_without_waiting_for
 ) -> None:
     # Review finding: a batch skipped for a replica busy with a push was never sent to it; a
     # slow but alive replica waited for anti-entropy (here: never).
-    config = node_config(fanout=4, anti_entropy_interval_s=3600.0)
     async with Network(seed=12) as net, trio.open_nursery() as nursery:
-        cluster = DhtCluster(net, nursery, 3, node_config=config)
-        nodes = await start_cluster(cluster, 3)
+        cluster = DhtCluster(net, nursery, 3, node_config=PUSH_ONLY)
+        nodes, space = await push_only_space(cluster, 3, "slow")
         owner, slow = nodes[0], nodes[2]
-        space = (await owner.crdt.create_space("slow")).space_id
-        for node in nodes[1:]:
-            await node.crdt.join_space(space, peers=[owner.peer_id])
         cluster.hosts[2].set_link(LinkConfig(latency_s=1.0))  # 4 s round trips to the others
         await owner.crdt.set(space, "first", 1)
         await trio.sleep(1.0)  # the pushes of "first" to the slow replica are under way
