@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lattica.errors import LocalProtocolError, RemoteProtocolError
 from lattica.identity import Identity
+from lattica.net import tls_channel
 from lattica.net.tls_channel import TlsChannel
 
 CLIENT = Identity.from_seed(b"c" * 32)
@@ -134,3 +137,48 @@ def test_a_corrupted_handshake_flight_is_a_remote_protocol_error_or_harmless(pos
     except RemoteProtocolError:
         return
     assert server.peer_id is None  # one flight cannot authenticate anyone
+
+
+# Records are decrypted straight through OpenSSL's binding where pyOpenSSL exposes it, and
+# through pyOpenSSL's own recv otherwise: both paths must give the same bytes and errors.
+@pytest.fixture(params=["direct", "pyopenssl"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "pyopenssl":
+        monkeypatch.setattr(tls_channel._DirectCalls, "create", classmethod(lambda cls, connection: None))
+    return str(request.param)
+
+
+def _pair() -> tuple[TlsChannel, TlsChannel]:
+    client = TlsChannel(CLIENT, is_client=True)
+    server = TlsChannel(SERVER, is_client=False)
+    handshake(client, server)
+    return client, server
+
+
+def test_megabytes_fed_at_once_or_in_odd_slices_come_back_whole_and_in_order(read_path: str) -> None:
+    payload = random.Random(11).randbytes(3 * 1024 * 1024 + 123)  # more than one plaintext buffer
+    client, server = _pair()
+    client.send(payload)
+    wire = client.data_to_send()
+    assert server.receive_data(wire) == payload
+    client.send(payload)
+    wire = client.data_to_send()
+    got = b"".join(server.receive_data(wire[at : at + 7777]) for at in range(0, len(wire), 7777))
+    assert got == payload
+
+
+def test_data_and_close_notify_in_one_feed_give_the_data_then_the_close(read_path: str) -> None:
+    client, server = _pair()
+    client.send(b"last words")
+    client.close()
+    assert server.receive_data(client.data_to_send()) == b"last words"
+    assert server.peer_closed
+
+
+def test_a_tampered_record_behind_good_ones_is_a_remote_protocol_error(read_path: str) -> None:
+    client, server = _pair()
+    client.send(b"x" * 100_000)
+    wire = bytearray(client.data_to_send())
+    wire[-3] ^= 0x01
+    with pytest.raises(RemoteProtocolError):
+        server.receive_data(bytes(wire))
