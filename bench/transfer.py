@@ -16,6 +16,10 @@ Modes (``--modes``, default all), interleaved run by run so load changes hit the
 * ``nginx``: ``curl`` fetching the same file over HTTPS (TLS 1.3, self-signed certificate) from a
   local ``nginx`` -- what a user would do instead. CPU: curl and the nginx worker; peak RSS:
   curl's. Skipped with a note when nginx, openssl or curl is missing (``apt-get install -y nginx``).
+* ``ceiling``: the bound of the design (``bench/transfer_ceiling.py``): two bare Python
+  processes moving the file over pyOpenSSL with the hashing a fetch must do (BLAKE3 at both
+  ends, SHA-256 of the file) and nothing else. Not a competitor: the room left for Lattica's
+  protocol and daemon, and what Python plus verification cost against nginx+curl.
 * ``sdk``: the Lattica SDK (PyPI ``lattica``), ``put_block``/``get_block`` and
   ``rpc_stream_iter`` on the same bytes, through ``bench/transfer_sdk.py`` (its own venv, one
   lo-only network namespace per transfer). Root only: unprivileged runs print a note and leave
@@ -60,6 +64,7 @@ sys.path.insert(0, str(BENCH_DIR.parent))  # ``lattica`` and ``cli`` from this w
 
 import transfer_sdk  # noqa: E402
 from _harness import REPO_ROOT, Spread, load_average, machine_info, utc_now, write_results  # noqa: E402
+from transfer_ceiling import run_ceiling  # noqa: E402
 from transfer_sdk import process_cpu_s  # noqa: E402
 
 from lattica.daemon_process import DaemonProcess, start_daemon_process  # noqa: E402
@@ -69,7 +74,7 @@ MIB = 1 << 20
 SEED = 20261129  # the file's bytes; the SDK draws the same bytes from the same seed
 START_TIMEOUT_S = 30.0
 FETCH_TIMEOUT_S = 1800.0
-MODES = ("quic", "tcp", "nginx", "sdk")
+MODES = ("quic", "tcp", "nginx", "ceiling", "sdk")
 RSS_TARGET_BYTES = 150 * MIB
 
 
@@ -331,6 +336,8 @@ def table_rows(modes: Sequence[str]) -> tuple[list[Row], dict[str, Any]]:
             rows.append(Row("tcp", "lattica fetch, TLS-over-TCP", _run_tcp))
         elif mode == "nginx":
             rows.append(Row("nginx", "curl + nginx, HTTPS (baseline)", run_nginx))
+        elif mode == "ceiling":
+            rows.append(Row("ceiling", "Python ceiling: TLS + same hashing", run_ceiling))
         else:
             reason = transfer_sdk.sdk_unavailable_reason()
             if reason is None:
@@ -380,8 +387,11 @@ def ratios(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     sdk_rates = {s["key"]: _median_rate(s) for s in summaries if s["key"].startswith("sdk-")}
     sdk_best_key = max((k for k, v in sdk_rates.items() if v), key=lambda k: sdk_rates[k] or 0.0, default=None)
     sdk_best = sdk_rates[sdk_best_key] if sdk_best_key else None
+    ceiling = _median_rate(by_key.get("ceiling"))
     result: dict[str, Any] = {
         "nginx_mb_per_s": nginx,
+        "ceiling_mb_per_s": ceiling,
+        "ceiling_vs_nginx": ceiling / nginx if ceiling and nginx else None,
         "sdk_best": None if sdk_best_key is None else by_key[sdk_best_key]["mode"],
         "sdk_best_mb_per_s": sdk_best,
     }
@@ -389,6 +399,7 @@ def ratios(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ours = _median_rate(by_key.get(key))
         result[f"{key}_vs_nginx"] = ours / nginx if ours and nginx else None
         result[f"{key}_vs_sdk_best"] = ours / sdk_best if ours and sdk_best else None
+        result[f"{key}_vs_ceiling"] = ours / ceiling if ours and ceiling else None
     ours_rss = [by_key[k]["peak_rss_bytes"] for k in ("quic", "tcp") if k in by_key and by_key[k]["peak_rss_bytes"]]
     result["lattica_peak_rss_bytes"] = max(ours_rss, default=None)
     return result
@@ -429,6 +440,11 @@ def render_size(size_mib: int, runs: int, summaries: Sequence[dict[str, Any]], f
     if found["nginx_mb_per_s"]:
         parts = [f"{name} {_ratio_text(found[f'{key}_vs_nginx'])}" for key, name in ours]
         lines.append(f"  lattica fetch / curl+nginx (target >= 0.60): {', '.join(parts) or '-'}")
+    if found["ceiling_mb_per_s"]:
+        parts = [f"{name} {_ratio_text(found[f'{key}_vs_ceiling'])}" for key, name in ours]
+        lines.append(f"  lattica fetch / Python ceiling: {', '.join(parts) or '-'}")
+        if found["nginx_mb_per_s"]:
+            lines.append(f"  Python ceiling / curl+nginx: {_ratio_text(found['ceiling_vs_nginx'])}")
     if found["sdk_best_mb_per_s"]:
         parts = [f"{name} {_ratio_text(found[f'{key}_vs_sdk_best'])}" for key, name in ours]
         best = f"{found['sdk_best']}, {found['sdk_best_mb_per_s']:.1f} MB/s"
