@@ -20,6 +20,8 @@ Modes (``--modes``, default all), interleaved run by run so load changes hit the
   processes moving the file over pyOpenSSL with the hashing a fetch must do (BLAKE3 at both
   ends, SHA-256 of the file) and nothing else. Not a competitor: the room left for Lattica's
   protocol and daemon, and what Python plus verification cost against nginx+curl.
+* ``ceiling-min``: the same with only BLAKE3 of each chunk on arrival (no SHA-256 of the file,
+  no re-hash by the server): the bound even without the checks Lattica could drop.
 * ``sdk``: the Lattica SDK (PyPI ``lattica``), ``put_block``/``get_block`` and
   ``rpc_stream_iter`` on the same bytes, through ``bench/transfer_sdk.py`` (its own venv, one
   lo-only network namespace per transfer). Root only: unprivileged runs print a note and leave
@@ -64,7 +66,7 @@ sys.path.insert(0, str(BENCH_DIR.parent))  # ``lattica`` and ``cli`` from this w
 
 import transfer_sdk  # noqa: E402
 from _harness import REPO_ROOT, Spread, load_average, machine_info, utc_now, write_results  # noqa: E402
-from transfer_ceiling import run_ceiling  # noqa: E402
+from transfer_ceiling import run_ceiling, run_ceiling_minimal  # noqa: E402
 from transfer_sdk import process_cpu_s  # noqa: E402
 
 from lattica.daemon_process import DaemonProcess, start_daemon_process  # noqa: E402
@@ -74,7 +76,7 @@ MIB = 1 << 20
 SEED = 20261129  # the file's bytes; the SDK draws the same bytes from the same seed
 START_TIMEOUT_S = 30.0
 FETCH_TIMEOUT_S = 1800.0
-MODES = ("quic", "tcp", "nginx", "ceiling", "sdk")
+MODES = ("quic", "tcp", "nginx", "ceiling", "ceiling-min", "sdk")
 RSS_TARGET_BYTES = 150 * MIB
 
 
@@ -338,6 +340,8 @@ def table_rows(modes: Sequence[str]) -> tuple[list[Row], dict[str, Any]]:
             rows.append(Row("nginx", "curl + nginx, HTTPS (baseline)", run_nginx))
         elif mode == "ceiling":
             rows.append(Row("ceiling", "Python ceiling: TLS + same hashing", run_ceiling))
+        elif mode == "ceiling-min":
+            rows.append(Row("ceiling-min", "Python ceiling: TLS + chunk BLAKE3 only", run_ceiling_minimal))
         else:
             reason = transfer_sdk.sdk_unavailable_reason()
             if reason is None:
@@ -388,10 +392,12 @@ def ratios(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     sdk_best_key = max((k for k, v in sdk_rates.items() if v), key=lambda k: sdk_rates[k] or 0.0, default=None)
     sdk_best = sdk_rates[sdk_best_key] if sdk_best_key else None
     ceiling = _median_rate(by_key.get("ceiling"))
+    ceiling_min = _median_rate(by_key.get("ceiling-min"))
     result: dict[str, Any] = {
         "nginx_mb_per_s": nginx,
         "ceiling_mb_per_s": ceiling,
         "ceiling_vs_nginx": ceiling / nginx if ceiling and nginx else None,
+        "ceiling_min_vs_nginx": ceiling_min / nginx if ceiling_min and nginx else None,
         "sdk_best": None if sdk_best_key is None else by_key[sdk_best_key]["mode"],
         "sdk_best_mb_per_s": sdk_best,
     }
@@ -445,6 +451,8 @@ def render_size(size_mib: int, runs: int, summaries: Sequence[dict[str, Any]], f
         lines.append(f"  lattica fetch / Python ceiling: {', '.join(parts) or '-'}")
         if found["nginx_mb_per_s"]:
             lines.append(f"  Python ceiling / curl+nginx: {_ratio_text(found['ceiling_vs_nginx'])}")
+    if found["ceiling_min_vs_nginx"]:
+        lines.append(f"  Python ceiling, chunk BLAKE3 only / curl+nginx: {_ratio_text(found['ceiling_min_vs_nginx'])}")
     if found["sdk_best_mb_per_s"]:
         parts = [f"{name} {_ratio_text(found[f'{key}_vs_sdk_best'])}" for key, name in ours]
         best = f"{found['sdk_best']}, {found['sdk_best_mb_per_s']:.1f} MB/s"
