@@ -16,8 +16,9 @@ make the channel sans-I/O: bytes in, bytes out, no socket, no clock (see docs/de
 Invariants:
 
 * TLS 1.3 only; ALPN ``lattica-tcp/1`` required on both sides (yamux follows at once, there is
-  no further negotiation); no session tickets or resumption (every connection presents and
-  proves its certificate).
+  no further negotiation); no resumption: the session cache is off on both sides, so every
+  connection presents and proves its certificate (OpenSSL's server still sends its two TLS
+  1.3 NewSessionTicket messages; no client here keeps or offers them).
 * The server requires a client certificate (``VERIFY_FAIL_IF_NO_PEER_CERT``).
 * :attr:`TlsChannel.peer_id` is set only once the handshake completed with an Ed25519
   certificate; every failure the peer causes is a :class:`~lattica.errors.RemoteProtocolError`.
@@ -26,6 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Final
 
 from OpenSSL import SSL
@@ -66,14 +68,19 @@ class _DirectCalls:
     into one reused buffer and copied out once. Anything but "needs more input" goes back to
     pyOpenSSL's own ``recv``, which raises its typed errors. ``None`` from :meth:`create` where
     this pyOpenSSL lacks the private handles (``SSL._lib``, ``SSL._ffi``, ``Connection._ssl``).
+
+    The buffer belongs to the thread, not the connection: it holds nothing between calls (what
+    a call decrypts leaves it as ``bytes``), so a thousand connections cost one buffer, not a
+    thousand (a peer opening connections must not make the node allocate per connection).
     """
+
+    _per_thread = threading.local()
 
     def __init__(self, lib: Any, ffi: Any, ssl: Any) -> None:
         self._lib = lib
+        self._ffi = ffi
         self._ssl = ssl
         self._want_read = int(lib.SSL_ERROR_WANT_READ)
-        self._buffer = ffi.new("char[]", _PLAIN_BUFFER_BYTES)
-        self._as_bytes = ffi.buffer
 
     @classmethod
     def create(cls, connection: SSL.Connection) -> _DirectCalls | None:
@@ -85,22 +92,28 @@ class _DirectCalls:
             return None
         return cls(lib, ffi, ssl)
 
+    def _buffer(self) -> Any:
+        buffer = getattr(self._per_thread, "buffer", None)
+        if buffer is None:
+            buffer = self._per_thread.buffer = self._ffi.new("char[]", _PLAIN_BUFFER_BYTES)
+        return buffer
+
     def read_records(self, parts: list[bytes]) -> bool:
         """Decrypt every whole record waiting into ``parts``; True if it stopped because it needs
         more input, False if the session has something else to say (an alert, close_notify,
         an error: ask pyOpenSSL)."""
-        lib, ssl, buffer = self._lib, self._ssl, self._buffer
+        lib, ssl, buffer, as_bytes = self._lib, self._ssl, self._buffer(), self._ffi.buffer
         filled = 0
         while True:
             if _PLAIN_BUFFER_BYTES - filled < _RECORD_BYTES:
-                parts.append(self._as_bytes(buffer, filled)[:])
+                parts.append(as_bytes(buffer, filled)[:])
                 filled = 0
             result = lib.SSL_read(ssl, buffer + filled, _PLAIN_BUFFER_BYTES - filled)
             if result > 0:
                 filled += result
                 continue
             if filled:
-                parts.append(self._as_bytes(buffer, filled)[:])
+                parts.append(as_bytes(buffer, filled)[:])
             return bool(lib.SSL_get_error(ssl, result) == self._want_read)
 
 
@@ -186,8 +199,9 @@ class TlsChannel:
     def receive_data(self, data: bytes | bytearray) -> bytes:
         """Feed bytes from the transport; returns the application bytes they completed.
 
-        Raises :class:`RemoteProtocolError` if the peer's TLS is invalid, fails to
-        authenticate, or sends after close_notify."""
+        Raises :class:`RemoteProtocolError` if the peer's TLS is invalid or fails to
+        authenticate. After the peer's close_notify (:attr:`peer_closed`) anything more it
+        sends is ignored."""
         if data:
             self._tls.bio_write(data)
         if not self.handshake_complete:
@@ -224,14 +238,19 @@ class TlsChannel:
         with contextlib.suppress(SSL.Error):
             self._tls.shutdown()
 
+    @property
+    def pending_output_bytes(self) -> int:
+        """Encrypted bytes waiting in :meth:`data_to_send` (0 where this pyOpenSSL cannot say).
+        TLS writes on its own, not only when asked to: each KeyUpdate a peer requests is
+        answered, so a driver must bound this as it bounds its own output."""
+        return _mem_bio_length(self._tls) or 0
+
     def data_to_send(self) -> bytes:
         """Everything the TLS layer wants to send to the transport now."""
         waiting = _mem_bio_length(self._tls)
         if waiting is not None:
             return self._tls.bio_read(waiting) if waiting > 0 else b""
         parts: list[bytes] = []
-        if self._direct is not None and self._direct.read_records(parts):
-            return _joined(parts)
         while True:
             try:
                 parts.append(self._tls.bio_read(_BIO_READ_BYTES))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -182,3 +185,80 @@ def test_a_tampered_record_behind_good_ones_is_a_remote_protocol_error(read_path
     wire[-3] ^= 0x01
     with pytest.raises(RemoteProtocolError):
         server.receive_data(bytes(wire))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_many_connections_do_not_each_hold_a_receive_buffer() -> None:
+    # A peer that opens connections must not make the node keep, per connection, what only one
+    # read at a time uses: the 512 KiB plaintext buffer was per connection, and each full read
+    # (256 KiB, the TCP driver's) touched its pages for good: 300 connections, +75 MiB.
+    servers = []
+    for _ in range(4):  # warm up: contexts, the first buffer
+        client, server = _pair()
+        client.send(b"x")
+        server.receive_data(client.data_to_send())
+    before = _rss_bytes()
+    read = b"y" * (240 * 1024)
+    for _ in range(300):
+        client, server = _pair()
+        client.send(read)
+        assert len(server.receive_data(client.data_to_send())) == len(read)
+        servers.append(server)  # the node's side stays; the peer's goes
+    # What each server still holds: its context (~60 KiB) and its read BIO, grown to one read.
+    assert _rss_bytes() - before < 110 * 1024 * 1024
+
+
+def test_without_the_bio_length_handle_output_is_still_drained_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fallback where this pyOpenSSL cannot say how much is waiting (review finding: it
+    # read application data instead of draining, so no handshake could start).
+    monkeypatch.setattr(tls_channel, "_mem_bio_length", lambda connection: None)
+    client, server = _pair()
+    assert client.handshake_complete and server.handshake_complete
+    payload = random.Random(3).randbytes(700_000)  # more than one drain step
+    client.send(payload)
+    assert server.receive_data(client.data_to_send()) == payload
+    assert client.pending_output_bytes == 0
+
+
+def _outcome(sizes: list[int], cut: int, close: bool, flip_at: int | None, *, direct: bool) -> tuple[object, ...]:
+    """What a server makes of one client's records, fed in slices of ``cut`` bytes."""
+    pyopenssl_only = mock.patch.object(tls_channel._DirectCalls, "create", classmethod(lambda cls, connection: None))
+    with contextlib.nullcontext() if direct else pyopenssl_only:
+        client, server = _pair()
+    payload = random.Random(len(sizes)).randbytes(sum(sizes))
+    at = 0
+    for size in sizes:
+        client.send(payload[at : at + size])
+        at += size
+    if close:
+        client.close()
+    wire = bytearray(client.data_to_send())
+    if flip_at is not None and wire:
+        wire[flip_at % len(wire)] ^= 0x40
+    got = bytearray()
+    try:
+        for start in range(0, len(wire), cut):
+            got += server.receive_data(bytes(wire[start : start + cut]))
+    except RemoteProtocolError:
+        return ("error", flip_at is not None)
+    return (bytes(got) == payload, server.peer_closed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 70_000), min_size=1, max_size=5),
+    st.integers(1, 300_000),
+    st.booleans(),
+    st.none() | st.integers(0, 1 << 20),
+)
+def test_both_read_paths_give_the_same_bytes_closes_and_errors(
+    sizes: list[int], cut: int, close: bool, flip_at: int | None
+) -> None:
+    direct = _outcome(sizes, cut, close, flip_at, direct=True)
+    assert direct == _outcome(sizes, cut, close, flip_at, direct=False)
+    if flip_at is None:
+        assert direct == (True, close)  # untouched: every byte, in order, and the close seen
