@@ -13,9 +13,10 @@ Invariants:
   what it produces (window updates, ping answers) is queued and the writer task sends it. So two
   peers sending bulk data to each other cannot deadlock with both readers stuck in a send.
 * **Bounded output.** Stream writers may queue data only while fewer than
-  ``SEND_HIGH_WATER_BYTES`` are waiting for the socket; the reader stops reading while control
-  frames it must answer exceed ``MAX_CONTROL_BACKLOG_BYTES`` (a peer that floods pings and never
-  reads stalls only itself).
+  ``SEND_HIGH_WATER_BYTES`` are waiting for the socket; the reader stops reading while what it
+  must answer (yamux pings and window updates, and TLS's own answers: a KeyUpdate for each one
+  the peer requests) exceeds ``MAX_CONTROL_BACKLOG_BYTES``, so a peer that floods them and never
+  reads stalls only itself, until the idle timeout closes it.
 * **Whose fault.** Stream and connection calls raise ``trio.ClosedResourceError`` after *we*
   closed, ``trio.BrokenResourceError`` after the peer or network did. A peer's protocol error
   closes this connection (with a yamux Go Away), never anything else.
@@ -327,12 +328,17 @@ class TcpConnection:
                     self._close("the peer closed the TLS session", "peer")
                     return
                 self._wake_writer()
-                while self._session.pending_output_bytes > MAX_CONTROL_BACKLOG_BYTES and not self.is_closed:
+                # What we must answer (yamux pings and window updates, TLS KeyUpdates) waits
+                # for a peer that may never read it: stop reading until it drains.
+                while self._output_backlog_bytes() > MAX_CONTROL_BACKLOG_BYTES and not self.is_closed:
                     await self._progress_lot.park()
         except RemoteProtocolError as exc:  # the peer's TLS
             self._protocol_error(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._close(f"connection lost: {exc!r}", "network")
+
+    def _output_backlog_bytes(self) -> int:
+        return self._session.pending_output_bytes + self._channel.pending_output_bytes
 
     def _feed(self, plain: bytes) -> bool:
         """Feed decrypted bytes to yamux; False (and the connection closed) on a protocol error."""

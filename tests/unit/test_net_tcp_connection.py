@@ -11,8 +11,10 @@ import trio
 import trio.testing
 
 from lattica.identity import Identity
+from lattica.net import tcp_connection
 from lattica.net.tcp_connection import TcpConnection, tls_handshake
 from lattica.net.tls_channel import TlsChannel
+from tests.unit.tls_records import RecordCrafter, client_recording_secrets
 
 CLIENT = Identity.from_seed(b"1" * 32)
 SERVER = Identity.from_seed(b"2" * 32)
@@ -113,3 +115,49 @@ async def test_streams_of_a_connection_we_closed_raise_closed_and_the_peer_sees_
             await peer_stream.receive_some()
         with pytest.raises(trio.BrokenResourceError):
             await server.accept_stream()
+
+
+async def test_a_peer_that_floods_key_update_requests_and_never_reads_stalls_only_itself(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each KeyUpdate(update_requested) makes OpenSSL queue one of ours. The peer never reads, so
+    # they wait; the reader went on reading (the backlog check saw yamux's output, not TLS's)
+    # and the queue grew ~1 MiB per MiB the peer sent, for as long as it sent (review finding).
+    backlog = 64 * 1024
+    monkeypatch.setattr(tcp_connection, "MAX_CONTROL_BACKLOG_BYTES", backlog)
+    peer_tcp, node_tcp = trio.testing.lockstep_stream_pair()  # a send waits for the other's read
+    peer_channel, secrets = client_recording_secrets(CLIENT)
+    node_channel = TlsChannel(SERVER, is_client=False)
+    leftover: list[bytes] = []
+
+    async def node_handshake() -> None:
+        leftover.append(await tls_handshake(node_tcp, node_channel))
+
+    async def peer_handshake() -> None:
+        await tls_handshake(peer_tcp, peer_channel)
+        peer_channel.receive_data(await peer_tcp.receive_some())  # our session tickets, its last read
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer_handshake)
+        nursery.start_soon(node_handshake)
+    node = TcpConnection(
+        node_tcp, node_channel, remote_address=("127.0.0.1", 1), received_with_handshake=leftover[0],
+        keepalive_interval_s=1000.0, idle_timeout_s=30.0,
+    )
+    crafter = RecordCrafter(peer_channel, secrets)
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+
+        async def flood() -> None:
+            nonlocal sent
+            for _ in range(40):  # 40 x 2,000 KeyUpdates: ~2 MiB of our answers, unbounded before
+                await peer_tcp.send_all(b"".join(crafter.key_update(requested=True) for _ in range(2000)))
+                sent += 2000
+
+        nursery.start_soon(flood)
+        await node.wait_closed()
+        nursery.cancel_scope.cancel()
+    assert node.close_initiator == "network"  # it stopped reading; then nothing was heard
+    assert sent < 40 * 2000
+    assert node_channel.pending_output_bytes <= backlog + 2 * tcp_connection.RECEIVE_BYTES
