@@ -454,3 +454,22 @@ async def test_bulk_path_uses_tcp_where_the_peer_accepts_it_and_quic_elsewhere()
         assert to_quic.peer_id == quic_only.peer_id
         assert client.bulk.tcp_recently_failed(address)  # not tried again for a while
         assert await client.rpc.ping(to_quic) >= 0
+
+
+async def test_bulk_path_tries_tcp_again_when_the_peer_comes_back_on_a_new_connection() -> None:
+    # A seeder killed and restarted (its TCP refused while it was down) must get TCP again at
+    # once, not after retry_after_s: its first QUIC connection is gone, the new one may have it.
+    seeder_identity = Identity.generate()
+    async with Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0)) as client:
+        async with Node(seeder_identity, UdpSocket.bind("127.0.0.1", 0)) as before:  # no TCP yet
+            address = before.socket.local_address
+            first = await client.bulk.connection(PeerAddr(address, before.peer_id))
+            assert not isinstance(first, TcpConnection)
+            assert client.bulk.tcp_recently_failed(address)
+        with trio.fail_after(10):
+            await first.wait_closed()
+        listening = NodeConfig(net=NetConfig(tcp_listen=True))
+        async with Node(seeder_identity, UdpSocket.bind(*address), listening):
+            again = await client.bulk.connection(PeerAddr(address, seeder_identity.peer_id))
+            assert isinstance(again, TcpConnection)
+            assert not client.bulk.tcp_recently_failed(address)
