@@ -173,7 +173,12 @@ def run_ceiling(tmp: Path, source: Path, expected_sha256: str, *, minimal: bool 
     size = source.stat().st_size
     here = str(Path(__file__).resolve())
     env = {**os.environ, "PYTHONPATH": str(Path(here).parent.parent)}
-    server = subprocess.Popen([sys.executable, here, "serve", str(source), *(["minimal"] if minimal else [])], stdout=subprocess.PIPE, text=True, env=env)
+    server = subprocess.Popen(
+        [sys.executable, here, "serve", str(source), *(["minimal"] if minimal else [])],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
