@@ -59,6 +59,11 @@ class ConnectTimeoutError(ConnectError):
     """A dial (or the name resolution before it) did not complete within its ``timeout_s``."""
 
 
+class ConnectRefusedError(ConnectError):
+    """Nothing accepted the connection at the peer's address (a TCP reset answered our SYN): the
+    peer is down, restarting, or does not listen for that transport there."""
+
+
 class DialSelfError(ConnectError):
     """A dial would reach (or reached) this node itself; it is refused (or closed)."""
 

@@ -10,10 +10,14 @@ Rules:
 
 * The TCP attempt is bounded by ``tcp_attempt_timeout_s``; an address where it failed is not
   tried again for ``retry_after_s`` (at most ``MAX_REMEMBERED_FAILURES`` remembered), so a
-  peer behind a NAT costs one failed attempt, not one per transfer, unless the QUIC connection
-  it failed beside is gone: a new one may be a restarted peer, whose TCP is worth a new try
-  (review finding: a seeder killed and restarted served a resumed fetch over QUIC, at a tenth
-  of the speed, for five minutes).
+  peer behind a NAT costs one failed attempt, not one per transfer. Only a *refused* attempt
+  (nothing listened: the peer was down or restarting) is tried again at once beside a new QUIC
+  connection, which may be the restarted peer; a refusal costs a round trip, not the timeout
+  (review findings: a seeder killed and restarted served a resumed fetch over QUIC, at a tenth
+  of the speed, for five minutes; retrying every timeout beside every new connection cost 3 s
+  per transfer).
+* A relayed QUIC connection is never followed by a TCP attempt: its address is the relay's,
+  which many peers share, and TCP there would reach the relay, not the peer.
 * The TCP dial must prove the same peer id as the QUIC connection
   (:class:`~lattica.errors.PeerIdMismatchError` counts as a failure, never as success).
 """
@@ -27,7 +31,7 @@ from typing import Final
 
 import trio
 
-from lattica.errors import ConnectError, PeerIdMismatchError
+from lattica.errors import ConnectError, ConnectRefusedError, PeerIdMismatchError
 from lattica.identity import PeerId
 from lattica.net.address import PeerAddr, format_host_port
 from lattica.net.connection import Connection
@@ -56,18 +60,18 @@ class BulkPath:
         self.tcp = tcp
         self.tcp_attempt_timeout_s = tcp_attempt_timeout_s
         self.retry_after_s = retry_after_s
-        # When TCP failed at an address, and the QUIC connection it was tried beside (weakly:
-        # remembering a failure must not keep a dead connection in memory).
-        self._failed_at: OrderedDict[Address, tuple[float, weakref.ref[Connection]]] = OrderedDict()
+        # When TCP failed at an address, whether it was refused, and the QUIC connection it was
+        # tried beside (weakly: remembering a failure must not keep a dead connection alive).
+        self._failed_at: OrderedDict[Address, tuple[float, bool, weakref.ref[Connection]]] = OrderedDict()
 
     def tcp_recently_failed(self, address: Address, beside: Connection | None = None) -> bool:
-        """True if a TCP attempt to ``address`` failed less than ``retry_after_s`` ago, and (if
-        ``beside`` is given) beside that same QUIC connection, not an earlier one."""
+        """True if a TCP attempt to ``address`` failed less than ``retry_after_s`` ago, unless it
+        was refused beside another QUIC connection than ``beside`` (given)."""
         entry = self._failed_at.get(address)
         if entry is None:
             return False
-        failed_at, tried_beside = entry
-        if beside is not None and tried_beside() is not beside:
+        failed_at, refused, tried_beside = entry
+        if refused and beside is not None and tried_beside() is not beside:
             return False
         return trio.current_time() < failed_at + self.retry_after_s
 
@@ -85,13 +89,14 @@ class BulkPath:
         if existing is not None:
             return existing
         address = quic.remote_address
-        if self.tcp_recently_failed(address, quic):
+        if quic.relayed_via is not None or self.tcp_recently_failed(address, quic):
             return quic
         try:
             connection = await self.tcp.connect(PeerAddr(address, quic.peer_id), timeout_s=self.tcp_attempt_timeout_s)
         except (ConnectError, PeerIdMismatchError) as exc:
             logger.debug("no TLS-over-TCP path to %s at %s: %s", quic.peer_id, format_host_port(address), exc)
-            self._failed_at[address] = (trio.current_time(), weakref.ref(quic))
+            refused = isinstance(exc, ConnectRefusedError)
+            self._failed_at[address] = (trio.current_time(), refused, weakref.ref(quic))
             self._failed_at.move_to_end(address)
             while len(self._failed_at) > MAX_REMEMBERED_FAILURES:
                 self._failed_at.popitem(last=False)

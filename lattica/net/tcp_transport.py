@@ -35,6 +35,7 @@ import trio
 
 from lattica.errors import (
     ConnectError,
+    ConnectRefusedError,
     ConnectTimeoutError,
     DialSelfError,
     PeerIdMismatchError,
@@ -252,7 +253,8 @@ class TcpTransport:
         try:
             tcp = await trio.open_tcp_stream(host, port)
         except OSError as exc:
-            raise ConnectError(f"TCP connect to {where} failed: {exc.strerror or exc}") from None
+            error = ConnectRefusedError if _refused(exc) else ConnectError
+            raise error(f"TCP connect to {where} failed: {exc.strerror or exc}") from None
         channel = TlsChannel(self.identity, is_client=True)
         try:
             leftover = await tls_handshake(tcp, channel)
@@ -353,3 +355,11 @@ async def _send_then_close(tcp: trio.SocketStream, channel: TlsChannel) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
     await tcp.aclose()
+
+
+def _refused(exc: OSError) -> bool:
+    """Whether a failed ``open_tcp_stream`` was refused outright (trio wraps each attempt's
+    error in an ``ExceptionGroup`` as the cause)."""
+    cause = exc.__cause__
+    attempts = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause or exc,)
+    return all(isinstance(attempt, ConnectionRefusedError) for attempt in attempts)

@@ -14,7 +14,7 @@ from lattica.config import NodeConfig
 from lattica.control.messages import NoParams
 from lattica.control.node_methods import register_node_methods
 from lattica.control.registry import MethodRegistry
-from lattica.errors import ConnectError, DialSelfError, PeerIdMismatchError, RpcError
+from lattica.errors import ConnectError, ConnectRefusedError, DialSelfError, PeerIdMismatchError, RpcError
 from lattica.identity import Identity, PeerId
 from lattica.net import ConnectionManager, EndpointConfig, Rpc, UdpSocket, tcp_transport
 from lattica.net.address import PeerAddr
@@ -329,12 +329,13 @@ async def test_a_client_that_sends_no_tls_bytes_is_dropped_before_the_handshake_
     await tcp.aclose()
 
 
-async def test_dialling_a_closed_port_is_a_connect_error(make_transport: MakeTransport) -> None:
+async def test_dialling_a_closed_port_is_a_refusal(make_transport: MakeTransport) -> None:
+    # A refusal (nothing listens) is told apart: the bulk path tries a restarted peer again.
     client, _ = await make_transport()
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
     address = listener.socket.getsockname()[:2]
     await listener.aclose()
-    with pytest.raises(ConnectError):
+    with pytest.raises(ConnectRefusedError):
         await client.connect(PeerAddr(address, Identity.generate().peer_id))
 
 
