@@ -14,7 +14,7 @@ from lattica.config import NodeConfig
 from lattica.control.messages import NoParams
 from lattica.control.node_methods import register_node_methods
 from lattica.control.registry import MethodRegistry
-from lattica.errors import ConnectError, ConnectRefusedError, DialSelfError, PeerIdMismatchError, RpcError
+from lattica.errors import ConnectRefusedError, DialSelfError, PeerIdMismatchError, RpcError
 from lattica.identity import Identity, PeerId
 from lattica.net import ConnectionManager, EndpointConfig, Rpc, UdpSocket, tcp_transport
 from lattica.net.address import PeerAddr
