@@ -178,6 +178,8 @@ class TlsChannel:
         self.peer_closed = False
         """The peer sent close_notify: it will send no more application data."""
         self._direct = _DirectCalls.create(self._tls)
+        # Output moved out of the BIO to be counted, where its length cannot be asked.
+        self._drained: list[bytes] = []
 
     def start(self) -> None:
         """Begin the handshake (the client's ClientHello lands in :meth:`data_to_send`)."""
@@ -240,23 +242,33 @@ class TlsChannel:
 
     @property
     def pending_output_bytes(self) -> int:
-        """Encrypted bytes waiting in :meth:`data_to_send` (0 where this pyOpenSSL cannot say).
-        TLS writes on its own, not only when asked to: each KeyUpdate a peer requests is
-        answered, so a driver must bound this as it bounds its own output."""
-        return _mem_bio_length(self._tls) or 0
+        """Encrypted bytes waiting in :meth:`data_to_send`. TLS writes on its own, not only when
+        asked to: each KeyUpdate a peer requests is answered, so a driver must bound this as it
+        bounds its own output."""
+        waiting = _mem_bio_length(self._tls)
+        if waiting is not None:
+            return waiting
+        # This pyOpenSSL cannot say how much the BIO holds: move it out where it can be counted
+        # (review finding: the bound vanished here).
+        self._drain_bio()
+        return sum(map(len, self._drained))
+
+    def _drain_bio(self) -> None:
+        while True:
+            try:
+                self._drained.append(self._tls.bio_read(_BIO_READ_BYTES))
+            except SSL.WantReadError:
+                return
 
     def data_to_send(self) -> bytes:
         """Everything the TLS layer wants to send to the transport now."""
         waiting = _mem_bio_length(self._tls)
         if waiting is not None:
             return self._tls.bio_read(waiting) if waiting > 0 else b""
-        parts: list[bytes] = []
-        while True:
-            try:
-                parts.append(self._tls.bio_read(_BIO_READ_BYTES))
-            except SSL.WantReadError:
-                break
-        return b"".join(parts)
+        self._drain_bio()
+        out = b"".join(self._drained)
+        self._drained.clear()
+        return out
 
 
 def _joined(parts: list[bytes]) -> bytes:

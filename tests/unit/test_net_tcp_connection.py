@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from lattica.identity import Identity
-from lattica.net import tcp_connection
+from lattica.net import tcp_connection, tls_channel
 from lattica.net.tcp_connection import TcpConnection, tls_handshake
 from lattica.net.tls_channel import TlsChannel
 from tests.unit.tls_records import RecordCrafter, client_recording_secrets
@@ -117,14 +117,17 @@ async def test_streams_of_a_connection_we_closed_raise_closed_and_the_peer_sees_
             await server.accept_stream()
 
 
+@pytest.mark.parametrize("bio_length", [True, False], ids=["bio-length", "no-bio-length"])
 async def test_a_peer_that_floods_key_update_requests_and_never_reads_stalls_only_itself(
-    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, bio_length: bool
 ) -> None:
     # Each KeyUpdate(update_requested) makes OpenSSL queue one of ours. The peer never reads, so
     # they wait; the reader went on reading (the backlog check saw yamux's output, not TLS's)
     # and the queue grew ~1 MiB per MiB the peer sent, for as long as it sent (review finding).
     backlog = 64 * 1024
     monkeypatch.setattr(tcp_connection, "MAX_CONTROL_BACKLOG_BYTES", backlog)
+    if not bio_length:  # a pyOpenSSL without the handle to ask the BIO's length
+        monkeypatch.setattr(tls_channel, "_mem_bio_length", lambda connection: None)
     peer_tcp, node_tcp = trio.testing.lockstep_stream_pair()  # a send waits for the other's read
     peer_channel, secrets = client_recording_secrets(CLIENT)
     node_channel = TlsChannel(SERVER, is_client=False)
