@@ -44,6 +44,13 @@ ALPN_TCP_PROTOCOL: Final = b"lattica-tcp/1"
 _RECORD_BYTES = 16 * 1024
 # Plaintext decrypted per receive_data into one reused buffer before it is copied out as bytes.
 _PLAIN_BUFFER_BYTES = 512 * 1024
+# Ciphertext handed to OpenSSL at once: what a flood of tiny records can make it do before the
+# post-handshake budget is checked (~2,400 KeyUpdates, ~40 ms).
+_FEED_BYTES = 64 * 1024
+# Post-handshake state changes allowed (OpenSSL reports a few per message), and one more per
+# this much application data received.
+_POST_HANDSHAKE_EVENTS = 256
+_BYTES_PER_POST_HANDSHAKE_EVENT = 1024 * 1024
 # The write BIO is drained this much per call where its length cannot be asked.
 _BIO_READ_BYTES = 256 * 1024
 
@@ -98,23 +105,53 @@ class _DirectCalls:
             buffer = self._per_thread.buffer = self._ffi.new("char[]", _PLAIN_BUFFER_BYTES)
         return buffer
 
-    def read_records(self, parts: list[bytes]) -> bool:
-        """Decrypt every whole record waiting into ``parts``; True if it stopped because it needs
-        more input, False if the session has something else to say (an alert, close_notify,
-        an error: ask pyOpenSSL)."""
-        lib, ssl, buffer, as_bytes = self._lib, self._ssl, self._buffer(), self._ffi.buffer
-        filled = 0
+    def read_records(self, parts: list[bytes], filled: int) -> tuple[int, bool]:
+        """Decrypt every whole record waiting into the thread's buffer after its first
+        ``filled`` bytes (a full buffer is copied out into ``parts``); returns the new fill level
+        and True if it stopped because it needs more input, False if the session has something
+        else to say (an alert, close_notify, an error: :meth:`flush`, then ask pyOpenSSL)."""
+        lib, ssl, buffer = self._lib, self._ssl, self._buffer()
         while True:
             if _PLAIN_BUFFER_BYTES - filled < _RECORD_BYTES:
-                parts.append(as_bytes(buffer, filled)[:])
+                self.flush(parts, filled)
                 filled = 0
             result = lib.SSL_read(ssl, buffer + filled, _PLAIN_BUFFER_BYTES - filled)
             if result > 0:
                 filled += result
                 continue
-            if filled:
-                parts.append(as_bytes(buffer, filled)[:])
-            return bool(lib.SSL_get_error(ssl, result) == self._want_read)
+            return filled, bool(lib.SSL_get_error(ssl, result) == self._want_read)
+
+    def flush(self, parts: list[bytes], filled: int) -> None:
+        """Copy the buffer's first ``filled`` bytes out into ``parts``."""
+        if filled:
+            parts.append(self._ffi.buffer(self._buffer(), filled)[:])
+
+
+class _PostHandshakeBudget:
+    """Counts what OpenSSL does with post-handshake messages (its info callback: KeyUpdate,
+    NewSessionTicket) against an allowance that grows with the application data received.
+
+    Why: each KeyUpdate that requests one costs ~16 us (a key derivation and an answer) for 27
+    bytes on the wire, so ~1.6 MB/s of them kept a daemon's main thread busy (review: a 128 MiB
+    fetch beside such a peer took 17 s instead of 0.4 s), and OpenSSL sets no limit. An honest
+    peer sends a handful per connection (RFC 8446 section 5.5: a key update before ~2^24 records).
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.events = 0
+
+    def __call__(self, connection: SSL.Connection, where: int, result: int) -> None:
+        if self.active and where & SSL.SSL_CB_EXIT:
+            self.events += 1
+
+    def check(self, received_bytes: int) -> None:
+        """Raises :class:`RemoteProtocolError` when the peer is over its allowance."""
+        if self.events > _POST_HANDSHAKE_EVENTS + received_bytes // _BYTES_PER_POST_HANDSHAKE_EVENT:
+            raise RemoteProtocolError(
+                f"the peer sent too many post-handshake messages (KeyUpdate flood?): {self.events} "
+                f"state changes after {received_bytes} bytes of data"
+            )
 
 
 def _accept_any_chain(connection: SSL.Connection, certificate: object, error_number: int, depth: int, ok: int) -> bool:
@@ -138,7 +175,9 @@ def _write_whole_buffers(context: SSL.Context) -> None:
         lib.SSL_CTX_clear_mode(context._context, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
 
-def _context(identity: Identity, *, is_client: bool, present_certificate: bool) -> SSL.Context:
+def _context(
+    identity: Identity, *, is_client: bool, present_certificate: bool, budget: _PostHandshakeBudget | None = None
+) -> SSL.Context:
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.set_options(SSL.OP_NO_TICKET)
@@ -148,6 +187,8 @@ def _context(identity: Identity, *, is_client: bool, present_certificate: bool) 
         context.use_privatekey(private_key_for(identity))
     context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_any_chain)
     _write_whole_buffers(context)
+    if budget is not None:
+        context.set_info_callback(budget)
     if is_client:
         context.set_alpn_protos([ALPN_TCP_PROTOCOL])
     else:
@@ -166,7 +207,9 @@ class TlsChannel:
 
     def __init__(self, identity: Identity, *, is_client: bool, present_certificate: bool = True) -> None:
         self.is_client = is_client
-        context = _context(identity, is_client=is_client, present_certificate=present_certificate)
+        self._budget = _PostHandshakeBudget()
+        self._received_plain_bytes = 0
+        context = _context(identity, is_client=is_client, present_certificate=present_certificate, budget=self._budget)
         self._tls = SSL.Connection(context, None)
         if is_client:
             self._tls.set_connect_state()
@@ -204,26 +247,52 @@ class TlsChannel:
         Raises :class:`RemoteProtocolError` if the peer's TLS is invalid or fails to
         authenticate. After the peer's close_notify (:attr:`peer_closed`) anything more it
         sends is ignored."""
-        if data:
-            self._tls.bio_write(data)
+        view = memoryview(data)
         if not self.handshake_complete:
+            if view:
+                self._tls.bio_write(view)
+            view = view[:0]
             self._advance_handshake()
             if not self.handshake_complete:
                 return b""
+            self._budget.active = True  # what the handshake itself did is not counted
         parts: list[bytes] = []
-        if self._direct is not None and self._direct.read_records(parts):
-            return _joined(parts)
+        filled = 0
+        at = 0
+        while True:  # a slice at a time, so a flood is caught before it has cost much
+            piece = view[at : at + _FEED_BYTES]
+            at += len(piece)
+            if piece:
+                self._tls.bio_write(piece)
+            filled = self._decrypt(parts, filled)
+            self._budget.check(self._received_plain_bytes + filled + sum(map(len, parts)))
+            if at >= len(view):
+                break
+        if self._direct is not None:
+            self._direct.flush(parts, filled)
+        plain = _joined(parts)
+        self._received_plain_bytes += len(plain)
+        return plain
+
+    def _decrypt(self, parts: list[bytes], filled: int) -> int:
+        """Decrypt what is whole in the BIO (see :meth:`receive_data`); returns the direct
+        path's fill level."""
+        if self._direct is not None:
+            filled, needs_more = self._direct.read_records(parts, filled)
+            if needs_more:
+                return filled
+            self._direct.flush(parts, filled)  # pyOpenSSL says what else there is
+            filled = 0
         while True:
             try:
                 parts.append(self._tls.recv(_RECORD_BYTES))
             except SSL.WantReadError:
-                break
+                return filled
             except SSL.ZeroReturnError:
                 self.peer_closed = True
-                break
+                return filled
             except SSL.Error as exc:
                 raise RemoteProtocolError(f"TLS error: {_describe(exc)}") from None
-        return _joined(parts)
 
     def send(self, data: bytes) -> None:
         """Encrypt application bytes (they land in :meth:`data_to_send`).

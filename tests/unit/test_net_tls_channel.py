@@ -15,6 +15,7 @@ from lattica.errors import LocalProtocolError, RemoteProtocolError
 from lattica.identity import Identity
 from lattica.net import tls_channel
 from lattica.net.tls_channel import TlsChannel
+from tests.unit.tls_records import RecordCrafter, client_recording_secrets
 
 CLIENT = Identity.from_seed(b"c" * 32)
 SERVER = Identity.from_seed(b"s" * 32)
@@ -262,3 +263,31 @@ def test_both_read_paths_give_the_same_bytes_closes_and_errors(
     assert direct == _outcome(sizes, cut, close, flip_at, direct=False)
     if flip_at is None:
         assert direct == (True, close)  # untouched: every byte, in order, and the close seen
+
+
+def test_a_flood_of_key_updates_is_refused_after_a_bounded_amount_of_work() -> None:
+    # Each requested KeyUpdate costs a key derivation and an answer: ~1.6 MB/s of them kept a
+    # daemon's main thread busy, and OpenSSL sets no limit (review finding).
+    client, secrets = client_recording_secrets(CLIENT)
+    server = TlsChannel(SERVER, is_client=False)
+    handshake(client, server)
+    crafter = RecordCrafter(client, secrets)
+    flood = b"".join(crafter.key_update(requested=True) for _ in range(20_000))  # 540 KB
+    answered_before = 0
+    with pytest.raises(RemoteProtocolError, match="post-handshake"):
+        for at in range(0, len(flood), 256 * 1024):
+            server.receive_data(flood[at : at + 256 * 1024])
+            answered_before = server.pending_output_bytes
+    # Refused within the first few slices of the first read, not after all 20,000.
+    assert answered_before == 0
+    assert server.pending_output_bytes < 27 * 5_000
+
+
+def test_an_honest_key_update_now_and_then_is_accepted() -> None:
+    client, secrets = client_recording_secrets(CLIENT)
+    server = TlsChannel(SERVER, is_client=False)
+    handshake(client, server)
+    crafter = RecordCrafter(client, secrets)
+    for round_ in range(20):
+        wire = crafter.key_update(requested=round_ % 2 == 0) + crafter.record(b"after %d" % round_)
+        assert server.receive_data(wire) == b"after %d" % round_

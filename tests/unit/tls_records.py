@@ -5,6 +5,7 @@ secret taken from the keylog callback (RFC 8446 sections 5.2, 7.1 and 7.2)."""
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -66,8 +67,8 @@ def client_recording_secrets(identity: Identity) -> tuple[TlsChannel, dict[str, 
 
     make_context = tls_channel._context
 
-    def context_with_keylog(identity: Identity, *, is_client: bool, present_certificate: bool) -> SSL.Context:
-        context = make_context(identity, is_client=is_client, present_certificate=present_certificate)
+    def context_with_keylog(identity: Identity, **options: Any) -> SSL.Context:
+        context = make_context(identity, **options)
         context.set_keylog_callback(log)
         return context
 
