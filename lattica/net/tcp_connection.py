@@ -16,7 +16,9 @@ Invariants:
   ``SEND_HIGH_WATER_BYTES`` are waiting for the socket; the reader stops reading while what it
   must answer (yamux pings and window updates, and TLS's own answers: a KeyUpdate for each one
   the peer requests) exceeds ``MAX_CONTROL_BACKLOG_BYTES``, so a peer that floods them and never
-  reads stalls only itself, until the idle timeout closes it.
+  reads stalls only itself, until the idle timeout closes it. A peer that keeps sending but
+  reads nothing is closed too: the writer must get a slice (``SEND_SLICE_BYTES``) into the
+  socket every ``idle_timeout_s``.
 * **Whose fault.** Stream and connection calls raise ``trio.ClosedResourceError`` after *we*
   closed, ``trio.BrokenResourceError`` after the peer or network did. A peer's protocol error
   closes this connection (with a yamux Go Away), never anything else.
@@ -54,6 +56,9 @@ logger = logging.getLogger("lattica.net.tcp")
 RECEIVE_BYTES: Final = 256 * 1024
 """Bytes asked of the socket per read."""
 SEND_HIGH_WATER_BYTES: Final = 1024 * 1024
+SEND_SLICE_BYTES: Final = 256 * 1024
+"""The writer hands the socket this much at a time; a peer must read one slice per
+``idle_timeout_s`` (4.4 KB/s at the default 60 s) or the connection is closed."""
 """Stream writers wait while this many bytes are queued for the socket."""
 MAX_CONTROL_BACKLOG_BYTES: Final = SEND_HIGH_WATER_BYTES + 256 * 1024
 """The reader pauses while more than this is queued (the excess can only be control frames)."""
@@ -145,6 +150,8 @@ class TcpConnection:
         """When the handshake completed (``trio.current_time()``)."""
         self.last_received_at = now
         """When bytes from the peer last arrived (``trio.current_time()``)."""
+        # While the writer is in a send: when the socket last took a slice (None: not sending).
+        self._send_progress_at: float | None = None
         self.last_stream_activity_at = now
         """When a stream was last opened or closed (``trio.current_time()``)."""
 
@@ -396,7 +403,7 @@ class TcpConnection:
                     self._channel.close()
                 wire = self._channel.data_to_send()
                 if wire:
-                    await self._tcp.send_all(wire)
+                    await self._send(wire)
                 self._progress_lot.unpark_all()
                 if closing:
                     return
@@ -407,6 +414,18 @@ class TcpConnection:
         finally:
             self._writer_done.set()
 
+    async def _send(self, wire: bytes) -> None:
+        # A slice at a time, noting each one the socket took: a peer that reads nothing while
+        # it keeps sending (so the idle timeout never fires) is found by _timer_loop.
+        view = memoryview(wire)
+        self._send_progress_at = trio.current_time()
+        try:
+            for at in range(0, len(view), SEND_SLICE_BYTES):
+                await self._tcp.send_all(view[at : at + SEND_SLICE_BYTES])
+                self._send_progress_at = trio.current_time()
+        finally:
+            self._send_progress_at = None
+
     async def _timer_loop(self) -> None:
         # Deadlines are computed and compared as the same sums (FIELD-NOTES: timer spins).
         last_ping_at = -math.inf
@@ -415,6 +434,12 @@ class TcpConnection:
             silent_until = self.last_received_at + self._idle_timeout_s
             if now >= silent_until:
                 self._close(f"nothing heard for {self._idle_timeout_s:g} s", "network")
+                return
+            unread_until = math.inf
+            if self._send_progress_at is not None:
+                unread_until = self._send_progress_at + self._idle_timeout_s
+            if now >= unread_until:
+                self._close(f"the peer read nothing for {self._idle_timeout_s:g} s", "network")
                 return
             idle_until = math.inf
             if self._idle_close_s is not None and not self._streams:
@@ -428,4 +453,5 @@ class TcpConnection:
                 self._wake_writer()
                 last_ping_at = now
                 continue
-            await trio.sleep_until(min(silent_until, idle_until, ping_at))
+            # A send that starts later is checked at the next wake-up (ping_at comes first).
+            await trio.sleep_until(min(silent_until, idle_until, ping_at, unread_until))

@@ -3,8 +3,10 @@ keepalive, idle timeout, idle close, and closing semantics."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -14,6 +16,7 @@ from lattica.identity import Identity
 from lattica.net import tcp_connection, tls_channel
 from lattica.net.tcp_connection import TcpConnection, tls_handshake
 from lattica.net.tls_channel import TlsChannel
+from lattica.net.yamux import FLAG_SYN, TYPE_PING, encode_header
 from tests.unit.tls_records import RecordCrafter, client_recording_secrets
 
 CLIENT = Identity.from_seed(b"1" * 32)
@@ -167,3 +170,71 @@ async def test_a_peer_that_floods_key_update_requests_and_never_reads_stalls_onl
     assert node.close_initiator == "network"  # it stopped reading; then nothing was heard
     assert sent < 40 * 2000
     assert node_channel.pending_output_bytes <= backlog + 2 * tcp_connection.RECEIVE_BYTES
+
+
+async def _node_and_silent_reader(
+    peer_tcp: Any, node_tcp: Any
+) -> tuple[TcpConnection, TlsChannel]:
+    peer_channel = TlsChannel(CLIENT, is_client=True)
+    node_channel = TlsChannel(SERVER, is_client=False)
+    leftover: list[bytes] = []
+
+    async def node_handshake() -> None:
+        leftover.append(await tls_handshake(node_tcp, node_channel))
+
+    async def peer_handshake() -> None:
+        await tls_handshake(peer_tcp, peer_channel)
+        peer_channel.receive_data(await peer_tcp.receive_some())  # our session tickets
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer_handshake)
+        nursery.start_soon(node_handshake)
+    node = TcpConnection(
+        node_tcp, node_channel, remote_address=("127.0.0.1", 1), received_with_handshake=leftover[0],
+        keepalive_interval_s=15.0, idle_timeout_s=60.0,
+    )
+    return node, peer_channel
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["reads-nothing", "reads-slowly"])
+async def test_a_peer_that_keeps_sending_but_reads_nothing_is_closed(
+    mock_clock: trio.testing.MockClock, reads: bool
+) -> None:
+    # A ping every 30 s kept "nothing heard" from ever firing while our writer sat in a send
+    # forever (review finding: still open after 24 virtual hours). A slow reader stays.
+    peer_tcp, node_tcp = trio.testing.lockstep_stream_pair()  # a send waits for the other's read
+    node, peer_channel = await _node_and_silent_reader(peer_tcp, node_tcp)
+    written = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+
+        async def answer() -> None:  # the node sends 8 MiB on a stream
+            nonlocal written
+            stream = await node.open_stream()
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                for _ in range(64):
+                    await stream.send_all(b"x" * 128 * 1024)
+                    written += 128 * 1024
+
+        async def peer() -> None:
+            for n in range(1, 200):
+                peer_channel.send(encode_header(TYPE_PING, FLAG_SYN, 0, n))
+                await peer_tcp.send_all(peer_channel.data_to_send())
+                # Reading: up to 256 KiB every 30 s (8.7 KB/s), slow but a slice a minute and
+                # more; it never grants stream window, so there is soon nothing left to read.
+                for _ in range(16 if reads else 0):
+                    with trio.move_on_after(1.0):
+                        await peer_tcp.receive_some(16 * 1024)
+                await trio.sleep(30.0)
+
+        nursery.start_soon(answer)
+        nursery.start_soon(peer)
+        with trio.move_on_after(3600.0):
+            await node.wait_closed()
+        closed_by_then = node.is_closed
+        nursery.cancel_scope.cancel()
+    if reads:
+        assert not closed_by_then, node.close_reason
+    else:
+        assert node.close_reason == "the peer read nothing for 60 s"
+        assert written < 8 * 1024 * 1024
