@@ -120,6 +120,31 @@ async def test_streams_of_a_connection_we_closed_raise_closed_and_the_peer_sees_
             await server.accept_stream()
 
 
+async def node_and_raw_peer(
+    peer_tcp: Any, node_tcp: Any, peer_channel: TlsChannel, *, keepalive_interval_s: float, idle_timeout_s: float
+) -> tuple[TcpConnection, TlsChannel]:
+    """A server connection (and its TLS channel) handshaken with ``peer_channel``, a peer we drive by hand: after the
+    handshake it reads our session tickets and then only what its test reads."""
+    node_channel = TlsChannel(SERVER, is_client=False)
+    leftover: list[bytes] = []
+
+    async def node_handshake() -> None:
+        leftover.append(await tls_handshake(node_tcp, node_channel))
+
+    async def peer_handshake() -> None:
+        await tls_handshake(peer_tcp, peer_channel)
+        peer_channel.receive_data(await peer_tcp.receive_some())  # our session tickets
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer_handshake)
+        nursery.start_soon(node_handshake)
+    node = TcpConnection(
+        node_tcp, node_channel, remote_address=("127.0.0.1", 1), received_with_handshake=leftover[0],
+        keepalive_interval_s=keepalive_interval_s, idle_timeout_s=idle_timeout_s,
+    )
+    return node, node_channel
+
+
 @pytest.mark.parametrize("bio_length", [True, False], ids=["bio-length", "no-bio-length"])
 async def test_a_peer_that_floods_key_update_requests_and_never_reads_stalls_only_itself(
     mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, bio_length: bool
@@ -136,22 +161,8 @@ async def test_a_peer_that_floods_key_update_requests_and_never_reads_stalls_onl
         monkeypatch.setattr(tls_channel, "_mem_bio_length", lambda connection: None)
     peer_tcp, node_tcp = trio.testing.lockstep_stream_pair()  # a send waits for the other's read
     peer_channel, secrets = client_recording_secrets(CLIENT)
-    node_channel = TlsChannel(SERVER, is_client=False)
-    leftover: list[bytes] = []
-
-    async def node_handshake() -> None:
-        leftover.append(await tls_handshake(node_tcp, node_channel))
-
-    async def peer_handshake() -> None:
-        await tls_handshake(peer_tcp, peer_channel)
-        peer_channel.receive_data(await peer_tcp.receive_some())  # our session tickets, its last read
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(peer_handshake)
-        nursery.start_soon(node_handshake)
-    node = TcpConnection(
-        node_tcp, node_channel, remote_address=("127.0.0.1", 1), received_with_handshake=leftover[0],
-        keepalive_interval_s=1000.0, idle_timeout_s=30.0,
+    node, node_channel = await node_and_raw_peer(
+        peer_tcp, node_tcp, peer_channel, keepalive_interval_s=1000.0, idle_timeout_s=30.0
     )
     crafter = RecordCrafter(peer_channel, secrets)
     sent = 0
@@ -172,30 +183,6 @@ async def test_a_peer_that_floods_key_update_requests_and_never_reads_stalls_onl
     assert node_channel.pending_output_bytes <= backlog + 2 * tcp_connection.RECEIVE_BYTES
 
 
-async def _node_and_silent_reader(
-    peer_tcp: Any, node_tcp: Any
-) -> tuple[TcpConnection, TlsChannel]:
-    peer_channel = TlsChannel(CLIENT, is_client=True)
-    node_channel = TlsChannel(SERVER, is_client=False)
-    leftover: list[bytes] = []
-
-    async def node_handshake() -> None:
-        leftover.append(await tls_handshake(node_tcp, node_channel))
-
-    async def peer_handshake() -> None:
-        await tls_handshake(peer_tcp, peer_channel)
-        peer_channel.receive_data(await peer_tcp.receive_some())  # our session tickets
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(peer_handshake)
-        nursery.start_soon(node_handshake)
-    node = TcpConnection(
-        node_tcp, node_channel, remote_address=("127.0.0.1", 1), received_with_handshake=leftover[0],
-        keepalive_interval_s=15.0, idle_timeout_s=60.0,
-    )
-    return node, peer_channel
-
-
 @pytest.mark.parametrize("reads", [False, True], ids=["reads-nothing", "reads-slowly"])
 async def test_a_peer_that_keeps_sending_but_reads_nothing_is_closed(
     mock_clock: trio.testing.MockClock, reads: bool
@@ -203,7 +190,8 @@ async def test_a_peer_that_keeps_sending_but_reads_nothing_is_closed(
     # A ping every 30 s kept "nothing heard" from ever firing while our writer sat in a send
     # forever (review finding: still open after 24 virtual hours). A slow reader stays.
     peer_tcp, node_tcp = trio.testing.lockstep_stream_pair()  # a send waits for the other's read
-    node, peer_channel = await _node_and_silent_reader(peer_tcp, node_tcp)
+    peer_channel = TlsChannel(CLIENT, is_client=True)
+    node, _ = await node_and_raw_peer(peer_tcp, node_tcp, peer_channel, keepalive_interval_s=15.0, idle_timeout_s=60.0)
     written = 0
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
