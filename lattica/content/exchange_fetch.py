@@ -399,6 +399,9 @@ class FetchDeps:
     """Peers that may hold a content id: connected peers and DHT providers, not this node."""
     connected_peers: Callable[[], list[PeerId]] = list
     """Peers connected now (asked first: a DHT lookup can wait seconds on a dead node)."""
+    open_bulk_stream: StreamOpener | None = None
+    """Opens the one long stream of a transfer per peer (a lane of its own where TCP reaches
+    the peer directly); ``open_stream`` where None."""
 
 
 async def fetch_content(
@@ -609,7 +612,7 @@ async def _transfer(
                     continue
                 link = _PeerLink(peer, cid.digest, send)
                 links[peer] = link
-                nursery.start_soon(link.run, deps.open_stream)
+                nursery.start_soon(link.run, deps.open_bulk_stream or deps.open_stream)
                 if likely:
                     # The first requests go out right behind the Has, not a round trip after
                     # it: a peer answering "not held" is removed and its requests go

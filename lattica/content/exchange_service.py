@@ -41,6 +41,7 @@ from lattica.identity import PeerId
 from lattica.net import ConnectionManager, Rpc
 from lattica.net.bulk_path import BulkPath
 from lattica.net.stream import QuicStream
+from lattica.net.tcp_lane import TcpLane
 from lattica.storage import SqliteWriter
 
 log = logging.getLogger("lattica.content")
@@ -282,7 +283,14 @@ class ContentService:
 
     def fetch_deps(self) -> FetchDeps:
         """What :func:`~lattica.content.exchange_fetch.fetch_content` needs of this node."""
-        return FetchDeps(self.store, self.config, self._open_stream, self.find_candidates, self.connected_peers)
+        return FetchDeps(
+            self.store,
+            self.config,
+            self._open_stream,
+            self.find_candidates,
+            self.connected_peers,
+            open_bulk_stream=self._open_bulk_stream,
+        )
 
     def connected_peers(self) -> list[PeerId]:
         """Peers this node is connected to now (not itself)."""
@@ -299,6 +307,22 @@ class ContentService:
         except ConnectError as exc:
             raise RpcError("connect-failed", str(exc)) from exc
         return await self.rpc.open_stream(connection, protocol_id)
+
+    async def _open_bulk_stream(self, peer: PeerId, protocol_id: str) -> QuicStream:
+        # One fetch link's stream: a lane of its own where TCP reaches the peer directly (see
+        # lattica.net.tcp_lane); closing the stream closes the lane.
+        if self.bulk is None:
+            return await self.rpc.open_stream(peer, protocol_id)
+        try:
+            carrier = await self.bulk.stream_carrier(peer)
+        except ConnectError as exc:
+            raise RpcError("connect-failed", str(exc)) from exc
+        try:
+            return await self.rpc.open_stream(carrier, protocol_id)
+        except BaseException:
+            if isinstance(carrier, TcpLane):
+                carrier.close("the stream could not start")
+            raise
 
     async def fetch(
         self,

@@ -20,6 +20,11 @@ Rules:
   which many peers share, and TCP there would reach the relay, not the peer.
 * The TCP dial must prove the same peer id as the QUIC connection
   (:class:`~lattica.errors.PeerIdMismatchError` counts as a failure, never as success).
+* :meth:`BulkPath.stream_carrier` goes one step further for one long bulk stream: a lane of
+  its own (:mod:`lattica.net.tcp_lane`) where the TCP path exists, dialled to the address the
+  TCP connection was dialled to (or the QUIC connection's, for a connection the peer dialled).
+  A peer that does not admit a lane (its limits, or a version without lanes) gets yamux
+  streams for ``lane_retry_after_s``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
-from typing import Final
+from typing import Final, TypeVar
 
 import trio
 
@@ -38,6 +43,7 @@ from lattica.net.connection import Connection
 from lattica.net.datagram import Address
 from lattica.net.manager import ConnectionManager
 from lattica.net.tcp_connection import TcpConnection
+from lattica.net.tcp_lane import TcpLane
 from lattica.net.tcp_transport import TcpTransport
 
 logger = logging.getLogger("lattica.net.bulk")
@@ -55,11 +61,18 @@ class BulkPath:
         *,
         tcp_attempt_timeout_s: float = 3.0,
         retry_after_s: float = 300.0,
+        lane_retry_after_s: float = 30.0,
+        lanes: bool = True,
     ) -> None:
         self.manager = manager
         self.tcp = tcp
         self.tcp_attempt_timeout_s = tcp_attempt_timeout_s
         self.retry_after_s = retry_after_s
+        self.lane_retry_after_s = lane_retry_after_s
+        self.lanes = lanes
+        """Whether :meth:`stream_carrier` opens lanes at all."""
+        self._no_lane_until: OrderedDict[PeerId, float] = OrderedDict()
+        self._dialled_at: OrderedDict[PeerId, Address] = OrderedDict()
         # When TCP failed at an address, whether it was refused, and the QUIC connection it was
         # tried beside (weakly: remembering a failure must not keep a dead connection alive).
         self._failed_at: OrderedDict[Address, tuple[float, bool, weakref.ref[Connection]]] = OrderedDict()
@@ -102,4 +115,41 @@ class BulkPath:
                 self._failed_at.popitem(last=False)
             return quic
         self._failed_at.pop(address, None)
+        _remember(self._dialled_at, quic.peer_id, address)
         return connection
+
+    async def stream_carrier(self, peer: PeerId, *, timeout_s: float = 10.0) -> Connection | TcpConnection | TcpLane:
+        """Where to open one long bulk stream to ``peer``: a new lane (the caller closes it with
+        its stream) where a TLS-over-TCP path exists and the peer admits one, else
+        :meth:`connection`. Raises what :meth:`connection` raises."""
+        connection = await self.connection(peer, timeout_s=timeout_s)
+        if not isinstance(connection, TcpConnection) or not self.lanes:
+            return connection
+        now = trio.current_time()
+        if self._no_lane_until.get(peer, -1.0) > now:
+            return connection
+        address = self._dialled_at.get(peer)
+        if connection.direction == "outbound":
+            address = connection.remote_address
+        if address is None:  # the peer dialled us: its listening port is the QUIC one
+            quic = self.manager.connection(peer)
+            if quic is None or quic.relayed_via is not None:
+                return connection
+            address = quic.remote_address
+        try:
+            return await self.tcp.open_lane(PeerAddr(address, peer), timeout_s=self.tcp_attempt_timeout_s)
+        except (ConnectError, PeerIdMismatchError) as exc:
+            logger.debug("no lane to %s at %s: %s", peer, format_host_port(address), exc)
+            _remember(self._no_lane_until, peer, now + self.lane_retry_after_s)
+            return connection
+
+
+_V = TypeVar("_V")
+
+
+def _remember(table: OrderedDict[PeerId, _V], peer: PeerId, value: _V) -> None:
+    """Set ``table[peer]``, keeping at most ``MAX_REMEMBERED_FAILURES`` (oldest dropped)."""
+    table[peer] = value
+    table.move_to_end(peer)
+    while len(table) > MAX_REMEMBERED_FAILURES:
+        table.popitem(last=False)

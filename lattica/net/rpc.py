@@ -42,6 +42,7 @@ from lattica.net.manager import ConnectionManager
 from lattica.net.rpc_messages import Error, Request, Response, RpcMessage, StreamHeader
 from lattica.net.stream import QuicStream, receive_exactly
 from lattica.net.tcp_connection import TcpConnection
+from lattica.net.tcp_lane import TcpLane
 from lattica.wire import decode_frame, encode_frame
 
 logger = logging.getLogger("lattica.net.rpc")
@@ -62,9 +63,10 @@ ERROR_CODES: Final = frozenset(
 )
 
 RequestHandler = Callable[[PeerId, bytes], Awaitable[bytes]]
-Target = PeerId | PeerAddr | Connection | TcpConnection
+Target = PeerId | PeerAddr | Connection | TcpConnection | TcpLane
 """Whom a call goes to: a peer (dialled over QUIC if needed) or a given connection of either
-transport (QUIC :class:`Connection` or TLS-over-TCP :class:`TcpConnection`)."""
+transport (QUIC :class:`Connection`, TLS-over-TCP :class:`TcpConnection`, or a
+:class:`TcpLane`, whose one stream :meth:`Rpc.open_stream` opens)."""
 StreamProtocolHandler = Callable[[QuicStream, PeerId], Awaitable[None]]
 
 _MAX_HEADER_FRAME_BYTES = 1024
@@ -186,7 +188,7 @@ class Rpc:
         :class:`~lattica.errors.PeerIdMismatchError`.
         """
         self._check_protocol_id(protocol_id)
-        connection: Connection | TcpConnection | None = None
+        connection: Connection | TcpConnection | TcpLane | None = None
         sent_at = 0.0
         try:
             with trio.fail_after(timeout_s):
@@ -223,9 +225,9 @@ class Rpc:
 
     async def _open(
         self, peer: Target, protocol_id: str
-    ) -> tuple[Connection | TcpConnection, QuicStream]:
-        connection: Connection | TcpConnection
-        if isinstance(peer, Connection | TcpConnection):
+    ) -> tuple[Connection | TcpConnection | TcpLane, QuicStream]:
+        connection: Connection | TcpConnection | TcpLane
+        if isinstance(peer, Connection | TcpConnection | TcpLane):
             connection = peer
         else:
             try:

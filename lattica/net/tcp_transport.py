@@ -23,11 +23,18 @@ Rules:
   :class:`~lattica.errors.DialSelfError`. Hosts must be IP literals: no name is resolved here.
 * **Reuse.** :meth:`TcpTransport.connect` reuses a live connection to the same peer id;
   concurrent dials to one peer are not merged (both connections work; the newest is reused).
+* **Lanes** (:mod:`lattica.net.tcp_lane`, ALPN ``lattica-lane/1``): one stream per connection,
+  its bytes moved by a thread of its own. Each costs a thread, so at most ``MAX_INBOUND_LANES``
+  are admitted at once, ``MAX_INBOUND_LANES_PER_PEER`` from one peer id (more are closed after
+  the handshake; the dialler falls back to a yamux stream); they count toward
+  ``max_connections`` like any connection, and :meth:`TcpTransport.open_lane` keeps at most
+  ``MAX_OUTBOUND_LANES`` of ours open. The handshake limits above apply to them unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -53,8 +60,9 @@ from lattica.net.config import EndpointConfig
 from lattica.net.datagram import Address
 from lattica.net.log_once import LogOnce
 from lattica.net.stream import QuicStream
-from lattica.net.tcp_connection import TcpConnection, tls_handshake
-from lattica.net.tls_channel import TlsChannel
+from lattica.net.tcp_connection import RECEIVE_BYTES, TcpConnection, tls_handshake
+from lattica.net.tcp_lane import LANE_ACCEPTED, TcpLane
+from lattica.net.tls_channel import ALPN_LANE_PROTOCOL, ALPN_TCP_PROTOCOL, TlsChannel
 from lattica.net.yamux import INITIAL_STREAM_WINDOW_BYTES
 
 logger = logging.getLogger("lattica.net.tcp")
@@ -71,7 +79,18 @@ FIRST_BYTES_TIMEOUT_S: Final = 3.0
 """Seconds an inbound TCP client has to send its first TLS bytes (the ClientHello, which a real
 client sends at once); a silent socket is dropped then, not after ``handshake_timeout_s``."""
 
+MAX_INBOUND_LANES: Final = 32
+"""Lanes peers may hold open here at once (each one is a thread)."""
+MAX_INBOUND_LANES_PER_PEER: Final = 4
+"""Of those, from one peer id (a fetch opens one per seeder)."""
+MAX_OUTBOUND_LANES: Final = 32
+"""Lanes this node keeps open at once; :meth:`TcpTransport.open_lane` refuses more."""
+
 StreamHandler = Callable[[QuicStream], Awaitable[None]]
+
+
+class LaneRefusedError(ConnectError):
+    """The peer (or this node's own limit) did not admit a lane; use a yamux stream instead."""
 
 
 class TcpTransport:
@@ -97,6 +116,8 @@ class TcpTransport:
         self.idle_close_s = idle_close_s
         self._stream_handler = stream_handler
         self._by_peer: dict[PeerId, list[TcpConnection]] = {}
+        self._inbound_lanes: dict[PeerId, list[TcpLane]] = {}
+        self._outbound_lanes: set[TcpLane] = set()
         self._handshakes = 0
         self._handshakes_by_source: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
@@ -124,6 +145,9 @@ class TcpTransport:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+            # Lanes run on threads of their own: tell each to stop with the node.
+            for lane in [*self._outbound_lanes, *(lane for lanes in self._inbound_lanes.values() for lane in lanes)]:
+                lane.close("the transport stopped")
 
     def _require_nursery(self) -> trio.Nursery:
         if self._nursery is None:
@@ -142,6 +166,14 @@ class TcpTransport:
     def connections(self) -> list[TcpConnection]:
         """Every live connection."""
         return [c for cs in self._by_peer.values() for c in cs if not c.is_closed]
+
+    def lanes(self) -> list[TcpLane]:
+        """Every live lane, inbound and outbound."""
+        inbound = [lane for lanes in self._inbound_lanes.values() for lane in lanes]
+        return [lane for lane in [*inbound, *self._outbound_lanes] if not lane.is_closed]
+
+    def _connection_count(self) -> int:
+        return len(self.connections()) + len(self.lanes())
 
     # -- listening ------------------------------------------------------------------------
 
@@ -179,7 +211,7 @@ class TcpTransport:
                 if (
                     self._handshakes >= MAX_CONCURRENT_HANDSHAKES
                     or self._handshakes_by_source.get(source, 0) >= MAX_HANDSHAKES_PER_IP
-                    or len(self.connections()) >= self.config.max_connections
+                    or self._connection_count() >= self.config.max_connections
                 ):
                     self.refused_connections += 1
                     self._log_once.warning("limit", "refusing TCP connections over the limits (counted, not logged)")
@@ -216,10 +248,112 @@ class TcpTransport:
                 self._handshakes_by_source[source] = left
             else:
                 del self._handshakes_by_source[source]
+        if channel.alpn == ALPN_LANE_PROTOCOL:
+            await self._serve_lane(tcp, channel, remote, leftover)
+            return
         connection = self._connection_for(tcp, channel, remote, leftover)
         if connection.peer_id == self.peer_id:
             await connection.aclose("a connection from ourselves")
         await self._run_connection(connection)
+
+    async def _serve_lane(self, tcp: trio.SocketStream, channel: TlsChannel, remote: Address, leftover: bytes) -> None:
+        peer = channel.peer_id
+        assert peer is not None
+        held = self._inbound_lanes.get(peer, [])
+        admitted = (
+            peer != self.peer_id
+            and not leftover  # the client speaks only after LANE_ACCEPTED
+            and len(held) < MAX_INBOUND_LANES_PER_PEER
+            and sum(map(len, self._inbound_lanes.values())) < MAX_INBOUND_LANES
+        )
+        if not admitted:
+            with trio.CancelScope(shield=True):
+                await _send_then_close(tcp, channel)
+            return
+        try:
+            channel.send(LANE_ACCEPTED)
+            with trio.fail_after(self.config.handshake_timeout_s):
+                await tcp.send_all(channel.data_to_send())
+        except (trio.TooSlowError, trio.BrokenResourceError, OSError):
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+            return
+        lane = self._lane_for(tcp, channel, remote, b"")
+        self._inbound_lanes.setdefault(peer, []).append(lane)
+        try:
+            lane.start()
+            await self._handle_stream(lane, lane.stream)
+        finally:
+            lane.close("no longer served")
+            lanes = self._inbound_lanes[peer]
+            lanes.remove(lane)
+            if not lanes:
+                del self._inbound_lanes[peer]
+
+    def _lane_for(self, tcp: trio.SocketStream, channel: TlsChannel, remote: Address, leftover: bytes) -> TcpLane:
+        # The lane's thread owns the socket from here: trio lets go of it.
+        sock = socket.socket(fileno=tcp.socket.detach())
+        return TcpLane(
+            sock,
+            channel,
+            remote_address=remote,
+            receive_window_bytes=max(RECEIVE_BYTES, self.config.stream_receive_window_bytes),
+            idle_timeout_s=self.config.idle_timeout_s,
+            received_with_handshake=leftover,
+        )
+
+    async def open_lane(self, peer: PeerAddr, *, timeout_s: float | None = None) -> TcpLane:
+        """A new lane (:mod:`lattica.net.tcp_lane`) to ``peer``, which must name its peer id;
+        close it (``lane.close()`` or its stream's ``aclose``) when done.
+
+        ``timeout_s`` (default: the handshake timeout) bounds TCP connect, TLS handshake and
+        the peer's admission. Raises :class:`LaneRefusedError` (the peer did not admit it, or
+        ``MAX_OUTBOUND_LANES`` are open), :class:`~lattica.errors.ConnectTimeoutError`,
+        :class:`~lattica.errors.ConnectError` or :class:`~lattica.errors.PeerIdMismatchError`."""
+        if peer.peer_id is None:
+            raise ValueError("a lane is dialled to a known peer id")
+        if peer.peer_id == self.peer_id:
+            raise DialSelfError("refusing to dial this node's own peer id")
+        self._outbound_lanes = {lane for lane in self._outbound_lanes if not lane.is_closed}
+        if len(self._outbound_lanes) >= MAX_OUTBOUND_LANES:
+            raise LaneRefusedError(f"{MAX_OUTBOUND_LANES} lanes of this node are open")
+        try:
+            host, port = network_address(*peer.address)
+        except InvalidAddressError as exc:
+            raise ConnectError(f"cannot dial {peer}: {exc}") from None
+        limit_s = self.config.handshake_timeout_s if timeout_s is None else timeout_s
+        try:
+            with trio.fail_after(limit_s):
+                lane = await self._dial_lane(peer, host, port)
+        except trio.TooSlowError:
+            raise ConnectTimeoutError(f"no lane to {peer} within {limit_s:g} s") from None
+        self._outbound_lanes.add(lane)
+        lane.start()
+        return lane
+
+    async def _dial_lane(self, peer: PeerAddr, host: str, port: int) -> TcpLane:
+        where = format_host_port((host, port))
+        tcp, channel, _leftover = await self._dial_tls(peer, host, port, ALPN_LANE_PROTOCOL)
+        try:
+            received = b""
+            while not received:  # the admission byte (nothing else comes before our header)
+                data = await tcp.receive_some(RECEIVE_BYTES)
+                if not data:
+                    raise LaneRefusedError(f"{where} did not admit a lane")
+                received = channel.receive_data(data)
+                if channel.peer_closed:
+                    raise LaneRefusedError(f"{where} did not admit a lane")
+            if received[:1] != LANE_ACCEPTED:
+                raise ConnectError(f"{where} answered a lane with {received[:8]!r}")
+        except (RemoteProtocolError, trio.BrokenResourceError, OSError) as exc:
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+            raise LaneRefusedError(f"lane to {where} failed: {exc}") from None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+            raise
+        return self._lane_for(tcp, channel, (host, port), received[1:])
 
     # -- dialling -------------------------------------------------------------------------
 
@@ -249,13 +383,29 @@ class TcpTransport:
             raise ConnectTimeoutError(f"no TLS-over-TCP connection to {peer} within {limit_s:g} s") from None
 
     async def _dial(self, peer: PeerAddr, host: str, port: int) -> TcpConnection:
+        tcp, channel, leftover = await self._dial_tls(peer, host, port, ALPN_TCP_PROTOCOL)
+        connection = self._connection_for(tcp, channel, (host, port), leftover)
+        await self._require_nursery().start(self._run_connection, connection)
+        try:
+            await connection.wait_confirmed()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await connection.aclose("dial abandoned")
+            raise
+        return connection
+
+    async def _dial_tls(
+        self, peer: PeerAddr, host: str, port: int, alpn: bytes
+    ) -> tuple[trio.SocketStream, TlsChannel, bytes]:
+        """TCP connect and TLS handshake offering ``alpn``; the peer id proven is checked.
+        Returns the stream, the channel and application bytes that came with the handshake."""
         where = format_host_port((host, port))
         try:
             tcp = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             error = ConnectRefusedError if _refused(exc) else ConnectError
             raise error(f"TCP connect to {where} failed: {exc.strerror or exc}") from None
-        channel = TlsChannel(self.identity, is_client=True)
+        channel = TlsChannel(self.identity, is_client=True, alpn=alpn)
         try:
             leftover = await tls_handshake(tcp, channel)
         except (RemoteProtocolError, trio.BrokenResourceError, OSError) as exc:
@@ -273,15 +423,7 @@ class TcpTransport:
             if proven == self.peer_id:
                 raise DialSelfError(f"{where} is this node itself")
             raise PeerIdMismatchError(f"dialled {peer.peer_id} at {where} but the peer there proved to be {proven}")
-        connection = self._connection_for(tcp, channel, (host, port), leftover)
-        await self._require_nursery().start(self._run_connection, connection)
-        try:
-            await connection.wait_confirmed()
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await connection.aclose("dial abandoned")
-            raise
-        return connection
+        return tcp, channel, leftover
 
     # -- running connections --------------------------------------------------------------
 
@@ -331,7 +473,7 @@ class TcpTransport:
             with trio.CancelScope(shield=True):
                 await connection.aclose("no longer served")
 
-    async def _handle_stream(self, connection: TcpConnection, stream: QuicStream) -> None:
+    async def _handle_stream(self, connection: TcpConnection | TcpLane, stream: QuicStream) -> None:
         try:
             if self._stream_handler is not None:
                 await self._stream_handler(stream)

@@ -15,8 +15,9 @@ make the channel sans-I/O: bytes in, bytes out, no socket, no clock (see docs/de
 
 Invariants:
 
-* TLS 1.3 only; ALPN ``lattica-tcp/1`` required on both sides (yamux follows at once, there is
-  no further negotiation); no resumption: the session cache is off on both sides, so every
+* TLS 1.3 only; ALPN required on both sides: ``lattica-tcp/1`` (yamux follows at once, there
+  is no further negotiation) or ``lattica-lane/1`` (one stream, :mod:`lattica.net.tcp_lane`);
+  a client offers one, a server accepts either; no resumption: the session cache is off on both sides, so every
   connection presents and proves its certificate (OpenSSL's server still sends its two TLS
   1.3 NewSessionTicket messages; no client here keeps or offers them).
 * The server requires a client certificate (``VERIFY_FAIL_IF_NO_PEER_CERT``).
@@ -38,6 +39,9 @@ from lattica.net.tls_identity import certificate_for, peer_id_from_certificate, 
 
 ALPN_TCP_PROTOCOL: Final = b"lattica-tcp/1"
 """ALPN id of Lattica over TLS 1.3 over TCP: yamux (:mod:`lattica.net.yamux`) inside."""
+ALPN_LANE_PROTOCOL: Final = b"lattica-lane/1"
+"""ALPN id of a bulk lane: one stream per connection, no multiplexer (:mod:`lattica.net.tcp_lane`)."""
+_SERVED_ALPN: Final = (ALPN_TCP_PROTOCOL, ALPN_LANE_PROTOCOL)
 
 # SSL_read returns at most one TLS record (16 KiB of plaintext) per call, and pyOpenSSL
 # allocates the buffer it asks for on every call: ask for one record's worth.
@@ -161,8 +165,9 @@ def _accept_any_chain(connection: SSL.Connection, certificate: object, error_num
 
 
 def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
-    if ALPN_TCP_PROTOCOL in offered:
-        return ALPN_TCP_PROTOCOL
+    for protocol in _SERVED_ALPN:
+        if protocol in offered:
+            return protocol
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
@@ -176,7 +181,12 @@ def _write_whole_buffers(context: SSL.Context) -> None:
 
 
 def _context(
-    identity: Identity, *, is_client: bool, present_certificate: bool, budget: _PostHandshakeBudget | None = None
+    identity: Identity,
+    *,
+    is_client: bool,
+    present_certificate: bool,
+    budget: _PostHandshakeBudget | None = None,
+    alpn: bytes = ALPN_TCP_PROTOCOL,
 ) -> SSL.Context:
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
@@ -190,7 +200,7 @@ def _context(
     if budget is not None:
         context.set_info_callback(budget)
     if is_client:
-        context.set_alpn_protos([ALPN_TCP_PROTOCOL])
+        context.set_alpn_protos([alpn])
     else:
         context.set_alpn_select_callback(_select_alpn)
     return context
@@ -205,11 +215,18 @@ class TlsChannel:
     certificate.
     """
 
-    def __init__(self, identity: Identity, *, is_client: bool, present_certificate: bool = True) -> None:
+    def __init__(
+        self, identity: Identity, *, is_client: bool, present_certificate: bool = True, alpn: bytes = ALPN_TCP_PROTOCOL
+    ) -> None:
+        if alpn not in _SERVED_ALPN:
+            raise ValueError(f"unknown ALPN id {alpn!r}")
         self.is_client = is_client
+        self._offered_alpn = alpn
         self._budget = _PostHandshakeBudget()
         self._received_plain_bytes = 0
-        context = _context(identity, is_client=is_client, present_certificate=present_certificate, budget=self._budget)
+        context = _context(
+            identity, is_client=is_client, present_certificate=present_certificate, budget=self._budget, alpn=alpn
+        )
         self._tls = SSL.Connection(context, None)
         if is_client:
             self._tls.set_connect_state()
@@ -218,6 +235,9 @@ class TlsChannel:
         self.peer_id: PeerId | None = None
         """The peer's proven id, once :attr:`handshake_complete`."""
         self.handshake_complete = False
+        self.alpn: bytes | None = None
+        """The protocol agreed in the handshake (:data:`ALPN_TCP_PROTOCOL` or
+        :data:`ALPN_LANE_PROTOCOL`; a client gets only the one it offered)."""
         self.peer_closed = False
         """The peer sent close_notify: it will send no more application data."""
         self._direct = _DirectCalls.create(self._tls)
@@ -235,13 +255,15 @@ class TlsChannel:
             return
         except SSL.Error as exc:
             raise RemoteProtocolError(f"TLS handshake failed: {_describe(exc)}") from None
-        if self._tls.get_alpn_proto_negotiated() != ALPN_TCP_PROTOCOL:
-            raise RemoteProtocolError("the peer does not speak lattica-tcp/1 (ALPN)")
+        agreed = self._tls.get_alpn_proto_negotiated()
+        if agreed not in _SERVED_ALPN or (self.is_client and agreed != self._offered_alpn):
+            raise RemoteProtocolError(f"the peer does not speak {self._offered_alpn.decode()} (ALPN)")
+        self.alpn = agreed
         certificate = self._tls.get_peer_certificate(as_cryptography=True)
         self.peer_id = peer_id_from_certificate(certificate)
         self.handshake_complete = True
 
-    def receive_data(self, data: bytes | bytearray) -> bytes:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> bytes:
         """Feed bytes from the transport; returns the application bytes they completed.
 
         Raises :class:`RemoteProtocolError` if the peer's TLS is invalid or fails to
@@ -328,6 +350,34 @@ class TlsChannel:
                 self._drained.append(self._tls.bio_read(_BIO_READ_BYTES))
             except SSL.WantReadError:
                 return
+
+    def read_output_into(self, buffer: bytearray) -> int:
+        """Move up to ``len(buffer)`` bytes of what :meth:`data_to_send` would return into
+        ``buffer``; returns how many (0: nothing waits). For a driver that sends from one
+        reused buffer: ``data_to_send`` returns a fresh ``bytes`` each call, and fresh memory
+        costs a page fault per 4 KiB on this machine's VMs (docs/decisions.md)."""
+        if self._drained:
+            head = self._drained[0]
+            n = min(len(head), len(buffer))
+            buffer[:n] = head[:n]
+            if n == len(head):
+                self._drained.pop(0)
+            else:
+                self._drained[0] = head[n:]
+            return n
+        try:
+            lib, ffi = SSL._lib, SSL._ffi  # type: ignore[attr-defined]
+            bio = self._tls._from_ssl
+        except AttributeError:
+            lib = None
+        if lib is not None:
+            return max(0, int(lib.BIO_read(bio, ffi.from_buffer(buffer), len(buffer))))
+        try:
+            data = self._tls.bio_read(len(buffer))
+        except SSL.WantReadError:
+            return 0
+        buffer[: len(data)] = data
+        return len(data)
 
     def data_to_send(self) -> bytes:
         """Everything the TLS layer wants to send to the transport now."""
