@@ -226,9 +226,11 @@ class TcpLane:
         return False
 
     def close_stream(self, stream_id: int, *, reset_send: bool, stop_receive: bool) -> None:
-        """The stream is done: the lane closes with it, cleanly if both directions finished,
-        else abruptly (no close_notify: the peer sees a reset, not an end)."""
-        self._close_local("the stream was closed", "abort" if (reset_send or stop_receive) else "graceful")
+        """The stream is done: the lane closes with it. If our direction finished (EOF sent),
+        cleanly: what is queued goes out, then close_notify (whether we read the peer's
+        direction to its end does not matter to what we sent). Else abruptly: no
+        close_notify, so the peer sees a reset, not an end."""
+        self._close_local("the stream was closed", "abort" if reset_send else "graceful")
 
     async def transmit(self) -> None:
         """Wake the thread for what is queued (a checkpoint that is never cancelled)."""

@@ -117,6 +117,7 @@ class TcpTransport:
         self._stream_handler = stream_handler
         self._by_peer: dict[PeerId, list[TcpConnection]] = {}
         self._inbound_lanes: dict[PeerId, list[TcpLane]] = {}
+        self._lane_slots: dict[PeerId, int] = {}  # inbound lanes admitted or being admitted
         self._outbound_lanes: set[TcpLane] = set()
         self._handshakes = 0
         self._handshakes_by_source: dict[str, int] = {}
@@ -126,6 +127,12 @@ class TcpTransport:
         """Where :meth:`listen` bound (host, port), in call order."""
         self.refused_connections = 0
         """Inbound TCP connections closed at accept because of the limits (monotonic)."""
+        self.lanes_admitted = 0
+        """Inbound lanes admitted (monotonic)."""
+        self.lanes_refused = 0
+        """Inbound lanes closed after the handshake because of the lane limits (monotonic)."""
+        self.lanes_opened = 0
+        """Lanes this node dialled that the peer admitted (monotonic)."""
 
     @property
     def peer_id(self) -> PeerId:
@@ -259,36 +266,48 @@ class TcpTransport:
     async def _serve_lane(self, tcp: trio.SocketStream, channel: TlsChannel, remote: Address, leftover: bytes) -> None:
         peer = channel.peer_id
         assert peer is not None
-        held = self._inbound_lanes.get(peer, [])
+        # Slots are taken before the first await below: lanes admitted at once from one peer
+        # must not all pass the check before any of them is counted.
+        held = self._lane_slots.get(peer, 0)
         admitted = (
             peer != self.peer_id
             and not leftover  # the client speaks only after LANE_ACCEPTED
-            and len(held) < MAX_INBOUND_LANES_PER_PEER
-            and sum(map(len, self._inbound_lanes.values())) < MAX_INBOUND_LANES
+            and held < MAX_INBOUND_LANES_PER_PEER
+            and sum(self._lane_slots.values()) < MAX_INBOUND_LANES
         )
         if not admitted:
+            self.lanes_refused += 1
             with trio.CancelScope(shield=True):
                 await _send_then_close(tcp, channel)
             return
+        self._lane_slots[peer] = held + 1
         try:
             channel.send(LANE_ACCEPTED)
-            with trio.fail_after(self.config.handshake_timeout_s):
-                await tcp.send_all(channel.data_to_send())
-        except (trio.TooSlowError, trio.BrokenResourceError, OSError):
-            with trio.CancelScope(shield=True):
-                await tcp.aclose()
-            return
-        lane = self._lane_for(tcp, channel, remote, b"")
-        self._inbound_lanes.setdefault(peer, []).append(lane)
-        try:
-            lane.start()
-            await self._handle_stream(lane, lane.stream)
+            try:
+                with trio.fail_after(self.config.handshake_timeout_s):
+                    await tcp.send_all(channel.data_to_send())
+            except (trio.TooSlowError, trio.BrokenResourceError, OSError):
+                with trio.CancelScope(shield=True):
+                    await tcp.aclose()
+                return
+            lane = self._lane_for(tcp, channel, remote, b"")
+            self._inbound_lanes.setdefault(peer, []).append(lane)
+            self.lanes_admitted += 1
+            try:
+                lane.start()
+                await self._handle_stream(lane, lane.stream)
+            finally:
+                lane.close("no longer served")
+                lanes = self._inbound_lanes[peer]
+                lanes.remove(lane)
+                if not lanes:
+                    del self._inbound_lanes[peer]
         finally:
-            lane.close("no longer served")
-            lanes = self._inbound_lanes[peer]
-            lanes.remove(lane)
-            if not lanes:
-                del self._inbound_lanes[peer]
+            left = self._lane_slots[peer] - 1
+            if left:
+                self._lane_slots[peer] = left
+            else:
+                del self._lane_slots[peer]
 
     def _lane_for(self, tcp: trio.SocketStream, channel: TlsChannel, remote: Address, leftover: bytes) -> TcpLane:
         # The lane's thread owns the socket from here: trio lets go of it.
@@ -328,6 +347,7 @@ class TcpTransport:
         except trio.TooSlowError:
             raise ConnectTimeoutError(f"no lane to {peer} within {limit_s:g} s") from None
         self._outbound_lanes.add(lane)
+        self.lanes_opened += 1
         lane.start()
         return lane
 

@@ -10,7 +10,7 @@ import pytest
 from lattica.config import NodeConfig
 from lattica.content import ContentConfig
 from lattica.identity import Identity
-from lattica.net import UdpSocket
+from lattica.net import UdpSocket, tcp_transport
 from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
 from lattica.node import Node
@@ -37,6 +37,33 @@ async def test_fetch_takes_tcp_where_both_run_it(tmp_path: Path, fetcher_runs_tc
         assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
         assert result.peer_bytes == {str(a.peer_id): source.stat().st_size}
         assert (b.tcp.connection(a.peer_id) is not None) is fetcher_runs_tcp
+        # The chunks came on a lane of their own (one per seeder), the manifest on yamux.
+        assert a.tcp.lanes_admitted == b.tcp.lanes_opened == int(fetcher_runs_tcp)
+
+
+async def test_a_seeder_that_admits_no_lane_serves_over_its_tcp_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tcp_transport, "MAX_INBOUND_LANES_PER_PEER", 0)  # as a seeder at its limit
+    tcp = NodeConfig(net=NetConfig(tcp_listen=True), content=CONTENT)
+    sources = []
+    for seed in (12, 13):
+        sources.append(tmp_path / f"data{seed}.bin")
+        sources[-1].write_bytes(random_bytes(1024 * KIB + seed, seed=seed))
+    async with (
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), tcp, blocks_dir=tmp_path / "a") as a,
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), tcp, blocks_dir=tmp_path / "b") as b,
+    ):
+        assert a.content is not None and b.content is not None
+        cids = [(await a.content.publish(source)).cid for source in sources]
+        await b.connect(PeerAddr(a.socket.local_address, a.peer_id))
+        for cid, source in zip(cids, sources, strict=True):
+            result = await b.content.fetch(cid, out_dir=tmp_path / "out")
+            assert (tmp_path / "out" / source.name).read_bytes() == source.read_bytes()
+            assert result.peer_bytes == {str(a.peer_id): source.stat().st_size}
+        assert a.tcp.lanes_admitted == 0 and b.tcp.lanes_opened == 0
+        assert a.tcp.lanes_refused == 1  # asked once: the second fetch did not try again
+        assert b.tcp.connection(a.peer_id) is not None
 
 
 async def test_a_fetched_folder_is_served_from_the_files_it_was_written_to(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ man in the middle, hostile peers, streams and RPC over it."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -27,39 +26,11 @@ from lattica.net.tcp_connection import (
     TcpConnection,
     tls_handshake,
 )
-from lattica.net.tcp_transport import MAX_CONCURRENT_HANDSHAKES, MAX_HANDSHAKES_PER_IP, TcpTransport
+from lattica.net.tcp_transport import MAX_CONCURRENT_HANDSHAKES, MAX_HANDSHAKES_PER_IP
 from lattica.net.tls_channel import TlsChannel
 from lattica.net.yamux import FLAG_ACK, FLAG_SYN, TYPE_DATA, TYPE_PING, TYPE_WINDOW_UPDATE, encode_header
 from lattica.node import Node
-from tests.socket.conftest import MakeUdpEndpoint
-
-StreamHandler = Callable[[QuicStream], Awaitable[None]]
-MakeTransport = Callable[..., Awaitable[tuple[TcpTransport, Address]]]
-
-FAST = EndpointConfig(handshake_timeout_s=2.0, stream_receive_window_bytes=256 * 1024)
-
-
-async def echo(stream: QuicStream) -> None:
-    while data := await stream.receive_some():
-        await stream.send_all(data)
-    await stream.send_eof()
-
-
-@pytest.fixture
-def make_transport(nursery: trio.Nursery) -> MakeTransport:
-    """``make_transport(identity, handler=None, config=FAST)``: a running transport listening
-    on 127.0.0.1 (an ephemeral port) and its address."""
-
-    async def make(
-        identity: Identity | None = None,
-        handler: StreamHandler | None = echo,
-        config: EndpointConfig = FAST,
-    ) -> tuple[TcpTransport, Address]:
-        transport = TcpTransport(identity or Identity.generate(), config, stream_handler=handler)
-        await nursery.start(transport.run)
-        return transport, await transport.listen("127.0.0.1", 0)
-
-    return make
+from tests.socket.conftest import MakeTransport, MakeUdpEndpoint, echo
 
 
 async def exchange(connection: TcpConnection, payload: bytes) -> bytes:

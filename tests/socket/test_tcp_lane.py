@@ -1,0 +1,302 @@
+"""Bulk lanes on 127.0.0.1: one stream per TLS-over-TCP connection, its records moved by a thread
+of its own (lattica.net.tcp_lane). Behaviour of the stream, its bounds, its limits, and what
+hostile or vanished peers do to it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from lattica.identity import Identity
+from lattica.net import EndpointConfig, tcp_transport
+from lattica.net.address import PeerAddr
+from lattica.net.stream import QuicStream
+from lattica.net.tcp_connection import RECEIVE_BYTES, tls_handshake
+from lattica.net.tcp_lane import LANE_ACCEPTED, TcpLane
+from lattica.net.tcp_transport import MAX_INBOUND_LANES_PER_PEER, LaneRefusedError, TcpTransport
+from lattica.net.tls_channel import ALPN_LANE_PROTOCOL, TlsChannel
+from tests.socket.conftest import FAST, MakeTransport
+
+TLS_RECORD_BYTES = 16 * 1024
+LIMIT_S = 20.0  # every wait below is on an event; this only bounds a hang
+
+
+def payload(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def read_all(stream: QuicStream) -> bytes:
+    parts = []
+    while data := await stream.receive_some():
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def join(lane: TcpLane) -> bool:
+    return await trio.to_thread.run_sync(lane.join_thread, LIMIT_S)
+
+
+async def lane_to(client: TcpTransport, server: TcpTransport, address: tuple[str, int]) -> TcpLane:
+    return await client.open_lane(PeerAddr(address, server.peer_id))
+
+
+async def test_a_lane_carries_one_stream_both_ways_and_ends_its_thread(make_transport: MakeTransport) -> None:
+    server, address = await make_transport()  # echoes
+    client, _ = await make_transport()
+    sent = payload(3 * 1024 * 1024 + 7, seed=1)
+    with trio.fail_after(LIMIT_S):
+        lane = await lane_to(client, server, address)
+        assert lane.peer_id == server.peer_id and lane.direction == "outbound"
+        stream = await lane.open_stream()
+        with pytest.raises(trio.BusyResourceError):
+            await lane.open_stream()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: stream.send_all(sent))
+            received = bytearray()
+            while len(received) < len(sent):
+                received += await stream.receive_some()
+        await stream.send_eof()
+        assert await stream.receive_some() == b""  # the echo ended after our close_notify
+        await stream.aclose()
+        assert bytes(received) == sent
+        assert await join(lane)
+        await lane.wait_closed()
+    assert server.lanes_admitted == 1 and client.lanes_opened == 1
+
+
+async def test_send_eof_ends_one_direction_only(make_transport: MakeTransport) -> None:
+    async def answer_after_eof(stream: QuicStream) -> None:
+        request = await read_all(stream)  # up to the client's close_notify
+        await stream.send_all(request[::-1])
+        await stream.send_eof()
+
+    server, address = await make_transport(handler=answer_after_eof)
+    client, _ = await make_transport()
+    with trio.fail_after(LIMIT_S):
+        lane = await lane_to(client, server, address)
+        stream = await lane.open_stream()
+        await stream.send_all(b"request")
+        await stream.send_eof()
+        assert await read_all(stream) == b"tseuqer"
+        await stream.aclose()
+        assert await join(lane)
+
+
+async def test_a_slow_reader_bounds_what_the_lane_holds_for_it(make_transport: MakeTransport) -> None:
+    total = 48 * 1024 * 1024
+
+    async def flood(stream: QuicStream) -> None:
+        block = payload(1024 * 1024, seed=2)
+        for _ in range(total // len(block)):
+            await stream.send_all(block)
+        await stream.send_eof()
+
+    server, address = await make_transport(handler=flood)
+    client, _ = await make_transport()
+    with trio.fail_after(LIMIT_S):
+        lane = await lane_to(client, server, address)
+        stream = await lane.open_stream()
+        await stream.send_all(b"go")
+        received = most_held = 0
+        while data := await stream.receive_some(64 * 1024):
+            received += len(data)
+            # Delivered to the stream and not read yet: the window plus one socket read (and the
+            # part of a TLS record left from the read before) at most, however far behind the
+            # reader is (the thread is much faster than this loop).
+            most_held = max(most_held, lane._window_used)
+            await trio.lowlevel.checkpoint()
+        await stream.aclose()
+    assert received == total
+    assert most_held <= lane.receive_window_bytes + RECEIVE_BYTES + TLS_RECORD_BYTES
+    assert most_held >= lane.receive_window_bytes // 2  # the bound was reached, not idle
+
+
+async def test_closing_a_stream_midway_breaks_the_peers_reads(make_transport: MakeTransport) -> None:
+    outcome: list[BaseException | bytes] = []
+    ended = trio.Event()
+
+    async def reader(stream: QuicStream) -> None:
+        try:
+            outcome.append(await read_all(stream))
+        except trio.BrokenResourceError as exc:
+            outcome.append(exc)
+        finally:
+            ended.set()
+
+    server, address = await make_transport(handler=reader)
+    client, _ = await make_transport()
+    with trio.fail_after(LIMIT_S):
+        lane = await lane_to(client, server, address)
+        stream = await lane.open_stream()
+        await stream.send_all(b"half a request")
+        await stream.aclose()  # no EOF: a reset, not an end
+        await ended.wait()
+    assert len(outcome) == 1 and isinstance(outcome[0], trio.BrokenResourceError)
+
+
+async def test_lanes_beyond_the_per_peer_limit_are_refused_until_one_ends(make_transport: MakeTransport) -> None:
+    release = trio.Event()
+    handlers_done = 0
+    one_done = trio.Event()
+
+    async def hold(stream: QuicStream) -> None:
+        nonlocal handlers_done
+        try:
+            await release.wait()
+        finally:
+            handlers_done += 1
+            one_done.set()
+
+    server, address = await make_transport(handler=hold)
+    client, _ = await make_transport()
+    with trio.fail_after(LIMIT_S):
+        lanes = [await lane_to(client, server, address) for _ in range(MAX_INBOUND_LANES_PER_PEER)]
+        with pytest.raises(LaneRefusedError):
+            await lane_to(client, server, address)
+        assert server.lanes_refused == 1 and server.lanes_admitted == MAX_INBOUND_LANES_PER_PEER
+        # Another peer id is not held back by this one's lanes.
+        other, _ = await make_transport()
+        extra = await lane_to(other, server, address)
+        await (await extra.open_stream()).aclose()
+        release.set()
+        await one_done.wait()
+        for lane in lanes:
+            lane.close()
+        again = await lane_to(client, server, address)
+        again.close()
+        for lane in [*lanes, again, extra]:
+            assert await join(lane)
+
+
+async def test_a_peer_sending_garbage_after_admission_ends_its_lane_only(make_transport: MakeTransport) -> None:
+    outcomes_in, outcomes = trio.open_memory_channel[BaseException | bytes](2)
+
+    async def reader(stream: QuicStream) -> None:
+        try:
+            outcomes_in.send_nowait(await read_all(stream))
+        except trio.BrokenResourceError as exc:
+            outcomes_in.send_nowait(exc)
+
+    server, address = await make_transport(handler=reader)
+    with trio.fail_after(LIMIT_S):
+        tcp = await trio.open_tcp_stream(*address)
+        channel = TlsChannel(Identity.generate(), is_client=True, alpn=ALPN_LANE_PROTOCOL)
+        await tls_handshake(tcp, channel)
+        admitted = b""
+        while not admitted:
+            admitted = channel.receive_data(await tcp.receive_some())
+        assert admitted == LANE_ACCEPTED
+        await tcp.send_all(b"\x17\x03\x03\x00\x20" + bytes(32))  # a record that cannot decrypt
+        assert "protocol error" in str(await outcomes.receive())
+        assert await tcp.receive_some() == b""  # the server closed the socket
+        await tcp.aclose()
+        # The transport still serves lanes.
+        client, _ = await make_transport()
+        lane = await lane_to(client, server, address)
+        stream = await lane.open_stream()
+        await stream.send_all(b"fine")
+        await stream.send_eof()
+        assert await outcomes.receive() == b"fine"
+        await stream.aclose()
+        assert await join(lane)
+
+
+async def test_a_silent_lane_is_closed_after_the_idle_timeout(make_transport: MakeTransport) -> None:
+    ended = trio.Event()
+    failures: list[BaseException] = []
+
+    async def reader(stream: QuicStream) -> None:
+        try:
+            await read_all(stream)
+        except trio.BrokenResourceError as exc:
+            failures.append(exc)
+        finally:
+            ended.set()
+
+    quick = EndpointConfig(handshake_timeout_s=2.0, idle_timeout_s=0.3)
+    server, address = await make_transport(handler=reader, config=quick)
+    client, _ = await make_transport()
+    with trio.fail_after(LIMIT_S):
+        lane = await lane_to(client, server, address)
+        await lane.open_stream()  # and say nothing
+        await ended.wait()
+    assert "nothing heard" in str(failures[0])
+    with trio.fail_after(LIMIT_S):
+        with pytest.raises(trio.BrokenResourceError):
+            await lane.stream.receive_some()  # the server closed it without close_notify
+    assert await join(lane)
+
+
+async def test_a_peer_that_reads_nothing_is_closed(make_transport: MakeTransport) -> None:
+    ended = trio.Event()
+    failures: list[BaseException] = []
+
+    async def flood(stream: QuicStream) -> None:
+        block = bytes(1024 * 1024)
+        try:
+            while True:
+                await stream.send_all(block)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            failures.append(exc)
+        finally:
+            ended.set()
+
+    quick = EndpointConfig(handshake_timeout_s=2.0, idle_timeout_s=0.3)
+    server, address = await make_transport(handler=flood, config=quick)
+    client, _ = await make_transport()
+    with trio.fail_after(LIMIT_S):
+        lane = await lane_to(client, server, address)
+        stream = await lane.open_stream()
+        await stream.send_all(b"go")  # then read nothing
+        await ended.wait()
+    assert "read nothing" in str(failures[0]) or "nothing heard" in str(failures[0])
+    lane.close()
+    assert await join(lane)
+
+
+async def test_stopping_the_transport_ends_every_lane_thread(nursery: trio.Nursery) -> None:
+    release = trio.Event()
+    serving = 0
+    both_served = trio.Event()
+
+    async def hold(stream: QuicStream) -> None:
+        nonlocal serving
+        serving += 1
+        if serving == 2:
+            both_served.set()
+        await release.wait()
+
+    server = TcpTransport(Identity.generate(), FAST, stream_handler=hold)
+    await nursery.start(server.run)
+    address = await server.listen("127.0.0.1", 0)
+    with trio.CancelScope() as client_scope:
+        async with trio.open_nursery() as inner:
+            client = TcpTransport(Identity.generate(), FAST)
+            await inner.start(client.run)
+            with trio.fail_after(LIMIT_S):
+                lanes = [await lane_to(client, server, address) for _ in range(2)]
+                await both_served.wait()
+            assert len(server.lanes()) == 2
+            client_scope.cancel()
+    for lane in lanes:
+        assert lane.is_closed
+        assert await join(lane)
+    release.set()
+
+
+async def test_a_node_over_the_outbound_lane_limit_gets_a_refusal(
+    make_transport: MakeTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tcp_transport, "MAX_OUTBOUND_LANES", 1)
+    server, address = await make_transport()
+    client, _ = await make_transport()
+    with trio.fail_after(LIMIT_S):
+        first = await lane_to(client, server, address)
+        with pytest.raises(LaneRefusedError):
+            await lane_to(client, server, address)
+        first.close()
+        second = await lane_to(client, server, address)  # a closed lane frees its place
+        second.close()
+    assert await join(first) and await join(second)
