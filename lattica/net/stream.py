@@ -26,6 +26,8 @@ from lattica.identity import PeerId
 
 # What ``receive_some()`` without ``max_bytes`` returns at most.
 DEFAULT_RECEIVE_BYTES = 256 * 1024
+# A buffered chunk at least this large is returned alone, never joined to the next.
+_WHOLE_CHUNK_BYTES = 64 * 1024
 
 
 class StreamCarrier(Protocol):
@@ -254,7 +256,9 @@ class QuicStream(trio.abc.HalfCloseableStream):
         chunks = self._chunks
         limit = DEFAULT_RECEIVE_BYTES if max_bytes is None else max_bytes
         first = chunks.popleft()
-        if len(first) >= limit or not chunks:
+        # A chunk this large (a lane's or a TCP connection's read, not a packet) is worth its
+        # own turn: joining it to the next ones would copy every byte again for nothing.
+        if len(first) >= limit or not chunks or len(first) >= _WHOLE_CHUNK_BYTES:
             if len(first) > limit:
                 chunks.appendleft(first[limit:])
                 return first[:limit]

@@ -122,6 +122,7 @@ class TcpLane:
         self._news_scheduled = False
         self._reading_paused = False
         self._progress_wanted = False
+        self._thread_waiting = True  # the thread may be in poll: a wake-up must write the pipe
         self._pending_input = received_with_handshake
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._token: trio.lowlevel.TrioToken | None = None
@@ -214,7 +215,7 @@ class TcpLane:
                 self._outbox_bytes += len(data)
             if end_stream:
                 self._eof_requested = True
-        self._wake_thread()
+        # No wake-up here: the stream calls transmit() right after (one wake-up, not two).
 
     def stream_consumed(self, stream_id: int, n_bytes: int) -> bool:
         """Credit bytes the stream's reader took (negative: put back); never asks for a flush."""
@@ -268,8 +269,11 @@ class TcpLane:
         self._closed_event.set()
 
     def _wake_thread(self) -> None:
+        # Only a thread that is (about to be) waiting in poll needs the byte: one per wait, not
+        # one per call (a request frame each: measured 15 ms of syscalls per 256 MiB fetched).
         with self._lock, contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
-            if self._wake_w >= 0:
+            if self._thread_waiting and self._wake_w >= 0:
+                self._thread_waiting = False
                 os.write(self._wake_w, b"\0")
 
     def _on_news(self) -> None:
@@ -434,11 +438,22 @@ class TcpLane:
             mask = select.POLLIN if read_now else 0
             if wire_bytes:
                 mask |= select.POLLOUT
+            with self._lock:
+                # Anything trio queued since the top of this turn is looked at before sleeping;
+                # what it queues from here on writes the pipe (the flag is read under the lock).
+                news = bool(self._outbox) or self._eof_requested != eof or self._close_requested != closing
+                if not news and self._window_used < self.receive_window_bytes and not can_read:
+                    news = True  # credit arrived: read again
+                self._thread_waiting = not news
+            if news:
+                continue
             poller.register(sock, mask)
             poller.register(self._wake_r, select.POLLIN)
             ready = poller.poll(max(0.0, deadline - now) * 1000 + 1)
             poller.unregister(sock)
             poller.unregister(self._wake_r)
+            with self._lock:
+                self._thread_waiting = False
             if any(fd == self._wake_r for fd, _events in ready):
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
