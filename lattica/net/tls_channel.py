@@ -69,6 +69,15 @@ def _mem_bio_length(connection: SSL.Connection) -> int | None:
         return None
 
 
+def _output_bio(connection: SSL.Connection) -> tuple[Any, Any, Any] | None:
+    """OpenSSL's binding and ``connection``'s outgoing memory BIO (private pyOpenSSL names), or
+    None where this pyOpenSSL lacks them."""
+    try:
+        return SSL._lib, SSL._ffi, connection._from_ssl  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+
+
 class _DirectCalls:
     """OpenSSL's ``SSL_read`` and ``SSL_get_error`` called straight through the binding
     pyOpenSSL itself calls them through, for one connection.
@@ -365,12 +374,9 @@ class TlsChannel:
             else:
                 self._drained[0] = head[n:]
             return n
-        try:
-            lib, ffi = SSL._lib, SSL._ffi  # type: ignore[attr-defined]
-            bio = self._tls._from_ssl
-        except AttributeError:
-            lib = None
-        if lib is not None:
+        handles = _output_bio(self._tls)
+        if handles is not None:
+            lib, ffi, bio = handles
             return max(0, int(lib.BIO_read(bio, ffi.from_buffer(buffer), len(buffer))))
         try:
             data = self._tls.bio_read(len(buffer))

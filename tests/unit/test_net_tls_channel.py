@@ -225,6 +225,29 @@ def test_without_the_bio_length_handle_output_is_still_drained_whole(monkeypatch
     assert client.pending_output_bytes == 0
 
 
+@pytest.mark.parametrize("handles", ["binding", "no-binding", "no-bio-length"])
+def test_output_read_into_a_reused_buffer_is_the_whole_output_in_order(
+    monkeypatch: pytest.MonkeyPatch, handles: str
+) -> None:
+    # What a lane sends from: every byte data_to_send would give, a buffer at a time, also
+    # where pyOpenSSL lacks the private handles (and moved output aside to count it).
+    if handles == "no-binding":
+        monkeypatch.setattr(tls_channel, "_output_bio", lambda connection: None)
+    if handles == "no-bio-length":
+        monkeypatch.setattr(tls_channel, "_mem_bio_length", lambda connection: None)
+    client, server = _pair()
+    payload = random.Random(4).randbytes(1_000_003)
+    client.send(payload[:600_000])
+    assert client.pending_output_bytes > 600_000  # (the fallback moves it aside here)
+    client.send(payload[600_000:])
+    buffer = bytearray(100_000)
+    received = []
+    while n := client.read_output_into(buffer):
+        received.append(server.receive_data(bytes(buffer[:n])))
+    assert b"".join(received) == payload
+    assert client.pending_output_bytes == 0 and client.data_to_send() == b""
+
+
 def _outcome(sizes: list[int], cut: int, close: bool, flip_at: int | None, *, direct: bool) -> tuple[object, ...]:
     """What a server makes of one client's records, fed in slices of ``cut`` bytes."""
     pyopenssl_only = mock.patch.object(tls_channel._DirectCalls, "create", classmethod(lambda cls, connection: None))
