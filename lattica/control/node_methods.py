@@ -69,7 +69,9 @@ class PeerRow(msgspec.Struct):
     """For a direct connection that replaced a relayed one by hole punching: seconds from the
     relayed connection to the direct path; None otherwise."""
     transport: str = "quic"
-    """``quic``, or ``tcp`` for a TLS-over-TCP connection (bulk transfers, ``net.tcp_listen``)."""
+    """``quic``, ``tcp`` for a TLS-over-TCP connection (bulk transfers, ``net.tcp_listen``), or
+    ``tcp-lane`` for a lane: a TLS-over-TCP connection carrying one fetch's stream to or from
+    that peer, open while the transfer runs."""
 
 
 class PingParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -182,6 +184,16 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
                 transport="tcp",
             )
             for c in node.tcp.connections()
+        ] + [
+            PeerRow(
+                peer_id=str(lane.peer_id),
+                remote_addr=format_host_port(lane.remote_address),
+                rtt_ms=None,
+                direction=lane.direction,
+                connected_s=round(now - lane.established_at, 3),
+                transport="tcp-lane",
+            )
+            for lane in node.tcp.lanes()
         ]
 
     async def ping(params: PingParams) -> PingResult:

@@ -106,6 +106,8 @@ class TcpLane:
         self.close_reason: str | None = None
         """Why the lane closed, once it did."""
         self.close_initiator: CloseInitiator | None = None
+        self.established_at = trio.current_time()
+        """When the lane was handed over after its handshake (``trio.current_time()``)."""
         self._lock = threading.Lock()
         # trio -> thread (under the lock)
         self._outbox: deque[bytes] = deque()

@@ -350,6 +350,21 @@ async def test_a_node_listens_for_tcp_only_when_asked_and_serves_rpc_over_it() -
             status = registry.get("status")
             assert status is not None
             assert (await status.handler(NoParams())).tcp_listen_addrs == expected  # type: ignore[attr-defined]
+        # A lane carries one RPC stream; `lattica peers` lists it while it is open.
+        lane = await client.tcp.open_lane(PeerAddr(("127.0.0.1", udp_port), server.peer_id))
+        registry = MethodRegistry()
+        register_node_methods(registry, client)
+        peers = registry.get("peers")
+        assert peers is not None
+        rows = await peers.handler(NoParams())
+        assert [(r.peer_id, r.transport, r.direction) for r in rows] == [  # type: ignore[attr-defined]
+            (str(server.peer_id), "tcp", "outbound"),
+            (str(server.peer_id), "tcp-lane", "outbound"),
+        ]
+        assert await client.rpc.ping(lane) >= 0
+        assert lane.is_closed  # with its one stream
+        rows = await peers.handler(NoParams())
+        assert [r.transport for r in rows] == ["tcp"]  # type: ignore[attr-defined]
 
 
 async def test_frames_that_arrive_with_the_handshake_are_answered(
