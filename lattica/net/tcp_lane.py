@@ -155,12 +155,20 @@ class TcpLane:
         return 0 if self.is_closed else 1
 
     def start(self) -> None:
-        """Start the lane's thread; call from trio, once."""
+        """Start the lane's thread; call from trio, once. Raises ``RuntimeError`` if the thread
+        cannot start (the system's thread limit): the lane is closed then, its socket and pipe
+        too."""
         if self._thread is not None:
             raise RuntimeError("the lane was started already")
         self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(target=self._run, name=f"lane {self._peer_id.short()}", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name=f"lane {self._peer_id.short()}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            self._release_fds()
+            self._close_local("no thread for the lane", "abort")
+            raise
+        self._thread = thread
 
     async def open_stream(self) -> QuicStream:
         """The lane's stream (there is one: a second call raises ``trio.BusyResourceError``).
@@ -325,14 +333,19 @@ class TcpLane:
             logger.exception("%r: the lane's thread failed", self)
             failure = (f"internal error: {exc!r}", "local")
         finally:
-            with contextlib.suppress(OSError):
-                self._sock.close()
             with self._lock:
                 self._thread_failure = failure
                 self._thread_done = True
                 self._notify()
-                # Closed under the lock that _wake_thread writes under: a number closed here
-                # may be reused by any file at once, and must never be written to after.
+            self._release_fds()
+
+    def _release_fds(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        with self._lock:
+            # Closed under the lock that _wake_thread writes under: a number closed here may be
+            # reused by any file at once, and must never be written to after.
+            if self._wake_w >= 0:
                 for fd in (self._wake_r, self._wake_w):
                     with contextlib.suppress(OSError):
                         os.close(fd)

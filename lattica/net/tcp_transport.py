@@ -294,7 +294,11 @@ class TcpTransport:
             self._inbound_lanes.setdefault(peer, []).append(lane)
             self.lanes_admitted += 1
             try:
-                lane.start()
+                try:
+                    lane.start()
+                except RuntimeError as exc:
+                    self._log_once.warning("lane-thread", "cannot run an inbound lane: %s", exc)
+                    return
                 await self._handle_stream(lane, lane.stream)
             finally:
                 lane.close("no longer served")
@@ -346,9 +350,12 @@ class TcpTransport:
                 lane = await self._dial_lane(peer, host, port)
         except trio.TooSlowError:
             raise ConnectTimeoutError(f"no lane to {peer} within {limit_s:g} s") from None
+        try:
+            lane.start()
+        except RuntimeError as exc:  # no thread to be had: the yamux stream will do
+            raise LaneRefusedError(f"cannot run a lane: {exc}") from None
         self._outbound_lanes.add(lane)
         self.lanes_opened += 1
-        lane.start()
         return lane
 
     async def _dial_lane(self, peer: PeerAddr, host: str, port: int) -> TcpLane:

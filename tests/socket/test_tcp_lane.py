@@ -4,10 +4,13 @@ hostile or vanished peers do to it."""
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 
 import pytest
 import trio
+import trio.testing
 
 from lattica.identity import Identity
 from lattica.net import EndpointConfig, tcp_transport
@@ -300,3 +303,30 @@ async def test_a_node_over_the_outbound_lane_limit_gets_a_refusal(
         second = await lane_to(client, server, address)  # a closed lane frees its place
         second.close()
     assert await join(first) and await join(second)
+
+
+async def test_no_thread_for_a_lane_costs_a_refusal_and_no_descriptor(
+    make_transport: MakeTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, address = await make_transport()
+    client, _ = await make_transport()
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("lane "):
+            raise RuntimeError("can't start new thread")  # what a process at its thread limit gets
+        real_start(thread)
+
+    descriptors = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with trio.fail_after(LIMIT_S):
+        with pytest.raises(LaneRefusedError, match="cannot run a lane"):
+            await lane_to(client, server, address)
+        await trio.testing.wait_all_tasks_blocked()  # the server's side gave up too
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # sockets and pipes closed
+    assert client.lanes() == [] and server.lanes() == []
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    with trio.fail_after(LIMIT_S):
+        lane = await lane_to(client, server, address)  # both still serve lanes
+        lane.close()
+        assert await join(lane)
