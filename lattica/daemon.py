@@ -109,7 +109,8 @@ async def run_daemon(
         except InvalidAddressError as exc:
             raise DaemonError(f"bad listen address: {exc}") from None
         try:
-            sock = UdpSocket.bind(host, port)
+            follows = config.net.tcp_listen and not config.net.tcp_port  # TCP takes the UDP port number
+            sock = UdpSocket.bind_with_tcp_port(host, port) if follows else UdpSocket.bind(host, port)
         except OSError as exc:
             raise DaemonError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

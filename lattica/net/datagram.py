@@ -135,6 +135,36 @@ class UdpSocket:
             raise
         return cls(sock)
 
+    @classmethod
+    def bind_with_tcp_port(cls, host: str = "127.0.0.1", port: int = 0, *, attempts: int = 16) -> UdpSocket:
+        """:meth:`bind`, where port 0 picks a number TCP can listen on too (a node's TLS-over-TCP
+        listener follows its UDP port, ``net.tcp_port`` unset). Why: the kernel picks a free
+        *UDP* port, and the same number may be a TCP connection's local port (measured: a test
+        node failed to start, "Address already in use", beside a busy daemon). Each pick is
+        checked by binding TCP there as the listener will (``SO_REUSEADDR``), at most
+        ``attempts`` picks; a race with a connection made between the check and the listen
+        remains. Raises ``OSError`` (the last TCP error when no pick worked)."""
+        if port != 0:
+            return cls.bind(host, port)
+        error: OSError | None = None
+        for _ in range(attempts):
+            udp = cls.bind(host, 0)
+            probe = socket.socket(udp._sock.family, socket.SOCK_STREAM)
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if udp._sock.family == socket.AF_INET6 and host == "::":
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                probe.bind((host, udp.local_address[1]))
+            except OSError as exc:
+                error = exc
+                udp.close()
+                continue
+            finally:
+                probe.close()
+            return udp
+        assert error is not None
+        raise error
+
     @property
     def local_address(self) -> Address:
         return self._local

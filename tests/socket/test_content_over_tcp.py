@@ -27,8 +27,8 @@ async def test_fetch_takes_tcp_where_both_run_it(tmp_path: Path, fetcher_runs_tc
     tcp = NodeConfig(net=NetConfig(tcp_listen=True), content=CONTENT)
     fetcher_config = tcp if fetcher_runs_tcp else NodeConfig(content=CONTENT)
     async with (
-        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), tcp, blocks_dir=tmp_path / "a") as a,
-        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), fetcher_config, blocks_dir=tmp_path / "b") as b,
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), tcp, blocks_dir=tmp_path / "a") as a,
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), fetcher_config, blocks_dir=tmp_path / "b") as b,
     ):
         assert a.content is not None and b.content is not None
         cid = (await a.content.publish(source)).cid
@@ -51,8 +51,8 @@ async def test_a_seeder_that_admits_no_lane_serves_over_its_tcp_connection(
         sources.append(tmp_path / f"data{seed}.bin")
         sources[-1].write_bytes(random_bytes(1024 * KIB + seed, seed=seed))
     async with (
-        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), tcp, blocks_dir=tmp_path / "a") as a,
-        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), tcp, blocks_dir=tmp_path / "b") as b,
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), tcp, blocks_dir=tmp_path / "a") as a,
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), tcp, blocks_dir=tmp_path / "b") as b,
     ):
         assert a.content is not None and b.content is not None
         cids = [(await a.content.publish(source)).cid for source in sources]
@@ -73,11 +73,11 @@ async def test_a_fetched_folder_is_served_from_the_files_it_was_written_to(tmp_p
     source.write_bytes(random_bytes(5 * 1024 * KIB + 7, seed=12))
     config = NodeConfig(net=NetConfig(tcp_listen=True), content=ContentConfig(chunk_bytes=512 * KIB))
     async with (
-        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), config, blocks_dir=tmp_path / "b") as b,
-        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), config, blocks_dir=tmp_path / "c") as c,
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), config, blocks_dir=tmp_path / "b") as b,
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), config, blocks_dir=tmp_path / "c") as c,
     ):
         assert b.content is not None and c.content is not None
-        async with Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), config, blocks_dir=tmp_path / "a") as a:
+        async with Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), config, blocks_dir=tmp_path / "a") as a:
             assert a.content is not None
             cid = (await a.content.publish(source)).cid
             await b.connect(PeerAddr(a.socket.local_address, a.peer_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -52,6 +53,32 @@ async def test_bind_to_port_zero_picks_a_free_port() -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_a_port_for_tcp_too_skips_a_number_a_tcp_socket_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A UDP pick whose number a TCP connection holds (what made a node fail to start) is
+    # dropped for the next one.
+    held = socket.create_server((LOOPBACK, 0))  # stands for a connection's local port
+    taken = UdpSocket.bind(LOOPBACK, held.getsockname()[1])
+    picks = iter([taken])
+    real_bind = UdpSocket.bind.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        UdpSocket, "bind", classmethod(lambda cls, host, port=0: next(picks, None) or real_bind(cls, host, port))
+    )
+    try:
+        chosen = UdpSocket.bind_with_tcp_port(LOOPBACK)
+        assert chosen.local_address[1] != held.getsockname()[1]
+        assert taken._closed  # the rejected pick was closed
+        listener = socket.create_server((LOOPBACK, chosen.local_address[1]))  # TCP fits there
+        listener.close()
+        chosen.close()
+    finally:
+        held.close()
+
+
+async def test_a_given_port_for_tcp_too_is_bound_as_given(receiver: UdpSocket) -> None:
+    with pytest.raises(OSError):
+        UdpSocket.bind_with_tcp_port(LOOPBACK, receiver.local_address[1])
 
 
 async def test_binding_a_port_in_use_raises_os_error(receiver: UdpSocket) -> None:

@@ -334,7 +334,7 @@ async def test_a_stream_the_server_closes_unread_is_reset_for_the_client(
 async def test_a_node_listens_for_tcp_only_when_asked_and_serves_rpc_over_it() -> None:
     listening = NodeConfig(net=NetConfig(tcp_listen=True))
     async with (
-        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), listening) as server,
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), listening) as server,
         Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0)) as client,
     ):
         udp_port = server.socket.local_address[1]
@@ -425,7 +425,7 @@ async def test_a_peer_that_floods_pings_and_never_reads_stalls_only_itself(
 async def test_bulk_path_uses_tcp_where_the_peer_accepts_it_and_quic_elsewhere() -> None:
     listening = NodeConfig(net=NetConfig(tcp_listen=True))
     async with (
-        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), listening) as fast,
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), listening) as fast,
         Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0)) as quic_only,
         Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0)) as client,
     ):
@@ -448,7 +448,7 @@ async def test_bulk_path_tries_tcp_again_when_the_peer_comes_back_on_a_new_conne
     # once, not after retry_after_s: its first QUIC connection is gone, the new one may have it.
     seeder_identity = Identity.generate()
     async with Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0)) as client:
-        async with Node(seeder_identity, UdpSocket.bind("127.0.0.1", 0)) as before:  # no TCP yet
+        async with Node(seeder_identity, UdpSocket.bind_with_tcp_port()) as before:  # no TCP yet
             address = before.socket.local_address
             first = await client.bulk.connection(PeerAddr(address, before.peer_id))
             assert not isinstance(first, TcpConnection)
