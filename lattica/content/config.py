@@ -54,8 +54,9 @@ class ContentConfig:
     max_requests_per_stream: Count = 64
     """Block requests one exchange stream may have in flight; more end that stream."""
     upload_timeout_s: Seconds = 30.0
-    """An upload stream idle this long with nothing asked, or whose peer takes no bytes for
-    this long, is closed (it would hold an upload slot)."""
+    """An upload stream with no request and no answer for this long (other bytes, such as
+    cancels, do not count), or whose peer takes no bytes for this long, is closed (it would
+    hold an upload slot)."""
     fetch_max_window: Annotated[int, msgspec.Meta(ge=1, le=48)] = 16
     """Most chunk requests in flight to one peer (below ``max_requests_per_stream`` of peers
     running the defaults); the window grows to it with the peer's rate."""

@@ -120,17 +120,22 @@ class ContentService:
         queue: dict[int, BlockWanted | HasAsked] = {}  # by request id, in arrival order
         wake = trio.Event()
         reader_done = False
+        # Idle means no request and no answer for upload_timeout_s: bytes alone (a Cancel of a
+        # request never made, every few seconds) held an upload slot for good (review finding:
+        # eight free peer ids held every slot and fetches from this node failed "busy").
+        active_at = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
 
                 async def reader() -> None:
-                    nonlocal reader_done
+                    nonlocal reader_done, active_at
                     while True:
                         data = b""
-                        with trio.move_on_after(self.config.upload_timeout_s) as idle:
+                        with trio.move_on_at(active_at + self.config.upload_timeout_s) as idle:
                             data = await stream.receive_some(_RECEIVE_BYTES)
                         if idle.cancelled_caught:
                             if server.outstanding or queue:
+                                active_at = trio.current_time()
                                 continue
                             log.debug("closing an idle content stream from %s", peer)
                             nursery.cancel_scope.cancel()
@@ -145,10 +150,11 @@ class ContentService:
                                 queue.pop(event.id, None)
                             else:
                                 queue[event.id] = event
+                                active_at = trio.current_time()
                         wake.set()
 
                 async def writer() -> None:
-                    nonlocal wake
+                    nonlocal wake, active_at
                     ahead: _BlockRead | None = None
                     while True:
                         if not queue:
@@ -171,6 +177,7 @@ class ContentService:
                             nursery.start_soon(ahead.run, self.store, following.digest)
                         with trio.fail_after(self.config.upload_timeout_s):
                             await self._answer(stream, server, request, busy, first)
+                        active_at = trio.current_time()
 
                 nursery.start_soon(writer)
                 await reader()

@@ -95,7 +95,7 @@ class TcpLane:
         if channel.peer_id is None:
             raise ValueError("the TLS channel has not authenticated its peer")
         self._sock = sock
-        self._channel = channel
+        self._channel: TlsChannel | None = channel  # dropped when the thread ends
         self._peer_id: PeerId = channel.peer_id
         self.direction: Literal["inbound", "outbound"] = "outbound" if channel.is_client else "inbound"
         self.remote_address = remote_address
@@ -343,6 +343,12 @@ class TcpLane:
                 self._thread_failure = failure
                 self._thread_done = True
                 self._notify()
+                # A closed lane may live on (its stream refers to it, and it to the stream,
+                # until the cyclic collector runs): what it buffered must not (review finding:
+                # churned lanes held a daemon at 1.5 GiB). The TLS session goes with its BIOs.
+                self._outbox.clear()
+                self._outbox_bytes = self._wire_bytes = 0
+                self._channel = None
             self._release_fds()
 
     def _release_fds(self) -> None:
@@ -359,6 +365,7 @@ class TcpLane:
 
     def _loop(self) -> None:
         channel, sock = self._channel, self._sock
+        assert channel is not None
         in_buffer = bytearray(RECEIVE_BYTES)
         in_view = memoryview(in_buffer)
         # Ciphertext goes from TLS's buffer to the socket through one reused buffer: a fresh
@@ -451,11 +458,12 @@ class TcpLane:
             if wire_bytes and now >= send_progress_at + self.idle_timeout_s:
                 raise _LaneEnded(f"the peer read nothing for {self.idle_timeout_s:g} s", "network")
             # Wait for the socket, the trio side, or a deadline.
-            deadline = last_received + self.idle_timeout_s
-            if wire_bytes:
-                deadline = min(deadline, send_progress_at + self.idle_timeout_s)
-            if drain_until is not None:
-                deadline = min(deadline, drain_until)
+            deadline = wait_deadline(
+                idle_timeout_s=self.idle_timeout_s,
+                last_received=None if peer_closed else last_received,
+                send_progress_at=send_progress_at if wire_bytes else None,
+                drain_until=drain_until,
+            )
             mask = select.POLLIN if read_now else 0
             if wire_bytes:
                 mask |= select.POLLOUT
@@ -470,14 +478,21 @@ class TcpLane:
                 continue
             poller.register(sock, mask)
             poller.register(self._wake_r, select.POLLIN)
-            ready = poller.poll(max(0.0, deadline - now) * 1000 + 1)
+            ready = poller.poll(None if deadline is None else max(0.0, deadline - now) * 1000 + 1)
             poller.unregister(sock)
             poller.unregister(self._wake_r)
             with self._lock:
                 self._thread_waiting = None
-            if any(fd == self._wake_r for fd, _events in ready):
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
+            for fd, events in ready:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                elif events & _SOCKET_GONE:
+                    # POLLHUP/POLLERR come back at once whatever the mask asked for: a reset
+                    # found while neither reading nor sending must end the lane, not spin it
+                    # (review finding: a thread at 100% after close_notify and a reset).
+                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    raise _LaneEnded(f"connection lost: {os.strerror(error) if error else 'hung up'}", "network")
 
     def _deliver(self, *, channel_plain: bytes, peer_closed: bool) -> None:
         if not channel_plain and not peer_closed:
@@ -489,6 +504,32 @@ class TcpLane:
             if peer_closed:
                 self._inbox_eof = True
             self._notify()
+
+
+_SOCKET_GONE: Final = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def wait_deadline(
+    *,
+    idle_timeout_s: float,
+    last_received: float | None,
+    send_progress_at: float | None,
+    drain_until: float | None,
+) -> float | None:
+    """When a lane's thread must look again if nothing wakes it (``time.monotonic()``
+    seconds), or None to wait for news alone: ``idle_timeout_s`` after ``last_received``
+    while it listens (None: the peer said close_notify, nothing more is expected), after
+    ``send_progress_at`` while output waits (None: none waits), and ``drain_until`` while a
+    clean close drains. Every deadline that applies is a real one: a past deadline that no
+    longer applies made the thread poll every millisecond (review finding)."""
+    deadlines = []
+    if last_received is not None:
+        deadlines.append(last_received + idle_timeout_s)
+    if send_progress_at is not None:
+        deadlines.append(send_progress_at + idle_timeout_s)
+    if drain_until is not None:
+        deadlines.append(drain_until)
+    return min(deadlines, default=None)
 
 
 class _LaneEnded(Exception):

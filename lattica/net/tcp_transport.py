@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, TypeVar
 
 import trio
 
@@ -83,10 +83,14 @@ MAX_INBOUND_LANES: Final = 32
 """Lanes peers may hold open here at once (each one is a thread)."""
 MAX_INBOUND_LANES_PER_PEER: Final = 4
 """Of those, from one peer id (a fetch opens one per seeder)."""
+MAX_INBOUND_LANES_PER_IP: Final = 8
+"""Of those, from one source (an IPv4 address or an IPv6 /64): peer ids cost nothing to mint,
+so the per-peer cap alone let one host hold every lane (review finding)."""
 MAX_OUTBOUND_LANES: Final = 32
 """Lanes this node keeps open at once; :meth:`TcpTransport.open_lane` refuses more."""
 
 StreamHandler = Callable[[QuicStream], Awaitable[None]]
+_K = TypeVar("_K")
 
 
 class LaneRefusedError(ConnectError):
@@ -118,6 +122,7 @@ class TcpTransport:
         self._by_peer: dict[PeerId, list[TcpConnection]] = {}
         self._inbound_lanes: dict[PeerId, list[TcpLane]] = {}
         self._lane_slots: dict[PeerId, int] = {}  # inbound lanes admitted or being admitted
+        self._lane_slots_by_source: dict[str, int] = {}
         self._outbound_lanes: set[TcpLane] = set()
         self._handshakes = 0
         self._handshakes_by_source: dict[str, int] = {}
@@ -269,10 +274,13 @@ class TcpTransport:
         # Slots are taken before the first await below: lanes admitted at once from one peer
         # must not all pass the check before any of them is counted.
         held = self._lane_slots.get(peer, 0)
+        source = address_group(remote[0], ipv6_prefix_bits=64)
+        from_source = self._lane_slots_by_source.get(source, 0)
         admitted = (
             peer != self.peer_id
             and not leftover  # the client speaks only after LANE_ACCEPTED
             and held < MAX_INBOUND_LANES_PER_PEER
+            and from_source < MAX_INBOUND_LANES_PER_IP
             and sum(self._lane_slots.values()) < MAX_INBOUND_LANES
         )
         if not admitted:
@@ -281,6 +289,7 @@ class TcpTransport:
                 await _send_then_close(tcp, channel)
             return
         self._lane_slots[peer] = held + 1
+        self._lane_slots_by_source[source] = from_source + 1
         try:
             channel.send(LANE_ACCEPTED)
             try:
@@ -290,7 +299,11 @@ class TcpTransport:
                 with trio.CancelScope(shield=True):
                     await tcp.aclose()
                 return
-            lane = self._lane_for(tcp, channel, remote, b"")
+            try:
+                lane = self._lane_for(tcp, channel, remote, b"")
+            except OSError as exc:  # no descriptor for its pipe (EMFILE): this lane only
+                self._log_once.warning("lane-fds", "cannot run an inbound lane: %s", exc)
+                return
             self._inbound_lanes.setdefault(peer, []).append(lane)
             self.lanes_admitted += 1
             try:
@@ -307,23 +320,25 @@ class TcpTransport:
                 if not lanes:
                     del self._inbound_lanes[peer]
         finally:
-            left = self._lane_slots[peer] - 1
-            if left:
-                self._lane_slots[peer] = left
-            else:
-                del self._lane_slots[peer]
+            _release_slot(self._lane_slots, peer)
+            _release_slot(self._lane_slots_by_source, source)
 
     def _lane_for(self, tcp: trio.SocketStream, channel: TlsChannel, remote: Address, leftover: bytes) -> TcpLane:
-        # The lane's thread owns the socket from here: trio lets go of it.
+        """A lane owning ``tcp``'s socket from here (trio lets go of it). Raises ``OSError``
+        (no descriptor for the lane's pipe), the socket closed then."""
         sock = socket.socket(fileno=tcp.socket.detach())
-        return TcpLane(
-            sock,
-            channel,
-            remote_address=remote,
-            receive_window_bytes=max(RECEIVE_BYTES, self.config.stream_receive_window_bytes),
-            idle_timeout_s=self.config.idle_timeout_s,
-            received_with_handshake=leftover,
-        )
+        try:
+            return TcpLane(
+                sock,
+                channel,
+                remote_address=remote,
+                receive_window_bytes=max(RECEIVE_BYTES, self.config.stream_receive_window_bytes),
+                idle_timeout_s=self.config.idle_timeout_s,
+                received_with_handshake=leftover,
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     async def open_lane(self, peer: PeerAddr, *, timeout_s: float | None = None) -> TcpLane:
         """A new lane (:mod:`lattica.net.tcp_lane`) to ``peer``, which must name its peer id;
@@ -360,9 +375,8 @@ class TcpTransport:
 
     async def _dial_lane(self, peer: PeerAddr, host: str, port: int) -> TcpLane:
         where = format_host_port((host, port))
-        tcp, channel, _leftover = await self._dial_tls(peer, host, port, ALPN_LANE_PROTOCOL)
+        tcp, channel, received = await self._dial_tls(peer, host, port, ALPN_LANE_PROTOCOL)
         try:
-            received = b""
             while not received:  # the admission byte (nothing else comes before our header)
                 data = await tcp.receive_some(RECEIVE_BYTES)
                 if not data:
@@ -372,6 +386,7 @@ class TcpTransport:
                     raise LaneRefusedError(f"{where} did not admit a lane")
             if received[:1] != LANE_ACCEPTED:
                 raise ConnectError(f"{where} answered a lane with {received[:8]!r}")
+            return self._lane_for(tcp, channel, (host, port), received[1:])
         except (RemoteProtocolError, trio.BrokenResourceError, OSError) as exc:
             with trio.CancelScope(shield=True):
                 await tcp.aclose()
@@ -380,7 +395,6 @@ class TcpTransport:
             with trio.CancelScope(shield=True):
                 await tcp.aclose()
             raise
-        return self._lane_for(tcp, channel, (host, port), received[1:])
 
     # -- dialling -------------------------------------------------------------------------
 
@@ -532,3 +546,12 @@ def _refused(exc: OSError) -> bool:
     cause = exc.__cause__
     attempts = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause or exc,)
     return all(isinstance(attempt, ConnectionRefusedError) for attempt in attempts)
+
+
+def _release_slot(slots: dict[_K, int], key: _K) -> None:
+    """One slot of ``key`` given back (the entry removed at zero)."""
+    left = slots[key] - 1
+    if left:
+        slots[key] = left
+    else:
+        del slots[key]

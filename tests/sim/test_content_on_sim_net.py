@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -19,13 +20,14 @@ import trio.testing
 from lattica.config import NodeConfig
 from lattica.content import Cid, ContentConfig, OutputConflictError
 from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
-from lattica.content.exchange_messages import MAX_PIECE_BYTES, PROTOCOL_ID
+from lattica.content.exchange_messages import MAX_PIECE_BYTES, PROTOCOL_ID, Cancel
 from lattica.content.exchange_protocol import BlockReceived, ExchangeClient
 from lattica.content.exchange_service import ContentService
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
 from lattica.node import Node
+from lattica.wire import encode_frame
 from sim_net import Host, LinkConfig, Network
 from tests.conftest import MakeTmpfs
 from tests.sim.dht_cluster import FAST_DHT
@@ -320,6 +322,44 @@ async def test_one_peer_cannot_hold_every_upload_slot(tmp_path: Path, autojump_c
             stop.set()
         assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
         assert result.peer_bytes == {str(c.nodes[0].peer_id): 128 * KIB}
+
+
+async def test_a_stream_kept_up_only_by_cancels_loses_its_upload_slot(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: any bytes kept an upload slot, so a Cancel of a request never made, sent
+    # every few seconds, held one for good at ~1 B/s. Only requests and answers count now.
+    source = source_file(tmp_path, 64 * KIB)
+    one_upload = replace(CONFIG, content=replace(CONTENT, max_uploads=1))
+    async with cluster(tmp_path, 3, configs={0: one_upload}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        await connect_all(c, 2, range(1))
+        stream = await c.nodes[1].rpc.open_stream(c.nodes[0].peer_id, PROTOCOL_ID)
+        closed_at: float | None = None
+        async with stream, trio.open_nursery() as nursery:
+
+            async def keep_up() -> None:
+                for n in range(100):  # bounded: ~500 s of virtual time
+                    await stream.send_all(encode_frame(Cancel(1_000_000 + n)))
+                    await trio.sleep(5)
+
+            async def watch() -> None:
+                nonlocal closed_at
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while await stream.receive_some(65536):
+                        pass
+                closed_at = trio.current_time()
+                nursery.cancel_scope.cancel()
+
+            started = trio.current_time()
+            nursery.start_soon(keep_up)
+            nursery.start_soon(watch)
+        assert closed_at is not None
+        assert closed_at - started <= CONTENT.upload_timeout_s + 1.0
+        assert c.content(0).uploads == 0
+        await c.content(2).fetch(cid, out_dir=tmp_path / "out")  # the slot is free for others
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
 
 
 async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import struct
 import threading
+import weakref
 
 import pytest
 import trio
@@ -18,7 +21,13 @@ from lattica.net.address import PeerAddr
 from lattica.net.stream import QuicStream
 from lattica.net.tcp_connection import RECEIVE_BYTES, tls_handshake
 from lattica.net.tcp_lane import LANE_ACCEPTED, TcpLane
-from lattica.net.tcp_transport import MAX_INBOUND_LANES_PER_PEER, LaneRefusedError, TcpTransport
+from lattica.net.tcp_lane import wait_deadline as lane_wait_deadline
+from lattica.net.tcp_transport import (
+    MAX_INBOUND_LANES_PER_IP,
+    MAX_INBOUND_LANES_PER_PEER,
+    LaneRefusedError,
+    TcpTransport,
+)
 from lattica.net.tls_channel import ALPN_LANE_PROTOCOL, TlsChannel
 from tests.socket.conftest import FAST, MakeTransport
 
@@ -328,5 +337,97 @@ async def test_no_thread_for_a_lane_costs_a_refusal_and_no_descriptor(
     monkeypatch.setattr(threading.Thread, "start", real_start)
     with trio.fail_after(LIMIT_S):
         lane = await lane_to(client, server, address)  # both still serve lanes
+        lane.close()
+        assert await join(lane)
+
+
+async def admitted_raw_lane(address: tuple[str, int]) -> tuple[trio.SocketStream, TlsChannel]:
+    """A hand-driven lane client past the admission byte."""
+    tcp = await trio.open_tcp_stream(*address)
+    channel = TlsChannel(Identity.generate(), is_client=True, alpn=ALPN_LANE_PROTOCOL)
+    await tls_handshake(tcp, channel)
+    admitted = b""
+    while not admitted:
+        admitted = channel.receive_data(await tcp.receive_some())
+    assert admitted == LANE_ACCEPTED
+    return tcp, channel
+
+
+async def test_a_reset_after_close_notify_ends_a_lane_that_neither_reads_nor_sends(
+    make_transport: MakeTransport,
+) -> None:
+    # Review finding: poll reports a reset whatever the mask asks for, and a thread with
+    # nothing to read (close_notify came) or send spun at 100% until the handler closed.
+    release = trio.Event()
+    got_eof = trio.Event()
+
+    async def busy_elsewhere(stream: QuicStream) -> None:
+        assert await read_all(stream) == b"x"  # up to the close_notify
+        got_eof.set()
+        await release.wait()  # holds the stream without reading or sending
+
+    server, address = await make_transport(handler=busy_elsewhere)
+    with trio.fail_after(LIMIT_S):
+        tcp, channel = await admitted_raw_lane(address)
+        channel.send(b"x")
+        channel.close()
+        await tcp.send_all(channel.data_to_send())
+        await got_eof.wait()
+        (lane,) = server.lanes()
+        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await tcp.aclose()  # a reset
+        await lane.wait_closed()
+    assert lane.close_initiator == "network" and "connection lost" in str(lane.close_reason)
+    release.set()
+    assert await join(lane)
+
+
+def test_a_lane_waits_without_a_deadline_once_nothing_is_expected() -> None:
+    # Review finding: after close_notify the idle deadline stayed in the past and the thread
+    # polled every millisecond; only deadlines that apply count.
+    assert lane_wait_deadline(idle_timeout_s=60, last_received=None, send_progress_at=None, drain_until=None) is None
+    assert lane_wait_deadline(idle_timeout_s=60, last_received=5.0, send_progress_at=None, drain_until=None) == 65.0
+    assert lane_wait_deadline(idle_timeout_s=60, last_received=None, send_progress_at=7.0, drain_until=None) == 67.0
+    assert lane_wait_deadline(idle_timeout_s=60, last_received=5.0, send_progress_at=7.0, drain_until=9.0) == 9.0
+
+
+async def test_a_closed_lane_keeps_none_of_its_buffers(make_transport: MakeTransport) -> None:
+    # Review finding: a closed lane and its stream refer to each other, so they live until the
+    # cyclic collector runs; what the lane buffered (its TLS session, queued output) must not.
+    release = trio.Event()
+
+    async def hold(stream: QuicStream) -> None:
+        await release.wait()  # reads nothing: the client's output waits
+
+    server, address = await make_transport(handler=hold)
+    client, _ = await make_transport()
+    with trio.fail_after(LIMIT_S):
+        lane = await lane_to(client, server, address)
+        assert lane._channel is not None
+        channel = weakref.ref(lane._channel)
+        stream = await lane.open_stream()
+        await stream.send_all(bytes(512 * 1024))
+        await stream.aclose()
+        assert await join(lane)
+    await trio.lowlevel.checkpoint()
+    assert channel() is None and lane._outbox_bytes == 0
+    release.set()
+
+
+async def test_one_source_address_holds_at_most_its_share_of_lanes(make_transport: MakeTransport) -> None:
+    release = trio.Event()
+
+    async def hold(stream: QuicStream) -> None:
+        await release.wait()
+
+    server, address = await make_transport(handler=hold)
+    clients = [(await make_transport())[0] for _ in range(3)]
+    with trio.fail_after(LIMIT_S):
+        lanes = [await lane_to(c, server, address) for c in clients[:2] for _ in range(MAX_INBOUND_LANES_PER_PEER)]
+        assert len(lanes) == MAX_INBOUND_LANES_PER_IP  # two ids fill 127.0.0.1's share
+        with pytest.raises(LaneRefusedError):
+            await lane_to(clients[2], server, address)  # a third, fresh id gets none
+    release.set()
+    for lane in lanes:
         lane.close()
         assert await join(lane)
