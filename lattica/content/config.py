@@ -51,12 +51,16 @@ class ContentConfig:
     max_uploads_per_peer: Count = 4
     """Exchange streams this node serves at once to one peer; more are refused ``busy``, so
     one peer cannot hold every upload slot (a fetch uses one stream per peer)."""
+    max_uploads_per_address: Count = 8
+    """Exchange streams this node serves at once to one source address (an IPv4 address or an
+    IPv6 /64; a peer reached through a relay counts by its peer id alone): peer ids cost
+    nothing to mint, so the per-peer cap alone let one host hold every slot."""
     max_requests_per_stream: Count = 64
     """Block requests one exchange stream may have in flight; more end that stream."""
     upload_timeout_s: Seconds = 30.0
-    """An upload stream with no request and no answer for this long (other bytes, such as
-    cancels, do not count), or whose peer takes no bytes for this long, is closed (it would
-    hold an upload slot)."""
+    """An upload stream that had no request outstanding and sent no block data for this long
+    (cancels, has-requests, requests refused do not count), or whose peer takes none of a
+    piece for this long, is closed (it would hold an upload slot)."""
     fetch_max_window: Annotated[int, msgspec.Meta(ge=1, le=48)] = 16
     """Most chunk requests in flight to one peer (below ``max_requests_per_stream`` of peers
     running the defaults); the window grows to it with the peer's rate."""

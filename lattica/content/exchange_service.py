@@ -19,6 +19,7 @@ cancelling keeps what was verified (the next fetch of the id resumes from it).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Sequence
@@ -39,8 +40,11 @@ from lattica.dht import Dht
 from lattica.errors import ConnectError, LatticaError, RemoteProtocolError, RpcError
 from lattica.identity import PeerId
 from lattica.net import ConnectionManager, Rpc
+from lattica.net.address import address_group
 from lattica.net.bulk_path import BulkPath
+from lattica.net.connection import Connection
 from lattica.net.stream import QuicStream
+from lattica.net.tcp_connection import TcpConnection
 from lattica.net.tcp_lane import TcpLane
 from lattica.storage import SqliteWriter
 
@@ -92,6 +96,8 @@ class ContentService:
         """Exchange streams being served now."""
         self.uploads_by_peer: dict[PeerId, int] = {}
         """Of those, per peer (entries removed at zero)."""
+        self.uploads_by_source: dict[str, int] = {}
+        """Of those, per source address group (entries removed at zero)."""
         self.jobs: dict[int, FetchJob] = {}
         self._job_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -112,17 +118,26 @@ class ContentService:
         # The per-peer cap keeps one peer from holding every slot (review finding: 32 idle
         # streams from one peer made every other fetch from this node fail "busy").
         held = self.uploads_by_peer.get(peer, 0)
-        busy = self.uploads >= self.config.max_uploads or held >= self.config.max_uploads_per_peer
+        source = _source_of(stream)
+        from_source = self.uploads_by_source.get(source, 0) if source is not None else 0
+        busy = (
+            self.uploads >= self.config.max_uploads
+            or held >= self.config.max_uploads_per_peer
+            or from_source >= self.config.max_uploads_per_address
+        )
         if not busy:
             self.uploads += 1
             self.uploads_by_peer[peer] = held + 1
+            if source is not None:
+                self.uploads_by_source[source] = from_source + 1
         server = ExchangeServer(max_outstanding=self.config.max_requests_per_stream)
         queue: dict[int, BlockWanted | HasAsked] = {}  # by request id, in arrival order
         wake = trio.Event()
         reader_done = False
-        # Idle means no request and no answer for upload_timeout_s: bytes alone (a Cancel of a
-        # request never made, every few seconds) held an upload slot for good (review finding:
-        # eight free peer ids held every slot and fetches from this node failed "busy").
+        # Idle means no request outstanding and no block data sent for upload_timeout_s: any
+        # bytes (a Cancel every few seconds), then any request (a Want cancelled in the same
+        # breath, a Has), held an upload slot for good (review findings: eight free peer ids
+        # held every slot and fetches from this node failed "busy").
         active_at = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
@@ -134,10 +149,19 @@ class ContentService:
                         with trio.move_on_at(active_at + self.config.upload_timeout_s) as idle:
                             data = await stream.receive_some(_RECEIVE_BYTES)
                         if idle.cancelled_caught:
+                            now = trio.current_time()
                             if server.outstanding or queue:
-                                active_at = trio.current_time()
+                                active_at = now
                                 continue
+                            if now < active_at + self.config.upload_timeout_s:
+                                continue  # the writer sent data while this wait was armed
                             log.debug("closing an idle content stream from %s", peer)
+                            # An end, not a reset: blocks already sent may still be on their
+                            # way to a slow reader, and a reset would throw them away.
+                            with contextlib.suppress(
+                                trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+                            ):
+                                await stream.send_eof()
                             nursery.cancel_scope.cancel()
                             return
                         if not data:
@@ -150,7 +174,6 @@ class ContentService:
                                 queue.pop(event.id, None)
                             else:
                                 queue[event.id] = event
-                                active_at = trio.current_time()
                         wake.set()
 
                 async def writer() -> None:
@@ -175,9 +198,8 @@ class ContentService:
                             # every two blocks on the wire).
                             ahead = _BlockRead(following.id)
                             nursery.start_soon(ahead.run, self.store, following.digest)
-                        with trio.fail_after(self.config.upload_timeout_s):
-                            await self._answer(stream, server, request, busy, first)
-                        active_at = trio.current_time()
+                        if await self._answer(stream, server, request, busy, first):
+                            active_at = trio.current_time()
 
                 nursery.start_soon(writer)
                 await reader()
@@ -195,6 +217,12 @@ class ContentService:
                     self.uploads_by_peer[peer] = left
                 else:
                     del self.uploads_by_peer[peer]
+                if source is not None:
+                    left = self.uploads_by_source[source] - 1
+                    if left:
+                        self.uploads_by_source[source] = left
+                    else:
+                        del self.uploads_by_source[source]
 
     async def _answer(
         self,
@@ -203,13 +231,18 @@ class ContentService:
         request: BlockWanted | HasAsked,
         busy: bool,
         first: _BlockRead | None = None,
-    ) -> None:
+    ) -> bool:
+        """Answer one request; True if block data was sent. Each frame must be taken by the
+        stream within ``upload_timeout_s`` (``trio.TooSlowError``): progress, not the whole
+        answer, is what is timed (review finding: a reader taking 16 KiB/s, slow but steady,
+        was cut off in the middle of every 1 MiB block)."""
+        timeout_s = self.config.upload_timeout_s
         if busy:  # the client tries again later or elsewhere
-            await _send(stream, server.refuse(request.id, BUSY))
-            return
+            await _send(stream, server.refuse(request.id, BUSY), timeout_s)
+            return False
         if isinstance(request, HasAsked):
-            await _send(stream, server.has_reply(request.id, self.store.has(request.digest)))
-            return
+            await _send(stream, server.has_reply(request.id, self.store.has(request.digest)), timeout_s)
+            return False
         if first is None:  # not read ahead: read the start of the block now, the same way
             first = _BlockRead(request.id)
             await first.run(self.store, request.digest)
@@ -217,14 +250,15 @@ class ContentService:
         if isinstance(first.error, OSError):
             log.warning("cannot read block %s to serve it: %s", request.digest.hex(), first.error)
         if first.error is not None:
-            await _send(stream, server.refuse(request.id, NOT_FOUND))
-            return
+            await _send(stream, server.refuse(request.id, NOT_FOUND), timeout_s)
+            return False
         total = first.total
         data: bytes | None = first.data
         if total > request.max_bytes:
-            await _send(stream, server.refuse(request.id, TOO_LARGE))
-            return
+            await _send(stream, server.refuse(request.id, TOO_LARGE), timeout_s)
+            return False
         offset = 0
+        sent = False
         while server.is_wanted(request.id):
             length = min(_READ_BYTES, total - offset)
             try:
@@ -232,8 +266,8 @@ class ContentService:
                     data = await self.store.read(request.digest, offset, length)
             except (LatticaError, OSError) as exc:
                 log.warning("cannot read block %s to serve it: %s", request.digest.hex(), exc)
-                await _send(stream, server.refuse(request.id, NOT_FOUND))
-                return
+                await _send(stream, server.refuse(request.id, NOT_FOUND), timeout_s)
+                return False
             # A piece at a time, asking again before each: a cancel (the fetch moved this
             # request to a faster peer, or a copy arrived first) stops the block within one
             # piece instead of after the whole read.
@@ -242,9 +276,11 @@ class ContentService:
                 for frame in server.block_frames(
                     request.id, offset + start, total, view[start : start + MAX_PIECE_BYTES]
                 ):
-                    await _send(stream, frame)
+                    await _send(stream, frame, timeout_s)
+                    sent = True
             offset += length
             data = None
+        return sent
 
     # -- publishing and fetching -----------------------------------------------------------------
 
@@ -428,6 +464,20 @@ class _BlockRead:
             self.done.set()
 
 
-async def _send(stream: QuicStream, frame: bytes) -> None:
+async def _send(stream: QuicStream, frame: bytes, timeout_s: float) -> None:
+    """Send ``frame`` (if any); ``trio.TooSlowError`` if the stream does not take it within
+    ``timeout_s``."""
     if frame:
-        await stream.send_all(frame)
+        with trio.fail_after(timeout_s):
+            await stream.send_all(frame)
+
+
+def _source_of(stream: QuicStream) -> str | None:
+    """The source address group a stream comes from (an IPv4 address or an IPv6 /64), or None
+    for a peer reached through a relay (its address is the relay's, shared by many)."""
+    connection = stream.connection
+    if isinstance(connection, Connection) and connection.relayed_via is not None:
+        return None
+    if isinstance(connection, Connection | TcpConnection | TcpLane):
+        return address_group(connection.remote_address[0], ipv6_prefix_bits=64)
+    return None

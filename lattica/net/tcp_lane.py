@@ -380,6 +380,13 @@ class TcpLane:
         eof_sent = False
         peer_closed = False
         drain_until: float | None = None
+        # What the session holds before the stream's first byte (a server's admission byte)
+        # goes out first, even if the stream is reset at once: without it the client takes
+        # an admitted lane for a refused one.
+        if n := channel.read_output_into(out_buffer):
+            unsent = out_view[:n]
+            with contextlib.suppress(BlockingIOError):  # a fresh socket takes a few bytes
+                unsent = unsent[sock.send(unsent) :]
         if self._pending_input:
             self._deliver(channel_plain=self._pending_input, peer_closed=False)
             self._pending_input = b""

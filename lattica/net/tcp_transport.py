@@ -291,27 +291,24 @@ class TcpTransport:
         self._lane_slots[peer] = held + 1
         self._lane_slots_by_source[source] = from_source + 1
         try:
+            # The admission byte is queued in the TLS session and sent by the lane's thread
+            # as its first bytes: a lane that cannot get its pipe or thread is then refused
+            # (the client sees the connection close first and uses yamux), not admitted and
+            # dropped (review finding).
             channel.send(LANE_ACCEPTED)
-            try:
-                with trio.fail_after(self.config.handshake_timeout_s):
-                    await tcp.send_all(channel.data_to_send())
-            except (trio.TooSlowError, trio.BrokenResourceError, OSError):
-                with trio.CancelScope(shield=True):
-                    await tcp.aclose()
-                return
             try:
                 lane = self._lane_for(tcp, channel, remote, b"")
             except OSError as exc:  # no descriptor for its pipe (EMFILE): this lane only
                 self._log_once.warning("lane-fds", "cannot run an inbound lane: %s", exc)
                 return
             self._inbound_lanes.setdefault(peer, []).append(lane)
-            self.lanes_admitted += 1
             try:
                 try:
                     lane.start()
                 except RuntimeError as exc:
                     self._log_once.warning("lane-thread", "cannot run an inbound lane: %s", exc)
                     return
+                self.lanes_admitted += 1
                 await self._handle_stream(lane, lane.stream)
             finally:
                 lane.close("no longer served")

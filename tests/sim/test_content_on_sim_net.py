@@ -23,6 +23,7 @@ from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
 from lattica.content.exchange_messages import MAX_PIECE_BYTES, PROTOCOL_ID, Cancel
 from lattica.content.exchange_protocol import BlockReceived, ExchangeClient
 from lattica.content.exchange_service import ContentService
+from lattica.errors import RemoteProtocolError
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
@@ -324,31 +325,46 @@ async def test_one_peer_cannot_hold_every_upload_slot(tmp_path: Path, autojump_c
         assert result.peer_bytes == {str(c.nodes[0].peer_id): 128 * KIB}
 
 
-async def test_a_stream_kept_up_only_by_cancels_loses_its_upload_slot(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+def _keepalive_frames(client: ExchangeClient, how: str, digest: bytes, n: int) -> bytes:
+    """What a slot hog sends every few seconds: a Cancel of a request never made, a Has, or a
+    Want of a real chunk cancelled in the same breath."""
+    if how == "cancel":
+        return encode_frame(Cancel(1_000_000 + n))
+    if how == "has":
+        return client.has(digest)[1]
+    request_id, want = client.want(digest, 64 * KIB)
+    return want + client.cancel(request_id)
+
+
+@pytest.mark.parametrize("how", ["cancel", "has", "want-and-cancel"])
+async def test_a_stream_that_takes_no_block_data_loses_its_upload_slot(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, how: str
 ) -> None:
-    # Review finding: any bytes kept an upload slot, so a Cancel of a request never made, sent
-    # every few seconds, held one for good at ~1 B/s. Only requests and answers count now.
+    # Review findings: any bytes kept an upload slot (a Cancel of a request never made, every
+    # few seconds, held one for good at ~1 B/s), then any request did (a Want cancelled at
+    # once). Only requests outstanding and block data sent count now.
     source = source_file(tmp_path, 64 * KIB)
     one_upload = replace(CONFIG, content=replace(CONTENT, max_uploads=1))
     async with cluster(tmp_path, 3, configs={0: one_upload}) as c:
         cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        digest = c.content(0).store.manifest(cid).files[0].chunks[0].digest
         await connect_all(c, 1, range(1))
         await connect_all(c, 2, range(1))
         stream = await c.nodes[1].rpc.open_stream(c.nodes[0].peer_id, PROTOCOL_ID)
+        client = ExchangeClient()
         closed_at: float | None = None
         async with stream, trio.open_nursery() as nursery:
 
             async def keep_up() -> None:
                 for n in range(100):  # bounded: ~500 s of virtual time
-                    await stream.send_all(encode_frame(Cancel(1_000_000 + n)))
+                    await stream.send_all(_keepalive_frames(client, how, digest, n))
                     await trio.sleep(5)
 
             async def watch() -> None:
                 nonlocal closed_at
-                with contextlib.suppress(trio.BrokenResourceError):
-                    while await stream.receive_some(65536):
-                        pass
+                with contextlib.suppress(trio.BrokenResourceError, RemoteProtocolError):
+                    while data := await stream.receive_some(65536):
+                        client.receive(data)
                 closed_at = trio.current_time()
                 nursery.cancel_scope.cancel()
 
@@ -356,10 +372,91 @@ async def test_a_stream_kept_up_only_by_cancels_loses_its_upload_slot(
             nursery.start_soon(keep_up)
             nursery.start_soon(watch)
         assert closed_at is not None
-        assert closed_at - started <= CONTENT.upload_timeout_s + 1.0
+        assert closed_at - started <= CONTENT.upload_timeout_s + 6.0
         assert c.content(0).uploads == 0
         await c.content(2).fetch(cid, out_dir=tmp_path / "out")  # the slot is free for others
         assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+
+
+async def _read_blocks_slowly(
+    stream: trio.abc.Stream, client: ExchangeClient, count: int, pause_s: float
+) -> list[bytes]:
+    """Read 64 KiB every ``pause_s`` (virtual) seconds until ``count`` blocks arrived."""
+    blocks: list[bytes] = []
+    while len(blocks) < count:
+        data = await stream.receive_some(64 * KIB)
+        assert data, "the seeder ended the stream"
+        blocks += [e.data for e in client.receive(data) if isinstance(e, BlockReceived)]
+        await trio.sleep(pause_s)
+    return blocks
+
+
+SLOW_READER = replace(CONFIG, net=replace(CONFIG.net, stream_receive_window_bytes=64 * KIB))
+TWO_MIB_CHUNKS = replace(CONFIG, content=replace(CONTENT, chunk_bytes=2048 * KIB))
+
+
+async def test_a_slow_steady_reader_is_not_cut_off_inside_a_block(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: the whole answer had upload_timeout_s, so a reader taking ~26 KB/s never
+    # got a 2 MiB block (its answer waits on the reader for ~37 s); each frame has it now.
+    source = source_file(tmp_path, 2048 * KIB)
+    async with cluster(tmp_path, 2, configs={0: TWO_MIB_CHUNKS, 1: SLOW_READER}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        (chunk,) = c.content(0).store.manifest(cid).files[0].chunks
+        await connect_all(c, 1, range(1))
+        stream = await c.nodes[1].rpc.open_stream(c.nodes[0].peer_id, PROTOCOL_ID)
+        client = ExchangeClient()
+        async with stream:
+            await stream.send_all(client.want(chunk.digest, chunk.length)[1])
+            started = trio.current_time()
+            (block,) = await _read_blocks_slowly(stream, client, 1, pause_s=2.5)
+        assert trio.current_time() - started > 2 * CONTENT.upload_timeout_s
+        assert block == source.read_bytes()
+
+
+async def test_a_request_soon_after_a_slow_answer_finds_the_stream_open(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: an answer that ended after the idle wait was armed did not count, so
+    # the stream closed upload_timeout_s after the *request*, while its answer had ended
+    # seconds before and the reader was still taking it in.
+    source = source_file(tmp_path, 4096 * KIB)
+    async with cluster(tmp_path, 2, configs={0: TWO_MIB_CHUNKS, 1: SLOW_READER}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        chunks = c.content(0).store.manifest(cid).files[0].chunks
+        await connect_all(c, 1, range(1))
+        stream = await c.nodes[1].rpc.open_stream(c.nodes[0].peer_id, PROTOCOL_ID)
+        client = ExchangeClient()
+        blocks = []
+        async with stream:
+            for chunk in chunks:  # the next request as soon as the last block is in
+                await stream.send_all(client.want(chunk.digest, chunk.length)[1])
+                blocks += await _read_blocks_slowly(stream, client, 1, pause_s=1.5)
+        assert b"".join(blocks) == source.read_bytes()
+
+
+async def test_an_idle_stream_is_ended_not_reset_so_blocks_on_the_way_arrive(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The seeder closes a stream idle for upload_timeout_s; a block it already sent may still
+    # wait in the reader's buffers, and a reset threw it away.
+    source = source_file(tmp_path, 1024 * KIB)
+    big_chunks = replace(CONFIG, content=replace(CONTENT, chunk_bytes=1024 * KIB))
+    async with cluster(tmp_path, 2, configs={0: big_chunks}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        (chunk,) = c.content(0).store.manifest(cid).files[0].chunks
+        await connect_all(c, 1, range(1))
+        stream = await c.nodes[1].rpc.open_stream(c.nodes[0].peer_id, PROTOCOL_ID)
+        client = ExchangeClient()
+        async with stream:
+            _id, frame = client.want(chunk.digest, chunk.length)
+            await stream.send_all(frame)
+            await trio.sleep(CONTENT.upload_timeout_s + 10)  # read nothing until it gave up
+            events = []
+            while data := await stream.receive_some(1024 * KIB):
+                events += client.receive(data)
+        assert [e.data for e in events if isinstance(e, BlockReceived)] == [source.read_bytes()]
 
 
 async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(

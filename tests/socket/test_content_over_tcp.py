@@ -3,12 +3,16 @@ QUIC where the fetching node keeps TCP off."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import trio
 
 from lattica.config import NodeConfig
 from lattica.content import ContentConfig
+from lattica.content.exchange_messages import BUSY, PROTOCOL_ID
+from lattica.content.exchange_protocol import BlockRefused, ExchangeClient
 from lattica.identity import Identity
 from lattica.net import UdpSocket, tcp_transport
 from lattica.net.address import PeerAddr
@@ -115,3 +119,29 @@ async def test_a_fetch_into_another_file_system_keeps_its_chunks_as_block_files(
         assert list((tmp_path / "b" / "files").iterdir()) == []
         stored = [p for p in (tmp_path / "b").iterdir() if len(p.name) == 2 for p in p.iterdir()]
         assert sum(p.stat().st_size for p in stored) > source.stat().st_size  # chunks and manifest
+
+
+async def test_one_source_address_gets_at_most_its_share_of_upload_slots(tmp_path: Path) -> None:
+    # Review finding: slots were capped per peer id only, and ids cost nothing: eight fresh ids
+    # from one host held every slot. The per-address cap is below the per-peer one here, so
+    # the third stream from 127.0.0.1 is refused by the address alone.
+    capped = NodeConfig(content=replace(CONTENT, max_uploads_per_address=2, max_uploads_per_peer=4))
+    async with (
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), capped, blocks_dir=tmp_path / "a") as a,
+        Node(Identity.generate(), UdpSocket.bind("127.0.0.1", 0), NodeConfig(), blocks_dir=tmp_path / "b") as b,
+    ):
+        await b.connect(PeerAddr(a.socket.local_address, a.peer_id))
+        answers = []
+        streams = [await b.rpc.open_stream(a.peer_id, PROTOCOL_ID) for _ in range(3)]
+        with trio.fail_after(10):
+            for stream in streams:
+                client = ExchangeClient()
+                await stream.send_all(client.has(b"\x01" * 32)[1])
+                events: list[object] = []
+                while not events:
+                    events = list(client.receive(await stream.receive_some()))
+                answers.append(events[0])
+        assert [type(answer).__name__ for answer in answers] == ["HasAnswered", "HasAnswered", "BlockRefused"]
+        assert isinstance(answers[2], BlockRefused) and answers[2].code == BUSY
+        for stream in streams:
+            await stream.aclose()
