@@ -132,7 +132,10 @@ class TcpLane:
         # must), None (it is not waiting: it looks at everything before it does).
         self._thread_waiting: Literal["input", "output"] | None = "input"
         self._pending_input = received_with_handshake
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # os.pipe, not os.pipe2 (Linux only): its ends are not inherited by child processes.
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
         self._token: trio.lowlevel.TrioToken | None = None
         self._thread: threading.Thread | None = None
         self._progress_lot = trio.lowlevel.ParkingLot()
