@@ -32,6 +32,7 @@ from lattica.net.address import InvalidAddressError, parse_host_port
 from lattica.net.datagram import UdpSocket
 from lattica.net.endpoint import EndpointSocketError
 from lattica.node import Node
+from lattica.process_tuning import tune_malloc
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 """How long the event loop's thread may hold the GIL while a worker thread waits for it
@@ -93,6 +94,7 @@ async def run_daemon(
     """Run a node for ``home`` until SIGINT/SIGTERM; ``relay_service`` turns on
     ``nat.relay.service`` whatever the file says. Raises :class:`DaemonError` on bad start."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    tune_malloc()  # bulk-path buffers stay in the heaps instead of faulting in fresh pages
     identity, created = init_home(home)
     warnings = identity_warnings(home, created)
     config = load_config(home / CONFIG_FILE)
