@@ -23,6 +23,8 @@ from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayRefusedError
 from lattica.net.address import InvalidAddressError, PeerAddr, format_host_port
 from lattica.net.connection import Connection
+from lattica.net.tcp_connection import TcpConnection
+from lattica.net.tcp_lane import TcpLane
 from lattica.node import Node
 
 DialString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DIAL_STRING_CHARS)]
@@ -181,19 +183,9 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
                 rtt_ms=None,
                 direction=c.direction,
                 connected_s=round(now - c.established_at, 3),
-                transport="tcp",
+                transport="tcp-lane" if isinstance(c, TcpLane) else "tcp",
             )
-            for c in node.tcp.connections()
-        ] + [
-            PeerRow(
-                peer_id=str(lane.peer_id),
-                remote_addr=format_host_port(lane.remote_address),
-                rtt_ms=None,
-                direction=lane.direction,
-                connected_s=round(now - lane.established_at, 3),
-                transport="tcp-lane",
-            )
-            for lane in node.tcp.lanes()
+            for c in _tcp_carriers(node)
         ]
 
     async def ping(params: PingParams) -> PingResult:
@@ -254,3 +246,8 @@ def _relayed_only_peers(node: Node) -> int:
     for connection in node.connections.connections():
         paths.setdefault(connection.peer_id, set()).add(connection.relayed_via is not None)
     return sum(1 for relayed in paths.values() if relayed == {True})
+
+
+def _tcp_carriers(node: Node) -> list[TcpConnection | TcpLane]:
+    """The node's TLS-over-TCP connections and lanes, for ``peers``."""
+    return [*node.tcp.connections(), *node.tcp.lanes()]

@@ -95,6 +95,16 @@ async def tls_handshake(
         leftover = channel.receive_data(data)
 
 
+def raise_if_closed(close_reason: str | None, close_initiator: CloseInitiator | None, *, what: str) -> None:
+    """A carrier's ``check_open``: ``trio.ClosedResourceError`` once *we* closed ``what``,
+    ``trio.BrokenResourceError`` once the peer or the network did, nothing while open."""
+    if close_reason is None:
+        return
+    if close_initiator == "local":
+        raise trio.ClosedResourceError(f"{what} was closed: {close_reason}")
+    raise trio.BrokenResourceError(f"{what} lost: {close_reason}")
+
+
 class TcpConnection:
     """An authenticated TLS 1.3-over-TCP connection to one peer, carrying yamux streams.
 
@@ -256,11 +266,7 @@ class TcpConnection:
     def check_open(self) -> None:
         """Raise ``trio.ClosedResourceError`` if we closed the connection,
         ``trio.BrokenResourceError`` if the peer or the network did; else nothing."""
-        if self.close_reason is None:
-            return
-        if self.close_initiator == "local":
-            raise trio.ClosedResourceError(f"connection was closed: {self.close_reason}")
-        raise trio.BrokenResourceError(f"connection lost: {self.close_reason}")
+        raise_if_closed(self.close_reason, self.close_initiator, what="connection")
 
     def stream_send_room(self, stream_id: int) -> int:
         """Bytes the stream may queue now: its yamux send window, within the output bound."""

@@ -59,7 +59,13 @@ from lattica.identity import PeerId
 from lattica.net.address import format_host_port
 from lattica.net.datagram import Address
 from lattica.net.stream import QuicStream
-from lattica.net.tcp_connection import MAX_CONTROL_BACKLOG_BYTES, RECEIVE_BYTES, SEND_HIGH_WATER_BYTES
+from lattica.net.tcp_connection import (
+    MAX_CONTROL_BACKLOG_BYTES,
+    RECEIVE_BYTES,
+    SEND_HIGH_WATER_BYTES,
+    CloseInitiator,
+    raise_if_closed,
+)
 from lattica.net.tls_channel import TlsChannel
 
 logger = logging.getLogger("lattica.net.tcp")
@@ -72,8 +78,6 @@ SEND_SLICE_BYTES: Final = 256 * 1024
 """Ciphertext handed to the socket per ``send`` call."""
 _CLOSE_DRAIN_S: Final = 2.0
 """How long a lane closed cleanly keeps sending what is queued (and its close_notify)."""
-
-CloseInitiator = Literal["local", "peer", "network"]
 
 
 class TcpLane:
@@ -215,11 +219,7 @@ class TcpLane:
     def check_open(self) -> None:
         """Raise ``trio.ClosedResourceError`` if we closed the lane,
         ``trio.BrokenResourceError`` if the peer or the network did; else nothing."""
-        if self.close_reason is None:
-            return
-        if self.close_initiator == "local":
-            raise trio.ClosedResourceError(f"lane was closed: {self.close_reason}")
-        raise trio.BrokenResourceError(f"lane lost: {self.close_reason}")
+        raise_if_closed(self.close_reason, self.close_initiator, what="lane")
 
     def stream_send_room(self, stream_id: int) -> int:
         """Bytes the stream may queue now (``SEND_HIGH_WATER_BYTES`` less what is queued)."""

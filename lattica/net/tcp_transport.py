@@ -91,6 +91,7 @@ MAX_OUTBOUND_LANES: Final = 32
 
 StreamHandler = Callable[[QuicStream], Awaitable[None]]
 _K = TypeVar("_K")
+_T = TypeVar("_T")
 
 
 class LaneRefusedError(ConnectError):
@@ -255,11 +256,7 @@ class TcpTransport:
             return
         finally:
             self._handshakes -= 1
-            left = self._handshakes_by_source[source] - 1
-            if left:
-                self._handshakes_by_source[source] = left
-            else:
-                del self._handshakes_by_source[source]
+            _release_slot(self._handshakes_by_source, source)
         if channel.alpn == ALPN_LANE_PROTOCOL:
             await self._serve_lane(tcp, channel, remote, leftover)
             return
@@ -352,16 +349,7 @@ class TcpTransport:
         self._outbound_lanes = {lane for lane in self._outbound_lanes if not lane.is_closed}
         if len(self._outbound_lanes) >= MAX_OUTBOUND_LANES:
             raise LaneRefusedError(f"{MAX_OUTBOUND_LANES} lanes of this node are open")
-        try:
-            host, port = network_address(*peer.address)
-        except InvalidAddressError as exc:
-            raise ConnectError(f"cannot dial {peer}: {exc}") from None
-        limit_s = self.config.handshake_timeout_s if timeout_s is None else timeout_s
-        try:
-            with trio.fail_after(limit_s):
-                lane = await self._dial_lane(peer, host, port)
-        except trio.TooSlowError:
-            raise ConnectTimeoutError(f"no lane to {peer} within {limit_s:g} s") from None
+        lane = await self._dial_within(peer, timeout_s, self._dial_lane, what="lane")
         try:
             lane.start()
         except RuntimeError as exc:  # no thread to be had: the yamux stream will do
@@ -409,6 +397,20 @@ class TcpTransport:
             if existing is not None:
                 await trio.lowlevel.checkpoint()
                 return existing
+        return await self._dial_within(peer, timeout_s, self._dial, what="TLS-over-TCP connection")
+
+    async def _dial_within(
+        self,
+        peer: PeerAddr,
+        timeout_s: float | None,
+        dial: Callable[[PeerAddr, str, int], Awaitable[_T]],
+        *,
+        what: str,
+    ) -> _T:
+        """``dial(peer, host, port)`` for ``peer``'s IP literal address, within ``timeout_s``
+        (default: the handshake timeout). Raises :class:`~lattica.errors.ConnectError` for an
+        address that is not one, :class:`~lattica.errors.ConnectTimeoutError` (naming
+        ``what``) when the time runs out, and what ``dial`` raises."""
         try:
             host, port = network_address(*peer.address)
         except InvalidAddressError as exc:
@@ -416,9 +418,9 @@ class TcpTransport:
         limit_s = self.config.handshake_timeout_s if timeout_s is None else timeout_s
         try:
             with trio.fail_after(limit_s):
-                return await self._dial(peer, host, port)
+                return await dial(peer, host, port)
         except trio.TooSlowError:
-            raise ConnectTimeoutError(f"no TLS-over-TCP connection to {peer} within {limit_s:g} s") from None
+            raise ConnectTimeoutError(f"no {what} to {peer} within {limit_s:g} s") from None
 
     async def _dial(self, peer: PeerAddr, host: str, port: int) -> TcpConnection:
         tcp, channel, leftover = await self._dial_tls(peer, host, port, ALPN_TCP_PROTOCOL)

@@ -46,6 +46,23 @@ async def read_all(stream: QuicStream) -> bytes:
     return b"".join(parts)
 
 
+class ReadToEnd:
+    """A server handler that reads its stream to the end: ``result`` is the bytes, or the
+    ``trio.BrokenResourceError`` that ended it; ``ended`` is set either way."""
+
+    def __init__(self) -> None:
+        self.ended = trio.Event()
+        self.result: bytes | BaseException | None = None
+
+    async def __call__(self, stream: QuicStream) -> None:
+        try:
+            self.result = await read_all(stream)
+        except trio.BrokenResourceError as exc:
+            self.result = exc
+        finally:
+            self.ended.set()
+
+
 async def join(lane: TcpLane) -> bool:
     return await trio.to_thread.run_sync(lane.join_thread, LIMIT_S)
 
@@ -126,17 +143,7 @@ async def test_a_slow_reader_bounds_what_the_lane_holds_for_it(make_transport: M
 
 
 async def test_closing_a_stream_midway_breaks_the_peers_reads(make_transport: MakeTransport) -> None:
-    outcome: list[BaseException | bytes] = []
-    ended = trio.Event()
-
-    async def reader(stream: QuicStream) -> None:
-        try:
-            outcome.append(await read_all(stream))
-        except trio.BrokenResourceError as exc:
-            outcome.append(exc)
-        finally:
-            ended.set()
-
+    reader = ReadToEnd()
     server, address = await make_transport(handler=reader)
     client, _ = await make_transport()
     with trio.fail_after(LIMIT_S):
@@ -144,8 +151,8 @@ async def test_closing_a_stream_midway_breaks_the_peers_reads(make_transport: Ma
         stream = await lane.open_stream()
         await stream.send_all(b"half a request")
         await stream.aclose()  # no EOF: a reset, not an end
-        await ended.wait()
-    assert len(outcome) == 1 and isinstance(outcome[0], trio.BrokenResourceError)
+        await reader.ended.wait()
+    assert isinstance(reader.result, trio.BrokenResourceError)
 
 
 async def test_lanes_beyond_the_per_peer_limit_are_refused_until_one_ends(make_transport: MakeTransport) -> None:
@@ -218,25 +225,15 @@ async def test_a_peer_sending_garbage_after_admission_ends_its_lane_only(make_tr
 
 
 async def test_a_silent_lane_is_closed_after_the_idle_timeout(make_transport: MakeTransport) -> None:
-    ended = trio.Event()
-    failures: list[BaseException] = []
-
-    async def reader(stream: QuicStream) -> None:
-        try:
-            await read_all(stream)
-        except trio.BrokenResourceError as exc:
-            failures.append(exc)
-        finally:
-            ended.set()
-
+    reader = ReadToEnd()
     quick = EndpointConfig(handshake_timeout_s=2.0, idle_timeout_s=0.3)
     server, address = await make_transport(handler=reader, config=quick)
     client, _ = await make_transport()
     with trio.fail_after(LIMIT_S):
         lane = await lane_to(client, server, address)
         await lane.open_stream()  # and say nothing
-        await ended.wait()
-    assert "nothing heard" in str(failures[0])
+        await reader.ended.wait()
+    assert isinstance(reader.result, trio.BrokenResourceError) and "nothing heard" in str(reader.result)
     with trio.fail_after(LIMIT_S):
         with pytest.raises(trio.BrokenResourceError):
             await lane.stream.receive_some()  # the server closed it without close_notify
