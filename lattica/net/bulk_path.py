@@ -137,7 +137,10 @@ class BulkPath:
                 return connection
             address = quic.remote_address
         try:
-            return await self.tcp.open_lane(PeerAddr(address, peer), timeout_s=self.tcp_attempt_timeout_s)
+            # The stream on it is an RPC stream (wire frames): large frames land each whole.
+            return await self.tcp.open_lane(
+                PeerAddr(address, peer), timeout_s=self.tcp_attempt_timeout_s, framed_receive=True
+            )
         except (ConnectError, PeerIdMismatchError) as exc:
             logger.debug("no lane to %s at %s: %s", peer, format_host_port(address), exc)
             _remember(self._no_lane_until, peer, now + self.lane_retry_after_s)

@@ -49,7 +49,9 @@ class StreamCarrier(Protocol):
         ...
 
     def send_stream_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
-        """Queue data; raises ``trio.BrokenResourceError`` if the peer stopped reading."""
+        """Queue data; raises ``trio.BrokenResourceError`` if the peer stopped reading. (A
+        carrier may also offer ``send_stream_view(stream_id, view)``, which queues a view of
+        immutable bytes without copying it: :meth:`QuicStream.send_all` uses it.)"""
         ...
 
     def stream_consumed(self, stream_id: int, n_bytes: int) -> bool:
@@ -75,7 +77,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def __init__(self, connection: StreamCarrier, stream_id: int) -> None:
         self.connection = connection
         self.stream_id = stream_id
-        self._chunks: deque[bytes] = deque()
+        # bytes, or read-only views of memory of their own (a framed lane's large frames)
+        self._chunks: deque[bytes | memoryview] = deque()
         self._eof_received = False
         self._reset_code: int | None = None
         self._stop_sending_code: int | None = None
@@ -90,8 +93,9 @@ class QuicStream(trio.abc.HalfCloseableStream):
 
     # -- called by the connection driver --------------------------------------------------
 
-    def on_data(self, data: bytes, end_stream: bool) -> None:
-        """Bytes (and the peer's FIN if ``end_stream``) arrived for this stream."""
+    def on_data(self, data: bytes | memoryview, end_stream: bool) -> None:
+        """Bytes (and the peer's FIN if ``end_stream``) arrived for this stream: ``bytes``, or a
+        read-only view of memory the stream may keep (nothing else refers to it)."""
         if self._closed:
             # We stopped reading; credit the bytes so the peer is not stuck on flow control
             # before our STOP_SENDING reaches it.
@@ -164,6 +168,9 @@ class QuicStream(trio.abc.HalfCloseableStream):
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             view = memoryview(data).cast("B")
+            # A carrier that queues views (a lane: it encrypts them on its thread) is handed
+            # slices of immutable bytes as they are; everything else is copied once.
+            send_view = getattr(self.connection, "send_stream_view", None) if isinstance(view.obj, bytes) else None
             offset = 0
             while True:
                 self._check_can_send()
@@ -174,11 +181,16 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     await self.connection.wait_progress()
                     continue
                 if offset == 0 and room >= len(view) and type(data) is bytes:
-                    chunk = data  # immutable and whole: queued as it is, not copied
+                    self._send_stream_data(data, end_stream=False)  # immutable and whole: as it is
+                    offset = len(view)
+                elif send_view is not None:
+                    part = view[offset : offset + room]  # a view of immutable bytes: not copied
+                    send_view(self.stream_id, part)
+                    offset += len(part)
                 else:
                     chunk = bytes(view[offset : offset + room])
-                self._send_stream_data(chunk, end_stream=False)
-                offset += len(chunk)
+                    self._send_stream_data(chunk, end_stream=False)
+                    offset += len(chunk)
                 await self.connection.transmit()
         finally:
             self._sending = False
@@ -221,6 +233,14 @@ class QuicStream(trio.abc.HalfCloseableStream):
         Raises ``trio.BrokenResourceError`` if the peer reset the stream or the connection was
         lost, ``trio.ClosedResourceError`` if we closed the stream or its connection.
         """
+        data = await self.receive_buffer(max_bytes)
+        return data if type(data) is bytes else bytes(data)
+
+    async def receive_buffer(self, max_bytes: int | None = None) -> bytes | memoryview:
+        """:meth:`receive_some` for a reader that takes views: what arrived as a view of memory
+        of its own (a large frame on a framed lane, :mod:`lattica.net.frame_receiver`) comes
+        back as that read-only view, not copied into ``bytes``. The caller owns it. Raises what
+        :meth:`receive_some` raises."""
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         if self._receiving:
@@ -250,7 +270,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
-    def _take(self, max_bytes: int | None) -> bytes:
+    def _take(self, max_bytes: int | None) -> bytes | memoryview:
         # Every QUIC packet arrives as its own ~1 KiB chunk: returning one chunk per call would
         # cost the reader a scheduler turn per packet. Joining copies, but a copy is far cheaper.
         chunks = self._chunks
@@ -265,7 +285,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
             return first
         parts = [first]
         size = len(first)
-        while chunks and size < limit:
+        # ... and a large chunk after small ones waits for the next call, whole.
+        while chunks and size < limit and len(chunks[0]) < _WHOLE_CHUNK_BYTES:
             chunk = chunks.popleft()
             room = limit - size
             if len(chunk) > room:

@@ -58,6 +58,7 @@ from lattica.errors import RemoteProtocolError
 from lattica.identity import PeerId
 from lattica.net.address import format_host_port
 from lattica.net.datagram import Address
+from lattica.net.frame_receiver import FrameReceiver
 from lattica.net.stream import QuicStream
 from lattica.net.tcp_connection import (
     MAX_CONTROL_BACKLOG_BYTES,
@@ -66,7 +67,7 @@ from lattica.net.tcp_connection import (
     CloseInitiator,
     raise_if_closed,
 )
-from lattica.net.tls_channel import TlsChannel
+from lattica.net.tls_channel import TlsChannel, copy_into
 
 logger = logging.getLogger("lattica.net.tcp")
 
@@ -98,6 +99,7 @@ class TcpLane:
         receive_window_bytes: int = 4 * 1024 * 1024,
         idle_timeout_s: float = 60.0,
         received_with_handshake: bytes = b"",
+        framed_receive: bool = False,
     ) -> None:
         if channel.peer_id is None:
             raise ValueError("the TLS channel has not authenticated its peer")
@@ -117,14 +119,14 @@ class TcpLane:
         """When the lane was handed over after its handshake (``trio.current_time()``)."""
         self._lock = threading.Lock()
         # trio -> thread (under the lock)
-        self._outbox: deque[bytes] = deque()
+        self._outbox: deque[bytes | memoryview] = deque()
         self._outbox_bytes = 0  # plaintext in the outbox (trio adds, the thread takes)
         self._wire_bytes = 0  # ciphertext the socket has not taken yet (set by the thread)
         self._eof_requested = False
         self._close_requested: Literal["graceful", "abort"] | None = None
         self._window_used = 0  # delivered to the stream and not consumed
         # thread -> trio (under the lock)
-        self._inbox: deque[bytes] = deque()
+        self._inbox: deque[bytes | memoryview] = deque()
         self._inbox_eof = False
         self._thread_failure: tuple[str, CloseInitiator] | None = None
         self._thread_done = False
@@ -136,6 +138,9 @@ class TcpLane:
         # must), None (it is not waiting: it looks at everything before it does).
         self._thread_waiting: Literal["input", "output"] | None = "input"
         self._pending_input = received_with_handshake
+        # Each large wire frame decrypted into memory of its own (see frame_receiver), for a
+        # stream known to carry wire frames; None: plain reads, whatever the bytes are.
+        self._frames: FrameReceiver | None = FrameReceiver() if framed_receive else None
         # os.pipe, not os.pipe2 (Linux only): its ends are not inherited by child processes.
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -226,8 +231,16 @@ class TcpLane:
         with self._lock:
             return max(0, SEND_HIGH_WATER_BYTES - self._outbox_bytes - self._wire_bytes)
 
+    def send_stream_view(self, stream_id: int, view: memoryview) -> None:
+        """Queue a view of immutable bytes as stream data, not copied: the thread encrypts it
+        from where it is (a seeder's piece of a block)."""
+        self._queue(view, end_stream=False)
+
     def send_stream_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
         """Queue stream data (and close_notify after it if ``end_stream``)."""
+        self._queue(data, end_stream=end_stream)
+
+    def _queue(self, data: bytes | memoryview, *, end_stream: bool) -> None:
         with self._lock:
             if data:
                 self._outbox.append(data)
@@ -394,7 +407,11 @@ class TcpLane:
             with contextlib.suppress(BlockingIOError):  # a fresh socket takes a few bytes
                 unsent = unsent[sock.send(unsent) :]
         if self._pending_input:
-            self._deliver(channel_plain=self._pending_input, peer_closed=False)
+            if self._frames is not None:
+                copy_into(self._frames, self._pending_input)
+                self._deliver_items(self._frames.take(), peer_closed=False)
+            else:
+                self._deliver(channel_plain=self._pending_input, peer_closed=False)
             self._pending_input = b""
         while True:
             with self._lock:
@@ -460,9 +477,15 @@ class TcpLane:
                     raise _LaneEnded("the peer closed the TCP connection without close_notify", "peer")
                 if n > 0:
                     last_received = now
-                    plain = channel.receive_data(in_view[:n])
-                    peer_closed = channel.peer_closed
-                    self._deliver(channel_plain=plain, peer_closed=peer_closed)
+                    if self._frames is not None:
+                        channel.receive_into(in_view[:n], self._frames)
+                        peer_closed = channel.peer_closed
+                        done = self._frames.end() if peer_closed else self._frames.take()
+                        self._deliver_items(done, peer_closed=peer_closed)
+                    else:
+                        plain = channel.receive_data(in_view[:n])
+                        peer_closed = channel.peer_closed
+                        self._deliver(channel_plain=plain, peer_closed=peer_closed)
                     continue  # more may be waiting; what TLS answered is sent first
             if peer_closed and eof_sent and not wire_bytes:
                 return  # both sides said goodbye
@@ -508,12 +531,15 @@ class TcpLane:
                     raise _LaneEnded(f"connection lost: {os.strerror(error) if error else 'hung up'}", "network")
 
     def _deliver(self, *, channel_plain: bytes, peer_closed: bool) -> None:
-        if not channel_plain and not peer_closed:
+        self._deliver_items([channel_plain] if channel_plain else [], peer_closed=peer_closed)
+
+    def _deliver_items(self, items: list[bytes | memoryview], *, peer_closed: bool) -> None:
+        if not items and not peer_closed:
             return
         with self._lock:
-            if channel_plain:
-                self._inbox.append(channel_plain)
-                self._window_used += len(channel_plain)
+            for item in items:
+                self._inbox.append(item)
+                self._window_used += len(item)
             if peer_closed:
                 self._inbox_eof = True
             self._notify()

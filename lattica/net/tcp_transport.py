@@ -33,6 +33,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -317,9 +318,12 @@ class TcpTransport:
             _release_slot(self._lane_slots, peer)
             _release_slot(self._lane_slots_by_source, source)
 
-    def _lane_for(self, tcp: trio.SocketStream, channel: TlsChannel, remote: Address, leftover: bytes) -> TcpLane:
-        """A lane owning ``tcp``'s socket from here (trio lets go of it). Raises ``OSError``
-        (no descriptor for the lane's pipe), the socket closed then."""
+    def _lane_for(
+        self, tcp: trio.SocketStream, channel: TlsChannel, remote: Address, leftover: bytes, *, framed: bool = False
+    ) -> TcpLane:
+        """A lane owning ``tcp``'s socket from here (trio lets go of it); ``framed``: see
+        :meth:`open_lane`. Raises ``OSError`` (no descriptor for the lane's pipe), the socket
+        closed then."""
         sock = socket.socket(fileno=tcp.socket.detach())
         try:
             return TcpLane(
@@ -329,14 +333,19 @@ class TcpTransport:
                 receive_window_bytes=max(RECEIVE_BYTES, self.config.stream_receive_window_bytes),
                 idle_timeout_s=self.config.idle_timeout_s,
                 received_with_handshake=leftover,
+                framed_receive=framed,
             )
         except BaseException:
             sock.close()
             raise
 
-    async def open_lane(self, peer: PeerAddr, *, timeout_s: float | None = None) -> TcpLane:
+    async def open_lane(
+        self, peer: PeerAddr, *, timeout_s: float | None = None, framed_receive: bool = False
+    ) -> TcpLane:
         """A new lane (:mod:`lattica.net.tcp_lane`) to ``peer``, which must name its peer id;
-        close it (``lane.close()`` or its stream's ``aclose``) when done.
+        close it (``lane.close()`` or its stream's ``aclose``) when done. ``framed_receive``:
+        what the peer sends on it is :mod:`lattica.wire` frames (an RPC stream), so large ones
+        are received each into memory of its own (:mod:`lattica.net.frame_receiver`).
 
         ``timeout_s`` (default: the handshake timeout) bounds TCP connect, TLS handshake and
         the peer's admission. Raises :class:`LaneRefusedError` (the peer did not admit it, or
@@ -349,7 +358,9 @@ class TcpTransport:
         self._outbound_lanes = {lane for lane in self._outbound_lanes if not lane.is_closed}
         if len(self._outbound_lanes) >= MAX_OUTBOUND_LANES:
             raise LaneRefusedError(f"{MAX_OUTBOUND_LANES} lanes of this node are open")
-        lane = await self._dial_within(peer, timeout_s, self._dial_lane, what="lane")
+        lane = await self._dial_within(
+            peer, timeout_s, functools.partial(self._dial_lane, framed=framed_receive), what="lane"
+        )
         try:
             lane.start()
         except RuntimeError as exc:  # no thread to be had: the yamux stream will do
@@ -358,7 +369,7 @@ class TcpTransport:
         self.lanes_opened += 1
         return lane
 
-    async def _dial_lane(self, peer: PeerAddr, host: str, port: int) -> TcpLane:
+    async def _dial_lane(self, peer: PeerAddr, host: str, port: int, *, framed: bool) -> TcpLane:
         where = format_host_port((host, port))
         tcp, channel, received = await self._dial_tls(peer, host, port, ALPN_LANE_PROTOCOL)
         try:
@@ -371,7 +382,7 @@ class TcpTransport:
                     raise LaneRefusedError(f"{where} did not admit a lane")
             if received[:1] != LANE_ACCEPTED:
                 raise ConnectError(f"{where} answered a lane with {received[:8]!r}")
-            return self._lane_for(tcp, channel, (host, port), received[1:])
+            return self._lane_for(tcp, channel, (host, port), received[1:], framed=framed)
         except (RemoteProtocolError, trio.BrokenResourceError, OSError) as exc:
             with trio.CancelScope(shield=True):
                 await tcp.aclose()

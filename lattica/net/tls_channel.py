@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from OpenSSL import SSL
 
@@ -76,6 +76,31 @@ def _output_bio(connection: SSL.Connection) -> tuple[Any, Any, Any] | None:
         return SSL._lib, SSL._ffi, connection._from_ssl  # type: ignore[attr-defined]
     except AttributeError:
         return None
+
+
+class PlaintextSink(Protocol):
+    """Where :meth:`TlsChannel.receive_into` puts decrypted bytes: the ``get_buffer`` /
+    ``buffer_updated`` shape of asyncio's ``BufferedProtocol``
+    (:class:`~lattica.net.frame_receiver.FrameReceiver` is one)."""
+
+    def get_buffer(self) -> memoryview:
+        """A non-empty writable view: where the next bytes go."""
+        ...
+
+    def buffer_updated(self, n_bytes: int) -> None:
+        """``n_bytes`` were written at the start of the last :meth:`get_buffer`."""
+        ...
+
+
+def copy_into(sink: PlaintextSink, data: bytes | bytearray | memoryview) -> None:
+    """Put ``data`` into ``sink`` buffer by buffer (a copy)."""
+    view = memoryview(data).cast("B")
+    while view:
+        target = sink.get_buffer()
+        n = min(len(target), len(view))
+        target[:n] = view[:n]
+        sink.buffer_updated(n)
+        view = view[n:]
 
 
 class _DirectCalls:
@@ -133,6 +158,21 @@ class _DirectCalls:
                 filled += result
                 continue
             return filled, bool(lib.SSL_get_error(ssl, result) == self._want_read)
+
+    def read_into(self, sink: PlaintextSink) -> tuple[int, bool]:
+        """Decrypt every whole record waiting straight into ``sink``'s buffers; returns the
+        bytes placed and True if it stopped because it needs more input (else: see
+        :meth:`read_records`)."""
+        lib, ssl, from_buffer = self._lib, self._ssl, self._ffi.from_buffer
+        placed = 0
+        while True:
+            target = sink.get_buffer()
+            result = lib.SSL_read(ssl, from_buffer(target), len(target))
+            if result > 0:
+                sink.buffer_updated(result)
+                placed += result
+                continue
+            return placed, bool(lib.SSL_get_error(ssl, result) == self._want_read)
 
     def flush(self, parts: list[bytes], filled: int) -> None:
         """Copy the buffer's first ``filled`` bytes out into ``parts``."""
@@ -305,6 +345,45 @@ class TlsChannel:
         self._received_plain_bytes += len(plain)
         return plain
 
+    def receive_into(self, data: bytes | bytearray | memoryview, sink: PlaintextSink) -> int:
+        """:meth:`receive_data`, but the application bytes are decrypted straight into the
+        buffers ``sink`` gives (no copy out to ``bytes``); returns how many were placed.
+
+        Raises what :meth:`receive_data` raises."""
+        if not self.handshake_complete:
+            plain = self.receive_data(data)
+            copy_into(sink, plain)
+            return len(plain)
+        view = memoryview(data)
+        placed = 0
+        at = 0
+        while True:  # a slice at a time, as in receive_data
+            piece = view[at : at + _FEED_BYTES]
+            at += len(piece)
+            if piece:
+                self._tls.bio_write(piece)
+            placed += self._decrypt_into(sink)
+            self._budget.check(self._received_plain_bytes + placed)
+            if at >= len(view):
+                break
+        self._received_plain_bytes += placed
+        return placed
+
+    def _decrypt_into(self, sink: PlaintextSink) -> int:
+        placed = 0
+        if self._direct is not None:
+            placed, needs_more = self._direct.read_into(sink)
+            if needs_more:
+                return placed
+        parts: list[bytes] = []
+        try:
+            self._decrypt_slow(parts)  # pyOpenSSL says what else there is
+        finally:
+            for part in parts:
+                copy_into(sink, part)
+                placed += len(part)
+        return placed
+
     def _decrypt(self, parts: list[bytes], filled: int) -> int:
         """Decrypt what is whole in the BIO (see :meth:`receive_data`); returns the direct
         path's fill level."""
@@ -314,18 +393,23 @@ class TlsChannel:
                 return filled
             self._direct.flush(parts, filled)  # pyOpenSSL says what else there is
             filled = 0
+        self._decrypt_slow(parts)
+        return filled
+
+    def _decrypt_slow(self, parts: list[bytes]) -> None:
+        # pyOpenSSL's recv: its typed errors say what the session holds besides data.
         while True:
             try:
                 parts.append(self._tls.recv(_RECORD_BYTES))
             except SSL.WantReadError:
-                return filled
+                return
             except SSL.ZeroReturnError:
                 self.peer_closed = True
-                return filled
+                return
             except SSL.Error as exc:
                 raise RemoteProtocolError(f"TLS error: {_describe(exc)}") from None
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         """Encrypt application bytes (they land in :meth:`data_to_send`).
 
         Raises :class:`LocalProtocolError` before the handshake completed."""

@@ -7,6 +7,7 @@ from lattica.wire.frames import (
     FrameDecoder,
     decode_frame,
     encode_frame,
+    encode_frame_parts,
     encode_frame_with_payload,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "FrameDecoder",
     "decode_frame",
     "encode_frame",
+    "encode_frame_parts",
     "encode_frame_with_payload",
 ]

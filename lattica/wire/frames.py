@@ -74,15 +74,27 @@ def encode_frame_with_payload(
     """The frame :func:`encode_frame` gives for ``message`` with its last field set to
     ``payload``, where ``message`` is an array-like Struct whose last field is ``bytes`` and
     left empty: the same bytes, built with one copy of ``payload`` (msgspec would copy it into
-    its output, and the header prefix once more). For bulk data (256 KiB pieces of model files)
-    those copies were a tenth of the serving daemon's CPU.
+    its output, and the header prefix once more). For bulk data (pieces of model files) those
+    copies were a tenth of the serving daemon's CPU.
+
+    Raises what :func:`encode_frame_parts` raises."""
+    return b"".join(encode_frame_parts(message, payload, max_frame_bytes=max_frame_bytes))
+
+
+def encode_frame_parts(
+    message: Any, payload: bytes | memoryview, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> tuple[bytes, memoryview]:
+    """:func:`encode_frame_with_payload` as its two parts, not joined: everything before the
+    payload, and ``payload`` itself (as a byte view). Sent one after the other they are that
+    frame; a sender that takes views sends the payload without copying it at all.
 
     Raises :class:`LocalProtocolError` like :func:`encode_frame`, and when the message's
     encoding does not end with an empty ``bytes`` field."""
     head = _encode_body(message)
     if not head.endswith(_EMPTY_BIN):
         raise LocalProtocolError(f"{type(message).__name__} does not end with an empty bytes field")
-    size = len(payload)
+    view = memoryview(payload).cast("B")
+    size = len(view)
     # The msgpack bin header msgspec writes for a payload of this size (the smallest that fits).
     if size < 1 << 8:
         marker = _BIN8.pack(0xC4, size)
@@ -93,7 +105,7 @@ def encode_frame_with_payload(
     body_bytes = len(head) - len(_EMPTY_BIN) + len(marker) + size
     if body_bytes + 1 > max_frame_bytes:
         raise LocalProtocolError(f"message of {body_bytes} bytes exceeds the {max_frame_bytes}-byte frame limit")
-    return b"".join((_HEADER.pack(body_bytes + 1, WIRE_VERSION), head[: -len(_EMPTY_BIN)], marker, payload))
+    return _HEADER.pack(body_bytes + 1, WIRE_VERSION) + head[: -len(_EMPTY_BIN)] + marker, view
 
 
 class FrameDecoder(Generic[T]):
@@ -102,6 +114,9 @@ class FrameDecoder(Generic[T]):
     Feed bytes as they arrive with :meth:`feed`; take messages with :meth:`next_message`;
     call :meth:`end_of_stream` when the stream closes to detect a truncated frame.
 
+    ``keeps_views``: the message type has ``msgspec.Raw`` fields, which refer into the frame
+    (zero-copy); a frame decoded in place then stays alive with its message.
+
     Whole frames inside what one :meth:`feed` brought are decoded from it in place; only a
     frame split across feeds is copied into a buffer (and anything fed that is not ``bytes``,
     which its owner may change). Bulk streams (256 KiB pieces of model files) paid three
@@ -109,21 +124,28 @@ class FrameDecoder(Generic[T]):
     taken.
     """
 
-    def __init__(self, message_type: type[T], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+    def __init__(
+        self, message_type: type[T], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, keeps_views: bool = False
+    ):
         self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)
+        # Messages with msgspec.Raw fields refer into the bytes they were decoded from: those
+        # bytes must then outlive the message (never a view of the reused buffer, never released).
+        self._keeps_views = keeps_views
         self._buffer = bytearray()
         # The unconsumed part of the last feed, used in place while the buffer is empty.
         self._fed: memoryview | None = None
         self._fed_at = 0
         self.max_frame_bytes = max_frame_bytes
 
-    def feed(self, data: bytes) -> None:
-        """Append received bytes. Raises :class:`FrameTooLargeError` as soon as a header
-        announces an oversize frame, so a peer cannot make us buffer it."""
+    def feed(self, data: bytes | bytearray | memoryview, *, owned: bool = False) -> None:
+        """Append received bytes. ``owned``: ``data`` is a view nobody will change (a stream's
+        :meth:`~lattica.net.stream.QuicStream.receive_buffer`), used in place like ``bytes``;
+        any other non-``bytes`` object is copied. Raises :class:`FrameTooLargeError` as soon as
+        a header announces an oversize frame, so a peer cannot make us buffer it."""
         if not data:
             return
         self._spill()
-        if not isinstance(data, bytes):  # a caller may reuse a bytearray: copy it
+        if not (owned or isinstance(data, bytes)):  # a caller may reuse a bytearray: copy it
             self._buffer += data
         else:
             view = memoryview(data)
@@ -162,7 +184,8 @@ class FrameDecoder(Generic[T]):
         # Move what is left of the last feed into the buffer (a frame split across feeds).
         if self._fed is not None:
             self._buffer += self._fed[self._fed_at :]
-            self._fed.release()
+            if not self._keeps_views:
+                self._fed.release()
             self._fed = None
 
     @property
@@ -202,7 +225,10 @@ class FrameDecoder(Generic[T]):
                 return None  # a partial frame (then nothing was fed after it)
             try:
                 with memoryview(self._buffer) as view:
-                    return self._decode(view[HEADER_BYTES : 4 + length])
+                    body = view[HEADER_BYTES : 4 + length]
+                    if self._keeps_views:
+                        body = memoryview(bytes(body))
+                    return self._decode(body)
             finally:
                 del self._buffer[: 4 + length]  # consumed, also when it is bad
         if self._fed is None:
@@ -216,12 +242,16 @@ class FrameDecoder(Generic[T]):
             return self._decode(fed[start + HEADER_BYTES : start + 4 + length])
         finally:
             if self._fed_at == len(fed):
-                fed.release()
+                if not self._keeps_views:
+                    fed.release()
                 self._fed = None
 
     def _decode(self, body: memoryview) -> T:
-        # msgspec copies what it keeps (bytes fields): nothing refers to ``body`` afterwards.
+        # msgspec copies what it keeps (bytes fields), so nothing refers to ``body`` afterwards,
+        # unless the messages keep views (Raw fields hold an export of ``body``).
         try:
+            if self._keeps_views:
+                return self._decoder.decode(body)
             with body:
                 return self._decoder.decode(body)
         # msgspec raises UnicodeDecodeError (a ValueError) for bad UTF-8 inside some containers.

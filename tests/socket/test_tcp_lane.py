@@ -95,6 +95,32 @@ async def test_a_lane_carries_one_stream_both_ways_and_ends_its_thread(make_tran
     assert server.lanes_admitted == 1 and client.lanes_opened == 1
 
 
+async def test_a_framed_lane_hands_each_large_frame_over_whole_in_memory_of_its_own(
+    make_transport: MakeTransport,
+) -> None:
+    # What the fetch's exchange stream gets (net.frame_receiver): every byte in order, each
+    # frame of 64 KiB or more as one read-only view of exactly that frame, and a frame the peer
+    # cut short by closing arrives as it was, for the reader's decoder to call truncated.
+    server, address = await make_transport()  # echoes
+    client, _ = await make_transport()
+    sizes = [10, 70_000, 5, 1_048_600, 300, 65_532, 2_000_000]
+    frames = [size.to_bytes(4, "big") + payload(size, seed=size) for size in sizes]
+    sent = b"".join(frames) + (100_000).to_bytes(4, "big") + b"cut short"
+    with trio.fail_after(LIMIT_S):
+        lane = await client.open_lane(PeerAddr(address, server.peer_id), framed_receive=True)
+        stream = await lane.open_stream()
+        await stream.send_all(sent)
+        await stream.send_eof()
+        received: list[bytes | memoryview] = []
+        while data := await stream.receive_buffer(4 << 20):
+            received.append(data)
+        await stream.aclose()
+        assert await join(lane)
+    assert b"".join(received) == sent
+    views = [len(item) for item in received if isinstance(item, memoryview)]
+    assert views == [len(f) for f in frames if 64 * 1024 <= len(f) <= 2 * 1024 * 1024]
+
+
 async def test_send_eof_ends_one_direction_only(make_transport: MakeTransport) -> None:
     async def answer_after_eof(stream: QuicStream) -> None:
         request = await read_all(stream)  # up to the client's close_notify

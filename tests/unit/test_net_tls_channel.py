@@ -248,8 +248,28 @@ def test_output_read_into_a_reused_buffer_is_the_whole_output_in_order(
     assert client.pending_output_bytes == 0 and client.data_to_send() == b""
 
 
-def _outcome(sizes: list[int], cut: int, close: bool, flip_at: int | None, *, direct: bool) -> tuple[object, ...]:
-    """What a server makes of one client's records, fed in slices of ``cut`` bytes."""
+class OddSink:
+    """A PlaintextSink whose buffers have seeded odd sizes (as a frame receiver's would)."""
+
+    def __init__(self, seed: int) -> None:
+        self._random = random.Random(seed)
+        self.received = bytearray()
+        self._buffer = bytearray()
+
+    def get_buffer(self) -> memoryview:
+        self._buffer = bytearray(self._random.randint(1, 40_000))
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, n_bytes: int) -> None:
+        assert 1 <= n_bytes <= len(self._buffer)
+        self.received += self._buffer[:n_bytes]
+
+
+def _outcome(
+    sizes: list[int], cut: int, close: bool, flip_at: int | None, *, direct: bool, into: bool = False
+) -> tuple[object, ...]:
+    """What a server makes of one client's records, fed in slices of ``cut`` bytes
+    (``into``: decrypted into an :class:`OddSink`'s buffers)."""
     pyopenssl_only = mock.patch.object(tls_channel._DirectCalls, "create", classmethod(lambda cls, connection: None))
     with contextlib.nullcontext() if direct else pyopenssl_only:
         client, server = _pair()
@@ -264,12 +284,17 @@ def _outcome(sizes: list[int], cut: int, close: bool, flip_at: int | None, *, di
     if flip_at is not None and wire:
         wire[flip_at % len(wire)] ^= 0x40
     got = bytearray()
+    sink = OddSink(cut)
     try:
         for start in range(0, len(wire), cut):
-            got += server.receive_data(bytes(wire[start : start + cut]))
+            if into:
+                placed = len(sink.received)
+                assert server.receive_into(bytes(wire[start : start + cut]), sink) == len(sink.received) - placed
+            else:
+                got += server.receive_data(bytes(wire[start : start + cut]))
     except RemoteProtocolError:
         return ("error", flip_at is not None)
-    return (bytes(got) == payload, server.peer_closed)
+    return (bytes(sink.received if into else got) == payload, server.peer_closed)
 
 
 @settings(max_examples=60, deadline=None)
@@ -284,11 +309,15 @@ def test_both_read_paths_give_the_same_bytes_closes_and_errors(
 ) -> None:
     direct = _outcome(sizes, cut, close, flip_at, direct=True)
     assert direct == _outcome(sizes, cut, close, flip_at, direct=False)
+    # Decrypted straight into a receiver's buffers (a framed lane), by either path: the same.
+    assert direct == _outcome(sizes, cut, close, flip_at, direct=True, into=True)
+    assert direct == _outcome(sizes, cut, close, flip_at, direct=False, into=True)
     if flip_at is None:
         assert direct == (True, close)  # untouched: every byte, in order, and the close seen
 
 
-def test_a_flood_of_key_updates_is_refused_after_a_bounded_amount_of_work() -> None:
+@pytest.mark.parametrize("into", [False, True])
+def test_a_flood_of_key_updates_is_refused_after_a_bounded_amount_of_work(into: bool) -> None:
     # Each requested KeyUpdate costs a key derivation and an answer: ~1.6 MB/s of them kept a
     # daemon's main thread busy, and OpenSSL sets no limit (review finding).
     client, secrets = client_recording_secrets(CLIENT)
@@ -299,7 +328,10 @@ def test_a_flood_of_key_updates_is_refused_after_a_bounded_amount_of_work() -> N
     answered_before = 0
     with pytest.raises(RemoteProtocolError, match="post-handshake"):
         for at in range(0, len(flood), 256 * 1024):
-            server.receive_data(flood[at : at + 256 * 1024])
+            if into:  # the framed lane's read path checks the same budget
+                server.receive_into(flood[at : at + 256 * 1024], OddSink(1))
+            else:
+                server.receive_data(flood[at : at + 256 * 1024])
             answered_before = server.pending_output_bytes
     # Refused within the first few slices of the first read, not after all 20,000.
     assert answered_before == 0
