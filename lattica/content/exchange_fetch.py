@@ -85,7 +85,8 @@ log = logging.getLogger("lattica.content.fetch")
 
 _MANIFEST_TIMEOUT_S = 30.0
 _MANIFEST_PARALLEL = 4  # peers asked for a manifest at once
-_RECEIVE_BYTES = 1 << 20
+# At least a whole frame (4 + MAX_FRAME_BYTES): a frame a lane delivered whole is taken whole.
+_RECEIVE_BYTES = 2 << 20
 # Bytes of files already in the output folder compared per worker-thread step (~50 ms).
 _CHECK_STEP_BYTES = 64 << 20
 _BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
@@ -131,6 +132,11 @@ class FetchProgress:
     paths: list[str] = field(default_factory=list)
     busy_refusals: int = 0
     """Times a peer refused because it was serving its limit of uploads (it is retried later)."""
+    direct_bytes: int = 0
+    """Bytes written into the output files with ``O_DIRECT`` (known once they are written)."""
+    in_place_bytes: int = 0
+    """Of those, bytes written from the memory TLS decrypted them into (a lane's whole-block
+    pieces): no copy between the network and the disk."""
     dropped: dict[str, str] = field(default_factory=dict)
     """Peers dropped for bad data or errors, and why."""
     on_update: Callable[[FetchProgress], None] | None = field(default=None, repr=False)
@@ -256,12 +262,12 @@ class _PeerLink:
 
     async def _read(self, stream: QuicStream) -> None:
         while True:
-            data = await stream.receive_some(_RECEIVE_BYTES)
+            data = await stream.receive_buffer(_RECEIVE_BYTES)
             if not data:
                 self.client.end_of_stream()
                 await self._events.send((self.peer, _Gone("the peer closed the stream")))
                 return
-            for event in self.client.receive(data):
+            for event in self.client.receive(data, owned=True):
                 if isinstance(event, HasAnswered):
                     await self._events.send((self.peer, _Ready(event.held)))
                 else:
@@ -297,8 +303,9 @@ async def _ask_manifest(
     if isinstance(reply, BlockRefused):
         return reply.code
     assert isinstance(reply, BlockReceived)
+    encoded = bytes(reply.data)  # small, and kept: not a view of its frame
     manifest = decode_manifest(
-        reply.data,
+        encoded,
         expected=cid,
         max_manifest_bytes=config.max_manifest_bytes,
         max_files=config.max_files,
@@ -306,7 +313,7 @@ async def _ask_manifest(
         max_path_bytes=config.max_path_bytes,
         max_header_bytes=config.max_safetensors_header_bytes,
     )
-    return reply.data, manifest
+    return encoded, manifest
 
 
 async def _fetch_manifest(
@@ -548,6 +555,7 @@ async def _fetch_planned(
             paths = [] if assembly is None else await run_blocking(assembly.finish)
             if assembly is not None:  # files completed from held chunks: their chunks move there
                 await store.index_written([], assembly.take_extents())
+                progress.direct_bytes, progress.in_place_bytes = assembly.direct_bytes, assembly.in_place_bytes
             if plan.selections:
                 paths += await run_blocking(lambda: export_files(store, (), out_dir, plan.selections, tag=tag))
             progress.paths = [str(p) for p in paths]
@@ -673,7 +681,7 @@ async def _transfer(
         # would cap the rate at the disk's sync latency. ``batch`` fills while the storer is
         # busy; a capacity-0 channel hands it over only when the storer is waiting, and the
         # storer's _Stored event wakes this loop.
-        store_send, store_receive = trio.open_memory_channel[list[tuple[PeerId, bytes, bytes]]](0)
+        store_send, store_receive = trio.open_memory_channel[list[tuple[PeerId, bytes, bytes | memoryview]]](0)
         stored_all = trio.Event()
 
         async def storer() -> None:
@@ -700,7 +708,7 @@ async def _transfer(
             # a node that is gone); without it the DHT is asked again only on a stall.
             start_search()
         stalled_since = trio.current_time()
-        batch: list[tuple[PeerId, bytes, bytes]] = []
+        batch: list[tuple[PeerId, bytes, bytes | memoryview]] = []
         batch_bytes = 0
         done = False
 
@@ -863,7 +871,7 @@ class _Flusher:
 
 async def _write_batch(
     store: BlockStore,
-    batch: list[tuple[PeerId, bytes, bytes]],
+    batch: list[tuple[PeerId, bytes, bytes | memoryview]],
     progress: FetchProgress,
     assembly: FileAssembly | None,
     flusher: _Flusher,

@@ -9,8 +9,10 @@ Client -> server: :class:`Want` (send block ``digest``), :class:`Has` (do you ho
 :class:`Cancel` (forget request ``id``).
 
 Server -> client: :class:`Piece` (part of a block: ``offset`` into it and its ``total`` length;
-a block is sent as consecutive pieces of at most :data:`MAX_PIECE_BYTES`), :class:`HasReply`,
-:class:`Refused` (``code`` in :data:`REFUSAL_CODES`).
+a block is sent as consecutive pieces of at most :data:`MAX_PIECE_BYTES`: a whole 1 MiB block in
+one piece on a lane, which carries nothing else, :data:`PIECE_BYTES` where streams share a
+connection), :class:`HasReply`, :class:`Refused` (``code`` in :data:`REFUSAL_CODES`). The
+client decodes pieces as :class:`PieceView`: the same bytes, the data taken in place.
 
 Bounds: a frame is at most :data:`MAX_FRAME_BYTES`, so neither side ever buffers more than one
 piece of a frame; ids are unsigned 32-bit; digests are exactly 32 bytes (BLAKE3). Blocks are
@@ -25,12 +27,16 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from lattica.content.cid import DIGEST_BYTES
+from lattica.errors import RemoteProtocolError
 
 PROTOCOL_ID: Final = "/lattica/content/1"
 """The protocol id of exchange streams (``Rpc.add_stream_handler``)."""
 
-MAX_PIECE_BYTES: Final = 256 * 1024
-"""Largest ``data`` in one :class:`Piece`, bytes."""
+MAX_PIECE_BYTES: Final = 1024 * 1024
+"""Largest ``data`` in one :class:`Piece`, bytes (a whole default-sized chunk)."""
+PIECE_BYTES: Final = 256 * 1024
+"""``data`` per :class:`Piece` on a connection that other streams share (QUIC, yamux): each
+piece is a turn for the others, and bounds what a cancel leaves in flight."""
 MAX_FRAME_BYTES: Final = MAX_PIECE_BYTES + 256
 """Largest frame either side accepts: a full piece plus its fields and framing."""
 
@@ -91,7 +97,41 @@ class Refused(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_field
     code: Literal["not-found", "busy", "too-large"]
 
 
+class PieceView(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, tag="piece"):
+    """:class:`Piece` as the client decodes it: ``data`` is the msgpack ``bin`` object as it
+    lies in the frame (no copy); :func:`piece_payload` checks it and gives its bytes."""
+
+    id: RequestId
+    offset: BlockBytes
+    total: BlockBytes
+    data: msgspec.Raw
+
+
+def piece_payload(piece: PieceView) -> memoryview:
+    """The bytes of ``piece`` (a read-only view into its frame). Raises
+    :class:`~lattica.errors.RemoteProtocolError` if ``data`` is not a msgpack ``bin`` (RFC-less,
+    but see the msgpack spec's bin 8/16/32 formats) or holds more than :data:`MAX_PIECE_BYTES`."""
+    raw = memoryview(piece.data)
+    marker = raw[0] if raw else -1
+    if marker == 0xC4:
+        start = 2
+    elif marker == 0xC5:
+        start = 3
+    elif marker == 0xC6:
+        start = 5
+    else:
+        raise RemoteProtocolError("a piece whose data is not bytes")
+    size = int.from_bytes(raw[1:start], "big")
+    if start + size != len(raw):  # msgspec checked the object's extent; this is belt and braces
+        raise RemoteProtocolError("a piece whose data length is inconsistent")
+    if size > MAX_PIECE_BYTES:
+        raise RemoteProtocolError(f"a piece of {size} bytes; at most {MAX_PIECE_BYTES} are allowed")
+    return raw[start:]
+
+
 ClientMessage = Want | Has | Cancel
 """What a client sends."""
 ServerMessage = Piece | HasReply | Refused
 """What a server sends."""
+ServerMessageView = PieceView | HasReply | Refused
+"""What a server sends, as the client decodes it (pieces in place)."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from lattica.content.exchange_messages import (
     MAX_FRAME_BYTES,
     MAX_PIECE_BYTES,
+    PIECE_BYTES,
     Cancel,
     ClientMessage,
     Has,
@@ -33,10 +34,12 @@ from lattica.content.exchange_messages import (
     Piece,
     Refused,
     ServerMessage,
+    ServerMessageView,
     Want,
+    piece_payload,
 )
 from lattica.errors import LocalProtocolError, RemoteProtocolError
-from lattica.wire import FrameDecoder, encode_frame, encode_frame_with_payload
+from lattica.wire import FrameDecoder, encode_frame, encode_frame_parts
 
 DEFAULT_MAX_OUTSTANDING = 64
 """Requests a server accepts in flight on one stream (the client's window must stay below)."""
@@ -132,24 +135,31 @@ class ExchangeServer:
         """The client closed its side; raises :class:`RemoteProtocolError` inside a frame."""
         self._decoder.end_of_stream()
 
-    def block_frames(self, request_id: int, offset: int, total: int, data: bytes | memoryview) -> list[bytes]:
+    def block_frames(
+        self, request_id: int, offset: int, total: int, data: bytes | memoryview, *, piece_bytes: int = PIECE_BYTES
+    ) -> list[tuple[bytes, memoryview]]:
         """Frames carrying ``data``, bytes ``offset ..`` of a ``total``-byte block, for request
-        ``request_id``; the request is answered once the range reaches ``total``. Nothing for
-        a request that was cancelled meanwhile. Each frame copies its part of ``data`` once."""
+        ``request_id``, a piece of at most ``piece_bytes`` each; the request is answered once
+        the range reaches ``total``. Nothing for a request that was cancelled meanwhile. Each
+        frame is its two parts (:func:`~lattica.wire.encode_frame_parts`): its head and its
+        piece of ``data``, not copied. Raises :class:`LocalProtocolError` for ``piece_bytes``
+        outside 1 .. :data:`MAX_PIECE_BYTES`."""
+        if not 1 <= piece_bytes <= MAX_PIECE_BYTES:
+            raise LocalProtocolError(f"piece_bytes must be within 1 .. {MAX_PIECE_BYTES}")
         if request_id not in self._outstanding:
             return []
         if offset + len(data) >= total:
             self._outstanding.discard(request_id)
         if not data:
-            return [_frame(Piece(request_id, offset, total, b""))]
+            return [(_frame(Piece(request_id, offset, total, b"")), memoryview(b""))]
         view = memoryview(data)
         return [
-            encode_frame_with_payload(
+            encode_frame_parts(
                 Piece(request_id, offset + start, total, b""),
-                view[start : start + MAX_PIECE_BYTES],
+                view[start : start + piece_bytes],
                 max_frame_bytes=MAX_FRAME_BYTES,
             )
-            for start in range(0, len(view), MAX_PIECE_BYTES)
+            for start in range(0, len(view), piece_bytes)
         ]
 
     def refuse(self, request_id: int, code: str) -> bytes:
@@ -172,11 +182,12 @@ class ExchangeServer:
 
 @dataclass(frozen=True, slots=True)
 class BlockReceived:
-    """Request ``id`` for ``digest`` arrived whole (not yet verified)."""
+    """Request ``id`` for ``digest`` arrived whole (not yet verified). ``data`` is read-only:
+    a view into the frame it came in when it came in one piece."""
 
     id: int
     digest: bytes
-    data: bytes
+    data: memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +215,7 @@ ClientEvent = BlockReceived | BlockRefused | HasAnswered
 class _Pending:
     digest: bytes
     max_bytes: int | None  # None: a Has request
-    pieces: list[bytes]  # joined once, when the block is whole
+    pieces: list[memoryview]  # views into their frames; joined once, when the block is whole
     received: int = 0
     total: int | None = None
 
@@ -213,9 +224,10 @@ class ExchangeClient:
     """The fetching side of one exchange stream (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._decoder: FrameDecoder[ServerMessage] = FrameDecoder(
-            ServerMessage,  # type: ignore[arg-type]
+        self._decoder: FrameDecoder[ServerMessageView] = FrameDecoder(
+            ServerMessageView,  # type: ignore[arg-type]
             max_frame_bytes=MAX_FRAME_BYTES,
+            keeps_views=True,
         )
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
@@ -251,10 +263,12 @@ class ExchangeClient:
             return b""
         return _frame(Cancel(request_id))
 
-    def receive(self, data: bytes) -> list[ClientEvent]:
-        """Feed bytes from the server; returns the replies they complete. Raises
-        :class:`RemoteProtocolError` (see the module docstring)."""
-        self._decoder.feed(data)
+    def receive(self, data: bytes | memoryview, *, owned: bool = False) -> list[ClientEvent]:
+        """Feed bytes from the server; returns the replies they complete. ``owned``: ``data``
+        is a view nobody changes (``QuicStream.receive_buffer``); a piece's bytes are then kept
+        as views of it, not copied. Raises :class:`RemoteProtocolError` (see the module
+        docstring)."""
+        self._decoder.feed(data, owned=owned)
         events: list[ClientEvent] = []
         while (message := self._decoder.next_message()) is not None:
             event = self._handle(message)
@@ -266,7 +280,7 @@ class ExchangeClient:
         """The server closed its side; raises :class:`RemoteProtocolError` inside a frame."""
         self._decoder.end_of_stream()
 
-    def _handle(self, message: ServerMessage) -> ClientEvent | None:
+    def _handle(self, message: ServerMessageView) -> ClientEvent | None:
         pending = self._pending.get(message.id)
         if pending is None:
             if message.id >= self._next_id:
@@ -288,16 +302,17 @@ class ExchangeClient:
             pending.total = message.total
         if message.total != pending.total or message.offset != pending.received:
             raise RemoteProtocolError(f"piece of request {message.id} does not continue its block")
-        if message.offset + len(message.data) > message.total:
+        data = piece_payload(message)
+        if message.offset + len(data) > message.total:
             raise RemoteProtocolError(f"piece of request {message.id} runs past its block")
-        if not message.data and message.total:
+        if not data and message.total:
             # Only an empty block is sent as an empty piece; endless empty pieces of a block
             # would cost a list entry and a turn each, forever (review finding).
             raise RemoteProtocolError(f"empty piece of request {message.id}, a block of {message.total} bytes")
-        pending.pieces.append(message.data)
-        pending.received += len(message.data)
+        pending.pieces.append(data)
+        pending.received += len(data)
         if pending.received < pending.total:
             return None
         del self._pending[message.id]
-        data = pending.pieces[0] if len(pending.pieces) == 1 else b"".join(pending.pieces)
-        return BlockReceived(message.id, pending.digest, data)
+        whole = pending.pieces[0] if len(pending.pieces) == 1 else memoryview(b"".join(pending.pieces))
+        return BlockReceived(message.id, pending.digest, whole)

@@ -33,7 +33,7 @@ from lattica.content.blocking_io import run_blocking
 from lattica.content.cid import Cid
 from lattica.content.config import ContentConfig
 from lattica.content.exchange_fetch import FetchDeps, FetchProgress, fetch_content
-from lattica.content.exchange_messages import BUSY, MAX_PIECE_BYTES, NOT_FOUND, PROTOCOL_ID, TOO_LARGE
+from lattica.content.exchange_messages import BUSY, MAX_PIECE_BYTES, NOT_FOUND, PIECE_BYTES, PROTOCOL_ID, TOO_LARGE
 from lattica.content.exchange_protocol import BlockWanted, ExchangeServer, HasAsked, RequestCancelled
 from lattica.content.publish import PublishResult, publish
 from lattica.dht import Dht
@@ -232,11 +232,17 @@ class ContentService:
         busy: bool,
         first: _BlockRead | None = None,
     ) -> bool:
-        """Answer one request; True if block data was sent. Each frame must be taken by the
-        stream within ``upload_timeout_s`` (``trio.TooSlowError``): progress, not the whole
-        answer, is what is timed (review finding: a reader taking 16 KiB/s, slow but steady,
-        was cut off in the middle of every 1 MiB block)."""
+        """Answer one request; True if block data was sent. Each :data:`PIECE_BYTES` of a frame
+        must be taken by the stream within ``upload_timeout_s`` (``trio.TooSlowError``):
+        progress, not the whole answer, is what is timed (review finding: a reader taking
+        16 KiB/s, slow but steady, was cut off in the middle of every 1 MiB block).
+
+        A lane carries nothing but this stream: a block goes in one piece there (up to
+        :data:`MAX_PIECE_BYTES`), which the client receives and writes where it landed
+        (:mod:`lattica.net.frame_receiver`); streams that share a connection get
+        :data:`PIECE_BYTES` pieces, each a turn for the others."""
         timeout_s = self.config.upload_timeout_s
+        piece_bytes = MAX_PIECE_BYTES if isinstance(stream.connection, TcpLane) else PIECE_BYTES
         if busy:  # the client tries again later or elsewhere
             await _send(stream, server.refuse(request.id, BUSY), timeout_s)
             return False
@@ -272,11 +278,11 @@ class ContentService:
             # request to a faster peer, or a copy arrived first) stops the block within one
             # piece instead of after the whole read.
             view = memoryview(data)
-            for start in range(0, max(len(view), 1), MAX_PIECE_BYTES):
-                for frame in server.block_frames(
-                    request.id, offset + start, total, view[start : start + MAX_PIECE_BYTES]
+            for start in range(0, max(len(view), 1), piece_bytes):
+                for head, payload in server.block_frames(
+                    request.id, offset + start, total, view[start : start + piece_bytes], piece_bytes=piece_bytes
                 ):
-                    await _send(stream, frame, timeout_s)
+                    await _send_frame(stream, head, payload, timeout_s)
                     sent = True
             offset += length
             data = None
@@ -470,6 +476,16 @@ async def _send(stream: QuicStream, frame: bytes, timeout_s: float) -> None:
     if frame:
         with trio.fail_after(timeout_s):
             await stream.send_all(frame)
+
+
+async def _send_frame(stream: QuicStream, head: bytes, payload: memoryview, timeout_s: float) -> None:
+    """Send a frame given as its head and its payload (not joined: a lane takes the payload
+    as it is); ``trio.TooSlowError`` if the stream does not take it within ``timeout_s`` per
+    :data:`PIECE_BYTES`."""
+    with trio.fail_after(timeout_s * max(1.0, len(payload) / PIECE_BYTES)):
+        await stream.send_all(head)
+        if payload:
+            await stream.send_all(payload)
 
 
 def _source_of(stream: QuicStream) -> str | None:

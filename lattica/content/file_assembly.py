@@ -173,6 +173,7 @@ class FileAssembly:
         self._direct_io = direct_io
         self._buffer: AlignedBuffer | None = None
         self._direct_bytes_closed = 0
+        self._in_place_bytes_closed = 0
         self._checking = 0
         self._check: _Comparison | None = None
         self.kept: list[str] = []
@@ -411,6 +412,7 @@ class FileAssembly:
         if assembled.writer is not None:
             assembled.writer.close()
             self._direct_bytes_closed += assembled.writer.direct_bytes
+            self._in_place_bytes_closed += assembled.writer.in_place_bytes
             assembled.writer = None
 
     @property
@@ -418,6 +420,12 @@ class FileAssembly:
         """Bytes written with ``O_DIRECT`` so far (``direct_io``: the whole pages of chunks that
         arrived in file order)."""
         return self._direct_bytes_closed + sum(a.writer.direct_bytes for a in self._files if a.writer is not None)
+
+    @property
+    def in_place_bytes(self) -> int:
+        """Of :attr:`direct_bytes`, those written from where they were received (page-aligned
+        already: no bounce copy)."""
+        return self._in_place_bytes_closed + sum(a.writer.in_place_bytes for a in self._files if a.writer is not None)
 
     def _advance(
         self, assembled: _Assembled, target: ContainedFile, digest: bytes | None, data: bytes | memoryview | None

@@ -20,7 +20,7 @@ import trio.testing
 from lattica.config import NodeConfig
 from lattica.content import Cid, ContentConfig, OutputConflictError
 from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
-from lattica.content.exchange_messages import MAX_PIECE_BYTES, PROTOCOL_ID, Cancel
+from lattica.content.exchange_messages import PIECE_BYTES, PROTOCOL_ID, Cancel
 from lattica.content.exchange_protocol import BlockReceived, ExchangeClient
 from lattica.content.exchange_service import ContentService
 from lattica.errors import RemoteProtocolError
@@ -575,7 +575,7 @@ async def test_a_cancel_stops_a_block_the_server_has_begun_within_one_piece(
                 arrived |= {event.digest for event in client.receive(data) if isinstance(event, BlockReceived)}
         assert arrived == {first, third}
         framing = 16 * KIB
-        assert received <= 2 * chunk + MAX_PIECE_BYTES + framing
+        assert received <= 2 * chunk + PIECE_BYTES + framing
 
 
 async def test_a_connected_peer_without_the_content_says_so_and_its_requests_go_elsewhere(

@@ -43,6 +43,12 @@ async def test_fetch_takes_tcp_where_both_run_it(tmp_path: Path, fetcher_runs_tc
         assert (b.tcp.connection(a.peer_id) is not None) is fetcher_runs_tcp
         # The chunks came on a lane of their own (one per seeder), the manifest on yamux.
         assert a.tcp.lanes_admitted == b.tcp.lanes_opened == int(fetcher_runs_tcp)
+        # On the lane each chunk came whole in one frame and went to disk from where TLS
+        # decrypted it: every whole page written direct was written in place.
+        if fetcher_runs_tcp and result.direct_bytes:
+            assert result.in_place_bytes == result.direct_bytes >= source.stat().st_size // 2
+        else:
+            assert result.in_place_bytes == 0
 
 
 async def test_a_seeder_that_admits_no_lane_serves_over_its_tcp_connection(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lattica.content.direct_write import ALIGN_BYTES, MIN_DIRECT_BYTES, AlignedBuffer, DirectWriter
+from lattica.wire.buffers import end_aligned
 from tests.conftest import MakeTmpfs
 from tests.unit.content_samples import KIB, random_bytes
 
@@ -59,6 +60,27 @@ def test_ranges_in_any_order_and_alignment_give_exactly_the_bytes(
         os.close(fd)
     assert (tmp_path / "out").read_bytes() == data
     assert writer.direct_bytes > len(data) // 2  # most of it went direct (tmp_path's disk takes O_DIRECT)
+
+
+def test_page_aligned_memory_is_written_from_where_it_is(tmp_path: Path, buffer: AlignedBuffer) -> None:
+    # A whole-block piece as a lane received it: no copy through the bounce buffer. Bytes at an
+    # unaligned address still go through it.
+    data = random_bytes(1024 * KIB, seed=4)
+    aligned = end_aligned(len(data))  # a whole number of pages: its start is aligned too
+    aligned[:] = data
+    unaligned = end_aligned(len(data) + 1)[:-1]
+    unaligned[:] = data
+    fd = open_file(tmp_path / "out")
+    writer = DirectWriter(fd, buffer)
+    try:
+        writer.write(aligned.toreadonly(), 0)
+        assert writer.in_place_bytes == writer.direct_bytes == len(data)
+        writer.write(unaligned, len(data))
+        assert writer.in_place_bytes == len(data) and writer.direct_bytes == 2 * len(data)
+    finally:
+        writer.close()
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == data + data
 
 
 def test_cached_pages_are_replaced_by_a_direct_write(tmp_path: Path, buffer: AlignedBuffer) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lattica.content.exchange_messages import MAX_PIECE_BYTES, NOT_FOUND, Piece, Want
+from lattica.content.exchange_messages import MAX_PIECE_BYTES, NOT_FOUND, PIECE_BYTES, Piece, Want
 from lattica.content.exchange_protocol import (
     BlockReceived,
     BlockRefused,
@@ -19,7 +19,7 @@ from lattica.content.exchange_protocol import (
     HasAsked,
     RequestCancelled,
 )
-from lattica.errors import FrameTooLargeError, RemoteProtocolError
+from lattica.errors import FrameTooLargeError, LocalProtocolError, RemoteProtocolError
 from lattica.wire import encode_frame
 from tests.unit.content_samples import fuzz, random_bytes
 
@@ -31,16 +31,41 @@ def frame(message: object) -> bytes:
     return encode_frame(message, max_frame_bytes=1 << 21)
 
 
+def on_wire(frames: list[tuple[bytes, memoryview]]) -> bytes:
+    """Frames given as parts, as the stream carries them."""
+    return b"".join(head + payload for head, payload in frames)
+
+
 def test_a_block_crosses_in_pieces_and_arrives_whole() -> None:
     client, server = ExchangeClient(), ExchangeServer()
-    data = random_bytes(2 * MAX_PIECE_BYTES + 17, seed=1)
+    data = random_bytes(2 * PIECE_BYTES + 17, seed=1)
     request_id, request = client.want(DIGEST, len(data))
     assert server.receive(request) == [BlockWanted(request_id, DIGEST, len(data))]
     frames = server.block_frames(request_id, 0, len(data), data)
     assert len(frames) == 3 and not server.is_wanted(request_id)
-    events = [e for f in frames for e in client.receive(f)]
-    assert events == [BlockReceived(request_id, DIGEST, data)]
+    events = [e for f in frames for e in client.receive(on_wire([f]))]
+    assert events == [BlockReceived(request_id, DIGEST, memoryview(data))]
     assert client.outstanding == 0 and server.outstanding == 0
+
+
+def test_a_lane_sends_a_whole_block_in_one_piece_taken_in_place() -> None:
+    # piece_bytes up to MAX_PIECE_BYTES (what a lane's server uses); a client fed an owned view
+    # takes the block as a view into that very frame: no copy between TLS and the disk.
+    client, server = ExchangeClient(), ExchangeServer()
+    data = random_bytes(MAX_PIECE_BYTES, seed=2)
+    request_id, request = client.want(DIGEST, len(data))
+    server.receive(request)
+    frames = server.block_frames(request_id, 0, len(data), data, piece_bytes=MAX_PIECE_BYTES)
+    assert len(frames) == 1
+    _head, payload = frames[0]
+    assert payload.obj is data  # the frame's payload is the block itself, not a copy
+    wire = bytearray(on_wire(frames))
+    [event] = client.receive(memoryview(wire).toreadonly(), owned=True)
+    assert isinstance(event, BlockReceived) and event.data == data
+    wire[-1] ^= 0xFF  # the event's data is that frame's memory
+    assert event.data[-1] == data[-1] ^ 0xFF
+    with pytest.raises(LocalProtocolError):
+        server.block_frames(request_id, 0, 1, b"x", piece_bytes=MAX_PIECE_BYTES + 1)
 
 
 def test_pipelined_requests_ranged_reads_has_and_refusal() -> None:
@@ -50,7 +75,7 @@ def test_pipelined_requests_ranged_reads_has_and_refusal() -> None:
     c, fc = client.has(OTHER)
     assert server.receive(fa + fb + fc) == [BlockWanted(a, DIGEST, 10), BlockWanted(b, OTHER, 10), HasAsked(c, OTHER)]
     replies = server.refuse(b, NOT_FOUND) + server.has_reply(c, False)
-    replies += b"".join(server.block_frames(a, 0, 10, b"01234")) + b"".join(server.block_frames(a, 5, 10, b"56789"))
+    replies += on_wire(server.block_frames(a, 0, 10, b"01234")) + on_wire(server.block_frames(a, 5, 10, b"56789"))
     assert client.receive(replies) == [
         BlockRefused(b, OTHER, NOT_FOUND),
         HasAnswered(c, OTHER, False),
@@ -66,7 +91,7 @@ def test_cancel_stops_the_server_and_late_pieces_are_ignored() -> None:
     assert server.receive(client.cancel(request_id)) == [RequestCancelled(request_id)]
     assert server.block_frames(request_id, 50, 100, b"y" * 50) == []
     assert server.refuse(request_id, NOT_FOUND) == b""
-    assert client.receive(b"".join(late)) == []
+    assert client.receive(on_wire(late)) == []
     assert client.cancel(request_id) == b""  # already forgotten: nothing to send
 
 
