@@ -368,6 +368,7 @@ class TcpLane:
                 self._outbox.clear()
                 self._outbox_bytes = self._wire_bytes = 0
                 self._channel = None
+                self._frames = None  # and a frame in progress: up to 2 MiB
             self._release_fds()
 
     def _release_fds(self) -> None:

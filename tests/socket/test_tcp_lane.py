@@ -441,6 +441,30 @@ async def test_a_closed_lane_keeps_none_of_its_buffers(make_transport: MakeTrans
     release.set()
 
 
+async def test_a_closed_framed_lane_drops_the_frame_it_was_filling(make_transport: MakeTransport) -> None:
+    # A frame in progress is memory the peer announced (up to 2 MiB): it must not live on with
+    # the closed lane until the cyclic collector runs.
+    release = trio.Event()
+
+    async def announce_and_stall(stream: QuicStream) -> None:
+        # One write, one TLS record: a whole small frame, then 1 MiB announced and 1000 bytes.
+        await stream.send_all(b"\0\0\0\1x" + (1 << 20).to_bytes(4, "big") + bytes(1000))
+        await release.wait()
+
+    server, address = await make_transport(handler=announce_and_stall)
+    client, _ = await make_transport()
+    with trio.fail_after(LIMIT_S):
+        lane = await client.open_lane(PeerAddr(address, server.peer_id), framed_receive=True)
+        stream = await lane.open_stream()
+        await stream.send_all(b"x")  # the server's handler starts on the first byte
+        # Decrypted with the big frame's start: that frame is in progress now.
+        assert await stream.receive_buffer() == b"\0\0\0\1x"
+        await stream.aclose()
+        assert await join(lane)
+    assert lane._frames is None
+    release.set()
+
+
 async def test_one_source_address_holds_at_most_its_share_of_lanes(make_transport: MakeTransport) -> None:
     release = trio.Event()
 
