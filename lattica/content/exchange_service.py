@@ -25,6 +25,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -49,6 +50,7 @@ from lattica.net.tcp_lane import TcpLane
 from lattica.storage import SqliteWriter
 
 log = logging.getLogger("lattica.content")
+_K = TypeVar("_K")
 
 _READ_BYTES = MAX_EXTENT_BYTES
 """Serving reads a block in steps of this size: at least the longest extent, which is read
@@ -212,17 +214,9 @@ class ContentService:
         finally:
             if not busy:
                 self.uploads -= 1
-                left = self.uploads_by_peer[peer] - 1
-                if left:
-                    self.uploads_by_peer[peer] = left
-                else:
-                    del self.uploads_by_peer[peer]
+                _release(self.uploads_by_peer, peer)
                 if source is not None:
-                    left = self.uploads_by_source[source] - 1
-                    if left:
-                        self.uploads_by_source[source] = left
-                    else:
-                        del self.uploads_by_source[source]
+                    _release(self.uploads_by_source, source)
 
     async def _answer(
         self,
@@ -468,6 +462,15 @@ class _BlockRead:
             self.error = exc
         finally:
             self.done.set()
+
+
+def _release(counts: dict[_K, int], key: _K) -> None:
+    """One fewer upload slot held by ``key``; the entry goes with its last slot."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 async def _send(stream: QuicStream, frame: bytes, timeout_s: float) -> None:
