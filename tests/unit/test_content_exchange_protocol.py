@@ -123,6 +123,28 @@ def test_client_refuses_pieces_that_do_not_fit_what_it_asked(piece: Piece, error
         client.receive(frame(piece))
 
 
+@pytest.mark.parametrize(
+    "data",
+    ["abcd", 4, [1, 2, 3, 4], {"a": 1}, msgspec.msgpack.Ext(1, b"abcd"), None],
+    ids=["str", "int", "array", "map", "ext", "nil"],
+)
+def test_a_piece_whose_data_is_not_bytes_is_a_protocol_error(data: object) -> None:
+    # The client takes a piece's data as the raw msgpack object in the frame (no copy):
+    # anything but a bin is refused, not read as bytes.
+    client = ExchangeClient()
+    client.want(DIGEST, 100)
+    with pytest.raises(RemoteProtocolError, match="not bytes"):
+        client.receive(frame(["piece", 0, 0, 4, data]), owned=True)
+
+
+def test_a_piece_above_the_piece_limit_is_a_protocol_error() -> None:
+    client = ExchangeClient()
+    client.want(DIGEST, 4 * MAX_PIECE_BYTES)
+    too_big = frame(Piece(0, 0, 4 * MAX_PIECE_BYTES, bytes(MAX_PIECE_BYTES + 1)))
+    with pytest.raises(RemoteProtocolError, match="at most"):
+        client.receive(too_big)
+
+
 def test_a_piece_for_a_has_request_is_an_error() -> None:
     client = ExchangeClient()
     request_id, _ = client.has(DIGEST)
