@@ -166,13 +166,22 @@ class _DirectCalls:
         lib, ssl, from_buffer = self._lib, self._ssl, self._ffi.from_buffer
         placed = 0
         while True:
+            # Records into one buffer until it is full or none is whole: one call of the sink
+            # per buffer, not per 16 KiB record.
             target = sink.get_buffer()
-            result = lib.SSL_read(ssl, from_buffer(target), len(target))
-            if result > 0:
-                sink.buffer_updated(result)
-                placed += result
-                continue
-            return placed, bool(lib.SSL_get_error(ssl, result) == self._want_read)
+            size = len(target)
+            pointer = from_buffer(target)
+            filled = 0
+            while filled < size:
+                result = lib.SSL_read(ssl, pointer + filled, size - filled)
+                if result <= 0:
+                    break
+                filled += result
+            if filled:
+                sink.buffer_updated(filled)
+                placed += filled
+            if filled < size:
+                return placed, bool(lib.SSL_get_error(ssl, result) == self._want_read)
 
     def flush(self, parts: list[bytes], filled: int) -> None:
         """Copy the buffer's first ``filled`` bytes out into ``parts``."""
