@@ -11,6 +11,7 @@ their functions. ``tests/unit/test_cli_imports.py`` and ``bench/cli.py`` keep it
 
 # No `from __future__ import annotations`: typer would eval every annotation string at start-up
 # (typing.get_type_hints, ~25 ms per command on this machine).
+import gc
 import os
 import sys
 from pathlib import Path
@@ -457,7 +458,12 @@ def run(args: list[str]) -> int:
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(run(sys.argv[1:]))
+    code = run(sys.argv[1:])
+    # The process ends now: objects moved to the permanent generation are not walked by the
+    # interpreter's last collections (what typer, msgspec and the rest imported: ~10 ms of
+    # every command, measured 94 -> 83 ms for `--help`).
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":
