@@ -34,6 +34,9 @@ PROTOCOL_ID: Final = "/lattica/content/1"
 
 MAX_PIECE_BYTES: Final = 1024 * 1024
 """Largest ``data`` in one :class:`Piece`, bytes (a whole default-sized chunk)."""
+MIN_PIECE_BYTES: Final = 16 * 1024
+"""Least ``data`` in a :class:`Piece` that does not end its block (an honest server sends full
+pieces; tiny ones would cost the client a message each for a byte or two: review finding)."""
 PIECE_BYTES: Final = 256 * 1024
 """``data`` per :class:`Piece` on a connection that other streams share (QUIC, yamux): each
 piece is a turn for the others, and bounds what a cancel leaves in flight."""

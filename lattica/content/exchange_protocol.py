@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from lattica.content.exchange_messages import (
     MAX_FRAME_BYTES,
     MAX_PIECE_BYTES,
+    MIN_PIECE_BYTES,
     PIECE_BYTES,
     Cancel,
     ClientMessage,
@@ -303,12 +304,20 @@ class ExchangeClient:
         if message.total != pending.total or message.offset != pending.received:
             raise RemoteProtocolError(f"piece of request {message.id} does not continue its block")
         data = piece_payload(message)
+        if not self._decoder.last_frame_alone:
+            # A view would keep every frame read with this one alive (review finding: 1-byte
+            # pieces beside large fillers held 1.2 GiB): keep a copy of the piece alone.
+            data = memoryview(bytes(data))
         if message.offset + len(data) > message.total:
             raise RemoteProtocolError(f"piece of request {message.id} runs past its block")
         if not data and message.total:
             # Only an empty block is sent as an empty piece; endless empty pieces of a block
             # would cost a list entry and a turn each, forever (review finding).
             raise RemoteProtocolError(f"empty piece of request {message.id}, a block of {message.total} bytes")
+        if len(data) < MIN_PIECE_BYTES and message.offset + len(data) < message.total:
+            raise RemoteProtocolError(
+                f"a {len(data)}-byte piece inside request {message.id}'s block (at least {MIN_PIECE_BYTES})"
+            )
         pending.pieces.append(data)
         pending.received += len(data)
         if pending.received < pending.total:

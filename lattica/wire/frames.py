@@ -131,6 +131,11 @@ class FrameDecoder(Generic[T]):
         # Messages with msgspec.Raw fields refer into the bytes they were decoded from: those
         # bytes must then outlive the message (never a view of the reused buffer, never released).
         self._keeps_views = keeps_views
+        self.last_frame_alone = False
+        """Whether the last message's frame was all of the memory its views refer to (a feed
+        that was exactly that frame, or a frame copied out of the buffer): a view kept from it
+        holds nothing else alive. False for a frame sharing a feed with others, whose views
+        keep the whole feed (``keeps_views``: copy what you keep from those)."""
         self._buffer = bytearray()
         # The unconsumed part of the last feed, used in place while the buffer is empty.
         self._fed: memoryview | None = None
@@ -223,6 +228,7 @@ class FrameDecoder(Generic[T]):
         if self._buffer:
             if length is None or len(self._buffer) < 4 + length:
                 return None  # a partial frame (then nothing was fed after it)
+            self.last_frame_alone = True  # decoded from a copy of exactly this frame
             try:
                 with memoryview(self._buffer) as view:
                     body = view[HEADER_BYTES : 4 + length]
@@ -237,6 +243,7 @@ class FrameDecoder(Generic[T]):
             self._spill()  # a partial frame: keep it, not the whole fed object
             return None
         fed, start = self._fed, self._fed_at
+        self.last_frame_alone = start == 0 and 4 + length == len(fed)
         self._fed_at += 4 + length  # consumed, also when it is bad
         try:
             return self._decode(fed[start + HEADER_BYTES : start + 4 + length])

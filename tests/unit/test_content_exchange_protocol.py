@@ -3,12 +3,14 @@ hostile bytes in both directions (a typed error or valid events, never anything 
 
 from __future__ import annotations
 
+import tracemalloc
+
 import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lattica.content.exchange_messages import MAX_PIECE_BYTES, NOT_FOUND, PIECE_BYTES, Piece, Want
+from lattica.content.exchange_messages import MAX_PIECE_BYTES, MIN_PIECE_BYTES, NOT_FOUND, PIECE_BYTES, Piece, Want
 from lattica.content.exchange_protocol import (
     BlockReceived,
     BlockRefused,
@@ -70,16 +72,23 @@ def test_a_lane_sends_a_whole_block_in_one_piece_taken_in_place() -> None:
 
 def test_pipelined_requests_ranged_reads_has_and_refusal() -> None:
     client, server = ExchangeClient(), ExchangeServer()
-    a, fa = client.want(DIGEST, 10)
+    block = random_bytes(MIN_PIECE_BYTES + 10, seed=3)
+    a, fa = client.want(DIGEST, len(block))
     b, fb = client.want(OTHER, 10)
     c, fc = client.has(OTHER)
-    assert server.receive(fa + fb + fc) == [BlockWanted(a, DIGEST, 10), BlockWanted(b, OTHER, 10), HasAsked(c, OTHER)]
+    assert server.receive(fa + fb + fc) == [
+        BlockWanted(a, DIGEST, len(block)),
+        BlockWanted(b, OTHER, 10),
+        HasAsked(c, OTHER),
+    ]
     replies = server.refuse(b, NOT_FOUND) + server.has_reply(c, False)
-    replies += on_wire(server.block_frames(a, 0, 10, b"01234")) + on_wire(server.block_frames(a, 5, 10, b"56789"))
+    cut = MIN_PIECE_BYTES  # ranged reads: the first piece ends where the first read did
+    replies += on_wire(server.block_frames(a, 0, len(block), block[:cut]))
+    replies += on_wire(server.block_frames(a, cut, len(block), block[cut:]))
     assert client.receive(replies) == [
         BlockRefused(b, OTHER, NOT_FOUND),
         HasAnswered(c, OTHER, False),
-        BlockReceived(a, DIGEST, b"0123456789"),
+        BlockReceived(a, DIGEST, memoryview(block)),
     ]
 
 
@@ -143,6 +152,42 @@ def test_a_piece_above_the_piece_limit_is_a_protocol_error() -> None:
     too_big = frame(Piece(0, 0, 4 * MAX_PIECE_BYTES, bytes(MAX_PIECE_BYTES + 1)))
     with pytest.raises(RemoteProtocolError, match="at most"):
         client.receive(too_big)
+
+
+def test_a_tiny_piece_inside_a_block_is_a_protocol_error() -> None:
+    # Honest servers send full pieces; a byte at a time would cost a message per byte.
+    client = ExchangeClient()
+    client.want(DIGEST, 4 * MIN_PIECE_BYTES)
+    with pytest.raises(RemoteProtocolError, match="at least"):
+        client.receive(frame(Piece(0, 0, 4 * MIN_PIECE_BYTES, b"x" * (MIN_PIECE_BYTES - 1))))
+    last = ExchangeClient()
+    last.want(DIGEST, MIN_PIECE_BYTES + 1)
+    last.receive(frame(Piece(0, 0, MIN_PIECE_BYTES + 1, bytes(MIN_PIECE_BYTES))))
+    [event] = last.receive(frame(Piece(0, MIN_PIECE_BYTES, MIN_PIECE_BYTES + 1, b"z")))  # a block's end
+    assert isinstance(event, BlockReceived) and len(event.data) == MIN_PIECE_BYTES + 1
+
+
+def test_pieces_read_beside_other_frames_keep_nothing_else_alive() -> None:
+    # Review finding: a piece kept as a view into a read it shared with large frames (fillers
+    # for a cancelled request) kept the whole read alive: 1-byte pieces held 1.2 GiB. Pieces
+    # of a block in progress hold their own bytes only.
+    client = ExchangeClient()
+    cancelled, _ = client.want(OTHER, 1 << 20)
+    client.cancel(cancelled)
+    pieces = 32
+    total = pieces * MIN_PIECE_BYTES + 1  # never completed: every piece stays pending
+    client.want(DIGEST, total)
+    filler = frame(Piece(cancelled, 0, 1 << 20, bytes(256 * 1024)))
+    tracemalloc.start()
+    try:
+        for i in range(pieces):
+            read = frame(Piece(1, i * MIN_PIECE_BYTES, total, bytes(MIN_PIECE_BYTES))) + filler
+            assert client.receive(memoryview(read).toreadonly(), owned=True) == []
+            del read
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * pieces * MIN_PIECE_BYTES  # 512 KiB of pieces, not 8.5 MiB of reads
 
 
 def test_a_piece_for_a_has_request_is_an_error() -> None:
