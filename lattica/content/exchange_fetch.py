@@ -62,7 +62,7 @@ from lattica.content.errors import (
     NoTensorsSelectedError,
     OutputConflictError,
 )
-from lattica.content.exchange_messages import BUSY, PROTOCOL_ID
+from lattica.content.exchange_messages import BUSY, MIN_PIECE_BYTES, PROTOCOL_ID
 from lattica.content.exchange_protocol import BlockReceived, BlockRefused, ExchangeClient, HasAnswered
 from lattica.content.export import export_files, select_files
 from lattica.content.fetch_scheduler import (
@@ -80,11 +80,15 @@ from lattica.content.tensor_select import TensorSelection, select_tensors
 from lattica.errors import LatticaError, RemoteProtocolError, leaf_exceptions
 from lattica.identity import PeerId
 from lattica.net.stream import QuicStream
+from lattica.net.tcp_lane import TcpLane
 
 log = logging.getLogger("lattica.content.fetch")
 
 _MANIFEST_TIMEOUT_S = 30.0
 _MANIFEST_PARALLEL = 4  # peers asked for a manifest at once
+# A peer that delivered at least this much since the last request timeout is progressing: its
+# requests wait on (about 550 B/s at the default 30 s; less is a stall).
+_PROGRESS_BYTES = MIN_PIECE_BYTES
 # At least a whole frame (4 + MAX_FRAME_BYTES): a frame a lane delivered whole is taken whole.
 _RECEIVE_BYTES = 2 << 20
 # Bytes of files already in the output folder compared per worker-thread step (~50 ms).
@@ -221,6 +225,8 @@ class _PeerLink:
         self.client = ExchangeClient()
         self.ids: dict[bytes, int] = {}
         self.scope = trio.CancelScope()
+        self.stream: QuicStream | None = None
+        self.progress_reported = 0  # arrived_bytes() when progress was last reported
         self._events = events
         self._outbox_send, self._outbox = trio.open_memory_channel[bytes](math.inf)
         _id, frame = self.client.has(manifest_digest)
@@ -239,7 +245,7 @@ class _PeerLink:
     async def run(self, open_stream: StreamOpener) -> None:
         with self.scope:
             try:
-                stream = await open_stream(self.peer, PROTOCOL_ID)
+                stream = self.stream = await open_stream(self.peer, PROTOCOL_ID)
             except LatticaError as exc:
                 await self._events.send((self.peer, _Gone(f"cannot open a stream: {exc}")))
                 return
@@ -255,6 +261,16 @@ class _PeerLink:
                 gone = _Gone(f"stream lost: {group.exceptions[0]}")
             if gone is not None:
                 await self._events.send((self.peer, gone))
+
+    def arrived_bytes(self) -> int:
+        """Bytes this peer sent on the link so far, counting a lane's frame still arriving (a
+        whole block is one frame there, invisible until it is complete)."""
+        stream = self.stream
+        if stream is None:
+            return 0
+        if isinstance(stream.connection, TcpLane):
+            return stream.connection.received_bytes
+        return stream.received_bytes
 
     async def _write(self, stream: QuicStream) -> None:
         async for frame in self._outbox:
@@ -748,6 +764,11 @@ async def _transfer(
                     )
                 if stalled_since is not None:
                     start_search()
+                for link in links.values():  # a peer still delivering keeps its requests
+                    arrived = link.arrived_bytes()
+                    if arrived - link.progress_reported >= _PROGRESS_BYTES:
+                        link.progress_reported = arrived
+                        scheduler.peer_progress(link.peer, now)
                 done = apply(scheduler.handle_timer(now))
                 continue
             peer, event = item

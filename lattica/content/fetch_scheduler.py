@@ -23,8 +23,10 @@ a clock. The policy is the one BitTorrent and bitswap clients converged on:
   would cost that peer upload time its other requests need.
 * **Bad data ends the peer.** A chunk that fails verification drops the peer that sent it
   (:class:`PeerDropped`) and the chunk is asked of others. A request that times out
-  (``request_timeout_s``) is asked elsewhere; ``max_timeouts`` of them drop the peer. A peer that
-  says it lacks a chunk is not asked for it again.
+  (``request_timeout_s`` with no progress from its peer: :meth:`FetchScheduler.peer_progress`
+  moves the clock, so a slow but steady peer keeps a chunk that takes longer than that) is
+  asked elsewhere; ``max_timeouts`` of them drop the peer. A peer that says it lacks a chunk is
+  not asked for it again.
 * **A stall is reported, not waited out.** When chunks are missing and no peer can supply them,
   :class:`FetchStalled` names them; the driver finds more providers and calls :meth:`add_peer`.
 
@@ -108,6 +110,11 @@ class _Peer:
     bytes_per_s: float | None = None  # smoothed delivery rate while busy (same samples)
     last_completion_at: float | None = None
     received_bytes: int = 0
+    progress_at: float = -math.inf  # the last time the driver saw its bytes arrive
+
+    def deadline_base(self, requested_at: float) -> float:
+        """Where a request's timeout counts from: its sending, or the peer's progress since."""
+        return max(requested_at, self.progress_at)
 
     def may_have(self, chunk_id: bytes) -> bool:
         return chunk_id not in self.lacks and (self.has is None or chunk_id in self.has)
@@ -189,7 +196,7 @@ class FetchScheduler:
 
     def next_timer(self) -> float | None:
         """The earliest request deadline (``None``: nothing in flight)."""
-        deadlines = [at for peer in self._peers.values() for at in peer.in_flight.values()]
+        deadlines = [peer.deadline_base(at) for peer in self._peers.values() for at in peer.in_flight.values()]
         return min(deadlines) + self.request_timeout_s if deadlines else None
 
     # -- inputs ------------------------------------------------------------------------------
@@ -239,6 +246,16 @@ class FetchScheduler:
             self._forget_request(chunk_id, peer)
         return out + self._fill(now)
 
+    def peer_progress(self, peer: PeerKey, now: float) -> None:
+        """Bytes of ``peer``'s answers arrived (part of a chunk, as the driver counts them):
+        its requests' timeouts count from ``now``. A peer slower than a chunk per
+        ``request_timeout_s`` but steady keeps its requests (review finding: a seeder at
+        30 KB/s had every 1 MiB request time out and was dropped, and the fetch failed);
+        the driver decides what counts as progress."""
+        state = self._peers.get(peer)
+        if state is not None:
+            state.progress_at = now
+
     def chunk_bad(self, peer: PeerKey, chunk_id: bytes, now: float) -> list[Action | Event]:
         """``peer`` sent bytes for ``chunk_id`` that do not hash to it: drop the peer."""
         return self._drop(peer, f"sent a chunk that failed verification ({chunk_id.hex()[:16]})", now)
@@ -254,13 +271,16 @@ class FetchScheduler:
         return self._fill(now)
 
     def handle_timer(self, now: float) -> list[Action | Event]:
-        """Expire requests older than ``request_timeout_s``: cancel, ask elsewhere, count."""
+        """Expire requests older than ``request_timeout_s`` (and their peer's last progress):
+        cancel, ask elsewhere, count."""
         out: list[Action | Event] = []
         for key in list(self._peers):
             state = self._peers.get(key)
             if state is None:
                 continue
-            expired = [c for c, at in state.in_flight.items() if now - at >= self.request_timeout_s]
+            expired = [
+                c for c, at in state.in_flight.items() if now - state.deadline_base(at) >= self.request_timeout_s
+            ]
             for chunk_id in expired:
                 del state.in_flight[chunk_id]
                 self._forget_request(chunk_id, key)

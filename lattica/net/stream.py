@@ -87,6 +87,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._readable = trio.lowlevel.ParkingLot()
         self._sending = False
         self._receiving = False
+        self.received_bytes = 0
+        """Bytes the peer sent on this stream so far (delivered to it, read or not)."""
 
     def __repr__(self) -> str:
         return f"<QuicStream {self.stream_id} of {self.connection!r}>"
@@ -103,6 +105,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
             return
         if data:
             self._chunks.append(data)
+            self.received_bytes += len(data)
         if end_stream:
             self._eof_received = True
         self._wake_reader()

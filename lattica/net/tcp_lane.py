@@ -30,7 +30,8 @@ Invariants:
 * **Bounded.** The thread stops reading while ``receive_window_bytes`` were delivered and not
   consumed, or while what TLS must answer (KeyUpdates) exceeds ``MAX_CONTROL_BACKLOG_BYTES``;
   writers wait while ``SEND_HIGH_WATER_BYTES`` are queued. A lane is closed after
-  ``idle_timeout_s`` without receiving anything, or with output waiting and none of it taken by
+  ``idle_timeout_s`` without receiving anything or the peer taking any of our output, or with
+  output waiting and none of it taken by
   the socket for that long (a peer that reads nothing), so an abandoned lane frees its thread.
 * **Whose fault.** As for every connection here: ``trio.ClosedResourceError`` after *we*
   closed, ``trio.BrokenResourceError`` after the peer or network did (a TCP close without TLS
@@ -117,6 +118,9 @@ class TcpLane:
         self.close_initiator: CloseInitiator | None = None
         self.established_at = trio.current_time()
         """When the lane was handed over after its handshake (``trio.current_time()``)."""
+        self.received_bytes = 0
+        """Application bytes decrypted so far, a frame still being filled included (set by the
+        thread): how a reader sees a slow peer's progress inside a large frame."""
         self._lock = threading.Lock()
         # trio -> thread (under the lock)
         self._outbox: deque[bytes | memoryview] = deque()
@@ -171,6 +175,13 @@ class TcpLane:
     def open_stream_count(self) -> int:
         """1 while the stream is open, else 0."""
         return 0 if self.is_closed else 1
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Stream bytes queued and not yet taken by the socket (plaintext queued, ciphertext
+        waiting): what a clean close would still have to send."""
+        with self._lock:
+            return self._outbox_bytes + self._wire_bytes
 
     def start(self) -> None:
         """Start the lane's thread; call from trio, once. Raises ``RuntimeError`` if the thread
@@ -451,6 +462,10 @@ class TcpLane:
             now = time.monotonic()
             if sent or not had_output:
                 send_progress_at = now
+            if sent:
+                # A peer taking what we send is there, even while it has nothing to say (a
+                # slow fetcher inside a 1 MiB block: review finding, cut off as "nothing heard").
+                last_received = max(last_received, now)
             if not can_read:
                 last_received = now  # silence while we do not read is not idleness
             with self._lock:
@@ -479,12 +494,13 @@ class TcpLane:
                 if n > 0:
                     last_received = now
                     if self._frames is not None:
-                        channel.receive_into(in_view[:n], self._frames)
+                        self.received_bytes += channel.receive_into(in_view[:n], self._frames)
                         peer_closed = channel.peer_closed
                         done = self._frames.end() if peer_closed else self._frames.take()
                         self._deliver_items(done, peer_closed=peer_closed)
                     else:
                         plain = channel.receive_data(in_view[:n])
+                        self.received_bytes += len(plain)
                         peer_closed = channel.peer_closed
                         self._deliver(channel_plain=plain, peer_closed=peer_closed)
                     continue  # more may be waiting; what TLS answered is sent first

@@ -415,6 +415,26 @@ async def test_a_slow_steady_reader_is_not_cut_off_inside_a_block(
         assert block == source.read_bytes()
 
 
+async def test_a_seeder_slower_than_a_chunk_per_request_timeout_still_serves_the_fetch(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: a seeder at 30 KB/s had every 1 MiB request time out (30 s) and was
+    # dropped, so a fetch over a slow link failed with nothing stored. Here: 64 KiB chunks over
+    # a 4 KB/s uplink (16 s each) against a 5 s request timeout. Its bytes keep coming, so its
+    # requests wait for them.
+    source = source_file(tmp_path, 128 * KIB)
+    sixty_four = replace(CONFIG, content=replace(CONTENT, chunk_bytes=64 * KIB))
+    async with cluster(tmp_path, 2, configs={0: sixty_four}, up=QUIET, down=QUIET) as c:
+        c.hosts[0].set_link(QUIET, up=LinkConfig(latency_s=0.01, bandwidth_bps=32e3, queue_bytes=64 * KIB))
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        began = trio.current_time()
+        result = await c.content(1).fetch(cid, out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert result.dropped == {} and result.chunks_requested == 2
+        assert trio.current_time() - began > 2 * 64 * KIB / 4000  # it was that slow
+
+
 async def test_a_request_soon_after_a_slow_answer_finds_the_stream_open(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

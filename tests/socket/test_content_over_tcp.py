@@ -12,11 +12,12 @@ import trio
 from lattica.config import NodeConfig
 from lattica.content import ContentConfig
 from lattica.content.exchange_messages import BUSY, PROTOCOL_ID
-from lattica.content.exchange_protocol import BlockRefused, ExchangeClient
+from lattica.content.exchange_protocol import BlockReceived, BlockRefused, ExchangeClient
 from lattica.identity import Identity
-from lattica.net import UdpSocket, tcp_transport
+from lattica.net import UdpSocket, tcp_lane, tcp_transport
 from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
+from lattica.net.tcp_lane import TcpLane
 from lattica.node import Node
 from tests.conftest import MakeTmpfs
 from tests.unit.content_samples import KIB, random_bytes
@@ -151,3 +152,43 @@ async def test_one_source_address_gets_at_most_its_share_of_upload_slots(tmp_pat
         assert isinstance(answers[2], BlockRefused) and answers[2].code == BUSY
         for stream in streams:
             await stream.aclose()
+
+
+async def test_blocks_still_on_their_way_to_a_slow_lane_reader_keep_the_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review finding: a lane takes up to 1 MiB of answers at once, so every request was answered
+    # (and the stream idle) well before a slow reader had the blocks; the seeder closed it after
+    # upload_timeout_s, its lane gave up draining, and the rest never arrived.
+    monkeypatch.setattr(tcp_lane, "_CLOSE_DRAIN_S", 0.2)  # a short drain shows the loss at once
+    source = tmp_path / "data.bin"
+    source.write_bytes(random_bytes(6 * 256 * KIB, seed=21))
+    quick = NodeConfig(
+        net=NetConfig(tcp_listen=True),
+        content=replace(CONTENT, chunk_bytes=256 * KIB, upload_timeout_s=0.8),
+    )
+    # A slow link: the reader's lane holds at most its window, the rest waits at the seeder.
+    narrow = NodeConfig(net=NetConfig(tcp_listen=True, stream_receive_window_bytes=256 * KIB), content=CONTENT)
+    async with (
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), quick, blocks_dir=tmp_path / "a") as a,
+        Node(Identity.generate(), UdpSocket.bind_with_tcp_port(), narrow, blocks_dir=tmp_path / "b") as b,
+    ):
+        assert a.content is not None
+        cid = (await a.content.publish(source)).cid
+        chunks = a.content.store.manifest(cid).files[0].chunks
+        await b.connect(PeerAddr(a.socket.local_address, a.peer_id))
+        lane = await b.bulk.stream_carrier(a.peer_id)
+        assert isinstance(lane, TcpLane)
+        stream = await b.rpc.open_stream(lane, PROTOCOL_ID)
+        client = ExchangeClient()
+        blocks = []
+        with trio.fail_after(20):
+            for chunk in chunks:
+                await stream.send_all(client.want(chunk.digest, chunk.length)[1])
+            while len(blocks) < len(chunks):
+                data = await stream.receive_buffer(16 * KIB)
+                assert data, "the seeder ended the stream before its blocks arrived"
+                blocks += [event.data for event in client.receive(data, owned=True) if isinstance(event, BlockReceived)]
+                await trio.sleep(0.03)  # the pace of a slow reader, ~0.5 MB/s
+        await stream.aclose()
+        assert b"".join(blocks) == source.read_bytes()

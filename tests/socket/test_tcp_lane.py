@@ -266,6 +266,31 @@ async def test_a_silent_lane_is_closed_after_the_idle_timeout(make_transport: Ma
     assert await join(lane)
 
 
+async def test_a_peer_that_only_takes_what_we_send_is_not_idle(make_transport: MakeTransport) -> None:
+    # Review finding: a slow fetcher inside a large block has nothing to say, and the seeder's
+    # lane closed it as silent after idle_timeout_s. Taking our output is being there.
+    sent = payload(20 * 64 * 1024, seed=9)
+
+    async def serve(stream: QuicStream) -> None:
+        for at in range(0, len(sent), 64 * 1024):  # a slow seeder: ~0.6 MB/s for 2 s
+            await stream.send_all(sent[at : at + 64 * 1024])
+            await trio.sleep(0.1)
+        await stream.send_eof()
+
+    quick = EndpointConfig(handshake_timeout_s=2.0, idle_timeout_s=0.3)
+    server, address = await make_transport(handler=serve, config=quick)
+    client, _ = await make_transport(config=FAST)
+    received = bytearray()
+    with trio.fail_after(LIMIT_S):
+        lane = await lane_to(client, server, address)
+        stream = await lane.open_stream()
+        await stream.send_all(b"go")  # then nothing more, for ~2 s
+        while data := await stream.receive_some():
+            received += data
+        await stream.aclose()
+    assert bytes(received) == sent
+
+
 async def test_a_peer_that_reads_nothing_is_closed(make_transport: MakeTransport) -> None:
     ended = trio.Event()
     failures: list[BaseException] = []

@@ -235,6 +235,25 @@ def test_a_seeder_that_goes_silent_times_out_and_is_dropped() -> None:
     assert any(isinstance(e, CancelChunk) and e.peer == "mute" for e in swarm.log)
 
 
+def test_a_slow_peer_that_keeps_delivering_keeps_its_requests() -> None:
+    # Review finding: a seeder at 30 KB/s had every 1 MiB request time out (30 s) and was
+    # dropped. Progress the driver reports moves the timeout; silence still ends it.
+    wanted = chunks(2)
+    scheduler = FetchScheduler(wanted, min_window=1, max_window=1, request_timeout_s=30.0, max_timeouts=1)
+    assert scheduler.add_peer("slow", 0.0) == [RequestChunk("slow", wanted[0].chunk_id)]
+    scheduler.peer_progress("slow", 25.0)
+    assert scheduler.next_timer() == 55.0
+    assert scheduler.handle_timer(30.0) == []  # would have expired without the progress
+    scheduler.peer_progress("slow", 50.0)
+    assert scheduler.handle_timer(55.0) == []
+    assert scheduler.chunk_received("slow", wanted[0].chunk_id, 60.0) == [RequestChunk("slow", wanted[1].chunk_id)]
+    scheduler.peer_progress("nobody", 61.0)  # a peer not in use: nothing
+    # Then silence: the request for the second chunk times out 30 s after it was sent.
+    assert scheduler.handle_timer(89.0) == []
+    out = scheduler.handle_timer(90.0)
+    assert CancelChunk("slow", wanted[1].chunk_id) in out and PeerDropped("slow", "1 requests timed out") in out
+
+
 def test_a_resumed_fetch_asks_only_for_the_missing_chunks() -> None:
     everything = chunks(100)
     rng = random.Random(7)
