@@ -65,7 +65,8 @@ class ContentConfig:
     """Most chunk requests in flight to one peer (below ``max_requests_per_stream`` of peers
     running the defaults); the window grows to it with the peer's rate."""
     fetch_request_timeout_s: Seconds = 30.0
-    """A chunk not delivered this long after it was asked for is asked elsewhere."""
+    """A chunk asked for is asked elsewhere once its peer delivered less than 16 KiB of
+    anything for this long (a slow but steady peer keeps its requests)."""
     fetch_stall_timeout_s: Seconds = 60.0
     """A fetch fails (keeping what it stored) after this long without any peer able to supply
     the missing chunks."""
