@@ -154,12 +154,14 @@ class FrameDecoder(Generic[T]):
             self._buffer += data
         else:
             view = memoryview(data)
+            take = 0
             if self._buffer:  # complete the frame begun in the buffer; the rest stays in place
                 take = self._bytes_to_complete(view)
                 self._buffer += view[:take]
-                view = view[take:]
-            if view:
-                self._fed, self._fed_at = view, 0
+            if take < len(view):
+                # The whole object, not a slice of it: a frame is alone only if it is all of it
+                # (a view of a slice keeps the whole object alive all the same).
+                self._fed, self._fed_at = view, take
         self._check_header()
 
     def _bytes_to_complete(self, view: memoryview) -> int:

@@ -190,6 +190,31 @@ def test_pieces_read_beside_other_frames_keep_nothing_else_alive() -> None:
     assert held < 2 * pieces * MIN_PIECE_BYTES  # 512 KiB of pieces, not 8.5 MiB of reads
 
 
+def test_a_piece_after_the_end_of_a_split_frame_keeps_nothing_else_alive() -> None:
+    # The same through a frame split across reads: each read is the rest of a large filler
+    # (begun in the read before) and then one piece. The piece's frame is all that is left of
+    # its read, yet a view of it would keep the whole read alive.
+    client = ExchangeClient()
+    cancelled, _ = client.want(OTHER, 1 << 20)
+    client.cancel(cancelled)
+    pieces = 32
+    total = pieces * MIN_PIECE_BYTES + 1
+    client.want(DIGEST, total)
+    filler = frame(Piece(cancelled, 0, 1 << 20, bytes(256 * 1024)))
+    tracemalloc.start()
+    try:
+        for i in range(pieces):
+            assert client.receive(filler[:10]) == []
+            piece = frame(Piece(1, i * MIN_PIECE_BYTES, total, bytes(MIN_PIECE_BYTES)))
+            read = filler[10:] + piece
+            assert client.receive(memoryview(read).toreadonly(), owned=True) == []
+            del read
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * pieces * MIN_PIECE_BYTES
+
+
 def test_a_piece_for_a_has_request_is_an_error() -> None:
     client = ExchangeClient()
     request_id, _ = client.has(DIGEST)
