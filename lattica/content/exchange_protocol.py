@@ -33,6 +33,7 @@ from lattica.content.exchange_messages import (
     Has,
     HasReply,
     Piece,
+    PieceView,
     Refused,
     ServerMessage,
     ServerMessageView,
@@ -46,6 +47,7 @@ DEFAULT_MAX_OUTSTANDING = 64
 """Requests a server accepts in flight on one stream (the client's window must stay below)."""
 _CLIENT_FRAME_BYTES = 128  # Want is the largest client message: ~50 bytes
 _MAX_ID = 0xFFFFFFFF
+_MAX_CANCELLED_KEPT = 4096  # cancelled requests whose late replies are still accepted
 
 
 def _frame(message: ClientMessage | ServerMessage) -> bytes:
@@ -231,6 +233,8 @@ class ExchangeClient:
             keeps_views=True,
         )
         self._pending: dict[int, _Pending] = {}
+        # Cancelled requests whose rest may still come, and how many bytes of it (oldest first).
+        self._late_allowance: dict[int, int] = {}
         self._next_id = 0
 
     @property
@@ -259,9 +263,15 @@ class ExchangeClient:
 
     def cancel(self, request_id: int) -> bytes:
         """Forget request ``request_id``; returns the frame telling the server (b"" if it had
-        already been answered). Late pieces of it are ignored."""
-        if self._pending.pop(request_id, None) is None:
+        already been answered). Late replies to it are ignored, up to the bytes it still
+        allowed; more is a :class:`RemoteProtocolError` when it arrives."""
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
             return b""
+        allowed = 0 if pending.max_bytes is None else pending.max_bytes - pending.received
+        self._late_allowance[request_id] = allowed
+        if len(self._late_allowance) > _MAX_CANCELLED_KEPT:
+            del self._late_allowance[next(iter(self._late_allowance))]  # the oldest: long over
         return _frame(Cancel(request_id))
 
     def receive(self, data: bytes | memoryview, *, owned: bool = False) -> list[ClientEvent]:
@@ -281,12 +291,33 @@ class ExchangeClient:
         """The server closed its side; raises :class:`RemoteProtocolError` inside a frame."""
         self._decoder.end_of_stream()
 
+    def _late_reply(self, message: ServerMessageView) -> None:
+        """A reply to a request no longer pending: the rest of one we cancelled, within what it
+        still allowed. Anything else would be bytes for nothing that a peer could send without
+        end, and its stream would look busy (review finding: junk for old requests held a
+        fetch's requests through the "its bytes keep arriving" rule)."""
+        allowed = self._late_allowance.get(message.id)
+        if allowed is None:
+            raise RemoteProtocolError(f"reply to request {message.id}, which was answered already")
+        if not isinstance(message, PieceView):
+            del self._late_allowance[message.id]  # a refusal or a has-reply ends it
+            return
+        data = piece_payload(message)
+        allowed -= len(data)
+        if allowed < 0:
+            raise RemoteProtocolError(f"more bytes for cancelled request {message.id} than it asked for")
+        if message.offset + len(data) >= message.total:
+            del self._late_allowance[message.id]
+        else:
+            self._late_allowance[message.id] = allowed
+
     def _handle(self, message: ServerMessageView) -> ClientEvent | None:
         pending = self._pending.get(message.id)
         if pending is None:
             if message.id >= self._next_id:
                 raise RemoteProtocolError(f"reply to request {message.id}, which was never made")
-            return None  # a late reply to a cancelled request
+            self._late_reply(message)
+            return None
         if isinstance(message, Refused):
             del self._pending[message.id]
             return BlockRefused(message.id, pending.digest, message.code)

@@ -152,10 +152,11 @@ class ContentService:
                             data = await stream.receive_some(_RECEIVE_BYTES)
                         if idle.cancelled_caught:
                             now = trio.current_time()
-                            if server.outstanding or queue or _unsent_bytes(stream):
-                                # Blocks still on their way out count too: a lane takes a
-                                # whole block at once and a slow reader may need minutes for
-                                # it (review finding: closed as idle, the rest was lost).
+                            if server.outstanding or queue or stream.unsent_bytes:
+                                # Blocks still on their way out count too: a connection takes
+                                # megabytes at once and a slow reader may need minutes for them
+                                # (review findings: closed as idle, the rest was lost; on a
+                                # lane, then over QUIC too).
                                 active_at = now
                                 continue
                             if now < active_at + self.config.upload_timeout_s:
@@ -492,13 +493,6 @@ async def _send_frame(stream: QuicStream, head: bytes, payload: memoryview, time
         await stream.send_all(head)
         if payload:
             await stream.send_all(payload)
-
-
-def _unsent_bytes(stream: QuicStream) -> int:
-    """What the stream's carrier still holds to send, where it can say (a lane; QUIC and yamux
-    queue at most a piece or two behind their flow control)."""
-    connection = stream.connection
-    return connection.unsent_bytes if isinstance(connection, TcpLane) else 0
 
 
 def _source_of(stream: QuicStream) -> str | None:

@@ -238,6 +238,10 @@ class Connection:
         """Bytes a stream may still queue before ``STREAM_SEND_BUFFER_BYTES`` are unacknowledged."""
         return STREAM_SEND_BUFFER_BYTES - self._state.stream_send_buffered(stream_id)
 
+    def stream_unsent_bytes(self, stream_id: int) -> int:
+        """Stream bytes queued and not yet acknowledged by the peer."""
+        return self._state.stream_send_buffered(stream_id)
+
     def send_stream_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
         """Queue stream data. Raises ``trio.BrokenResourceError`` if the peer stopped reading."""
         try:

@@ -48,6 +48,11 @@ class StreamCarrier(Protocol):
         """Bytes the stream may still hand to QUIC before its send buffer is full."""
         ...
 
+    def stream_unsent_bytes(self, stream_id: int) -> int:
+        """Bytes of the stream queued and not yet taken by the network (an upper bound where the
+        carrier counts per connection)."""
+        ...
+
     def send_stream_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
         """Queue data; raises ``trio.BrokenResourceError`` if the peer stopped reading. (A
         carrier may also offer ``send_stream_view(stream_id, view)``, which queues a view of
@@ -198,6 +203,12 @@ class QuicStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes sent on this stream that its connection still holds (queued, or not yet taken
+        by the network): a writer whose data is still on its way has not gone quiet."""
+        return self.connection.stream_unsent_bytes(self.stream_id)
 
     def _send_stream_data(self, data: bytes, *, end_stream: bool) -> None:
         self.connection.send_stream_data(self.stream_id, data, end_stream=end_stream)

@@ -273,6 +273,11 @@ class TcpConnection:
         room = SEND_HIGH_WATER_BYTES - self._session.pending_output_bytes
         return max(0, min(self._session.send_window(stream_id), room))
 
+    def stream_unsent_bytes(self, stream_id: int) -> int:
+        """The connection's output not yet taken by the socket (yamux frames of every stream:
+        an upper bound for this one)."""
+        return self._session.pending_output_bytes
+
     def send_stream_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
         """Queue stream data. Raises ``trio.BrokenResourceError`` if the peer reset the stream."""
         if not self._session.has_stream(stream_id):

@@ -176,12 +176,6 @@ class TcpLane:
         """1 while the stream is open, else 0."""
         return 0 if self.is_closed else 1
 
-    @property
-    def unsent_bytes(self) -> int:
-        """Stream bytes queued and not yet taken by the socket (plaintext queued, ciphertext
-        waiting): what a clean close would still have to send."""
-        with self._lock:
-            return self._outbox_bytes + self._wire_bytes
 
     def start(self) -> None:
         """Start the lane's thread; call from trio, once. Raises ``RuntimeError`` if the thread
@@ -241,6 +235,12 @@ class TcpLane:
         """Bytes the stream may queue now (``SEND_HIGH_WATER_BYTES`` less what is queued)."""
         with self._lock:
             return max(0, SEND_HIGH_WATER_BYTES - self._outbox_bytes - self._wire_bytes)
+
+    def stream_unsent_bytes(self, stream_id: int) -> int:
+        """Stream bytes queued and not yet taken by the socket (plaintext queued, ciphertext
+        waiting): what a clean close would still have to send."""
+        with self._lock:
+            return self._outbox_bytes + self._wire_bytes
 
     def send_stream_view(self, stream_id: int, view: memoryview) -> None:
         """Queue a view of immutable bytes as stream data, not copied: the thread encrypts it

@@ -435,6 +435,24 @@ async def test_a_seeder_slower_than_a_chunk_per_request_timeout_still_serves_the
         assert trio.current_time() - began > 2 * 64 * KIB / 4000  # it was that slow
 
 
+async def test_a_slow_link_over_quic_gets_the_blocks_its_seeder_already_queued(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: over QUIC (no lane) a seeder at ~30 KB/s answered every request into its
+    # connection's send buffer long before the reader had the blocks, closed the stream as idle
+    # upload_timeout_s later and reset what was still queued, every time: the fetch never ended.
+    source = source_file(tmp_path, 3 * 1024 * KIB)
+    mebibyte = replace(CONFIG, content=replace(CONTENT, chunk_bytes=1024 * KIB, fetch_request_timeout_s=30.0))
+    async with cluster(tmp_path, 2, configs={0: mebibyte, 1: mebibyte}, up=QUIET, down=QUIET) as c:
+        c.hosts[0].set_link(QUIET, up=LinkConfig(latency_s=0.01, bandwidth_bps=240e3, queue_bytes=64 * KIB))
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        with trio.fail_after(600):  # virtual seconds; ~110 at 30 KB/s
+            result = await c.content(1).fetch(cid, out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert result.dropped == {}
+
+
 async def test_a_request_soon_after_a_slow_answer_finds_the_stream_open(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lattica.content.exchange_messages import MAX_PIECE_BYTES, MIN_PIECE_BYTES, NOT_FOUND, PIECE_BYTES, Piece, Want
+from lattica.content.exchange_messages import (
+    MAX_PIECE_BYTES,
+    MIN_PIECE_BYTES,
+    NOT_FOUND,
+    PIECE_BYTES,
+    Piece,
+    Refused,
+    Want,
+)
 from lattica.content.exchange_protocol import (
     BlockReceived,
     BlockRefused,
@@ -172,12 +180,12 @@ def test_pieces_read_beside_other_frames_keep_nothing_else_alive() -> None:
     # for a cancelled request) kept the whole read alive: 1-byte pieces held 1.2 GiB. Pieces
     # of a block in progress hold their own bytes only.
     client = ExchangeClient()
-    cancelled, _ = client.want(OTHER, 1 << 20)
+    cancelled, _ = client.want(OTHER, 64 << 20)  # its late pieces stay within what it allowed
     client.cancel(cancelled)
     pieces = 32
     total = pieces * MIN_PIECE_BYTES + 1  # never completed: every piece stays pending
     client.want(DIGEST, total)
-    filler = frame(Piece(cancelled, 0, 1 << 20, bytes(256 * 1024)))
+    filler = frame(Piece(cancelled, 0, 64 << 20, bytes(256 * 1024)))
     tracemalloc.start()
     try:
         for i in range(pieces):
@@ -195,12 +203,12 @@ def test_a_piece_after_the_end_of_a_split_frame_keeps_nothing_else_alive() -> No
     # (begun in the read before) and then one piece. The piece's frame is all that is left of
     # its read, yet a view of it would keep the whole read alive.
     client = ExchangeClient()
-    cancelled, _ = client.want(OTHER, 1 << 20)
+    cancelled, _ = client.want(OTHER, 64 << 20)  # its late pieces stay within what it allowed
     client.cancel(cancelled)
     pieces = 32
     total = pieces * MIN_PIECE_BYTES + 1
     client.want(DIGEST, total)
-    filler = frame(Piece(cancelled, 0, 1 << 20, bytes(256 * 1024)))
+    filler = frame(Piece(cancelled, 0, 64 << 20, bytes(256 * 1024)))
     tracemalloc.start()
     try:
         for i in range(pieces):
@@ -213,6 +221,30 @@ def test_a_piece_after_the_end_of_a_split_frame_keeps_nothing_else_alive() -> No
     finally:
         tracemalloc.stop()
     assert held < 2 * pieces * MIN_PIECE_BYTES
+
+
+def test_late_replies_are_accepted_only_for_cancelled_requests_and_only_what_they_allowed() -> None:
+    # Review finding: pieces for requests long answered were ignored without end, so a seeder
+    # could send junk forever, and its stream looked busy enough to keep its requests.
+    client = ExchangeClient()
+    answered, _ = client.want(DIGEST, 4)
+    [done] = client.receive(frame(Piece(answered, 0, 4, b"abcd")))
+    assert isinstance(done, BlockReceived)
+    with pytest.raises(RemoteProtocolError, match="answered already"):
+        client.receive(frame(Piece(answered, 0, 4, b"abcd")))
+    client = ExchangeClient()
+    cancelled, _ = client.want(DIGEST, 2 * MIN_PIECE_BYTES)
+    client.cancel(cancelled)
+    total = 2 * MIN_PIECE_BYTES
+    assert client.receive(frame(Piece(cancelled, 0, total, bytes(MIN_PIECE_BYTES)))) == []
+    with pytest.raises(RemoteProtocolError, match="more bytes for cancelled request"):
+        client.receive(frame(Piece(cancelled, MIN_PIECE_BYTES, total, bytes(MIN_PIECE_BYTES + 1))))
+    client = ExchangeClient()
+    refused, _ = client.want(DIGEST, 100)
+    client.cancel(refused)
+    assert client.receive(frame(Refused(refused, NOT_FOUND))) == []  # a late refusal ends it
+    with pytest.raises(RemoteProtocolError, match="answered already"):
+        client.receive(frame(Refused(refused, NOT_FOUND)))
 
 
 def test_a_piece_for_a_has_request_is_an_error() -> None:
