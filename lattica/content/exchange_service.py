@@ -141,23 +141,29 @@ class ContentService:
         # breath, a Has), held an upload slot for good (review findings: eight free peer ids
         # held every slot and fetches from this node failed "busy").
         active_at = trio.current_time()
+        # What the connection had passed on of our answers when the stream last counted as
+        # active: answers still queued keep the stream only while that grows (a reader taking
+        # them, however slowly), not while they sit (a dead or non-reading peer would hold its
+        # slot: round-3 review).
+        taken_then = 0
         try:
             async with trio.open_nursery() as nursery:
 
                 async def reader() -> None:
-                    nonlocal reader_done, active_at
+                    nonlocal reader_done, active_at, taken_then
                     while True:
                         data = b""
                         with trio.move_on_at(active_at + self.config.upload_timeout_s) as idle:
                             data = await stream.receive_some(_RECEIVE_BYTES)
                         if idle.cancelled_caught:
                             now = trio.current_time()
-                            if server.outstanding or queue or stream.unsent_bytes:
-                                # Blocks still on their way out count too: a connection takes
-                                # megabytes at once and a slow reader may need minutes for them
-                                # (review findings: closed as idle, the rest was lost; on a
-                                # lane, then over QUIC too).
-                                active_at = now
+                            taken = stream.taken_bytes
+                            if server.outstanding or queue or (stream.unsent_bytes and taken > taken_then):
+                                # Blocks still on their way out count too while they move: a
+                                # connection takes megabytes at once and a slow reader may
+                                # need minutes for them (review findings: closed as idle, the
+                                # rest was lost; on a lane, then over QUIC too).
+                                active_at, taken_then = now, taken
                                 continue
                             if now < active_at + self.config.upload_timeout_s:
                                 continue  # the writer sent data while this wait was armed
@@ -183,7 +189,7 @@ class ContentService:
                         wake.set()
 
                 async def writer() -> None:
-                    nonlocal wake, active_at
+                    nonlocal wake, active_at, taken_then
                     ahead: _BlockRead | None = None
                     while True:
                         if not queue:
@@ -205,7 +211,7 @@ class ContentService:
                             ahead = _BlockRead(following.id)
                             nursery.start_soon(ahead.run, self.store, following.digest)
                         if await self._answer(stream, server, request, busy, first):
-                            active_at = trio.current_time()
+                            active_at, taken_then = trio.current_time(), stream.taken_bytes
 
                 nursery.start_soon(writer)
                 await reader()

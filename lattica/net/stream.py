@@ -94,6 +94,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self.received_bytes = 0
         """Bytes the peer sent on this stream so far (delivered to it, read or not)."""
+        self.sent_bytes = 0
+        """Bytes queued on this stream so far (handed to its connection)."""
 
     def __repr__(self) -> str:
         return f"<QuicStream {self.stream_id} of {self.connection!r}>"
@@ -188,6 +190,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
                 if room <= 0:
                     await self.connection.wait_progress()
                     continue
+                before = offset
                 if offset == 0 and room >= len(view) and type(data) is bytes:
                     self._send_stream_data(data, end_stream=False)  # immutable and whole: as it is
                     offset = len(view)
@@ -199,6 +202,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     chunk = bytes(view[offset : offset + room])
                     self._send_stream_data(chunk, end_stream=False)
                     offset += len(chunk)
+                self.sent_bytes += offset - before
                 await self.connection.transmit()
         finally:
             self._sending = False
@@ -209,6 +213,12 @@ class QuicStream(trio.abc.HalfCloseableStream):
         """Bytes sent on this stream that its connection still holds (queued, or not yet taken
         by the network): a writer whose data is still on its way has not gone quiet."""
         return self.connection.stream_unsent_bytes(self.stream_id)
+
+    @property
+    def taken_bytes(self) -> int:
+        """Bytes of this stream its connection has passed on (acknowledged, or taken by the
+        socket): growing while a reader takes them, however slowly; still while it does not."""
+        return max(0, self.sent_bytes - self.unsent_bytes)
 
     def _send_stream_data(self, data: bytes, *, end_stream: bool) -> None:
         self.connection.send_stream_data(self.stream_id, data, end_stream=end_stream)
