@@ -497,6 +497,39 @@ async def test_an_idle_stream_is_ended_not_reset_so_blocks_on_the_way_arrive(
         assert [e.data for e in events if isinstance(e, BlockReceived)] == [source.read_bytes()]
 
 
+async def test_a_peer_that_stops_reading_loses_its_upload_slot_but_not_its_answer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding (round 3): answers handed to the connection but never taken kept the stream
+    # counted as active, so a fetcher that stopped reading held its upload slot until its
+    # connection died, or for good while it lived. Queued answers count only while they move;
+    # the stream is ended, not reset, so the reader still gets the block if it reads later.
+    source = source_file(tmp_path, 1024 * KIB)
+    seeder = replace(CONFIG, content=replace(CONTENT, chunk_bytes=1024 * KIB, max_uploads=1))
+    alive = replace(SLOW_READER, net=replace(SLOW_READER.net, keepalive_interval_s=5.0))  # lives on
+    async with cluster(tmp_path, 3, configs={0: seeder, 1: alive}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        (chunk,) = c.content(0).store.manifest(cid).files[0].chunks
+        await connect_all(c, 1, range(1))
+        stream = await c.nodes[1].rpc.open_stream(c.nodes[0].peer_id, PROTOCOL_ID)
+        client = ExchangeClient()
+        async with stream:
+            await stream.send_all(client.want(chunk.digest, chunk.length)[1])
+            await trio.sleep(1)  # virtual: the request has arrived
+            assert c.content(0).uploads == 1
+            # Virtual time: the idle check runs every upload_timeout_s; the second one sees
+            # the answer sitting where the first one left it.
+            await trio.sleep(2 * CONTENT.upload_timeout_s + 1)
+            assert c.content(0).uploads == 0
+            await connect_all(c, 2, range(1))
+            await c.content(2).fetch(cid, out_dir=tmp_path / "out")  # the slot serves others
+            events = []
+            while data := await stream.receive_some(1024 * KIB):
+                events += client.receive(data)
+        assert [e.data for e in events if isinstance(e, BlockReceived)] == [source.read_bytes()]
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+
+
 async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
