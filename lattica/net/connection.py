@@ -270,6 +270,18 @@ class Connection:
         """Feed one datagram; call :meth:`handle_events` and :meth:`transmit` after the batch."""
         self._state.receive_datagram(data, address, now)
 
+    @property
+    def peer_reset_token(self) -> bytes | None:
+        """The Stateless Reset Token of the peer's connection id in use, or None (see
+        :attr:`~lattica.net.connection_state.ConnectionState.peer_reset_token`)."""
+        return self._state.peer_reset_token
+
+    def stateless_reset(self) -> None:
+        """The peer reset this connection statelessly (the endpoint matched its token): end it
+        now, without a word (RFC 9000 section 10.3.1)."""
+        self._state.stateless_reset()
+        self.handle_events()
+
     def start_dial(self, now: float) -> None:
         """Start the handshake of an outbound connection."""
         self._state.connect(now)

@@ -398,6 +398,22 @@ class ConnectionState(Generic[PathT]):
         self._mark_closed(reason, "local")
         self._terminate_after_send = True
 
+    @property
+    def peer_reset_token(self) -> bytes | None:
+        """The Stateless Reset Token of the peer's connection id our packets carry now (RFC 9000
+        section 10.3), or None when the peer gave none for it."""
+        return None if self._terminated else self._quic.peer_reset_token
+
+    def stateless_reset(self) -> None:
+        """The peer answered with a Stateless Reset (its token ended a datagram: the driver
+        checked): it no longer has this connection (it restarted). End it now, sending nothing
+        more (RFC 9000 section 10.3.1)."""
+        self._pump_received()
+        if self._terminated:
+            return
+        self._mark_closed("stateless reset: the peer no longer has this connection (restarted?)", "peer")
+        self._terminate()
+
     def path_failed(self, reason: str) -> None:
         """The path refused our datagrams (bad address, no route): end the connection now,
         the network's fault, without sending anything more."""

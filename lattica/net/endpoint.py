@@ -11,9 +11,13 @@ Demultiplexing rules:
   server connection, unless ``max_connections`` are live (refused, logged once).
 * A long-header packet of a version we do not speak gets a Version Negotiation packet if its
   datagram is >= 1200 bytes (RFC 9000 sections 5.2.2, 6.1), else nothing.
-* Anything else is dropped unanswered and counted in :attr:`Endpoint.stats` (no stateless reset,
-  nothing a stranger sends makes us send more than it did; RFC 9000 section 8.1). Nothing a peer
-  sends can stop the endpoint serving others.
+* A short-header packet for an unknown id gets a Stateless Reset (RFC 9000 section 10.3,
+  :mod:`lattica.net.stateless_reset`): the id was ours before a restart, or a stranger's guess;
+  the reset is shorter than the packet and rate-limited (100 per second), and none goes down a
+  relay circuit.
+* Anything else is dropped unanswered and counted in :attr:`Endpoint.stats` (nothing a stranger
+  sends makes us send more than it did; RFC 9000 section 8.1). Nothing a peer sends can stop
+  the endpoint serving others.
 
 Relay circuits are virtual paths (:mod:`lattica.net.relayed_path`): a circuit registers a send
 function with :meth:`Endpoint.open_virtual_path` and delivers what arrives with
@@ -49,6 +53,16 @@ from lattica.net.datagram import Address, DatagramSocket
 from lattica.net.log_once import LogOnce
 from lattica.net.quic_internals import LatticaQuicConnection
 from lattica.net.relayed_path import Path, RelayedPath, VirtualPathSend
+from lattica.net.stateless_reset import (
+    MIN_RESET_BYTES,
+    MIN_TRIGGER_BYTES,
+    TOKEN_BYTES,
+    ResetLimiter,
+    build_stateless_reset,
+    is_stateless_reset,
+    reset_key,
+    reset_token,
+)
 from lattica.net.tls_identity import CONNECTION_ID_LENGTH, quic_configuration
 
 logger = logging.getLogger("lattica.net.endpoint")
@@ -58,6 +72,13 @@ _QUIC_LONG_HEADER_BIT = 0x80
 _MIN_INITIAL_DATAGRAM_BYTES = 1200  # RFC 9000 section 14.1
 _MAX_CID_BYTES = 20  # RFC 9000 section 17.2
 _SHUTDOWN_GRACE_S = 1.0
+# Stateless Resets per second at most (and as a burst): a restart answers each peer's next
+# packet once; more than this is a flood of junk, which gets nothing.
+_RESETS_PER_S = 100
+# How long the token of a connection a reset ended still marks the peer's further resets, and
+# how many such tokens are kept at most.
+_SPENT_TOKEN_S = 10.0
+_MAX_SPENT_TOKENS = 1024
 
 
 class EndpointSocketError(LatticaError):
@@ -85,6 +106,12 @@ class EndpointStats:
     outbound_connections: int = 0
     handshakes_failed: int = 0
     """Handshakes that ended without authentication (no certificate, wrong peer, timeout...)."""
+    stateless_resets_sent: int = 0
+    """Stateless Resets sent for short-header packets of connections we do not know."""
+    stateless_resets_received: int = 0
+    """Connections ended by their peer's Stateless Reset (it had restarted)."""
+    stateless_resets_limited: int = 0
+    """Of those packets, the ones left unanswered because the reset rate limit was reached."""
     version_negotiations_sent: int = 0
     """Version Negotiation packets sent for Initial-sized packets of versions we do not speak."""
     path_send_failures: int = 0
@@ -123,7 +150,18 @@ class Endpoint:
         self._carrier = _EndpointCarrier(self)
         self._virtual_paths: dict[RelayedPath, VirtualPathSend] = {}
         self._replies: list[tuple[bytes, Address]] = []
-        """Stateless answers (Version Negotiation) to send after the current receive batch."""
+        """Stateless answers (Version Negotiation, Stateless Reset) to send after the current
+        receive batch."""
+        self._reset_key = reset_key(identity.seed)
+        # The peer's token of each connection's id in use: a datagram for no id we know that
+        # ends with one is that peer's Stateless Reset (its bytes where an id would be are random).
+        self._by_reset_token: dict[bytes, Connection] = {}
+        self._reset_token_of: dict[Connection, bytes] = {}
+        # Tokens of connections a reset ended, until when: the peer answered every packet of
+        # ours in flight with a reset, and the later ones are dropped silently, not answered
+        # with a reset of our own (a shrinking ping-pong, RFC 9000 section 10.3.3).
+        self._spent_reset_tokens: dict[bytes, float] = {}
+        self._reset_limiter = ResetLimiter(rate_per_s=_RESETS_PER_S, burst=_RESETS_PER_S)
 
     # -- public surface -------------------------------------------------------------------
 
@@ -310,6 +348,7 @@ class Endpoint:
         # STOP_SENDING) before we were told.
         for connection in touched:
             connection.handle_events()
+            self._track_reset_token(connection)
         # Once per connection per batch: this is what makes the driver fast.
         for connection in touched:
             await connection.transmit()
@@ -332,15 +371,12 @@ class Endpoint:
         if not data[0] & _QUIC_LONG_HEADER_BIT:
             # Short header (1-RTT, the bulk of the traffic): the destination id is bytes 1..8.
             # Slicing it here saves parsing every header twice (aioquic parses it again).
-            # Unknown ids get no answer at all (no stateless reset): nothing a stranger sends
-            # makes us send (RFC 9000 section 8.1's spirit for packets we cannot process).
             if len(data) < 1 + CONNECTION_ID_LENGTH:
                 stats.malformed_dropped += 1
                 return None
             connection = self._by_cid.get(data[1 : 1 + CONNECTION_ID_LENGTH])
             if connection is None:
-                stats.unknown_connection_dropped += 1
-                return None
+                return self._unknown_short_header(data, address, now)
             connection.receive_datagram(data, address, now)
             return connection
         supported = self._server_configuration.supported_versions
@@ -376,6 +412,66 @@ class Endpoint:
             connection = self._accept(header.destination_cid, address, now)
         connection.receive_datagram(data, address, now)
         return connection
+
+    def _track_reset_token(self, connection: Connection) -> None:
+        """Keep :attr:`_by_reset_token` at the token of ``connection``'s peer id in use (it
+        changes when the handshake gives one or the peer's id is rotated)."""
+        token = connection.peer_reset_token
+        old = self._reset_token_of.get(connection)
+        if token == old:
+            return
+        if old is not None and self._by_reset_token.get(old) is connection:
+            del self._by_reset_token[old]
+        if token is None:
+            self._reset_token_of.pop(connection, None)
+        else:
+            self._reset_token_of[connection] = token
+            self._by_reset_token[token] = connection
+
+    def _unknown_short_header(self, data: bytes, address: Path, now: float) -> Connection | None:
+        """A short-header datagram for no id we know: a peer's Stateless Reset of one of our
+        connections (RFC 9000 section 10.3.1: its last 16 bytes are the token the peer gave for
+        the id our packets carry; that connection is ended and returned), a further reset of a
+        connection already ended that way (dropped: its token is remembered for
+        :data:`_SPENT_TOKEN_S`, so it is not answered with a reset of ours, a shrinking
+        ping-pong, section 10.3.3), or a packet for a connection we lost (answered with our own
+        reset). The dictionary finds a candidate by a keyed hash of the last 16 bytes (no timing
+        signal about a token a stranger does not hold); a match is confirmed in constant time."""
+        if len(data) >= MIN_RESET_BYTES:
+            tail = data[-TOKEN_BYTES:]
+            connection = self._by_reset_token.get(tail)
+            token = None if connection is None else connection.peer_reset_token
+            if connection is not None and token is not None and is_stateless_reset(data, token):
+                self.stats.stateless_resets_received += 1
+                if len(self._spent_reset_tokens) >= _MAX_SPENT_TOKENS:
+                    self._spent_reset_tokens = {t: u for t, u in self._spent_reset_tokens.items() if u > now}
+                if len(self._spent_reset_tokens) < _MAX_SPENT_TOKENS:
+                    self._spent_reset_tokens[token] = now + _SPENT_TOKEN_S
+                connection.stateless_reset()
+                return connection
+            spent_until = self._spent_reset_tokens.get(tail)
+            if spent_until is not None and now < spent_until:
+                self.stats.unknown_connection_dropped += 1
+                return None
+        self.stats.unknown_connection_dropped += 1
+        if not isinstance(address, RelayedPath):
+            self._answer_unknown_connection(data, address, now)
+        return None
+
+    def _answer_unknown_connection(self, data: bytes, address: Address, now: float) -> None:
+        """RFC 9000 section 10.3: a short-header packet for an id we do not know (ours before a
+        restart, most likely) gets a Stateless Reset with that id's token, shorter than the
+        packet (never an amplifier, never a loop with another reset) and within the rate limit."""
+        if len(data) < MIN_TRIGGER_BYTES:
+            return  # no reset can be shorter than it
+        if not self._reset_limiter.allow(now):
+            self.stats.stateless_resets_limited += 1
+            return
+        destination_cid = data[1 : 1 + CONNECTION_ID_LENGTH]
+        reset = build_stateless_reset(reset_token(self._reset_key, destination_cid), len(data))
+        assert reset is not None  # long enough, checked above
+        self.stats.stateless_resets_sent += 1
+        self._replies.append((reset, address))
 
     def _answer_unsupported_version(self, data: bytes, address: Address) -> None:
         """RFC 9000 sections 5.2.2 and 6.1: a long-header packet of a version we do not speak
@@ -415,8 +511,12 @@ class Endpoint:
         return LatticaQuicConnection(
             max_incoming_streams=self.config.max_incoming_streams,
             stream_receive_window_bytes=self.config.stream_receive_window_bytes,
+            reset_token_for=self._reset_token_for,
             **kwargs,
         )
+
+    def _reset_token_for(self, connection_id: bytes) -> bytes:
+        return reset_token(self._reset_key, connection_id)
 
     # -- sending --------------------------------------------------------------------------
 
@@ -515,6 +615,9 @@ class _EndpointCarrier:
 
     def connection_terminated(self, connection: Connection) -> None:
         endpoint = self._endpoint
+        token = endpoint._reset_token_of.pop(connection, None)
+        if token is not None and endpoint._by_reset_token.get(token) is connection:
+            del endpoint._by_reset_token[token]
         for cid in endpoint._cids_of.pop(connection, ()):
             if endpoint._by_cid.get(cid) is connection:
                 del endpoint._by_cid[cid]

@@ -18,6 +18,10 @@ module adds them on a subclass and a handful of small helpers:
   fast paths burst up to 64 datagrams, as long as that is at most 1 ms of the pacing rate
   (Linux TCP sizes its TSO bursts to ~1 ms too): every burst costs a wake-up on both ends, and a
   16-datagram burst left both processes of the loopback benchmark ~15% of their CPU poorer.
+* **Stateless reset tokens that survive a restart** (RFC 9000 section 10.3): aioquic draws each
+  connection id's token at random; here it is derived from the id under the node's static key
+  (:mod:`lattica.net.stateless_reset`), so a restarted node can reset what it forgot, and
+  :attr:`LatticaQuicConnection.peer_reset_token` gives the token of the peer's id in use.
 * **Anti-amplification in full** (RFC 9000 section 8.1): aioquic limits what it builds for an
   unvalidated path to three times what it received, except its CONNECTION_CLOSE, which ignores
   the budget (FIELD-NOTES). :meth:`LatticaQuicConnection.datagrams_to_send` drops whatever
@@ -31,6 +35,7 @@ proves each override still does its job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import version as _distribution_version
 from typing import Any
 
@@ -67,6 +72,9 @@ def _check_private_names() -> None:
     sender = QuicStreamSender(stream_id=0, writable=True)
     required: list[tuple[str, object, str]] = [
         ("QuicConnection", QuicConnection, "_initialize"),
+        ("QuicConnection", QuicConnection, "_replenish_connection_ids"),
+        ("QuicConnection", connection, "_host_cids"),
+        ("QuicConnection", connection, "_peer_cid"),
         ("QuicConnection", QuicConnection, "_write_stream_limits"),
         ("QuicConnection", QuicConnection, "_on_max_stream_data_delivery"),
         ("QuicConnection", connection, "_local_max_streams_bidi"),
@@ -121,9 +129,16 @@ class LatticaQuicConnection(QuicConnection):
     through its public sans-I/O API."""
 
     def __init__(
-        self, *, max_incoming_streams: int, stream_receive_window_bytes: int, **kwargs: Any
+        self,
+        *,
+        max_incoming_streams: int,
+        stream_receive_window_bytes: int,
+        reset_token_for: Callable[[bytes], bytes] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._reset_token_for = reset_token_for
+        self._derive_reset_tokens()  # before _initialize serialises a server's first token
         # Transport parameters are serialised in _initialize, so the limits must be set first.
         self._local_max_streams_bidi.value = self._local_max_streams_bidi.sent = max_incoming_streams
         self._local_max_streams_uni.value = self._local_max_streams_uni.sent = 0
@@ -138,6 +153,27 @@ class LatticaQuicConnection(QuicConnection):
             # that still sends no certificate completes the handshake with peer_certificate()
             # returning None; the connection core rejects it.
             self.tls._request_client_certificate = True
+
+    # -- stateless reset ----------------------------------------------------------------------
+
+    def _derive_reset_tokens(self) -> None:
+        if self._reset_token_for is None:
+            return
+        for host_cid in self._host_cids:
+            # A client's first id carries no token (RFC 9000 section 10.3: it has none to give).
+            if host_cid.stateless_reset_token:
+                host_cid.stateless_reset_token = self._reset_token_for(host_cid.cid)
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        self._derive_reset_tokens()  # before NEW_CONNECTION_ID frames carry them
+
+    @property
+    def peer_reset_token(self) -> bytes | None:
+        """The Stateless Reset Token of the peer's connection id our packets now carry, or None
+        when the peer gave none for it (a client's first id)."""
+        token: bytes | None = self._peer_cid.stateless_reset_token
+        return token or None
 
     # -- anti-amplification -----------------------------------------------------------------
 

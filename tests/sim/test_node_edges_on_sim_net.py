@@ -35,7 +35,7 @@ def addr(node: Node) -> PeerAddr:
     return PeerAddr(node.listen_addresses()[0], node.peer_id)
 
 
-async def test_a_peer_restarted_at_the_same_address_is_reachable_again_within_one_request_timeout(
+async def test_a_peer_restarted_at_the_same_address_resets_the_old_connection_within_a_round_trip(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with Network(seed=11) as net:
@@ -50,15 +50,44 @@ async def test_a_peer_restarted_at_the_same_address_is_reachable_again_within_on
             await trio.sleep(1.0)
             async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted:
                 first_request_at = trio.current_time()
-                # The restarted node drops the old connection's packets without a word.
-                with pytest.raises(RpcError, match="timeout"):
+                # The restarted node answers the old connection's packet with a Stateless Reset
+                # (RFC 9000 section 10.3): its token, derived from the same identity, proves it.
+                with pytest.raises(RpcError, match="stateless reset"):
                     await a.rpc.request(restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S)
+                assert trio.current_time() - first_request_at == pytest.approx(RTT_S, abs=0.01)
+                # Each packet of the dead connection in flight got one reset; the first ended
+                # it, the others were dropped, not answered (no ping-pong of resets).
+                answered = restarted.endpoint.stats
+                assert answered.stateless_resets_sent == answered.datagrams_received == answered.datagrams_sent
+                assert a.endpoint.stats.stateless_resets_received == 1
+                assert a.endpoint.stats.stateless_resets_sent == 0
                 result = await a.ping(restarted.peer_id, timeout_s=REQUEST_TIMEOUT_S)
                 assert not result.reused_connection  # dialled afresh, not the dead connection
                 assert result.peer_id == restarted.peer_id
-                # One request timeout, then a handshake and an echo (2 RTT).
+                # The reset, then a handshake and an echo (2 RTT): no request timeout.
                 elapsed = trio.current_time() - first_request_at
-                assert elapsed == pytest.approx(REQUEST_TIMEOUT_S + 2 * RTT_S, abs=0.01)
+                assert elapsed == pytest.approx(3 * RTT_S, abs=0.01)
+
+
+async def test_a_restarted_peer_with_another_identity_cannot_reset_the_old_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Tokens are the old identity's: a different node at the address (or a stranger guessing)
+    # answers with a reset nobody accepts, and the old rule (a silent connection is closed after
+    # a request timeout) still recovers.
+    async with Network(seed=14) as net:
+        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
+        async with Node(identity(0), a_host.bind(PORT), NodeConfig()) as a:
+            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as b:
+                await a.ping(addr(b))
+                b.socket.close()
+            await trio.sleep(1.0)
+            async with Node(identity(2), b_host.bind(PORT), NodeConfig()) as other:
+                with pytest.raises(RpcError, match="timeout"):
+                    await a.rpc.request(identity(1).peer_id, PING_PROTOCOL, b"hi", timeout_s=REQUEST_TIMEOUT_S)
+                assert other.endpoint.stats.stateless_resets_sent >= 1
+                assert a.endpoint.stats.stateless_resets_received == 0
+                assert a.connections.connection(identity(1).peer_id) is None  # closed as silent
 
 
 async def test_a_live_but_slow_peer_keeps_its_connection_after_a_timeout(

@@ -18,6 +18,7 @@ from lattica.errors import ConnectError, PeerIdMismatchError
 from lattica.identity import Identity
 from lattica.net import ALPN_PROTOCOL, Connection, DatagramSocket, Endpoint, EndpointConfig, EndpointSocketError
 from lattica.net.quic_internals import LatticaQuicConnection
+from lattica.net.stateless_reset import is_stateless_reset, reset_key, reset_token
 
 from .conftest import MakeEndpoint, MakeSocket
 
@@ -146,6 +147,33 @@ async def test_malformed_datagrams_are_dropped_and_counted(
     (inbound,) = server.connections()
     served = await inbound.accept_stream()
     assert await served.receive_some() == b"still serving"
+
+
+async def test_a_packet_for_an_unknown_connection_gets_a_smaller_stateless_reset_within_the_rate(
+    make_endpoint: MakeEndpoint, make_socket: MakeSocket, mock_clock: trio.testing.MockClock
+) -> None:
+    # RFC 9000 section 10.3: a restarted node answers its lost connections' packets with a
+    # reset carrying the token it derives for their id; never larger than the packet, never for
+    # one too small to shrink from, and no more than the rate limit allows (the clock stands
+    # still here: the burst is all there is).
+    server = await make_endpoint()
+    stranger = make_socket()
+    key = reset_key(server.identity.seed)
+    dcid = b"\x99" * 8
+    await stranger.send_to(b"\x40" + dcid + b"\x00" * 12, server.local_address)  # 21 bytes: too small
+    await stranger.send_to(b"\x40" + dcid + b"\x00" * 40, server.local_address)
+    ((answer, source),) = await stranger.receive_batch()
+    assert source == server.local_address
+    assert is_stateless_reset(answer, reset_token(key, dcid))
+    assert len(answer) == 48  # one byte shorter than the 49-byte packet
+    for n in range(150):  # a flood: the limiter's burst is answered, the rest is not
+        await stranger.send_to(b"\x40" + n.to_bytes(8, "big") + b"\x00" * 80, server.local_address)
+    # The network delivers in order: once this handshake completes, the flood was handled.
+    await (await make_endpoint()).connect(server.local_address, expected_peer=server.peer_id)
+    stats = server.stats
+    assert stats.unknown_connection_dropped == 152
+    assert (stats.stateless_resets_sent, stats.stateless_resets_limited) == (100, 51)
+    stranger.close()
 
 
 async def test_raw_packets_without_the_quic_fixed_bit_reach_the_raw_handler(

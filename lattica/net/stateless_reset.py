@@ -1,0 +1,102 @@
+"""QUIC Stateless Reset (RFC 9000 section 10.3), sans-I/O: tokens, the reset packet, detection.
+
+Why: a node that restarts has lost every connection's keys. Without a reset its peers keep
+sending on the dead connection, and every request waits out its timeout before the connection
+is given up (a fetch from a seeder that restarted stalled ~10 s). With one, the restarted node
+answers the first packet of a connection it does not know with a Stateless Reset, which the peer
+recognises by a token the node gave it for that connection id, and the peer drops the connection
+within one round trip.
+
+* **Tokens survive a restart.** Each connection id's token is a keyed BLAKE2b of the id
+  (RFC 9000 section 10.3.2's construction, a MAC of the id under a static key); the key is
+  derived from the node's identity seed, so the node that comes back computes the same token
+  from nothing but the packet. The key reveals nothing of the seed (a one-way derivation with its
+  own label) and nothing else uses it. Connection ids are random, so tokens do not link them.
+* **Never more than was received, never a loop.** A reset is sent only for a short-header
+  packet of at least :data:`MIN_TRIGGER_BYTES`, is one byte shorter than it (at most
+  :data:`MAX_RESET_BYTES`), so two endpoints that both lost state cannot ping-pong resets
+  forever (section 10.3.3), and nobody can use us to amplify. :class:`ResetLimiter` caps how
+  many go out per second, so a flood of junk costs us a bounded number of small sends.
+* **Detection in constant time.** :func:`is_stateless_reset` compares the datagram's last
+  16 bytes to the token with ``hmac.compare_digest`` (section 10.3.1: without leaking the
+  token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from typing import Final
+
+TOKEN_BYTES: Final = 16
+"""A Stateless Reset Token (RFC 9000 section 10.3)."""
+MIN_RESET_BYTES: Final = 21
+"""The smallest Stateless Reset: 5 bytes that look like a short header and its token."""
+MIN_TRIGGER_BYTES: Final = MIN_RESET_BYTES + 1
+"""Packets shorter than this get no reset: it must be shorter than what triggered it."""
+MAX_RESET_BYTES: Final = 64
+"""A reset is never longer than this, however large the packet that triggered it."""
+_SHORT_HEADER_MASK: Final = 0xC0  # header form (0x80) and fixed bit (0x40)
+_SHORT_HEADER: Final = 0x40
+_KEY_LABEL: Final = b"lattica/quic-stateless-reset/v1"
+
+
+def reset_key(identity_seed: bytes) -> bytes:
+    """The static key of a node's tokens (32 bytes), derived from its 32-byte identity seed with
+    a label of its own (BLAKE2b, keyed): the same node computes the same key after a restart."""
+    return hashlib.blake2b(_KEY_LABEL, key=identity_seed, digest_size=32).digest()
+
+
+def reset_token(key: bytes, connection_id: bytes) -> bytes:
+    """The :data:`TOKEN_BYTES` token of ``connection_id`` under ``key`` (:func:`reset_key`)."""
+    return hashlib.blake2b(connection_id, key=key, digest_size=TOKEN_BYTES).digest()
+
+
+def build_stateless_reset(token: bytes, trigger_bytes: int, unpredictable: bytes | None = None) -> bytes | None:
+    """The Stateless Reset answering a packet of ``trigger_bytes`` (RFC 9000 section 10.3): a
+    short-header first byte, unpredictable bits, then ``token``; one byte shorter than the
+    trigger and at most :data:`MAX_RESET_BYTES`. None when the trigger is shorter than
+    :data:`MIN_TRIGGER_BYTES` (no reset can be smaller than it). ``unpredictable`` supplies the
+    random bytes (tests); by default they come from ``os.urandom``."""
+    if len(token) != TOKEN_BYTES:
+        raise ValueError(f"a stateless reset token has {TOKEN_BYTES} bytes, not {len(token)}")
+    if trigger_bytes < MIN_TRIGGER_BYTES:
+        return None
+    size = min(trigger_bytes - 1, MAX_RESET_BYTES)
+    filler = unpredictable if unpredictable is not None else os.urandom(size - TOKEN_BYTES)
+    if len(filler) != size - TOKEN_BYTES:
+        raise ValueError(f"{size - TOKEN_BYTES} unpredictable bytes needed, got {len(filler)}")
+    first = _SHORT_HEADER | (filler[0] & 0x3F)
+    return bytes([first]) + filler[1:] + token
+
+
+def is_stateless_reset(datagram: bytes, token: bytes) -> bool:
+    """Whether ``datagram`` ends with ``token`` and could be a Stateless Reset (a short header,
+    at least :data:`MIN_RESET_BYTES`); compared in constant time (RFC 9000 section 10.3.1)."""
+    if len(datagram) < MIN_RESET_BYTES or (datagram[0] & _SHORT_HEADER_MASK) != _SHORT_HEADER:
+        return False
+    return hmac.compare_digest(datagram[-TOKEN_BYTES:], token)
+
+
+class ResetLimiter:
+    """A token bucket of resets: at most ``rate_per_s`` per second on average and ``burst`` at
+    once. Sans-I/O: :meth:`allow` takes ``now`` (seconds, any monotonic clock)."""
+
+    def __init__(self, *, rate_per_s: float = 100.0, burst: int = 100) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("a reset limiter needs a positive rate and a burst of at least 1")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._allowance = float(burst)
+        self._at: float | None = None
+
+    def allow(self, now: float) -> bool:
+        """Take one reset from the bucket at ``now``; False when it is empty."""
+        if self._at is not None:
+            self._allowance = min(float(self.burst), self._allowance + max(0.0, now - self._at) * self.rate_per_s)
+        self._at = now
+        if self._allowance < 1.0:
+            return False
+        self._allowance -= 1.0
+        return True
