@@ -624,6 +624,10 @@ async def _transfer(
     links: dict[PeerId, _PeerLink] = {}
     banned: set[PeerId] = set()
     busy_until: dict[PeerId, float] = {}
+    # Peers that said they hold the content: one whose connection went (it restarted, the
+    # network dropped) is dialled again with the next search, not only if the DHT or a live
+    # connection names it again (a 2-node fetch from a restarted seeder stalled to failure).
+    holders: dict[PeerId, None] = {}
     stalled_since: float | None = None
     searching = False
 
@@ -647,7 +651,8 @@ async def _transfer(
         async def search() -> None:
             nonlocal searching
             try:
-                connect(await deps.find_candidates(cid), likely=True)
+                found = await deps.find_candidates(cid)
+                connect([*found, *(p for p in holders if p not in found)], likely=True)
             finally:
                 searching = False
                 # The loop may be waiting with no timer for the next search (it armed none
@@ -794,6 +799,7 @@ async def _transfer(
                     done = apply(scheduler.chunk_refused(peer, event.digest, now))
             elif isinstance(event, _Ready):
                 if event.held and peer in links:
+                    holders[peer] = None
                     stalled_since = None
                     done = apply(scheduler.add_peer(peer, now))  # nothing if it started already
                 else:

@@ -813,3 +813,52 @@ async def test_fetching_again_after_the_output_was_truncated_restores_it_in_one_
         os.truncate(out / "data.bin", 1000)  # in place: the store's ranges of it go too
         await c.content(1).fetch(cid, out_dir=out)
         assert (out / "data.bin").read_bytes() == source.read_bytes()
+
+
+async def test_a_seeder_that_restarts_mid_transfer_is_back_within_round_trips_not_a_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A seeder that crashes and comes back at the same address with the same identity and store
+    # answers the old connection's next packet with a Stateless Reset (RFC 9000 section 10.3):
+    # the fetcher drops the dead connection at once and dials the restarted node, instead of
+    # waiting out a request timeout on a connection nobody holds any more (~10 s stalls before).
+    source = source_file(tmp_path, 2048 * KIB)
+    slow = LinkConfig(latency_s=0.01, bandwidth_bps=8e6, queue_bytes=256 * KIB)  # 1 MB/s: ~2 s
+    async with Network(seed=5) as net, trio.open_nursery() as nursery:
+        seeder_host = net.add_host("10.0.0.1", up=slow, down=QUIET)
+        fetcher_host = net.add_host("10.0.0.2", up=QUIET, down=QUIET)
+
+        async def seeder(*, task_status: trio.TaskStatus[tuple[Node, trio.CancelScope]]) -> None:
+            with trio.CancelScope() as life:
+                home = tmp_path / "seeder"  # the same store and index after the restart
+                node = Node(identity(0), seeder_host.bind(PORT), CONFIG, blocks_dir=home, database=tmp_path / "seeder.db")
+                async with node:
+                    task_status.started((node, life))
+                    await trio.sleep_forever()
+
+        first, first_life = await nursery.start(seeder)
+        assert first.content is not None
+        cid = (await first.content.publish(source)).cid
+        async with Node(identity(1), fetcher_host.bind(PORT), CONFIG, blocks_dir=tmp_path / "fetcher") as fetcher:
+            await fetcher.connect(addr(0))
+            third = trio.Event()
+            progress = FetchProgress(str(cid))
+            progress.on_update = when(progress, 1 / 3, third)
+            assert fetcher.content is not None
+            content = fetcher.content
+            async with trio.open_nursery() as fetching:
+                fetching.start_soon(lambda: content.fetch(cid, out_dir=tmp_path / "out", progress=progress))
+                await third.wait()
+                first.socket.close()  # a crash: not even a CONNECTION_CLOSE leaves
+                first_life.cancel()
+                await trio.sleep(0.5)  # the restart takes a moment
+                restarted_at = trio.current_time()
+                await nursery.start(seeder)
+            assert progress.state == "done"
+            assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+            assert fetcher.endpoint.stats.stateless_resets_received == 1
+            assert progress.finished_at is not None
+            # The rest (~1.3 MB at 1 MB/s) plus a reset, a dial and a few round trips: well inside
+            # one request timeout of lost time.
+            assert progress.finished_at - restarted_at < 1.4 + CONTENT.fetch_request_timeout_s / 2
+        nursery.cancel_scope.cancel()
