@@ -21,7 +21,8 @@ module adds them on a subclass and a handful of small helpers:
 * **Stateless reset tokens that survive a restart** (RFC 9000 section 10.3): aioquic draws each
   connection id's token at random; here it is derived from the id under the node's static key
   (:mod:`lattica.net.stateless_reset`), so a restarted node can reset what it forgot, and
-  :attr:`LatticaQuicConnection.peer_reset_token` gives the token of the peer's id in use.
+  :attr:`LatticaQuicConnection.peer_reset_token` gives the token of the peer's id in use; a
+  server moves off the client's first id (which has none) to one that has a token.
 * **Anti-amplification in full** (RFC 9000 section 8.1): aioquic limits what it builds for an
   unvalidated path to three times what it received, except its CONNECTION_CLOSE, which ignores
   the budget (FIELD-NOTES). :meth:`LatticaQuicConnection.datagrams_to_send` drops whatever
@@ -75,6 +76,8 @@ def _check_private_names() -> None:
         ("QuicConnection", QuicConnection, "_replenish_connection_ids"),
         ("QuicConnection", connection, "_host_cids"),
         ("QuicConnection", connection, "_peer_cid"),
+        ("QuicConnection", connection, "_peer_cid_available"),
+        ("QuicConnection", connection, "_handshake_complete"),
         ("QuicConnection", QuicConnection, "_write_stream_limits"),
         ("QuicConnection", QuicConnection, "_on_max_stream_data_delivery"),
         ("QuicConnection", connection, "_local_max_streams_bidi"),
@@ -182,6 +185,16 @@ class LatticaQuicConnection(QuicConnection):
 
         aioquic applies the budget to what it builds, but not to its CONNECTION_CLOSE; datagrams
         dropped here are un-counted so the path's accounting stays exact."""
+        if (
+            self._handshake_complete
+            and not self._peer_cid.stateless_reset_token
+            and self._peer_cid_available
+            and self._close_event is None
+        ):
+            # The peer's first id (a client's) carries no token: move to one of the ids it
+            # issued since, which do, so its reset can end this connection if it restarts
+            # (RFC 9000 section 5.1.2 lets an endpoint change ids at any time).
+            self.change_connection_id()
         datagrams = super().datagrams_to_send(now)
         if not datagrams or not self._network_paths:
             return datagrams

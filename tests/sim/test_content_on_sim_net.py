@@ -830,8 +830,9 @@ async def test_a_seeder_that_restarts_mid_transfer_is_back_within_round_trips_no
 
         async def seeder(*, task_status: trio.TaskStatus[tuple[Node, trio.CancelScope]]) -> None:
             with trio.CancelScope() as life:
-                home = tmp_path / "seeder"  # the same store and index after the restart
-                node = Node(identity(0), seeder_host.bind(PORT), CONFIG, blocks_dir=home, database=tmp_path / "seeder.db")
+                # The same store and index after the restart.
+                store, index = tmp_path / "seeder", tmp_path / "seeder.db"
+                node = Node(identity(0), seeder_host.bind(PORT), CONFIG, blocks_dir=store, database=index)
                 async with node:
                     task_status.started((node, life))
                     await trio.sleep_forever()

@@ -69,6 +69,27 @@ async def test_a_peer_restarted_at_the_same_address_resets_the_old_connection_wi
                 assert elapsed == pytest.approx(3 * RTT_S, abs=0.01)
 
 
+async def test_a_peer_that_dialled_us_and_restarted_resets_the_old_connection_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The id a client uses first carries no token (RFC 9000 section 10.3): the server moves to
+    # one the client issued since, so the other direction recovers as fast.
+    async with Network(seed=15) as net:
+        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
+        async with Node(identity(0), a_host.bind(PORT), NodeConfig()) as a:
+            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as b:
+                await b.ping(addr(a))  # b dials: a is the server of this connection
+                await a.ping(b.peer_id)  # and uses it
+                b.socket.close()
+            await trio.sleep(1.0)
+            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted:
+                first_request_at = trio.current_time()
+                with pytest.raises(RpcError, match="stateless reset"):
+                    await a.rpc.request(restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S)
+                assert trio.current_time() - first_request_at == pytest.approx(RTT_S, abs=0.01)
+                assert a.endpoint.stats.stateless_resets_received == 1
+
+
 async def test_a_restarted_peer_with_another_identity_cannot_reset_the_old_connection(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

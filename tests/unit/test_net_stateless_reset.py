@@ -99,6 +99,8 @@ def _quic(identity: Identity, *, is_client: bool, **kwargs: object) -> LatticaQu
 def test_every_token_a_connection_gives_out_is_derived_from_the_node_key() -> None:
     client_key, server_key = reset_key(SEED_A), reset_key(SEED_B)
     client = _quic(Identity.from_seed(SEED_A), is_client=True, reset_token_for=lambda c: reset_token(client_key, c))
+    first_client_cid = client._host_cids[0]
+    assert first_client_cid.stateless_reset_token is None  # a client's first id has none
     now = 1000.0
     client.connect(("127.0.0.1", 2), now=now)
     first = client.datagrams_to_send(now)
@@ -124,7 +126,8 @@ def test_every_token_a_connection_gives_out_is_derived_from_the_node_key() -> No
         for host_cid in quic._host_cids:
             if host_cid.stateless_reset_token:
                 assert host_cid.stateless_reset_token == reset_token(key, host_cid.cid)
-    assert client._host_cids[0].stateless_reset_token is None  # a client's first id has none
-    assert server.peer_reset_token is None  # its peer id in use is that one
+    # ... so the server moved to one the client issued since, which has one.
+    assert server._peer_cid.cid != first_client_cid.cid
+    assert server.peer_reset_token == reset_token(client_key, server._peer_cid.cid)
     for peer_cid in client._peer_cid_available:
         assert peer_cid.stateless_reset_token == reset_token(server_key, peer_cid.cid)
