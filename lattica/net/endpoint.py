@@ -348,10 +348,11 @@ class Endpoint:
         # STOP_SENDING) before we were told.
         for connection in touched:
             connection.handle_events()
-            self._track_reset_token(connection)
         # Once per connection per batch: this is what makes the driver fast.
         for connection in touched:
             await connection.transmit()
+            # After the transmit: a server moves off a client's first id as it sends.
+            self._track_reset_token(connection)
         if self._replies:
             await self._send_replies()
 
