@@ -118,6 +118,11 @@ class Connection:
         self._transmit_again = False
 
     @property
+    def current_path(self) -> Path:
+        """Where our datagrams go now: the peer's address, or the relay circuit it is behind."""
+        return self._state.current_path
+
+    @property
     def remote_address(self) -> Address:
         """The peer's network address as of the latest datagram sent (it follows the peer when
         its NAT rebinds it to a new port); for a relayed connection, the relay's (never the

@@ -13,8 +13,8 @@ Demultiplexing rules:
   datagram is >= 1200 bytes (RFC 9000 sections 5.2.2, 6.1), else nothing.
 * A short-header packet for an unknown id gets a Stateless Reset (RFC 9000 section 10.3,
   :mod:`lattica.net.stateless_reset`): the id was ours before a restart, or a stranger's guess;
-  the reset is shorter than the packet and rate-limited (100 per second), and none goes down a
-  relay circuit.
+  the reset is shorter than the packet and rate-limited (100 per second, one per second to any
+  one address), and none goes down a relay circuit.
 * Anything else is dropped unanswered and counted in :attr:`Endpoint.stats` (nothing a stranger
   sends makes us send more than it did; RFC 9000 section 8.1). Nothing a peer sends can stop
   the endpoint serving others.
@@ -442,7 +442,14 @@ class Endpoint:
             tail = data[-TOKEN_BYTES:]
             connection = self._by_reset_token.get(tail)
             token = None if connection is None else connection.peer_reset_token
-            if connection is not None and token is not None and is_stateless_reset(data, token):
+            # From where the connection's datagrams go (RFC 9000 section 10.3.1 ties tokens to
+            # the addresses we sent to): one that learnt a token must at least spoof the peer.
+            if (
+                connection is not None
+                and token is not None
+                and address == connection.current_path
+                and is_stateless_reset(data, token)
+            ):
                 self.stats.stateless_resets_received += 1
                 if len(self._spent_reset_tokens) >= _MAX_SPENT_TOKENS:
                     self._spent_reset_tokens = {t: u for t, u in self._spent_reset_tokens.items() if u > now}
@@ -465,7 +472,9 @@ class Endpoint:
         packet (never an amplifier, never a loop with another reset) and within the rate limit."""
         if len(data) < MIN_TRIGGER_BYTES:
             return  # no reset can be shorter than it
-        if not self._reset_limiter.allow(now):
+        if address == self._socket.local_address:
+            return  # "from" ourselves: forged, and a reset to it would come back to us
+        if not self._reset_limiter.allow(now, address):
             self.stats.stateless_resets_limited += 1
             return
         destination_cid = data[1 : 1 + CONNECTION_ID_LENGTH]

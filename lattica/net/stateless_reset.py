@@ -16,7 +16,8 @@ within one round trip.
   packet of at least :data:`MIN_TRIGGER_BYTES`, is one byte shorter than it (at most
   :data:`MAX_RESET_BYTES`), so two endpoints that both lost state cannot ping-pong resets
   forever (section 10.3.3), and nobody can use us to amplify. :class:`ResetLimiter` caps how
-  many go out per second, so a flood of junk costs us a bounded number of small sends.
+  many go out per second and to any one source, so a flood of junk costs us a bounded number of
+  small sends and one address cannot use up what restarted peers need.
 * **Detection in constant time.** :func:`is_stateless_reset` compares the datagram's last
   16 bytes to the token with ``hmac.compare_digest`` (section 10.3.1: without leaking the
   token).
@@ -27,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Final
 
 TOKEN_BYTES: Final = 16
@@ -80,23 +83,45 @@ def is_stateless_reset(datagram: bytes, token: bytes) -> bool:
 
 
 class ResetLimiter:
-    """A token bucket of resets: at most ``rate_per_s`` per second on average and ``burst`` at
-    once. Sans-I/O: :meth:`allow` takes ``now`` (seconds, any monotonic clock)."""
+    """How many Stateless Resets may go out: a token bucket of ``rate_per_s`` per second and
+    ``burst`` at once for all sources, and at most one per ``per_source_interval_s`` to any one
+    source, so junk from one address (or a ping-pong of resets with another node that lost its
+    state too) cannot use up the budget that restarted peers' packets need. At most
+    ``max_sources`` sources are remembered (the oldest are forgotten first). Sans-I/O:
+    :meth:`allow` takes ``now`` (seconds, any monotonic clock) and the source (any hashable)."""
 
-    def __init__(self, *, rate_per_s: float = 100.0, burst: int = 100) -> None:
-        if rate_per_s <= 0 or burst < 1:
-            raise ValueError("a reset limiter needs a positive rate and a burst of at least 1")
+    def __init__(
+        self,
+        *,
+        rate_per_s: float = 100.0,
+        burst: int = 100,
+        per_source_interval_s: float = 1.0,
+        max_sources: int = 4096,
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1 or per_source_interval_s < 0 or max_sources < 1:
+            raise ValueError("a reset limiter needs a positive rate, a burst and a source cap of at least 1")
         self.rate_per_s = rate_per_s
         self.burst = burst
+        self.per_source_interval_s = per_source_interval_s
+        self.max_sources = max_sources
         self._allowance = float(burst)
         self._at: float | None = None
+        self._last_by_source: OrderedDict[Hashable, float] = OrderedDict()
 
-    def allow(self, now: float) -> bool:
-        """Take one reset from the bucket at ``now``; False when it is empty."""
+    def allow(self, now: float, source: Hashable = None) -> bool:
+        """Take one reset for ``source`` at ``now``; False when that source had one within
+        ``per_source_interval_s`` or the shared bucket is empty."""
+        last = self._last_by_source.get(source)
+        if last is not None and 0.0 <= now - last < self.per_source_interval_s:
+            return False
         if self._at is not None:
             self._allowance = min(float(self.burst), self._allowance + max(0.0, now - self._at) * self.rate_per_s)
         self._at = now
         if self._allowance < 1.0:
             return False
         self._allowance -= 1.0
+        self._last_by_source[source] = now
+        self._last_by_source.move_to_end(source)
+        while len(self._last_by_source) > self.max_sources:
+            self._last_by_source.popitem(last=False)
         return True

@@ -12,7 +12,9 @@ from lattica.config import NodeConfig
 from lattica.errors import ConnectError, DialSelfError, RpcError
 from lattica.identity import Identity, PeerId
 from lattica.net.address import PeerAddr
+from lattica.net.connection import Connection
 from lattica.net.rpc import PING_PROTOCOL
+from lattica.net.stateless_reset import build_stateless_reset
 from lattica.node import Node
 from sim_net import LinkConfig, Network
 
@@ -55,10 +57,11 @@ async def test_a_peer_restarted_at_the_same_address_resets_the_old_connection_wi
                 with pytest.raises(RpcError, match="stateless reset"):
                     await a.rpc.request(restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S)
                 assert trio.current_time() - first_request_at == pytest.approx(RTT_S, abs=0.01)
-                # Each packet of the dead connection in flight got one reset; the first ended
-                # it, the others were dropped, not answered (no ping-pong of resets).
+                # One reset for the dead connection's packets in flight (one per second to any
+                # one address); it ended it, and nothing was answered back (no ping-pong).
                 answered = restarted.endpoint.stats
-                assert answered.stateless_resets_sent == answered.datagrams_received == answered.datagrams_sent
+                assert answered.stateless_resets_sent == answered.datagrams_sent == 1
+                assert answered.stateless_resets_limited == answered.datagrams_received - 1
                 assert a.endpoint.stats.stateless_resets_received == 1
                 assert a.endpoint.stats.stateless_resets_sent == 0
                 result = await a.ping(restarted.peer_id, timeout_s=REQUEST_TIMEOUT_S)
@@ -88,6 +91,35 @@ async def test_a_peer_that_dialled_us_and_restarted_resets_the_old_connection_to
                     await a.rpc.request(restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S)
                 assert trio.current_time() - first_request_at == pytest.approx(RTT_S, abs=0.01)
                 assert a.endpoint.stats.stateless_resets_received == 1
+
+
+async def test_a_reset_counts_only_from_where_the_connection_sends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Review finding: a reset was taken from any address, so one who learnt a token (a second
+    # daemon started with the same key file answers for the first) could end the connection
+    # from anywhere; now it must come from the peer's address (RFC 9000 section 10.3.1).
+    async with Network(seed=16) as net:
+        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
+        c_host = net.add_host("198.51.100.3", ACCESS)
+        async with Node(identity(0), a_host.bind(PORT)) as a, Node(identity(1), b_host.bind(PORT)) as b:
+            await a.ping(addr(b))
+            connection = a.connections.connection(b.peer_id)
+            assert connection is not None and isinstance(connection, Connection)
+            token = connection.peer_reset_token
+            assert token is not None
+            reset = build_stateless_reset(token, 100)
+            assert reset is not None
+            forger = c_host.bind(PORT)
+            await forger.send_to(reset, a.listen_addresses()[0])
+            await trio.sleep(1.0)
+            assert not connection.is_closed
+            assert a.endpoint.stats.stateless_resets_received == 0
+            await b.socket.send_to(reset, a.listen_addresses()[0])  # the same bytes from b's address
+            await trio.sleep(1.0)
+            assert connection.is_closed
+            assert a.endpoint.stats.stateless_resets_received == 1
+            forger.close()
 
 
 async def test_a_restarted_peer_with_another_identity_cannot_reset_the_old_connection(

@@ -77,13 +77,25 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_the_limiter_allows_a_burst_then_its_rate() -> None:
-    limiter = ResetLimiter(rate_per_s=10, burst=3)
+    limiter = ResetLimiter(rate_per_s=10, burst=3, per_source_interval_s=0)
     assert [limiter.allow(0.0) for _ in range(4)] == [True, True, True, False]
     assert not limiter.allow(0.05)  # half a reset earned
     assert limiter.allow(0.1)
     assert not limiter.allow(0.1)
     assert [limiter.allow(100.0) for _ in range(4)] == [True, True, True, False]  # never above the burst
     assert not limiter.allow(50.0)  # a clock that went back earns nothing
+
+
+def test_one_source_gets_one_reset_per_interval_and_cannot_use_up_the_budget() -> None:
+    limiter = ResetLimiter(rate_per_s=10, burst=3, per_source_interval_s=1.0, max_sources=2)
+    assert limiter.allow(0.0, "junk")
+    assert not any(limiter.allow(0.1 * i, "junk") for i in range(1, 10))  # refused, and not charged
+    assert limiter.allow(0.5, "peer-1") and limiter.allow(0.5, "peer-2")  # the budget is still there
+    assert limiter.allow(1.0, "junk")  # its interval passed
+    # Only max_sources are remembered: the oldest ("peer-1", "peer-2" after "junk") is forgotten.
+    assert limiter.allow(1.2, "peer-3")
+    assert limiter.allow(1.3, "peer-1")  # forgotten, so not held to its interval
+    assert not limiter.allow(1.3, "peer-3")  # remembered
 
 
 def _quic(identity: Identity, *, is_client: bool, **kwargs: object) -> LatticaQuicConnection:
