@@ -79,6 +79,7 @@ from lattica.content.manifest import FileEntry, Manifest, decode_manifest
 from lattica.content.tensor_select import TensorSelection, select_tensors
 from lattica.errors import LatticaError, RemoteProtocolError, leaf_exceptions
 from lattica.identity import PeerId
+from lattica.net.connection import Connection
 from lattica.net.stream import QuicStream
 from lattica.net.tcp_lane import TcpLane
 
@@ -94,6 +95,8 @@ _RECEIVE_BYTES = 2 << 20
 # Bytes of files already in the output folder compared per worker-thread step (~50 ms).
 _CHECK_STEP_BYTES = 64 << 20
 _BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
+# A link with requests out that received nothing for this long probes its peer (one PING).
+_PROBE_S = 1.0
 _MANIFEST_BUSY_FIRST_S = 0.5  # first pause before asking busy peers for a manifest again
 _MANIFEST_BUSY_MAX_S = 8.0  # longest pause between those asks
 _FLUSH_ON_EXIT_S = 30.0  # a cancelled fetch waits at most this long to acknowledge what it wrote
@@ -227,6 +230,7 @@ class _PeerLink:
         self.scope = trio.CancelScope()
         self.stream: QuicStream | None = None
         self.progress_reported = 0  # arrived_bytes() when progress was last reported
+        self.probed_at_bytes = -1  # arrived_bytes() when the prober last looked
         self._events = events
         self._outbox_send, self._outbox = trio.open_memory_channel[bytes](math.inf)
         _id, frame = self.client.has(manifest_digest)
@@ -261,6 +265,14 @@ class _PeerLink:
                 gone = _Gone(f"stream lost: {group.exceptions[0]}")
             if gone is not None:
                 await self._events.send((self.peer, gone))
+
+    async def probe(self) -> None:
+        """Ask the peer's connection whether the peer is still there (a QUIC PING: a peer that
+        restarted answers with a Stateless Reset, which ends the connection and this link).
+        Nothing on other carriers: TCP hears of a restarted peer by itself."""
+        connection = None if self.stream is None else self.stream.connection
+        if isinstance(connection, Connection):
+            await connection.probe()
 
     def arrived_bytes(self) -> int:
         """Bytes this peer sent on the link so far, counting a lane's frame still arriving (a
@@ -721,7 +733,23 @@ async def _transfer(
                         await flusher.flush()
             stored_all.set()
 
+        async def prober() -> None:
+            # A link with requests out that heard nothing for a probe interval asks whether its
+            # peer is there: a fetcher that only receives sends nothing once its requests are
+            # acknowledged, so a seeder that restarted was found only by the 15 s keepalive
+            # (review finding: a restart often cost 15 s, not a round trip).
+            while True:
+                await trio.sleep(_PROBE_S)
+                in_flight = scheduler.peers()
+                for link in list(links.values()):
+                    arrived = link.arrived_bytes()
+                    stats = in_flight.get(link.peer)
+                    if stats is not None and stats.in_flight and arrived == link.probed_at_bytes:
+                        await link.probe()
+                    link.probed_at_bytes = arrived
+
         nursery.start_soon(storer)
+        nursery.start_soon(prober)
         connect(peers.likely, likely=True)
         connect(peers.ask_first, likely=False)
         if peers.search_now:

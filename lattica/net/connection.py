@@ -281,6 +281,12 @@ class Connection:
         :attr:`~lattica.net.connection_state.ConnectionState.peer_reset_token`)."""
         return self._state.peer_reset_token
 
+    async def probe(self) -> None:
+        """Ask the peer whether it is there: one PING, sent now (see
+        :meth:`~lattica.net.connection_state.ConnectionState.probe`)."""
+        self._state.probe()
+        await self.transmit()
+
     def stateless_reset(self) -> None:
         """The peer reset this connection statelessly (the endpoint matched its token): end it
         now, without a word (RFC 9000 section 10.3.1)."""

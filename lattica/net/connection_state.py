@@ -398,6 +398,17 @@ class ConnectionState(Generic[PathT]):
         self._mark_closed(reason, "local")
         self._terminate_after_send = True
 
+    def probe(self) -> None:
+        """Send an ack-eliciting PING now (RFC 9000 section 19.2): a driver that expects data
+        and hears nothing asks whether the peer is there. A peer that lost the connection
+        answers with a Stateless Reset; a live one with an acknowledgement. Call
+        :meth:`datagrams_to_send` afterwards."""
+        self._pump_received()
+        if self.is_closed or self._handshake != "authenticated":
+            return
+        self._ping_uid += 1
+        self._quic.send_ping(self._ping_uid)
+
     @property
     def peer_reset_token(self) -> bytes | None:
         """The Stateless Reset Token of the peer's connection id our packets carry now (RFC 9000
