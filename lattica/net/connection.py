@@ -281,6 +281,11 @@ class Connection:
         :attr:`~lattica.net.connection_state.ConnectionState.peer_reset_token`)."""
         return self._state.peer_reset_token
 
+    @property
+    def reset_by_peer(self) -> bool:
+        """The peer ended this connection with a Stateless Reset (it restarted)."""
+        return self._state.reset_by_peer
+
     async def probe(self) -> None:
         """Ask the peer whether it is there: one PING, sent now (see
         :meth:`~lattica.net.connection_state.ConnectionState.probe`)."""

@@ -225,6 +225,8 @@ class ConnectionState(Generic[PathT]):
         """Set when aioquic may hold events not yet translated (see :meth:`receive_datagram`)."""
         self._keepalive_at = math.inf
         self._ping_uid = 0
+        self.reset_by_peer = False
+        """The peer ended this connection with a Stateless Reset (it restarted)."""
 
     # -- state ----------------------------------------------------------------------------
 
@@ -422,6 +424,7 @@ class ConnectionState(Generic[PathT]):
         self._pump_received()
         if self._terminated:
             return
+        self.reset_by_peer = True
         self._mark_closed("stateless reset: the peer no longer has this connection (restarted?)", "peer")
         self._terminate()
 

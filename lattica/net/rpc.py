@@ -180,7 +180,9 @@ class Rpc:
         """Call ``protocol_id`` on ``peer`` (dialled if needed, or a given connection) and
         return its reply; ``timeout_s`` bounds the dial and the exchange together.
 
-        A connection that received nothing at all while the request timed out is closed
+        A request whose connection the peer ended with a Stateless Reset (it restarted) is sent
+        once more on a fresh dial, within the same ``timeout_s``. A connection that received
+        nothing at all while the request timed out is closed
         (:meth:`ConnectionManager.close_if_silent_since`), so the next request dials again:
         this is how a peer that restarted at the same address becomes reachable again.
         Raises :class:`RpcError` (``code`` in :data:`ERROR_CODES`; ``connect-failed`` with a
@@ -192,10 +194,24 @@ class Rpc:
         sent_at = 0.0
         try:
             with trio.fail_after(timeout_s):
-                connection, stream = await self._open(peer, protocol_id)
-                sent_at = trio.current_time()
-                async with stream:
-                    return await self._exchange(stream, payload)
+                reset: RpcError | None = None
+                for attempt in (1, 2):
+                    try:
+                        connection, stream = await self._open(peer, protocol_id)
+                        sent_at = trio.current_time()
+                        async with stream:
+                            return await self._exchange(stream, payload)
+                    except RpcError as exc:
+                        if reset is not None and exc.code == "connect-failed":
+                            raise reset from exc  # no fresh dial: the reset says more
+                        # A Stateless Reset: the peer restarted and is there, the old connection
+                        # is not. Once more on a fresh dial, within the same timeout (every
+                        # request handler here is idempotent: ping, identify, AutoNAT, DHT,
+                        # space updates).
+                        if attempt == 2 or exc.code != "connection-lost" or not _reset_by_peer(peer, connection):
+                            raise
+                        reset, connection = exc, None
+                raise AssertionError("not reached")  # pragma: no cover - the loop returns or raises
         except trio.TooSlowError:
             if isinstance(connection, Connection):
                 with trio.CancelScope(shield=True):
@@ -376,3 +392,13 @@ class Rpc:
 
 async def _echo(peer: PeerId, payload: bytes) -> bytes:
     return payload
+
+
+def _reset_by_peer(peer: object, connection: object) -> bool:
+    """Whether a request to ``peer`` (not to a connection given by the caller) failed because
+    the peer reset the connection statelessly (it restarted)."""
+    return (
+        not isinstance(peer, Connection | TcpConnection | TcpLane)
+        and isinstance(connection, Connection)
+        and connection.reset_by_peer
+    )
