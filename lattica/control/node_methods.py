@@ -7,6 +7,7 @@ the results as JSON. Other services register theirs the same way from their own 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import msgspec
@@ -51,6 +52,9 @@ class StatusResult(msgspec.Struct):
     """``PEERID@HOST:PORT`` where TLS-over-TCP is accepted (empty unless ``net.tcp_listen``)."""
     relayed_only_peers: int = 0
     """Connected peers reached only through a relay (no direct connection to them yet)."""
+    quic: dict[str, int] = {}
+    """The QUIC endpoint's counters (:class:`~lattica.net.endpoint.EndpointStats`: datagrams,
+    drops, stateless resets sent, received and held back by the rate limit, ...)."""
 
 
 class PeerRow(msgspec.Struct):
@@ -160,6 +164,7 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
             relayed_only_peers=_relayed_only_peers(node),
             warnings=list(owner_warnings),
             tcp_listen_addrs=[f"{node.peer_id}@{format_host_port(a)}" for a in node.tcp.listen_addresses],
+            quic=dataclasses.asdict(node.endpoint.stats),
         )
 
     async def peers(_: NoParams) -> list[PeerRow]:

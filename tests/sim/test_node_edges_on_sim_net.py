@@ -9,6 +9,9 @@ import trio
 import trio.testing
 
 from lattica.config import NodeConfig
+from lattica.control.messages import NoParams
+from lattica.control.node_methods import register_node_methods
+from lattica.control.registry import MethodRegistry
 from lattica.errors import ConnectError, DialSelfError, RpcError
 from lattica.identity import Identity, PeerId
 from lattica.net.address import PeerAddr
@@ -67,6 +70,13 @@ async def test_a_peer_restarted_at_the_same_address_resets_the_old_connection_wi
                 assert restarted.endpoint.stats.stateless_resets_sent == 1
                 assert a.endpoint.stats.stateless_resets_received == 1
                 assert a.endpoint.stats.stateless_resets_sent == 0
+                # An operator sees the counters in `lattica status --json`.
+                registry = MethodRegistry()
+                register_node_methods(registry, restarted)
+                status = registry.get("status")
+                assert status is not None
+                quic = (await status.handler(NoParams())).quic  # type: ignore[attr-defined]
+                assert quic["stateless_resets_sent"] == 1 and quic["stateless_resets_limited"] >= 0
 
 
 async def test_a_peer_that_dialled_us_and_restarted_resets_the_old_connection_too(
