@@ -32,7 +32,7 @@ from lattica.content.exchange_service import ContentService
 from lattica.crdt import CrdtService, SpaceStore
 from lattica.dht import BootstrapError, Dht, DhtStore
 from lattica.dht.messages import PROTOCOL_ID as DHT_PROTOCOL_ID
-from lattica.errors import ConnectError, DialSelfError, LatticaError
+from lattica.errors import ConnectError, DialSelfError, LatticaError, RpcError
 from lattica.identity import Identity, PeerId
 from lattica.nat import NatService
 from lattica.nat.autonat import ReachabilityStatus
@@ -365,16 +365,30 @@ class Node:
         :class:`~lattica.errors.PeerIdMismatchError` or :class:`~lattica.errors.RpcError`.
         """
         deadline = trio.current_time() + timeout_s
+
+        async def connect() -> ConnectReport:
+            left_s = max(deadline - trio.current_time(), 0.0)
+            if isinstance(peer, RelayedAddr):
+                return await self._connect_relayed(peer, timeout_s=left_s)
+            if isinstance(peer, PeerId):
+                return await self._connect_peer(peer, timeout_s=left_s)
+            return await self.connections.connect_and_report(peer, timeout_s=left_s)
+
         began = trio.current_time()
-        if isinstance(peer, RelayedAddr):
-            report = await self._connect_relayed(peer, timeout_s=timeout_s)
-        elif isinstance(peer, PeerId):
-            report = await self._connect_peer(peer, timeout_s=timeout_s)
-        else:
-            report = await self.connections.connect_and_report(peer, timeout_s=timeout_s)
+        report = await connect()
         connect_s = trio.current_time() - began
-        remaining_s = max(deadline - trio.current_time(), 0.0)
-        rtt_s = await self.rpc.ping(report.connection, timeout_s=remaining_s)
+        try:
+            rtt_s = await self.rpc.ping(report.connection, timeout_s=max(deadline - trio.current_time(), 0.0))
+        except RpcError as exc:
+            reset = isinstance(report.connection, Connection) and report.connection.reset_by_peer
+            if not (report.reused and reset and exc.code == "connection-lost"):
+                raise
+            # The connection we had was reset statelessly: the peer restarted and is there.
+            # Dial it afresh, once, within the same timeout.
+            began = trio.current_time()
+            report = await connect()
+            connect_s = trio.current_time() - began
+            rtt_s = await self.rpc.ping(report.connection, timeout_s=max(deadline - trio.current_time(), 0.0))
         return PingResult(
             peer_id=report.connection.peer_id,
             rtt_s=rtt_s,

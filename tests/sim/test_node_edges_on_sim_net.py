@@ -79,6 +79,27 @@ async def test_a_peer_restarted_at_the_same_address_resets_the_old_connection_wi
                 assert quic["stateless_resets_sent"] == 1 and quic["stateless_resets_limited"] >= 0
 
 
+async def test_ping_right_after_a_peer_restarted_answers_over_a_fresh_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Review finding: `lattica ping PEERID` failed once ("stateless reset") right after the
+    # peer's restart, though the reset proves the peer is there; the next ping worked.
+    async with Network(seed=17) as net:
+        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
+        async with Node(identity(0), a_host.bind(PORT), NodeConfig()) as a:
+            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as b:
+                await a.ping(addr(b))
+                b.socket.close()
+            await trio.sleep(1.0)
+            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted:
+                began = trio.current_time()
+                result = await a.ping(restarted.peer_id, timeout_s=REQUEST_TIMEOUT_S)
+                assert result.peer_id == restarted.peer_id
+                assert not result.reused_connection  # the reset one was given up
+                assert trio.current_time() - began == pytest.approx(3 * RTT_S, abs=0.01)
+                assert a.endpoint.stats.stateless_resets_received == 1
+
+
 async def test_a_peer_that_dialled_us_and_restarted_resets_the_old_connection_too(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
