@@ -11,8 +11,8 @@ Demultiplexing rules:
   server connection, unless ``max_connections`` are live (refused, logged once).
 * A long-header packet of a version we do not speak gets a Version Negotiation packet if its
   datagram is >= 1200 bytes (RFC 9000 sections 5.2.2, 6.1), else nothing.
-* A short-header packet for an unknown id gets a Stateless Reset (RFC 9000 section 10.3,
-  :mod:`lattica.net.stateless_reset`): the id was ours before a restart, or a stranger's guess;
+* A short-header packet for an unknown id that carries our tag (an id this node issued before
+  a restart) gets a Stateless Reset (RFC 9000 section 10.3, :mod:`lattica.net.stateless_reset`);
   the reset is shorter than the packet and rate-limited (100 per second, one per second to any
   one address), and none goes down a relay circuit.
 * Anything else is dropped unanswered and counted in :attr:`Endpoint.stats` (nothing a stranger
@@ -54,14 +54,17 @@ from lattica.net.log_once import LogOnce
 from lattica.net.quic_internals import LatticaQuicConnection
 from lattica.net.relayed_path import Path, RelayedPath, VirtualPathSend
 from lattica.net.stateless_reset import (
+    CID_TAG_BYTES,
     MIN_RESET_BYTES,
     MIN_TRIGGER_BYTES,
     TOKEN_BYTES,
     ResetLimiter,
     build_stateless_reset,
+    is_our_connection_id,
     is_stateless_reset,
     reset_key,
     reset_token,
+    tagged_connection_id,
 )
 from lattica.net.tls_identity import CONNECTION_ID_LENGTH, quic_configuration
 
@@ -474,10 +477,12 @@ class Endpoint:
             return  # no reset can be shorter than it
         if address == self._socket.local_address:
             return  # "from" ourselves: forged, and a reset to it would come back to us
+        destination_cid = data[1 : 1 + CONNECTION_ID_LENGTH]
+        if not is_our_connection_id(self._reset_key, destination_cid):
+            return  # never ours (junk, a guess): it costs nothing of the budget
         if not self._reset_limiter.allow(now, address):
             self.stats.stateless_resets_limited += 1
             return
-        destination_cid = data[1 : 1 + CONNECTION_ID_LENGTH]
         reset = build_stateless_reset(reset_token(self._reset_key, destination_cid), len(data))
         assert reset is not None  # long enough, checked above
         self.stats.stateless_resets_sent += 1
@@ -522,8 +527,12 @@ class Endpoint:
             max_incoming_streams=self.config.max_incoming_streams,
             stream_receive_window_bytes=self.config.stream_receive_window_bytes,
             reset_token_for=self._reset_token_for,
+            connection_id_for=self._connection_id_for,
             **kwargs,
         )
+
+    def _connection_id_for(self, random_id: bytes) -> bytes:
+        return tagged_connection_id(self._reset_key, random_id[:-CID_TAG_BYTES])
 
     def _reset_token_for(self, connection_id: bytes) -> bytes:
         return reset_token(self._reset_key, connection_id)

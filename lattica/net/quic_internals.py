@@ -22,7 +22,9 @@ module adds them on a subclass and a handful of small helpers:
   connection id's token at random; here it is derived from the id under the node's static key
   (:mod:`lattica.net.stateless_reset`), so a restarted node can reset what it forgot, and
   :attr:`LatticaQuicConnection.peer_reset_token` gives the token of the peer's id in use; a
-  server moves off the client's first id (which has none) to one that has a token.
+  server moves off the client's first id (which has none) to one that has a token. Our ids end
+  with a tag the node recognises after a restart (``connection_id_for``), so it resets only
+  ids it issued.
 * **Anti-amplification in full** (RFC 9000 section 8.1): aioquic limits what it builds for an
   unvalidated path to three times what it received, except its CONNECTION_CLOSE, which ignores
   the budget (FIELD-NOTES). :meth:`LatticaQuicConnection.datagrams_to_send` drops whatever
@@ -76,6 +78,7 @@ def _check_private_names() -> None:
         ("QuicConnection", QuicConnection, "_replenish_connection_ids"),
         ("QuicConnection", connection, "_host_cids"),
         ("QuicConnection", connection, "_peer_cid"),
+        ("QuicConnection", connection, "_local_initial_source_connection_id"),
         ("QuicConnection", connection, "_peer_cid_available"),
         ("QuicConnection", connection, "_handshake_complete"),
         ("QuicConnection", QuicConnection, "_write_stream_limits"),
@@ -137,10 +140,17 @@ class LatticaQuicConnection(QuicConnection):
         max_incoming_streams: int,
         stream_receive_window_bytes: int,
         reset_token_for: Callable[[bytes], bytes] | None = None,
+        connection_id_for: Callable[[bytes], bytes] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._reset_token_for = reset_token_for
+        self._connection_id_for = connection_id_for
+        if connection_id_for is not None:
+            # Before anything is sent: the first id is also our initial source id.
+            first = self._host_cids[0]
+            first.cid = connection_id_for(first.cid)
+            self.host_cid = self._local_initial_source_connection_id = first.cid
         self._derive_reset_tokens()  # before _initialize serialises a server's first token
         # Transport parameters are serialised in _initialize, so the limits must be set first.
         self._local_max_streams_bidi.value = self._local_max_streams_bidi.sent = max_incoming_streams
@@ -168,7 +178,11 @@ class LatticaQuicConnection(QuicConnection):
                 host_cid.stateless_reset_token = self._reset_token_for(host_cid.cid)
 
     def _replenish_connection_ids(self) -> None:
+        issued = len(self._host_cids)
         super()._replenish_connection_ids()
+        if self._connection_id_for is not None:
+            for host_cid in self._host_cids[issued:]:  # new, not yet sent or announced
+                host_cid.cid = self._connection_id_for(host_cid.cid)
         self._derive_reset_tokens()  # before NEW_CONNECTION_ID frames carry them
 
     @property

@@ -18,7 +18,7 @@ from lattica.errors import ConnectError, PeerIdMismatchError
 from lattica.identity import Identity
 from lattica.net import ALPN_PROTOCOL, Connection, DatagramSocket, Endpoint, EndpointConfig, EndpointSocketError
 from lattica.net.quic_internals import LatticaQuicConnection
-from lattica.net.stateless_reset import is_stateless_reset, reset_key, reset_token
+from lattica.net.stateless_reset import is_stateless_reset, reset_key, reset_token, tagged_connection_id
 
 from .conftest import MakeEndpoint, MakeSocket
 
@@ -153,28 +153,33 @@ async def test_a_packet_for_an_unknown_connection_gets_a_smaller_stateless_reset
     make_endpoint: MakeEndpoint, make_socket: MakeSocket, mock_clock: trio.testing.MockClock
 ) -> None:
     # RFC 9000 section 10.3: a restarted node answers its lost connections' packets with a
-    # reset carrying the token it derives for their id; never larger than the packet, never for
-    # one too small to shrink from, and no more than the rate limit allows (the clock stands
-    # still here: the burst is all there is).
+    # reset carrying the token it derives for their id; only for ids it issued (their tag), never
+    # larger than the packet, never for one too small to shrink from, and no more than the rate
+    # limit allows (the clock stands still here: the burst is all there is).
     server = await make_endpoint()
     stranger = make_socket()
     key = reset_key(server.identity.seed)
-    dcid = b"\x99" * 8
+    dcid = tagged_connection_id(key, b"\x99" * 5)  # an id the server issued before a restart
     await stranger.send_to(b"\x40" + dcid + b"\x00" * 12, server.local_address)  # 21 bytes: too small
     await stranger.send_to(b"\x40" + dcid + b"\x00" * 40, server.local_address)
     ((answer, source),) = await stranger.receive_batch()
     assert source == server.local_address
     assert is_stateless_reset(answer, reset_token(key, dcid))
     assert len(answer) == 48  # one byte shorter than the 49-byte packet
+    def issued(n: int) -> bytes:  # a short-header packet to an id the server issued
+        return b"\x40" + tagged_connection_id(key, n.to_bytes(5, "big")) + bytes(80)
+
     for n in range(20):  # the same source again: one reset per second to any one source
-        await stranger.send_to(b"\x40" + n.to_bytes(8, "big") + b"\x00" * 80, server.local_address)
+        await stranger.send_to(issued(n), server.local_address)
     flooders = [make_socket() for _ in range(150)]
     for n, flooder in enumerate(flooders):  # many sources: the shared burst is all there is
-        await flooder.send_to(b"\x40" + n.to_bytes(8, "big") + b"\x00" * 80, server.local_address)
-    # The network delivers in order: once this handshake completes, the flood was handled.
+        await flooder.send_to(issued(n), server.local_address)
+    for n, flooder in enumerate(flooders):  # ids the server never issued: no answer, no cost
+        await flooder.send_to(b"\x40" + n.to_bytes(8, "big") + bytes(80), server.local_address)
+    # The network delivers in order: once this handshake completes, everything was handled.
     await (await make_endpoint()).connect(server.local_address, expected_peer=server.peer_id)
     stats = server.stats
-    assert stats.unknown_connection_dropped == 172
+    assert stats.unknown_connection_dropped == 322
     assert (stats.stateless_resets_sent, stats.stateless_resets_limited) == (100, 71)
     for sock in [stranger, *flooders]:
         sock.close()

@@ -15,15 +15,18 @@ from lattica.identity import Identity
 from lattica.net.config import EndpointConfig
 from lattica.net.quic_internals import LatticaQuicConnection
 from lattica.net.stateless_reset import (
+    CID_TAG_BYTES,
     MAX_RESET_BYTES,
     MIN_RESET_BYTES,
     MIN_TRIGGER_BYTES,
     TOKEN_BYTES,
     ResetLimiter,
     build_stateless_reset,
+    is_our_connection_id,
     is_stateless_reset,
     reset_key,
     reset_token,
+    tagged_connection_id,
 )
 from lattica.net.tls_identity import quic_configuration
 
@@ -65,6 +68,17 @@ def test_only_a_short_header_datagram_ending_with_the_token_is_a_reset() -> None
     assert not is_stateless_reset(bytes([0xC0]) + reset[1:], token)  # a long header
     assert not is_stateless_reset(bytes([0x00]) + reset[1:], token)  # no fixed bit: not QUIC
     assert not is_stateless_reset(bytes([0x40]) + token[-(MIN_RESET_BYTES - 2) :], token)  # too short
+
+
+def test_a_node_recognises_the_connection_ids_it_issued_and_no_others() -> None:
+    key = reset_key(SEED_A)
+    ours = tagged_connection_id(key, bytes(range(5)))
+    assert len(ours) == 5 + CID_TAG_BYTES and is_our_connection_id(key, ours)
+    assert is_our_connection_id(reset_key(SEED_A), ours)  # after a restart too
+    assert not is_our_connection_id(reset_key(SEED_B), ours)
+    assert not is_our_connection_id(key, ours[:-1] + bytes([ours[-1] ^ 1]))
+    assert not is_our_connection_id(key, b"\x99" * 8)
+    assert not is_our_connection_id(key, ours[-CID_TAG_BYTES:])  # too short to carry a tag
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -110,7 +124,12 @@ def _quic(identity: Identity, *, is_client: bool, **kwargs: object) -> LatticaQu
 
 def test_every_token_a_connection_gives_out_is_derived_from_the_node_key() -> None:
     client_key, server_key = reset_key(SEED_A), reset_key(SEED_B)
-    client = _quic(Identity.from_seed(SEED_A), is_client=True, reset_token_for=lambda c: reset_token(client_key, c))
+    client = _quic(
+        Identity.from_seed(SEED_A),
+        is_client=True,
+        reset_token_for=lambda c: reset_token(client_key, c),
+        connection_id_for=lambda c: tagged_connection_id(client_key, c[:5]),
+    )
     first_client_cid = client._host_cids[0]
     assert first_client_cid.stateless_reset_token is None  # a client's first id has none
     now = 1000.0
@@ -122,6 +141,7 @@ def test_every_token_a_connection_gives_out_is_derived_from_the_node_key() -> No
         is_client=False,
         original_destination_connection_id=header.destination_cid,
         reset_token_for=lambda c: reset_token(server_key, c),
+        connection_id_for=lambda c: tagged_connection_id(server_key, c[:5]),
     )
     in_flight = [(d, server) for d, _ in first]
     for _ in range(20):  # the handshake and the NEW_CONNECTION_ID frames, in memory
@@ -134,8 +154,11 @@ def test_every_token_a_connection_gives_out_is_derived_from_the_node_key() -> No
     # The server's first id (its transport parameter) and every id either side issued since.
     assert client.peer_reset_token == reset_token(server_key, client._peer_cid.cid)
     assert len(server._host_cids) > 1 and len(client._host_cids) > 1
+    assert is_our_connection_id(client_key, client.host_cid)
+    assert is_our_connection_id(server_key, server.host_cid)
     for quic, key in ((server, server_key), (client, client_key)):
         for host_cid in quic._host_cids:
+            assert is_our_connection_id(key, host_cid.cid)  # every id issued carries the tag
             if host_cid.stateless_reset_token:
                 assert host_cid.stateless_reset_token == reset_token(key, host_cid.cid)
     # ... so the server moved to one the client issued since, which has one.
