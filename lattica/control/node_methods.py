@@ -18,7 +18,7 @@ from lattica.control.errors import FAILED, INVALID_PARAMS, TIMEOUT, ControlError
 from lattica.control.limits import MAX_DIAL_STRING_CHARS, MAX_PING_TIMEOUT_S
 from lattica.control.messages import NoParams
 from lattica.control.registry import MethodRegistry
-from lattica.errors import ConnectError, ConnectTimeoutError, DialSelfError, InvalidPeerIdError
+from lattica.errors import ConnectError, ConnectTimeoutError, DialSelfError, InvalidPeerIdError, RpcError
 from lattica.identity import PeerId
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayRefusedError
@@ -29,6 +29,7 @@ from lattica.net.tcp_lane import TcpLane
 from lattica.node import Node
 
 DialString = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DIAL_STRING_CHARS)]
+_PING_BACKSTOP_S = 1.0  # the control method's limit beyond the ping's own timeout
 
 
 class IdResult(msgspec.Struct):
@@ -195,15 +196,24 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
 
     async def ping(params: PingParams) -> PingResult:
         target = parse_target(params.addr)
+        timed_out = ControlError(
+            TIMEOUT,
+            f"no answer from {params.addr} within {params.timeout_s:g} s",
+            hint="check the address and that the peer's daemon runs and is reachable over UDP",
+        )
         try:
-            with trio.fail_after(params.timeout_s):
+            # A backstop only: Node.ping bounds itself, and its own timeout must be the one that
+            # fires, so the RPC layer closes a connection that stayed silent (a peer that
+            # restarted without a reset) and the next ping dials afresh (review finding: this
+            # outer limit fired first, and every ping for ~60 s reused the dead connection).
+            with trio.fail_after(params.timeout_s + _PING_BACKSTOP_S):
                 result = await node.ping(target, timeout_s=params.timeout_s)
+        except RpcError as exc:
+            if exc.code == "timeout":
+                raise timed_out from None
+            raise
         except (trio.TooSlowError, ConnectTimeoutError):
-            raise ControlError(
-                TIMEOUT,
-                f"no answer from {params.addr} within {params.timeout_s:g} s",
-                hint="check the address and that the peer's daemon runs and is reachable over UDP",
-            ) from None
+            raise timed_out from None
         except DialSelfError:
             raise ControlError(FAILED, f"{params.addr} is this node's own address", hint="ping another node") from None
         except RelayRefusedError as exc:
