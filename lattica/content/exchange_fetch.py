@@ -95,8 +95,11 @@ _RECEIVE_BYTES = 2 << 20
 # Bytes of files already in the output folder compared per worker-thread step (~50 ms).
 _CHECK_STEP_BYTES = 64 << 20
 _BUSY_RETRY_S = 5.0  # a peer that said busy is asked again after this long
-# A link with requests out that received nothing for this long probes its peer (one PING).
+# A link with requests out that received nothing for this long probes its peer (one PING),
+# and gives the peer up when its connection heard nothing at all (the probes unanswered) for
+# _SILENT_GONE_S.
 _PROBE_S = 1.0
+_SILENT_GONE_S = 5.0
 _MANIFEST_BUSY_FIRST_S = 0.5  # first pause before asking busy peers for a manifest again
 _MANIFEST_BUSY_MAX_S = 8.0  # longest pause between those asks
 _FLUSH_ON_EXIT_S = 30.0  # a cancelled fetch waits at most this long to acknowledge what it wrote
@@ -273,6 +276,14 @@ class _PeerLink:
         connection = None if self.stream is None else self.stream.connection
         if isinstance(connection, Connection):
             await connection.probe()
+
+    def silent_s(self) -> float | None:
+        """Seconds since the peer's QUIC connection received anything at all (data,
+        acknowledgements of our probes), or None on other carriers."""
+        connection = None if self.stream is None else self.stream.connection
+        if isinstance(connection, Connection):
+            return trio.current_time() - connection.last_received_at
+        return None
 
     def arrived_bytes(self) -> int:
         """Bytes this peer sent on the link so far, counting a lane's frame still arriving (a
@@ -745,6 +756,16 @@ async def _transfer(
                     arrived = link.arrived_bytes()
                     stats = in_flight.get(link.peer)
                     if stats is not None and stats.in_flight and arrived == link.probed_at_bytes:
+                        silent_s = link.silent_s()
+                        if silent_s is not None and silent_s >= _SILENT_GONE_S:
+                            # Not even our probes were acknowledged: the peer is gone (a crash,
+                            # a dead link). Its requests go to others now, not after request
+                            # timeouts; it is not banned, and a later search dials it again.
+                            log.info("fetch of %s: peer %s gone: heard nothing for %.0f s", cid, link.peer, silent_s)
+                            close(link.peer)
+                            apply(scheduler.remove_peer(link.peer, trio.current_time()))
+                            send.send_nowait((None, _Searched()))  # the loop re-arms its timers
+                            continue
                         await link.probe()
                     link.probed_at_bytes = arrived
 

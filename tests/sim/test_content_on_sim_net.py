@@ -870,3 +870,33 @@ async def test_a_seeder_that_restarts_mid_transfer_is_back_within_round_trips_no
             # trips: well inside one request timeout of lost time.
             assert progress.finished_at - restarted_at < 1.5 + CONTENT.fetch_request_timeout_s / 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_seeder_gone_for_good_hands_its_requests_on_within_seconds_not_request_timeouts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: a fetch whose only seeder died for good failed ~70 s later (two 30 s
+    # request timeouts before the stall timer even started). Probes nobody acknowledges give
+    # the peer up after 5 s, and its requests go to others (here: nobody, so the stall timer
+    # starts then).
+    patient = replace(CONFIG, content=replace(CONTENT, fetch_request_timeout_s=30.0, fetch_stall_timeout_s=10.0))
+    source = source_file(tmp_path, 1024 * KIB)
+    slow = LinkConfig(latency_s=0.01, bandwidth_bps=8e6, queue_bytes=256 * KIB)  # 1 MB/s: ~1 s
+    async with cluster(tmp_path, 2, configs={1: patient}, up=slow, down=QUIET) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 1, range(1))
+        third = trio.Event()
+        progress = FetchProgress(str(cid))
+        progress.on_update = when(progress, 1 / 3, third)
+        async with trio.open_nursery() as nursery:
+
+            async def fetch() -> None:
+                with pytest.raises(FetchFailedError, match="no peer could supply"):
+                    await c.content(1).fetch(cid, out_dir=tmp_path / "out", progress=progress)
+
+            nursery.start_soon(fetch)
+            await third.wait()
+            c.crash(0)
+            crashed_at = trio.current_time()
+        # Given up after 5 s of silence, then the 10 s stall timeout (and a few probes' slack).
+        assert trio.current_time() - crashed_at < 5.0 + 10.0 + 2.0
