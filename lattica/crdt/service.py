@@ -63,6 +63,7 @@ from lattica.errors import LatticaError, RpcError
 from lattica.identity import Identity, PeerId
 from lattica.net import Rpc
 from lattica.storage import StorageError
+from lattica.token_bucket import TokenBucket
 
 log = logging.getLogger("lattica.crdt")
 
@@ -108,22 +109,6 @@ class WriteResult:
 
 
 @dataclass
-class _TokenBucket:
-    rate_per_s: float
-    burst: float
-    tokens: float
-    updated_at: float
-
-    def take(self, now: float, count: int = 1) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated_at) * self.rate_per_s)
-        self.updated_at = now
-        if self.tokens < count:
-            return False
-        self.tokens -= count
-        return True
-
-
-@dataclass
 class _Space:
     replica: SpaceReplica
     replicas: dict[PeerId, float] = field(default_factory=dict)
@@ -131,7 +116,7 @@ class _Space:
     outbox_ready: trio.Event = field(default_factory=trio.Event)
     subscribers: list[trio.MemorySendChannel[Change]] = field(default_factory=list)
     changed: trio.Event = field(default_factory=trio.Event)
-    buckets: dict[bytes, _TokenBucket] = field(default_factory=dict)
+    buckets: dict[bytes, TokenBucket] = field(default_factory=dict)
     pushing: set[PeerId] = field(default_factory=set)
     """Replicas with a push of ours in flight (one at a time each)."""
     backlog: dict[PeerId, list[Envelope]] = field(default_factory=dict)
@@ -666,11 +651,11 @@ class CrdtService:
                 keep.append(channel)
         space.subscribers = keep
 
-    def _bucket(self, space: _Space, author: bytes) -> _TokenBucket:
+    def _bucket(self, space: _Space, author: bytes) -> TokenBucket:
         bucket = space.buckets.get(author)
         if bucket is None:
             burst = float(self.config.update_burst)
-            bucket = _TokenBucket(self.config.max_updates_per_s, burst, burst, trio.current_time())
+            bucket = TokenBucket.full(self.config.max_updates_per_s, burst, trio.current_time())
             space.buckets[author] = bucket
         return bucket
 

@@ -32,6 +32,8 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Final
 
+from lattica.token_bucket import TokenBucket
+
 TOKEN_BYTES: Final = 16
 """A Stateless Reset Token (RFC 9000 section 10.3)."""
 MIN_RESET_BYTES: Final = 21
@@ -128,8 +130,7 @@ class ResetLimiter:
         self.burst = burst
         self.per_source_interval_s = per_source_interval_s
         self.max_sources = max_sources
-        self._allowance = float(burst)
-        self._at: float | None = None
+        self._bucket: TokenBucket | None = None  # full at the first reset
         self._last_by_source: OrderedDict[Hashable, float] = OrderedDict()
 
     def allow(self, now: float, source: Hashable = None) -> bool:
@@ -138,12 +139,10 @@ class ResetLimiter:
         last = self._last_by_source.get(source)
         if last is not None and 0.0 <= now - last < self.per_source_interval_s:
             return False
-        if self._at is not None:
-            self._allowance = min(float(self.burst), self._allowance + max(0.0, now - self._at) * self.rate_per_s)
-        self._at = now
-        if self._allowance < 1.0:
+        if self._bucket is None:
+            self._bucket = TokenBucket.full(self.rate_per_s, self.burst, now)
+        if not self._bucket.take(now):
             return False
-        self._allowance -= 1.0
         self._last_by_source[source] = now
         self._last_by_source.move_to_end(source)
         while len(self._last_by_source) > self.max_sources:
