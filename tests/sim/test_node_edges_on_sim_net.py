@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -19,7 +21,7 @@ from lattica.net.connection import Connection
 from lattica.net.rpc import PING_PROTOCOL
 from lattica.net.stateless_reset import build_stateless_reset
 from lattica.node import Node
-from sim_net import LinkConfig, Network
+from sim_net import Host, LinkConfig, Network
 
 PORT = 4001
 ACCESS = LinkConfig(latency_s=0.025)  # two access links per path: 0.1 s round trip
@@ -40,43 +42,55 @@ def addr(node: Node) -> PeerAddr:
     return PeerAddr(node.listen_addresses()[0], node.peer_id)
 
 
-async def test_a_peer_restarted_at_the_same_address_resets_the_old_connection_within_a_round_trip(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async with Network(seed=11) as net:
+@asynccontextmanager
+async def _after_a_crash(seed: int, *, b_dials: bool = False) -> AsyncIterator[tuple[Node, Host]]:
+    """Node a, a moment after node b crashed (its socket went first, so not even a
+    CONNECTION_CLOSE left) while they shared a connection that a dialled (``b_dials``: b did,
+    and a used it); yields a and b's host, where a node may start again at b's address."""
+    async with Network(seed=seed) as net:
         a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
         async with Node(identity(0), a_host.bind(PORT), NodeConfig()) as a:
             async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as b:
-                assert not (await a.ping(addr(b))).reused_connection
-                # A crash: the socket goes first, so not even a CONNECTION_CLOSE leaves.
+                if b_dials:
+                    await b.ping(addr(a))  # b dials: a is the server of this connection
+                    await a.ping(b.peer_id)  # and uses it
+                else:
+                    await a.ping(addr(b))
                 b.socket.close()
-            assert a.connections.connection(identity(1).peer_id) is not None  # a cannot know
             # A restart takes a moment; packets b sent before it died have arrived by then.
             await trio.sleep(1.0)
-            old = a.connections.connection(identity(1).peer_id)
-            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted:
-                first_request_at = trio.current_time()
-                # The restarted node answers the old connection's packet with a Stateless Reset
-                # (RFC 9000 section 10.3): its token, derived from the same identity, proves it.
-                # The request goes once more on a fresh dial, within its timeout.
-                reply = await a.rpc.request(restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S)
-                assert reply == b"hello"
-                assert old is not None and old.is_closed and old.reset_by_peer
-                assert a.connections.connection(restarted.peer_id) is not old
-                # The reset (1 RTT), then a handshake and the echo (2 RTT): no request timeout.
-                assert trio.current_time() - first_request_at == pytest.approx(3 * RTT_S, abs=0.01)
-                # One reset for the dead connection's packets in flight (one per second to any
-                # one address); it ended it, and nothing was answered back (no ping-pong).
-                assert restarted.endpoint.stats.stateless_resets_sent == 1
-                assert a.endpoint.stats.stateless_resets_received == 1
-                assert a.endpoint.stats.stateless_resets_sent == 0
-                # An operator sees the counters in `lattica status --json`.
-                registry = MethodRegistry()
-                register_node_methods(registry, restarted)
-                status = registry.get("status")
-                assert status is not None
-                quic = (await status.handler(NoParams())).quic  # type: ignore[attr-defined]
-                assert quic["stateless_resets_sent"] == 1 and quic["stateless_resets_limited"] >= 0
+            yield a, b_host
+
+
+async def test_a_peer_restarted_at_the_same_address_resets_the_old_connection_within_a_round_trip(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with _after_a_crash(11) as (a, b_host):
+        old = a.connections.connection(identity(1).peer_id)
+        assert old is not None  # a cannot know
+        async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted:
+            first_request_at = trio.current_time()
+            # The restarted node answers the old connection's packet with a Stateless Reset
+            # (RFC 9000 section 10.3): its token, derived from the same identity, proves it.
+            # The request goes once more on a fresh dial, within its timeout.
+            reply = await a.rpc.request(restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S)
+            assert reply == b"hello"
+            assert old is not None and old.is_closed and old.reset_by_peer
+            assert a.connections.connection(restarted.peer_id) is not old
+            # The reset (1 RTT), then a handshake and the echo (2 RTT): no request timeout.
+            assert trio.current_time() - first_request_at == pytest.approx(3 * RTT_S, abs=0.01)
+            # One reset for the dead connection's packets in flight (one per second to any
+            # one address); it ended it, and nothing was answered back (no ping-pong).
+            assert restarted.endpoint.stats.stateless_resets_sent == 1
+            assert a.endpoint.stats.stateless_resets_received == 1
+            assert a.endpoint.stats.stateless_resets_sent == 0
+            # An operator sees the counters in `lattica status --json`.
+            registry = MethodRegistry()
+            register_node_methods(registry, restarted)
+            status = registry.get("status")
+            assert status is not None
+            quic = (await status.handler(NoParams())).quic  # type: ignore[attr-defined]
+            assert quic["stateless_resets_sent"] == 1 and quic["stateless_resets_limited"] >= 0
 
 
 async def test_ping_right_after_a_peer_restarted_answers_over_a_fresh_connection(
@@ -84,20 +98,16 @@ async def test_ping_right_after_a_peer_restarted_answers_over_a_fresh_connection
 ) -> None:
     # Review finding: `lattica ping PEERID` failed once ("stateless reset") right after the
     # peer's restart, though the reset proves the peer is there; the next ping worked.
-    async with Network(seed=17) as net:
-        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
-        async with Node(identity(0), a_host.bind(PORT), NodeConfig()) as a:
-            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as b:
-                await a.ping(addr(b))
-                b.socket.close()
-            await trio.sleep(1.0)
-            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted:
-                began = trio.current_time()
-                result = await a.ping(restarted.peer_id, timeout_s=REQUEST_TIMEOUT_S)
-                assert result.peer_id == restarted.peer_id
-                assert not result.reused_connection  # the reset one was given up
-                assert trio.current_time() - began == pytest.approx(3 * RTT_S, abs=0.01)
-                assert a.endpoint.stats.stateless_resets_received == 1
+    async with (
+        _after_a_crash(17) as (a, b_host),
+        Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted,
+    ):
+        began = trio.current_time()
+        result = await a.ping(restarted.peer_id, timeout_s=REQUEST_TIMEOUT_S)
+        assert result.peer_id == restarted.peer_id
+        assert not result.reused_connection  # the reset one was given up
+        assert trio.current_time() - began == pytest.approx(3 * RTT_S, abs=0.01)
+        assert a.endpoint.stats.stateless_resets_received == 1
 
 
 async def test_a_peer_that_dialled_us_and_restarted_resets_the_old_connection_too(
@@ -105,21 +115,16 @@ async def test_a_peer_that_dialled_us_and_restarted_resets_the_old_connection_to
 ) -> None:
     # The id a client uses first carries no token (RFC 9000 section 10.3): the server moves to
     # one the client issued since, so the other direction recovers as fast.
-    async with Network(seed=15) as net:
-        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
-        async with Node(identity(0), a_host.bind(PORT), NodeConfig()) as a:
-            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as b:
-                await b.ping(addr(a))  # b dials: a is the server of this connection
-                await a.ping(b.peer_id)  # and uses it
-                b.socket.close()
-            await trio.sleep(1.0)
-            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted:
-                first_request_at = trio.current_time()
-                # a never learnt an address of b to dial: the reset is the answer, at once.
-                with pytest.raises(RpcError, match="stateless reset"):
-                    await a.rpc.request(restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S)
-                assert trio.current_time() - first_request_at == pytest.approx(RTT_S, abs=0.01)
-                assert a.endpoint.stats.stateless_resets_received == 1
+    async with (
+        _after_a_crash(15, b_dials=True) as (a, b_host),
+        Node(identity(1), b_host.bind(PORT), NodeConfig()) as restarted,
+    ):
+        first_request_at = trio.current_time()
+        # a never learnt an address of b to dial: the reset is the answer, at once.
+        with pytest.raises(RpcError, match="stateless reset"):
+            await a.rpc.request(restarted.peer_id, PING_PROTOCOL, b"hello", timeout_s=REQUEST_TIMEOUT_S)
+        assert trio.current_time() - first_request_at == pytest.approx(RTT_S, abs=0.01)
+        assert a.endpoint.stats.stateless_resets_received == 1
 
 
 async def test_a_reset_counts_only_from_where_the_connection_sends(
@@ -158,19 +163,15 @@ async def test_a_restarted_peer_with_another_identity_cannot_reset_the_old_conne
     # (the ids carry no tag of its own), a stranger's reset would carry no valid token, and the
     # old rule (a silent connection is closed after
     # a request timeout) still recovers.
-    async with Network(seed=14) as net:
-        a_host, b_host = net.add_host("198.51.100.1", ACCESS), net.add_host("198.51.100.2", ACCESS)
-        async with Node(identity(0), a_host.bind(PORT), NodeConfig()) as a:
-            async with Node(identity(1), b_host.bind(PORT), NodeConfig()) as b:
-                await a.ping(addr(b))
-                b.socket.close()
-            await trio.sleep(1.0)
-            async with Node(identity(2), b_host.bind(PORT), NodeConfig()) as other:
-                with pytest.raises(RpcError, match="timeout"):
-                    await a.rpc.request(identity(1).peer_id, PING_PROTOCOL, b"hi", timeout_s=REQUEST_TIMEOUT_S)
-                assert other.endpoint.stats.stateless_resets_sent == 0  # ids it never issued
-                assert a.endpoint.stats.stateless_resets_received == 0
-                assert a.connections.connection(identity(1).peer_id) is None  # closed as silent
+    async with (
+        _after_a_crash(14) as (a, b_host),
+        Node(identity(2), b_host.bind(PORT), NodeConfig()) as other,
+    ):
+        with pytest.raises(RpcError, match="timeout"):
+            await a.rpc.request(identity(1).peer_id, PING_PROTOCOL, b"hi", timeout_s=REQUEST_TIMEOUT_S)
+        assert other.endpoint.stats.stateless_resets_sent == 0  # ids it never issued
+        assert a.endpoint.stats.stateless_resets_received == 0
+        assert a.connections.connection(identity(1).peer_id) is None  # closed as silent
 
 
 async def test_a_live_but_slow_peer_keeps_its_connection_after_a_timeout(
