@@ -55,6 +55,16 @@ class ContentConfig:
     """Exchange streams this node serves at once to one source address (an IPv4 address or an
     IPv6 /64; a peer reached through a relay counts by its peer id alone): peer ids cost
     nothing to mint, so the per-peer cap alone let one host hold every slot."""
+    upload_preempt_after_s: Seconds = 10.0
+    """When every one of ``max_uploads`` slots is held and another peer asks, the slowest
+    stream served at least this long that moved less than ``upload_preempt_below_bytes_per_s``
+    over the last ``upload_preempt_window_s`` is ended and its slot given to the newcomer
+    (BitTorrent's choking of the slowest, BEP 3): slots cannot be held by trickling."""
+    upload_preempt_below_bytes_per_s: ByteSize = 64 * 1024
+    """The rate under which a stream may lose its slot to a newcomer (see
+    ``upload_preempt_after_s``); streams at least this fast keep theirs."""
+    upload_preempt_window_s: Annotated[float, msgspec.Meta(gt=0.0, le=600.0)] = 10.0
+    """How far back a stream's rate is measured for preemption."""
     max_requests_per_stream: Count = 64
     """Block requests one exchange stream may have in flight; more end that stream."""
     upload_timeout_s: Seconds = 30.0

@@ -7,7 +7,9 @@ content ids (:mod:`lattica.content.exchange_fetch`), and announces every root it
 through ``dht.provide`` (a downloader becomes a seeder).
 
 Serving limits (``[content]`` settings): at most ``max_uploads`` streams at once and
-``max_uploads_per_peer`` to one peer (others get ``busy`` for each request),
+``max_uploads_per_peer`` to one peer and ``max_uploads_per_address`` to one host (others get
+``busy`` for each request; when all slots are held, a newcomer takes the slot of a stream that
+moves too little, :mod:`lattica.content.upload_slots`),
 ``max_requests_per_stream`` requests in flight per stream (more is a protocol error that ends
 the stream), an idle stream or one whose reader takes nothing for
 ``upload_timeout_s`` is closed, and at most 1 MiB of a block is read into memory at a time.
@@ -25,7 +27,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
@@ -37,6 +38,7 @@ from lattica.content.exchange_fetch import FetchDeps, FetchProgress, fetch_conte
 from lattica.content.exchange_messages import BUSY, MAX_PIECE_BYTES, NOT_FOUND, PIECE_BYTES, PROTOCOL_ID, TOO_LARGE
 from lattica.content.exchange_protocol import BlockWanted, ExchangeServer, HasAsked, RequestCancelled
 from lattica.content.publish import PublishResult, publish
+from lattica.content.upload_slots import Upload, UploadSlots
 from lattica.dht import Dht
 from lattica.errors import ConnectError, LatticaError, RemoteProtocolError, RpcError
 from lattica.identity import PeerId
@@ -50,7 +52,6 @@ from lattica.net.tcp_lane import TcpLane
 from lattica.storage import SqliteWriter
 
 log = logging.getLogger("lattica.content")
-_K = TypeVar("_K")
 
 _READ_BYTES = MAX_EXTENT_BYTES
 """Serving reads a block in steps of this size: at least the longest extent, which is read
@@ -94,12 +95,16 @@ class ContentService:
         self.config = config
         self.bulk = bulk
         self.store = BlockStore(blocks_dir, db, max_manifest_bytes=config.max_manifest_bytes)
-        self.uploads = 0
-        """Exchange streams being served now."""
-        self.uploads_by_peer: dict[PeerId, int] = {}
-        """Of those, per peer (entries removed at zero)."""
-        self.uploads_by_source: dict[str, int] = {}
-        """Of those, per source address group (entries removed at zero)."""
+        self.upload_slots = UploadSlots(
+            max_uploads=config.max_uploads,
+            max_per_peer=config.max_uploads_per_peer,
+            max_per_source=config.max_uploads_per_address,
+            grace_s=config.upload_preempt_after_s,
+            min_rate_bytes_per_s=config.upload_preempt_below_bytes_per_s,
+            window_s=config.upload_preempt_window_s,
+        )
+        """Who holds the upload slots (and whose slot a newcomer may take)."""
+        self._served: dict[Upload, _Served] = {}  # the streams holding those slots
         self.jobs: dict[int, FetchJob] = {}
         self._job_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -116,22 +121,30 @@ class ContentService:
 
     # -- serving ---------------------------------------------------------------------------------
 
+    @property
+    def uploads(self) -> int:
+        """Exchange streams being served now (upload slots held)."""
+        return self.upload_slots.held
+
     async def _serve(self, stream: QuicStream, peer: PeerId) -> None:
         # The per-peer cap keeps one peer from holding every slot (review finding: 32 idle
-        # streams from one peer made every other fetch from this node fail "busy").
-        held = self.uploads_by_peer.get(peer, 0)
-        source = _source_of(stream)
-        from_source = self.uploads_by_source.get(source, 0) if source is not None else 0
-        busy = (
-            self.uploads >= self.config.max_uploads
-            or held >= self.config.max_uploads_per_peer
-            or from_source >= self.config.max_uploads_per_address
+        # streams from one peer made every other fetch from this node fail "busy"); the
+        # per-source cap one host; preemption many hosts that trickle (upload_slots.py).
+        admission = self.upload_slots.admit(
+            peer,
+            _source_of(stream),
+            trio.current_time(),
+            {upload: served.stream.taken_bytes for upload, served in self._served.items()},
         )
-        if not busy:
-            self.uploads += 1
-            self.uploads_by_peer[peer] = held + 1
-            if source is not None:
-                self.uploads_by_source[source] = from_source + 1
+        if admission.preempted is not None:
+            victim = self._served.pop(admission.preempted)
+            log.info("upload to %s preempted for %s: it moved too little for too long", victim.peer, peer)
+            victim.scope.cancel()
+        upload = admission.upload
+        busy = upload is None
+        scope = trio.CancelScope()
+        if upload is not None:
+            self._served[upload] = _Served(stream, peer, scope)
         server = ExchangeServer(max_outstanding=self.config.max_requests_per_stream)
         queue: dict[int, BlockWanted | HasAsked] = {}  # by request id, in arrival order
         wake = trio.Event()
@@ -147,74 +160,75 @@ class ContentService:
         # slot: round-3 review).
         taken_then = 0
         try:
-            async with trio.open_nursery() as nursery:
+            with scope:  # cancelled when a newcomer takes this slot
+                async with trio.open_nursery() as nursery:
 
-                async def reader() -> None:
-                    nonlocal reader_done, active_at, taken_then
-                    while True:
-                        data = b""
-                        with trio.move_on_at(active_at + self.config.upload_timeout_s) as idle:
-                            data = await stream.receive_some(_RECEIVE_BYTES)
-                        if idle.cancelled_caught:
-                            now = trio.current_time()
-                            taken = stream.taken_bytes
-                            if server.outstanding or queue or (stream.unsent_bytes and taken > taken_then):
-                                # Blocks still on their way out count too while they move: a
-                                # connection takes megabytes at once and a slow reader may
-                                # need minutes for them (review findings: closed as idle, the
-                                # rest was lost; on a lane, then over QUIC too).
-                                active_at, taken_then = now, taken
-                                continue
-                            if now < active_at + self.config.upload_timeout_s:
-                                continue  # the writer sent data while this wait was armed
-                            log.debug("closing an idle content stream from %s", peer)
-                            # An end, not a reset: blocks already sent may still be on their
-                            # way to a slow reader, and a reset would throw them away.
-                            with contextlib.suppress(
-                                trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
-                            ):
-                                await stream.send_eof()
-                            nursery.cancel_scope.cancel()
-                            return
-                        if not data:
-                            server.end_of_stream()
-                            reader_done = True
-                            wake.set()
-                            return
-                        for event in server.receive(data):
-                            if isinstance(event, RequestCancelled):
-                                queue.pop(event.id, None)
-                            else:
-                                queue[event.id] = event
-                        wake.set()
-
-                async def writer() -> None:
-                    nonlocal wake, active_at, taken_then
-                    ahead: _BlockRead | None = None
-                    while True:
-                        if not queue:
-                            if reader_done:
-                                # FIN, not a reset: a reset could discard the last pieces.
-                                await stream.send_eof()
+                    async def reader() -> None:
+                        nonlocal reader_done, active_at, taken_then
+                        while True:
+                            data = b""
+                            with trio.move_on_at(active_at + self.config.upload_timeout_s) as idle:
+                                data = await stream.receive_some(_RECEIVE_BYTES)
+                            if idle.cancelled_caught:
+                                now = trio.current_time()
+                                taken = stream.taken_bytes
+                                if server.outstanding or queue or (stream.unsent_bytes and taken > taken_then):
+                                    # Blocks still on their way out count too while they move: a
+                                    # connection takes megabytes at once and a slow reader may
+                                    # need minutes for them (review findings: closed as idle, the
+                                    # rest was lost; on a lane, then over QUIC too).
+                                    active_at, taken_then = now, taken
+                                    continue
+                                if now < active_at + self.config.upload_timeout_s:
+                                    continue  # the writer sent data while this wait was armed
+                                log.debug("closing an idle content stream from %s", peer)
+                                # An end, not a reset: blocks already sent may still be on their
+                                # way to a slow reader, and a reset would throw them away.
+                                with contextlib.suppress(
+                                    trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+                                ):
+                                    await stream.send_eof()
                                 nursery.cancel_scope.cancel()
                                 return
-                            await wake.wait()
-                            wake = trio.Event()
-                            continue
-                        request = queue.pop(next(iter(queue)))
-                        first = ahead if ahead is not None and ahead.request_id == request.id else None
-                        ahead = None
-                        if not busy and queue and isinstance(following := next(iter(queue.values())), BlockWanted):
-                            # Read the next block while this one is sent: one read ahead per
-                            # stream (a reader thread's latency would otherwise sit between
-                            # every two blocks on the wire).
-                            ahead = _BlockRead(following.id)
-                            nursery.start_soon(ahead.run, self.store, following.digest)
-                        if await self._answer(stream, server, request, busy, first):
-                            active_at, taken_then = trio.current_time(), stream.taken_bytes
+                            if not data:
+                                server.end_of_stream()
+                                reader_done = True
+                                wake.set()
+                                return
+                            for event in server.receive(data):
+                                if isinstance(event, RequestCancelled):
+                                    queue.pop(event.id, None)
+                                else:
+                                    queue[event.id] = event
+                            wake.set()
 
-                nursery.start_soon(writer)
-                await reader()
+                    async def writer() -> None:
+                        nonlocal wake, active_at, taken_then
+                        ahead: _BlockRead | None = None
+                        while True:
+                            if not queue:
+                                if reader_done:
+                                    # FIN, not a reset: a reset could discard the last pieces.
+                                    await stream.send_eof()
+                                    nursery.cancel_scope.cancel()
+                                    return
+                                await wake.wait()
+                                wake = trio.Event()
+                                continue
+                            request = queue.pop(next(iter(queue)))
+                            first = ahead if ahead is not None and ahead.request_id == request.id else None
+                            ahead = None
+                            if not busy and queue and isinstance(following := next(iter(queue.values())), BlockWanted):
+                                # Read the next block while this one is sent: one read ahead per
+                                # stream (a reader thread's latency would otherwise sit between
+                                # every two blocks on the wire).
+                                ahead = _BlockRead(following.id)
+                                nursery.start_soon(ahead.run, self.store, following.digest)
+                            if await self._answer(stream, server, request, busy, first):
+                                active_at, taken_then = trio.current_time(), stream.taken_bytes
+
+                    nursery.start_soon(writer)
+                    await reader()
         except* RemoteProtocolError as group:
             log.info("content stream from %s ended: %s", peer, group.exceptions[0])
         except* trio.TooSlowError:
@@ -222,11 +236,9 @@ class ContentService:
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away or reset the stream: its transfer ends, nothing else
         finally:
-            if not busy:
-                self.uploads -= 1
-                _release(self.uploads_by_peer, peer)
-                if source is not None:
-                    _release(self.uploads_by_source, source)
+            if upload is not None:
+                self.upload_slots.release(upload)
+                self._served.pop(upload, None)
 
     async def _answer(
         self,
@@ -474,13 +486,13 @@ class _BlockRead:
             self.done.set()
 
 
-def _release(counts: dict[_K, int], key: _K) -> None:
-    """One fewer upload slot held by ``key``; the entry goes with its last slot."""
-    left = counts[key] - 1
-    if left:
-        counts[key] = left
-    else:
-        del counts[key]
+@dataclass(eq=False)
+class _Served:
+    """A stream holding an upload slot, and the scope that ends its serving if preempted."""
+
+    stream: QuicStream
+    peer: PeerId
+    scope: trio.CancelScope
 
 
 async def _send(stream: QuicStream, frame: bytes, timeout_s: float) -> None:

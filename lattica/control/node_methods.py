@@ -56,6 +56,10 @@ class StatusResult(msgspec.Struct):
     quic: dict[str, int] = {}
     """The QUIC endpoint's counters (:class:`~lattica.net.endpoint.EndpointStats`: datagrams,
     drops, stateless resets sent, received and held back by the rate limit, ...)."""
+    uploads: dict[str, int] = {}
+    """Upload slots of the content exchange: ``held`` now, ``max`` (``content.max_uploads``),
+    and ``preempted``: slots taken from a stream that moved too little for a peer that asked
+    since start (empty without content)."""
 
 
 class PeerRow(msgspec.Struct):
@@ -148,6 +152,13 @@ def parse_target(text: str, *, field: str = "addr") -> PeerAddr | RelayedAddr | 
         ) from None
 
 
+def _upload_counts(node: Node) -> dict[str, int]:
+    if node.content is None:
+        return {}
+    slots = node.content.upload_slots
+    return {"held": slots.held, "max": slots.max_uploads, "preempted": slots.preemptions}
+
+
 def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: list[str] | None = None) -> None:
     """Register the node's basic operations; ``warnings`` (shared, may grow) appear in ``status``."""
     owner_warnings = warnings if warnings is not None else []
@@ -166,6 +177,7 @@ def register_node_methods(registry: MethodRegistry, node: Node, *, warnings: lis
             warnings=list(owner_warnings),
             tcp_listen_addrs=[f"{node.peer_id}@{format_host_port(a)}" for a in node.tcp.listen_addresses],
             quic=dataclasses.asdict(node.endpoint.stats),
+            uploads=_upload_counts(node),
         )
 
     async def peers(_: NoParams) -> list[PeerRow]:

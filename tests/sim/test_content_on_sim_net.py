@@ -23,6 +23,9 @@ from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
 from lattica.content.exchange_messages import PIECE_BYTES, PROTOCOL_ID, Cancel
 from lattica.content.exchange_protocol import BlockReceived, ExchangeClient
 from lattica.content.exchange_service import ContentService
+from lattica.control.messages import NoParams
+from lattica.control.node_methods import register_node_methods
+from lattica.control.registry import MethodRegistry
 from lattica.errors import RemoteProtocolError
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
@@ -528,6 +531,57 @@ async def test_a_peer_that_stops_reading_loses_its_upload_slot_but_not_its_answe
                 events += client.receive(data)
         assert [e.data for e in events if isinstance(e, BlockReceived)] == [source.read_bytes()]
         assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+
+
+async def test_a_trickling_reader_loses_its_slot_to_a_peer_that_asks_and_keeps_it_otherwise(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: a stream whose reader took a few hundred bytes a second counted as
+    # active, so a few hosts trickling held every upload slot of a seeder for good and its
+    # other peers' fetches failed "busy". When all slots are held, a newcomer now takes the
+    # slot of a stream served for upload_preempt_after_s that moved less than the floor.
+    source = source_file(tmp_path, 1024 * KIB)
+    seeder = replace(CONFIG, content=replace(CONTENT, chunk_bytes=1024 * KIB, max_uploads=1))
+    alive = replace(SLOW_READER, net=replace(SLOW_READER.net, keepalive_interval_s=5.0))
+    async with cluster(tmp_path, 3, configs={0: seeder, 1: alive}) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        (chunk,) = c.content(0).store.manifest(cid).files[0].chunks
+        await connect_all(c, 1, range(1))
+        stream = await c.nodes[1].rpc.open_stream(c.nodes[0].peer_id, PROTOCOL_ID)
+        client = ExchangeClient()
+        trickled = 0
+        lost_at: float | None = None
+        async with stream, trio.open_nursery() as nursery:
+            await stream.send_all(client.want(chunk.digest, chunk.length)[1])
+
+            async def trickle() -> None:  # 1 KiB a second, for at most ~20 virtual minutes
+                nonlocal trickled, lost_at
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    for _ in range(1200):
+                        data = await stream.receive_some(KIB)
+                        if not data:
+                            return
+                        trickled += len(data)
+                        await trio.sleep(1)
+                lost_at = trio.current_time()
+
+            nursery.start_soon(trickle)
+            # Alone, it keeps its slot for as long as it reads: well past upload_timeout_s.
+            await trio.sleep(3 * CONTENT.upload_timeout_s)
+            assert c.content(0).uploads == 1 and lost_at is None and trickled > 0
+            await connect_all(c, 2, range(1))
+            asked_at = trio.current_time()
+            await c.content(2).fetch(cid, out_dir=tmp_path / "out")  # failed "busy" before
+            assert lost_at is not None and lost_at - asked_at < 5  # its stream was reset
+            nursery.cancel_scope.cancel()
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        # An operator sees it in `lattica status --json`.
+        registry = MethodRegistry()
+        register_node_methods(registry, c.nodes[0])
+        status = registry.get("status")
+        assert status is not None
+        uploads = (await status.handler(NoParams())).uploads  # type: ignore[attr-defined]
+        assert (uploads["max"], uploads["preempted"]) == (1, 1) and uploads["held"] <= 1
 
 
 async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(
