@@ -42,29 +42,13 @@ from lattica.nat.autonat_messages import (
 )
 from lattica.net.address import canonical_ip
 from lattica.net.datagram import Address
+from lattica.token_bucket import KeyedRateLimiter, TokenBucket
 
 Reachability = Literal["public", "private", "unknown"]
 
 DIAL_BACK_TRANSMISSIONS: Final = 3
 DIAL_BACK_RETRANSMIT_S: Final = 0.5
 _MAX_RATE_LIMITED_PEERS = 4096
-
-
-class _TokenBucket:
-    """Tokens refilled at ``rate_per_s`` up to ``burst``; ``take`` spends one if available."""
-
-    def __init__(self, rate_per_s: float, burst: float, now: float) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = burst
-        self.tokens = burst
-        self.at = now
-
-    def available(self, now: float) -> float:
-        return min(self.burst, self.tokens + max(now - self.at, 0.0) * self.rate_per_s)
-
-    def take(self, now: float) -> None:
-        self.tokens = self.available(now) - 1.0
-        self.at = now
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +76,13 @@ class DialBackPolicy:
     def __init__(self, *, per_peer_per_minute: int, total_per_minute: int, can_dial_back: bool = True) -> None:
         self.per_peer_per_minute = per_peer_per_minute
         self.can_dial_back = can_dial_back
-        self._total: _TokenBucket | None = None
-        self._total_per_minute = total_per_minute
-        self._peers: OrderedDict[bytes, _TokenBucket] = OrderedDict()
+        self._limiter = KeyedRateLimiter(
+            per_key_rate_per_s=per_peer_per_minute / 60.0,
+            per_key_burst=per_peer_per_minute,
+            total_rate_per_s=total_per_minute / 60.0,
+            total_burst=total_per_minute,
+            max_keys=_MAX_RATE_LIMITED_PEERS,
+        )
 
     def decide(
         self, peer: bytes, observed: Address, request: DialBackRequest, now: float
@@ -110,18 +98,8 @@ class DialBackPolicy:
             return DialBackRefused("no-address")
         if any(host != observed_ip for host, _ in addresses):
             return DialBackRefused("third-party-address")
-        bucket = self._peers.pop(peer, None) or _TokenBucket(
-            self.per_peer_per_minute / 60.0, self.per_peer_per_minute, now
-        )
-        self._peers[peer] = bucket
-        while len(self._peers) > _MAX_RATE_LIMITED_PEERS:
-            self._peers.popitem(last=False)
-        if self._total is None:
-            self._total = _TokenBucket(self._total_per_minute / 60.0, self._total_per_minute, now)
-        if bucket.available(now) < 1.0 or self._total.available(now) < 1.0:
+        if not self._limiter.allow(peer, now):
             return DialBackRefused("rate-limited")
-        bucket.take(now)
-        self._total.take(now)
         return DialBackPlan(addresses[0])
 
 
@@ -200,7 +178,7 @@ class DialBackInbox:
         self._nonces: OrderedDict[bytes, Address] = OrderedDict()
         self._max_nonces = max_nonces
         self._expect_until = float("-inf")
-        self._echoes = _TokenBucket(echoes_per_second, echoes_per_second, 0.0)
+        self._echoes = TokenBucket.full(echoes_per_second, echoes_per_second, 0.0)
         self.dropped = 0
 
     def expect(self, until: float) -> None:
@@ -214,10 +192,9 @@ class DialBackInbox:
         except MalformedMessageError:
             self.dropped += 1
             return None
-        if packet.kind != "dial-back" or now > self._expect_until or self._echoes.available(now) < 1.0:
+        if packet.kind != "dial-back" or now > self._expect_until or not self._echoes.take(now):
             self.dropped += 1
             return None
-        self._echoes.take(now)
         self._nonces.pop(packet.nonce, None)
         self._nonces[packet.nonce] = source
         while len(self._nonces) > self._max_nonces:

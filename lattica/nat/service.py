@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +42,7 @@ from lattica.nat.stun import (
 from lattica.net.address import network_address
 from lattica.net.datagram import Address
 from lattica.net.endpoint import Endpoint
+from lattica.token_bucket import KeyedRateLimiter
 
 log = logging.getLogger("lattica.nat")
 
@@ -92,11 +92,13 @@ class NatService:
         self.endpoint = endpoint
         self.stats = NatStats()
         self._random_bytes = random_bytes
-        self._rate_s = responses_per_second
-        self._burst = response_burst
-        self._buckets: OrderedDict[Address, tuple[float, float]] = OrderedDict()
-        self._total_rate_s = total_responses_per_second
-        self._total_bucket = (total_responses_per_second, 0.0)
+        self._limiter = KeyedRateLimiter(
+            per_key_rate_per_s=responses_per_second,
+            per_key_burst=response_burst,
+            total_rate_per_s=total_responses_per_second,
+            total_burst=total_responses_per_second,
+            max_keys=_MAX_RATE_LIMITED_SOURCES,
+        )
         self._pending: dict[bytes, tuple[BindingTransaction, trio.Event]] = {}
         self._answers_in, self._answers_out = trio.open_memory_channel[tuple[bytes, Address]](_ANSWER_QUEUE_DATAGRAMS)
         self.dial_back_handler: Callable[[bytes, Address], None] | None = None
@@ -136,7 +138,7 @@ class NatService:
         if unknown_comprehension_required(message):
             self.stats.unexpected_dropped += 1
             return
-        if not self._take_token(source, trio.current_time()):
+        if not self._limiter.allow(source, trio.current_time()):
             self.stats.rate_limited_dropped += 1
             return
         try:
@@ -160,21 +162,6 @@ class NatService:
             self.stats.queue_full_dropped += 1
             return False
         return True
-
-    def _take_token(self, source: Address, now: float) -> bool:
-        tokens, last = self._buckets.pop(source, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate_s)
-        total_tokens, total_last = self._total_bucket
-        total_tokens = min(self._total_rate_s, total_tokens + max(now - total_last, 0.0) * self._total_rate_s)
-        allowed = tokens >= 1.0 and total_tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-            total_tokens -= 1.0
-        self._buckets[source] = (tokens, now)
-        self._total_bucket = (total_tokens, now)
-        if len(self._buckets) > _MAX_RATE_LIMITED_SOURCES:
-            self._buckets.popitem(last=False)
-        return allowed
 
     async def observed_address(
         self,
