@@ -65,6 +65,9 @@ class ContentConfig:
     ``upload_preempt_after_s``); streams at least this fast keep theirs."""
     upload_preempt_window_s: Annotated[float, msgspec.Meta(gt=0.0, le=600.0)] = 10.0
     """How far back a stream's rate is measured for preemption."""
+    upload_preempt_interval_s: Seconds = 5.0
+    """At most one upload is preempted per this long (it bounds the churn when the seeder's own
+    uplink makes every stream slow); the stream taken is one of the host holding the most slots."""
     max_requests_per_stream: Count = 64
     """Block requests one exchange stream may have in flight; more end that stream."""
     upload_timeout_s: Seconds = 30.0

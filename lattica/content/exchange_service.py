@@ -102,6 +102,7 @@ class ContentService:
             grace_s=config.upload_preempt_after_s,
             min_rate_bytes_per_s=config.upload_preempt_below_bytes_per_s,
             window_s=config.upload_preempt_window_s,
+            interval_s=config.upload_preempt_interval_s,
         )
         """Who holds the upload slots (and whose slot a newcomer may take)."""
         self._served: dict[Upload, _Served] = {}  # the streams holding those slots

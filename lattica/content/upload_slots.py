@@ -3,10 +3,11 @@
 An exchange stream a peer opens to fetch from this node holds one upload slot while it is
 served. :class:`UploadSlots` counts them under three caps (all peers, one peer, one source
 address group) and, when only the first one stands in a newcomer's way, picks a holder to
-*preempt*: the slowest stream that has been served for at least ``grace_s`` and moved less
-than ``min_rate_bytes_per_s`` over the last ``window_s``. Its slot passes to the newcomer at
-once; the caller ends the preempted stream (its fetcher asks other peers, or this one again
-later).
+*preempt* among the streams served for at least ``grace_s`` that moved less than
+``min_rate_bytes_per_s`` over the last ``window_s``: one from the source group holding the most
+slots, the slowest of those. Its slot passes to the newcomer at once; the caller ends the
+preempted stream (its fetcher asks other peers, or this one again later). At most one slot is
+preempted per ``interval_s``.
 
 Why: the caps bound what one peer or one host can hold, but four hosts (eight slots each) could
 still hold all 32 of the default, reading a few hundred bytes a second to stay "active", and a
@@ -16,6 +17,15 @@ spirit: a seeder keeps serving the peers that take data fastest and chokes the o
 someone is waiting for it, and only from a stream below a rate floor, so honest fetchers on
 slow links keep theirs on a seeder with room. Holding a slot now costs an attacker bandwidth:
 at the default floor, all 32 slots take 2 MiB/s of real downloading.
+
+Why the source group first and the interval: on a seeder whose own uplink is the bottleneck,
+every stream is slow through no fault of its peer (32 fetchers sharing 1 MB/s get ~31 KiB/s
+each), and a preemption only moves the bandwidth to the newcomer and throws away the victim's
+partly received chunk. Taking from the host that holds the most slots moves slots from a host
+with many (an attacker's few addresses hold eight each) to one with none, and one preemption
+per ``interval_s`` bounds the churn among honest peers (each loses at most a partial chunk,
+and a stream lives for many intervals) while still handing a held seeder's slots to those who
+ask, one every ``interval_s``.
 
 Times are seconds on the caller's monotonic clock; byte counts are what the stream's connection
 has passed on to the peer so far (:attr:`lattica.net.stream.QuicStream.taken_bytes`).
@@ -84,7 +94,9 @@ class UploadSlots:
     ``max_uploads``, ``max_per_peer``, ``max_per_source``: the caps (counts). ``grace_s``: a
     stream is never preempted before it has been served this long. ``min_rate_bytes_per_s``
     and ``window_s``: only a stream that moved less than that rate over the last ``window_s``
-    may be preempted. ``math.inf`` for ``grace_s`` turns preemption off.
+    may be preempted. ``interval_s``: the shortest time between two preemptions.
+    ``math.inf`` for ``grace_s`` turns preemption off. Raises ``ValueError`` for caps below 1
+    or times that are not positive.
     """
 
     def __init__(
@@ -96,17 +108,20 @@ class UploadSlots:
         grace_s: float,
         min_rate_bytes_per_s: float,
         window_s: float,
+        interval_s: float,
     ) -> None:
         if min(max_uploads, max_per_peer, max_per_source) < 1:
             raise ValueError("upload caps are at least 1")
-        if grace_s <= 0 or window_s <= 0 or min_rate_bytes_per_s < 0:
-            raise ValueError("grace_s and window_s must be positive, min_rate_bytes_per_s not negative")
+        if grace_s <= 0 or window_s <= 0 or interval_s <= 0 or min_rate_bytes_per_s < 0:
+            raise ValueError("grace_s, window_s and interval_s must be positive, min_rate_bytes_per_s not negative")
         self.max_uploads = max_uploads
         self.max_per_peer = max_per_peer
         self.max_per_source = max_per_source
         self.grace_s = grace_s
         self.min_rate_bytes_per_s = min_rate_bytes_per_s
         self.window_s = window_s
+        self.interval_s = interval_s
+        self._next_preemption_at = -math.inf
         self._held: list[Upload] = []
         self._by_peer: dict[Hashable, int] = {}
         self._by_source: dict[Hashable, int] = {}
@@ -139,11 +154,14 @@ class UploadSlots:
             return Admission(None)
         victim: Upload | None = None
         if len(self._held) >= self.max_uploads:
-            victim = self._slowest(now, taken_bytes)
+            if now < self._next_preemption_at:
+                return Admission(None)
+            victim = self._victim(now, taken_bytes)
             if victim is None:
                 return Admission(None)
             victim.preempted = True
             self.preemptions += 1
+            self._next_preemption_at = now + self.interval_s
             self.release(victim)
         upload = Upload(peer, source, now, _max_samples=math.ceil(self.window_s / _SAMPLE_SPACING_S) + 2)
         self._held.append(upload)
@@ -162,8 +180,10 @@ class UploadSlots:
         if upload.source is not None:
             _decrement(self._by_source, upload.source)
 
-    def _slowest(self, now: float, taken_bytes: dict[Upload, int]) -> Upload | None:
-        slowest: tuple[float, Upload] | None = None
+    def _victim(self, now: float, taken_bytes: dict[Upload, int]) -> Upload | None:
+        """Of the holders served ``grace_s`` and below the rate floor, one from the source group
+        (or, through a relay, the peer) holding the most slots, the slowest of those."""
+        best: tuple[int, float, Upload] | None = None
         for upload in self._held:
             taken = taken_bytes.get(upload)
             if taken is None:
@@ -174,9 +194,10 @@ class UploadSlots:
             rate = upload.rate(now, taken, self.window_s)
             if rate >= self.min_rate_bytes_per_s:
                 continue
-            if slowest is None or rate < slowest[0]:
-                slowest = (rate, upload)
-        return None if slowest is None else slowest[1]
+            share = self._by_source[upload.source] if upload.source is not None else self._by_peer[upload.peer]
+            if best is None or (-share, rate) < (-best[0], best[1]):
+                best = (share, rate, upload)
+        return None if best is None else best[2]
 
 
 def _decrement(counts: dict[Hashable, int], key: Hashable) -> None:

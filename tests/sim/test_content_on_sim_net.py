@@ -11,6 +11,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -582,6 +583,33 @@ async def test_a_trickling_reader_loses_its_slot_to_a_peer_that_asks_and_keeps_i
         assert status is not None
         uploads = (await status.handler(NoParams())).uploads  # type: ignore[attr-defined]
         assert (uploads["max"], uploads["preempted"]) == (1, 1) and uploads["held"] <= 1
+
+
+async def test_fetchers_sharing_a_slow_uplink_all_finish_while_the_seeder_rotates_its_slots(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A seeder whose own uplink is the bottleneck: every stream is below the preemption floor
+    # through no fault of its peer, so newcomers take slots from holders. A preempted fetcher
+    # must take the reset as "try again" (not ban its only seeder) and every fetch completes;
+    # the rotation is at most one slot per upload_preempt_interval_s.
+    source = source_file(tmp_path, 2048 * KIB)
+    seeder = replace(CONFIG, content=replace(CONTENT, max_uploads=2, chunk_bytes=128 * KIB))
+    patient = replace(CONFIG, content=replace(CONTENT, fetch_stall_timeout_s=120.0))
+    slow_up = LinkConfig(latency_s=0.01, bandwidth_bps=800e3, queue_bytes=64 * KIB)  # 100 KB/s
+    configs = {0: seeder} | {i: patient for i in range(1, 6)}
+    async with cluster(tmp_path, 6, configs=configs, up=slow_up, down=QUIET) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        for i in range(1, 6):
+            await connect_all(c, i, range(1))
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for i in range(1, 6):
+                nursery.start_soon(partial(c.content(i).fetch, cid, out_dir=tmp_path / f"out{i}"))
+        elapsed = trio.current_time() - started
+        for i in range(1, 6):
+            assert (tmp_path / f"out{i}" / "data.bin").read_bytes() == source.read_bytes()
+        preemptions = c.content(0).upload_slots.preemptions
+        assert 0 < preemptions <= elapsed / CONTENT.upload_preempt_interval_s + 1
 
 
 async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(

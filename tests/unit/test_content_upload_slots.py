@@ -21,6 +21,7 @@ def slots(**overrides: float) -> UploadSlots:
         "grace_s": 10.0,
         "min_rate_bytes_per_s": 64 * KIB,
         "window_s": 10.0,
+        "interval_s": 5.0,
     }
     settings_.update(overrides)
     return UploadSlots(**settings_)  # type: ignore[arg-type]
@@ -59,16 +60,33 @@ def test_a_full_node_refuses_when_every_holder_is_young_or_fast() -> None:
 def test_the_slowest_holder_below_the_floor_loses_its_slot_to_a_newcomer() -> None:
     s = slots()
     a, b, c = fill(s)
-    taken = {a: 20 * 100 * KIB, b: 20 * 1 * KIB, c: 20 * 10 * KIB}  # 100, 1 and 10 KiB/s
-    admission = s.admit("new", "10.9.9.9", 20.0, taken)
+    rates = {a: 100 * KIB, b: 1 * KIB, c: 10 * KIB}  # bytes per second each moves
+
+    def taken(now: float) -> dict[Upload, int]:
+        return {u: int(now * rates.get(u, 100 * KIB)) for u in s.holders()}  # newcomers: fast
+
+    admission = s.admit("new", "10.9.9.9", 20.0, taken(20.0))
     assert admission.upload is not None and admission.preempted is b
     assert b.preempted and s.held == 3 and s.preemptions == 1
     assert s.held_by("p1") == 0
-    # The next newcomer takes the other slow one; the fast one is never chosen.
-    taken[admission.upload] = 0
-    second = s.admit("newer", "10.9.9.8", 21.0, taken)
+    # One preemption per interval_s: the next newcomer waits for it ...
+    assert s.admit("newer", "10.9.9.8", 24.0, taken(24.0)).upload is None
+    # ... then takes the other slow one; the fast one is never chosen.
+    second = s.admit("newer", "10.9.9.8", 25.0, taken(25.0))
     assert second.preempted is c
-    assert s.admit("newest", "10.9.9.7", 22.0, taken).upload is None  # the rest are young or fast
+    later = s.admit("newest", "10.9.9.7", 40.0, taken(40.0))  # the rest are young or fast
+    assert later.upload is None and not a.preempted
+
+
+def test_the_host_holding_the_most_slots_loses_one_first() -> None:
+    s = slots(max_uploads=4, max_per_source=3)
+    crowd = [s.admit(f"x{n}", "10.0.0.1", 0.0, {}).upload for n in range(3)]  # one host, 3 slots
+    (single,) = [s.admit("y", "10.0.0.2", 0.0, {}).upload]
+    assert None not in crowd and single is not None
+    taken = {u: 20 * 10 * KIB for u in crowd if u is not None}  # 10 KiB/s each
+    taken[single] = 0  # slower, but its host holds one slot
+    admission = s.admit("new", "10.9.9.9", 20.0, taken)
+    assert admission.preempted in crowd and not single.preempted
 
 
 def test_the_rate_is_measured_over_the_recent_window_not_the_whole_life() -> None:
@@ -107,7 +125,8 @@ def test_an_infinite_grace_turns_preemption_off() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"max_uploads": 0}, {"grace_s": 0.0}, {"window_s": -1.0}, {"min_rate_bytes_per_s": -1}]
+    "bad",
+    [{"max_uploads": 0}, {"grace_s": 0.0}, {"window_s": -1.0}, {"interval_s": 0.0}, {"min_rate_bytes_per_s": -1}],
 )
 def test_nonsense_settings_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
@@ -128,7 +147,7 @@ def test_nonsense_settings_are_refused(bad: dict[str, float]) -> None:
     )
 )
 def test_counts_never_exceed_the_caps_and_match_the_holders(steps: list[tuple[str, int, int, float, int]]) -> None:
-    s = slots(max_uploads=4, max_per_peer=2, max_per_source=3, grace_s=2.0, window_s=3.0)
+    s = slots(max_uploads=4, max_per_peer=2, max_per_source=3, grace_s=2.0, window_s=3.0, interval_s=1.0)
     now = 0.0
     taken: dict[Upload, int] = {}
     for action, peer, source, dt, moved in steps:
