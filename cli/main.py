@@ -225,9 +225,19 @@ def status(home: HomeOption = None, json: JsonOption = False) -> None:
             ("connected peers", _peer_count(result)),
             *[("listening", a) for a in result["listen_addrs"]],
             *[("listening (tcp)", a) for a in result.get("tcp_listen_addrs", [])],
+            *_upload_fields(result),
             *[("warning", w) for w in result.get("warnings", [])],
         ]
     )
+
+
+def _upload_fields(status: dict[str, Any]) -> list[tuple[str, str]]:
+    uploads = status.get("uploads") or {}
+    if "held" not in uploads:
+        return []
+    preempted = uploads.get("preempted", 0)
+    note = f" ({preempted} preempted since start)" if preempted else ""
+    return [("uploads", f"{uploads['held']} of {uploads.get('max', '?')}{note}")]
 
 
 def _peer_count(status: dict[str, Any]) -> str:

@@ -33,6 +33,9 @@ def test_ping_and_peers_between_two_daemons(start_daemon: Any) -> None:
     status = lattica_json("status", home=a.home)
     assert status["connected_peers"] == 1
     assert status["peer_id"] == a.peer_id
+    assert status["uploads"] == {"held": 0, "max": 32, "preempted": 0}
+    text = lattica("status", home=a.home)
+    assert text.returncode == 0 and "uploads" in text.stdout and "0 of 32" in text.stdout
 
 
 def test_id_reports_dialable_addresses(start_daemon: Any) -> None:
