@@ -47,7 +47,9 @@ class ContentConfig:
     back to a copy where the file cannot be linked (another file system, another owner).
     ``false``: always keep a private copy."""
     max_uploads: Count = 32
-    """Exchange streams this node serves at once (all peers); more are refused ``busy``."""
+    """Exchange streams this node serves at once (all peers). When all are held, a newcomer
+    takes one from the host holding the most, if that host holds at least two more than the
+    newcomer's own (:mod:`lattica.content.upload_slots`); otherwise it is refused ``busy``."""
     max_uploads_per_peer: Count = 4
     """Exchange streams this node serves at once to one peer; more are refused ``busy``, so
     one peer cannot hold every upload slot (a fetch uses one stream per peer)."""
@@ -55,19 +57,6 @@ class ContentConfig:
     """Exchange streams this node serves at once to one source address (an IPv4 address or an
     IPv6 /64; a peer reached through a relay counts by its peer id alone): peer ids cost
     nothing to mint, so the per-peer cap alone let one host hold every slot."""
-    upload_preempt_after_s: Seconds = 10.0
-    """When every one of ``max_uploads`` slots is held and another peer asks, the slowest
-    stream served at least this long that moved less than ``upload_preempt_below_bytes_per_s``
-    over the last ``upload_preempt_window_s`` is ended and its slot given to the newcomer
-    (BitTorrent's choking of the slowest, BEP 3): slots cannot be held by trickling."""
-    upload_preempt_below_bytes_per_s: ByteSize = 64 * 1024
-    """The rate under which a stream may lose its slot to a newcomer (see
-    ``upload_preempt_after_s``); streams at least this fast keep theirs."""
-    upload_preempt_window_s: Annotated[float, msgspec.Meta(gt=0.0, le=600.0)] = 10.0
-    """How far back a stream's rate is measured for preemption."""
-    upload_preempt_interval_s: Seconds = 5.0
-    """At most one upload is preempted per this long (it bounds the churn when the seeder's own
-    uplink makes every stream slow); the stream taken is one of the host holding the most slots."""
     max_requests_per_stream: Count = 64
     """Block requests one exchange stream may have in flight; more end that stream."""
     upload_timeout_s: Seconds = 30.0

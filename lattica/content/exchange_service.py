@@ -8,8 +8,8 @@ through ``dht.provide`` (a downloader becomes a seeder).
 
 Serving limits (``[content]`` settings): at most ``max_uploads`` streams at once and
 ``max_uploads_per_peer`` to one peer and ``max_uploads_per_address`` to one host (others get
-``busy`` for each request; when all slots are held, a newcomer takes the slot of a stream that
-moves too little, :mod:`lattica.content.upload_slots`),
+``busy`` for each request; when all slots are held, a newcomer takes one from the host holding
+the most, :mod:`lattica.content.upload_slots`),
 ``max_requests_per_stream`` requests in flight per stream (more is a protocol error that ends
 the stream), an idle stream or one whose reader takes nothing for
 ``upload_timeout_s`` is closed, and at most 1 MiB of a block is read into memory at a time.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,10 +99,6 @@ class ContentService:
             max_uploads=config.max_uploads,
             max_per_peer=config.max_uploads_per_peer,
             max_per_source=config.max_uploads_per_address,
-            grace_s=config.upload_preempt_after_s,
-            min_rate_bytes_per_s=config.upload_preempt_below_bytes_per_s,
-            window_s=config.upload_preempt_window_s,
-            interval_s=config.upload_preempt_interval_s,
         )
         """Who holds the upload slots (and whose slot a newcomer may take)."""
         self._served: dict[Upload, _Served] = {}  # the streams holding those slots
@@ -130,16 +126,18 @@ class ContentService:
     async def _serve(self, stream: QuicStream, peer: PeerId) -> None:
         # The per-peer cap keeps one peer from holding every slot (review finding: 32 idle
         # streams from one peer made every other fetch from this node fail "busy"); the
-        # per-source cap one host; preemption many hosts that trickle (upload_slots.py).
+        # per-source cap one host; sharing out by host a few hosts (upload_slots.py).
+        source = _source_of(stream)
         admission = self.upload_slots.admit(
             peer,
-            _source_of(stream),
+            _host_of(stream, source, peer),
+            source,
             trio.current_time(),
             {upload: served.stream.taken_bytes for upload, served in self._served.items()},
         )
         if admission.preempted is not None:
             victim = self._served.pop(admission.preempted)
-            log.info("upload to %s preempted for %s: it moved too little for too long", victim.peer, peer)
+            log.info("upload to %s preempted for %s: its host held more than its share", victim.peer, peer)
             victim.scope.cancel()
         upload = admission.upload
         busy = upload is None
@@ -512,6 +510,18 @@ async def _send_frame(stream: QuicStream, head: bytes, payload: memoryview, time
         await stream.send_all(head)
         if payload:
             await stream.send_all(payload)
+
+
+def _host_of(stream: QuicStream, source: str | None, peer: PeerId) -> Hashable:
+    """Who a stream counts as for the fair share of upload slots: its source address group,
+    or for a peer reached through a relay the relay's address group (peer ids behind one relay
+    cost nothing to mint), or the peer itself where neither is known."""
+    if source is not None:
+        return source
+    connection = stream.connection
+    if isinstance(connection, Connection) and connection.relayed_via is not None:
+        return ("relay", address_group(connection.remote_address[0], ipv6_prefix_bits=64))
+    return ("peer", peer)
 
 
 def _source_of(stream: QuicStream) -> str | None:

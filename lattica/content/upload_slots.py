@@ -2,80 +2,52 @@
 
 An exchange stream a peer opens to fetch from this node holds one upload slot while it is
 served. :class:`UploadSlots` counts them under three caps (all peers, one peer, one source
-address group) and, when only the first one stands in a newcomer's way, picks a holder to
-*preempt* among the streams served for at least ``grace_s`` that moved less than
-``min_rate_bytes_per_s`` over the last ``window_s``: one from the source group holding the most
-slots, the slowest of those. Its slot passes to the newcomer at once; the caller ends the
-preempted stream (its fetcher asks other peers, or this one again later). At most one slot is
-preempted per ``interval_s``.
+address group) and, when only the first one stands in a newcomer's way, shares the slots out
+by *host*: the newcomer takes a slot from the host holding the most, if that host holds at
+least two more than the newcomer's own host (so the move makes the shares more even, never
+less). Of that host's streams, the one that moved the fewest bytes per second since it opened
+is preempted; its slot passes to the newcomer at once and the caller ends that stream (its
+fetcher asks other peers, or this one again later).
 
-Why: the caps bound what one peer or one host can hold, but four hosts (eight slots each) could
-still hold all 32 of the default, reading a few hundred bytes a second to stay "active", and a
-seeder so held served nobody else for as long as they liked. BitTorrent's answer is the same in
-spirit: a seeder keeps serving the peers that take data fastest and chokes the others (BEP 3,
-"choking"; libtorrent's ``seed_choking_algorithm``). Here a slot is taken away only when
-someone is waiting for it, and only from a stream below a rate floor, so honest fetchers on
-slow links keep theirs on a seeder with room. Holding a slot now costs an attacker bandwidth:
-at the default floor, all 32 slots take 2 MiB/s of real downloading.
+Why by host, and not by rate. The caps bound what one peer or one host can hold, but four hosts
+(eight slots each) could still hold all 32 of the default, and a seeder so held served nobody
+else. A first version took the slot of any stream below a rate floor after a grace period;
+review showed it wrong three ways: an attacker closing and reopening each stream before its
+grace ended kept every slot at ~1 KB/s; two honest fetchers on a slow uplink preempted each
+other in the middle of 1 MiB chunks until neither finished; and a rate floor cannot tell a peer
+that reads slowly from a seeder whose own uplink is shared by 32 streams. Counting holdings per
+host has none of those: reopening a stream does not change how many a host holds, equal hosts
+never take from each other (no churn among honest fetchers, one stream each per seeder), and it
+needs no clock. What it costs an attacker to hold every slot: as many source address groups (an
+IPv4 address, an IPv6 /64) as there are slots, 32 by default, where four did before. BitTorrent
+seeds by the same idea of sharing upload slots out rather than first come, first served (BEP 3,
+"choking"); libp2p's resource manager (go-libp2p ``rcmgr``) counts and refuses per peer and per
+IP, but never reclaims.
 
-Why the source group first and the interval: on a seeder whose own uplink is the bottleneck,
-every stream is slow through no fault of its peer (32 fetchers sharing 1 MB/s get ~31 KiB/s
-each), and a preemption only moves the bandwidth to the newcomer and throws away the victim's
-partly received chunk. Taking from the host that holds the most slots moves slots from a host
-with many (an attacker's few addresses hold eight each) to one with none, and one preemption
-per ``interval_s`` bounds the churn among honest peers (each loses at most a partial chunk,
-and a stream lives for many intervals) while still handing a held seeder's slots to those who
-ask, one every ``interval_s``.
-
-Times are seconds on the caller's monotonic clock; byte counts are what the stream's connection
-has passed on to the peer so far (:attr:`lattica.net.stream.QuicStream.taken_bytes`).
+A *host* is the stream's source address group; a peer reached through a relay counts as its
+relay (the address its traffic arrives from), so peer ids minted behind one relay share one
+host's share.
 """
 
 from __future__ import annotations
 
-import math
-from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
-
-_SAMPLE_SPACING_S = 1.0
-"""Rate samples are kept at least this far apart, so a stream's history is bounded."""
+from dataclasses import dataclass
 
 
 @dataclass(eq=False)
 class Upload:
-    """One held slot: who holds it, since when, and samples of how many bytes it moved."""
+    """One held slot: who holds it (``peer``, ``host`` for the fair share, ``source`` for the
+    per-address cap), since when (seconds on the caller's clock), and whether it was taken."""
 
     peer: Hashable
+    host: Hashable
     source: str | None
-    """The source address group (an IPv4 address, an IPv6 /64), None through a relay."""
+    """The source address group for the per-address cap (None through a relay: no such cap)."""
     opened_at: float
     preempted: bool = False
     """The slot was handed to a newcomer: the caller ends this stream."""
     released: bool = False
-    _samples: deque[tuple[float, int]] = field(default_factory=deque)
-    _max_samples: int = 16
-
-    def observe(self, now: float, taken_bytes: int) -> None:
-        """Record that the stream had moved ``taken_bytes`` (a running total) by ``now``."""
-        if self._samples and now - self._samples[-1][0] < _SAMPLE_SPACING_S:
-            return
-        self._samples.append((now, taken_bytes))
-        while len(self._samples) > self._max_samples:
-            self._samples.popleft()
-
-    def rate(self, now: float, taken_bytes: int, window_s: float) -> float:
-        """Bytes per second moved over at least the last ``window_s`` (over the stream's whole
-        life if it is younger, or if no sample is that old)."""
-        base_t, base_taken = self.opened_at, 0
-        for t, taken in self._samples:  # the latest sample at least window_s old
-            if t > now - window_s:
-                break
-            base_t, base_taken = t, taken
-        elapsed = now - base_t
-        if elapsed <= 0:
-            return math.inf
-        return max(0, taken_bytes - base_taken) / elapsed
 
 
 @dataclass(frozen=True)
@@ -88,45 +60,24 @@ class Admission:
 
 
 class UploadSlots:
-    """Upload slots under caps; preempts the slowest holder for a newcomer when all are held
-    (see the module docstring).
+    """Upload slots under caps, shared out by host when all are held (see the module docstring).
 
-    ``max_uploads``, ``max_per_peer``, ``max_per_source``: the caps (counts). ``grace_s``: a
-    stream is never preempted before it has been served this long. ``min_rate_bytes_per_s``
-    and ``window_s``: only a stream that moved less than that rate over the last ``window_s``
-    may be preempted. ``interval_s``: the shortest time between two preemptions.
-    ``math.inf`` for ``grace_s`` turns preemption off. Raises ``ValueError`` for caps below 1
-    or times that are not positive.
+    ``max_uploads``, ``max_per_peer``, ``max_per_source``: the caps (counts, at least 1; raises
+    ``ValueError`` otherwise).
     """
 
-    def __init__(
-        self,
-        *,
-        max_uploads: int,
-        max_per_peer: int,
-        max_per_source: int,
-        grace_s: float,
-        min_rate_bytes_per_s: float,
-        window_s: float,
-        interval_s: float,
-    ) -> None:
+    def __init__(self, *, max_uploads: int, max_per_peer: int, max_per_source: int) -> None:
         if min(max_uploads, max_per_peer, max_per_source) < 1:
             raise ValueError("upload caps are at least 1")
-        if grace_s <= 0 or window_s <= 0 or interval_s <= 0 or min_rate_bytes_per_s < 0:
-            raise ValueError("grace_s, window_s and interval_s must be positive, min_rate_bytes_per_s not negative")
         self.max_uploads = max_uploads
         self.max_per_peer = max_per_peer
         self.max_per_source = max_per_source
-        self.grace_s = grace_s
-        self.min_rate_bytes_per_s = min_rate_bytes_per_s
-        self.window_s = window_s
-        self.interval_s = interval_s
-        self._next_preemption_at = -math.inf
         self._held: list[Upload] = []
         self._by_peer: dict[Hashable, int] = {}
         self._by_source: dict[Hashable, int] = {}
+        self._by_host: dict[Hashable, int] = {}
         self.preemptions = 0
-        """Slots taken from a slow holder for a newcomer, since start."""
+        """Slots taken from a host holding more than its share, for a newcomer, since start."""
 
     @property
     def held(self) -> int:
@@ -137,37 +88,42 @@ class UploadSlots:
         """Slots ``peer`` holds now."""
         return self._by_peer.get(peer, 0)
 
+    def held_by_host(self, host: Hashable) -> int:
+        """Slots ``host`` holds now."""
+        return self._by_host.get(host, 0)
+
     def holders(self) -> list[Upload]:
         """The slots held now, oldest first."""
         return list(self._held)
 
-    def admit(self, peer: Hashable, source: str | None, now: float, taken_bytes: dict[Upload, int]) -> Admission:
-        """A slot for a stream ``peer`` opened from ``source`` at ``now``, or a refusal.
+    def admit(
+        self, peer: Hashable, host: Hashable, source: str | None, now: float, taken_bytes: dict[Upload, int]
+    ) -> Admission:
+        """A slot for a stream ``peer`` opened from ``host`` (``source``: its address group for
+        the per-address cap, None for none) at ``now``, or a refusal.
 
-        ``taken_bytes`` gives each holder's bytes moved so far (missing ones count as not
-        measured and are never preempted); they are recorded as samples before the choice.
-        The per-peer and per-source caps are never lifted by preemption: a host at its share
-        waits like anyone over it."""
+        ``taken_bytes`` gives each holder's bytes moved so far; a preempted stream is the one of
+        the chosen host that moved the fewest per second since it opened (a holder missing from
+        it counts as having moved nothing). The per-peer and per-source caps are never lifted:
+        a host at its share waits like anyone over it."""
         if self._by_peer.get(peer, 0) >= self.max_per_peer:
             return Admission(None)
         if source is not None and self._by_source.get(source, 0) >= self.max_per_source:
             return Admission(None)
         victim: Upload | None = None
         if len(self._held) >= self.max_uploads:
-            if now < self._next_preemption_at:
-                return Admission(None)
-            victim = self._victim(now, taken_bytes)
+            victim = self._victim(host, now, taken_bytes)
             if victim is None:
                 return Admission(None)
             victim.preempted = True
             self.preemptions += 1
-            self._next_preemption_at = now + self.interval_s
             self.release(victim)
-        upload = Upload(peer, source, now, _max_samples=math.ceil(self.window_s / _SAMPLE_SPACING_S) + 2)
+        upload = Upload(peer, host, source, now)
         self._held.append(upload)
-        self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
+        _increment(self._by_peer, peer)
+        _increment(self._by_host, host)
         if source is not None:
-            self._by_source[source] = self._by_source.get(source, 0) + 1
+            _increment(self._by_source, source)
         return Admission(upload, victim)
 
     def release(self, upload: Upload) -> None:
@@ -177,27 +133,25 @@ class UploadSlots:
         upload.released = True
         self._held.remove(upload)
         _decrement(self._by_peer, upload.peer)
+        _decrement(self._by_host, upload.host)
         if upload.source is not None:
             _decrement(self._by_source, upload.source)
 
-    def _victim(self, now: float, taken_bytes: dict[Upload, int]) -> Upload | None:
-        """Of the holders served ``grace_s`` and below the rate floor, one from the source group
-        (or, through a relay, the peer) holding the most slots, the slowest of those."""
-        best: tuple[int, float, Upload] | None = None
-        for upload in self._held:
-            taken = taken_bytes.get(upload)
-            if taken is None:
-                continue
-            upload.observe(now, taken)
-            if now - upload.opened_at < self.grace_s:
-                continue
-            rate = upload.rate(now, taken, self.window_s)
-            if rate >= self.min_rate_bytes_per_s:
-                continue
-            share = self._by_source[upload.source] if upload.source is not None else self._by_peer[upload.peer]
-            if best is None or (-share, rate) < (-best[0], best[1]):
-                best = (share, rate, upload)
-        return None if best is None else best[2]
+    def _victim(self, newcomer: Hashable, now: float, taken_bytes: dict[Upload, int]) -> Upload | None:
+        """The stream to preempt for a newcomer from host ``newcomer``, or None when no host
+        holds at least two more slots than it."""
+        heaviest = max(self._by_host, key=lambda host: self._by_host[host])
+        if self._by_host[heaviest] < self._by_host.get(newcomer, 0) + 2:
+            return None
+
+        def rate(upload: Upload) -> float:
+            return taken_bytes.get(upload, 0) / max(now - upload.opened_at, 1e-9)
+
+        return min((u for u in self._held if u.host == heaviest), key=rate)
+
+
+def _increment(counts: dict[Hashable, int], key: Hashable) -> None:
+    counts[key] = counts.get(key, 0) + 1
 
 
 def _decrement(counts: dict[Hashable, int], key: Hashable) -> None:
