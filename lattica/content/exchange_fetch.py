@@ -63,7 +63,7 @@ from lattica.content.errors import (
     OutputConflictError,
 )
 from lattica.content.exchange_messages import BUSY, MIN_PIECE_BYTES, PROTOCOL_ID
-from lattica.content.exchange_protocol import BlockReceived, BlockRefused, ExchangeClient, HasAnswered
+from lattica.content.exchange_protocol import BlockReceived, BlockRefused, ClientEvent, ExchangeClient, HasAnswered
 from lattica.content.export import export_files, select_files
 from lattica.content.fetch_scheduler import (
     CancelChunk,
@@ -77,9 +77,10 @@ from lattica.content.fetch_scheduler import (
 from lattica.content.file_assembly import FileAssembly
 from lattica.content.manifest import FileEntry, Manifest, decode_manifest
 from lattica.content.tensor_select import TensorSelection, select_tensors
-from lattica.errors import LatticaError, RemoteProtocolError, leaf_exceptions
+from lattica.errors import LatticaError, RemoteProtocolError, RpcError, leaf_exceptions
 from lattica.identity import PeerId
 from lattica.net.connection import Connection
+from lattica.net.rpc import stream_refusal
 from lattica.net.stream import QuicStream
 from lattica.net.tcp_lane import TcpLane
 
@@ -306,7 +307,12 @@ class _PeerLink:
                 self.client.end_of_stream()
                 await self._events.send((self.peer, _Gone("the peer closed the stream")))
                 return
-            for event in self.client.receive(data, owned=True):
+            try:
+                events = _receive_or_refusal(self.client, data, owned=True)
+            except RpcError as refused:  # no content service there, or at its stream caps
+                await self._events.send((self.peer, _Gone(f"it refused the stream: {refused}")))
+                return
+            for event in events:
                 if isinstance(event, HasAnswered):
                     await self._events.send((self.peer, _Ready(event.held)))
                 else:
@@ -316,6 +322,22 @@ class _PeerLink:
 
 
 # -- the fetch ---------------------------------------------------------------------------------
+
+
+def _receive_or_refusal(
+    client: ExchangeClient, data: bytes | memoryview, *, owned: bool = False
+) -> list[ClientEvent]:
+    """``client.receive(data)``; where the exchange decoder rejects bytes that are the peer's
+    RPC refusal of the stream (it serves no content, or is at its stream caps), that refusal
+    as :class:`~lattica.errors.RpcError` instead of a decode error about the wrong message
+    type (review finding: a fetch failed with "Expected `array`, got `object`")."""
+    try:
+        return client.receive(data, owned=owned)
+    except RemoteProtocolError:
+        refusal = stream_refusal(data)
+        if refusal is None:
+            raise
+        raise refusal from None
 
 
 async def _ask_manifest(
@@ -337,7 +359,7 @@ async def _ask_manifest(
                 if not data:
                     client.end_of_stream()
                     raise RemoteProtocolError("stream ended before the manifest")
-                events = client.receive(data)
+                events = _receive_or_refusal(client, data)
                 reply = events[0] if events else None
     if isinstance(reply, BlockRefused):
         return reply.code

@@ -130,7 +130,7 @@ class ContentService:
         source = _source_of(stream)
         admission = self.upload_slots.admit(
             peer,
-            _host_of(stream, source, peer),
+            _host_of(source, peer),
             source,
             trio.current_time(),
             {upload: served.stream.taken_bytes for upload, served in self._served.items()},
@@ -512,16 +512,13 @@ async def _send_frame(stream: QuicStream, head: bytes, payload: memoryview, time
             await stream.send_all(payload)
 
 
-def _host_of(stream: QuicStream, source: str | None, peer: PeerId) -> Hashable:
-    """Who a stream counts as for the fair share of upload slots: its source address group,
-    or for a peer reached through a relay the relay's address group (peer ids behind one relay
-    cost nothing to mint), or the peer itself where neither is known."""
-    if source is not None:
-        return source
-    connection = stream.connection
-    if isinstance(connection, Connection) and connection.relayed_via is not None:
-        return ("relay", address_group(connection.remote_address[0], ipv6_prefix_bits=64))
-    return ("peer", peer)
+def _host_of(source: str | None, peer: PeerId) -> Hashable:
+    """Who a stream counts as for the fair share of upload slots: its source address group, or
+    for a peer reached through a relay the peer itself. Not the relay: every fetcher of a seeder
+    behind a NAT may arrive through its relay, and as one host they could never take a slot
+    from one another, attacker or not (review finding). Minting ids behind a relay is bounded
+    by the relay: it gives a reserved node at most ``max_circuits_per_peer`` circuits (8)."""
+    return source if source is not None else ("peer", peer)
 
 
 def _source_of(stream: QuicStream) -> str | None:

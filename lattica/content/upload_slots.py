@@ -24,9 +24,9 @@ seeds by the same idea of sharing upload slots out rather than first come, first
 "choking"); libp2p's resource manager (go-libp2p ``rcmgr``) counts and refuses per peer and per
 IP, but never reclaims.
 
-A *host* is the stream's source address group; a peer reached through a relay counts as its
-relay (the address its traffic arrives from), so peer ids minted behind one relay share one
-host's share.
+The caller says what a *host* is: :mod:`lattica.content.exchange_service` passes the stream's
+source address group, and for a peer reached through a relay the peer id (every fetcher of a
+seeder behind a NAT may come through its relay; the relay bounds the ids that can).
 """
 
 from __future__ import annotations

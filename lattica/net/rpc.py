@@ -39,7 +39,15 @@ from lattica.net.address import PeerAddr
 from lattica.net.connection import Connection
 from lattica.net.datagram import Address
 from lattica.net.manager import ConnectionManager
-from lattica.net.rpc_messages import Error, Request, Response, RpcMessage, StreamHeader
+from lattica.net.rpc_messages import (
+    MAX_ERROR_CODE_CHARS,
+    MAX_ERROR_MESSAGE_CHARS,
+    Error,
+    Request,
+    Response,
+    RpcMessage,
+    StreamHeader,
+)
 from lattica.net.stream import QuicStream, receive_exactly
 from lattica.net.tcp_connection import TcpConnection
 from lattica.net.tcp_lane import TcpLane
@@ -99,6 +107,28 @@ async def _receive_message(stream: QuicStream, max_frame_bytes: int) -> RpcMessa
 
 def _frame(message: RpcMessage) -> bytes:
     return encode_frame(message, max_frame_bytes=_UNBOUNDED_FRAME_BYTES)
+
+
+_MAX_REFUSAL_FRAME_BYTES = 4 + 16 + MAX_ERROR_CODE_CHARS * 4 + MAX_ERROR_MESSAGE_CHARS * 4
+"""The longest Error frame a refusal can be (UTF-8 code and message at their caps)."""
+
+
+def stream_refusal(data: bytes | bytearray | memoryview) -> RpcError | None:
+    """The refusal of a stream by the peer's RPC layer, if ``data`` is exactly one: the
+    :class:`~lattica.net.rpc_messages.Error` frame a node sends instead of a protocol's first
+    message when it has no handler for the protocol (``unknown-protocol``) or is at its stream
+    caps (``busy``). None for anything else; never raises.
+
+    For stream-protocol clients whose own decoder rejected the first bytes of a stream: they
+    can then report what the peer said ("unknown-protocol: no handler for ...") instead of
+    a decode error about the wrong message type."""
+    if len(data) > _MAX_REFUSAL_FRAME_BYTES:
+        return None
+    try:
+        message: RpcMessage = decode_frame(bytes(data), RpcMessage, max_frame_bytes=_MAX_REFUSAL_FRAME_BYTES)  # type: ignore[arg-type]
+    except (RemoteProtocolError, RecursionError):
+        return None
+    return RpcError(message.code, message.message) if isinstance(message, Error) else None
 
 
 class Rpc:

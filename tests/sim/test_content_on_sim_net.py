@@ -35,6 +35,7 @@ from lattica.node import Node
 from lattica.wire import encode_frame
 from sim_net import Host, LinkConfig, Network
 from tests.conftest import MakeTmpfs
+from tests.sim.content_hogs import trickle
 from tests.sim.dht_cluster import FAST_DHT
 from tests.unit.content_samples import KIB, random_bytes
 
@@ -92,6 +93,7 @@ async def cluster(
     configs: dict[int, NodeConfig] | None = None,
     up: LinkConfig = UPLINK,
     down: LinkConfig = DOWNLINK,
+    without_content: frozenset[int] = frozenset(),
 ) -> AsyncIterator[Cluster]:
     async with Network(seed=seed) as net, trio.open_nursery() as nursery:
         hosts = [net.add_host(f"10.0.0.{i + 1}", up=up, down=down) for i in range(count)]
@@ -104,9 +106,8 @@ async def cluster(
                 config = (configs or {}).get(i, CONFIG)
                 if dht and i:  # everyone joins the DHT through node 0
                     config = replace(CONFIG, dht=replace(FAST_DHT, bootstrap_peers=(addr(0),)))
-                node = Node(
-                    identity(i), hosts[i].bind(PORT), config, blocks_dir=tmp_path / f"node{i}", rng=random.Random(i)
-                )
+                blocks_dir = None if i in without_content else tmp_path / f"node{i}"
+                node = Node(identity(i), hosts[i].bind(PORT), config, blocks_dir=blocks_dir, rng=random.Random(i))
                 async with node:
                     task_status.started(node)
                     await trio.sleep_forever()
@@ -561,21 +562,9 @@ async def _trickling_hog(c: Cluster, by: int, of: int, streams: int, stop: trio.
     chunk of ``cid`` and reading 1 KiB a second: active by the idle rule, for as long as it
     likes (the review's trickling reader)."""
     chunks = c.content(of).store.manifest(cid).files[0].chunks
-
-    async def hold() -> None:
-        stream = await c.nodes[by].rpc.open_stream(c.nodes[of].peer_id, PROTOCOL_ID)
-        client = ExchangeClient()
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            async with stream:
-                await stream.send_all(b"".join(client.want(chunk.digest, chunk.length)[1] for chunk in chunks))
-                for _ in range(10_000):  # bounded: ~10,000 virtual seconds
-                    if stop.is_set() or not await stream.receive_some(KIB):
-                        return
-                    await trio.sleep(1)
-
     async with trio.open_nursery() as nursery:
         for _ in range(streams):
-            nursery.start_soon(hold)
+            nursery.start_soon(trickle, c.nodes[by], c.nodes[of].peer_id, chunks, stop)
 
 
 @pytest.mark.parametrize("how", ["trickle", "rotate"])
@@ -639,6 +628,25 @@ async def test_fetchers_sharing_a_slow_uplink_all_finish_and_none_takes_a_slot_f
         for i in range(1, 6):
             assert (tmp_path / f"out{i}" / "data.bin").read_bytes() == source.read_bytes()
         assert c.content(0).upload_slots.preemptions == 0
+
+
+async def test_a_peer_that_serves_no_content_is_reported_as_such_and_not_dropped_as_hostile(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: asked for a manifest, a node without content (a relay, say) refuses the
+    # stream at the RPC layer, and the fetch reported the exchange decoder's "Expected `array`,
+    # got `object`" instead of what the peer said.
+    source = source_file(tmp_path, 64 * KIB)
+    async with cluster(tmp_path, 3, without_content=frozenset({1})) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+        await connect_all(c, 2, range(1, 2))  # only the node without content
+        with pytest.raises(FetchFailedError, match="unknown-protocol: no handler for /lattica/content/1") as failed:
+            await c.content(2).fetch(cid, out_dir=tmp_path / "nothing")
+        assert "Expected" not in str(failed.value)
+        await connect_all(c, 2, range(1))  # now the seeder too: its chunks come, the other is no liar
+        result = await c.content(2).fetch(cid, out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert str(c.nodes[1].peer_id) not in result.dropped
 
 
 async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(

@@ -25,7 +25,7 @@ from lattica.nat.relay_client import RelayRefusedError
 from lattica.nat.relay_config import RelayConfig
 from lattica.nat.relay_messages import HOP_PROTOCOL, CircuitLimits, Connect, Connected, Refused, Reserved
 from lattica.nat.relay_stream import receive_hop_message, send_relay_message
-from lattica.net.address import PeerAddr, address_group
+from lattica.net.address import PeerAddr
 from lattica.net.rpc import PING_PROTOCOL
 from lattica.node import Node
 from lattica.wire import encode_frame
@@ -130,20 +130,21 @@ async def test_two_nodes_behind_port_restricted_nats_ping_through_a_relay(
         assert s.a.connections.addresses(s.b.peer_id) == []
 
 
-async def test_peers_behind_one_relay_share_one_hosts_share_of_upload_slots(
+async def test_peers_behind_a_relay_count_each_as_a_host_for_upload_slots(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # Peer ids cost nothing to mint; behind a relay their traffic all arrives from the relay's
-    # address, so a seeder counts them as that one host when it shares out its upload slots.
+    # Review finding: counted as their relay, every fetcher of a seeder behind a NAT was one
+    # host with an attacker reaching it the same way, and none could take a slot from it. Ids
+    # behind a relay are bounded by the relay instead (8 circuits to a reserved node).
     async with scene(seed=21) as s:
         await s.b.relay_client.wait_reservations()
         [b_relayed] = s.b.relay_client.relayed_addresses()
         await s.a.ping(RelayedAddr.parse(b_relayed), timeout_s=10)
         [inbound] = [c for c in s.b.connections.connections() if c.peer_id == s.a.peer_id]
         stream = SimpleNamespace(connection=inbound)  # what the seeder reads of a stream
-        assert _source_of(stream) is None  # no per-address cap through a relay ...
-        relay_ip = s.relays[0].socket.local_address[0]
-        assert _host_of(stream, None, s.a.peer_id) == ("relay", address_group(relay_ip, ipv6_prefix_bits=64))
+        assert inbound.relayed_via is not None
+        assert _source_of(stream) is None  # no per-address cap: the address is the relay's
+        assert _host_of(_source_of(stream), s.a.peer_id) == ("peer", s.a.peer_id)
 
 
 async def test_a_circuit_over_its_byte_limit_is_closed_cleanly_and_the_reservation_is_renewed(

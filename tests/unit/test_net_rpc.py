@@ -8,12 +8,15 @@ import msgspec
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lattica.errors import RpcError
 from lattica.identity import Identity, PeerId
 from lattica.net import PING_PROTOCOL, ConnectionManager, Endpoint, PeerAddr, QuicStream, Rpc
-from lattica.net.rpc_messages import Error, RpcMessage
-from lattica.wire import decode_frame
+from lattica.net.rpc import stream_refusal
+from lattica.net.rpc_messages import Error, Response, RpcMessage
+from lattica.wire import decode_frame, encode_frame
 
 from .conftest import MakeEndpoint
 
@@ -261,3 +264,22 @@ async def test_calls_from_all_peers_together_are_capped(make_endpoint: MakeEndpo
         assert info.value.code == "busy"
         release.set()
     assert await second.request(target, "/test/hold/1", b"") == b"done"
+
+
+def test_stream_refusal_names_what_the_peer_said_and_nothing_else() -> None:
+    refusal = stream_refusal(encode_frame(Error("unknown-protocol", "no handler for /x/1")))
+    assert isinstance(refusal, RpcError)
+    assert (refusal.code, refusal.message) == ("unknown-protocol", "no handler for /x/1")
+    assert stream_refusal(memoryview(encode_frame(Error("busy", "")))) is not None
+    assert stream_refusal(encode_frame(Response(b"ok"))) is None  # a frame, not a refusal
+    assert stream_refusal(encode_frame(Error("busy", "")) + b"\x00") is None  # not exactly one frame
+    assert stream_refusal(b"\x00\x00\x00\x05[1,2]") is None
+    assert stream_refusal(b"") is None
+    assert stream_refusal(b"\xff" * 100_000) is None  # longer than any refusal: not even decoded
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_stream_refusal_never_raises(data: bytes) -> None:
+    result = stream_refusal(data)
+    assert result is None or isinstance(result, RpcError)
