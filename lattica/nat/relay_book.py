@@ -12,7 +12,10 @@ Rules (after libp2p circuit relay v2's resource manager):
   ``max_reservations_per_ip`` from one IP (``too-many-per-peer``); renewals never are.
 * A circuit needs a live reservation of its target (``no-reservation``), at most
   ``max_circuits`` open (``resource-limit``) and at most ``max_circuits_per_peer`` open for its
-  source and for its target (``too-many-per-peer``).
+  source and for its target (``too-many-per-peer``), and at most
+  ``max_circuits_per_ip_to_target`` from one source address group to one target
+  (``too-many-per-peer``): peer ids cost nothing, so one host minting eight could otherwise use
+  up every circuit to a node behind a NAT, and no other peer could reach it through this relay.
 * A circuit forwards at most ``circuit_bytes`` per direction and lives until
   ``opened_at + circuit_duration_s``; :meth:`RelayBook.forwardable_bytes` says how much more
   may pass, so the driver never forwards a byte over the limit.
@@ -61,6 +64,8 @@ class Circuit:
     expires_at: float
     max_bytes: int
     forwarded: dict[Direction, int] = field(default_factory=lambda: {"to-target": 0, "to-source": 0})
+    source_group: str | None = None
+    """The source's address group (an IPv4 address or IPv6 /64), where known."""
 
     @property
     def limits(self) -> CircuitLimits:
@@ -77,6 +82,7 @@ class RelayBook:
         self._per_ip: dict[str, int] = {}
         self._circuits: dict[int, Circuit] = {}
         self._circuits_of: dict[PeerId, int] = {}
+        self._circuits_from_group: dict[tuple[str, PeerId], int] = {}  # (source group, target)
         self._next_circuit_id = 1
 
     def circuit_limits(self) -> CircuitLimits:
@@ -148,8 +154,11 @@ class RelayBook:
         """Circuits open now."""
         return len(self._circuits)
 
-    def open_circuit(self, source: PeerId, target: PeerId, now: float) -> Circuit | Refusal:
-        """Open a circuit from ``source`` to ``target``, or refuse."""
+    def open_circuit(
+        self, source: PeerId, target: PeerId, now: float, *, source_group: str | None = None
+    ) -> Circuit | Refusal:
+        """Open a circuit from ``source`` (whose address group is ``source_group``, where
+        known) to ``target``, or refuse."""
         config = self.config
         if source == target:
             return Refusal("malformed", "a circuit to yourself")
@@ -160,6 +169,12 @@ class RelayBook:
         for peer, role in ((source, "you have"), (target, "the target has")):
             if self._circuits_of.get(peer, 0) >= config.max_circuits_per_peer:
                 return Refusal("too-many-per-peer", f"{role} {config.max_circuits_per_peer} circuits open here")
+        pair = None if source_group is None else (source_group, target)
+        if pair is not None and self._circuits_from_group.get(pair, 0) >= config.max_circuits_per_ip_to_target:
+            return Refusal(
+                "too-many-per-peer",
+                f"{config.max_circuits_per_ip_to_target} circuits from your address to {target} open here",
+            )
         circuit = Circuit(
             circuit_id=self._next_circuit_id,
             source=source,
@@ -167,11 +182,14 @@ class RelayBook:
             opened_at=now,
             expires_at=now + config.circuit_duration_s,
             max_bytes=config.circuit_bytes,
+            source_group=source_group,
         )
         self._next_circuit_id += 1
         self._circuits[circuit.circuit_id] = circuit
         for peer in (source, target):
             self._circuits_of[peer] = self._circuits_of.get(peer, 0) + 1
+        if pair is not None:
+            self._circuits_from_group[pair] = self._circuits_from_group.get(pair, 0) + 1
         return circuit
 
     def forwardable_bytes(self, circuit_id: int, direction: Direction, now: float) -> int:
@@ -201,4 +219,11 @@ class RelayBook:
                 self._circuits_of[peer] = left
             else:
                 del self._circuits_of[peer]
+        if circuit.source_group is not None:
+            pair = (circuit.source_group, circuit.target)
+            left = self._circuits_from_group[pair] - 1
+            if left:
+                self._circuits_from_group[pair] = left
+            else:
+                del self._circuits_from_group[pair]
         return circuit

@@ -39,6 +39,10 @@ class RelayConfig:
     """Circuits this relay forwards at once, for all peers together."""
     max_circuits_per_peer: Count = 8
     """Circuits one peer may have open at once through this relay, as source or as target."""
+    max_circuits_per_ip_to_target: Count = 2
+    """Circuits from one source address (an IPv4 address or IPv6 /64) to one target at once:
+    peer ids cost nothing to mint, so one host could otherwise take all of a target's
+    ``max_circuits_per_peer`` and keep everyone else from reaching it through this relay."""
     circuit_duration_s: Seconds = 600.0
     """A circuit is closed this long after it opened."""
     circuit_bytes: ByteSize = 64 << 20

@@ -42,6 +42,7 @@ from lattica.nat.relay_messages import (
     refused,
 )
 from lattica.nat.relay_stream import receive_hop_message, receive_stop_message, send_relay_message
+from lattica.net.address import address_group
 from lattica.net.rpc import Rpc
 from lattica.net.stream import QuicStream
 
@@ -162,7 +163,9 @@ class RelayService:
     # -- circuits -------------------------------------------------------------------------
 
     async def _serve_connect(self, stream: QuicStream, source: PeerId, target: PeerId) -> None:
-        opened = self.book.open_circuit(source, target, trio.current_time())
+        observed = self._rpc.observed_address(source)
+        group = None if observed is None else address_group(observed[0], ipv6_prefix_bits=64)
+        opened = self.book.open_circuit(source, target, trio.current_time(), source_group=group)
         if isinstance(opened, Refusal):
             await self._refuse(stream, opened.code, opened.message)
             return

@@ -20,6 +20,7 @@ from lattica.content.exchange_service import _host_of, _source_of
 from lattica.errors import ConnectError, PeerIdMismatchError, RpcError
 from lattica.identity import Identity
 from lattica.nat.config import NatConfig
+from lattica.nat.hole_punch_config import HolePunchConfig
 from lattica.nat.relay_address import RelayedAddr
 from lattica.nat.relay_client import RelayRefusedError
 from lattica.nat.relay_config import RelayConfig
@@ -240,6 +241,31 @@ async def test_a_relay_client_over_its_per_peer_circuit_cap_is_refused(autojump_
         assert third.peer_id == s.b.peer_id
 
 
+async def test_peer_ids_minted_behind_one_address_get_two_circuits_to_a_target_not_all(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Review finding: the per-peer caps let one host with eight fresh ids take all eight
+    # circuits to a node behind a NAT on a relay, so no one else could reach it there.
+    async with scene(seed=27) as s, AsyncExitStack() as stack:
+        await s.b.relay_client.wait_reservations()
+        target = RelayedAddr.parse(s.b.relay_client.relayed_addresses()[0])
+        host = s.nats[0].add_host("192.168.1.11", NAT_LINK)  # another machine behind a's NAT
+        # The hog keeps its circuits: a hole punch would replace them with direct connections.
+        keep_circuits = NodeConfig(nat=NatConfig(hole_punch=HolePunchConfig(enabled=False)))
+        minted = [
+            await stack.enter_async_context(
+                Node(identity(50 + i), host.bind(PORT + i), keep_circuits, rng=random.Random(50 + i))
+            )
+            for i in range(3)
+        ]
+        for node in minted[:2]:
+            assert (await node.relay_client.connect(target)).peer_id == s.b.peer_id
+        with pytest.raises(RelayRefusedError, match="from your address") as refused:
+            await minted[2].relay_client.connect(target)
+        assert refused.value.code == "too-many-per-peer"
+        assert s.relays[0].relay_service.book.circuit_count == 2  # the target's other six stay free
+
+
 async def test_reservations_beyond_the_relay_caps_are_refused(autojump_clock: trio.testing.MockClock) -> None:
     # a and b come from different IPs; a cap of one reservation in all refuses the second.
     async with scene(seed=27, relay_settings={"max_reservations": 1}) as s:
@@ -263,7 +289,7 @@ async def test_the_target_peer_id_is_proven_end_to_end_through_a_lying_relay(
         relay = s.relays[0].relay_service
         # The relay routes every circuit to a, whoever was asked for.
         book_open = relay.book.open_circuit
-        relay.book.open_circuit = lambda source, target, now: book_open(source, s.a.peer_id, now)  # type: ignore[method-assign]
+        relay.book.open_circuit = lambda source, target, now, **kw: book_open(source, s.a.peer_id, now, **kw)  # type: ignore[method-assign]
         c = identity(50).peer_id
         # c holds no reservation, but the relay lies and opens a circuit to a: the handshake
         # through it proves a's key, not c's.

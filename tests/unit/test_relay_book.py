@@ -81,6 +81,26 @@ def test_a_circuit_needs_a_live_reservation_of_its_target() -> None:
     assert isinstance(to_self, Refusal) and to_self.code == "malformed"
 
 
+def test_one_address_cannot_take_every_circuit_to_a_target_with_fresh_peer_ids() -> None:
+    # Review finding: eight peer ids minted on one host used up a NATed node's eight circuits
+    # on a relay, and nobody else could reach it there.
+    relay = book(max_circuits_per_peer=8, max_circuits_per_ip_to_target=2)
+    relay.reserve(B, "192.0.2.2", 0.0, holder=B)
+    minted = [peer(100 + i) for i in range(8)]
+    opened = [relay.open_circuit(p, B, 0.0, source_group="198.51.100.7") for p in minted]
+    assert [isinstance(o, Circuit) for o in opened] == [True, True] + [False] * 6
+    refused = opened[2]
+    assert isinstance(refused, Refusal) and refused.code == "too-many-per-peer"
+    assert isinstance(relay.open_circuit(A, B, 0.0, source_group="203.0.113.9"), Circuit)  # others still can
+    assert isinstance(relay.open_circuit(C, B, 0.0), Circuit)  # no address known: the peer caps only
+    first = opened[0]
+    assert isinstance(first, Circuit)
+    relay.close_circuit(first.circuit_id)
+    relay.close_circuit(first.circuit_id)  # idempotent: the address's count drops once
+    assert isinstance(relay.open_circuit(minted[2], B, 0.0, source_group="198.51.100.7"), Circuit)
+    assert isinstance(relay.open_circuit(minted[3], B, 0.0, source_group="198.51.100.7"), Refusal)
+
+
 def test_circuit_caps_global_and_per_peer() -> None:
     relay = book(max_circuits=3, max_circuits_per_peer=2)
     for target, ip in ((B, "192.0.2.2"), (C, "192.0.2.3"), (D, "192.0.2.4")):
