@@ -5,9 +5,9 @@ served. :class:`UploadSlots` counts them under three caps (all peers, one peer, 
 address group) and, when only the first one stands in a newcomer's way, shares the slots out
 by *host*: the newcomer takes a slot from the host holding the most, if that host holds at
 least two more than the newcomer's own host (so the move makes the shares more even, never
-less). Of that host's streams, the one that moved the fewest bytes per second since it opened
-is preempted; its slot passes to the newcomer at once and the caller ends that stream (its
-fetcher asks other peers, or this one again later).
+less). Of that host's streams (of all hosts tied for the most), the one that moved the fewest
+bytes per second since it opened is preempted; its slot passes to the newcomer at once and
+the caller ends that stream (its fetcher asks other peers, or this one again later).
 
 Why by host, and not by rate. The caps bound what one peer or one host can hold, but four hosts
 (eight slots each) could still hold all 32 of the default, and a seeder so held served nobody
@@ -139,15 +139,17 @@ class UploadSlots:
 
     def _victim(self, newcomer: Hashable, now: float, taken_bytes: dict[Upload, int]) -> Upload | None:
         """The stream to preempt for a newcomer from host ``newcomer``, or None when no host
-        holds at least two more slots than it."""
-        heaviest = max(self._by_host, key=lambda host: self._by_host[host])
-        if self._by_host[heaviest] < self._by_host.get(newcomer, 0) + 2:
+        holds at least two more slots than it. Among hosts tied for the most, the slowest
+        stream of any of them: which host came first must not decide (review finding: an
+        attacker reordered its hosts behind an honest one by taking its slots again)."""
+        most = max(self._by_host.values())
+        if most < self._by_host.get(newcomer, 0) + 2:
             return None
 
         def rate(upload: Upload) -> float:
             return taken_bytes.get(upload, 0) / max(now - upload.opened_at, 1e-9)
 
-        return min((u for u in self._held if u.host == heaviest), key=rate)
+        return min((u for u in self._held if self._by_host[u.host] == most), key=rate)
 
 
 def _increment(counts: dict[Hashable, int], key: Hashable) -> None:

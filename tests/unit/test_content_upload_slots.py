@@ -44,6 +44,15 @@ def test_a_newcomer_takes_a_slot_from_the_host_holding_the_most() -> None:
     assert (s.held, s.held_by_host("10.0.0.1"), s.held_by_host("10.0.0.3"), s.preemptions) == (4, 2, 1, 1)
 
 
+def test_among_hosts_tied_for_the_most_the_slowest_stream_goes_whoever_came_first() -> None:
+    s = slots(max_uploads=4)
+    honest = [take(s, f"h{n}", "10.0.0.1") for n in range(2)]  # came first, downloading fast
+    hog = [take(s, f"x{n}", "10.0.0.2", now=1.0) for n in range(2)]  # trickling
+    moved = {honest[0]: 10 << 20, honest[1]: 10 << 20, hog[0]: 2 * KIB, hog[1]: 1 * KIB}
+    admission = s.admit("new", "10.0.0.3", "10.0.0.3", 11.0, moved)
+    assert admission.preempted is hog[1]
+
+
 def test_equal_hosts_never_take_from_each_other() -> None:
     # Honest fetchers hold one stream each per seeder: a full seeder refuses the next one
     # instead of preempting a peer that is slow only because the seeder's uplink is shared.
