@@ -125,6 +125,7 @@ class Node:
             header_timeout_s=net.rpc_header_timeout_s,
             request_timeout_s=net.rpc_request_timeout_s,
             max_concurrent_inbound=net.rpc_max_concurrent_inbound,
+            max_concurrent_inbound_per_address=net.rpc_max_concurrent_inbound_per_address,
         )
         # TLS-over-TCP: dials work always; it listens only if config.net.tcp_listen asks.
         self.tcp = TcpTransport(

@@ -301,17 +301,22 @@ class _PeerLink:
             await stream.send_all(frame)
 
     async def _read(self, stream: QuicStream) -> None:
+        first = True
         while True:
             data = await stream.receive_buffer(_RECEIVE_BYTES)
             if not data:
                 self.client.end_of_stream()
                 await self._events.send((self.peer, _Gone("the peer closed the stream")))
                 return
-            try:
-                events = _receive_or_refusal(self.client, data, owned=True)
-            except RpcError as refused:  # no content service there, or at its stream caps
-                await self._events.send((self.peer, _Gone(f"it refused the stream: {refused}")))
-                return
+            if first:  # only a stream's first bytes can be the RPC layer's refusal of it
+                first = False
+                try:
+                    events = _receive_or_refusal(self.client, data, owned=True)
+                except RpcError as refused:  # no content service there, or at its stream caps
+                    await self._events.send((self.peer, _Gone(f"it refused the stream: {refused}")))
+                    return
+            else:  # later junk that looks like a refusal is junk (review: a holder lied so)
+                events = self.client.receive(data, owned=True)
             for event in events:
                 if isinstance(event, HasAnswered):
                     await self._events.send((self.peer, _Ready(event.held)))
@@ -427,6 +432,12 @@ async def _ask_manifest_round(
                 except MalformedContentError as exc:
                     log.warning("peer %s sent a bad manifest for %s: %s", peer, cid, exc)
                     errors.append(f"{peer}: bad manifest ({exc})")
+                    return
+                except RpcError as exc:  # the peer's RPC layer refused the stream
+                    if exc.code == BUSY:  # at its call caps: asked again, as a busy seeder is
+                        busy.append(peer)
+                    else:
+                        errors.append(f"{peer}: {exc}")
                     return
                 except (LatticaError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     errors.append(f"{peer}: {exc}")

@@ -43,11 +43,9 @@ from lattica.dht import Dht
 from lattica.errors import ConnectError, LatticaError, RemoteProtocolError, RpcError
 from lattica.identity import PeerId
 from lattica.net import ConnectionManager, Rpc
-from lattica.net.address import address_group
 from lattica.net.bulk_path import BulkPath
-from lattica.net.connection import Connection
+from lattica.net.rpc import source_group
 from lattica.net.stream import QuicStream
-from lattica.net.tcp_connection import TcpConnection
 from lattica.net.tcp_lane import TcpLane
 from lattica.storage import SqliteWriter
 
@@ -524,9 +522,4 @@ def _host_of(source: str | None, peer: PeerId) -> Hashable:
 def _source_of(stream: QuicStream) -> str | None:
     """The source address group a stream comes from (an IPv4 address or an IPv6 /64), or None
     for a peer reached through a relay (its address is the relay's, shared by many)."""
-    connection = stream.connection
-    if isinstance(connection, Connection) and connection.relayed_via is not None:
-        return None
-    if isinstance(connection, Connection | TcpConnection | TcpLane):
-        return address_group(connection.remote_address[0], ipv6_prefix_bits=64)
-    return None
+    return source_group(stream.connection)

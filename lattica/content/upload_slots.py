@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from lattica.key_counts import add_one, remove_one
+
 
 @dataclass(eq=False)
 class Upload:
@@ -120,10 +122,10 @@ class UploadSlots:
             self.release(victim)
         upload = Upload(peer, host, source, now)
         self._held.append(upload)
-        _increment(self._by_peer, peer)
-        _increment(self._by_host, host)
+        add_one(self._by_peer, peer)
+        add_one(self._by_host, host)
         if source is not None:
-            _increment(self._by_source, source)
+            add_one(self._by_source, source)
         return Admission(upload, victim)
 
     def release(self, upload: Upload) -> None:
@@ -132,10 +134,10 @@ class UploadSlots:
             return
         upload.released = True
         self._held.remove(upload)
-        _decrement(self._by_peer, upload.peer)
-        _decrement(self._by_host, upload.host)
+        remove_one(self._by_peer, upload.peer)
+        remove_one(self._by_host, upload.host)
         if upload.source is not None:
-            _decrement(self._by_source, upload.source)
+            remove_one(self._by_source, upload.source)
 
     def _victim(self, newcomer: Hashable, now: float, taken_bytes: dict[Upload, int]) -> Upload | None:
         """The stream to preempt for a newcomer from host ``newcomer``, or None when no host
@@ -151,14 +153,3 @@ class UploadSlots:
 
         return min((u for u in self._held if self._by_host[u.host] == most), key=rate)
 
-
-def _increment(counts: dict[Hashable, int], key: Hashable) -> None:
-    counts[key] = counts.get(key, 0) + 1
-
-
-def _decrement(counts: dict[Hashable, int], key: Hashable) -> None:
-    left = counts[key] - 1
-    if left:
-        counts[key] = left
-    else:
-        del counts[key]

@@ -15,7 +15,9 @@ Rules (after libp2p circuit relay v2's resource manager):
   source and for its target (``too-many-per-peer``), and at most
   ``max_circuits_per_ip_to_target`` from one source address group to one target
   (``too-many-per-peer``): peer ids cost nothing, so one host minting eight could otherwise use
-  up every circuit to a node behind a NAT, and no other peer could reach it through this relay.
+  up every circuit to a node behind a NAT, and no other peer could reach it through this relay;
+  and at most ``max_circuits_per_ip`` from one source address group in all.
+* Reservations per IP count an IPv6 /64 as one address.
 * A circuit forwards at most ``circuit_bytes`` per direction and lives until
   ``opened_at + circuit_duration_s``; :meth:`RelayBook.forwardable_bytes` says how much more
   may pass, so the driver never forwards a byte over the limit.
@@ -28,8 +30,10 @@ from typing import Literal
 
 from lattica.errors import LocalProtocolError
 from lattica.identity import PeerId
+from lattica.key_counts import add_one, remove_one
 from lattica.nat.relay_config import RelayConfig
 from lattica.nat.relay_messages import CircuitLimits, RefusalCode
+from lattica.net.address import address_group
 
 Direction = Literal["to-target", "to-source"]
 
@@ -83,6 +87,7 @@ class RelayBook:
         self._circuits: dict[int, Circuit] = {}
         self._circuits_of: dict[PeerId, int] = {}
         self._circuits_from_group: dict[tuple[str, PeerId], int] = {}  # (source group, target)
+        self._circuits_from_group_total: dict[str, int] = {}
         self._next_circuit_id = 1
 
     def circuit_limits(self) -> CircuitLimits:
@@ -97,8 +102,11 @@ class RelayBook:
         return len(self._reservations)
 
     def reserve(self, peer: PeerId, ip: str, now: float, *, holder: object) -> Reservation | Refusal:
-        """Grant or renew ``peer``'s reservation (renewals keep their IP slot), or refuse."""
+        """Grant or renew ``peer``'s reservation (renewals keep their IP slot), or refuse.
+        ``ip`` is the address the peer's connection comes from; an IPv6 address counts as its
+        /64 (one host is routinely given a whole /64: review, one /64 took all 128)."""
         self.expire(now)
+        ip = address_group(ip, ipv6_prefix_bits=64)
         existing = self._reservations.get(peer)
         expires_at = now + self.config.reservation_ttl_s
         if existing is not None:
@@ -116,7 +124,7 @@ class RelayBook:
             )
         reservation = Reservation(peer, ip, expires_at, holder)
         self._reservations[peer] = reservation
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        add_one(self._per_ip, ip)
         return reservation
 
     def release(self, peer: PeerId, *, holder: object) -> None:
@@ -141,11 +149,7 @@ class RelayBook:
 
     def _drop(self, reservation: Reservation) -> None:
         del self._reservations[reservation.peer]
-        left = self._per_ip[reservation.ip] - 1
-        if left:
-            self._per_ip[reservation.ip] = left
-        else:
-            del self._per_ip[reservation.ip]
+        remove_one(self._per_ip, reservation.ip)
 
     # -- circuits -------------------------------------------------------------------------
 
@@ -175,6 +179,9 @@ class RelayBook:
                 "too-many-per-peer",
                 f"{config.max_circuits_per_ip_to_target} circuits from your address to {target} open here",
             )
+        from_group = 0 if source_group is None else self._circuits_from_group_total.get(source_group, 0)
+        if from_group >= config.max_circuits_per_ip:
+            return Refusal("too-many-per-peer", f"{config.max_circuits_per_ip} circuits from your address open here")
         circuit = Circuit(
             circuit_id=self._next_circuit_id,
             source=source,
@@ -187,9 +194,10 @@ class RelayBook:
         self._next_circuit_id += 1
         self._circuits[circuit.circuit_id] = circuit
         for peer in (source, target):
-            self._circuits_of[peer] = self._circuits_of.get(peer, 0) + 1
-        if pair is not None:
-            self._circuits_from_group[pair] = self._circuits_from_group.get(pair, 0) + 1
+            add_one(self._circuits_of, peer)
+        if pair is not None and source_group is not None:
+            add_one(self._circuits_from_group, pair)
+            add_one(self._circuits_from_group_total, source_group)
         return circuit
 
     def forwardable_bytes(self, circuit_id: int, direction: Direction, now: float) -> int:
@@ -214,16 +222,9 @@ class RelayBook:
         if circuit is None:
             return None
         for peer in (circuit.source, circuit.target):
-            left = self._circuits_of[peer] - 1
-            if left:
-                self._circuits_of[peer] = left
-            else:
-                del self._circuits_of[peer]
+            remove_one(self._circuits_of, peer)
         if circuit.source_group is not None:
-            pair = (circuit.source_group, circuit.target)
-            left = self._circuits_from_group[pair] - 1
-            if left:
-                self._circuits_from_group[pair] = left
-            else:
-                del self._circuits_from_group[pair]
+            remove_one(self._circuits_from_group, (circuit.source_group, circuit.target))
+            remove_one(self._circuits_from_group_total, circuit.source_group)
         return circuit
+

@@ -321,6 +321,11 @@ class RelayClient:
         if len(self._circuits) >= self.config.max_circuits:
             await _refuse_stop(stream, refused("resource-limit", "too many circuits"))
             return
+        through = sum(path.relay_peer_id == relay_id for path in self._circuits)
+        if through >= self.config.max_circuits_per_relay:
+            # A hostile relay could fill every circuit with peer ids it minted (review).
+            await _refuse_stop(stream, refused("resource-limit", "too many circuits through this relay"))
+            return
         connection = self._rpc.manager.connection(relay_id)
         if connection is None:
             return

@@ -39,6 +39,8 @@ class RelayConfig:
     """Circuits this relay forwards at once, for all peers together."""
     max_circuits_per_peer: Count = 8
     """Circuits one peer may have open at once through this relay, as source or as target."""
+    max_circuits_per_ip: Count = 8
+    """Circuits from one source address (an IPv4 address or IPv6 /64) at once, to all targets."""
     max_circuits_per_ip_to_target: Count = 2
     """Circuits from one source address (an IPv4 address or IPv6 /64) to one target at once:
     peer ids cost nothing to mint, so one host could otherwise take all of a target's
@@ -47,6 +49,10 @@ class RelayConfig:
     """A circuit is closed this long after it opened."""
     circuit_bytes: ByteSize = 64 << 20
     """A circuit is closed once it forwarded this many bytes in either direction."""
+    max_circuits_per_relay: Count = 16
+    """Circuits this node accepts at once through any one relay it holds a reservation on (of
+    its ``max_circuits``): a hostile relay could otherwise fill them all with peer ids it
+    minted, and no one could reach this node through its other relays."""
     relays: tuple[str, ...] = ()
     """Relays this node keeps reservations on when it is not reachable directly, PEERID@HOST:PORT."""
     reservations: Annotated[int, msgspec.Meta(ge=1, le=8)] = 2

@@ -45,7 +45,8 @@ from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation,
 
 from lattica.errors import ConnectError, LatticaError, LocalProtocolError
 from lattica.identity import Identity, PeerId
-from lattica.net.address import InvalidAddressError, network_address
+from lattica.key_counts import add_one, remove_one
+from lattica.net.address import InvalidAddressError, address_group, network_address
 from lattica.net.config import EndpointConfig
 from lattica.net.connection import Connection, PathSendError
 from lattica.net.connection_state import ConnectionState
@@ -104,7 +105,8 @@ class EndpointStats:
     unknown_connection_dropped: int = 0
     """Well-formed QUIC packets for no connection we know."""
     connections_refused: int = 0
-    """Inbound connection attempts dropped because ``max_connections`` were live."""
+    """Inbound connection attempts dropped because ``max_connections`` were live, or
+    ``max_handshakes_per_address`` handshakes from the same address were in progress."""
     inbound_connections: int = 0
     outbound_connections: int = 0
     handshakes_failed: int = 0
@@ -145,6 +147,9 @@ class Endpoint:
         self._server_configuration = quic_configuration(identity, is_client=False, config=config)
         self._by_cid: dict[bytes, Connection] = {}
         self._cids_of: dict[Connection, set[bytes]] = {}
+        # Inbound connections not yet authenticated, by source address group (see _accept).
+        self._handshaking: dict[Connection, str] = {}
+        self._handshaking_from: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._stopped = False
         self._connection_handler: Callable[[Connection], None] | None = None
@@ -413,9 +418,22 @@ class Endpoint:
                     len(self._cids_of),
                 )
                 return None
+            group = None if isinstance(address, RelayedPath) else address_group(address[0], ipv6_prefix_bits=64)
+            if group is not None and self._handshaking_from.get(group, 0) >= self.config.max_handshakes_per_address:
+                stats.connections_refused += 1
+                return None
             connection = self._accept(header.destination_cid, address, now)
+            if group is not None:
+                self._handshaking[connection] = group
+                add_one(self._handshaking_from, group)
         connection.receive_datagram(data, address, now)
         return connection
+
+    def _handshake_over(self, connection: Connection) -> None:
+        """``connection`` authenticated or ended: it no longer counts as half-open."""
+        group = self._handshaking.pop(connection, None)
+        if group is not None:
+            remove_one(self._handshaking_from, group)
 
     def _track_reset_token(self, connection: Connection) -> None:
         """Keep :attr:`_by_reset_token` at the token of ``connection``'s peer id in use (it
@@ -617,6 +635,7 @@ class _EndpointCarrier:
 
     def connection_authenticated(self, connection: Connection) -> None:
         endpoint = self._endpoint
+        endpoint._handshake_over(connection)
         if connection.direction == "inbound":
             endpoint.stats.inbound_connections += 1
         else:
@@ -634,6 +653,7 @@ class _EndpointCarrier:
 
     def connection_terminated(self, connection: Connection) -> None:
         endpoint = self._endpoint
+        endpoint._handshake_over(connection)
         token = endpoint._reset_token_of.pop(connection, None)
         if token is not None and endpoint._by_reset_token.get(token) is connection:
             del endpoint._by_reset_token[token]

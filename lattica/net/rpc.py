@@ -12,8 +12,10 @@ Invariants:
   the stream is then stopped, so a peer cannot make us buffer it.
 * A caller always gets an :class:`~lattica.errors.RpcError` with a code from :data:`ERROR_CODES`
   (or :class:`~lattica.errors.PeerIdMismatchError` when the peer at the address is someone else).
-* At most ``max_concurrent_inbound_per_peer`` calls per peer, and ``max_concurrent_inbound`` from all
-  peers together, run at once; more get ``busy``. A request must arrive whole within
+* At most ``max_concurrent_inbound_per_peer`` calls per peer, ``max_concurrent_inbound_per_address``
+  per source address group (an IPv4 address or IPv6 /64; peers reached through a relay count by
+  peer only), and ``max_concurrent_inbound`` from all peers together, run at once; more get
+  ``busy``. A request must arrive whole within
   ``request_timeout_s`` of its header (and its reply be taken within as long).
 """
 
@@ -35,7 +37,8 @@ from lattica.errors import (
     RpcError,
 )
 from lattica.identity import PeerId
-from lattica.net.address import PeerAddr
+from lattica.key_counts import add_one, remove_one
+from lattica.net.address import PeerAddr, address_group
 from lattica.net.connection import Connection
 from lattica.net.datagram import Address
 from lattica.net.manager import ConnectionManager
@@ -105,6 +108,18 @@ async def _receive_message(stream: QuicStream, max_frame_bytes: int) -> RpcMessa
         raise MalformedMessageError("a frame nests too deeply") from None
 
 
+def source_group(connection: object) -> str | None:
+    """The source address group a connection comes from, for per-address limits: an IPv4
+    address or an IPv6 /64 (:func:`~lattica.net.address.address_group`); None for a peer
+    reached through a relay (its address is the relay's, shared by many: it counts by peer id,
+    and the relay bounds how many ids reach us through it) or a connection of another kind."""
+    if isinstance(connection, Connection) and connection.relayed_via is not None:
+        return None
+    if isinstance(connection, Connection | TcpConnection | TcpLane):
+        return address_group(connection.remote_address[0], ipv6_prefix_bits=64)
+    return None
+
+
 def _frame(message: RpcMessage) -> bytes:
     return encode_frame(message, max_frame_bytes=_UNBOUNDED_FRAME_BYTES)
 
@@ -144,10 +159,13 @@ class Rpc:
         header_timeout_s: float = 10.0,
         request_timeout_s: float = 30.0,
         max_concurrent_inbound: int = 512,
+        max_concurrent_inbound_per_address: int = 128,
     ) -> None:
         self.manager = manager
         self.max_concurrent_inbound_per_peer = max_concurrent_inbound_per_peer
         self.max_concurrent_inbound = max_concurrent_inbound
+        self.max_concurrent_inbound_per_address = max_concurrent_inbound_per_address
+        self._inbound_per_address: dict[str, int] = {}
         self.request_timeout_s = request_timeout_s
         self._inbound_total = 0
         self.max_request_bytes = max_request_bytes
@@ -351,12 +369,19 @@ class Rpc:
                 stream, "busy", f"{running} calls from you are running; try again later"
             )
             return
+        group = source_group(stream.connection)
+        if group is not None and self._inbound_per_address.get(group, 0) >= self.max_concurrent_inbound_per_address:
+            # Peer ids cost nothing to mint: eight from one host took all 512 calls (review).
+            await self._refuse(stream, "busy", "calls from your address are at their limit; try again later")
+            return
         if self._inbound_total >= self.max_concurrent_inbound:
             # Peer ids cost nothing to mint: the per-peer cap alone does not bound the node.
             await self._refuse(stream, "busy", "this node is serving its limit of calls; try again later")
             return
-        self._inbound_per_peer[peer] = running + 1
+        add_one(self._inbound_per_peer, peer)
         self._inbound_total += 1
+        if group is not None:
+            add_one(self._inbound_per_address, group)
         try:
             if stream_handler is not None:
                 await stream_handler(stream, peer)
@@ -365,11 +390,9 @@ class Rpc:
                 await self._serve_request(stream, peer, protocol_id, handler)
         finally:
             self._inbound_total -= 1
-            remaining = self._inbound_per_peer[peer] - 1
-            if remaining:
-                self._inbound_per_peer[peer] = remaining
-            else:
-                del self._inbound_per_peer[peer]
+            remove_one(self._inbound_per_peer, peer)
+            if group is not None:
+                remove_one(self._inbound_per_address, group)
 
     async def _serve_request(
         self, stream: QuicStream, peer: PeerId, protocol_id: str, handler: RequestHandler

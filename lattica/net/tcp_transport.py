@@ -50,6 +50,7 @@ from lattica.errors import (
     RemoteProtocolError,
 )
 from lattica.identity import Identity, PeerId
+from lattica.key_counts import add_one, remove_one
 from lattica.net.address import (
     InvalidAddressError,
     PeerAddr,
@@ -91,7 +92,6 @@ MAX_OUTBOUND_LANES: Final = 32
 """Lanes this node keeps open at once; :meth:`TcpTransport.open_lane` refuses more."""
 
 StreamHandler = Callable[[QuicStream], Awaitable[None]]
-_K = TypeVar("_K")
 _T = TypeVar("_T")
 
 
@@ -233,7 +233,7 @@ class TcpTransport:
                     continue
                 # Counted here, before the task starts, so a burst of accepts sees its own slots.
                 self._handshakes += 1
-                self._handshakes_by_source[source] = self._handshakes_by_source.get(source, 0) + 1
+                add_one(self._handshakes_by_source, source)
                 self._require_nursery().start_soon(self._serve_inbound, tcp, remote, source)
 
     async def _serve_inbound(self, tcp: trio.SocketStream, remote: Address, source: str) -> None:
@@ -257,7 +257,7 @@ class TcpTransport:
             return
         finally:
             self._handshakes -= 1
-            _release_slot(self._handshakes_by_source, source)
+            remove_one(self._handshakes_by_source, source)
         if channel.alpn == ALPN_LANE_PROTOCOL:
             await self._serve_lane(tcp, channel, remote, leftover)
             return
@@ -315,8 +315,8 @@ class TcpTransport:
                 if not lanes:
                     del self._inbound_lanes[peer]
         finally:
-            _release_slot(self._lane_slots, peer)
-            _release_slot(self._lane_slots_by_source, source)
+            remove_one(self._lane_slots, peer)
+            remove_one(self._lane_slots_by_source, source)
 
     def _lane_for(
         self, tcp: trio.SocketStream, channel: TlsChannel, remote: Address, leftover: bytes, *, framed: bool = False
@@ -557,11 +557,3 @@ def _refused(exc: OSError) -> bool:
     attempts = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause or exc,)
     return all(isinstance(attempt, ConnectionRefusedError) for attempt in attempts)
 
-
-def _release_slot(slots: dict[_K, int], key: _K) -> None:
-    """One slot of ``key`` given back (the entry removed at zero)."""
-    left = slots[key] - 1
-    if left:
-        slots[key] = left
-    else:
-        del slots[key]

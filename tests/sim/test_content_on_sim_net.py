@@ -22,7 +22,7 @@ from lattica.config import NodeConfig
 from lattica.content import Cid, ContentConfig, OutputConflictError
 from lattica.content.exchange_fetch import FetchFailedError, FetchProgress
 from lattica.content.exchange_messages import PIECE_BYTES, PROTOCOL_ID, Cancel
-from lattica.content.exchange_protocol import BlockReceived, ExchangeClient
+from lattica.content.exchange_protocol import BlockReceived, BlockWanted, ExchangeClient, ExchangeServer, HasAsked
 from lattica.content.exchange_service import ContentService
 from lattica.control.messages import NoParams
 from lattica.control.node_methods import register_node_methods
@@ -31,6 +31,8 @@ from lattica.errors import RemoteProtocolError
 from lattica.identity import Identity
 from lattica.net.address import PeerAddr
 from lattica.net.config import NetConfig
+from lattica.net.rpc_messages import Error
+from lattica.net.stream import QuicStream
 from lattica.node import Node
 from lattica.wire import encode_frame
 from sim_net import Host, LinkConfig, Network
@@ -649,12 +651,18 @@ async def test_a_peer_that_serves_no_content_is_reported_as_such_and_not_dropped
         assert str(c.nodes[1].peer_id) not in result.dropped
 
 
+@pytest.mark.parametrize("full", ["upload slots", "rpc calls"])
 async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, full: str
 ) -> None:
+    # "rpc calls": review finding: a "busy" from the RPC layer (the node at its call caps)
+    # counted as a failure, not as busy, so the fetch did not ask that seeder again.
     source = source_file(tmp_path, 64 * KIB)
-    one_upload = replace(CONFIG, content=replace(CONTENT, max_uploads=1))
-    async with cluster(tmp_path, 3, configs={0: one_upload}) as c:
+    if full == "upload slots":
+        seeder = replace(CONFIG, content=replace(CONTENT, max_uploads=1))
+    else:
+        seeder = replace(CONFIG, net=replace(CONFIG.net, rpc_max_concurrent_inbound=1))
+    async with cluster(tmp_path, 3, configs={0: seeder}) as c:
         cid = Cid.parse(await publish_everywhere(c, source, range(1)))
         await connect_all(c, 1, range(1))
         await connect_all(c, 2, range(1))
@@ -662,11 +670,40 @@ async def test_a_busy_answer_for_the_manifest_is_retried_not_fatal(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_hog, c, 1, 0, 1, stop)
             await trio.sleep(2)
-            assert c.content(0).uploads == 1  # the only slot is taken
+            assert c.content(0).uploads == 1  # the only slot (and call) is taken
             nursery.start_soon(_release, stop, 3.0)
             await c.content(2).fetch(cid, out_dir=tmp_path / "out")
             assert stop.is_set()  # it got the manifest only after the slot was freed
         assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+
+
+async def test_a_holder_that_sends_a_refusal_after_answering_is_dropped_as_hostile(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: only a stream's first bytes can be the RPC layer's refusal; a peer that
+    # said it held the chunks and then sent a refusal frame where blocks belong was taken for
+    # a refusal (not banned, linked again at every search) instead of a liar.
+    source = source_file(tmp_path, 2048 * KIB)
+    async with cluster(tmp_path, 3, without_content=frozenset({1})) as c:
+        cid = Cid.parse(await publish_everywhere(c, source, range(1)))
+
+        async def liar(stream: QuicStream, peer: object) -> None:
+            server = ExchangeServer(max_outstanding=64)
+            lied = False
+            while data := await stream.receive_some(65536):
+                for event in server.receive(data):
+                    if isinstance(event, HasAsked | BlockWanted) and not lied:
+                        if isinstance(event, HasAsked):
+                            await stream.send_all(server.has_reply(event.id, True))
+                            await trio.sleep(0.1)  # a frame of its own, after the answer
+                        await stream.send_all(encode_frame(Error("busy", "")))
+                        lied = True
+
+        c.nodes[1].rpc.add_stream_handler(PROTOCOL_ID, liar)
+        await connect_all(c, 2, range(2))
+        result = await c.content(2).fetch(cid, out_dir=tmp_path / "out")
+        assert (tmp_path / "out" / "data.bin").read_bytes() == source.read_bytes()
+        assert str(c.nodes[1].peer_id) in result.dropped
 
 
 async def _release(stop: trio.Event, after_s: float) -> None:

@@ -241,29 +241,53 @@ async def test_a_relay_client_over_its_per_peer_circuit_cap_is_refused(autojump_
         assert third.peer_id == s.b.peer_id
 
 
+async def _two_circuits_then_a_third(
+    s: Scene, stack: AsyncExitStack, first_id: int
+) -> pytest.ExceptionInfo[RelayRefusedError]:
+    """Three nodes with fresh ids on another machine behind a's NAT (one source address) dial
+    b through the relay: the first two must get circuits; returns how the third was refused."""
+    await s.b.relay_client.wait_reservations()
+    target = RelayedAddr.parse(s.b.relay_client.relayed_addresses()[0])
+    host = s.nats[0].add_host("192.168.1.11", NAT_LINK)
+    # The hog keeps its circuits: a hole punch would replace them with direct connections.
+    keep_circuits = NodeConfig(nat=NatConfig(hole_punch=HolePunchConfig(enabled=False)))
+    minted = [
+        await stack.enter_async_context(
+            Node(identity(first_id + i), host.bind(PORT + i), keep_circuits, rng=random.Random(first_id + i))
+        )
+        for i in range(3)
+    ]
+    for node in minted[:2]:
+        assert (await node.relay_client.connect(target)).peer_id == s.b.peer_id
+    with pytest.raises(RelayRefusedError) as refused:
+        await minted[2].relay_client.connect(target)
+    return refused
+
+
 async def test_peer_ids_minted_behind_one_address_get_two_circuits_to_a_target_not_all(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # Review finding: the per-peer caps let one host with eight fresh ids take all eight
     # circuits to a node behind a NAT on a relay, so no one else could reach it there.
     async with scene(seed=27) as s, AsyncExitStack() as stack:
-        await s.b.relay_client.wait_reservations()
-        target = RelayedAddr.parse(s.b.relay_client.relayed_addresses()[0])
-        host = s.nats[0].add_host("192.168.1.11", NAT_LINK)  # another machine behind a's NAT
-        # The hog keeps its circuits: a hole punch would replace them with direct connections.
-        keep_circuits = NodeConfig(nat=NatConfig(hole_punch=HolePunchConfig(enabled=False)))
-        minted = [
-            await stack.enter_async_context(
-                Node(identity(50 + i), host.bind(PORT + i), keep_circuits, rng=random.Random(50 + i))
-            )
-            for i in range(3)
-        ]
-        for node in minted[:2]:
-            assert (await node.relay_client.connect(target)).peer_id == s.b.peer_id
-        with pytest.raises(RelayRefusedError, match="from your address") as refused:
-            await minted[2].relay_client.connect(target)
-        assert refused.value.code == "too-many-per-peer"
+        refused = await _two_circuits_then_a_third(s, stack, first_id=50)
+        assert refused.value.code == "too-many-per-peer" and "from your address" in str(refused.value)
         assert s.relays[0].relay_service.book.circuit_count == 2  # the target's other six stay free
+
+
+async def test_a_target_accepts_at_most_max_circuits_per_relay_through_one_relay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Review finding: the relay's caps bind only an honest relay; one whose owner raised them
+    # filled every circuit b would accept with ids minted on one host, and nobody reached b
+    # through its other relays. b now takes at most max_circuits_per_relay through any one.
+    lax = {"max_circuits_per_ip_to_target": 100, "max_circuits_per_ip": 100, "max_circuits_per_peer": 100}
+    async with (
+        scene(seed=28, relay_settings=lax, client_settings={"max_circuits_per_relay": 2}) as s,
+        AsyncExitStack() as stack,
+    ):
+        refused = await _two_circuits_then_a_third(s, stack, first_id=70)
+        assert "the target refused: resource-limit" in str(refused.value)
 
 
 async def test_reservations_beyond_the_relay_caps_are_refused(autojump_clock: trio.testing.MockClock) -> None:

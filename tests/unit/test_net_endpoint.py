@@ -19,6 +19,7 @@ from lattica.identity import Identity
 from lattica.net import ALPN_PROTOCOL, Connection, DatagramSocket, Endpoint, EndpointConfig, EndpointSocketError
 from lattica.net.quic_internals import LatticaQuicConnection
 from lattica.net.stateless_reset import is_stateless_reset, reset_key, reset_token, tagged_connection_id
+from sim_net import Network
 
 from .conftest import MakeEndpoint, MakeSocket
 
@@ -274,6 +275,30 @@ async def test_inbound_connections_beyond_max_connections_are_refused(
         await second.connect(server.local_address, timeout_s=2.0)
     assert server.stats.connections_refused >= 1
     assert len(server.connections()) == 1
+
+
+async def test_one_address_sending_initials_holds_at_most_its_share_of_half_open_connections(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: Initials from one address (no identity, no completed handshake) filled
+    # max_connections with half-open connections, and every other peer's dial failed.
+    async with Network(seed=3) as net:
+        config = EndpointConfig(max_connections=8, max_handshakes_per_address=4, handshake_timeout_s=30.0)
+        server = Endpoint(Identity.generate(), net.add_host("10.0.0.1").bind(4001), config)
+        await nursery.start(server.run)
+        flooder = net.add_host("10.0.0.2").bind(4001)
+        for _ in range(20):
+            quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL]))
+            quic.connect(server.local_address, now=trio.current_time())
+            for data, address in quic.datagrams_to_send(trio.current_time()):
+                await flooder.send_to(data, address)
+        await trio.sleep(1)  # virtual: every Initial handled, no handshake timed out yet
+        assert server.live_connection_count == 4 and server.stats.connections_refused == 16
+        honest = Endpoint(Identity.generate(), net.add_host("10.0.0.3").bind(4001), EndpointConfig())
+        await nursery.start(honest.run)
+        connection = await honest.connect(server.local_address, expected_peer=server.peer_id, timeout_s=5.0)
+        assert not connection.is_closed  # refused before: all 8 were the flooder's
+        flooder.close()
 
 
 async def test_keepalive_holds_an_idle_connection_open(

@@ -37,6 +37,15 @@ def test_a_reservation_lives_for_its_ttl_and_a_renewal_extends_it() -> None:
     assert relay.reservation_count == 0
 
 
+def test_reservations_per_ip_count_an_ipv6_slash_64_as_one_address() -> None:
+    # Review finding: each IPv6 address counted alone, so one host with a /64 held all 128.
+    relay = book(max_reservations_per_ip=2)
+    granted = [relay.reserve(peer(500 + i), f"2001:db8:1:2::{i + 1:x}", 0.0, holder=i) for i in range(3)]
+    assert [isinstance(g, Reservation) for g in granted] == [True, True, False]
+    assert isinstance(relay.reserve(peer(600), "2001:db8:1:3::1", 0.0, holder="other /64"), Reservation)
+    assert isinstance(relay.reserve(peer(601), "::ffff:192.0.2.9", 0.0, holder="v4"), Reservation)
+
+
 def test_release_only_by_the_holder_that_last_renewed() -> None:
     relay = book()
     relay.reserve(A, "192.0.2.1", 0.0, holder="old")
@@ -99,6 +108,24 @@ def test_one_address_cannot_take_every_circuit_to_a_target_with_fresh_peer_ids()
     relay.close_circuit(first.circuit_id)  # idempotent: the address's count drops once
     assert isinstance(relay.open_circuit(minted[2], B, 0.0, source_group="198.51.100.7"), Circuit)
     assert isinstance(relay.open_circuit(minted[3], B, 0.0, source_group="198.51.100.7"), Refusal)
+
+
+def test_one_address_opens_at_most_max_circuits_per_ip_in_all() -> None:
+    # Review finding: the per-target cap alone let one address open two circuits to each of
+    # its own eight reserved targets, 16 of the relay's 64.
+    relay = book(max_circuits_per_ip=3, max_circuits_per_ip_to_target=2, max_reservations_per_ip=8)
+    targets = [peer(200 + i) for i in range(4)]
+    for target in targets:
+        relay.reserve(target, "198.51.100.7", 0.0, holder=target)
+    opened = [relay.open_circuit(peer(300 + i), targets[i], 0.0, source_group="198.51.100.7") for i in range(4)]
+    assert [isinstance(o, Circuit) for o in opened] == [True, True, True, False]
+    refused = opened[3]
+    assert isinstance(refused, Refusal) and "circuits from your address open here" in refused.message
+    assert isinstance(relay.open_circuit(peer(400), targets[3], 0.0, source_group="192.0.2.1"), Circuit)
+    first = opened[0]
+    assert isinstance(first, Circuit)
+    relay.close_circuit(first.circuit_id)
+    assert isinstance(relay.open_circuit(peer(303), targets[3], 0.0, source_group="198.51.100.7"), Circuit)
 
 
 def test_circuit_caps_global_and_per_peer() -> None:
