@@ -112,6 +112,11 @@ class WriteResult:
 class _Space:
     replica: SpaceReplica
     replicas: dict[PeerId, float] = field(default_factory=dict)
+    """Replicas heard from (they answered or called us), by when: pushes go to these."""
+    hints: dict[PeerId, float] = field(default_factory=dict)
+    """Replicas other replicas named, not heard from yet: each is tried once by anti-entropy
+    and becomes a replica only if it answers (review finding: one hostile replica's invented
+    ids filled every replica table)."""
     outbox: list[tuple[Envelope, PeerId | None]] = field(default_factory=list)
     outbox_ready: trio.Event = field(default_factory=trio.Event)
     subscribers: list[trio.MemorySendChannel[Change]] = field(default_factory=list)
@@ -434,11 +439,13 @@ class CrdtService:
     def _remember(self, space: _Space, peer: PeerId) -> None:
         if peer == self.identity.peer_id:
             return
-        if peer not in space.replicas and len(space.replicas) >= self.config.max_replicas:
-            # Keep the table bounded: forget the least recently heard-from replica.
-            oldest = min(space.replicas, key=lambda p: space.replicas[p])
-            del space.replicas[oldest]
-        space.replicas[peer] = trio.current_time()
+        space.hints.pop(peer, None)
+        _bounded_put(space.replicas, peer, trio.current_time(), self.config.max_replicas)
+
+    def _hint(self, space: _Space, peer: PeerId) -> None:
+        if peer == self.identity.peer_id or peer in space.replicas:
+            return
+        _bounded_put(space.hints, peer, trio.current_time(), self.config.max_replicas)
 
     # -- background work ----------------------------------------------------------------------
 
@@ -459,6 +466,14 @@ class CrdtService:
                 idle = [peer for peer in sorted(space.replicas) if peer not in space.syncing]
                 if idle:
                     peer = self._rng.choice(idle)
+                    space.syncing.add(peer)
+                    syncs.start_soon(self._sync_in_round, space, peer)
+                # Beside it, one named replica is tried: it becomes a replica if it answers,
+                # and is forgotten either way.
+                hinted = [peer for peer in sorted(space.hints) if peer not in space.syncing]
+                if hinted:
+                    peer = self._rng.choice(hinted)
+                    del space.hints[peer]
                     space.syncing.add(peer)
                     syncs.start_soon(self._sync_in_round, space, peer)
                 # Jittered, so replicas started together do not sync in lockstep.
@@ -528,12 +543,14 @@ class CrdtService:
         """Pull what ``peer`` has and we lack, then push what it lacks. False if it failed."""
         replica = space.replica
         try:
-            for _ in range(_MAX_SYNC_ROUNDS):
+            for round_ in range(_MAX_SYNC_ROUNDS):
                 request = SyncRequest(replica.space_id.key, vector_to_wire(replica.version_vector))
                 reply = await self._call(peer, request)
                 if not isinstance(reply, SyncReply):
                     raise MalformedEnvelopeError("expected a sync reply")
-                await self._absorb(space, peer, reply)
+                # The replicas a reply names are taken from its first reply only: one sync
+                # cannot name more than MAX_REPLICAS_SHARED.
+                await self._absorb(space, peer, reply, learn_replicas=round_ == 0)
                 if not reply.more:
                     break
             theirs = vector_from_wire(reply.version_vector) if isinstance(reply, SyncReply) else {}
@@ -553,11 +570,11 @@ class CrdtService:
             return False
         return True
 
-    async def _absorb(self, space: _Space, peer: PeerId, reply: SyncReply) -> None:
+    async def _absorb(self, space: _Space, peer: PeerId, reply: SyncReply, *, learn_replicas: bool = True) -> None:
         self._remember(space, peer)
-        for key in reply.replicas[:MAX_REPLICAS_SHARED]:
+        for key in reply.replicas[:MAX_REPLICAS_SHARED] if learn_replicas else ():
             try:
-                self._remember(space, PeerId(key))
+                self._hint(space, PeerId(key))
             except LatticaError:
                 continue
         # Pulled envelopes are not gossiped on: whoever lacks them pulls them in its own
@@ -709,3 +726,12 @@ class CrdtService:
         data = encode_message(reply)
         self.stats.bytes_sent += len(data)
         return data
+
+
+def _bounded_put(table: dict[PeerId, float], peer: PeerId, now: float, max_entries: int) -> None:
+    """``table[peer] = now``, first forgetting the entry heard from least recently when the
+    table is full and ``peer`` is new (the tables stay bounded)."""
+    if peer not in table and len(table) >= max_entries:
+        oldest = min(table, key=lambda p: table[p])
+        del table[oldest]
+    table[peer] = now

@@ -26,9 +26,9 @@ from lattica.crdt import (
     space_cid,
     yrs_client_id,
 )
-from lattica.crdt.sync import PROTOCOL_ID, Push, encode_message
+from lattica.crdt.sync import PROTOCOL_ID, Push, SyncReply, decode_reply, encode_message
 from lattica.errors import RpcError
-from lattica.identity import Identity
+from lattica.identity import Identity, PeerId
 from lattica.node import Node
 from sim_net import LinkConfig, Network
 
@@ -285,4 +285,47 @@ async def test_a_joiner_finds_replicas_through_the_dht(autojump_clock: trio.test
         assert joiner.crdt.get(space) == {"where": "dht"}
         with pytest.raises(JoinError):
             await joiner.crdt.join_space(str(SpaceId(bytes(32))))
+        nursery.cancel_scope.cancel()
+
+
+async def test_replicas_named_by_a_lying_replica_are_tried_not_trusted(autojump_clock: trio.testing.MockClock) -> None:
+    # Review finding: one hostile replica answered every sync with 16 invented peer ids and
+    # "more"; every name was remembered as a replica, so one sync replaced a whole table and
+    # the poisoned nodes passed the names on (a write took 306 s to arrive, 1.1 s before).
+    # Named replicas are now hints, tried once and kept only if they answer.
+    size = 6  # 0 owner, 1..4 honest, 5 hostile
+    async with Network(seed=18) as net, trio.open_nursery() as nursery:
+        cluster = DhtCluster(net, nursery, size, node_config=NODE_CONFIG, link=LinkConfig(latency_s=0.025))
+        nodes = [await cluster.start(i) for i in range(size)]
+        for node in nodes:
+            for other in nodes:
+                if other is not node:
+                    node.connections.add_addresses(other.peer_id, other.listen_addresses())
+        space = (await nodes[0].crdt.create_space("jobs", writers=[n.peer_id for n in nodes[1:]])).space_id
+        for node in nodes[1:]:
+            await node.crdt.join_space(space, peers=[nodes[0].peer_id])
+        invented = 0
+        honest_handler = nodes[5].crdt._handle_request
+
+        async def lying(peer: PeerId, payload: bytes) -> bytes:
+            nonlocal invented
+            reply = decode_reply(await honest_handler(peer, payload))
+            if isinstance(reply, SyncReply):
+                fakes = [Identity.from_seed(b"%032d" % (invented + i)).peer_id.key for i in range(16)]
+                invented += 16
+                reply = msgspec.structs.replace(reply, envelopes=[], replicas=fakes, more=True)
+            return encode_message(reply)
+
+        nodes[5].rpc.add_handler(PROTOCOL_ID, lying)
+        await trio.sleep(120)  # anti-entropy every 2.5-7.5 s: many syncs with the liar
+        real = {n.peer_id for n in nodes}
+        assert invented > 100
+        for node in nodes[:5]:
+            assert set(node.crdt._spaces[space].replicas) <= real  # no invented id is a replica
+        await nodes[1].crdt.set(space, "probe", 1)
+        want = sum(nodes[1].crdt.info(space).version_vector.values())
+        with trio.fail_after(15):  # virtual seconds: pushes, not a crawl through invented ids
+            for node in nodes[2:5]:
+                while sum(node.crdt.info(space).version_vector.values()) < want:
+                    await node.crdt.wait_change(space)
         nursery.cancel_scope.cancel()
