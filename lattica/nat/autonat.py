@@ -40,7 +40,7 @@ from lattica.nat.autonat_messages import (
     decode_dial_back_packet,
     encode_dial_back_packet,
 )
-from lattica.net.address import canonical_ip
+from lattica.net.address import address_group, canonical_ip
 from lattica.net.datagram import Address
 from lattica.token_bucket import KeyedRateLimiter, TokenBucket
 
@@ -68,17 +68,18 @@ class DialBackPlan:
 class DialBackPolicy:
     """Decides whether a server dials a requester back, and where.
 
-    ``per_peer_per_minute`` and ``total_per_minute`` (dial-backs) bound one peer and all peers
-    together; both burst to a minute's worth. ``can_dial_back`` is False when the server has no
+    ``per_address_per_minute`` and ``total_per_minute`` (dial-backs) bound the peers at one
+    address (the requester's observed IPv4 address or IPv6 /64, where the dial-back goes) and
+    all peers together; both burst to a minute's worth. ``can_dial_back`` is False when the server has no
     separate socket to dial from (then every request is refused with ``unavailable``).
     """
 
-    def __init__(self, *, per_peer_per_minute: int, total_per_minute: int, can_dial_back: bool = True) -> None:
-        self.per_peer_per_minute = per_peer_per_minute
+    def __init__(self, *, per_address_per_minute: int, total_per_minute: int, can_dial_back: bool = True) -> None:
+        self.per_address_per_minute = per_address_per_minute
         self.can_dial_back = can_dial_back
         self._limiter = KeyedRateLimiter(
-            per_key_rate_per_s=per_peer_per_minute / 60.0,
-            per_key_burst=per_peer_per_minute,
+            per_key_rate_per_s=per_address_per_minute / 60.0,
+            per_key_burst=per_address_per_minute,
             total_rate_per_s=total_per_minute / 60.0,
             total_burst=total_per_minute,
             max_keys=_MAX_RATE_LIMITED_PEERS,
@@ -98,7 +99,7 @@ class DialBackPolicy:
             return DialBackRefused("no-address")
         if any(host != observed_ip for host, _ in addresses):
             return DialBackRefused("third-party-address")
-        if not self._limiter.allow(peer, now):
+        if not self._limiter.allow(address_group(observed_ip, ipv6_prefix_bits=64), now):
             return DialBackRefused("rate-limited")
         return DialBackPlan(addresses[0])
 

@@ -123,7 +123,7 @@ class ReachabilityService:
             min_agreeing_results=config.autonat_min_agreeing_results, is_own_address=self._is_own_address
         )
         self.policy = DialBackPolicy(
-            per_peer_per_minute=config.autonat_dial_backs_per_peer_per_minute,
+            per_address_per_minute=config.autonat_dial_backs_per_address_per_minute,
             total_per_minute=config.autonat_dial_backs_per_minute,
             can_dial_back=config.autonat_serve and dial_back_socket_factory is not None,
         )

@@ -48,8 +48,10 @@ class NatConfig:
     """How long a server waits for the client's echo of its dial-back nonce."""
     autonat_serve: bool = True
     """Dial other nodes back when they ask (needs a socket factory; the daemon has one)."""
-    autonat_dial_backs_per_peer_per_minute: Count = 6
-    """Dial-backs one peer may ask of us per minute (burst as many)."""
+    autonat_dial_backs_per_address_per_minute: Count = 6
+    """Dial-backs peers at one address (an IPv4 address or IPv6 /64) may ask of us per minute
+    (burst as many): a dial-back goes to that address, and peer ids cost nothing to mint (20
+    ids on one host used up ``autonat_dial_backs_per_minute`` when this was per peer)."""
     autonat_dial_backs_per_minute: Count = 120
     """Dial-backs all peers together may ask of us per minute (burst as many)."""
     relay: RelayConfig = field(default_factory=RelayConfig)

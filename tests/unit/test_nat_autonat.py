@@ -31,7 +31,7 @@ NONCE = bytes(range(16))
 
 
 def policy(**overrides: object) -> DialBackPolicy:
-    settings: dict[str, object] = {"per_peer_per_minute": 6, "total_per_minute": 120}
+    settings: dict[str, object] = {"per_address_per_minute": 6, "total_per_minute": 120}
     settings.update(overrides)
     return DialBackPolicy(**settings)  # type: ignore[arg-type]
 
@@ -54,14 +54,17 @@ def test_without_a_separate_socket_the_server_refuses() -> None:
     assert p.decide(b"peer", CLIENT, request(CLIENT), now=0) == DialBackRefused("unavailable")
 
 
-def test_dial_backs_are_rate_limited_per_peer_and_refusals_cost_nothing() -> None:
-    p = policy(per_peer_per_minute=3)
+def test_dial_backs_are_rate_limited_per_address_and_refusals_cost_nothing() -> None:
+    p = policy(per_address_per_minute=3)
     for _ in range(10):
         p.decide(b"peer", CLIENT, request(("192.0.2.1", 1)), now=0)  # refusals
     assert [p.decide(b"peer", CLIENT, request(CLIENT), now=0) for _ in range(4)] == [DialBackPlan(CLIENT)] * 3 + [
         DialBackRefused("rate-limited")
     ]
-    # Another peer is not starved; the first gets one more after 20 s (3 per minute).
+    # Fresh peer ids at the same address get nothing more (review: 20 ids used up the whole
+    # budget when this was per peer); another address is not starved; the first address gets
+    # one more after 20 s (3 per minute).
+    assert p.decide(b"minted", CLIENT, request(CLIENT), now=0) == DialBackRefused("rate-limited")
     assert p.decide(b"other", ("203.0.113.2", 1), request(("203.0.113.2", 1)), now=0) == DialBackPlan(
         ("203.0.113.2", 1)
     )
@@ -70,8 +73,9 @@ def test_dial_backs_are_rate_limited_per_peer_and_refusals_cost_nothing() -> Non
 
 
 def test_dial_backs_are_rate_limited_for_all_peers_together() -> None:
-    p = policy(per_peer_per_minute=6, total_per_minute=10)
-    outcomes = [p.decide(b"peer-%d" % i, CLIENT, request(CLIENT), now=0) for i in range(15)]
+    p = policy(per_address_per_minute=6, total_per_minute=10)
+    hosts = [(f"203.0.113.{i + 1}", 1) for i in range(15)]
+    outcomes = [p.decide(b"peer-%d" % i, host, request(host), now=0) for i, host in enumerate(hosts)]
     assert outcomes.count(DialBackRefused("rate-limited")) == 5
 
 
