@@ -46,6 +46,11 @@ FILE_EXCLUDED_KEYS = frozenset({"dht.bootstrap_peers"})
 """Settings that exist in code but not in the file: ``bootstrap`` is the file's single list of
 bootstrap peers (``Node`` appends it to ``dht.bootstrap_peers``)."""
 
+RENAMED_KEYS: dict[str, str] = {
+    "nat.autonat_dial_backs_per_peer_per_minute": "nat.autonat_dial_backs_per_address_per_minute",
+}
+"""Settings renamed because their meaning changed (so not read under the new name): an old key
+is refused with the new name as the hint."""
 LEGACY_FLAT_KEYS: dict[str, str] = {
     "idle_timeout_s": "net.idle_timeout_s",
     "keepalive_interval_s": "net.keepalive_interval_s",
@@ -175,6 +180,8 @@ def _unknown_key_hint(key: str) -> str:
     """What the user probably meant by an unknown dotted ``key``, as a parenthesised hint."""
     if key in FILE_EXCLUDED_KEYS:
         return " (list bootstrap peers in the top-level `bootstrap`)"
+    if key in RENAMED_KEYS:
+        return f" (renamed to `{RENAMED_KEYS[key]}`; see CHANGELOG.md)"
     name = key.rpartition(".")[2]
     known = [s.key for s in iter_settings(NodeConfig, excluded=FILE_EXCLUDED_KEYS)]
     meant = LEGACY_FLAT_KEYS.get(name) or next((k for k in known if k.rpartition(".")[2] == name), None)

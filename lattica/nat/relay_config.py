@@ -39,7 +39,7 @@ class RelayConfig:
     """Circuits this relay forwards at once, for all peers together."""
     max_circuits_per_peer: Count = 8
     """Circuits one peer may have open at once through this relay, as source or as target."""
-    max_circuits_per_ip: Count = 8
+    max_circuits_per_ip: Count = 16
     """Circuits from one source address (an IPv4 address or IPv6 /64) at once, to all targets."""
     max_circuits_per_ip_to_target: Count = 2
     """Circuits from one source address (an IPv4 address or IPv6 /64) to one target at once:

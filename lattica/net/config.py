@@ -44,11 +44,15 @@ class EndpointConfig:
     """Concurrent bidirectional streams a peer may have open to us (QUIC max_streams_bidi)."""
     max_connections: Count = 1024
     """New inbound connections beyond this many live ones are refused (dropped, logged once)."""
-    max_handshakes_per_address: Count = 32
+    max_handshakes_per_address: Count = 8
     """Inbound handshakes in progress from one source address (an IPv4 address or IPv6 /64);
-    Initials beyond them are dropped: one address sending Initials filled ``max_connections``
-    with half-open connections, and every other peer's dial failed. (Spoofed sources are not
-    bounded by this; QUIC Retry would be.)"""
+    Initials beyond them are dropped (the peer's QUIC sends its Initial again): one address
+    sending Initials filled ``max_connections`` with half-open connections, and every other
+    peer's dial failed. (Spoofed sources are not bounded by this; QUIC Retry would be.)"""
+    max_connections_per_address: Count = 64
+    """Inbound connections (established or not) from one source address at once: peer ids cost
+    nothing, so one host completing its handshakes could otherwise hold every one of
+    ``max_connections``. A relay circuit carries at most 2."""
     stream_receive_window_bytes: ByteSize = 2 << 20
     """Per-stream receive window: bytes a peer may send ahead of what our reader consumed."""
     connection_receive_window_bytes: ByteSize = 8 << 20
@@ -79,7 +83,7 @@ class NetConfig(EndpointConfig):
     rpc_max_concurrent_inbound_per_address: Count = 128
     """Requests from one source address (an IPv4 address or IPv6 /64) running at once; more are
     answered ``busy``: without it, eight peer ids minted on one host took all of
-    ``rpc_max_concurrent_inbound``. Peers reached through a relay count by peer only."""
+    ``rpc_max_concurrent_inbound``. Peers reached through a relay count under that relay."""
     tcp_listen: bool = False
     """Also accept TLS 1.3-over-TCP connections (the fast path for bulk transfer on direct
     routes), on the host of ``listen``. Off unless asked: it opens a second port."""

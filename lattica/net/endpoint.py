@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -74,6 +74,8 @@ logger = logging.getLogger("lattica.net.endpoint")
 _QUIC_FIXED_BIT = 0x40
 _QUIC_LONG_HEADER_BIT = 0x80
 _MIN_INITIAL_DATAGRAM_BYTES = 1200  # RFC 9000 section 14.1
+_MAX_CONNECTIONS_PER_CIRCUIT = 2
+"""Inbound connections one relay circuit may carry at once (an honest one carries one)."""
 _MAX_CID_BYTES = 20  # RFC 9000 section 17.2
 _SHUTDOWN_GRACE_S = 1.0
 # Stateless Resets per second at most (and as a burst): a restart answers each peer's next
@@ -147,9 +149,12 @@ class Endpoint:
         self._server_configuration = quic_configuration(identity, is_client=False, config=config)
         self._by_cid: dict[bytes, Connection] = {}
         self._cids_of: dict[Connection, set[bytes]] = {}
-        # Inbound connections not yet authenticated, by source address group (see _accept).
+        # Inbound connections not yet authenticated, by source address group, and all inbound
+        # connections by address group or relay circuit (see _admit_inbound).
         self._handshaking: dict[Connection, str] = {}
         self._handshaking_from: dict[str, int] = {}
+        self._inbound_key: dict[Connection, Hashable] = {}
+        self._inbound_from: dict[Hashable, int] = {}
         self._nursery: trio.Nursery | None = None
         self._stopped = False
         self._connection_handler: Callable[[Connection], None] | None = None
@@ -418,15 +423,36 @@ class Endpoint:
                     len(self._cids_of),
                 )
                 return None
-            group = None if isinstance(address, RelayedPath) else address_group(address[0], ipv6_prefix_bits=64)
-            if group is not None and self._handshaking_from.get(group, 0) >= self.config.max_handshakes_per_address:
+            connection = self._admit_inbound(header.destination_cid, address, now)
+            if connection is None:
                 stats.connections_refused += 1
                 return None
-            connection = self._accept(header.destination_cid, address, now)
-            if group is not None:
-                self._handshaking[connection] = group
-                add_one(self._handshaking_from, group)
         connection.receive_datagram(data, address, now)
+        return connection
+
+    def _admit_inbound(self, original_cid: bytes, address: Path, now: float) -> Connection | None:
+        """A new inbound connection for an Initial from ``address``, or None when its source
+        holds its share: ``max_handshakes_per_address`` half-open and
+        ``max_connections_per_address`` in all per address group, or
+        :data:`_MAX_CONNECTIONS_PER_CIRCUIT` per relay circuit (one circuit carried any number
+        of Initials: review finding)."""
+        group: str | None = None
+        key: Hashable
+        if isinstance(address, RelayedPath):
+            key, cap = ("circuit", address), _MAX_CONNECTIONS_PER_CIRCUIT
+        else:
+            group = address_group(address[0], ipv6_prefix_bits=64)
+            key, cap = group, self.config.max_connections_per_address
+            if self._handshaking_from.get(group, 0) >= self.config.max_handshakes_per_address:
+                return None
+        if self._inbound_from.get(key, 0) >= cap:
+            return None
+        connection = self._accept(original_cid, address, now)
+        self._inbound_key[connection] = key
+        add_one(self._inbound_from, key)
+        if group is not None:
+            self._handshaking[connection] = group
+            add_one(self._handshaking_from, group)
         return connection
 
     def _handshake_over(self, connection: Connection) -> None:
@@ -654,6 +680,9 @@ class _EndpointCarrier:
     def connection_terminated(self, connection: Connection) -> None:
         endpoint = self._endpoint
         endpoint._handshake_over(connection)
+        key = endpoint._inbound_key.pop(connection, None)
+        if key is not None:
+            remove_one(endpoint._inbound_from, key)
         token = endpoint._reset_token_of.pop(connection, None)
         if token is not None and endpoint._by_reset_token.get(token) is connection:
             del endpoint._by_reset_token[token]

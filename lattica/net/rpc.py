@@ -13,8 +13,8 @@ Invariants:
 * A caller always gets an :class:`~lattica.errors.RpcError` with a code from :data:`ERROR_CODES`
   (or :class:`~lattica.errors.PeerIdMismatchError` when the peer at the address is someone else).
 * At most ``max_concurrent_inbound_per_peer`` calls per peer, ``max_concurrent_inbound_per_address``
-  per source address group (an IPv4 address or IPv6 /64; peers reached through a relay count by
-  peer only), and ``max_concurrent_inbound`` from all peers together, run at once; more get
+  per source address group (an IPv4 address or IPv6 /64; peers reached through a relay count
+  under that relay), and ``max_concurrent_inbound`` from all peers together, run at once; more get
   ``busy``. A request must arrive whole within
   ``request_timeout_s`` of its header (and its reply be taken within as long).
 """
@@ -118,6 +118,16 @@ def source_group(connection: object) -> str | None:
     if isinstance(connection, Connection | TcpConnection | TcpLane):
         return address_group(connection.remote_address[0], ipv6_prefix_bits=64)
     return None
+
+
+def _call_group(connection: object) -> str | None:
+    """What the per-address cap on calls counts a connection under: its source address group,
+    or for a peer reached through a relay, that relay (a hostile relay can bring any number of
+    ids it minted, up to the circuits we accept through it: 16 ids x 64 calls took all 512)."""
+    group = source_group(connection)
+    if group is None and isinstance(connection, Connection) and connection.relayed_via is not None:
+        return f"relay {connection.relayed_via}"
+    return group
 
 
 def _frame(message: RpcMessage) -> bytes:
@@ -369,7 +379,7 @@ class Rpc:
                 stream, "busy", f"{running} calls from you are running; try again later"
             )
             return
-        group = source_group(stream.connection)
+        group = _call_group(stream.connection)
         if group is not None and self._inbound_per_address.get(group, 0) >= self.max_concurrent_inbound_per_address:
             # Peer ids cost nothing to mint: eight from one host took all 512 calls (review).
             await self._refuse(stream, "busy", "calls from your address are at their limit; try again later")

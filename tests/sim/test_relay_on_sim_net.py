@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import pytest
 import trio
 import trio.testing
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 
 from lattica.config import NodeConfig
 from lattica.content.exchange_service import _host_of, _source_of
@@ -27,7 +29,8 @@ from lattica.nat.relay_config import RelayConfig
 from lattica.nat.relay_messages import HOP_PROTOCOL, CircuitLimits, Connect, Connected, Refused, Reserved
 from lattica.nat.relay_stream import receive_hop_message, send_relay_message
 from lattica.net.address import PeerAddr
-from lattica.net.rpc import PING_PROTOCOL
+from lattica.net.config import ALPN_PROTOCOL
+from lattica.net.rpc import PING_PROTOCOL, _call_group
 from lattica.node import Node
 from lattica.wire import encode_frame
 from sim_net import Filtering, Host, LinkConfig, Mapping, Nat, Network
@@ -146,6 +149,9 @@ async def test_peers_behind_a_relay_count_each_as_a_host_for_upload_slots(
         assert inbound.relayed_via is not None
         assert _source_of(stream) is None  # no per-address cap: the address is the relay's
         assert _host_of(_source_of(stream), s.a.peer_id) == ("peer", s.a.peer_id)
+        # RPC calls, though, count under the relay: a hostile relay brings any number of ids
+        # (third review: 16 ids through one relay held all 512 calls of the node behind it).
+        assert _call_group(inbound) == f"relay {s.relays[0].peer_id}"
 
 
 async def test_a_circuit_over_its_byte_limit_is_closed_cleanly_and_the_reservation_is_renewed(
@@ -288,6 +294,46 @@ async def test_a_target_accepts_at_most_max_circuits_per_relay_through_one_relay
     ):
         refused = await _two_circuits_then_a_third(s, stack, first_id=70)
         assert "the target refused: resource-limit" in str(refused.value)
+
+
+async def test_one_circuit_carries_at_most_two_connections_not_a_flood_of_initials(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Review finding: connections over a relay circuit were not counted per source, and one
+    # circuit turned every Initial with a fresh connection id into a half-open connection at
+    # the target: 256 a second filled its max_connections and every other dial failed.
+    async with scene(seed=29, client_settings={}) as s, AsyncExitStack() as stack:
+        await s.b.relay_client.wait_reservations()
+        target = RelayedAddr.parse(s.b.relay_client.relayed_addresses()[0])
+        attacker_host = s.net.add_nat("203.0.113.66", PORT_RESTRICTED).add_host("192.168.1.10", NAT_LINK)
+        keep_circuits = NodeConfig(nat=NatConfig(hole_punch=HolePunchConfig(enabled=False)))
+        attacker = await stack.enter_async_context(
+            Node(identity(81), attacker_host.bind(PORT), keep_circuits, rng=random.Random(81))
+        )
+        path = (await attacker.relay_client.connect(target)).path
+        honest_host = s.net.add_nat("203.0.113.9", PORT_RESTRICTED).add_host("192.168.1.10", NAT_LINK)
+        honest = await stack.enter_async_context(
+            Node(identity(80), honest_host.bind(PORT), relay_config(), rng=random.Random(80))
+        )
+
+        def initial() -> bytes:
+            quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL]))
+            quic.connect(("192.0.2.1", 1), now=trio.current_time())
+            return quic.datagrams_to_send(now=trio.current_time())[0][0]
+
+        async with trio.open_nursery() as nursery:
+
+            async def flood() -> None:
+                for _ in range(600):  # bounded: 10 virtual minutes
+                    await attacker.endpoint._send([(initial(), path) for _ in range(256)])
+                    await trio.sleep(1)
+
+            nursery.start_soon(flood)
+            await trio.sleep(3)
+            assert len(s.b.endpoint._cids_of) <= 4  # the relay's, a's and one more; was ~770
+            connection = await honest.relay_client.connect(target, timeout_s=10)  # failed before
+            assert connection.peer_id == s.b.peer_id
+            nursery.cancel_scope.cancel()
 
 
 async def test_reservations_beyond_the_relay_caps_are_refused(autojump_clock: trio.testing.MockClock) -> None:

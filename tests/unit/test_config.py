@@ -261,3 +261,9 @@ def test_a_new_home_under_a_shared_directory_is_created_private(tmp_path: Path) 
 def test_timeouts_in_code_may_be_infinite() -> None:
     # Only files are bounded; tests switch keepalives off with inf.
     assert math.isinf(NetConfig(keepalive_interval_s=math.inf).keepalive_interval_s)
+
+
+def test_a_renamed_setting_is_refused_with_its_new_name(tmp_path: Path) -> None:
+    # Its meaning changed (per address, not per peer id): not read silently under the new name.
+    with pytest.raises(ConfigError, match=r"renamed to `nat\.autonat_dial_backs_per_address_per_minute`"):
+        load_config(write(tmp_path, "[nat]\nautonat_dial_backs_per_peer_per_minute = 6\n"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import ssl
@@ -299,6 +300,29 @@ async def test_one_address_sending_initials_holds_at_most_its_share_of_half_open
         connection = await honest.connect(server.local_address, expected_peer=server.peer_id, timeout_s=5.0)
         assert not connection.is_closed  # refused before: all 8 were the flooder's
         flooder.close()
+
+
+async def test_one_address_holds_at_most_its_share_of_established_connections(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: completing the handshakes took a connection out of the half-open count,
+    # and 64 ids on one host held every one of max_connections = 64.
+    async with Network(seed=4) as net:
+        config = EndpointConfig(max_connections=6, max_connections_per_address=3)
+        server = Endpoint(Identity.generate(), net.add_host("10.0.0.1").bind(4001), config)
+        await nursery.start(server.run)
+        crowd = net.add_host("10.0.0.2")
+        held = 0
+        for port in range(4001, 4007):
+            minted = Endpoint(Identity.generate(), crowd.bind(port), EndpointConfig())
+            await nursery.start(minted.run)
+            with contextlib.suppress(ConnectError):
+                await minted.connect(server.local_address, expected_peer=server.peer_id, timeout_s=2.0)
+                held += 1
+        assert held == 3 and server.live_connection_count == 3
+        honest = Endpoint(Identity.generate(), net.add_host("10.0.0.3").bind(4001), EndpointConfig())
+        await nursery.start(honest.run)
+        await honest.connect(server.local_address, expected_peer=server.peer_id, timeout_s=5.0)
 
 
 async def test_keepalive_holds_an_idle_connection_open(
