@@ -49,6 +49,10 @@ class EndpointConfig:
     Initials beyond them are dropped (the peer's QUIC sends its Initial again): one address
     sending Initials filled ``max_connections`` with half-open connections, and every other
     peer's dial failed. (Spoofed sources are not bounded by this; QUIC Retry would be.)"""
+    retry_above_handshakes: Count = 64
+    """Once this many inbound handshakes are in progress, a new Initial must prove its address
+    with a Retry round trip first (RFC 9000 section 8.1.2): Initials from spoofed sources,
+    which no per-address cap bounds, then cost a small Retry and no state."""
     max_connections_per_address: Count = 64
     """Inbound connections (established or not) from one source address at once: peer ids cost
     nothing, so one host completing its handshakes could otherwise hold every one of

@@ -35,13 +35,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import trio
 from aioquic.buffer import Buffer
-from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from aioquic.quic.packet import (
+    QuicHeader,
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.retry import QuicRetryTokenHandler
 
 from lattica.errors import ConnectError, LatticaError, LocalProtocolError
 from lattica.identity import Identity, PeerId
@@ -106,6 +114,8 @@ class EndpointStats:
     """Datagrams that did not parse as QUIC (or an Initial in a too-small datagram)."""
     unknown_connection_dropped: int = 0
     """Well-formed QUIC packets for no connection we know."""
+    retries_sent: int = 0
+    """Initials answered with a Retry (their address not yet proven) while under load."""
     connections_refused: int = 0
     """Inbound connection attempts dropped because ``max_connections`` were live, or
     ``max_handshakes_per_address`` handshakes from the same address were in progress."""
@@ -154,6 +164,7 @@ class Endpoint:
         self._handshaking: dict[Connection, str] = {}
         self._handshaking_from: dict[str, int] = {}
         self._inbound_key: dict[Connection, Hashable] = {}
+        self._retry_tokens: QuicRetryTokenHandler | None = None  # made at the first Retry
         self._inbound_from: dict[Hashable, int] = {}
         self._nursery: trio.Nursery | None = None
         self._stopped = False
@@ -423,14 +434,63 @@ class Endpoint:
                     len(self._cids_of),
                 )
                 return None
-            connection = self._admit_inbound(header.destination_cid, address, now)
+            original_cid, retry_cid = header.destination_cid, None
+            if not isinstance(address, RelayedPath) and (header.token or self._under_load()):
+                validated = self._address_validated(header, address, now)
+                if validated is None:
+                    return None  # a Retry was sent, or the token was not ours
+                original_cid, retry_cid = validated, header.destination_cid
+            connection = self._admit_inbound(original_cid, address, now, retry_cid=retry_cid)
             if connection is None:
                 stats.connections_refused += 1
                 return None
         connection.receive_datagram(data, address, now)
         return connection
 
-    def _admit_inbound(self, original_cid: bytes, address: Path, now: float) -> Connection | None:
+    def _under_load(self) -> bool:
+        """Whether new Initials must prove their address first (RFC 9000 section 8.1.2): once
+        ``retry_above_handshakes`` inbound handshakes are in progress, so Initials from spoofed
+        sources (which no per-address cap bounds) cannot fill ``max_connections``."""
+        return len(self._handshaking) >= self.config.retry_above_handshakes
+
+    def _address_validated(self, header: QuicHeader, address: Address, now: float) -> bytes | None:
+        """The original destination connection id of an Initial whose Retry token is valid for
+        ``address``; None after answering a token-less Initial with a Retry packet (smaller than
+        the Initial: no amplification) or dropping one whose token is not ours, expired, or for
+        another address."""
+        if self._retry_tokens is None:
+            self._retry_tokens = QuicRetryTokenHandler()
+        if not header.token:
+            if header.version is None:
+                return None
+            retry_cid = os.urandom(CONNECTION_ID_LENGTH)
+            token = self._retry_tokens.create_token(
+                address=address,
+                original_destination_connection_id=header.destination_cid,
+                retry_source_connection_id=retry_cid,
+                now=now,
+            )
+            packet = encode_quic_retry(
+                version=header.version,
+                source_cid=retry_cid,
+                destination_cid=header.source_cid,
+                original_destination_cid=header.destination_cid,
+                retry_token=token,
+            )
+            self.stats.retries_sent += 1
+            self._replies.append((packet, address))
+            return None
+        try:
+            return self._retry_tokens.validate_token(
+                address=address, destination_cid=header.destination_cid, token=header.token, now=now
+            )
+        except (ValueError, IndexError):  # garbage, another node's or an expired token
+            self.stats.malformed_dropped += 1
+            return None
+
+    def _admit_inbound(
+        self, original_cid: bytes, address: Path, now: float, *, retry_cid: bytes | None = None
+    ) -> Connection | None:
         """A new inbound connection for an Initial from ``address``, or None when its source
         holds its share: ``max_handshakes_per_address`` half-open and
         ``max_connections_per_address`` in all per address group, or
@@ -447,7 +507,7 @@ class Endpoint:
                 return None
         if self._inbound_from.get(key, 0) >= cap:
             return None
-        connection = self._accept(original_cid, address, now)
+        connection = self._accept(original_cid, address, now, retry_cid=retry_cid)
         self._inbound_key[connection] = key
         add_one(self._inbound_from, key)
         if group is not None:
@@ -552,16 +612,21 @@ class Endpoint:
         # Sent by the receive loop after this batch: no task per packet, bounded by the batch.
         self._replies.append((packet, address))
 
-    def _accept(self, original_cid: bytes, address: Path, now: float) -> Connection:
+    def _accept(
+        self, original_cid: bytes, address: Path, now: float, *, retry_cid: bytes | None = None
+    ) -> Connection:
         assert self._nursery is not None
         quic = self._new_quic(
             configuration=self._server_configuration,
             original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_cid,
         )
         state = ConnectionState(quic, direction="inbound", path=address, now=now, config=self.config)
         connection = Connection(state, self._carrier)
         self._cids_of[connection] = set()
         self._carrier.connection_id_issued(original_cid, connection)
+        if retry_cid is not None:  # the client sends to the Retry's id until it learns ours
+            self._carrier.connection_id_issued(retry_cid, connection)
         self._carrier.connection_id_issued(state.host_connection_id, connection)
         self._nursery.start_soon(connection.run_timer)
         return connection

@@ -278,6 +278,21 @@ async def test_inbound_connections_beyond_max_connections_are_refused(
     assert len(server.connections()) == 1
 
 
+async def _endpoint_at(net: Network, nursery: trio.Nursery, ip: str, config: EndpointConfig | None = None) -> Endpoint:
+    """A running endpoint on a new emulated host ``ip`` (port 4001)."""
+    endpoint = Endpoint(Identity.generate(), net.add_host(ip).bind(4001), config or EndpointConfig())
+    await nursery.start(endpoint.run)
+    return endpoint
+
+
+async def _send_an_initial(sock: DatagramSocket, server: tuple[str, int]) -> None:
+    """Send the first flight of a fresh QUIC client (a new connection id) and never answer."""
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL]))
+    quic.connect(server, now=trio.current_time())
+    for data, address in quic.datagrams_to_send(trio.current_time()):
+        await sock.send_to(data, address)
+
+
 async def test_one_address_sending_initials_holds_at_most_its_share_of_half_open_connections(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -285,18 +300,13 @@ async def test_one_address_sending_initials_holds_at_most_its_share_of_half_open
     # max_connections with half-open connections, and every other peer's dial failed.
     async with Network(seed=3) as net:
         config = EndpointConfig(max_connections=8, max_handshakes_per_address=4, handshake_timeout_s=30.0)
-        server = Endpoint(Identity.generate(), net.add_host("10.0.0.1").bind(4001), config)
-        await nursery.start(server.run)
+        server = await _endpoint_at(net, nursery, "10.0.0.1", config)
         flooder = net.add_host("10.0.0.2").bind(4001)
         for _ in range(20):
-            quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_PROTOCOL]))
-            quic.connect(server.local_address, now=trio.current_time())
-            for data, address in quic.datagrams_to_send(trio.current_time()):
-                await flooder.send_to(data, address)
+            await _send_an_initial(flooder, server.local_address)
         await trio.sleep(1)  # virtual: every Initial handled, no handshake timed out yet
         assert server.live_connection_count == 4 and server.stats.connections_refused == 16
-        honest = Endpoint(Identity.generate(), net.add_host("10.0.0.3").bind(4001), EndpointConfig())
-        await nursery.start(honest.run)
+        honest = await _endpoint_at(net, nursery, "10.0.0.3")
         connection = await honest.connect(server.local_address, expected_peer=server.peer_id, timeout_s=5.0)
         assert not connection.is_closed  # refused before: all 8 were the flooder's
         flooder.close()
@@ -309,8 +319,7 @@ async def test_one_address_holds_at_most_its_share_of_established_connections(
     # and 64 ids on one host held every one of max_connections = 64.
     async with Network(seed=4) as net:
         config = EndpointConfig(max_connections=6, max_connections_per_address=3)
-        server = Endpoint(Identity.generate(), net.add_host("10.0.0.1").bind(4001), config)
-        await nursery.start(server.run)
+        server = await _endpoint_at(net, nursery, "10.0.0.1", config)
         crowd = net.add_host("10.0.0.2")
         held = 0
         for port in range(4001, 4007):
@@ -320,9 +329,28 @@ async def test_one_address_holds_at_most_its_share_of_established_connections(
                 await minted.connect(server.local_address, expected_peer=server.peer_id, timeout_s=2.0)
                 held += 1
         assert held == 3 and server.live_connection_count == 3
-        honest = Endpoint(Identity.generate(), net.add_host("10.0.0.3").bind(4001), EndpointConfig())
-        await nursery.start(honest.run)
+        honest = await _endpoint_at(net, nursery, "10.0.0.3")
         await honest.connect(server.local_address, expected_peer=server.peer_id, timeout_s=5.0)
+
+
+async def test_under_load_initials_from_unproven_addresses_get_a_retry_not_a_connection(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Review finding: Initials from spoofed sources, one each, are bounded by no per-address
+    # cap and filled max_connections with half-open connections. Under load (retry_above_
+    # handshakes in progress) an Initial must first echo a Retry token (RFC 9000 8.1.2).
+    async with Network(seed=5) as net:
+        config = EndpointConfig(max_connections=16, retry_above_handshakes=2, handshake_timeout_s=30.0)
+        server = await _endpoint_at(net, nursery, "10.0.0.1", config)
+        for i in range(40):  # a different source each time; nobody answers a Retry
+            await _send_an_initial(net.add_host(f"10.0.1.{i + 1}").bind(4001), server.local_address)
+        await trio.sleep(1)
+        assert len(server._handshaking) == 2 and server.stats.retries_sent == 38  # no state for them
+        honest = await _endpoint_at(net, nursery, "10.0.0.3")
+        connection = await honest.connect(server.local_address, expected_peer=server.peer_id, timeout_s=5.0)
+        stream = await connection.open_stream()  # a whole connection through the Retry round trip
+        await stream.send_all(b"hello")
+        assert server.stats.retries_sent == 39
 
 
 async def test_keepalive_holds_an_idle_connection_open(
