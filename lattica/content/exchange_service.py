@@ -125,7 +125,7 @@ class ContentService:
         # The per-peer cap keeps one peer from holding every slot (review finding: 32 idle
         # streams from one peer made every other fetch from this node fail "busy"); the
         # per-source cap one host; sharing out by host a few hosts (upload_slots.py).
-        source = _source_of(stream)
+        source = source_group(stream.connection)  # None through a relay: its address is shared
         admission = self.upload_slots.admit(
             peer,
             _host_of(source, peer),
@@ -517,9 +517,3 @@ def _host_of(source: str | None, peer: PeerId) -> Hashable:
     from one another, attacker or not (review finding). Minting ids behind a relay is bounded
     by the relay: it gives a reserved node at most ``max_circuits_per_peer`` circuits (8)."""
     return source if source is not None else ("peer", peer)
-
-
-def _source_of(stream: QuicStream) -> str | None:
-    """The source address group a stream comes from (an IPv4 address or an IPv6 /64), or None
-    for a peer reached through a relay (its address is the relay's, shared by many)."""
-    return source_group(stream.connection)

@@ -18,7 +18,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from lattica.config import NodeConfig
-from lattica.content.exchange_service import _host_of, _source_of
+from lattica.content.exchange_service import _host_of
 from lattica.errors import ConnectError, PeerIdMismatchError, RpcError
 from lattica.identity import Identity
 from lattica.nat.config import NatConfig
@@ -30,7 +30,7 @@ from lattica.nat.relay_messages import HOP_PROTOCOL, CircuitLimits, Connect, Con
 from lattica.nat.relay_stream import receive_hop_message, send_relay_message
 from lattica.net.address import PeerAddr
 from lattica.net.config import ALPN_PROTOCOL
-from lattica.net.rpc import PING_PROTOCOL, _call_group
+from lattica.net.rpc import PING_PROTOCOL, _call_group, source_group
 from lattica.node import Node
 from lattica.wire import encode_frame
 from sim_net import Filtering, Host, LinkConfig, Mapping, Nat, Network
@@ -147,8 +147,8 @@ async def test_peers_behind_a_relay_count_each_as_a_host_for_upload_slots(
         [inbound] = [c for c in s.b.connections.connections() if c.peer_id == s.a.peer_id]
         stream = SimpleNamespace(connection=inbound)  # what the seeder reads of a stream
         assert inbound.relayed_via is not None
-        assert _source_of(stream) is None  # no per-address cap: the address is the relay's
-        assert _host_of(_source_of(stream), s.a.peer_id) == ("peer", s.a.peer_id)
+        assert source_group(stream.connection) is None  # no per-address cap: the address is the relay's
+        assert _host_of(source_group(stream.connection), s.a.peer_id) == ("peer", s.a.peer_id)
         # RPC calls, though, count under the relay: a hostile relay brings any number of ids
         # (third review: 16 ids through one relay held all 512 calls of the node behind it).
         assert _call_group(inbound) == f"relay {s.relays[0].peer_id}"
